@@ -1,0 +1,219 @@
+"""Conductor's settings, read from the environment; the only module that reads it.
+
+With no DATABASE_URL the database is SQLite under var/ and with no REDIS_URL/CELERY_BROKER_URL
+a local Redis on 127.0.0.1:6379 is used, so `make run` works on a bare machine.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import dj_database_url
+from kombu import Exchange, Queue
+
+from conductor_project.env import env_bool, env_float, env_int, env_list, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent.parent
+VAR_DIR = Path(env_str("CONDUCTOR_VAR_DIR", str(BASE_DIR / "var")))
+
+DEBUG = env_bool("DEBUG", False)
+SECRET_KEY = env_str("SECRET_KEY") or "insecure-dev-only-key-set-SECRET_KEY-in-production"
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "django_celery_beat",
+    "messaging",
+    "providers",
+    "reconciliation",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "conductor_project.urls"
+WSGI_APPLICATION = "conductor_project.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------------------------
+DATABASE_URL = env_str("DATABASE_URL")
+if DATABASE_URL:
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("CONN_MAX_AGE", 60))}
+    # A restarted database must not leave workers holding dead connections.
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+else:
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": str(VAR_DIR / "conductor.sqlite3"),
+            # Web, workers and beat share one file: WAL and a busy timeout keep them from
+            # failing on "database is locked"; IMMEDIATE takes the write lock up front.
+            "OPTIONS": {
+                "timeout": 30,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+
+# --- Redis and Celery -----------------------------------------------------------------------
+REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TIMEZONE = "UTC"
+# A message is acknowledged only after its task ran, and re-queued if the worker dies mid-task.
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Redis re-delivers an unacked task after this long; it must exceed the longest countdown
+# (MAX_COUNTDOWN_SECONDS, 60 s) plus the longest task run, or ETA tasks would be duplicated.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 600)}
+CELERY_WORKER_SEND_TASK_EVENTS = env_bool("CELERY_WORKER_SEND_TASK_EVENTS", True)
+CELERY_TASK_SEND_SENT_EVENT = False
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+CONDUCTOR_CHANNELS = ("sms", "whatsapp", "email")
+CONDUCTOR_PRIORITIES = ("critical", "transactional", "bulk")
+MAINTENANCE_QUEUE = "maintenance"
+_exchange = Exchange("conductor", type="direct")
+CELERY_TASK_QUEUES = [
+    Queue(f"{channel}.{priority}", _exchange, routing_key=f"{channel}.{priority}")
+    for channel in CONDUCTOR_CHANNELS
+    for priority in CONDUCTOR_PRIORITIES
+] + [Queue(MAINTENANCE_QUEUE, _exchange, routing_key=MAINTENANCE_QUEUE)]
+CELERY_TASK_DEFAULT_QUEUE = MAINTENANCE_QUEUE
+CELERY_TASK_DEFAULT_EXCHANGE = "conductor"
+CELERY_TASK_DEFAULT_ROUTING_KEY = MAINTENANCE_QUEUE
+CELERY_BEAT_SCHEDULER = env_str("CELERY_BEAT_SCHEDULER", "django_celery_beat.schedulers:DatabaseScheduler")
+SWEEP_INTERVAL_SECONDS = env_float("CONDUCTOR_SWEEP_INTERVAL_SECONDS", 5.0)
+CELERY_BEAT_SCHEDULE = {
+    "messaging.sweep": {
+        "task": "messaging.sweep",
+        "schedule": SWEEP_INTERVAL_SECONDS,
+        "options": {"queue": MAINTENANCE_QUEUE, "expires": SWEEP_INTERVAL_SECONDS * 2},
+    },
+}
+
+# --- Conductor ------------------------------------------------------------------------------
+SANDBOX_URL = env_str("CONDUCTOR_SANDBOX_URL", "http://127.0.0.1:8025")
+# Every key is validated by messaging.checks; defaults live in messaging/conf.py.
+CONDUCTOR = {
+    "PUBLIC_URL": env_str("CONDUCTOR_PUBLIC_URL", "http://127.0.0.1:8000"),
+    "DISPATCH_LEASE_SECONDS": env_float("CONDUCTOR_DISPATCH_LEASE_SECONDS", 60.0),
+    "MAX_WORKER_LOSSES": env_int("CONDUCTOR_MAX_WORKER_LOSSES", 3),
+}
+CONDUCTOR_PROVIDERS = {
+    "twilio": {
+        "ACCOUNT_SID": env_str("TWILIO_ACCOUNT_SID", "AC00000000000000000000000000000000"),
+        "AUTH_TOKEN": env_str("TWILIO_AUTH_TOKEN", "sandbox-twilio-auth-token"),
+        "FROM_NUMBER": env_str("TWILIO_FROM_NUMBER", "+15005550006"),
+        "WHATSAPP_FROM": env_str("TWILIO_WHATSAPP_FROM", "whatsapp:+14155238886"),
+        "BASE_URL": env_str("TWILIO_BASE_URL", SANDBOX_URL),
+        "TIMEOUT_SECONDS": env_float("TWILIO_TIMEOUT_SECONDS", 10.0),
+    },
+}
+
+# --- API ------------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["messaging.api.authentication.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["messaging.api.authentication.IsApiClient"],
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "messaging.api.errors.exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Conductor API",
+    "DESCRIPTION": "Send critical messages once, in order, on time, and know when they did not arrive.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    # Served from the app itself: no CDN needed.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+# --- Logging and Sentry ---------------------------------------------------------------------
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        # The twilio SDK logs full request bodies (recipients, texts) at INFO: never let it.
+        "twilio": {"level": "WARNING"},
+        "twilio.http_client": {"level": "WARNING"},
+        "django.db.backends": {"level": "INFO"},
+    },
+}
+
+SENTRY_DSN = env_str("SENTRY_DSN")
+if SENTRY_DSN:
+    import sentry_sdk
+    from sentry_sdk.integrations.celery import CeleryIntegration
+    from sentry_sdk.integrations.django import DjangoIntegration
+
+    sentry_sdk.init(
+        dsn=SENTRY_DSN,
+        integrations=[DjangoIntegration(), CeleryIntegration()],
+        send_default_pii=False,
+        traces_sample_rate=env_float("SENTRY_TRACES_SAMPLE_RATE", 0.0),
+    )

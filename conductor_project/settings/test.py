@@ -1,0 +1,23 @@
+"""Test settings: real PostgreSQL and Redis on 127.0.0.1, short timings so fault tests run fast."""
+import os
+
+os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/conductor")
+os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
+os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/14")
+
+from conductor_project.settings.base import *  # noqa: E402,F401,F403
+from conductor_project.settings.base import CONDUCTOR, CONDUCTOR_PROVIDERS  # noqa: E402
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+CONDUCTOR = {**CONDUCTOR}
+CONDUCTOR_PROVIDERS = {name: {**conf} for name, conf in CONDUCTOR_PROVIDERS.items()}
+
+# Short timings: a lost worker is noticed in seconds, retries of the "fast_retry" category are quick.
+CONDUCTOR.update(
+    {
+        "DISPATCH_LEASE_SECONDS": 8.0,
+        "SWEEP_STALE_AFTER_SECONDS": {"critical": 3.0, "transactional": 5.0, "bulk": 10.0},
+        "CATEGORY_POLICIES": {"fast_retry": {"base_seconds": 0.2, "cap_seconds": 2.0}},
+    }
+)
+CONDUCTOR_PROVIDERS["twilio"]["TIMEOUT_SECONDS"] = 3.0

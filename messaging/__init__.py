@@ -1,0 +1,1 @@
+"""Messages and their lifecycle: models, transitions, the API, dispatch tasks, admin and commands."""

@@ -1,0 +1,137 @@
+"""Thin API views: parse, call one service, shape the response."""
+from __future__ import annotations
+
+from typing import Any
+
+import django_filters
+from django.db import DatabaseError
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import generics, status
+from rest_framework.pagination import CursorPagination
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from messaging.api.serializers import BatchSerializer, MessageCreateSerializer, MessageDetailSerializer, MessageSerializer
+from messaging.models import ApiClient, Message
+from messaging.routing import Channel, Priority
+from messaging.selectors import message_detail_for_client, messages_for_client
+from messaging.services import (
+    IdempotencyConflict,
+    IdempotencyInFlight,
+    NotCancellable,
+    message_cancel,
+    message_create,
+)
+from messaging.states import MessageState
+
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+
+class MessageFilter(django_filters.FilterSet):
+    state = django_filters.ChoiceFilter(choices=MessageState.choices)
+    channel = django_filters.ChoiceFilter(choices=Channel.choices)
+    priority = django_filters.ChoiceFilter(choices=Priority.choices)
+    category = django_filters.CharFilter()
+    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+
+    class Meta:
+        model = Message
+        fields = ["state", "channel", "priority", "category", "created_after", "created_before"]
+
+
+class MessageCursorPagination(CursorPagination):
+    ordering = ("-created_at", "-id")
+    page_size = 50
+    page_size_query_param = "page_size"
+    max_page_size = 500
+
+
+def _create_one(client: ApiClient, data: Any, header_key: str | None) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Validate and accept one message: (HTTP status, body, headers). Shared by single and batch."""
+    serializer = MessageCreateSerializer(data=data)
+    if not serializer.is_valid():
+        return status.HTTP_400_BAD_REQUEST, serializer.errors, {}
+    fields = dict(serializer.validated_data)
+    body_key = fields.pop("idempotency_key", None)
+    if header_key and body_key and header_key != body_key:
+        return 400, {"idempotency_key": ["The Idempotency-Key header and the body's idempotency_key differ."]}, {}
+    key = header_key or body_key
+    try:
+        outcome = message_create(client=client, fields=fields, idempotency_key=key)
+    except IdempotencyConflict as exc:
+        return 422, {
+            "idempotency_key": ["This key was already used with a different payload."],
+            "message_id": str(exc.message.pk),
+        }, {}
+    except IdempotencyInFlight:
+        return 409, {"idempotency_key": ["A request with this key is still in flight; retry shortly."]}, {"Retry-After": "1"}
+    body = MessageSerializer(outcome.message).data
+    if outcome.created:
+        return status.HTTP_201_CREATED, body, {}
+    return status.HTTP_200_OK, body, {REPLAYED_HEADER: "true"}
+
+
+class MessageListCreateView(generics.ListAPIView):
+    serializer_class = MessageSerializer
+    filterset_class = MessageFilter
+    pagination_class = MessageCursorPagination
+
+    def get_queryset(self):
+        return messages_for_client(client=self.request.auth)
+
+    @extend_schema(
+        request=MessageCreateSerializer,
+        responses={201: MessageSerializer, 200: MessageSerializer},
+        parameters=[OpenApiParameter("Idempotency-Key", str, OpenApiParameter.HEADER, required=False)],
+    )
+    def post(self, request: Request) -> Response:
+        code, body, headers = _create_one(request.auth, request.data, request.headers.get("Idempotency-Key"))
+        return Response(body, status=code, headers=headers)
+
+
+class MessageBatchView(APIView):
+    @extend_schema(request=BatchSerializer, responses={200: dict})
+    def post(self, request: Request) -> Response:
+        """Each item is accepted or refused on its own; results keep the request's order."""
+        batch = BatchSerializer(data=request.data)
+        batch.is_valid(raise_exception=True)
+        results = []
+        for index, item in enumerate(batch.validated_data["messages"]):
+            try:
+                code, body, _ = _create_one(request.auth, item, None)
+            except DatabaseError:
+                code, body = 503, {"detail": "The database is unavailable; this item was not stored."}
+            entry: dict[str, Any] = {"index": index, "status": code}
+            entry["message" if code in (200, 201) else "errors"] = body
+            results.append(entry)
+        counts = {
+            "created": sum(r["status"] == 201 for r in results),
+            "replayed": sum(r["status"] == 200 for r in results),
+            "failed": sum(r["status"] >= 400 for r in results),
+        }
+        return Response({**counts, "results": results}, status=status.HTTP_200_OK)
+
+
+class MessageDetailView(generics.RetrieveAPIView):
+    serializer_class = MessageDetailSerializer
+
+    def get_queryset(self):
+        return message_detail_for_client(client=self.request.auth)
+
+
+class MessageCancelView(generics.GenericAPIView):
+    serializer_class = MessageSerializer
+
+    def get_queryset(self):
+        return messages_for_client(client=self.request.auth)
+
+    @extend_schema(request=None, responses={200: MessageSerializer, 409: dict})
+    def post(self, request: Request, pk: str) -> Response:
+        message = self.get_object()
+        try:
+            message = message_cancel(message=message)
+        except NotCancellable as exc:
+            return Response({"detail": str(exc), "state": message.state}, status=status.HTTP_409_CONFLICT)
+        return Response(MessageSerializer(message).data)

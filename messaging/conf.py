@@ -1,0 +1,39 @@
+"""The one accessor for messaging settings (settings.CONDUCTOR), merged over these defaults."""
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+
+DEFAULTS: dict[str, Any] = {
+    # Where providers post receipts (their status callback URLs are built from it).
+    "PUBLIC_URL": "http://127.0.0.1:8000",
+    # Provider names tried in order for each channel (fallback between them comes later).
+    "ROUTES": {"sms": ["twilio"], "whatsapp": ["twilio"], "email": []},
+    # Per-priority overrides of messaging.routing.DEFAULT_RETRY_POLICIES (partial dicts).
+    "RETRY_POLICIES": {},
+    # Per-category overrides on top of the priority's policy, e.g. {"password_reset": {"ttl_seconds": 900}}.
+    "CATEGORY_POLICIES": {},
+    # How long a worker owns a message while it sends; must exceed the provider timeout.
+    "DISPATCH_LEASE_SECONDS": 60.0,
+    # A message whose worker died this many times goes to the DLQ instead of looping.
+    "MAX_WORKER_LOSSES": 3,
+    # Redis re-delivers tasks held past its visibility timeout, so countdowns stay short;
+    # longer retry delays are stored in next_attempt_at and enqueued by the sweeper.
+    "MAX_COUNTDOWN_SECONDS": 60.0,
+    # An accepted message whose task was enqueued longer ago than this is enqueued again.
+    "SWEEP_STALE_AFTER_SECONDS": {"critical": 15.0, "transactional": 60.0, "bulk": 600.0},
+    "SWEEP_BATCH_SIZE": 2000,
+    "BATCH_MAX_ITEMS": 1000,
+    # Longest body per channel: Twilio's 1,600 characters for SMS, WhatsApp's 4,096.
+    "BODY_MAX_LENGTH": {"sms": 1600, "whatsapp": 4096, "email": 262144},
+    "METADATA_MAX_BYTES": 16384,
+}
+
+
+def conductor_setting(name: str) -> Any:
+    """Return a CONDUCTOR setting, the project's value over the default."""
+    if name not in DEFAULTS:
+        raise KeyError(f"unknown Conductor setting {name!r}")
+    configured = getattr(settings, "CONDUCTOR", {})
+    return configured.get(name, DEFAULTS[name])

@@ -1,0 +1,63 @@
+"""Queues per channel and priority, and the retry policy (full-jitter exponential backoff)."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, fields, replace
+
+from django.db import models
+
+from messaging.conf import conductor_setting
+
+
+class Channel(models.TextChoices):
+    SMS = "sms"
+    WHATSAPP = "whatsapp"
+    EMAIL = "email"
+
+
+class Priority(models.TextChoices):
+    CRITICAL = "critical"
+    TRANSACTIONAL = "transactional"
+    BULK = "bulk"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int
+    base_seconds: float
+    cap_seconds: float
+    ttl_seconds: float  # default deadline after acceptance
+    dlq_retention_seconds: float
+
+
+DEFAULT_RETRY_POLICIES: dict[str, RetryPolicy] = {
+    Priority.CRITICAL: RetryPolicy(6, 1.0, 10.0, 5 * 60, 24 * 3600),
+    Priority.TRANSACTIONAL: RetryPolicy(10, 5.0, 600.0, 24 * 3600, 14 * 24 * 3600),
+    Priority.BULK: RetryPolicy(12, 60.0, 7200.0, 72 * 3600, 30 * 24 * 3600),
+}
+POLICY_FIELDS = frozenset(f.name for f in fields(RetryPolicy))
+
+
+def queue_name(channel: str, priority: str) -> str:
+    """The Celery queue a message's dispatch task goes to, e.g. ``sms.critical``."""
+    return f"{channel}.{priority}"
+
+
+def retry_policy_for(priority: str, category: str = "") -> RetryPolicy:
+    """The priority's policy with settings overrides, then the category's overrides on top."""
+    policy = DEFAULT_RETRY_POLICIES[priority]
+    priority_overrides = conductor_setting("RETRY_POLICIES").get(priority, {})
+    policy = replace(policy, **priority_overrides)
+    if category:
+        policy = replace(policy, **conductor_setting("CATEGORY_POLICIES").get(category, {}))
+    return policy
+
+
+def backoff_delay(policy: RetryPolicy, failures: int, rng: random.Random | None = None) -> float:
+    """Seconds to wait before the next attempt after `failures` failed attempts (full jitter).
+
+    random(0, min(cap, base * 2**n)), n counting from 0 for the first retry.
+    """
+    exponent = max(0, failures - 1)
+    ceiling = min(policy.cap_seconds, policy.base_seconds * (2 ** min(exponent, 62)))
+    return (rng or random).uniform(0, ceiling)

@@ -1,0 +1,248 @@
+"""Writes for messages and API keys: create (idempotent), cancel, enqueue, and the one transition service."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery import current_app
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from messaging.logging import masked
+from messaging.models import ApiClient, ApiKey, EventSource, Message, MessageEvent
+from messaging.routing import queue_name, retry_policy_for
+from messaging.states import ALLOWED_SOURCES, TIMESTAMP_FIELD, MessageState
+
+logger = logging.getLogger(__name__)
+
+API_KEY_PREFIX = "cnd_"
+DISPATCH_TASK = "messaging.dispatch"
+
+
+# --- API keys ---------------------------------------------------------------------------------
+def hash_api_key(raw_key: str) -> str:
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def api_key_create(*, client_name: str) -> tuple[ApiKey, str]:
+    """Create a key (and its client if new); the raw key is returned once and never stored."""
+    client, _ = ApiClient.objects.get_or_create(name=client_name)
+    raw_key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey.objects.create(client=client, prefix=raw_key[:12], key_hash=hash_api_key(raw_key))
+    return key, raw_key
+
+
+def api_key_revoke_all(*, client_name: str) -> int:
+    return ApiKey.objects.filter(client__name=client_name, is_active=True).update(is_active=False)
+
+
+# --- the lifecycle ------------------------------------------------------------------------------
+def message_transition(
+    *,
+    message_id: Any,
+    to_state: str,
+    source: str,
+    detail: str = "",
+    fields: dict[str, Any] | None = None,
+    extra_filter: Q | None = None,
+) -> bool:
+    """Move a message to `to_state` if the TRANSITIONS table allows it from its current state.
+
+    The only writer of the state column: a conditional UPDATE on the allowed source states,
+    checked by row count, and an event recorded either way. Returns whether it was applied.
+    """
+    sources = ALLOWED_SOURCES[to_state]
+    now = timezone.now()
+    updates = {"state": to_state, TIMESTAMP_FIELD[to_state]: now, "updated_at": now, **(fields or {})}
+    with transaction.atomic():
+        current = (
+            Message.objects.select_for_update().filter(pk=message_id).values_list("state", flat=True).first()
+        )
+        if current is None:
+            raise Message.DoesNotExist(f"message {message_id} does not exist")
+        applied = False
+        if current in sources:
+            rows = Message.objects.filter(pk=message_id, state__in=sources)
+            if extra_filter is not None:
+                rows = rows.filter(extra_filter)
+            applied = rows.update(**updates) == 1
+        MessageEvent.objects.create(
+            message_id=message_id,
+            created_at=now,
+            source=source,
+            from_state=current,
+            to_state=to_state,
+            applied=applied,
+            detail=detail[:2000],
+        )
+    if applied:
+        logger.info("message %s %s -> %s (%s) %s", message_id, current, to_state, source, detail)
+    else:
+        logger.info("message %s refused %s -> %s (%s) %s", message_id, current, to_state, source, detail)
+    return applied
+
+
+# --- create -------------------------------------------------------------------------------------
+class IdempotencyConflict(Exception):
+    """The idempotency key was used before with a different payload (HTTP 422)."""
+
+    def __init__(self, message: Message):
+        super().__init__("idempotency key already used with a different payload")
+        self.message = message
+
+
+class IdempotencyInFlight(Exception):
+    """Another request with this idempotency key is still being processed (HTTP 409)."""
+
+
+@dataclass(frozen=True)
+class CreateOutcome:
+    message: Message
+    created: bool
+
+
+def request_fingerprint(fields: dict[str, Any]) -> str:
+    """A stable hash of the request as the client sent it (minus the key), for replay checks."""
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _lock_idempotency_key(client_id: int, key: str) -> None:
+    """Hold a transaction-scoped lock on (client, key), or raise IdempotencyInFlight.
+
+    PostgreSQL only; on SQLite writers are serialised anyway and the unique constraint decides.
+    """
+    if connection.vendor != "postgresql":
+        return
+    digest = hashlib.sha256(f"idem:{client_id}:{key}".encode()).digest()
+    lock_id = int.from_bytes(digest[:8], "big", signed=True)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [lock_id])
+        if not cursor.fetchone()[0]:
+            raise IdempotencyInFlight()
+
+
+def _existing_for_key(client: ApiClient, key: str, fingerprint: str) -> CreateOutcome | None:
+    existing = Message.objects.filter(client=client, idempotency_key=key).first()
+    if existing is None:
+        return None
+    if existing.request_fingerprint != fingerprint:
+        raise IdempotencyConflict(existing)
+    return CreateOutcome(existing, created=False)
+
+
+def message_create(
+    *, client: ApiClient, fields: dict[str, Any], idempotency_key: str | None, source: str = EventSource.API
+) -> CreateOutcome:
+    """Accept one validated message: store it, then enqueue its dispatch once the row is committed.
+
+    `fields` is the serializer's validated data without the idempotency key. The same key and
+    payload returns the stored message (created=False); another payload raises IdempotencyConflict.
+    """
+    fingerprint = request_fingerprint(fields)
+    try:
+        with transaction.atomic():
+            if idempotency_key:
+                _lock_idempotency_key(client.pk, idempotency_key)
+                outcome = _existing_for_key(client, idempotency_key, fingerprint)
+                if outcome is not None:
+                    return outcome
+            message = _insert_message(client, fields, idempotency_key, fingerprint, source)
+    except IntegrityError:
+        # Only the (client, idempotency_key) constraint can collide here: a concurrent twin won.
+        if not idempotency_key:
+            raise
+        outcome = _existing_for_key(client, idempotency_key, fingerprint)
+        if outcome is None:
+            raise IdempotencyInFlight() from None
+        return outcome
+    return CreateOutcome(message, created=True)
+
+
+def _deadline(fields: dict[str, Any], now: datetime) -> datetime:
+    if fields.get("expires_at"):
+        return fields["expires_at"]
+    if fields.get("ttl_seconds"):
+        return now + timedelta(seconds=fields["ttl_seconds"])
+    policy = retry_policy_for(fields.get("priority", "transactional"), fields.get("category", ""))
+    return now + timedelta(seconds=policy.ttl_seconds)
+
+
+def _insert_message(
+    client: ApiClient, fields: dict[str, Any], key: str | None, fingerprint: str, source: str
+) -> Message:
+    now = timezone.now()
+    message = Message.objects.create(
+        client=client,
+        channel=fields["channel"],
+        to=fields["to"],
+        body=fields["body"],
+        subject=fields.get("subject", ""),
+        priority=fields.get("priority", "transactional"),
+        category=fields.get("category", ""),
+        idempotency_key=key,
+        request_fingerprint=fingerprint,
+        ordering_key=fields.get("ordering_key") or None,
+        expires_at=_deadline(fields, now),
+        fallback_channels=fields.get("fallback_channels", []),
+        fallback_to=fields.get("fallback_to", {}),
+        metadata=fields.get("metadata", {}),
+        state=MessageState.ACCEPTED,
+        created_at=now,
+        accepted_at=now,
+        enqueued_at=now,
+    )
+    MessageEvent.objects.create(
+        message=message, created_at=now, source=source, from_state="", to_state=MessageState.ACCEPTED
+    )
+    logger.info("message %s accepted: %s to %s", message.id, message.channel, masked(message.to))
+    transaction.on_commit(lambda: message_publish(message_id=message.id, channel=message.channel, priority=message.priority))
+    return message
+
+
+# --- enqueue and cancel ---------------------------------------------------------------------------
+def message_publish(*, message_id: Any, channel: str, priority: str, countdown: float | None = None) -> bool:
+    """Send the dispatch task to the message's queue. A broker failure is logged, not raised:
+
+    the row is the queue of record and the sweeper enqueues it again, so nothing is lost.
+    """
+    try:
+        current_app.send_task(
+            DISPATCH_TASK,
+            args=[str(message_id)],
+            queue=queue_name(channel, priority),
+            countdown=countdown,
+            retry=False,
+        )
+    except Exception:  # any publish failure is safe: the message stays accepted in the database
+        logger.warning("could not enqueue message %s; the sweeper will", message_id, exc_info=True)
+        return False
+    return True
+
+
+class NotCancellable(Exception):
+    """The message was already handed to a worker or a provider (HTTP 409)."""
+
+
+def message_cancel(*, message: Message) -> Message:
+    """Cancel a message that no worker has started to send; otherwise raise NotCancellable."""
+    now = timezone.now()
+    not_leased = Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now)
+    applied = message_transition(
+        message_id=message.pk,
+        to_state=MessageState.CANCELLED,
+        source=EventSource.API,
+        detail="cancelled by the client",
+        fields={"next_attempt_at": None},
+        extra_filter=not_leased,
+    )
+    message.refresh_from_db()
+    if not applied:
+        raise NotCancellable(f"message is {message.state} and can no longer be cancelled")
+    return message

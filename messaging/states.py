@@ -1,0 +1,57 @@
+"""The message lifecycle: states and the one table of legal transitions."""
+from __future__ import annotations
+
+from django.db import models
+
+
+class MessageState(models.TextChoices):
+    ACCEPTED = "accepted"
+    DISPATCHED = "dispatched"
+    DELIVERED = "delivered"
+    READ = "read"
+    UNDELIVERED = "undelivered"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    DEAD_LETTERED = "dead_lettered"
+
+
+S = MessageState
+
+# Source state -> the states it may move to. Receipts can overtake our own writes (a
+# "delivered" callback before the worker records "dispatched"), so the happy path may skip
+# forward; it never moves back. DEAD_LETTERED -> ACCEPTED is a replay (a new send generation).
+TRANSITIONS: dict[str, frozenset[str]] = {
+    S.ACCEPTED: frozenset(
+        {S.DISPATCHED, S.DELIVERED, S.READ, S.UNDELIVERED, S.FAILED, S.EXPIRED, S.CANCELLED, S.DEAD_LETTERED}
+    ),
+    S.DISPATCHED: frozenset({S.DELIVERED, S.READ, S.UNDELIVERED, S.FAILED}),
+    S.DELIVERED: frozenset({S.READ}),
+    S.READ: frozenset(),
+    S.UNDELIVERED: frozenset(),
+    S.FAILED: frozenset(),
+    S.EXPIRED: frozenset(),
+    S.CANCELLED: frozenset(),
+    S.DEAD_LETTERED: frozenset({S.ACCEPTED}),
+}
+
+# For each target, the states it may be entered from: the WHERE clause of the conditional UPDATE.
+ALLOWED_SOURCES: dict[str, frozenset[str]] = {
+    target: frozenset(source for source, targets in TRANSITIONS.items() if target in targets)
+    for target in MessageState.values
+}
+
+# States after which nothing more happens to the message (apart from a replay of a dead letter).
+FINAL_STATES: frozenset[str] = frozenset(
+    {S.READ, S.UNDELIVERED, S.FAILED, S.EXPIRED, S.CANCELLED, S.DEAD_LETTERED}
+)
+# "Done" for a sender: the provider has it or it will never be sent. Delivered may still go to read.
+SETTLED_STATES: frozenset[str] = FINAL_STATES | {S.DISPATCHED, S.DELIVERED}
+
+# The timestamp column each state stamps when entered.
+TIMESTAMP_FIELD: dict[str, str] = {state: f"{state}_at" for state in MessageState.values}
+
+
+def is_allowed(source: str, target: str) -> bool:
+    """Whether the table allows source -> target."""
+    return target in TRANSITIONS.get(source, frozenset())

@@ -1,0 +1,70 @@
+"""The safety net: expire what passed its deadline, enqueue what is due or whose task was lost."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db.models import Q
+from django.utils import timezone
+
+from messaging.conf import conductor_setting
+from messaging.dispatch import unleased
+from messaging.models import ErrorType, EventSource, Message
+from messaging.services import message_publish, message_transition
+from messaging.states import MessageState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepReport:
+    expired: int = 0
+    enqueued: int = 0
+
+
+def messages_sweep(*, now: datetime | None = None) -> SweepReport:
+    """Run once per beat tick. Idempotent: re-enqueueing a message that is queued already is
+    harmless because only one task can claim it."""
+    now = now or timezone.now()
+    report = SweepReport()
+    batch = conductor_setting("SWEEP_BATCH_SIZE")
+    report.expired = _expire_overdue(now, batch)
+    for priority, stale_seconds in conductor_setting("SWEEP_STALE_AFTER_SECONDS").items():
+        report.enqueued += _enqueue_due(now, priority, timedelta(seconds=stale_seconds), batch)
+    if report.expired or report.enqueued:
+        logger.info("sweep: %d expired, %d enqueued", report.expired, report.enqueued)
+    return report
+
+
+def _expire_overdue(now: datetime, batch: int) -> int:
+    overdue = Message.objects.filter(state=MessageState.ACCEPTED, expires_at__lte=now).filter(unleased(now))
+    expired = 0
+    for message_id in overdue.values_list("pk", flat=True)[:batch]:
+        expired += message_transition(
+            message_id=message_id,
+            to_state=MessageState.EXPIRED,
+            source=EventSource.SWEEPER,
+            detail="deadline passed before dispatch",
+            fields={"next_attempt_at": None, "enqueued_at": None, "last_error_type": ErrorType.EXPIRED},
+            extra_filter=unleased(now),
+        )
+    return expired
+
+
+def _enqueue_due(now: datetime, priority: str, stale_after: timedelta, batch: int) -> int:
+    """Accepted, not being sent, due, and with no task published recently (or none at all)."""
+    due = (
+        Message.objects.filter(state=MessageState.ACCEPTED, priority=priority)
+        .filter(unleased(now))
+        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+        .filter(Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=now - stale_after))
+    )
+    rows = list(due.order_by("created_at").values_list("pk", "channel")[:batch])
+    if not rows:
+        return 0
+    # Mark first, then publish: a crash in between leaves them for the next sweep, not lost.
+    due.filter(pk__in=[pk for pk, _ in rows]).update(enqueued_at=now)
+    for message_id, channel in rows:
+        message_publish(message_id=message_id, channel=channel, priority=priority)
+    return len(rows)

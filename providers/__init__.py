@@ -1,0 +1,1 @@
+"""Provider adapters behind one small interface, the registry, and the sandbox provider."""

@@ -1,0 +1,109 @@
+"""The provider interface every adapter implements, and the three kinds of provider error."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar
+
+from django.http import HttpRequest
+
+
+class ProviderError(Exception):
+    """A send or look-up that did not succeed; `error_type` is from messaging.models.ErrorType."""
+
+    def __init__(self, message: str, *, error_type: str, code: str = "", retry_after: float | None = None):
+        super().__init__(message)
+        self.error_type = error_type
+        self.code = code
+        self.retry_after = retry_after
+
+
+class TransientProviderError(ProviderError):
+    """The provider did not take the message and may later: retry with backoff."""
+
+
+class PermanentProviderError(ProviderError):
+    """The provider will never take this message (bad number, unsubscribed, 4xx): fail it now."""
+
+
+class AmbiguousProviderError(ProviderError):
+    """The request may have reached the provider (timeout after sending): look it up, never blind-resend."""
+
+
+class WebhookSignatureError(Exception):
+    """A receipt webhook whose signature is missing or wrong: refuse it and change nothing."""
+
+
+@dataclass(frozen=True)
+class SendRequest:
+    message_id: str
+    token: str  # the same for every retry of one logical send
+    channel: str
+    to: str
+    body: str
+    subject: str = ""
+    attempted_since: datetime | None = None  # first attempt of this generation, for look-ups
+
+
+@dataclass(frozen=True)
+class SendResult:
+    provider_message_id: str
+    provider_status: str
+
+
+@dataclass(frozen=True)
+class StatusResult:
+    provider_message_id: str
+    provider_status: str
+    state: str | None  # our MessageState, or None when the status says nothing new
+
+
+@dataclass(frozen=True)
+class ReceiptEvent:
+    """A provider's status report, normalised."""
+
+    provider: str
+    event_id: str
+    provider_message_id: str
+    provider_status: str
+    state: str | None
+    message_id: str | None = None  # ours, when the provider echoes our reference
+    error_code: str = ""
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+class Provider(ABC):
+    """One provider: send, verify and parse its receipts, look up a message's status."""
+
+    name: ClassVar[str]
+    channels: ClassVar[frozenset[str]]
+    # Provider status vocabulary -> our MessageState (None: no change worth recording).
+    status_map: ClassVar[dict[str, str | None]]
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+
+    @abstractmethod
+    def send(self, request: SendRequest) -> SendResult:
+        """Hand one message to the provider; raise one of the three ProviderErrors on failure."""
+
+    @abstractmethod
+    def parse_webhook(self, request: HttpRequest) -> list[ReceiptEvent]:
+        """Verify the request's signature (raise WebhookSignatureError) and normalise its events."""
+
+    @abstractmethod
+    def fetch_status(self, provider_message_id: str) -> StatusResult:
+        """The provider's current status of one message, for reconciliation."""
+
+    @abstractmethod
+    def find_send(self, request: SendRequest) -> list[SendResult]:
+        """What the provider accepted that matches this send (after an ambiguous outcome).
+
+        Where the provider has no idempotency key this is a search, so it returns every
+        candidate; the caller discards those already attributed to another message. An empty
+        list means the provider positively has no record: only then may it be resent.
+        """
+
+    def map_status(self, provider_status: str) -> str | None:
+        return self.status_map.get(provider_status)

@@ -1,0 +1,1 @@
+"""Provider receipts, reconciliation runs, anomaly detection and DLQ expiry."""

@@ -1,0 +1,73 @@
+"""Store provider receipts once each and apply them to messages through the transition service."""
+from __future__ import annotations
+
+import logging
+import uuid
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from messaging.models import EventSource, Message
+from messaging.services import message_transition
+from providers.base import ReceiptEvent
+from reconciliation.models import Receipt
+
+logger = logging.getLogger(__name__)
+
+
+def _find_message(event: ReceiptEvent) -> Message | None:
+    if event.message_id:
+        try:
+            message = Message.objects.filter(pk=uuid.UUID(event.message_id)).first()
+        except ValueError:
+            message = None
+        if message is not None:
+            return message
+    if event.provider_message_id:
+        return Message.objects.filter(provider=event.provider, provider_message_id=event.provider_message_id).first()
+    return None
+
+
+def receipt_record(*, event: ReceiptEvent, source: str = EventSource.WEBHOOK) -> tuple[Receipt, bool]:
+    """Store the receipt (deduplicated on the provider's event id) and apply it.
+
+    Returns the receipt and whether it was new. A receipt for a message we do not know is kept
+    unmatched; one that arrives before our own "dispatched" write is applied all the same.
+    """
+    message = _find_message(event)
+    try:
+        with transaction.atomic():
+            receipt = Receipt.objects.create(
+                provider=event.provider,
+                event_id=event.event_id,
+                message=message,
+                provider_message_id=event.provider_message_id,
+                provider_status=event.provider_status,
+                mapped_state=event.state or "",
+                error_code=event.error_code,
+                source=source,
+                received_at=timezone.now(),
+                payload=event.payload,
+            )
+    except IntegrityError:
+        logger.info("duplicate %s receipt %s ignored", event.provider, event.event_id)
+        return Receipt.objects.get(provider=event.provider, event_id=event.event_id), False
+    if message is None:
+        logger.warning("unmatched %s receipt for %s (%s)", event.provider, event.provider_message_id, event.provider_status)
+        return receipt, True
+    if event.state and event.state != message.state:
+        fields = {}
+        if not message.provider_message_id:
+            fields = {"provider": event.provider, "provider_message_id": event.provider_message_id}
+        applied = message_transition(
+            message_id=message.pk,
+            to_state=event.state,
+            source=source,
+            detail=f"{event.provider} receipt: {event.provider_status}"
+            + (f" (error {event.error_code})" if event.error_code else ""),
+            fields=fields,
+        )
+        if applied:
+            Receipt.objects.filter(pk=receipt.pk).update(applied=True)
+            receipt.applied = True
+    return receipt, True

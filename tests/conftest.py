@@ -1,0 +1,73 @@
+"""Shared fixtures: API clients and keys, a clean Redis, and the live stack for integration tests."""
+from __future__ import annotations
+
+import pytest
+import redis
+from django.conf import settings
+from rest_framework.test import APIClient
+
+from messaging.services import api_key_create
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_redis():
+    """Tests own Redis databases 14 (state) and 15 (broker): start them empty, whatever ran before."""
+    for url in (settings.REDIS_URL, settings.CELERY_BROKER_URL):
+        redis.Redis.from_url(url).flushdb()
+
+
+@pytest.fixture
+def client_key(db):
+    """(ApiClient, raw key) for a fresh client."""
+    key, raw = api_key_create(client_name="acme")
+    return key.client, raw
+
+
+@pytest.fixture
+def api(client_key) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {client_key[1]}")
+    return client
+
+
+@pytest.fixture
+def other_api(db) -> APIClient:
+    _, raw = api_key_create(client_name="globex")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    return client
+
+
+@pytest.fixture(scope="session")
+def stack(django_db_setup, django_db_blocker):
+    """Sandbox, web, one worker and beat as real processes on the test database (started once)."""
+    from tests.support.stack import Stack
+
+    stack = Stack(settings.DATABASES["default"]["NAME"], settings.CELERY_BROKER_URL, settings.REDIS_URL)
+    try:
+        stack.start(workers=1)
+    except Exception:
+        stack.stop()
+        print(stack.logs())
+        raise
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture
+def live(stack, transactional_db, request):
+    """The stack with a reset sandbox and at least one worker; prints process logs if the test failed."""
+    stack.sandbox_reset()
+    if not stack.workers:
+        stack.start_worker()
+    yield stack
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(stack.logs())
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

@@ -1,0 +1,32 @@
+"""The transition table: forward-only along the happy path, final states stay final."""
+from messaging.states import ALLOWED_SOURCES, FINAL_STATES, TRANSITIONS, MessageState as S, is_allowed
+
+HAPPY_PATH = [S.ACCEPTED, S.DISPATCHED, S.DELIVERED, S.READ]
+
+
+def test_every_state_has_a_row():
+    assert set(TRANSITIONS) == set(S.values)
+
+
+def test_happy_path_moves_forward_and_may_skip_for_out_of_order_receipts():
+    for i, source in enumerate(HAPPY_PATH):
+        for j, target in enumerate(HAPPY_PATH):
+            assert is_allowed(source, target) == (j > i), (source, target)
+
+
+def test_final_states_accept_nothing_but_a_replay_of_a_dead_letter():
+    for state in FINAL_STATES:
+        expected = {S.ACCEPTED} if state == S.DEAD_LETTERED else set()
+        assert TRANSITIONS[state] == expected, state
+
+
+def test_only_accepted_messages_can_expire_be_cancelled_or_dead_lettered():
+    for target in (S.EXPIRED, S.CANCELLED, S.DEAD_LETTERED):
+        assert ALLOWED_SOURCES[target] == {S.ACCEPTED}
+
+
+def test_undelivered_and_failed_can_follow_dispatch_but_not_delivery():
+    assert is_allowed(S.DISPATCHED, S.UNDELIVERED)
+    assert is_allowed(S.DISPATCHED, S.FAILED)
+    assert not is_allowed(S.DELIVERED, S.UNDELIVERED)
+    assert not is_allowed(S.READ, S.DELIVERED)

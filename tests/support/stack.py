@@ -1,0 +1,103 @@
+"""The whole Conductor stack as real processes: sandbox provider, web (gunicorn), Celery worker(s), beat."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from tests.support.processes import PYTHON, ManagedProcess, free_port, http_ok, wait_until
+
+
+class Stack:
+    def __init__(self, database_name: str, broker_url: str, redis_url: str):
+        self.log_dir = Path(tempfile.mkdtemp(prefix="conductor-stack-"))
+        self.web_port, self.sandbox_port = free_port(), free_port()
+        self.web_url = f"http://127.0.0.1:{self.web_port}"
+        self.sandbox_url = f"http://127.0.0.1:{self.sandbox_port}"
+        self.env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "conductor_project.settings.test",
+            "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{database_name}",
+            "CELERY_BROKER_URL": broker_url,
+            "REDIS_URL": redis_url,
+            "CONDUCTOR_PUBLIC_URL": self.web_url,
+            "CONDUCTOR_SANDBOX_URL": self.sandbox_url,
+            "CELERY_BEAT_SCHEDULER": "celery.beat:PersistentScheduler",
+            "CONDUCTOR_SWEEP_INTERVAL_SECONDS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.processes: list[ManagedProcess] = []
+        self.workers: list[ManagedProcess] = []
+        self._worker_seq = 0
+
+    # --- processes ------------------------------------------------------------------------------
+    def _spawn(self, name: str, args: list[str]) -> ManagedProcess:
+        process = ManagedProcess(name, args, self.env, self.log_dir).start()
+        self.processes.append(process)
+        return process
+
+    def start(self, workers: int = 1) -> "Stack":
+        self.sandbox = self._spawn(
+            "sandbox", [PYTHON, "manage.py", "run_sandbox_provider", "--port", str(self.sandbox_port), "--seed", "7"]
+        )
+        self.web = self._spawn(
+            "web",
+            [PYTHON, "-m", "gunicorn", "conductor_project.wsgi", "-b", f"127.0.0.1:{self.web_port}",
+             "-w", "2", "-k", "gthread", "--threads", "8", "--graceful-timeout", "2"],
+        )
+        self.beat = self._spawn(
+            "beat",
+            [PYTHON, "-m", "celery", "-A", "conductor_project", "beat", "-l", "info",
+             "-s", str(self.log_dir / "celerybeat-schedule")],
+        )
+        wait_until(lambda: http_ok(f"{self.sandbox_url}/_sandbox/healthz"), 30, what="sandbox")
+        wait_until(lambda: http_ok(f"{self.web_url}/healthz"), 30, what="web")
+        for _ in range(workers):
+            self.start_worker()
+        return self
+
+    def start_worker(self, concurrency: int = 4) -> ManagedProcess:
+        self._worker_seq += 1
+        name = f"worker{self._worker_seq}"
+        worker = self._spawn(
+            name,
+            [PYTHON, "-m", "celery", "-A", "conductor_project", "worker", "-l", "info", "-n", f"{name}@%h",
+             "-c", str(concurrency), "--without-gossip", "--without-mingle"],
+        )
+        wait_until(lambda: " ready." in worker.log_text(), 60, what=f"{name} ready")
+        self.workers.append(worker)
+        return worker
+
+    def kill_worker(self, worker: ManagedProcess) -> None:
+        worker.kill()
+        self.workers.remove(worker)
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {p.name} =====\n{p.log_text()[-5000:]}" for p in self.processes)
+
+    # --- the sandbox's control API -------------------------------------------------------------
+    def sandbox_reset(self) -> None:
+        requests.post(f"{self.sandbox_url}/_sandbox/reset", json={}, timeout=5).raise_for_status()
+
+    def sandbox_faults(self, **faults: Any) -> dict[str, Any]:
+        response = requests.post(f"{self.sandbox_url}/_sandbox/faults", json={"provider": "twilio", **faults}, timeout=5)
+        response.raise_for_status()
+        return response.json()
+
+    def sandbox_requests(self, **filters: Any) -> list[dict[str, Any]]:
+        response = requests.get(f"{self.sandbox_url}/_sandbox/requests", params=filters, timeout=10)
+        response.raise_for_status()
+        return response.json()["requests"]
+
+    # --- the API ------------------------------------------------------------------------------
+    def api(self, key: str) -> requests.Session:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {key}"
+        return session
