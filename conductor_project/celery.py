@@ -3,7 +3,7 @@ import os
 
 from celery import Celery
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "conductor_project.settings")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "conductor_project.settings.base")
 
 app = Celery("conductor")
 app.config_from_object("django.conf:settings", namespace="CELERY")

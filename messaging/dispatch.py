@@ -141,7 +141,8 @@ def _attempt(message: Message, provider_name: str, now: Any) -> None:
                 logger.info("message %s: the provider already had it (%s)", message.pk, found.provider_message_id)
                 _accepted(message, attempt, found, started, AttemptOutcome.FOUND_AT_PROVIDER)
                 return
-            message.needs_provider_lookup = False  # the provider positively has no record of it
+            logger.info("message %s: the provider has no record of it; sending", message.pk)
+            message.needs_provider_lookup = False
         result = provider.send(request)
     except TransientProviderError as exc:
         _retry_later(message, attempt, exc, started, ambiguous=False)

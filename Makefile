@@ -1,0 +1,46 @@
+# Conductor: `make run` starts the whole stack, `make test` runs the whole suite.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: help venv run test test-fast demo services migrate clean
+
+help:
+	@echo "make run    - create .venv, install, migrate, start web :8000, workers, beat, sandbox :8025, Flower :5555"
+	@echo "make demo   - send a demo campaign through the running stack and show its progress"
+	@echo "make test   - create .venv if missing and run the whole suite (PostgreSQL and Redis on 127.0.0.1)"
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 11) else "Conductor needs Python 3.11+: install python3.11 or run make PYTHON=/path/to/python3.11")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+migrate: venv
+	$(BIN)/python manage.py migrate --noinput
+
+run: venv
+	$(BIN)/python manage.py ensure_redis
+	$(BIN)/python manage.py migrate --noinput
+	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
+	$(BIN)/python manage.py demo_setup
+	PATH="$(BIN):$$PATH" $(BIN)/honcho -f Procfile start
+
+demo: venv
+	$(BIN)/python manage.py send_demo_campaign
+
+services:
+	bash .ci/ensure-services
+
+test: venv services
+	$(BIN)/python -m pytest
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not integration"
+
+clean:
+	rm -rf $(VENV) var staticfiles .pytest_cache

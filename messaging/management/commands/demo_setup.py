@@ -1,0 +1,54 @@
+"""manage.py demo_setup: a fresh demo API key (written to var/demo_api_key) and the stack's URLs."""
+from __future__ import annotations
+
+import os
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+
+from messaging.services import api_key_create, api_key_revoke_all
+
+DEMO_CLIENT = "demo"
+
+
+def demo_key_path():
+    return settings.VAR_DIR / "demo_api_key"
+
+
+class Command(BaseCommand):
+    help = (
+        "Create a new API key for the 'demo' client (revoking its old ones, since only hashes are stored), "
+        "save it to var/demo_api_key for `make demo`, and print the URLs of the local stack."
+    )
+
+    def handle(self, *args, **options):
+        api_key_revoke_all(client_name=DEMO_CLIENT)
+        _, raw_key = api_key_create(client_name=DEMO_CLIENT)
+        path = demo_key_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(raw_key + "\n")
+        os.chmod(path, 0o600)
+        public = settings.CONDUCTOR.get("PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
+        self.stdout.write(
+            "\n".join(
+                [
+                    "",
+                    "Conductor is starting:",
+                    f"  API          {public}/api/v1/messages/",
+                    f"  API docs     {public}/api/docs/",
+                    f"  Admin        {public}/admin/   (make a login: .venv/bin/python manage.py createsuperuser)",
+                    f"  Health       {public}/healthz  {public}/readyz",
+                    f"  Metrics      {public}/metrics",
+                    "  Flower       http://127.0.0.1:5555/",
+                    f"  Sandbox      {settings.SANDBOX_URL}/_sandbox/requests",
+                    "",
+                    f"  Demo API key {raw_key}   (saved to {path})",
+                    "",
+                    "  Try:  make demo      (in another terminal)",
+                    f"  or:   curl -s -X POST {public}/api/v1/messages/ -H 'Authorization: Bearer {raw_key}' \\",
+                    "          -H 'Content-Type: application/json' \\",
+                    "          -d '{\"channel\": \"sms\", \"to\": \"+14155552671\", \"body\": \"Hello\", \"priority\": \"critical\"}'",
+                    "",
+                ]
+            )
+        )

@@ -1,0 +1,1 @@
+"""Sandbox provider: an HTTP server speaking the providers' wire formats, with fault controls."""

@@ -1,0 +1,93 @@
+"""The sandbox's own JSON control API under /_sandbox/: request log, faults, reset, health."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from providers.sandbox.receipts import RECEIPTS_KEY
+from providers.sandbox.state import PROVIDERS, STATE_KEY, FaultValidationError
+
+
+def _bad_request(error: str, field: str | None) -> web.Response:
+    return web.json_response({"error": error, "field": field}, status=400)
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object; an empty body counts as {}."""
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    payload = json.loads(raw)
+    if not isinstance(payload, dict):
+        raise ValueError("body must be a JSON object")
+    return payload
+
+
+async def list_requests(request: web.Request) -> web.Response:
+    query = request.query
+    accepted = query.get("accepted")
+    if accepted not in (None, "true", "false"):
+        return _bad_request("accepted must be true or false", "accepted")
+    rows = request.app[STATE_KEY].find_requests(
+        provider=query.get("provider"),
+        to=query.get("to"),
+        message_id=query.get("message_id"),
+        accepted=None if accepted is None else accepted == "true",
+    )
+    return web.json_response({"count": len(rows), "requests": rows})
+
+
+async def list_callbacks(request: web.Request) -> web.Response:
+    callbacks = request.app[STATE_KEY].callbacks
+    pending = request.app[RECEIPTS_KEY].pending_count
+    return web.json_response({"count": len(callbacks), "pending": pending, "callbacks": callbacks})
+
+
+async def get_faults(request: web.Request) -> web.Response:
+    faults = request.app[STATE_KEY].faults
+    return web.json_response({name: settings.as_dict() for name, settings in faults.items()})
+
+
+async def set_faults(request: web.Request) -> web.Response:
+    try:
+        changes = await _json_object(request)
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        return _bad_request(f"invalid JSON body: {exc}", None)
+    provider = changes.pop("provider", None)
+    if provider not in PROVIDERS:
+        return _bad_request(f"provider must be one of {', '.join(PROVIDERS)}", "provider")
+    state = request.app[STATE_KEY]
+    try:
+        state.faults[provider] = state.faults[provider].updated(changes)
+    except FaultValidationError as exc:
+        return _bad_request(str(exc), exc.field)
+    return web.json_response(state.faults[provider].as_dict())
+
+
+async def reset(request: web.Request) -> web.Response:
+    try:
+        payload = await _json_object(request)
+    except ValueError as exc:
+        return _bad_request(f"invalid JSON body: {exc}", None)
+    seed = payload.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        return _bad_request("seed must be an integer", "seed")
+    # Cancel first: a receipt that fires after the reset would leak into the next test.
+    request.app[RECEIPTS_KEY].cancel_all()
+    request.app[STATE_KEY].reset(seed, reseed="seed" in payload)
+    return web.json_response({"ok": True})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+def register(app: web.Application) -> None:
+    app.router.add_get("/_sandbox/requests", list_requests)
+    app.router.add_get("/_sandbox/callbacks", list_callbacks)
+    app.router.add_get("/_sandbox/faults", get_faults)
+    app.router.add_post("/_sandbox/faults", set_faults)
+    app.router.add_post("/_sandbox/reset", reset)
+    app.router.add_get("/_sandbox/healthz", healthz)

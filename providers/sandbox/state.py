@@ -1,0 +1,293 @@
+"""In-memory state of the sandbox provider: fault settings, request log, message store, RNG."""
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from aiohttp import web
+
+PROVIDERS = ("twilio", "vonage", "mailgun")
+RECEIPT_STATUSES = ("delivered", "undelivered", "failed", "read")
+
+# Values of the request log's `fault` field.
+FAULT_NONE = "none"
+FAULT_OUTAGE = "outage"
+FAULT_RATE_429 = "rate_429"
+FAULT_ERROR = "error"
+FAULT_TIMEOUT = "timeout"
+FAULT_DROP = "drop"
+FAULT_RECEIPT_LOSS = "receipt_loss"
+FAULT_INVALID = "invalid"
+FAULT_AUTH = "auth"
+
+# What happens to an accepted message after the response.
+DELIVERY_RECEIPT = "receipt"
+DELIVERY_DROP = "drop"
+DELIVERY_RECEIPT_LOSS = "receipt_loss"
+
+_RATE_FIELDS = ("error_rate", "rate_429", "timeout_rate", "drop_rate", "receipt_loss_rate")
+_MS_FIELDS = ("latency_ms", "latency_max_ms", "timeout_hold_ms", "receipt_delay_ms")
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """What the sandbox needs from Django settings: the credentials it checks and signs with."""
+
+    twilio_account_sid: str
+    twilio_auth_token: str
+    seed: int | None = None
+
+
+class FaultValidationError(ValueError):
+    """A fault update the control API refuses (reported as 400 naming the field)."""
+
+    def __init__(self, message: str, field_name: str | None) -> None:
+        super().__init__(message)
+        self.field = field_name
+
+
+@dataclass
+class FaultSettings:
+    """Runtime fault knobs of one provider; the defaults make a perfectly healthy provider."""
+
+    error_rate: float = 0.0
+    rate_429: float = 0.0
+    latency_ms: float = 0
+    latency_max_ms: float = 0
+    timeout_rate: float = 0.0
+    timeout_hold_ms: float = 15000
+    outage: bool = False
+    drop_rate: float = 0.0
+    receipt_loss_rate: float = 0.0
+    receipt_delay_ms: float = 200
+    receipt_status: str = "delivered"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def updated(self, changes: dict[str, Any]) -> FaultSettings:
+        """A copy with `changes` applied; validates everything first so a bad update changes nothing."""
+        known = {f.name for f in dataclasses.fields(self)}
+        for name, value in changes.items():
+            if name not in known:
+                raise FaultValidationError(f"unknown field {name!r}", name)
+            _validate(name, value)
+        return dataclasses.replace(self, **changes)
+
+
+def _validate(name: str, value: Any) -> None:
+    # bool is an int subclass: refuse it where a number is meant, so `"error_rate": true` is an error.
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if name in _RATE_FIELDS and not (is_number and 0 <= value <= 1):
+        raise FaultValidationError(f"{name} must be a number between 0 and 1", name)
+    if name in _MS_FIELDS and not (is_number and value >= 0):
+        raise FaultValidationError(f"{name} must be a non-negative number of milliseconds", name)
+    if name == "outage" and not isinstance(value, bool):
+        raise FaultValidationError("outage must be true or false", name)
+    if name == "receipt_status" and value not in RECEIPT_STATUSES:
+        raise FaultValidationError(f"receipt_status must be one of {', '.join(RECEIPT_STATUSES)}", name)
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    """The dice rolled for one send: refused, or accepted with a response delay and a delivery fate."""
+
+    refusal: str | None  # FAULT_RATE_429, FAULT_ERROR or None when accepted
+    held: bool  # timeout case: accepted, answer held past the client's timeout
+    delivery: str  # DELIVERY_* for accepted sends
+    response_delay_s: float
+
+    @property
+    def fault(self) -> str:
+        if self.refusal:
+            return self.refusal
+        if self.held:
+            return FAULT_TIMEOUT
+        if self.delivery == DELIVERY_DROP:
+            return FAULT_DROP
+        if self.delivery == DELIVERY_RECEIPT_LOSS:
+            return FAULT_RECEIPT_LOSS
+        return FAULT_NONE
+
+
+@dataclass
+class StoredMessage:
+    """One accepted message, whichever provider emulation accepted it."""
+
+    provider: str
+    provider_message_id: str
+    seq: int  # creation order, for newest-first listing and page tokens
+    channel: str
+    to: str
+    from_: str
+    body: str
+    message_id: str | None
+    token: str | None
+    callback_url: str | None
+    created_at: datetime
+    final_status: str | None  # None for a dropped message: it stays `sent` forever
+    final_at: datetime | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def status_at(self, now: datetime) -> str:
+        # Computed on read rather than set by a timer, so a look-up is right even with no receipt.
+        if self.final_status and self.final_at is not None and now >= self.final_at:
+            return self.final_status
+        return "sent"
+
+    def updated_at(self, now: datetime) -> datetime:
+        if self.final_status and self.final_at is not None and now >= self.final_at:
+            return self.final_at
+        return self.created_at
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class SandboxState:
+    """Everything the sandbox remembers; one instance per running app, reset by the control API."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.rng = random.Random(seed)
+        self.faults: dict[str, FaultSettings] = {name: FaultSettings() for name in PROVIDERS}
+        self.requests: list[dict[str, Any]] = []
+        self.requests_by_message_id: dict[str, list[dict[str, Any]]] = {}
+        self.messages: dict[str, StoredMessage] = {}
+        self.callbacks: list[dict[str, Any]] = []
+        self._seq = 0
+
+    def reset(self, seed: int | None = None, *, reseed: bool = False) -> None:
+        self.faults = {name: FaultSettings() for name in PROVIDERS}
+        self.requests.clear()
+        self.requests_by_message_id.clear()
+        self.messages.clear()
+        self.callbacks.clear()
+        if reseed:
+            self.rng.seed(seed)
+
+    # --- faults ---------------------------------------------------------------------------
+    def chance(self, rate: float) -> bool:
+        return rate > 0 and (rate >= 1 or self.rng.random() < rate)
+
+    def latency_s(self, provider: str) -> float:
+        faults = self.faults[provider]
+        if faults.latency_max_ms > faults.latency_ms:
+            return self.rng.uniform(faults.latency_ms, faults.latency_max_ms) / 1000
+        return faults.latency_ms / 1000
+
+    def draw_send_outcome(self, provider: str) -> SendOutcome:
+        """Roll the faults for a valid send, in the documented order (outage is checked earlier)."""
+        faults = self.faults[provider]
+        if self.chance(faults.rate_429):
+            return SendOutcome(FAULT_RATE_429, False, "", self.latency_s(provider))
+        if self.chance(faults.error_rate):
+            return SendOutcome(FAULT_ERROR, False, "", self.latency_s(provider))
+        held = self.chance(faults.timeout_rate)
+        delay = faults.timeout_hold_ms / 1000 if held else self.latency_s(provider)
+        if self.chance(faults.drop_rate):
+            delivery = DELIVERY_DROP
+        elif self.chance(faults.receipt_loss_rate):
+            delivery = DELIVERY_RECEIPT_LOSS
+        else:
+            delivery = DELIVERY_RECEIPT
+        return SendOutcome(None, held, delivery, delay)
+
+    # --- request log ------------------------------------------------------------------------
+    def record_request(
+        self,
+        *,
+        provider: str,
+        channel: str,
+        message_id: str | None,
+        token: str | None,
+        to: str | None,
+        body: str | None,
+        accepted: bool,
+        status_code: int,
+        provider_message_id: str | None,
+        fault: str,
+    ) -> dict[str, Any]:
+        entry = {
+            "provider": provider,
+            "channel": channel,
+            "message_id": message_id,
+            "token": token,
+            "to": to,
+            "body": body,
+            "received_at": utcnow().isoformat(),
+            "accepted": accepted,
+            "status_code": status_code,
+            "provider_message_id": provider_message_id,
+            "fault": fault,
+        }
+        self.requests.append(entry)
+        if message_id:
+            self.requests_by_message_id.setdefault(message_id, []).append(entry)
+        return entry
+
+    def find_requests(
+        self,
+        *,
+        provider: str | None = None,
+        to: str | None = None,
+        message_id: str | None = None,
+        accepted: bool | None = None,
+    ) -> list[dict[str, Any]]:
+        # The message_id index keeps the common "how many times was this sent?" query cheap.
+        rows = self.requests_by_message_id.get(message_id, []) if message_id else self.requests
+        return [
+            r
+            for r in rows
+            if (provider is None or r["provider"] == provider)
+            and (to is None or r["to"] == to)
+            and (accepted is None or r["accepted"] is accepted)
+        ]
+
+    # --- message store ----------------------------------------------------------------------
+    def store_message(
+        self,
+        *,
+        provider: str,
+        provider_message_id: str,
+        channel: str,
+        to: str,
+        from_: str,
+        body: str,
+        message_id: str | None,
+        token: str | None,
+        callback_url: str | None,
+        outcome: SendOutcome,
+        extra: dict[str, Any] | None = None,
+    ) -> StoredMessage:
+        """Store an accepted message with its final status and the time it takes effect."""
+        now = utcnow()
+        faults = self.faults[provider]
+        dropped = outcome.delivery == DELIVERY_DROP
+        self._seq += 1
+        message = StoredMessage(
+            provider=provider,
+            provider_message_id=provider_message_id,
+            seq=self._seq,
+            channel=channel,
+            to=to,
+            from_=from_,
+            body=body,
+            message_id=message_id,
+            token=token,
+            callback_url=callback_url,
+            created_at=now,
+            final_status=None if dropped else faults.receipt_status,
+            final_at=None if dropped else now + timedelta(milliseconds=faults.receipt_delay_ms),
+            extra=extra or {},
+        )
+        self.messages[provider_message_id] = message
+        return message
+
+
+# Typed keys under which build_app() stores the shared objects for every route module.
+CONFIG_KEY = web.AppKey("sandbox_config", SandboxConfig)
+STATE_KEY = web.AppKey("sandbox_state", SandboxState)

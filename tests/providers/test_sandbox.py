@@ -1,0 +1,384 @@
+"""The sandbox provider, driven by the official twilio SDK and plain HTTP, without Django."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+from twilio.base.exceptions import TwilioException, TwilioRestException
+from twilio.http.http_client import TwilioHttpClient
+from twilio.request_validator import RequestValidator
+from twilio.rest import Client
+
+from providers.sandbox.app import BackgroundSandbox, SandboxConfig, start_background
+
+ACCOUNT_SID = "AC" + "5" * 32
+AUTH_TOKEN = "sandbox-test-token"
+FROM = "+15005550006"
+
+# Every wait below polls with a deadline; this only stops a hung server from hanging the suite.
+pytestmark = pytest.mark.timeout(30)
+
+
+# --- fixtures ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[BackgroundSandbox]:
+    server = start_background(SandboxConfig(ACCOUNT_SID, AUTH_TOKEN, seed=7))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class Receiver:
+    """A tiny webhook endpoint that records every POST and answers the queued status codes."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.answers: list[int] = []  # status codes to answer next; 200 once exhausted
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+                with receiver.lock:
+                    status = receiver.answers.pop(0) if receiver.answers else 200
+                    receiver.calls.append({"path": self.path, "headers": dict(self.headers),
+                                           "params": {k: v[0] for k, v in parse_qs(raw).items()},
+                                           "status": status})
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, message_id: str, token: str = "tok") -> str:
+        return f"{self.base}/webhooks/twilio/status?message_id={message_id}&token={token}"
+
+    def calls_for(self, message_id: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [c for c in self.calls if f"message_id={message_id}&" in c["path"]]
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    rec = Receiver()
+    try:
+        yield rec
+    finally:
+        rec.server.shutdown()
+        rec.server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def clean_sandbox(sandbox: BackgroundSandbox) -> None:
+    assert requests.post(f"{sandbox.url}/_sandbox/reset", json={"seed": 7}, timeout=5).json() == {"ok": True}
+
+
+def twilio_client(sandbox: BackgroundSandbox, *, token: str = AUTH_TOKEN, timeout: float | None = None) -> Client:
+    class SandboxHttpClient(TwilioHttpClient):
+        # What our adapter does in production config: point the SDK at the sandbox.
+        def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+            return super().request(method, url.replace("https://api.twilio.com", sandbox.url), *args, **kwargs)
+
+    return Client(ACCOUNT_SID, token, http_client=SandboxHttpClient(timeout=timeout))
+
+
+@pytest.fixture
+def client(sandbox: BackgroundSandbox) -> Client:
+    return twilio_client(sandbox)
+
+
+def set_faults(sandbox: BackgroundSandbox, **faults: Any) -> dict[str, Any]:
+    response = requests.post(f"{sandbox.url}/_sandbox/faults", json={"provider": "twilio", **faults}, timeout=5)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def logged(sandbox: BackgroundSandbox, **filters: str) -> list[dict[str, Any]]:
+    return requests.get(f"{sandbox.url}/_sandbox/requests", params=filters, timeout=5).json()["requests"]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+def send(client: Client, receiver: Receiver, message_id: str, to: str = "+15551230001") -> Any:
+    return client.messages.create(to=to, from_=FROM, body=f"body of {message_id}",
+                                  status_callback=receiver.url(message_id, f"token-{message_id}"))
+
+
+def raw_send(sandbox: BackgroundSandbox, data: dict[str, str], auth: tuple[str, str] = (ACCOUNT_SID, AUTH_TOKEN),
+             **kwargs: Any) -> requests.Response:
+    url = f"{sandbox.url}/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json"
+    return requests.post(url, data=data, auth=auth, timeout=kwargs.pop("timeout", 5), **kwargs)
+
+
+# --- the official SDK against the emulated API -------------------------------------------------
+def test_sdk_creates_fetches_and_lists(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
+    set_faults(sandbox, receipt_delay_ms=5000)  # keep it `sent` while we look
+    before = datetime.now(timezone.utc) - timedelta(seconds=1)
+    created = send(client, receiver, "m-create", to="+15551230001")
+    send(client, receiver, "m-other", to="+15551230002")
+
+    assert created.sid.startswith("SM") and len(created.sid) == 34
+    assert (created.status, created.account_sid) == ("queued", ACCOUNT_SID)
+    assert (created.to, created.from_, created.body) == ("+15551230001", FROM, "body of m-create")
+    assert (created.num_segments, created.direction) == ("1", "outbound-api")
+    assert created.uri == f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/{created.sid}.json"
+    assert created.date_sent is not None and created.error_code is None and created.price is None
+
+    fetched = client.messages(created.sid).fetch()
+    assert (fetched.sid, fetched.status) == (created.sid, "sent")
+
+    listed = client.messages.list(to="+15551230001", date_sent_after=before)
+    assert [m.sid for m in listed] == [created.sid]
+    assert client.messages.list(to="+15551230001", date_sent_after=before + timedelta(hours=1)) == []
+
+
+def test_sdk_list_pages_newest_first(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
+    sids = [send(client, receiver, f"m-page-{i}", to="+15551239999").sid for i in range(7)]
+    today = datetime.now(timezone.utc) - timedelta(minutes=5)
+    listed = client.messages.list(to="+15551239999", date_sent_after=today, page_size=3)
+    assert [m.sid for m in listed] == sids[::-1]
+
+    first = requests.get(f"{sandbox.url}/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json",
+                         params={"To": "+15551239999", "PageSize": 3},
+                         auth=(ACCOUNT_SID, AUTH_TOKEN), timeout=5).json()
+    assert (first["page"], first["page_size"], first["start"], first["end"]) == (0, 3, 0, 2)
+    assert first["previous_page_uri"] is None and "PageToken=" in first["next_page_uri"]
+
+
+def test_sdk_fetch_unknown_is_404(client: Client) -> None:
+    with pytest.raises(TwilioRestException) as exc:
+        client.messages("SM" + "0" * 32).fetch()
+    assert (exc.value.status, exc.value.code) == (404, 20404)
+
+
+def test_sdk_invalid_number_is_21211(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
+    with pytest.raises(TwilioRestException) as exc:
+        send(client, receiver, "m-invalid", to="12345")
+    assert (exc.value.status, exc.value.code) == (400, 21211)
+    assert "12345" in exc.value.msg
+    [entry] = logged(sandbox, message_id="m-invalid")
+    assert (entry["accepted"], entry["fault"], entry["status_code"]) == (False, "invalid", 400)
+
+
+def test_sdk_bad_credentials_is_401(sandbox: BackgroundSandbox, receiver: Receiver) -> None:
+    with pytest.raises(TwilioRestException) as exc:
+        send(twilio_client(sandbox, token="wrong"), receiver, "m-auth")
+    assert (exc.value.status, exc.value.code) == (401, 20003)
+    assert logged(sandbox, message_id="m-auth")[0]["fault"] == "auth"
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [({"To": "+15551230001", "From": FROM}, 21602), ({"To": "+15551230001", "Body": "x"}, 21603)],
+)
+def test_missing_fields_are_refused(sandbox: BackgroundSandbox, data: dict[str, str], code: int) -> None:
+    response = raw_send(sandbox, data)
+    assert response.status_code == 400
+    assert response.json()["code"] == code and response.json()["status"] == 400
+
+
+# --- status callbacks -----------------------------------------------------------------------------
+def test_status_callback_is_signed_and_attributed(sandbox: BackgroundSandbox, client: Client,
+                                                  receiver: Receiver) -> None:
+    set_faults(sandbox, receipt_delay_ms=50)
+    sid = send(client, receiver, "m-cb").sid
+    [call] = wait_for(lambda: receiver.calls_for("m-cb"))
+
+    url = receiver.base + call["path"]
+    assert RequestValidator(AUTH_TOKEN).validate(url, call["params"], call["headers"]["X-Twilio-Signature"])
+    assert parse_qs(urlsplit(url).query) == {"message_id": ["m-cb"], "token": ["token-m-cb"]}
+    assert call["headers"]["Content-Type"] == "application/x-www-form-urlencoded"
+    assert call["params"] == {
+        "MessageSid": sid, "SmsSid": sid, "SmsStatus": "delivered", "MessageStatus": "delivered",
+        "AccountSid": ACCOUNT_SID, "From": FROM, "To": "+15551230001", "ApiVersion": "2010-04-01",
+    }
+    assert client.messages(sid).fetch().status == "delivered"
+    callbacks = wait_for(lambda: requests.get(f"{sandbox.url}/_sandbox/callbacks", timeout=5).json()["callbacks"])
+    assert (callbacks[0]["ok"], callbacks[0]["attempts"], callbacks[0]["status_code"]) == (True, 1, 200)
+
+
+def test_whatsapp_read_receipt(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
+    set_faults(sandbox, receipt_delay_ms=0, receipt_status="read")
+    sid = send(client, receiver, "m-wa", to="whatsapp:+15551230003").sid
+    [call] = wait_for(lambda: receiver.calls_for("m-wa"))
+    assert call["params"]["MessageStatus"] == "read" and "ErrorCode" not in call["params"]
+    assert client.messages(sid).fetch().status == "read"
+    assert logged(sandbox, message_id="m-wa")[0]["channel"] == "whatsapp"
+
+
+def test_undelivered_receipt_carries_error_code(sandbox: BackgroundSandbox, client: Client,
+                                               receiver: Receiver) -> None:
+    set_faults(sandbox, receipt_delay_ms=0, receipt_status="undelivered")
+    sid = send(client, receiver, "m-undel").sid
+    [call] = wait_for(lambda: receiver.calls_for("m-undel"))
+    assert (call["params"]["MessageStatus"], call["params"]["ErrorCode"]) == ("undelivered", "30003")
+    assert client.messages(sid).fetch().error_code == 30003
+
+
+def test_failing_callback_is_retried(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
+    set_faults(sandbox, receipt_delay_ms=0)
+    with receiver.lock:
+        receiver.answers = [500, 503]
+    send(client, receiver, "m-retry")
+    calls = wait_for(lambda: len(receiver.calls_for("m-retry")) == 3 and receiver.calls_for("m-retry"))
+    assert [c["status"] for c in calls] == [500, 503, 200]
+    cb = wait_for(lambda: requests.get(f"{sandbox.url}/_sandbox/callbacks", timeout=5).json()["callbacks"])[0]
+    assert (cb["ok"], cb["attempts"]) == (True, 3)
+
+
+# --- faults -----------------------------------------------------------------------------------------
+def test_outage_refuses_everything(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
+    set_faults(sandbox, outage=True)
+    with pytest.raises(TwilioRestException) as exc:
+        send(client, receiver, "m-outage")
+    assert (exc.value.status, exc.value.code) == (503, 20503)
+    with pytest.raises(TwilioException, match="503"):  # the SDK's pages raise the base exception
+        client.messages.list(to="+15551230001")
+    [entry] = logged(sandbox, message_id="m-outage")
+    assert (entry["accepted"], entry["fault"], entry["provider_message_id"]) == (False, "outage", None)
+
+
+@pytest.mark.parametrize(("fault", "status", "code"), [("error_rate", 500, 20500), ("rate_429", 429, 20429)])
+def test_refusal_faults(sandbox: BackgroundSandbox, fault: str, status: int, code: int) -> None:
+    set_faults(sandbox, **{fault: 1.0})
+    response = raw_send(sandbox, {"To": "+15551230001", "From": FROM, "Body": "x",
+                                  "StatusCallback": "http://127.0.0.1:9/cb?message_id=m-refused&token=t"})
+    assert (response.status_code, response.json()["code"]) == (status, code)
+    if status == 429:
+        assert response.headers["Retry-After"] == "1"
+    [entry] = logged(sandbox, message_id="m-refused")
+    assert (entry["accepted"], entry["fault"]) == (False, "error" if status == 500 else "rate_429")
+
+
+def test_latency_applies(sandbox: BackgroundSandbox) -> None:
+    set_faults(sandbox, latency_ms=300, outage=True)
+    started = time.monotonic()
+    assert raw_send(sandbox, {"To": "+15551230001", "From": FROM, "Body": "x"}).status_code == 503
+    assert time.monotonic() - started >= 0.3
+
+
+def test_timeout_is_accepted_but_unanswered(sandbox: BackgroundSandbox, receiver: Receiver) -> None:
+    set_faults(sandbox, timeout_rate=1.0, timeout_hold_ms=2000)
+    with pytest.raises(requests.exceptions.Timeout):
+        send(twilio_client(sandbox, timeout=0.5), receiver, "m-timeout")
+    [entry] = logged(sandbox, message_id="m-timeout")
+    assert (entry["accepted"], entry["fault"], entry["status_code"]) == (True, "timeout", 201)
+    assert entry["provider_message_id"].startswith("SM")
+
+
+def test_drop_sends_no_receipt_and_stays_sent(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
+    set_faults(sandbox, drop_rate=1.0, receipt_delay_ms=100)
+    dropped = send(client, receiver, "m-drop").sid
+    # A sentinel sent afterwards with the same delay: once its receipt is in, the dropped one's
+    # would have been too, so no fixed sleep is needed.
+    set_faults(sandbox, drop_rate=0)
+    send(client, receiver, "m-drop-sentinel")
+    wait_for(lambda: receiver.calls_for("m-drop-sentinel"))
+    assert receiver.calls_for("m-drop") == []
+    assert client.messages(dropped).fetch().status == "sent"
+    assert logged(sandbox, message_id="m-drop")[0]["fault"] == "drop"
+
+
+def test_receipt_loss_sends_no_receipt_but_is_delivered(sandbox: BackgroundSandbox, client: Client,
+                                                        receiver: Receiver) -> None:
+    set_faults(sandbox, receipt_loss_rate=1.0, receipt_delay_ms=100)
+    lost = send(client, receiver, "m-lost").sid
+    set_faults(sandbox, receipt_loss_rate=0)
+    send(client, receiver, "m-lost-sentinel")
+    wait_for(lambda: receiver.calls_for("m-lost-sentinel"))
+    assert receiver.calls_for("m-lost") == []
+    assert client.messages(lost).fetch().status == "delivered"
+    assert logged(sandbox, message_id="m-lost")[0]["fault"] == "receipt_loss"
+
+
+def test_reset_cancels_pending_receipts(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
+    set_faults(sandbox, receipt_delay_ms=500)
+    send(client, receiver, "m-cancelled")
+    assert requests.post(f"{sandbox.url}/_sandbox/reset", timeout=5).json() == {"ok": True}
+    set_faults(sandbox, receipt_delay_ms=500)
+    send(client, receiver, "m-reset-sentinel")  # due after the cancelled one would have been
+    wait_for(lambda: receiver.calls_for("m-reset-sentinel"))
+    assert receiver.calls_for("m-cancelled") == []
+    assert logged(sandbox, message_id="m-cancelled") == []
+
+
+# --- control API --------------------------------------------------------------------------------------
+def test_fault_settings_defaults_and_partial_update(sandbox: BackgroundSandbox) -> None:
+    faults = requests.get(f"{sandbox.url}/_sandbox/faults", timeout=5).json()
+    assert set(faults) == {"twilio", "vonage", "mailgun"}
+    assert faults["vonage"] == {
+        "error_rate": 0.0, "rate_429": 0.0, "latency_ms": 0, "latency_max_ms": 0, "timeout_rate": 0.0,
+        "timeout_hold_ms": 15000, "outage": False, "drop_rate": 0.0, "receipt_loss_rate": 0.0,
+        "receipt_delay_ms": 200, "receipt_status": "delivered",
+    }
+    set_faults(sandbox, error_rate=0.3, latency_ms=50)
+    updated = set_faults(sandbox, outage=True)
+    assert (updated["error_rate"], updated["latency_ms"], updated["outage"]) == (0.3, 50, True)
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"provider": "twilio", "error_rate": 1.5}, "error_rate"),
+        ({"provider": "twilio", "rate_429": "0.1"}, "rate_429"),
+        ({"provider": "twilio", "latency_ms": -1}, "latency_ms"),
+        ({"provider": "twilio", "receipt_status": "lost"}, "receipt_status"),
+        ({"provider": "twilio", "outage": 1}, "outage"),
+        ({"provider": "twilio", "eror_rate": 0.1}, "eror_rate"),
+        ({"error_rate": 0.1}, "provider"),
+        ({"provider": "sinch"}, "provider"),
+    ],
+)
+def test_fault_validation_names_the_field(sandbox: BackgroundSandbox, payload: dict[str, Any], field: str) -> None:
+    response = requests.post(f"{sandbox.url}/_sandbox/faults", json=payload, timeout=5)
+    assert response.status_code == 400
+    assert response.json()["field"] == field and response.json()["error"]
+    # A refused update changes nothing.
+    assert requests.get(f"{sandbox.url}/_sandbox/faults", timeout=5).json()["twilio"]["error_rate"] == 0
+
+
+def test_request_log_filters(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
+    send(client, receiver, "m-a", to="+15551110001")
+    send(client, receiver, "m-a", to="+15551110001")  # a resend is accepted again, as on Twilio
+    send(client, receiver, "m-b", to="+15551110002")
+    set_faults(sandbox, error_rate=1.0)
+    with pytest.raises(TwilioRestException):
+        send(client, receiver, "m-b", to="+15551110002")
+
+    assert len(logged(sandbox)) == 4
+    assert [r["to"] for r in logged(sandbox, message_id="m-a")] == ["+15551110001"] * 2
+    assert len({r["provider_message_id"] for r in logged(sandbox, message_id="m-a")}) == 2
+    assert len(logged(sandbox, to="+15551110002")) == 2
+    assert len(logged(sandbox, provider="twilio")) == 4 and logged(sandbox, provider="vonage") == []
+    refused = logged(sandbox, message_id="m-b", accepted="false")
+    assert [(r["fault"], r["status_code"], r["token"]) for r in refused] == [("error", 500, "token-m-b")]
+    assert len(logged(sandbox, accepted="true")) == 3
+    entry = logged(sandbox, message_id="m-b", accepted="true")[0]
+    assert datetime.fromisoformat(entry["received_at"]).tzinfo is not None
+    assert (entry["provider"], entry["channel"], entry["body"]) == ("twilio", "sms", "body of m-b")
+
+
+def test_healthz(sandbox: BackgroundSandbox) -> None:
+    assert requests.get(f"{sandbox.url}/_sandbox/healthz", timeout=5).json() == {"ok": True}
