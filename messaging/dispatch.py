@@ -136,7 +136,7 @@ def _attempt(message: Message, provider_name: str, now: Any) -> None:
     started = time.monotonic()
     try:
         if message.needs_provider_lookup:
-            found = _find_unclaimed(provider.find_send(request), message)
+            found = _find_unclaimed(provider.find_send(request), message, provider_name)
             if found is not None:
                 logger.info("message %s: the provider already had it (%s)", message.pk, found.provider_message_id)
                 _accepted(message, attempt, found, started, AttemptOutcome.FOUND_AT_PROVIDER)
@@ -154,11 +154,11 @@ def _attempt(message: Message, provider_name: str, now: Any) -> None:
         _accepted(message, attempt, result, started, AttemptOutcome.ACCEPTED)
 
 
-def _find_unclaimed(candidates: list[SendResult], message: Message) -> SendResult | None:
+def _find_unclaimed(candidates: list[SendResult], message: Message, provider_name: str) -> SendResult | None:
     """The provider's candidate not already attributed to another of our messages."""
     for candidate in candidates:
         taken = (
-            Message.objects.filter(provider=message.provider, provider_message_id=candidate.provider_message_id)
+            Message.objects.filter(provider=provider_name, provider_message_id=candidate.provider_message_id)
             .exclude(pk=message.pk)
             .exists()
         )

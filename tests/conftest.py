@@ -71,3 +71,42 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture(scope="session")
+def sandbox_server():
+    """The sandbox provider served in a thread of the test process (real HTTP on loopback)."""
+    from providers.sandbox.app import start_background
+    from providers.sandbox.state import SandboxConfig
+
+    twilio = settings.CONDUCTOR_PROVIDERS["twilio"]
+    server = start_background(SandboxConfig(twilio["ACCOUNT_SID"], twilio["AUTH_TOKEN"], seed=3))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sandbox(sandbox_server, settings):
+    """Point the Twilio adapter at the in-process sandbox, reset between tests."""
+    import requests as http
+
+    from providers.registry import reset_provider_cache
+
+    providers = {name: dict(conf) for name, conf in settings.CONDUCTOR_PROVIDERS.items()}
+    providers["twilio"]["BASE_URL"] = sandbox_server.url
+    settings.CONDUCTOR_PROVIDERS = providers
+    reset_provider_cache()
+    http.post(f"{sandbox_server.url}/_sandbox/reset", json={}, timeout=5).raise_for_status()
+
+    class Control:
+        url = sandbox_server.url
+
+        def faults(self, **faults):
+            response = http.post(f"{self.url}/_sandbox/faults", json={"provider": "twilio", **faults}, timeout=5)
+            response.raise_for_status()
+
+        def requests(self, **filters):
+            return http.get(f"{self.url}/_sandbox/requests", params=filters, timeout=5).json()["requests"]
+
+    yield Control()
+    reset_provider_cache()

@@ -202,6 +202,9 @@ LOGGING = {
         "twilio": {"level": "WARNING"},
         "twilio.http_client": {"level": "WARNING"},
         "django.db.backends": {"level": "INFO"},
+        # Two lines per task at INFO drown the transitions; Flower shows tasks.
+        "celery.app.trace": {"level": env_str("CELERY_TASK_LOG_LEVEL", "WARNING")},
+        "celery.worker.strategy": {"level": env_str("CELERY_TASK_LOG_LEVEL", "WARNING")},
     },
 }
 

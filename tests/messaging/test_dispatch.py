@@ -1,0 +1,165 @@
+"""The send path's decisions, run in-process against the sandbox over real HTTP (no broker needed:
+these tests run inside a transaction, so the only worker that can see their rows is this one)."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from messaging.dispatch import message_dispatch
+from messaging.models import AttemptOutcome, DispatchAttempt, Message
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def make_message(client_key):
+    client = client_key[0]
+
+    def make(**fields):
+        now = timezone.now()
+        values = {
+            "client": client, "channel": "sms", "to": "+14155552671", "body": "code 1", "priority": "critical",
+            "expires_at": now + timedelta(minutes=5), "created_at": now, "accepted_at": now, "enqueued_at": now,
+        }
+        values.update(fields)
+        return Message.objects.create(**values)
+
+    return make
+
+
+def outcomes(message):
+    return list(message.attempts.order_by("number").values_list("outcome", flat=True))
+
+
+def test_a_send_is_recorded_as_an_attempt_and_dispatches_the_message(sandbox, make_message):
+    message = make_message()
+    message_dispatch(message_id=str(message.pk))
+    message.refresh_from_db()
+    assert message.state == "dispatched" and message.provider == "twilio"
+    assert message.lease_expires_at is None and message.next_attempt_at is None
+    attempt = message.attempts.get()
+    assert attempt.outcome == "accepted" and attempt.latency_ms is not None and attempt.ended_at
+    assert attempt.provider_message_id == message.provider_message_id
+    [sent] = sandbox.requests(message_id=str(message.pk))
+    assert sent["token"] == f"{message.pk}.1"
+
+
+def test_a_leased_message_is_not_sent_by_a_second_task(sandbox, make_message):
+    message = make_message(lease_expires_at=timezone.now() + timedelta(seconds=30))
+    message_dispatch(message_id=str(message.pk))
+    assert sandbox.requests() == [] and not message.attempts.exists()
+
+
+def test_a_retry_that_is_not_due_yet_is_not_sent_early(sandbox, make_message):
+    message = make_message(next_attempt_at=timezone.now() + timedelta(seconds=30))
+    message_dispatch(message_id=str(message.pk))
+    assert sandbox.requests() == []
+
+
+def test_a_message_past_its_deadline_expires_without_reaching_the_provider(sandbox, make_message):
+    message = make_message(expires_at=timezone.now() - timedelta(seconds=1))
+    message_dispatch(message_id=str(message.pk))
+    message.refresh_from_db()
+    assert message.state == "expired" and message.last_error_type == "expired"
+    assert sandbox.requests() == []
+
+
+def test_a_permanent_rejection_fails_at_once(sandbox, make_message):
+    message = make_message(to="+1234")  # the provider refuses it with 21211
+    message_dispatch(message_id=str(message.pk))
+    message.refresh_from_db()
+    assert message.state == "failed"
+    assert (message.last_error_type, message.last_error_code) == ("invalid_recipient", "21211")
+    assert outcomes(message) == ["permanent_error"]
+
+
+def test_a_5xx_schedules_a_jittered_retry_within_the_cap(sandbox, make_message):
+    sandbox.faults(error_rate=1.0)
+    message = make_message()
+    before = timezone.now()
+    message_dispatch(message_id=str(message.pk))
+    message.refresh_from_db()
+    assert message.state == "accepted" and message.attempt_count == 1
+    assert message.last_error_type == "provider_5xx"
+    assert before <= message.next_attempt_at <= before + timedelta(seconds=1.5)  # critical: random(0, 1 s)
+    assert message.enqueued_at == message.next_attempt_at  # published with a countdown
+    assert message.lease_expires_at is None
+
+
+def test_a_429_honours_retry_after(sandbox, make_message):
+    sandbox.faults(rate_429=1.0)
+    message = make_message()
+    before = timezone.now()
+    message_dispatch(message_id=str(message.pk))
+    message.refresh_from_db()
+    assert message.last_error_type == "rate_limited"
+    assert message.next_attempt_at >= before + timedelta(seconds=1)  # the sandbox says Retry-After: 1
+
+
+def test_retry_delays_beyond_a_minute_are_left_to_the_sweeper(sandbox, make_message, settings):
+    settings.CONDUCTOR = {**settings.CONDUCTOR, "CATEGORY_POLICIES": {"slow": {"base_seconds": 1e6, "cap_seconds": 1e6}}}
+    sandbox.faults(error_rate=1.0)
+    message = make_message(priority="bulk", category="slow", expires_at=timezone.now() + timedelta(days=30))
+    message_dispatch(message_id=str(message.pk))
+    message.refresh_from_db()
+    assert message.next_attempt_at > timezone.now() + timedelta(seconds=60)
+    assert message.enqueued_at is None  # no countdown over 60 s: the sweeper enqueues it when due
+
+
+def test_retries_stop_at_the_deadline(sandbox, make_message, settings):
+    settings.CONDUCTOR = {**settings.CONDUCTOR, "CATEGORY_POLICIES": {"slow": {"base_seconds": 1e6, "cap_seconds": 1e6}}}
+    sandbox.faults(error_rate=1.0)
+    deadline = timezone.now() + timedelta(seconds=20)
+    message = make_message(category="slow", expires_at=deadline)
+    message_dispatch(message_id=str(message.pk))
+    message.refresh_from_db()
+    assert message.next_attempt_at == deadline
+
+
+def test_exhausted_retries_dead_letter_the_message_with_its_last_error(sandbox, make_message):
+    sandbox.faults(outage=True)
+    message = make_message(attempt_count=5)  # critical allows 6
+    message_dispatch(message_id=str(message.pk))
+    message.refresh_from_db()
+    assert message.state == "dead_lettered" and message.attempt_count == 6
+    assert message.last_error_type == "provider_5xx" and "6 attempts failed" in message.last_error_message
+
+
+def test_a_message_that_keeps_killing_its_worker_is_dead_lettered_not_looped(sandbox, make_message):
+    message = make_message()
+    for number in (1, 2, 3):  # three workers died mid-send
+        DispatchAttempt.objects.create(message=message, number=number, provider="twilio", started_at=timezone.now())
+    message_dispatch(message_id=str(message.pk))
+    message.refresh_from_db()
+    assert message.state == "dead_lettered" and message.last_error_type == "worker_lost"
+    assert outcomes(message) == ["worker_lost"] * 3
+    assert sandbox.requests() == []
+
+
+def test_a_lost_attempt_is_looked_up_and_not_resent_when_the_provider_has_it(sandbox, make_message):
+    message = make_message()
+    message_dispatch(message_id=str(message.pk))  # accepted by the provider...
+    message.refresh_from_db()
+    sid = message.provider_message_id
+    # ...but pretend the worker died before recording it.
+    Message.objects.filter(pk=message.pk).update(state="accepted", provider_message_id="", dispatched_at=None)
+    DispatchAttempt.objects.filter(message=message).update(outcome=AttemptOutcome.IN_PROGRESS, provider_message_id="")
+    message_dispatch(message_id=str(message.pk))
+    message.refresh_from_db()
+    assert message.state == "dispatched" and message.provider_message_id == sid
+    assert outcomes(message) == ["worker_lost", "found_at_provider"]
+    assert len(sandbox.requests(message_id=str(message.pk))) == 1
+
+
+def test_a_look_up_ignores_a_provider_message_that_belongs_to_another_message(sandbox, make_message):
+    first = make_message()
+    message_dispatch(message_id=str(first.pk))
+    twin = make_message(needs_provider_lookup=True)  # same recipient and body, never sent
+    message_dispatch(message_id=str(twin.pk))
+    twin.refresh_from_db()
+    first.refresh_from_db()
+    assert twin.provider_message_id != first.provider_message_id
+    assert outcomes(twin) == ["accepted"]
+    assert len(sandbox.requests(message_id=str(twin.pk))) == 1
