@@ -69,7 +69,7 @@ def _claim(message_id: str) -> Any:
 def _dispatch_claimed(message_id: str) -> None:
     message = Message.objects.get(pk=message_id)
     now = timezone.now()
-    if _count_lost_attempts(message, now) >= conductor_setting("MAX_WORKER_LOSSES"):
+    if _record_lost_attempts(message, now) >= conductor_setting("MAX_WORKER_LOSSES"):
         _dead_letter(message, ErrorType.WORKER_LOST, "", f"its worker died {message.worker_loss_count} times")
         return
     if message.expires_at <= now:
@@ -88,8 +88,9 @@ def _dispatch_claimed(message_id: str) -> None:
     _attempt(message, route[0], now)
 
 
-def _count_lost_attempts(message: Message, now: Any) -> int:
-    """Attempts left in progress by a worker that died (we hold the lease, so theirs expired)."""
+def _record_lost_attempts(message: Message, now: Any) -> int:
+    """Close attempts left in progress by a worker that died (we hold the lease, so theirs
+    expired) and return how many times this message has lost its worker."""
     lost = DispatchAttempt.objects.filter(message=message, outcome=AttemptOutcome.IN_PROGRESS).update(
         outcome=AttemptOutcome.WORKER_LOST, ended_at=now, error_type=ErrorType.WORKER_LOST
     )
@@ -104,12 +105,14 @@ def _count_lost_attempts(message: Message, now: Any) -> int:
 
 
 def _send_request(message: Message) -> SendRequest:
-    first = (
-        DispatchAttempt.objects.filter(message=message, send_generation=message.send_generation)
-        .order_by("started_at")
-        .values_list("started_at", flat=True)
-        .first()
-    )
+    first = None
+    if message.needs_provider_lookup:  # only a look-up needs to know since when to search
+        first = (
+            DispatchAttempt.objects.filter(message=message, send_generation=message.send_generation)
+            .order_by("started_at")
+            .values_list("started_at", flat=True)
+            .first()
+        )
     return SendRequest(
         message_id=str(message.pk),
         token=message.send_token,

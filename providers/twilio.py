@@ -7,6 +7,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import requests
+from urllib3.exceptions import MaxRetryError, NameResolutionError, NewConnectionError
 from django.http import HttpRequest
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
@@ -203,14 +204,13 @@ class TwilioProvider(Provider):
 def _never_connected(exc: requests.exceptions.ConnectionError) -> bool:
     """True when the TCP connection was never made, so the request cannot have been received."""
     cause: BaseException | None = exc
-    seen = 0
-    while cause is not None and seen < 10:
-        name = type(cause).__name__
-        if name in {"NewConnectionError", "ConnectionRefusedError", "NameResolutionError"}:
+    for _ in range(10):  # walk the exception chain requests/urllib3 build
+        if cause is None:
+            return False
+        if isinstance(cause, (ConnectionRefusedError, NewConnectionError, NameResolutionError)):
             return True
-        text = str(cause)
-        if "Connection refused" in text or "Failed to establish a new connection" in text:
+        if isinstance(cause, MaxRetryError) and isinstance(cause.reason, (NewConnectionError, NameResolutionError)):
             return True
-        cause = cause.__cause__ or cause.__context__ or (cause.args[0] if cause.args and isinstance(cause.args[0], BaseException) else None)
-        seen += 1
+        nested = cause.args[0] if cause.args and isinstance(cause.args[0], BaseException) else None
+        cause = cause.__cause__ or cause.__context__ or nested
     return False

@@ -69,6 +69,14 @@ def run_sandbox(host: str, port: int, config: SandboxConfig) -> None:
     asyncio.run(serve())
 
 
+async def _cancel_pending() -> None:
+    current = asyncio.current_task()
+    pending = [task for task in asyncio.all_tasks() if task is not current and not task.done()]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+
+
 class BackgroundSandbox:
     """A sandbox served by its own event loop in a daemon thread (for tests and benchmarks)."""
 
@@ -88,6 +96,8 @@ class BackgroundSandbox:
         if self._loop.is_closed():
             return
         asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
+        # Held ("timeout" fault) requests may still be pending: cancel them so the loop closes quietly.
+        asyncio.run_coroutine_threadsafe(_cancel_pending(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
