@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help venv run test test-fast demo services migrate clean
+.PHONY: help venv run test test-fast lint demo services migrate clean
 
 help:
 	@echo "make run    - create .venv, install, migrate, start web :8000, workers, beat, sandbox :8025, Flower :5555"
@@ -36,8 +36,12 @@ demo: venv
 services:
 	bash .ci/ensure-services
 
-test: venv services
+test: venv services lint
 	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check --quiet .
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not integration"

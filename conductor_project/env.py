@@ -1,4 +1,5 @@
 """Typed reads of environment variables; only conductor_project/settings calls these."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """URL routing: API v1, provider webhooks, health and metrics, schema and docs, admin."""
+
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView

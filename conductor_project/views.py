@@ -1,4 +1,5 @@
 """Health, readiness and Prometheus metrics endpoints."""
+
 from __future__ import annotations
 
 from django.db import connection

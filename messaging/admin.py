@@ -1,7 +1,9 @@
 """Staff-only admin: messages with read-only attempt and event timelines, clients and keys."""
+
 from __future__ import annotations
 
-from django.contrib import admin, messages as flash
+from django.contrib import admin
+from django.contrib import messages as flash
 
 from messaging.models import ApiClient, ApiKey, DispatchAttempt, Message, MessageEvent
 from messaging.services import NotCancellable, message_cancel
@@ -20,7 +22,18 @@ class ReadOnlyInline(admin.TabularInline):
 
 class AttemptInline(ReadOnlyInline):
     model = DispatchAttempt
-    fields = ["number", "send_generation", "provider", "started_at", "ended_at", "outcome", "error_type", "error_code", "latency_ms", "provider_message_id"]
+    fields = [
+        "number",
+        "send_generation",
+        "provider",
+        "started_at",
+        "ended_at",
+        "outcome",
+        "error_type",
+        "error_code",
+        "latency_ms",
+        "provider_message_id",
+    ]
     readonly_fields = fields
 
 
@@ -32,7 +45,17 @@ class EventInline(ReadOnlyInline):
 
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
-    list_display = ["id", "client", "channel", "priority", "state", "provider", "category", "attempt_count", "created_at"]
+    list_display = [
+        "id",
+        "client",
+        "channel",
+        "priority",
+        "state",
+        "provider",
+        "category",
+        "attempt_count",
+        "created_at",
+    ]
     list_filter = ["state", "channel", "priority", "provider", "category", "created_at"]
     search_fields = ["=id", "=idempotency_key", "=provider_message_id"]
     date_hierarchy = "created_at"
@@ -56,8 +79,11 @@ class MessageAdmin(admin.ModelAdmin):
                 cancelled += 1
             except NotCancellable:
                 refused += 1
-        self.message_user(request, f"Cancelled {cancelled}; {refused} could no longer be cancelled.",
-                          flash.SUCCESS if not refused else flash.WARNING)
+        self.message_user(
+            request,
+            f"Cancelled {cancelled}; {refused} could no longer be cancelled.",
+            flash.SUCCESS if not refused else flash.WARNING,
+        )
 
 
 class ApiKeyInline(admin.TabularInline):
@@ -74,5 +100,3 @@ class ApiKeyInline(admin.TabularInline):
 class ApiClientAdmin(admin.ModelAdmin):
     list_display = ["name", "created_at"]
     inlines = [ApiKeyInline]
-
-

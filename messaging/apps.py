@@ -1,4 +1,5 @@
 """App config: registers the system checks that reject bad Conductor settings at start-up."""
+
 from django.apps import AppConfig
 
 

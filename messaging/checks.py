@@ -1,4 +1,5 @@
 """System checks: a misspelt or inconsistent Conductor setting stops start-up with a clear error."""
+
 from __future__ import annotations
 
 from django.conf import settings
@@ -13,7 +14,13 @@ def check_conductor_settings(app_configs=None, **kwargs) -> list[Error]:
     errors: list[Error] = []
     configured = getattr(settings, "CONDUCTOR", {})
     for name in sorted(set(configured) - set(DEFAULTS)):
-        errors.append(Error(f"Unknown setting CONDUCTOR[{name!r}].", hint=f"Known: {', '.join(sorted(DEFAULTS))}.", id="conductor.E001"))
+        errors.append(
+            Error(
+                f"Unknown setting CONDUCTOR[{name!r}].",
+                hint=f"Known: {', '.join(sorted(DEFAULTS))}.",
+                id="conductor.E001",
+            )
+        )
     routes = configured.get("ROUTES", DEFAULTS["ROUTES"])
     from providers.registry import PROVIDER_CLASSES
 
@@ -22,24 +29,45 @@ def check_conductor_settings(app_configs=None, **kwargs) -> list[Error]:
             errors.append(Error(f"CONDUCTOR['ROUTES'] names unknown channel {channel!r}.", id="conductor.E002"))
         for name in names:
             if name not in PROVIDER_CLASSES:
-                errors.append(Error(f"CONDUCTOR['ROUTES'][{channel!r}] names unknown provider {name!r}.", hint=f"Known: {', '.join(sorted(PROVIDER_CLASSES))}.", id="conductor.E003"))
+                errors.append(
+                    Error(
+                        f"CONDUCTOR['ROUTES'][{channel!r}] names unknown provider {name!r}.",
+                        hint=f"Known: {', '.join(sorted(PROVIDER_CLASSES))}.",
+                        id="conductor.E003",
+                    )
+                )
             elif name not in getattr(settings, "CONDUCTOR_PROVIDERS", {}):
-                errors.append(Error(f"Provider {name!r} is routed to but has no CONDUCTOR_PROVIDERS entry.", id="conductor.E004"))
+                errors.append(
+                    Error(f"Provider {name!r} is routed to but has no CONDUCTOR_PROVIDERS entry.", id="conductor.E004")
+                )
     for priority, overrides in configured.get("RETRY_POLICIES", {}).items():
         if priority not in Priority.values:
-            errors.append(Error(f"CONDUCTOR['RETRY_POLICIES'] names unknown priority {priority!r}.", id="conductor.E005"))
+            errors.append(
+                Error(f"CONDUCTOR['RETRY_POLICIES'] names unknown priority {priority!r}.", id="conductor.E005")
+            )
         for field in set(overrides) - POLICY_FIELDS:
-            errors.append(Error(f"Unknown retry policy field {field!r} for {priority!r}.", hint=f"Known: {', '.join(sorted(POLICY_FIELDS))}.", id="conductor.E006"))
+            errors.append(
+                Error(
+                    f"Unknown retry policy field {field!r} for {priority!r}.",
+                    hint=f"Known: {', '.join(sorted(POLICY_FIELDS))}.",
+                    id="conductor.E006",
+                )
+            )
     for category, overrides in configured.get("CATEGORY_POLICIES", {}).items():
         for field in set(overrides) - POLICY_FIELDS:
-            errors.append(Error(f"Unknown retry policy field {field!r} for category {category!r}.", id="conductor.E007"))
+            errors.append(
+                Error(f"Unknown retry policy field {field!r} for category {category!r}.", id="conductor.E007")
+            )
     lease = configured.get("DISPATCH_LEASE_SECONDS", DEFAULTS["DISPATCH_LEASE_SECONDS"])
     for name, conf in getattr(settings, "CONDUCTOR_PROVIDERS", {}).items():
         timeout = conf.get("TIMEOUT_SECONDS", 0)
         if timeout * 2 > lease:
-            errors.append(Error(
-                f"DISPATCH_LEASE_SECONDS ({lease}) must be at least twice provider {name!r}'s TIMEOUT_SECONDS ({timeout}).",
-                hint="Otherwise a slow send could be taken for a dead worker and looked up while still in flight.",
-                id="conductor.E008",
-            ))
+            errors.append(
+                Error(
+                    f"DISPATCH_LEASE_SECONDS ({lease}) must be at least twice "
+                    f"provider {name!r}'s TIMEOUT_SECONDS ({timeout}).",
+                    hint="Otherwise a slow send could be taken for a dead worker and looked up while still in flight.",
+                    id="conductor.E008",
+                )
+            )
     return errors

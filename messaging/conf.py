@@ -1,4 +1,5 @@
 """The one accessor for messaging settings (settings.CONDUCTOR), merged over these defaults."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -3,6 +3,7 @@
 Each step is its own short write: no transaction and no row lock is held across network I/O,
 and the lease (lease_expires_at) is what keeps two workers from sending one message at once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -231,7 +232,11 @@ def _retry_later(
     )
     logger.info(
         "message %s attempt %d %s (%s); next attempt in %.1fs",
-        message.pk, message.attempt_count, outcome, exc.error_type, countdown,
+        message.pk,
+        message.attempt_count,
+        outcome,
+        exc.error_type,
+        countdown,
     )
     if publish_now:
         message_publish(message_id=message.pk, channel=message.channel, priority=message.priority, countdown=countdown)

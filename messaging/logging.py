@@ -1,4 +1,5 @@
 """Log helpers: recipients are masked so logs never hold a full phone number or address."""
+
 from __future__ import annotations
 
 

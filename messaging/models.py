@@ -1,4 +1,5 @@
 """Messages, their dispatch attempts and lifecycle events, and the API clients that own them."""
+
 from __future__ import annotations
 
 import uuid

@@ -1,4 +1,5 @@
 """Queues per channel and priority, and the retry policy (full-jitter exponential backoff)."""
+
 from __future__ import annotations
 
 import random

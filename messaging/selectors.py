@@ -1,4 +1,5 @@
 """Reads for messages: what a client may see."""
+
 from __future__ import annotations
 
 from django.db.models import Prefetch, QuerySet

@@ -1,4 +1,5 @@
 """Writes for messages and API keys: create (idempotent), cancel, enqueue, and the one transition service."""
+
 from __future__ import annotations
 
 import hashlib
@@ -61,9 +62,7 @@ def message_transition(
     now = timezone.now()
     updates = {"state": to_state, TIMESTAMP_FIELD[to_state]: now, "updated_at": now, **(fields or {})}
     with transaction.atomic():
-        current = (
-            Message.objects.select_for_update().filter(pk=message_id).values_list("state", flat=True).first()
-        )
+        current = Message.objects.select_for_update().filter(pk=message_id).values_list("state", flat=True).first()
         if current is None:
             raise Message.DoesNotExist(f"message {message_id} does not exist")
         applied = False
@@ -202,7 +201,9 @@ def _insert_message(
         message=message, created_at=now, source=source, from_state="", to_state=MessageState.ACCEPTED
     )
     logger.info("message %s accepted: %s to %s", message.id, message.channel, masked(message.to))
-    transaction.on_commit(lambda: message_publish(message_id=message.id, channel=message.channel, priority=message.priority))
+    transaction.on_commit(
+        lambda: message_publish(message_id=message.id, channel=message.channel, priority=message.priority)
+    )
     return message
 
 

@@ -1,4 +1,5 @@
 """The message lifecycle: states and the one table of legal transitions."""
+
 from __future__ import annotations
 
 from django.db import models
@@ -42,9 +43,7 @@ ALLOWED_SOURCES: dict[str, frozenset[str]] = {
 }
 
 # States after which nothing more happens to the message (apart from a replay of a dead letter).
-FINAL_STATES: frozenset[str] = frozenset(
-    {S.READ, S.UNDELIVERED, S.FAILED, S.EXPIRED, S.CANCELLED, S.DEAD_LETTERED}
-)
+FINAL_STATES: frozenset[str] = frozenset({S.READ, S.UNDELIVERED, S.FAILED, S.EXPIRED, S.CANCELLED, S.DEAD_LETTERED})
 # "Done" for a sender: the provider has it or it will never be sent. Delivered may still go to read.
 SETTLED_STATES: frozenset[str] = FINAL_STATES | {S.DISPATCHED, S.DELIVERED}
 

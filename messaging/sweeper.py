@@ -1,4 +1,5 @@
 """The safety net: expire what passed its deadline, enqueue what is due or whose task was lost."""
+
 from __future__ import annotations
 
 import logging

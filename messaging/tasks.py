@@ -1,4 +1,5 @@
 """Celery tasks: thin triggers around the services (the database is the queue of record)."""
+
 from __future__ import annotations
 
 import logging

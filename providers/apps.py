@@ -1,4 +1,5 @@
 """App config for provider adapters (holds the run_sandbox_provider command)."""
+
 from django.apps import AppConfig
 
 

@@ -1,4 +1,5 @@
 """The provider interface every adapter implements, and the three kinds of provider error."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -1,4 +1,5 @@
 """The one accessor for provider settings (settings.CONDUCTOR_PROVIDERS)."""
+
 from __future__ import annotations
 
 from typing import Any

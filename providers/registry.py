@@ -1,4 +1,5 @@
 """Provider classes by name, and one cached adapter instance per process (keeps HTTP pools warm)."""
+
 from __future__ import annotations
 
 from functools import cache

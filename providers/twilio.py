@@ -1,4 +1,5 @@
 """Twilio (SMS and WhatsApp) through the official SDK; base URL pointed at the sandbox by default."""
+
 from __future__ import annotations
 
 import threading
@@ -7,12 +8,12 @@ from typing import Any
 from urllib.parse import urlencode
 
 import requests
-from urllib3.exceptions import MaxRetryError, NameResolutionError, NewConnectionError
 from django.http import HttpRequest
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
+from urllib3.exceptions import MaxRetryError, NameResolutionError, NewConnectionError
 
 from messaging.conf import conductor_setting
 from messaging.models import ErrorType
@@ -49,7 +50,7 @@ class _RoutedHttpClient(TwilioHttpClient):
 
     def request(self, method: str, url: str, *args: Any, **kwargs: Any):  # type: ignore[override]
         if url.startswith(TWILIO_API_ORIGIN) and self.origin != TWILIO_API_ORIGIN:
-            url = self.origin + url[len(TWILIO_API_ORIGIN):]
+            url = self.origin + url[len(TWILIO_API_ORIGIN) :]
         self.last_headers.value = {}
         response = super().request(method, url, *args, **kwargs)
         self.last_headers.value = dict(response.headers or {})

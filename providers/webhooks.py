@@ -1,4 +1,5 @@
 """Provider receipt webhooks: verify the signature, parse, store and apply (anymail's flow)."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Read-only admin for provider receipts."""
+
 from django.contrib import admin
 
 from reconciliation.models import Receipt

@@ -1,4 +1,5 @@
 """App config for receipts and reconciliation."""
+
 from django.apps import AppConfig
 
 

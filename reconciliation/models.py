@@ -1,4 +1,5 @@
 """Provider receipts (delivery reports), each stored once with its raw payload."""
+
 from __future__ import annotations
 
 from django.db import models

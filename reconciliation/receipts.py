@@ -1,4 +1,5 @@
 """Store provider receipts once each and apply them to messages through the transition service."""
+
 from __future__ import annotations
 
 import logging
@@ -53,7 +54,9 @@ def receipt_record(*, event: ReceiptEvent, source: str = EventSource.WEBHOOK) ->
         logger.info("duplicate %s receipt %s ignored", event.provider, event.event_id)
         return Receipt.objects.get(provider=event.provider, event_id=event.event_id), False
     if message is None:
-        logger.warning("unmatched %s receipt for %s (%s)", event.provider, event.provider_message_id, event.provider_status)
+        logger.warning(
+            "unmatched %s receipt for %s (%s)", event.provider, event.provider_message_id, event.provider_status
+        )
         return receipt, True
     if event.state and event.state != message.state:
         fields = {}

@@ -1,4 +1,5 @@
 """Shared fixtures: API clients and keys, a clean Redis, and the live stack for integration tests."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,6 +22,34 @@ def client_key(db):
     """(ApiClient, raw key) for a fresh client."""
     key, raw = api_key_create(client_name="acme")
     return key.client, raw
+
+
+@pytest.fixture
+def make_message(client_key):
+    """Create an accepted message row directly (no task published), overriding any field."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from messaging.models import Message
+
+    def make(**fields):
+        now = timezone.now()
+        values = {
+            "client": client_key[0],
+            "channel": "sms",
+            "to": "+14155552671",
+            "body": "code 1",
+            "priority": "critical",
+            "expires_at": now + timedelta(minutes=5),
+            "created_at": now,
+            "accepted_at": now,
+            "enqueued_at": now,
+        }
+        values.update(fields)
+        return Message.objects.create(**values)
+
+    return make
 
 
 @pytest.fixture

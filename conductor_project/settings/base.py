@@ -3,6 +3,7 @@
 With no DATABASE_URL the database is SQLite under var/ and with no REDIS_URL/CELERY_BROKER_URL
 a local Redis on 127.0.0.1:6379 is used, so `make run` works on a bare machine.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

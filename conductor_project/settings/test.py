@@ -1,4 +1,5 @@
 """Test settings: real PostgreSQL and Redis on 127.0.0.1, short timings so fault tests run fast."""
+
 import os
 
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/conductor")

@@ -1,4 +1,5 @@
 """Bearer API keys: hashed lookup, one client per key."""
+
 from __future__ import annotations
 
 from django.utils import timezone
@@ -35,7 +36,9 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
             raise exceptions.AuthenticationFailed("Use 'Authorization: Bearer <API key>'.")
         key = api_key_active(key_hash=hash_api_key(raw_key.strip()))
         if key is None:
-            raise exceptions.AuthenticationFailed("Unknown or revoked API key. Create one with manage.py create_api_key NAME.")
+            raise exceptions.AuthenticationFailed(
+                "Unknown or revoked API key. Create one with manage.py create_api_key NAME."
+            )
         # At most one write a minute per key: last-used is for operators, not a hot-path cost.
         now = timezone.now()
         if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:

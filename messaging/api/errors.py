@@ -1,4 +1,5 @@
 """API error handling: DRF's shapes, plus 503 when the database cannot be reached."""
+
 from __future__ import annotations
 
 import logging

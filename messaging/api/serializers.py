@@ -1,4 +1,5 @@
 """API input validation (every bad field named, nothing stored) and output shapes."""
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ def normalize_recipient(channel: str, value: str) -> str:
     value = value.strip()
     if channel in PHONE_CHANNELS:
         if value.startswith("whatsapp:"):
-            value = value[len("whatsapp:"):]
+            value = value[len("whatsapp:") :]
         if not value.startswith("+"):
             raise serializers.ValidationError("Give the number in E.164 format, e.g. +14155552671.")
         try:
@@ -77,7 +78,9 @@ class MessageCreateSerializer(StrictSerializer):
             errors["to"] = exc.detail
         limit = conductor_setting("BODY_MAX_LENGTH")[channel]
         if len(attrs["body"]) > limit:
-            errors["body"] = [f"Ensure this field has no more than {limit} characters for {channel} (it has {len(attrs['body'])})."]
+            errors["body"] = [
+                f"Ensure this field has no more than {limit} characters for {channel} (it has {len(attrs['body'])})."
+            ]
         if "expires_at" in attrs and "ttl_seconds" in attrs:
             errors["ttl_seconds"] = ["Give either expires_at or ttl_seconds, not both."]
         elif "expires_at" in attrs and attrs["expires_at"] <= timezone.now():
@@ -123,8 +126,17 @@ class AttemptSerializer(serializers.ModelSerializer):
     class Meta:
         model = DispatchAttempt
         fields = [
-            "number", "send_generation", "provider", "started_at", "ended_at", "outcome",
-            "error_type", "error_code", "error_message", "latency_ms", "provider_message_id",
+            "number",
+            "send_generation",
+            "provider",
+            "started_at",
+            "ended_at",
+            "outcome",
+            "error_type",
+            "error_code",
+            "error_message",
+            "latency_ms",
+            "provider_message_id",
         ]
 
 
@@ -137,7 +149,16 @@ class EventSerializer(serializers.ModelSerializer):
 class ReceiptSerializer(serializers.ModelSerializer):
     class Meta:
         model = Receipt
-        fields = ["received_at", "provider", "provider_status", "mapped_state", "error_code", "applied", "source", "payload"]
+        fields = [
+            "received_at",
+            "provider",
+            "provider_status",
+            "mapped_state",
+            "error_code",
+            "applied",
+            "source",
+            "payload",
+        ]
 
 
 class MessageSerializer(serializers.ModelSerializer):
@@ -146,11 +167,36 @@ class MessageSerializer(serializers.ModelSerializer):
     class Meta:
         model = Message
         fields = [
-            "id", "channel", "to", "subject", "body", "priority", "category", "idempotency_key",
-            "ordering_key", "state", "expires_at", "fallback_channels", "fallback_to", "metadata",
-            "send_generation", "attempt_count", "next_attempt_at", "provider", "provider_message_id",
-            "last_error", "created_at", "accepted_at", "dispatched_at", "delivered_at", "read_at",
-            "undelivered_at", "failed_at", "expired_at", "cancelled_at", "dead_lettered_at",
+            "id",
+            "channel",
+            "to",
+            "subject",
+            "body",
+            "priority",
+            "category",
+            "idempotency_key",
+            "ordering_key",
+            "state",
+            "expires_at",
+            "fallback_channels",
+            "fallback_to",
+            "metadata",
+            "send_generation",
+            "attempt_count",
+            "next_attempt_at",
+            "provider",
+            "provider_message_id",
+            "last_error",
+            "created_at",
+            "accepted_at",
+            "dispatched_at",
+            "delivered_at",
+            "read_at",
+            "undelivered_at",
+            "failed_at",
+            "expired_at",
+            "cancelled_at",
+            "dead_lettered_at",
         ]
 
     def get_last_error(self, message: Message) -> dict[str, str] | None:

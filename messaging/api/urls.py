@@ -1,4 +1,5 @@
 """API v1 routes."""
+
 from django.urls import path
 
 from messaging.api import views

@@ -1,4 +1,5 @@
 """Thin API views: parse, call one service, shape the response."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -12,7 +13,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from messaging.api.serializers import BatchSerializer, MessageCreateSerializer, MessageDetailSerializer, MessageSerializer
+from messaging.api.serializers import (
+    BatchSerializer,
+    MessageCreateSerializer,
+    MessageDetailSerializer,
+    MessageSerializer,
+)
 from messaging.models import ApiClient, Message
 from messaging.routing import Channel, Priority
 from messaging.selectors import message_detail_for_client, messages_for_client
@@ -61,12 +67,20 @@ def _create_one(client: ApiClient, data: Any, header_key: str | None) -> tuple[i
     try:
         outcome = message_create(client=client, fields=fields, idempotency_key=key)
     except IdempotencyConflict as exc:
-        return 422, {
-            "idempotency_key": ["This key was already used with a different payload."],
-            "message_id": str(exc.message.pk),
-        }, {}
+        return (
+            422,
+            {
+                "idempotency_key": ["This key was already used with a different payload."],
+                "message_id": str(exc.message.pk),
+            },
+            {},
+        )
     except IdempotencyInFlight:
-        return 409, {"idempotency_key": ["A request with this key is still in flight; retry shortly."]}, {"Retry-After": "1"}
+        return (
+            409,
+            {"idempotency_key": ["A request with this key is still in flight; retry shortly."]},
+            {"Retry-After": "1"},
+        )
     body = MessageSerializer(outcome.message).data
     if outcome.created:
         return status.HTTP_201_CREATED, body, {}

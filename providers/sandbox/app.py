@@ -1,4 +1,5 @@
 """Assembles the sandbox provider's aiohttp app and runs it, in the foreground or in a thread."""
+
 from __future__ import annotations
 
 import asyncio
@@ -112,4 +113,3 @@ class BackgroundSandbox:
 def start_background(config: SandboxConfig, host: str = "127.0.0.1", port: int = 0) -> BackgroundSandbox:
     """Start a sandbox in a thread on a free port (port=0); call .stop() or use it as a context manager."""
     return BackgroundSandbox(config, host, port)
-

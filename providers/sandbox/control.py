@@ -1,4 +1,5 @@
 """The sandbox's own JSON control API under /_sandbox/: request log, faults, reset, health."""
+
 from __future__ import annotations
 
 import json

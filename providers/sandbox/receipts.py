@@ -1,4 +1,5 @@
 """Delayed receipt callbacks: one asyncio task per pending receipt, one shared HTTP session."""
+
 from __future__ import annotations
 
 import asyncio
@@ -105,13 +106,18 @@ class ReceiptScheduler:
                     break
                 error = f"HTTP {status_code}"
             # Only network failures are expected here; anything else is a sandbox bug and should show.
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 status_code, error = None, f"{type(exc).__name__}: {exc}"
             if backoff is not None:
                 await asyncio.sleep(backoff)
         if error:
-            logger.warning("receipt for %s to %s given up after %d attempts: %s",
-                           record["provider_message_id"], url, attempts, error)
+            logger.warning(
+                "receipt for %s to %s given up after %d attempts: %s",
+                record["provider_message_id"],
+                url,
+                attempts,
+                error,
+            )
         self._state.callbacks.append(
             {
                 **record,

@@ -1,10 +1,11 @@
 """In-memory state of the sandbox provider: fault settings, request log, message store, RNG."""
+
 from __future__ import annotations
 
 import dataclasses
 import random
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -145,7 +146,7 @@ class StoredMessage:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class SandboxState:

@@ -1,4 +1,5 @@
 """Twilio's Messages API (2010-04-01) wire format: create, fetch, list, and signed status callbacks."""
+
 from __future__ import annotations
 
 import asyncio
@@ -7,7 +8,7 @@ import hmac
 import re
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -179,9 +180,18 @@ async def create_message(request: web.Request) -> web.Response:
     channel = "whatsapp" if (to or "").startswith("whatsapp:") else "sms"
 
     async def refuse(response: web.Response, fault: str, delay_s: float) -> web.Response:
-        state.record_request(provider=PROVIDER, channel=channel, message_id=message_id, token=token,
-                             to=to, body=body, accepted=False, status_code=response.status,
-                             provider_message_id=None, fault=fault)
+        state.record_request(
+            provider=PROVIDER,
+            channel=channel,
+            message_id=message_id,
+            token=token,
+            to=to,
+            body=body,
+            accepted=False,
+            status_code=response.status,
+            provider_message_id=None,
+            fault=fault,
+        )
         await asyncio.sleep(delay_s)
         return response
 
@@ -202,14 +212,30 @@ async def create_message(request: web.Request) -> web.Response:
     # Accepted: stored, logged and its receipt queued before the (possibly held) answer, because
     # a client that times out has still caused a send; that is the ambiguous case to reconcile.
     message = state.store_message(
-        provider=PROVIDER, provider_message_id=f"SM{uuid.uuid4().hex}", channel=channel,
-        to=to, from_=form.get("From") or "", body=body or "", message_id=message_id, token=token,
-        callback_url=callback_url or None, outcome=outcome,
+        provider=PROVIDER,
+        provider_message_id=f"SM{uuid.uuid4().hex}",
+        channel=channel,
+        to=to,
+        from_=form.get("From") or "",
+        body=body or "",
+        message_id=message_id,
+        token=token,
+        callback_url=callback_url or None,
+        outcome=outcome,
         extra={"messaging_service_sid": form.get("MessagingServiceSid")},
     )
-    state.record_request(provider=PROVIDER, channel=channel, message_id=message_id, token=token,
-                         to=to, body=body, accepted=True, status_code=201,
-                         provider_message_id=message.provider_message_id, fault=outcome.fault)
+    state.record_request(
+        provider=PROVIDER,
+        channel=channel,
+        message_id=message_id,
+        token=token,
+        to=to,
+        body=body,
+        accepted=True,
+        status_code=201,
+        provider_message_id=message.provider_message_id,
+        fault=outcome.fault,
+    )
     if outcome.delivery == DELIVERY_RECEIPT and message.callback_url:
         _schedule_receipt(request, message, account_sid)
     payload = resource(message, account_sid, status="queued")
@@ -231,10 +257,10 @@ async def fetch_message(request: web.Request) -> web.Response:
 def _parse_date(value: str) -> tuple[datetime, bool]:
     """A DateSent filter value: (moment, whether only a day was given)."""
     if len(value) == 10:
-        day = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+        day = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
         return day, True
     moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)), False
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)), False
 
 
 def _date_filters(query: Any) -> list[Callable[[datetime], bool]]:
@@ -323,4 +349,3 @@ def register(app: web.Application) -> None:
     app.router.add_post(f"{BASE}/Messages.json", create_message)
     app.router.add_get(f"{BASE}/Messages.json", list_messages)
     app.router.add_get(f"{BASE}/Messages/{{sid}}.json", fetch_message)
-

@@ -1,11 +1,12 @@
 """End to end through real processes: API (gunicorn) -> PostgreSQL -> Redis -> Celery worker ->
 official Twilio SDK -> sandbox over HTTP -> signed status callback -> webhook. No mocks."""
+
 from __future__ import annotations
 
 import time
 from collections import Counter
-from datetime import timedelta
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from urllib.parse import urlencode
 
 import pytest
@@ -33,8 +34,12 @@ def states(ids) -> Counter:
 
 
 def wait_for_all(ids, allowed: set[str], timeout: float) -> Counter:
-    wait_until(lambda: sum(states(ids)[s] for s in allowed) == len(ids), timeout, interval=0.25,
-               what=f"{len(ids)} messages in {allowed}")
+    wait_until(
+        lambda: sum(states(ids)[s] for s in allowed) == len(ids),
+        timeout,
+        interval=0.25,
+        what=f"{len(ids)} messages in {allowed}",
+    )
     return states(ids)
 
 
@@ -81,8 +86,9 @@ def test_twenty_concurrent_posts_with_one_key_create_exactly_one_message(live, k
     assert all(r.headers.get("Idempotent-Replayed") == "true" for r in responses if r.status_code == 200)
     assert len({r.json()["id"] for r in responses if r.status_code in (200, 201)}) == 1
     assert Message.objects.count() == 1
-    different = requests.post(f"{live.web_url}/api/v1/messages/", json={**SMS, "body": "other"},
-                              headers=session_headers, timeout=10)
+    different = requests.post(
+        f"{live.web_url}/api/v1/messages/", json={**SMS, "body": "other"}, headers=session_headers, timeout=10
+    )
     assert different.status_code == 422
 
 
@@ -146,10 +152,15 @@ def test_an_ambiguous_timeout_is_resolved_by_looking_the_message_up_not_by_resen
     # The sandbox accepts the send but answers after the client's 3 s timeout; its receipt is held
     # back so that only the look-up can tell the worker that the provider already has the message.
     live.sandbox_faults(timeout_rate=1.0, timeout_hold_ms=5000, receipt_delay_ms=60_000)
-    response = live.api(key).post(f"{live.web_url}/api/v1/messages/", json={**SMS, "category": "fast_retry"}, timeout=10)
+    response = live.api(key).post(
+        f"{live.web_url}/api/v1/messages/", json={**SMS, "category": "fast_retry"}, timeout=10
+    )
     message_id = response.json()["id"]
-    wait_until(lambda: DispatchAttempt.objects.filter(message_id=message_id, outcome="ambiguous").exists(), 30,
-               what="an ambiguous attempt")
+    wait_until(
+        lambda: DispatchAttempt.objects.filter(message_id=message_id, outcome="ambiguous").exists(),
+        30,
+        what="an ambiguous attempt",
+    )
     live.sandbox_faults(timeout_rate=0.0)
     wait_for_all([message_id], {"dispatched"}, timeout=30)
     assert accepted_sends_per_message(live) == Counter({message_id: 1})
@@ -165,8 +176,15 @@ def test_a_message_whose_task_never_reached_the_broker_is_swept_and_looked_up_be
     client = ApiClient.objects.get(name="acme")
     now = timezone.now()
     message = Message.objects.create(
-        client=client, channel="sms", to=SMS["to"], body=SMS["body"], priority="critical",
-        expires_at=now + timedelta(minutes=5), created_at=now, accepted_at=now, enqueued_at=None,
+        client=client,
+        channel="sms",
+        to=SMS["to"],
+        body=SMS["body"],
+        priority="critical",
+        expires_at=now + timedelta(minutes=5),
+        created_at=now,
+        accepted_at=now,
+        enqueued_at=None,
         needs_provider_lookup=True,
     )
     wait_for_all([message.pk], {"delivered"}, timeout=30)
@@ -198,4 +216,3 @@ def test_forged_status_callbacks_are_refused_and_change_nothing(live, key):
     # Re-sent callbacks are stored once.
     requests.post(url, data=params, headers={"X-Twilio-Signature": signature}, timeout=10)
     assert Message.objects.get(pk=message_id).receipts.count() == 1
-

@@ -1,4 +1,5 @@
 """Infrastructure down at the wrong moment: the API is honest (503) and nothing accepted is lost."""
+
 from __future__ import annotations
 
 import time
@@ -24,8 +25,20 @@ def extra_web(live):
         port = free_port()
         process = ManagedProcess(
             f"web-extra-{port}",
-            [PYTHON, "-m", "gunicorn", "conductor_project.wsgi", "-b", f"127.0.0.1:{port}", "-w", "1",
-             "-k", "gthread", "--threads", "4"],
+            [
+                PYTHON,
+                "-m",
+                "gunicorn",
+                "conductor_project.wsgi",
+                "-b",
+                f"127.0.0.1:{port}",
+                "-w",
+                "1",
+                "-k",
+                "gthread",
+                "--threads",
+                "4",
+            ],
             {**live.env, **env_overrides},
             live.log_dir,
         ).start()
@@ -41,7 +54,9 @@ def extra_web(live):
 def test_with_the_database_down_the_api_answers_503_and_readyz_says_so(live, extra_web):
     key = api_key_create(client_name="acme")[1]
     url = extra_web(DATABASE_URL=f"postgres://postgres@127.0.0.1:{free_port()}/nowhere")
-    response = requests.post(f"{url}/api/v1/messages/", json=SMS, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    response = requests.post(
+        f"{url}/api/v1/messages/", json=SMS, headers={"Authorization": f"Bearer {key}"}, timeout=30
+    )
     assert response.status_code == 503, response.text
     assert "database" in response.json()["detail"].lower()
     ready = requests.get(f"{url}/readyz", timeout=30)
@@ -53,7 +68,9 @@ def test_with_the_broker_down_at_commit_the_message_is_accepted_and_the_sweeper_
     key = api_key_create(client_name="acme")[1]
     url = extra_web(CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0")
     started = time.monotonic()
-    response = requests.post(f"{url}/api/v1/messages/", json=SMS, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    response = requests.post(
+        f"{url}/api/v1/messages/", json=SMS, headers={"Authorization": f"Bearer {key}"}, timeout=30
+    )
     assert response.status_code == 201, response.text
     assert time.monotonic() - started < 5, "a dead broker must not stall the API"
     assert requests.get(f"{url}/readyz", timeout=30).status_code == 503

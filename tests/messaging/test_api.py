@@ -1,4 +1,5 @@
 """The messages API in-process: validation, idempotency codes, scoping, listing, cancel."""
+
 from __future__ import annotations
 
 import json
@@ -171,8 +172,14 @@ def test_cancel_is_refused_while_a_worker_is_sending(api):
 
 
 def test_batch_items_succeed_or_fail_on_their_own_in_order(api):
-    items = [GOOD, {**GOOD, "to": "bad"}, {**GOOD, "idempotency_key": "b-1"}, {**GOOD, "idempotency_key": "b-1"},
-             {**GOOD, "idempotency_key": "b-1", "body": "changed"}, "not an object"]
+    items = [
+        GOOD,
+        {**GOOD, "to": "bad"},
+        {**GOOD, "idempotency_key": "b-1"},
+        {**GOOD, "idempotency_key": "b-1"},
+        {**GOOD, "idempotency_key": "b-1", "body": "changed"},
+        "not an object",
+    ]
     response = api.post(f"{URL}batch/", data=json.dumps({"messages": items}), content_type="application/json")
     assert response.status_code == 200, response.content
     body = response.json()

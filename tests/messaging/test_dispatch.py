@@ -1,5 +1,6 @@
 """The send path's decisions, run in-process against the sandbox over real HTTP (no broker needed:
 these tests run inside a transaction, so the only worker that can see their rows is this one)."""
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -11,22 +12,6 @@ from messaging.dispatch import message_dispatch
 from messaging.models import AttemptOutcome, DispatchAttempt, Message
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def make_message(client_key):
-    client = client_key[0]
-
-    def make(**fields):
-        now = timezone.now()
-        values = {
-            "client": client, "channel": "sms", "to": "+14155552671", "body": "code 1", "priority": "critical",
-            "expires_at": now + timedelta(minutes=5), "created_at": now, "accepted_at": now, "enqueued_at": now,
-        }
-        values.update(fields)
-        return Message.objects.create(**values)
-
-    return make
 
 
 def outcomes(message):
@@ -99,7 +84,10 @@ def test_a_429_honours_retry_after(sandbox, make_message):
 
 
 def test_retry_delays_beyond_a_minute_are_left_to_the_sweeper(sandbox, make_message, settings):
-    settings.CONDUCTOR = {**settings.CONDUCTOR, "CATEGORY_POLICIES": {"slow": {"base_seconds": 1e6, "cap_seconds": 1e6}}}
+    settings.CONDUCTOR = {
+        **settings.CONDUCTOR,
+        "CATEGORY_POLICIES": {"slow": {"base_seconds": 1e6, "cap_seconds": 1e6}},
+    }
     sandbox.faults(error_rate=1.0)
     message = make_message(priority="bulk", category="slow", expires_at=timezone.now() + timedelta(days=30))
     message_dispatch(message_id=str(message.pk))
@@ -109,7 +97,10 @@ def test_retry_delays_beyond_a_minute_are_left_to_the_sweeper(sandbox, make_mess
 
 
 def test_retries_stop_at_the_deadline(sandbox, make_message, settings):
-    settings.CONDUCTOR = {**settings.CONDUCTOR, "CATEGORY_POLICIES": {"slow": {"base_seconds": 1e6, "cap_seconds": 1e6}}}
+    settings.CONDUCTOR = {
+        **settings.CONDUCTOR,
+        "CATEGORY_POLICIES": {"slow": {"base_seconds": 1e6, "cap_seconds": 1e6}},
+    }
     sandbox.faults(error_rate=1.0)
     deadline = timezone.now() + timedelta(seconds=20)
     message = make_message(category="slow", expires_at=deadline)

@@ -1,4 +1,5 @@
 """Recipients are masked in logs."""
+
 from messaging.logging import masked
 
 

@@ -1,4 +1,5 @@
 """Retry policies and full-jitter backoff (pure functions, seeded RNG)."""
+
 import random
 
 import pytest
@@ -33,10 +34,12 @@ def test_huge_attempt_numbers_do_not_overflow():
     assert 0 <= backoff_delay(DEFAULT_RETRY_POLICIES["bulk"], 10_000, random.Random(2)) <= 7200
 
 
-@override_settings(CONDUCTOR={
-    "RETRY_POLICIES": {"critical": {"max_attempts": 3}},
-    "CATEGORY_POLICIES": {"otp": {"ttl_seconds": 60}},
-})
+@override_settings(
+    CONDUCTOR={
+        "RETRY_POLICIES": {"critical": {"max_attempts": 3}},
+        "CATEGORY_POLICIES": {"otp": {"ttl_seconds": 60}},
+    }
+)
 def test_settings_override_per_priority_then_per_category():
     assert retry_policy_for("critical").max_attempts == 3
     otp = retry_policy_for("critical", "otp")

@@ -1,5 +1,7 @@
 """The transition table: forward-only along the happy path, final states stay final."""
-from messaging.states import ALLOWED_SOURCES, FINAL_STATES, TRANSITIONS, MessageState as S, is_allowed
+
+from messaging.states import ALLOWED_SOURCES, FINAL_STATES, TRANSITIONS, is_allowed
+from messaging.states import MessageState as S
 
 HAPPY_PATH = [S.ACCEPTED, S.DISPATCHED, S.DELIVERED, S.READ]
 

@@ -1,4 +1,5 @@
 """The sweeper: expires overdue messages, re-publishes lost or due ones, leaves the rest alone."""
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -12,24 +13,11 @@ from messaging.sweeper import messages_sweep
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def make_message(client_key):
-    def make(**fields):
-        now = timezone.now()
-        values = {
-            "client": client_key[0], "channel": "sms", "to": "+14155552671", "body": "hi", "priority": "critical",
-            "expires_at": now + timedelta(minutes=5), "created_at": now, "accepted_at": now, "enqueued_at": now,
-        }
-        values.update(fields)
-        return Message.objects.create(**values)
-
-    return make
-
-
 def test_overdue_accepted_messages_expire(make_message):
     overdue = make_message(expires_at=timezone.now() - timedelta(seconds=1))
-    leased = make_message(expires_at=timezone.now() - timedelta(seconds=1),
-                          lease_expires_at=timezone.now() + timedelta(seconds=30))
+    leased = make_message(
+        expires_at=timezone.now() - timedelta(seconds=1), lease_expires_at=timezone.now() + timedelta(seconds=30)
+    )
     report = messages_sweep()
     assert report.expired == 1
     assert Message.objects.get(pk=overdue.pk).state == "expired"

@@ -3,6 +3,7 @@
 A provider's test module subclasses ProviderContract and supplies the fixtures `provider`,
 `sandbox` (the control client from conftest), `signed_webhook` and `recipient`.
 """
+
 from __future__ import annotations
 
 import socket

@@ -1,10 +1,11 @@
 """The sandbox provider, driven by the official twilio SDK and plain HTTP, without Django."""
+
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -50,9 +51,14 @@ class Receiver:
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
                 with receiver.lock:
                     status = receiver.answers.pop(0) if receiver.answers else 200
-                    receiver.calls.append({"path": self.path, "headers": dict(self.headers),
-                                           "params": {k: v[0] for k, v in parse_qs(raw).items()},
-                                           "status": status})
+                    receiver.calls.append(
+                        {
+                            "path": self.path,
+                            "headers": dict(self.headers),
+                            "params": {k: v[0] for k, v in parse_qs(raw).items()},
+                            "status": status,
+                        }
+                    )
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -122,12 +128,14 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
 
 
 def send(client: Client, receiver: Receiver, message_id: str, to: str = "+15551230001") -> Any:
-    return client.messages.create(to=to, from_=FROM, body=f"body of {message_id}",
-                                  status_callback=receiver.url(message_id, f"token-{message_id}"))
+    return client.messages.create(
+        to=to, from_=FROM, body=f"body of {message_id}", status_callback=receiver.url(message_id, f"token-{message_id}")
+    )
 
 
-def raw_send(sandbox: BackgroundSandbox, data: dict[str, str], auth: tuple[str, str] = (ACCOUNT_SID, AUTH_TOKEN),
-             **kwargs: Any) -> requests.Response:
+def raw_send(
+    sandbox: BackgroundSandbox, data: dict[str, str], auth: tuple[str, str] = (ACCOUNT_SID, AUTH_TOKEN), **kwargs: Any
+) -> requests.Response:
     url = f"{sandbox.url}/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json"
     return requests.post(url, data=data, auth=auth, timeout=kwargs.pop("timeout", 5), **kwargs)
 
@@ -135,7 +143,7 @@ def raw_send(sandbox: BackgroundSandbox, data: dict[str, str], auth: tuple[str, 
 # --- the official SDK against the emulated API -------------------------------------------------
 def test_sdk_creates_fetches_and_lists(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
     set_faults(sandbox, receipt_delay_ms=5000)  # keep it `sent` while we look
-    before = datetime.now(timezone.utc) - timedelta(seconds=1)
+    before = datetime.now(UTC) - timedelta(seconds=1)
     created = send(client, receiver, "m-create", to="+15551230001")
     send(client, receiver, "m-other", to="+15551230002")
 
@@ -156,13 +164,16 @@ def test_sdk_creates_fetches_and_lists(sandbox: BackgroundSandbox, client: Clien
 
 def test_sdk_list_pages_newest_first(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
     sids = [send(client, receiver, f"m-page-{i}", to="+15551239999").sid for i in range(7)]
-    today = datetime.now(timezone.utc) - timedelta(minutes=5)
+    today = datetime.now(UTC) - timedelta(minutes=5)
     listed = client.messages.list(to="+15551239999", date_sent_after=today, page_size=3)
     assert [m.sid for m in listed] == sids[::-1]
 
-    first = requests.get(f"{sandbox.url}/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json",
-                         params={"To": "+15551239999", "PageSize": 3},
-                         auth=(ACCOUNT_SID, AUTH_TOKEN), timeout=5).json()
+    first = requests.get(
+        f"{sandbox.url}/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json",
+        params={"To": "+15551239999", "PageSize": 3},
+        auth=(ACCOUNT_SID, AUTH_TOKEN),
+        timeout=5,
+    ).json()
     assert (first["page"], first["page_size"], first["start"], first["end"]) == (0, 3, 0, 2)
     assert first["previous_page_uri"] is None and "PageToken=" in first["next_page_uri"]
 
@@ -200,8 +211,9 @@ def test_missing_fields_are_refused(sandbox: BackgroundSandbox, data: dict[str, 
 
 
 # --- status callbacks -----------------------------------------------------------------------------
-def test_status_callback_is_signed_and_attributed(sandbox: BackgroundSandbox, client: Client,
-                                                  receiver: Receiver) -> None:
+def test_status_callback_is_signed_and_attributed(
+    sandbox: BackgroundSandbox, client: Client, receiver: Receiver
+) -> None:
     set_faults(sandbox, receipt_delay_ms=50)
     sid = send(client, receiver, "m-cb").sid
     [call] = wait_for(lambda: receiver.calls_for("m-cb"))
@@ -211,8 +223,14 @@ def test_status_callback_is_signed_and_attributed(sandbox: BackgroundSandbox, cl
     assert parse_qs(urlsplit(url).query) == {"message_id": ["m-cb"], "token": ["token-m-cb"]}
     assert call["headers"]["Content-Type"] == "application/x-www-form-urlencoded"
     assert call["params"] == {
-        "MessageSid": sid, "SmsSid": sid, "SmsStatus": "delivered", "MessageStatus": "delivered",
-        "AccountSid": ACCOUNT_SID, "From": FROM, "To": "+15551230001", "ApiVersion": "2010-04-01",
+        "MessageSid": sid,
+        "SmsSid": sid,
+        "SmsStatus": "delivered",
+        "MessageStatus": "delivered",
+        "AccountSid": ACCOUNT_SID,
+        "From": FROM,
+        "To": "+15551230001",
+        "ApiVersion": "2010-04-01",
     }
     assert client.messages(sid).fetch().status == "delivered"
     callbacks = wait_for(lambda: requests.get(f"{sandbox.url}/_sandbox/callbacks", timeout=5).json()["callbacks"])
@@ -228,8 +246,7 @@ def test_whatsapp_read_receipt(sandbox: BackgroundSandbox, client: Client, recei
     assert logged(sandbox, message_id="m-wa")[0]["channel"] == "whatsapp"
 
 
-def test_undelivered_receipt_carries_error_code(sandbox: BackgroundSandbox, client: Client,
-                                               receiver: Receiver) -> None:
+def test_undelivered_receipt_carries_error_code(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
     set_faults(sandbox, receipt_delay_ms=0, receipt_status="undelivered")
     sid = send(client, receiver, "m-undel").sid
     [call] = wait_for(lambda: receiver.calls_for("m-undel"))
@@ -263,8 +280,15 @@ def test_outage_refuses_everything(sandbox: BackgroundSandbox, client: Client, r
 @pytest.mark.parametrize(("fault", "status", "code"), [("error_rate", 500, 20500), ("rate_429", 429, 20429)])
 def test_refusal_faults(sandbox: BackgroundSandbox, fault: str, status: int, code: int) -> None:
     set_faults(sandbox, **{fault: 1.0})
-    response = raw_send(sandbox, {"To": "+15551230001", "From": FROM, "Body": "x",
-                                  "StatusCallback": "http://127.0.0.1:9/cb?message_id=m-refused&token=t"})
+    response = raw_send(
+        sandbox,
+        {
+            "To": "+15551230001",
+            "From": FROM,
+            "Body": "x",
+            "StatusCallback": "http://127.0.0.1:9/cb?message_id=m-refused&token=t",
+        },
+    )
     assert (response.status_code, response.json()["code"]) == (status, code)
     if status == 429:
         assert response.headers["Retry-After"] == "1"
@@ -301,8 +325,9 @@ def test_drop_sends_no_receipt_and_stays_sent(sandbox: BackgroundSandbox, client
     assert logged(sandbox, message_id="m-drop")[0]["fault"] == "drop"
 
 
-def test_receipt_loss_sends_no_receipt_but_is_delivered(sandbox: BackgroundSandbox, client: Client,
-                                                        receiver: Receiver) -> None:
+def test_receipt_loss_sends_no_receipt_but_is_delivered(
+    sandbox: BackgroundSandbox, client: Client, receiver: Receiver
+) -> None:
     set_faults(sandbox, receipt_loss_rate=1.0, receipt_delay_ms=100)
     lost = send(client, receiver, "m-lost").sid
     set_faults(sandbox, receipt_loss_rate=0)
@@ -329,9 +354,17 @@ def test_fault_settings_defaults_and_partial_update(sandbox: BackgroundSandbox) 
     faults = requests.get(f"{sandbox.url}/_sandbox/faults", timeout=5).json()
     assert set(faults) == {"twilio", "vonage", "mailgun"}
     assert faults["vonage"] == {
-        "error_rate": 0.0, "rate_429": 0.0, "latency_ms": 0, "latency_max_ms": 0, "timeout_rate": 0.0,
-        "timeout_hold_ms": 15000, "outage": False, "drop_rate": 0.0, "receipt_loss_rate": 0.0,
-        "receipt_delay_ms": 200, "receipt_status": "delivered",
+        "error_rate": 0.0,
+        "rate_429": 0.0,
+        "latency_ms": 0,
+        "latency_max_ms": 0,
+        "timeout_rate": 0.0,
+        "timeout_hold_ms": 15000,
+        "outage": False,
+        "drop_rate": 0.0,
+        "receipt_loss_rate": 0.0,
+        "receipt_delay_ms": 200,
+        "receipt_status": "delivered",
     }
     set_faults(sandbox, error_rate=0.3, latency_ms=50)
     updated = set_faults(sandbox, outage=True)

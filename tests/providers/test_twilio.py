@@ -1,4 +1,5 @@
 """Twilio adapter: the shared provider contract, plus Twilio specifics (WhatsApp, status map)."""
+
 from __future__ import annotations
 
 from urllib.parse import urlencode

@@ -1,4 +1,5 @@
 """Receipts: stored once, applied forward-only, kept when unmatched or out of order."""
+
 from __future__ import annotations
 
 import time
@@ -17,18 +18,20 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def message(client_key):
-    now = timezone.now()
-    return Message.objects.create(
-        client=client_key[0], channel="sms", to="+14155552671", body="hi", priority="critical",
-        expires_at=now + timedelta(minutes=5), created_at=now, accepted_at=now,
-    )
+def message(make_message):
+    return make_message()
 
 
 def event(message_id, status, state, sid="SM1"):
-    return ReceiptEvent(provider="twilio", event_id=f"{sid}:{status}", provider_message_id=sid,
-                        provider_status=status, state=state, message_id=str(message_id) if message_id else None,
-                        payload={"MessageStatus": status})
+    return ReceiptEvent(
+        provider="twilio",
+        event_id=f"{sid}:{status}",
+        provider_message_id=sid,
+        provider_status=status,
+        state=state,
+        message_id=str(message_id) if message_id else None,
+        payload={"MessageStatus": status},
+    )
 
 
 def test_a_receipt_moves_the_message_and_is_stored_with_its_payload(message):

@@ -1,4 +1,5 @@
 """Start and stop the real processes integration tests run against, always by pid (process group)."""
+
 from __future__ import annotations
 
 import os
@@ -46,7 +47,7 @@ class ManagedProcess:
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "ManagedProcess":
+    def start(self) -> ManagedProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.args, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -1,4 +1,5 @@
 """The whole Conductor stack as real processes: sandbox provider, web (gunicorn), Celery worker(s), beat."""
+
 from __future__ import annotations
 
 import os
@@ -39,19 +40,43 @@ class Stack:
         self.processes.append(process)
         return process
 
-    def start(self, workers: int = 1) -> "Stack":
+    def start(self, workers: int = 1) -> Stack:
         self.sandbox = self._spawn(
             "sandbox", [PYTHON, "manage.py", "run_sandbox_provider", "--port", str(self.sandbox_port), "--seed", "7"]
         )
         self.web = self._spawn(
             "web",
-            [PYTHON, "-m", "gunicorn", "conductor_project.wsgi", "-b", f"127.0.0.1:{self.web_port}",
-             "-w", "2", "-k", "gthread", "--threads", "8", "--graceful-timeout", "2"],
+            [
+                PYTHON,
+                "-m",
+                "gunicorn",
+                "conductor_project.wsgi",
+                "-b",
+                f"127.0.0.1:{self.web_port}",
+                "-w",
+                "2",
+                "-k",
+                "gthread",
+                "--threads",
+                "8",
+                "--graceful-timeout",
+                "2",
+            ],
         )
         self.beat = self._spawn(
             "beat",
-            [PYTHON, "-m", "celery", "-A", "conductor_project", "beat", "-l", "info",
-             "-s", str(self.log_dir / "celerybeat-schedule")],
+            [
+                PYTHON,
+                "-m",
+                "celery",
+                "-A",
+                "conductor_project",
+                "beat",
+                "-l",
+                "info",
+                "-s",
+                str(self.log_dir / "celerybeat-schedule"),
+            ],
         )
         wait_until(lambda: http_ok(f"{self.sandbox_url}/_sandbox/healthz"), 30, what="sandbox")
         wait_until(lambda: http_ok(f"{self.web_url}/healthz"), 30, what="web")
@@ -64,8 +89,22 @@ class Stack:
         name = f"worker{self._worker_seq}"
         worker = self._spawn(
             name,
-            [PYTHON, "-m", "celery", "-A", "conductor_project", "worker", "-l", "info", "-n", f"{name}@%h",
-             "-c", str(concurrency), "--without-gossip", "--without-mingle"],
+            [
+                PYTHON,
+                "-m",
+                "celery",
+                "-A",
+                "conductor_project",
+                "worker",
+                "-l",
+                "info",
+                "-n",
+                f"{name}@%h",
+                "-c",
+                str(concurrency),
+                "--without-gossip",
+                "--without-mingle",
+            ],
         )
         wait_until(lambda: " ready." in worker.log_text(), 60, what=f"{name} ready")
         self.workers.append(worker)
@@ -87,7 +126,9 @@ class Stack:
         requests.post(f"{self.sandbox_url}/_sandbox/reset", json={}, timeout=5).raise_for_status()
 
     def sandbox_faults(self, **faults: Any) -> dict[str, Any]:
-        response = requests.post(f"{self.sandbox_url}/_sandbox/faults", json={"provider": "twilio", **faults}, timeout=5)
+        response = requests.post(
+            f"{self.sandbox_url}/_sandbox/faults", json={"provider": "twilio", **faults}, timeout=5
+        )
         response.raise_for_status()
         return response.json()
 

@@ -1,4 +1,5 @@
 """manage.py create_api_key NAME: create a client's API key and print it once."""
+
 from django.core.management.base import BaseCommand
 
 from messaging.services import api_key_create

@@ -1,4 +1,5 @@
 """manage.py demo_setup: a fresh demo API key (written to var/demo_api_key) and the stack's URLs."""
+
 from __future__ import annotations
 
 import os
@@ -47,7 +48,7 @@ class Command(BaseCommand):
                     "  Try:  make demo      (in another terminal)",
                     f"  or:   curl -s -X POST {public}/api/v1/messages/ -H 'Authorization: Bearer {raw_key}' \\",
                     "          -H 'Content-Type: application/json' \\",
-                    "          -d '{\"channel\": \"sms\", \"to\": \"+14155552671\", \"body\": \"Hello\", \"priority\": \"critical\"}'",
+                    '          -d \'{"channel": "sms", "to": "+14155552671", "body": "Hi"}\'',
                     "",
                 ]
             )

@@ -1,4 +1,5 @@
 """manage.py ensure_redis: make sure the Redis that settings point at answers, starting a local one if needed."""
+
 from __future__ import annotations
 
 import shutil
@@ -53,9 +54,25 @@ class Command(BaseCommand):
         var_dir = settings.VAR_DIR
         var_dir.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [server, "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-             "--appendonly", "no", "--dir", str(var_dir), "--logfile", str(var_dir / "redis.log"),
-             "--pidfile", str(var_dir / "redis.pid")],
+            [
+                server,
+                "--daemonize",
+                "yes",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(var_dir),
+                "--logfile",
+                str(var_dir / "redis.log"),
+                "--pidfile",
+                str(var_dir / "redis.pid"),
+            ],
             check=True,
         )
         for _ in range(40):

@@ -1,4 +1,5 @@
 """manage.py send_demo_campaign: send a small campaign through the running stack and watch it settle."""
+
 from __future__ import annotations
 
 import sys
@@ -13,7 +14,17 @@ from django.core.management.base import BaseCommand, CommandError
 from messaging.management.commands.demo_setup import demo_key_path
 from messaging.states import SETTLED_STATES
 
-ORDER = ["accepted", "dispatched", "delivered", "read", "undelivered", "failed", "expired", "cancelled", "dead_lettered"]
+ORDER = [
+    "accepted",
+    "dispatched",
+    "delivered",
+    "read",
+    "undelivered",
+    "failed",
+    "expired",
+    "cancelled",
+    "dead_lettered",
+]
 
 
 class Command(BaseCommand):
@@ -24,8 +35,12 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--count", type=int, default=30, help="Notices to send (default 30; 5 critical OTPs are added).")
-        parser.add_argument("--error-rate", type=float, default=0.2, help="Share of sends the sandbox answers with a 500 (default 0.2).")
+        parser.add_argument(
+            "--count", type=int, default=30, help="Notices to send (default 30; 5 critical OTPs are added)."
+        )
+        parser.add_argument(
+            "--error-rate", type=float, default=0.2, help="Share of sends the sandbox answers with a 500 (default 0.2)."
+        )
         parser.add_argument("--api-url", default=settings.CONDUCTOR.get("PUBLIC_URL", "http://127.0.0.1:8000"))
         parser.add_argument("--key", help="API key (default: the one `make run` saved in var/demo_api_key).")
         parser.add_argument("--timeout", type=float, default=120.0, help="Seconds to wait for every message to settle.")
@@ -38,12 +53,24 @@ class Command(BaseCommand):
         self._set_sandbox_errors(error_rate)
         run = uuid.uuid4().hex[:8]
         items = [
-            {"channel": "sms", "to": f"+1415555{2671 + i:04d}", "body": f"Your login code is {100000 + i}",
-             "priority": "critical", "category": f"demo-{run}", "idempotency_key": f"demo-{run}-otp-{i}"}
+            {
+                "channel": "sms",
+                "to": f"+1415555{2671 + i:04d}",
+                "body": f"Your login code is {100000 + i}",
+                "priority": "critical",
+                "category": f"demo-{run}",
+                "idempotency_key": f"demo-{run}-otp-{i}",
+            }
             for i in range(5)
         ] + [
-            {"channel": "sms", "to": f"+1202555{100 + i:04d}", "body": "Your parcel arrives tomorrow between 9 and 12.",
-             "priority": "transactional", "category": f"demo-{run}", "idempotency_key": f"demo-{run}-notice-{i}"}
+            {
+                "channel": "sms",
+                "to": f"+1202555{100 + i:04d}",
+                "body": "Your parcel arrives tomorrow between 9 and 12.",
+                "priority": "transactional",
+                "category": f"demo-{run}",
+                "idempotency_key": f"demo-{run}-notice-{i}",
+            }
             for i in range(count)
         ]
         try:
@@ -68,25 +95,36 @@ class Command(BaseCommand):
         sys.stdout.write("\n")
         settled = sum(counts[s] for s in SETTLED_STATES if s != "dispatched")
         if settled < len(ids):
-            raise CommandError(f"{len(ids) - settled} messages not settled after {timeout:.0f}s: check the workers' output.")
-        self.stdout.write(self.style.SUCCESS(
-            f"All {len(ids)} messages settled in {time.monotonic() - started:.1f}s: "
-            + ", ".join(f"{counts[s]} {s}" for s in ORDER if counts[s])
-        ))
+            raise CommandError(
+                f"{len(ids) - settled} messages not settled after {timeout:.0f}s: check the workers' output."
+            )
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"All {len(ids)} messages settled in {time.monotonic() - started:.1f}s: "
+                + ", ".join(f"{counts[s]} {s}" for s in ORDER if counts[s])
+            )
+        )
         self.stdout.write(f"Provider requests (with the injected errors): {settings.SANDBOX_URL}/_sandbox/requests")
 
     def _saved_key(self) -> str:
         try:
             return demo_key_path().read_text().strip()
         except FileNotFoundError:
-            raise CommandError("No demo key in var/demo_api_key: start the stack with `make run` first, or pass --key.") from None
+            raise CommandError(
+                "No demo key in var/demo_api_key: start the stack with `make run` first, or pass --key."
+            ) from None
 
     def _set_sandbox_errors(self, error_rate: float) -> None:
         try:
-            requests.post(f"{settings.SANDBOX_URL}/_sandbox/faults",
-                          json={"provider": "twilio", "error_rate": error_rate, "latency_ms": 50}, timeout=5)
+            requests.post(
+                f"{settings.SANDBOX_URL}/_sandbox/faults",
+                json={"provider": "twilio", "error_rate": error_rate, "latency_ms": 50},
+                timeout=5,
+            )
         except requests.ConnectionError:
-            raise CommandError(f"The sandbox provider does not answer at {settings.SANDBOX_URL}: is `make run` up?") from None
+            raise CommandError(
+                f"The sandbox provider does not answer at {settings.SANDBOX_URL}: is `make run` up?"
+            ) from None
 
     def _states(self, session: requests.Session, api_url: str, category: str) -> Counter:
         counts: Counter = Counter()

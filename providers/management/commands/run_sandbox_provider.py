@@ -1,4 +1,5 @@
 """`manage.py run_sandbox_provider`: run the sandbox provider (the providers' emulator) in the foreground."""
+
 from __future__ import annotations
 
 from argparse import ArgumentParser
@@ -24,9 +25,11 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=8025, help="TCP port to listen on (default: 8025).")
         parser.add_argument("--host", default="127.0.0.1", help="Interface to bind (default: 127.0.0.1).")
         parser.add_argument(
-            "--seed", type=int, default=None,
+            "--seed",
+            type=int,
+            default=None,
             help="Seed the fault dice so a run is reproducible (default: unseeded). "
-                 "POST /_sandbox/reset {\"seed\": N} reseeds at runtime.",
+            'POST /_sandbox/reset {"seed": N} reseeds at runtime.',
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
