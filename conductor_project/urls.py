@@ -9,6 +9,8 @@ from providers.webhooks import provider_webhook
 
 urlpatterns = [
     path("api/v1/", include("messaging.api.urls")),
+    # anymail's tracking webhooks (Mailgun and any ESP anymail supports), signature-checked by anymail.
+    path("webhooks/anymail/", include("anymail.urls")),
     path("webhooks/<str:provider_name>/", provider_webhook, name="provider-webhook"),
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),

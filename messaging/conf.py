@@ -9,8 +9,9 @@ from django.conf import settings
 DEFAULTS: dict[str, Any] = {
     # Where providers post receipts (their status callback URLs are built from it).
     "PUBLIC_URL": "http://127.0.0.1:8000",
-    # Provider names tried in order for each channel (fallback between them comes later).
-    "ROUTES": {"sms": ["twilio"], "whatsapp": ["twilio"], "email": []},
+    # Provider names per channel, in order. Dispatch uses the first; walking the route on
+    # failure (fallback) comes with the circuit breakers.
+    "ROUTES": {"sms": ["twilio", "vonage"], "whatsapp": ["twilio"], "email": ["mailgun", "smtp"]},
     # Per-priority overrides of messaging.routing.DEFAULT_RETRY_POLICIES (partial dicts).
     "RETRY_POLICIES": {},
     # Per-category overrides on top of the priority's policy, e.g. {"password_reset": {"ttl_seconds": 900}}.

@@ -4,22 +4,30 @@ from __future__ import annotations
 
 from functools import cache
 
+from django.utils.module_loading import import_string
+
 from providers.base import Provider
 from providers.conf import provider_config
-from providers.twilio import TwilioProvider
 
-PROVIDER_CLASSES: dict[str, type[Provider]] = {
-    TwilioProvider.name: TwilioProvider,
+# Imported on first use, so a process only loads the SDKs of the providers it routes to.
+PROVIDER_CLASSES: dict[str, str] = {
+    "twilio": "providers.twilio.TwilioProvider",
+    "vonage": "providers.vonage.VonageProvider",
+    "mailgun": "providers.anymail_email.MailgunProvider",
+    "smtp": "providers.smtp.SmtpProvider",
 }
+
+
+def provider_class(name: str) -> type[Provider]:
+    try:
+        return import_string(PROVIDER_CLASSES[name])
+    except KeyError:
+        raise LookupError(f"no provider named {name!r}; known: {', '.join(sorted(PROVIDER_CLASSES))}") from None
 
 
 @cache
 def get_provider(name: str) -> Provider:
-    try:
-        provider_class = PROVIDER_CLASSES[name]
-    except KeyError:
-        raise LookupError(f"no provider named {name!r}; known: {', '.join(sorted(PROVIDER_CLASSES))}") from None
-    return provider_class(provider_config(name))
+    return provider_class(name)(provider_config(name))
 
 
 def reset_provider_cache() -> None:

@@ -105,11 +105,10 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture(scope="session")
 def sandbox_server():
     """The sandbox provider served in a thread of the test process (real HTTP on loopback)."""
+    from providers.conf import sandbox_config_from_settings
     from providers.sandbox.app import start_background
-    from providers.sandbox.state import SandboxConfig
 
-    twilio = settings.CONDUCTOR_PROVIDERS["twilio"]
-    server = start_background(SandboxConfig(twilio["ACCOUNT_SID"], twilio["AUTH_TOKEN"], seed=3))
+    server = start_background(sandbox_config_from_settings(seed=3))
     yield server
     server.stop()
 
@@ -122,16 +121,18 @@ def sandbox(sandbox_server, settings):
     from providers.registry import reset_provider_cache
 
     providers = {name: dict(conf) for name, conf in settings.CONDUCTOR_PROVIDERS.items()}
-    providers["twilio"]["BASE_URL"] = sandbox_server.url
+    for name in ("twilio", "vonage", "mailgun"):
+        providers[name]["BASE_URL"] = sandbox_server.url
     settings.CONDUCTOR_PROVIDERS = providers
+    settings.ANYMAIL = {**settings.ANYMAIL, "MAILGUN_API_URL": f"{sandbox_server.url}/v3"}
     reset_provider_cache()
     http.post(f"{sandbox_server.url}/_sandbox/reset", json={}, timeout=5).raise_for_status()
 
     class Control:
         url = sandbox_server.url
 
-        def faults(self, **faults):
-            response = http.post(f"{self.url}/_sandbox/faults", json={"provider": "twilio", **faults}, timeout=5)
+        def faults(self, provider="twilio", **faults):
+            response = http.post(f"{self.url}/_sandbox/faults", json={"provider": provider, **faults}, timeout=5)
             response.raise_for_status()
 
         def requests(self, **filters):

@@ -33,6 +33,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_celery_beat",
+    "anymail",
     "messaging",
     "providers",
     "reconciliation",
@@ -162,6 +163,12 @@ SANDBOX_URL = env_str("CONDUCTOR_SANDBOX_URL", "http://127.0.0.1:8025")
 # Every key is validated by messaging.checks; defaults live in messaging/conf.py.
 CONDUCTOR = {
     "PUBLIC_URL": env_str("CONDUCTOR_PUBLIC_URL", "http://127.0.0.1:8000"),
+    # Providers tried in order per channel, e.g. CONDUCTOR_ROUTE_SMS=vonage,twilio.
+    "ROUTES": {
+        "sms": env_list("CONDUCTOR_ROUTE_SMS", ["twilio", "vonage"]),
+        "whatsapp": env_list("CONDUCTOR_ROUTE_WHATSAPP", ["twilio"]),
+        "email": env_list("CONDUCTOR_ROUTE_EMAIL", ["mailgun", "smtp"]),
+    },
     "DISPATCH_LEASE_SECONDS": env_float("CONDUCTOR_DISPATCH_LEASE_SECONDS", 60.0),
     "MAX_WORKER_LOSSES": env_int("CONDUCTOR_MAX_WORKER_LOSSES", 3),
 }
@@ -174,6 +181,41 @@ CONDUCTOR_PROVIDERS = {
         "BASE_URL": env_str("TWILIO_BASE_URL", SANDBOX_URL),
         "TIMEOUT_SECONDS": env_float("TWILIO_TIMEOUT_SECONDS", 10.0),
     },
+    "vonage": {
+        "API_KEY": env_str("VONAGE_API_KEY", "sandboxkey"),
+        "API_SECRET": env_str("VONAGE_API_SECRET", "sandbox-vonage-secret"),
+        # Signs delivery receipts (Vonage dashboard: "signature secret"); receipts are refused unsigned.
+        "SIGNATURE_SECRET": env_str("VONAGE_SIGNATURE_SECRET", "sandbox-vonage-signature-secret"),
+        "SIGNATURE_METHOD": env_str("VONAGE_SIGNATURE_METHOD", "sha256"),
+        "FROM": env_str("VONAGE_FROM", "Conductor"),
+        "BASE_URL": env_str("VONAGE_BASE_URL", SANDBOX_URL),
+        "TIMEOUT_SECONDS": env_float("VONAGE_TIMEOUT_SECONDS", 10.0),
+    },
+    "mailgun": {
+        "API_KEY": env_str("MAILGUN_API_KEY", "sandbox-mailgun-api-key"),
+        "DOMAIN": env_str("MAILGUN_DOMAIN", "mg.example.com"),
+        "WEBHOOK_SIGNING_KEY": env_str("MAILGUN_WEBHOOK_SIGNING_KEY", "sandbox-mailgun-signing-key"),
+        "BASE_URL": env_str("MAILGUN_BASE_URL", SANDBOX_URL),
+        "FROM_EMAIL": env_str("MAILGUN_FROM_EMAIL", "Conductor <no-reply@mg.example.com>"),
+        "TIMEOUT_SECONDS": env_float("MAILGUN_TIMEOUT_SECONDS", 10.0),
+    },
+    "smtp": {
+        "HOST": env_str("SMTP_HOST", "127.0.0.1"),
+        "PORT": env_int("SMTP_PORT", 1025),
+        "USERNAME": env_str("SMTP_USERNAME", ""),
+        "PASSWORD": env_str("SMTP_PASSWORD", ""),
+        "USE_TLS": env_bool("SMTP_USE_TLS", False),
+        "FROM_EMAIL": env_str("SMTP_FROM_EMAIL", "Conductor <no-reply@example.com>"),
+        "TIMEOUT_SECONDS": env_float("SMTP_TIMEOUT_SECONDS", 10.0),
+    },
+}
+# django-anymail reads its own settings block; it is derived from the mailgun entry above.
+ANYMAIL = {
+    "MAILGUN_API_KEY": CONDUCTOR_PROVIDERS["mailgun"]["API_KEY"],
+    "MAILGUN_SENDER_DOMAIN": CONDUCTOR_PROVIDERS["mailgun"]["DOMAIN"],
+    "MAILGUN_API_URL": CONDUCTOR_PROVIDERS["mailgun"]["BASE_URL"].rstrip("/") + "/v3",
+    "MAILGUN_WEBHOOK_SIGNING_KEY": CONDUCTOR_PROVIDERS["mailgun"]["WEBHOOK_SIGNING_KEY"],
+    "REQUESTS_TIMEOUT": CONDUCTOR_PROVIDERS["mailgun"]["TIMEOUT_SECONDS"],
 }
 
 # --- API ------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/14")
 
 from conductor_project.settings.base import *  # noqa: E402,F401,F403
-from conductor_project.settings.base import CONDUCTOR, CONDUCTOR_PROVIDERS  # noqa: E402
+from conductor_project.settings.base import ANYMAIL, CONDUCTOR, CONDUCTOR_PROVIDERS  # noqa: E402
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 CONDUCTOR = {**CONDUCTOR}
@@ -21,4 +21,6 @@ CONDUCTOR.update(
         "CATEGORY_POLICIES": {"fast_retry": {"base_seconds": 0.2, "cap_seconds": 2.0}},
     }
 )
-CONDUCTOR_PROVIDERS["twilio"]["TIMEOUT_SECONDS"] = 3.0
+for _provider in ("twilio", "vonage", "mailgun", "smtp"):
+    CONDUCTOR_PROVIDERS[_provider]["TIMEOUT_SECONDS"] = 3.0
+ANYMAIL = {**ANYMAIL, "REQUESTS_TIMEOUT": 3.0}

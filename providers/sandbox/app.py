@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from providers.sandbox import control, twilio_api
+from providers.sandbox import control, mailgun_api, twilio_api, vonage_api
 from providers.sandbox.receipts import RECEIPTS_KEY, ReceiptScheduler
 from providers.sandbox.state import CONFIG_KEY, STATE_KEY, SandboxConfig, SandboxState
 
@@ -36,6 +36,8 @@ def build_app(config: SandboxConfig) -> web.Application:
     app.cleanup_ctx.append(receipts_lifecycle)
     control.register(app)
     twilio_api.register(app)
+    vonage_api.register(app)
+    mailgun_api.register(app)
     return app
 
 

@@ -40,6 +40,13 @@ class SandboxConfig:
     twilio_account_sid: str
     twilio_auth_token: str
     seed: int | None = None
+    vonage_api_key: str = "sandboxkey"
+    vonage_api_secret: str = "sandbox-vonage-secret"
+    vonage_signature_secret: str = "sandbox-vonage-signature-secret"
+    vonage_signature_method: str = "sha256"
+    mailgun_api_key: str = "sandbox-mailgun-api-key"
+    mailgun_domain: str = "mg.example.com"
+    mailgun_webhook_signing_key: str = "sandbox-mailgun-signing-key"
 
 
 class FaultValidationError(ValueError):

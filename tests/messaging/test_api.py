@@ -90,7 +90,8 @@ BAD_INPUTS = [
     ({"fallback_channels": ["whatsapp"], "fallback_to": {"whatsapp": "nope"}}, "fallback_to"),
     ({"metadata": ["not", "an", "object"]}, "metadata"),
     ({"priorty": "bulk"}, "priorty"),
-    ({"channel": "email", "to": "alice@example.com"}, "channel"),  # no email provider configured yet
+    ({"channel": "email", "to": "not-an-address"}, "to"),
+    ({"channel": "email", "to": "+14155552671"}, "to"),
 ]
 
 
@@ -100,6 +101,13 @@ def test_bad_input_is_400_naming_the_field_and_stores_nothing(api, change, field
     response = post(api, data)
     assert response.status_code == 400, response.content
     assert field in response.json(), response.json()
+    assert Message.objects.count() == 0
+
+
+def test_a_channel_with_no_provider_route_is_refused(api, settings):
+    settings.CONDUCTOR = {**settings.CONDUCTOR, "ROUTES": {"sms": ["twilio"], "whatsapp": [], "email": ["smtp"]}}
+    response = post(api, {**GOOD, "channel": "whatsapp"})
+    assert response.status_code == 400 and "channel" in response.json()
     assert Message.objects.count() == 0
 
 

@@ -14,7 +14,7 @@ class Command(BaseCommand):
         "Start the sandbox provider: an HTTP server that speaks Twilio's Messages API (and the "
         "other providers' wire formats), sends signed receipt callbacks after a delay, and takes "
         "fault settings at runtime under /_sandbox/ (requests, faults, reset, callbacks, healthz). "
-        "It checks and signs with the Twilio credentials in settings.CONDUCTOR_PROVIDERS. "
+        "It checks and signs with the providers' credentials in settings.CONDUCTOR_PROVIDERS. "
         "Stop it with Ctrl-C or SIGTERM."
     )
     # It never touches the database, so it must start even before migrations have run.
@@ -34,16 +34,11 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         # Imported here so that listing commands does not import aiohttp.
-        from providers.conf import provider_config
-        from providers.sandbox.app import SandboxConfig, run_sandbox
+        from providers.conf import sandbox_config_from_settings
+        from providers.sandbox.app import run_sandbox
 
         try:
-            twilio = provider_config("twilio")
-            config = SandboxConfig(
-                twilio_account_sid=twilio["ACCOUNT_SID"],
-                twilio_auth_token=twilio["AUTH_TOKEN"],
-                seed=options["seed"],
-            )
+            config = sandbox_config_from_settings(seed=options["seed"])
         except (ImproperlyConfigured, KeyError) as exc:
             raise CommandError(f"Cannot configure the sandbox provider: {exc}") from exc
         try:
