@@ -1,7 +1,10 @@
 """The contract every provider adapter meets, run against the sandbox over real HTTP.
 
 A provider's test module subclasses ProviderContract and supplies the fixtures `provider`,
-`sandbox` (the control client from conftest), `signed_webhook` and `recipient`.
+`provider_at` (the adapter at another base URL), `signed_webhook(valid)` (a Django request as
+the provider would post it) and `recipient`; `sandbox` is the control client from conftest.
+Faults are set for the provider under test only. A provider that cannot do something the
+contract checks (SMTP has no receipts) overrides that test with a skip that says why.
 """
 
 from __future__ import annotations
@@ -43,18 +46,18 @@ class ProviderContract:
         assert logged["accepted"] and logged["token"] == request.token and logged["to"].endswith(recipient)
 
     def test_a_5xx_is_transient(self, provider, sandbox, recipient):
-        sandbox.faults(error_rate=1.0)
+        sandbox.faults(provider.name, error_rate=1.0)
         with pytest.raises(TransientProviderError) as caught:
             provider.send(send_request(recipient))
         assert caught.value.error_type == "provider_5xx"
 
     def test_an_outage_is_transient(self, provider, sandbox, recipient):
-        sandbox.faults(outage=True)
+        sandbox.faults(provider.name, outage=True)
         with pytest.raises(TransientProviderError):
             provider.send(send_request(recipient))
 
     def test_a_429_is_transient_and_carries_retry_after(self, provider, sandbox, recipient):
-        sandbox.faults(rate_429=1.0)
+        sandbox.faults(provider.name, rate_429=1.0)
         with pytest.raises(TransientProviderError) as caught:
             provider.send(send_request(recipient))
         assert caught.value.error_type == "rate_limited" and caught.value.retry_after == 1.0
@@ -65,7 +68,7 @@ class ProviderContract:
         assert caught.value.error_type == "invalid_recipient"
 
     def test_a_timeout_after_sending_is_ambiguous_and_the_look_up_finds_it(self, provider, sandbox, recipient):
-        sandbox.faults(timeout_rate=1.0, timeout_hold_ms=int(provider.config["TIMEOUT_SECONDS"] * 1000) + 1500)
+        sandbox.faults(provider.name, timeout_rate=1.0, timeout_hold_ms=int(provider.config["TIMEOUT_SECONDS"] * 1000) + 1500)
         request = send_request(recipient, body=f"ambiguous {uuid.uuid4()}")
         with pytest.raises(AmbiguousProviderError):
             provider.send(request)
@@ -82,7 +85,7 @@ class ProviderContract:
         assert caught.value.error_type == "connection_error"
 
     def test_status_look_up_follows_the_receipt(self, provider, sandbox, recipient):
-        sandbox.faults(receipt_delay_ms=0)
+        sandbox.faults(provider.name, receipt_delay_ms=0)
         result = provider.send(send_request(recipient))
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
