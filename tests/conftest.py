@@ -87,8 +87,8 @@ def stack(django_db_setup, django_db_blocker):
 def live(stack, transactional_db, request):
     """The stack with a reset sandbox and at least one worker; prints process logs if the test failed."""
     stack.sandbox_reset()
-    if not stack.workers:
-        stack.start_worker()
+    if len(stack.workers) != 1 or stack.workers_customised:
+        stack.replace_workers()
     yield stack
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:

@@ -68,7 +68,9 @@ class ProviderContract:
         assert caught.value.error_type == "invalid_recipient"
 
     def test_a_timeout_after_sending_is_ambiguous_and_the_look_up_finds_it(self, provider, sandbox, recipient):
-        sandbox.faults(provider.name, timeout_rate=1.0, timeout_hold_ms=int(provider.config["TIMEOUT_SECONDS"] * 1000) + 1500)
+        sandbox.faults(
+            provider.name, timeout_rate=1.0, timeout_hold_ms=int(provider.config["TIMEOUT_SECONDS"] * 1000) + 1500
+        )
         request = send_request(recipient, body=f"ambiguous {uuid.uuid4()}")
         with pytest.raises(AmbiguousProviderError):
             provider.send(request)

@@ -81,3 +81,21 @@ def test_delivered_before_our_dispatched_write_is_applied_and_the_worker_keeps_t
     message.refresh_from_db()
     assert message.state == "delivered" and message.dispatched_at and message.lease_expires_at is None
     assert message.events.filter(to_state="dispatched", applied=False).exists()
+
+
+def test_read_before_delivered_ends_read_with_both_receipts_kept(message):
+    Message.objects.filter(pk=message.pk).update(state="dispatched", provider="twilio", provider_message_id="SM1")
+    read, _ = receipt_record(event=event(message.pk, "read", "read"))
+    delivered, _ = receipt_record(event=event(message.pk, "delivered", "delivered"))
+    message.refresh_from_db()
+    assert message.state == "read" and read.applied and not delivered.applied
+    assert message.receipts.count() == 2
+    assert list(message.events.values_list("to_state", "applied")) == [("read", True), ("delivered", False)]
+
+
+def test_the_same_receipt_ten_times_changes_the_state_once(message):
+    Message.objects.filter(pk=message.pk).update(state="dispatched", provider="twilio", provider_message_id="SM1")
+    results = [receipt_record(event=event(message.pk, "delivered", "delivered")) for _ in range(10)]
+    assert [new for _, new in results] == [True] + [False] * 9
+    assert Receipt.objects.count() == 1
+    assert message.events.filter(to_state="delivered").count() == 1

@@ -32,11 +32,12 @@ class Stack:
         }
         self.processes: list[ManagedProcess] = []
         self.workers: list[ManagedProcess] = []
+        self.workers_customised = False  # set by tests that start workers with other settings
         self._worker_seq = 0
 
     # --- processes ------------------------------------------------------------------------------
-    def _spawn(self, name: str, args: list[str]) -> ManagedProcess:
-        process = ManagedProcess(name, args, self.env, self.log_dir).start()
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
+        process = ManagedProcess(name, args, {**self.env, **(env or {})}, self.log_dir).start()
         self.processes.append(process)
         return process
 
@@ -84,7 +85,8 @@ class Stack:
             self.start_worker()
         return self
 
-    def start_worker(self, concurrency: int = 4) -> ManagedProcess:
+    def start_worker(self, concurrency: int = 4, env: dict[str, str] | None = None) -> ManagedProcess:
+        """A worker consuming every queue; `env` overrides settings for it alone (e.g. routes)."""
         self._worker_seq += 1
         name = f"worker{self._worker_seq}"
         worker = self._spawn(
@@ -105,6 +107,7 @@ class Stack:
                 "--without-gossip",
                 "--without-mingle",
             ],
+            env,
         )
         wait_until(lambda: " ready." in worker.log_text(), 60, what=f"{name} ready")
         self.workers.append(worker)
@@ -113,6 +116,14 @@ class Stack:
     def kill_worker(self, worker: ManagedProcess) -> None:
         worker.kill()
         self.workers.remove(worker)
+
+    def replace_workers(self, env: dict[str, str] | None = None, count: int = 1) -> list[ManagedProcess]:
+        """Stop every worker and start `count` new ones (with `env` overrides, undone by the next test)."""
+        self.workers_customised = bool(env)
+        for worker in list(self.workers):
+            worker.stop()
+            self.workers.remove(worker)
+        return [self.start_worker(env=env) for _ in range(count)]
 
     def stop(self) -> None:
         for process in reversed(self.processes):
@@ -125,9 +136,9 @@ class Stack:
     def sandbox_reset(self) -> None:
         requests.post(f"{self.sandbox_url}/_sandbox/reset", json={}, timeout=5).raise_for_status()
 
-    def sandbox_faults(self, **faults: Any) -> dict[str, Any]:
+    def sandbox_faults(self, provider: str = "twilio", **faults: Any) -> dict[str, Any]:
         response = requests.post(
-            f"{self.sandbox_url}/_sandbox/faults", json={"provider": "twilio", **faults}, timeout=5
+            f"{self.sandbox_url}/_sandbox/faults", json={"provider": provider, **faults}, timeout=5
         )
         response.raise_for_status()
         return response.json()
