@@ -222,7 +222,8 @@ def _retry_later(
     next_at = min(now + timedelta(seconds=delay), message.expires_at)
     countdown = max(0.0, (next_at - now).total_seconds())
     publish_now = countdown <= conductor_setting("MAX_COUNTDOWN_SECONDS")
-    Message.objects.filter(pk=message.pk).update(
+    # Only while still accepted: a receipt may have arrived during the call (the provider had it).
+    scheduled = Message.objects.filter(pk=message.pk, state=MessageState.ACCEPTED).update(
         next_attempt_at=next_at,
         enqueued_at=next_at if publish_now else None,
         lease_expires_at=None,
@@ -230,6 +231,10 @@ def _retry_later(
         needs_provider_lookup=ambiguous or message.needs_provider_lookup,
         **_last_error(exc),
     )
+    if not scheduled:
+        Message.objects.filter(pk=message.pk).update(lease_expires_at=None)
+        logger.info("message %s moved on during attempt %d (%s); no retry", message.pk, message.attempt_count, outcome)
+        return
     logger.info(
         "message %s attempt %d %s (%s); next attempt in %.1fs",
         message.pk,
