@@ -23,6 +23,7 @@ from messaging.states import MessageState
 from providers.base import (
     AmbiguousProviderError,
     PermanentProviderError,
+    Provider,
     ProviderError,
     SendRequest,
     SendResult,
@@ -127,6 +128,12 @@ def _send_request(message: Message) -> SendRequest:
 
 def _attempt(message: Message, provider_name: str, now: Any) -> None:
     provider = get_provider(provider_name)
+    if message.needs_provider_lookup and not provider.supports_lookup:
+        reason = (
+            f"the outcome of an earlier send is unknown and {provider_name} cannot be asked; replay if it never arrived"
+        )
+        _dead_letter(message, ErrorType.PROVIDER_TIMEOUT, "no_lookup", reason)
+        return
     request = _send_request(message)
     message.attempt_count += 1
     attempt = DispatchAttempt.objects.create(
@@ -145,6 +152,7 @@ def _attempt(message: Message, provider_name: str, now: Any) -> None:
                 logger.info("message %s: the provider already had it (%s)", message.pk, found.provider_message_id)
                 _accepted(message, attempt, found, started, AttemptOutcome.FOUND_AT_PROVIDER)
                 return
+            _raise_if_lookup_unsettled(message, provider)
             logger.info("message %s: the provider has no record of it; sending", message.pk)
             message.needs_provider_lookup = False
         result = provider.send(request)
@@ -156,6 +164,33 @@ def _attempt(message: Message, provider_name: str, now: Any) -> None:
         _fail(message, attempt, exc, started)
     else:
         _accepted(message, attempt, result, started, AttemptOutcome.ACCEPTED)
+
+
+def _raise_if_lookup_unsettled(message: Message, provider: Provider) -> None:
+    """An empty look-up is only trusted once the provider's records have caught up.
+
+    Reports and event logs (Vonage, Mailgun) lag behind the send API, so "no record" right after
+    an ambiguous attempt may mean "not indexed yet": wait LOOKUP_SETTLE_SECONDS before resending.
+    """
+    settle = float(provider.config.get("LOOKUP_SETTLE_SECONDS", 0))
+    if not settle:
+        return
+    last_unknown = (
+        DispatchAttempt.objects.filter(
+            message=message,
+            send_generation=message.send_generation,
+            outcome__in=[AttemptOutcome.AMBIGUOUS, AttemptOutcome.WORKER_LOST],
+        )
+        .order_by("-ended_at")
+        .values_list("ended_at", flat=True)
+        .first()
+    )
+    if last_unknown and timezone.now() - last_unknown < timedelta(seconds=settle):
+        raise AmbiguousProviderError(
+            f"{provider.name} shows no record yet; waiting {settle:.0f}s for its records to settle",
+            error_type=ErrorType.UNKNOWN,
+            code="lookup_unsettled",
+        )
 
 
 def _find_unclaimed(candidates: list[SendResult], message: Message, provider_name: str) -> SendResult | None:

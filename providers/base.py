@@ -81,6 +81,11 @@ class Provider(ABC):
     channels: ClassVar[frozenset[str]]
     # Provider status vocabulary -> our MessageState (None: no change worth recording).
     status_map: ClassVar[dict[str, str | None]]
+    # Whether the provider reports delivery (receipts, status look-ups); SMTP does not.
+    has_receipts: ClassVar[bool] = True
+    # Whether find_send can tell if an ambiguous send was accepted; without it such a message
+    # is dead-lettered for an operator to decide, never resent blindly.
+    supports_lookup: ClassVar[bool] = True
 
     def __init__(self, config: dict[str, Any]):
         self.config = config

@@ -25,6 +25,7 @@ def configured_provider_names() -> list[str]:
 
 def sandbox_config_from_settings(seed: int | None = None):
     """The sandbox's credentials, taken from the same settings the adapters use."""
+    from messaging.conf import conductor_setting
     from providers.sandbox.state import SandboxConfig
 
     twilio, vonage, mailgun = provider_config("twilio"), provider_config("vonage"), provider_config("mailgun")
@@ -39,4 +40,5 @@ def sandbox_config_from_settings(seed: int | None = None):
         mailgun_api_key=mailgun["API_KEY"],
         mailgun_domain=mailgun["DOMAIN"],
         mailgun_webhook_signing_key=mailgun["WEBHOOK_SIGNING_KEY"],
+        public_url=conductor_setting("PUBLIC_URL"),
     )

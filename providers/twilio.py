@@ -13,7 +13,6 @@ from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
-from urllib3.exceptions import MaxRetryError, NameResolutionError, NewConnectionError
 
 from messaging.conf import conductor_setting
 from messaging.models import ErrorType
@@ -29,6 +28,7 @@ from providers.base import (
     TransientProviderError,
     WebhookSignatureError,
 )
+from providers.http import never_connected, retry_after_seconds
 
 TWILIO_API_ORIGIN = "https://api.twilio.com"
 # Twilio error codes that mean the recipient itself is wrong (https://www.twilio.com/docs/api/errors).
@@ -113,7 +113,7 @@ class TwilioProvider(Provider):
             # The request left: Twilio may have accepted it.
             return AmbiguousProviderError("no response within the timeout", error_type=ErrorType.PROVIDER_TIMEOUT)
         if isinstance(exc, requests.exceptions.ConnectionError):
-            if _never_connected(exc):
+            if never_connected(exc):
                 return TransientProviderError(str(exc), error_type=ErrorType.CONNECTION_ERROR)
             return AmbiguousProviderError(str(exc), error_type=ErrorType.CONNECTION_ERROR)
         if isinstance(exc, (TwilioException, requests.exceptions.RequestException, ValueError)):
@@ -141,11 +141,7 @@ class TwilioProvider(Provider):
 
     def _retry_after(self) -> float | None:
         headers = getattr(self.http_client.last_headers, "value", {}) or {}
-        value = {k.lower(): v for k, v in headers.items()}.get("retry-after")
-        try:
-            return float(value) if value is not None else None
-        except ValueError:
-            return None
+        return retry_after_seconds({k.lower(): v for k, v in headers.items()}.get("retry-after"))
 
     # --- look-ups -----------------------------------------------------------------------------
     def fetch_status(self, provider_message_id: str) -> StatusResult:
@@ -200,18 +196,3 @@ class TwilioProvider(Provider):
                 payload=payload,
             )
         ]
-
-
-def _never_connected(exc: requests.exceptions.ConnectionError) -> bool:
-    """True when the TCP connection was never made, so the request cannot have been received."""
-    cause: BaseException | None = exc
-    for _ in range(10):  # walk the exception chain requests/urllib3 build
-        if cause is None:
-            return False
-        if isinstance(cause, (ConnectionRefusedError, NewConnectionError, NameResolutionError)):
-            return True
-        if isinstance(cause, MaxRetryError) and isinstance(cause.reason, (NewConnectionError, NameResolutionError)):
-            return True
-        nested = cause.args[0] if cause.args and isinstance(cause.args[0], BaseException) else None
-        cause = cause.__cause__ or cause.__context__ or nested
-    return False

@@ -6,7 +6,7 @@ import logging
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_http_methods
 
 from providers.base import WebhookSignatureError
 from providers.registry import PROVIDER_CLASSES, get_provider
@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 
 @csrf_exempt
-@require_POST
+@require_http_methods(["GET", "POST"])  # Vonage can be set to deliver receipts as GET
 def provider_webhook(request: HttpRequest, provider_name: str) -> HttpResponse:
     """403 on a bad or missing signature (nothing changes); 400 on a payload we cannot read;
     a 5xx for anything else so that the provider retries."""

@@ -180,6 +180,8 @@ CONDUCTOR_PROVIDERS = {
         "WHATSAPP_FROM": env_str("TWILIO_WHATSAPP_FROM", "whatsapp:+14155238886"),
         "BASE_URL": env_str("TWILIO_BASE_URL", SANDBOX_URL),
         "TIMEOUT_SECONDS": env_float("TWILIO_TIMEOUT_SECONDS", 10.0),
+        # After an ambiguous send, how long an empty look-up is not yet trusted (records lag).
+        "LOOKUP_SETTLE_SECONDS": env_float("TWILIO_LOOKUP_SETTLE_SECONDS", 30.0),
     },
     "vonage": {
         "API_KEY": env_str("VONAGE_API_KEY", "sandboxkey"),
@@ -190,6 +192,7 @@ CONDUCTOR_PROVIDERS = {
         "FROM": env_str("VONAGE_FROM", "Conductor"),
         "BASE_URL": env_str("VONAGE_BASE_URL", SANDBOX_URL),
         "TIMEOUT_SECONDS": env_float("VONAGE_TIMEOUT_SECONDS", 10.0),
+        "LOOKUP_SETTLE_SECONDS": env_float("VONAGE_LOOKUP_SETTLE_SECONDS", 120.0),
     },
     "mailgun": {
         "API_KEY": env_str("MAILGUN_API_KEY", "sandbox-mailgun-api-key"),
@@ -198,6 +201,7 @@ CONDUCTOR_PROVIDERS = {
         "BASE_URL": env_str("MAILGUN_BASE_URL", SANDBOX_URL),
         "FROM_EMAIL": env_str("MAILGUN_FROM_EMAIL", "Conductor <no-reply@mg.example.com>"),
         "TIMEOUT_SECONDS": env_float("MAILGUN_TIMEOUT_SECONDS", 10.0),
+        "LOOKUP_SETTLE_SECONDS": env_float("MAILGUN_LOOKUP_SETTLE_SECONDS", 120.0),
     },
     "smtp": {
         "HOST": env_str("SMTP_HOST", "127.0.0.1"),

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from providers.sandbox.receipts import RECEIPTS_KEY
-from providers.sandbox.state import PROVIDERS, STATE_KEY, FaultValidationError
+from providers.sandbox.state import CONFIG_KEY, PROVIDERS, STATE_KEY, FaultValidationError
 
 
 def _bad_request(error: str, field: str | None) -> web.Response:
@@ -81,6 +81,24 @@ async def reset(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+async def get_config(request: web.Request) -> web.Response:
+    state, config = request.app[STATE_KEY], request.app[CONFIG_KEY]
+    return web.json_response({"public_url": state.public_url or config.public_url})
+
+
+async def set_config(request: web.Request) -> web.Response:
+    """Account-level settings a provider's dashboard would hold: today the webhook base URL."""
+    body = await _json_object(request)
+    unknown = sorted(set(body) - {"public_url"})
+    if unknown:
+        return _bad_request(f"unknown field {unknown[0]!r}", unknown[0])
+    public_url = body.get("public_url")
+    if public_url is not None and not (isinstance(public_url, str) and public_url.startswith(("http://", "https://"))):
+        return _bad_request("public_url must be an http(s) URL or null", "public_url")
+    request.app[STATE_KEY].public_url = public_url
+    return await get_config(request)
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
@@ -91,4 +109,6 @@ def register(app: web.Application) -> None:
     app.router.add_get("/_sandbox/faults", get_faults)
     app.router.add_post("/_sandbox/faults", set_faults)
     app.router.add_post("/_sandbox/reset", reset)
+    app.router.add_get("/_sandbox/config", get_config)
+    app.router.add_post("/_sandbox/config", set_config)
     app.router.add_get("/_sandbox/healthz", healthz)

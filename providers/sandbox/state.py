@@ -47,6 +47,8 @@ class SandboxConfig:
     mailgun_api_key: str = "sandbox-mailgun-api-key"
     mailgun_domain: str = "mg.example.com"
     mailgun_webhook_signing_key: str = "sandbox-mailgun-signing-key"
+    # Where providers configured per account, not per message (Mailgun), post their webhooks.
+    public_url: str = "http://127.0.0.1:8000"
 
 
 class FaultValidationError(ValueError):
@@ -166,6 +168,9 @@ class SandboxState:
         self.requests_by_message_id: dict[str, list[dict[str, Any]]] = {}
         self.messages: dict[str, StoredMessage] = {}
         self.callbacks: list[dict[str, Any]] = []
+        # Overrides SandboxConfig.public_url (POST /_sandbox/config): where account-level
+        # webhooks (Mailgun's) go. Not cleared by reset, like a provider's dashboard setting.
+        self.public_url: str | None = None
         self._seq = 0
 
     def reset(self, seed: int | None = None, *, reseed: bool = False) -> None:

@@ -230,4 +230,7 @@ def test_when_half_the_sends_time_out_after_acceptance_all_are_delivered_and_non
     timed_out = [r for r in live.sandbox_requests(provider="twilio") if r["fault"] == "timeout"]
     assert len(timed_out) > 60, "the fault was not injected"
     ambiguous = DispatchAttempt.objects.filter(message_id__in=ids, outcome=AttemptOutcome.AMBIGUOUS).count()
-    print(f"200 messages: {len(timed_out)} sends timed out after acceptance, {ambiguous} ambiguous attempts recorded, 0 accepted twice")
+    print(
+        f"200 messages: {len(timed_out)} sends timed out after acceptance, "
+        f"{ambiguous} ambiguous attempts recorded, 0 accepted twice"
+    )

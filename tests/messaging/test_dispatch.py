@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from messaging.dispatch import message_dispatch
 from messaging.models import AttemptOutcome, DispatchAttempt, Message
+from providers.registry import reset_provider_cache
 
 pytestmark = pytest.mark.django_db
 
@@ -154,3 +155,39 @@ def test_a_look_up_ignores_a_provider_message_that_belongs_to_another_message(sa
     assert twin.provider_message_id != first.provider_message_id
     assert outcomes(twin) == ["accepted"]
     assert len(sandbox.requests(message_id=str(twin.pk))) == 1
+
+
+def test_an_empty_look_up_is_not_trusted_until_the_providers_records_settle(sandbox, make_message, settings):
+    providers = {name: dict(conf) for name, conf in settings.CONDUCTOR_PROVIDERS.items()}
+    providers["twilio"]["LOOKUP_SETTLE_SECONDS"] = 60
+    settings.CONDUCTOR_PROVIDERS = providers
+    reset_provider_cache()
+    message = make_message(needs_provider_lookup=True)
+    DispatchAttempt.objects.create(
+        message=message,
+        number=1,
+        provider="twilio",
+        started_at=timezone.now(),
+        ended_at=timezone.now(),
+        outcome=AttemptOutcome.AMBIGUOUS,
+    )
+    Message.objects.filter(pk=message.pk).update(attempt_count=1)
+    message_dispatch(message_id=str(message.pk))
+    message.refresh_from_db()
+    assert message.state == "accepted" and message.needs_provider_lookup
+    assert message.last_error_code == "lookup_unsettled"
+    assert sandbox.requests() == []  # not resent while the look-up could still be catching up
+    DispatchAttempt.objects.filter(message=message).update(ended_at=timezone.now() - timedelta(seconds=61))
+    Message.objects.filter(pk=message.pk).update(next_attempt_at=None)
+    message_dispatch(message_id=str(message.pk))
+    message.refresh_from_db()
+    assert message.state == "dispatched" and len(sandbox.requests()) == 1
+
+
+def test_an_unknown_outcome_at_a_provider_without_look_up_is_dead_lettered_not_resent(make_message, settings):
+    settings.CONDUCTOR = {**settings.CONDUCTOR, "ROUTES": {**settings.CONDUCTOR["ROUTES"], "email": ["smtp"]}}
+    message = make_message(channel="email", to="ada@example.com", subject="hi", needs_provider_lookup=True)
+    message_dispatch(message_id=str(message.pk))
+    message.refresh_from_db()
+    assert message.state == "dead_lettered" and message.last_error_code == "no_lookup"
+    assert "cannot be asked" in message.last_error_message

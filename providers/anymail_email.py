@@ -1,0 +1,363 @@
+"""Email through django-anymail (Mailgun by default): send, tracking webhooks, Events API look-ups."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+import requests
+from anymail.exceptions import (
+    AnymailInvalidAddress,
+    AnymailRecipientsRefused,
+    AnymailRequestsAPIError,
+    AnymailWebhookValidationFailure,
+)
+from anymail.message import AnymailMessage
+from anymail.signals import AnymailTrackingEvent, EventType, tracking
+from anymail.webhooks.base import AnymailCoreWebhookView
+from anymail.webhooks.mailgun import MailgunTrackingWebhookView
+from django.core.mail import get_connection
+from django.dispatch import receiver
+from django.http import HttpRequest
+
+from messaging.models import ErrorType, EventSource
+from messaging.states import MessageState as S
+from providers.base import (
+    AmbiguousProviderError,
+    PermanentProviderError,
+    Provider,
+    ReceiptEvent,
+    SendRequest,
+    SendResult,
+    StatusResult,
+    TransientProviderError,
+    WebhookSignatureError,
+)
+from providers.http import never_connected, retry_after_seconds
+from reconciliation.receipts import receipt_record
+
+logger = logging.getLogger(__name__)
+
+# Our message id and send token travel as anymail metadata (Mailgun: custom variables `v:…`).
+MESSAGE_ID_VAR = "conductor_message_id"
+TOKEN_VAR = "conductor_token"
+
+
+class AnymailProvider(Provider):
+    """Email through one anymail ESP backend: the sending, error sorting and webhook flow they share.
+
+    A second ESP (say Postmark) is a subclass that sets `name`, `esp_name` (anymail's spelling,
+    which the tracking signal carries), `backend` (anymail's backend path) and `webhook_view`
+    (anymail's tracking view for it); maps its settings block to the backend's and the view's
+    keyword arguments in `backend_options()` and `webhook_options()`; says which 400 answer means a
+    bad address in `is_invalid_recipient()`; and implements `fetch_status` and `find_send` against
+    the ESP's own message-status API, which anymail does not wrap. If that ESP does not sign its
+    webhooks, set ANYMAIL["WEBHOOK_SECRET"] (basic auth) too. Then a registry entry, a
+    CONDUCTOR_PROVIDERS block, and a test module subclassing the provider contract.
+    """
+
+    channels = frozenset({"email"})
+    esp_name: ClassVar[str]
+    backend: ClassVar[str]
+    webhook_view: ClassVar[type[AnymailCoreWebhookView]]
+    # anymail's normalised tracking event types (anymail.signals.EventType) -> our MessageState.
+    status_map = {
+        EventType.QUEUED: S.DISPATCHED,
+        EventType.SENT: S.DISPATCHED,
+        EventType.DELIVERED: S.DELIVERED,
+        EventType.OPENED: S.READ,
+        EventType.CLICKED: S.READ,  # a click implies the message was opened
+        EventType.BOUNCED: S.UNDELIVERED,
+        EventType.REJECTED: S.FAILED,
+        EventType.FAILED: S.FAILED,
+        # Stored as receipts, but they say nothing about delivery.
+        EventType.DEFERRED: None,
+        EventType.AUTORESPONDED: None,
+        EventType.COMPLAINED: None,
+        EventType.UNSUBSCRIBED: None,
+        EventType.SUBSCRIBED: None,
+        EventType.UNKNOWN: None,
+    }
+    _by_esp: ClassVar[dict[str, type[AnymailProvider]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "esp_name" in cls.__dict__:
+            AnymailProvider._by_esp[cls.esp_name] = cls
+
+    @classmethod
+    def for_esp(cls, esp_name: str) -> type[AnymailProvider] | None:
+        """The adapter class for anymail's ESP name (as its signals send it), if we have one."""
+        return cls._by_esp.get(esp_name)
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(config)
+        # One backend per adapter instance, opened once and never closed: anymail then reuses its
+        # requests session (and so its keep-alive connections) for every send.
+        self.connection = get_connection(self.backend, **self.backend_options())
+        self.connection.open()
+        # anymail has no stand-alone "verify and parse"; its view's own steps are that, so the
+        # signature check and normalisation are exactly those of /webhooks/anymail/<esp>/tracking/.
+        self.webhook = self.webhook_view(**self.webhook_options())
+
+    # --- hooks each ESP fills in ------------------------------------------------------------------
+    def backend_options(self) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} must map its settings to anymail backend options")
+
+    def webhook_options(self) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} must map its settings to anymail webhook options")
+
+    def is_invalid_recipient(self, response: requests.Response) -> bool:
+        raise NotImplementedError(f"{type(self).__name__} must say which error answers mean a bad address")
+
+    # --- sending ------------------------------------------------------------------------------
+    def send(self, request: SendRequest) -> SendResult:
+        message = AnymailMessage(
+            subject=request.subject,
+            body=request.body,
+            from_email=self.config["FROM_EMAIL"],
+            to=[request.to],
+            connection=self.connection,
+            metadata={MESSAGE_ID_VAR: request.message_id, TOKEN_VAR: request.token},
+        )
+        try:
+            sent = message.send()
+        except Exception as exc:  # sorted into the three kinds right below
+            raise self._classify(exc) from exc
+        status = message.anymail_status
+        if not sent or not status.message_id:
+            # Only a pre_send receiver cancelling it gets here: nothing left us.
+            raise PermanentProviderError("send cancelled before it reached the ESP", error_type=ErrorType.REJECTED)
+        return SendResult(provider_message_id=str(status.message_id), provider_status=",".join(sorted(status.status)))
+
+    def _classify(self, exc: Exception) -> Exception:
+        if isinstance(exc, (AnymailRecipientsRefused, AnymailInvalidAddress)):
+            return PermanentProviderError(str(exc), error_type=ErrorType.INVALID_RECIPIENT)
+        if isinstance(exc, AnymailRequestsAPIError) and exc.response is not None:
+            return self._classify_response(exc.response, str(exc))
+        if isinstance(exc, AnymailRequestsAPIError):
+            # No response: anymail wrapped a requests error, which it chains as the cause.
+            return _classify_transport(exc.__cause__ or exc)
+        if isinstance(exc, requests.RequestException):
+            return _classify_transport(exc)
+        return exc  # a bug or a configuration error, not a provider error: let it raise
+
+    def _classify_response(self, response: requests.Response, text: str) -> Exception:
+        status, code = response.status_code, str(response.status_code)
+        if status == 429:
+            retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+            return TransientProviderError(text, error_type=ErrorType.RATE_LIMITED, code=code, retry_after=retry_after)
+        if status >= 500:
+            return TransientProviderError(text, error_type=ErrorType.PROVIDER_5XX, code=code)
+        if status in (401, 403):
+            # Our credentials, not the message: retry (and dead-letter for replay once fixed).
+            return TransientProviderError(text, error_type=ErrorType.PROVIDER_AUTH, code=code)
+        if 200 <= status < 300:
+            # A success we could not read: the ESP may well have queued it.
+            return AmbiguousProviderError(text, error_type=ErrorType.UNKNOWN, code=code)
+        if self.is_invalid_recipient(response):
+            return PermanentProviderError(text, error_type=ErrorType.INVALID_RECIPIENT, code=code)
+        return PermanentProviderError(text, error_type=ErrorType.REJECTED, code=code)
+
+    # --- receipts -----------------------------------------------------------------------------
+    def parse_webhook(self, request: HttpRequest) -> list[ReceiptEvent]:
+        try:
+            self.webhook.run_validators(request)
+        except AnymailWebhookValidationFailure as exc:
+            raise WebhookSignatureError(str(exc)) from exc
+        try:
+            events = self.webhook.parse_events(request)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"unreadable {self.esp_name} tracking webhook: {exc!r}") from exc
+        return [self.receipt_event(event) for event in events]
+
+    @classmethod
+    def receipt_event(cls, event: AnymailTrackingEvent) -> ReceiptEvent:
+        """Our receipt for one of anymail's normalised tracking events."""
+        event_id = cls.event_id(event)
+        if not event_id:
+            raise ValueError(f"{cls.esp_name} tracking event without an id")
+        metadata = event.metadata or {}
+        return ReceiptEvent(
+            provider=cls.name,
+            event_id=event_id,
+            provider_message_id=event.message_id or "",
+            provider_status=event.event_type,
+            state=cls.status_map.get(event.event_type),
+            message_id=metadata.get(MESSAGE_ID_VAR) or None,
+            error_code=event.reject_reason or "",
+            payload=_plain(event.esp_event),
+        )
+
+    @classmethod
+    def event_id(cls, event: AnymailTrackingEvent) -> str:
+        return event.event_id or ""
+
+
+class MailgunProvider(AnymailProvider):
+    """Mailgun: anymail's backend and tracking webhook; look-ups through Mailgun's Events API."""
+
+    name = "mailgun"
+    esp_name = "Mailgun"
+    backend = "anymail.backends.mailgun.EmailBackend"
+    webhook_view = MailgunTrackingWebhookView
+    API_ORIGIN = "https://api.mailgun.net"
+    # Events API pages followed per look-up (300 events each) before we call the answer unknown.
+    MAX_EVENT_PAGES = 20
+    # Slack around our clock in Events API time ranges: Mailgun stamps events with its own.
+    CLOCK_SLACK = timedelta(minutes=5)
+    # The order in which a message's events say more: a later "accepted" must not hide "delivered".
+    PROGRESS = {S.DISPATCHED: 1, S.DELIVERED: 2, S.UNDELIVERED: 2, S.FAILED: 2, S.READ: 3}
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(config)
+        self.events_url = f"{self.api_origin}/v3/{quote(config['DOMAIN'], safe='')}/events"
+        self.session = requests.Session()  # Events API look-ups; keep-alive across polls
+        self.session.auth = ("api", config["API_KEY"])
+
+    @property
+    def api_origin(self) -> str:
+        return (self.config.get("BASE_URL") or self.API_ORIGIN).rstrip("/")
+
+    def backend_options(self) -> dict[str, Any]:
+        # Passed explicitly (over settings.ANYMAIL) so that an adapter built from another config
+        # block, e.g. at another base URL, really talks to that URL.
+        return {
+            "api_key": self.config["API_KEY"],
+            "sender_domain": self.config["DOMAIN"],
+            "api_url": f"{self.api_origin}/v3",
+            "timeout": self.config["TIMEOUT_SECONDS"],
+        }
+
+    def webhook_options(self) -> dict[str, Any]:
+        return {"webhook_signing_key": self.config["WEBHOOK_SIGNING_KEY"]}
+
+    def is_invalid_recipient(self, response: requests.Response) -> bool:
+        # Mailgun answers 400 {"message": "to parameter is not a valid address. please check documentation"}.
+        if response.status_code != 400:
+            return False
+        try:
+            message = str(response.json().get("message", ""))
+        except (ValueError, AttributeError):
+            message = response.text
+        return "not a valid address" in message.lower() or "invalid address" in message.lower()
+
+    @classmethod
+    def event_id(cls, event: AnymailTrackingEvent) -> str:
+        # anymail's event_id is the webhook signature's token, which is new with every delivery
+        # of the webhook; Mailgun's own event id is the same in every retry and in the Events API,
+        # so a receipt is stored once however it reaches us.
+        esp_event = event.esp_event if isinstance(event.esp_event, dict) else {}
+        return str(esp_event.get("event-data", {}).get("id") or event.event_id or "")
+
+    # --- look-ups (Events API) ----------------------------------------------------------------
+    def fetch_status(self, provider_message_id: str) -> StatusResult:
+        """The most telling of the message's events; "unknown" (no state) when Mailgun shows none yet."""
+        # Newest first from just past "now" back to Mailgun's retention limit.
+        newest = datetime.now(UTC) + self.CLOCK_SLACK
+        params = {"message-id": provider_message_id.strip("<>"), "begin": _epoch(newest), "ascending": "no"}
+        best: tuple[tuple[int, float], AnymailTrackingEvent] | None = None
+        for item in self._events(params):
+            # anymail's own normalisation, so polling and webhooks speak the same vocabulary.
+            event = self.webhook.esp_to_anymail_event({"event-data": item})
+            state = self.status_map.get(event.event_type)
+            rank = (self.PROGRESS.get(state, 0), float(item.get("timestamp", 0)))
+            if best is None or rank > best[0]:
+                best = (rank, event)
+        if best is None:
+            return StatusResult(provider_message_id, EventType.UNKNOWN, None)
+        event = best[1]
+        return StatusResult(provider_message_id, event.event_type, self.status_map.get(event.event_type))
+
+    def find_send(self, request: SendRequest) -> list[SendResult]:
+        """Mailgun has no idempotency key: search `accepted` events for our token.
+
+        Filters: event=accepted and recipient narrow it server-side (documented filters); the
+        user-variables filter narrows it further where Mailgun applies it, but it is not in the
+        current API reference, so the token is checked again on every item.
+        """
+        now = datetime.now(UTC)
+        params: dict[str, Any] = {
+            "event": "accepted",
+            "recipient": request.to,
+            "user-variables": json.dumps({TOKEN_VAR: request.token}),
+        }
+        if request.attempted_since is not None:
+            # A closed range, oldest first, so that paging ends instead of waiting for new events.
+            params.update(begin=_epoch(request.attempted_since - self.CLOCK_SLACK), end=_epoch(now + self.CLOCK_SLACK))
+        else:
+            params.update(begin=_epoch(now + self.CLOCK_SLACK), ascending="no")  # back to retention
+        found: dict[str, SendResult] = {}
+        for item in self._events(params):
+            if (item.get("user-variables") or {}).get(TOKEN_VAR) != request.token:
+                continue
+            message_id = item.get("message", {}).get("headers", {}).get("message-id")
+            if message_id:
+                provider_message_id = f"<{message_id.strip('<>')}>"  # as the send API answers it
+                found.setdefault(provider_message_id, SendResult(provider_message_id, EventType.QUEUED))
+        return list(found.values())
+
+    def _events(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every item of an Events API query, following `paging.next` until an empty page."""
+        items: list[dict[str, Any]] = []
+        url, query = self.events_url, {**params, "limit": 300}
+        for _ in range(self.MAX_EVENT_PAGES):
+            try:
+                response = self.session.get(url, params=query, timeout=self.config["TIMEOUT_SECONDS"])
+            except requests.RequestException as exc:
+                raise _classify_transport(exc) from exc
+            if response.status_code != 200:
+                raise self._classify_response(response, f"Mailgun Events API {response.status_code}: {response.text}")
+            try:
+                page = response.json()
+                batch, url = page["items"], page["paging"]["next"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise AmbiguousProviderError(f"unreadable Events API page: {exc!r}", error_type=ErrorType.UNKNOWN)
+            if not batch:
+                return items
+            items.extend(batch)
+            query = None  # the next-page URL carries the query
+        raise AmbiguousProviderError(
+            f"more than {self.MAX_EVENT_PAGES} pages of Mailgun events; narrow the look-up",
+            error_type=ErrorType.UNKNOWN,
+        )
+
+
+@receiver(tracking, dispatch_uid="providers.anymail_email.record_tracking_event")
+def record_tracking_event(sender: type, event: AnymailTrackingEvent, esp_name: str, **kwargs: Any) -> None:
+    """anymail's tracking webhooks (signature already checked by anymail) -> stored, applied receipts."""
+    provider = AnymailProvider.for_esp(esp_name)
+    if provider is None:
+        logger.warning("tracking event from %s ignored: no Conductor provider for that ESP", esp_name)
+        return
+    receipt_record(event=provider.receipt_event(event), source=EventSource.WEBHOOK)
+
+
+def _classify_transport(exc: BaseException) -> Exception:
+    """No HTTP answer: was the request sent (ambiguous) or not (transient)?"""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return TransientProviderError(str(exc), error_type=ErrorType.CONNECTION_ERROR)
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        # The request left: the ESP may have accepted it.
+        return AmbiguousProviderError("no response within the timeout", error_type=ErrorType.PROVIDER_TIMEOUT)
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        if never_connected(exc):
+            return TransientProviderError(str(exc), error_type=ErrorType.CONNECTION_ERROR)
+        return AmbiguousProviderError(str(exc), error_type=ErrorType.CONNECTION_ERROR)
+    return AmbiguousProviderError(str(exc), error_type=ErrorType.UNKNOWN)
+
+
+def _epoch(moment: datetime) -> str:
+    return f"{moment.timestamp():.6f}"
+
+
+def _plain(esp_event: Any) -> dict[str, Any]:
+    """The raw event as JSON-storable data (legacy form posts arrive as a QueryDict)."""
+    if isinstance(esp_event, dict):
+        return esp_event
+    if hasattr(esp_event, "lists"):
+        return {key: values[0] if len(values) == 1 else values for key, values in esp_event.lists()}
+    return {"raw": str(esp_event)}

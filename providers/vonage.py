@@ -1,0 +1,322 @@
+"""Vonage SMS through the official modular SDK; look-ups through its Reports API; signed delivery receipts."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+from datetime import UTC, datetime, timedelta
+from importlib.metadata import version
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import requests
+from django.core.exceptions import ImproperlyConfigured
+from django.http import HttpRequest
+from requests.adapters import HTTPAdapter
+from vonage_http_client import Auth, HttpClient, HttpClientOptions, HttpRequestError
+from vonage_sms import PartialFailureError, Sms, SmsError, SmsMessage
+
+from messaging.conf import conductor_setting
+from messaging.models import ErrorType
+from messaging.states import MessageState as S
+from providers.base import (
+    AmbiguousProviderError,
+    PermanentProviderError,
+    Provider,
+    ReceiptEvent,
+    SendRequest,
+    SendResult,
+    StatusResult,
+    TransientProviderError,
+    WebhookSignatureError,
+)
+from providers.http import never_connected, retry_after_seconds
+
+RECORDS_PATH = "/v2/reports/records"
+# Vonage refuses a longer per-message `callback`, and the SDK's SmsMessage validates the same limit.
+CALLBACK_MAX_LENGTH = 100
+# The synchronous Reports API takes a date window of at most one day.
+RECORDS_MAX_WINDOW = timedelta(hours=24)
+# Clock skew between us and Vonage when searching by the time we sent.
+LOOKUP_SLACK = timedelta(minutes=5)
+SIGNATURE_METHODS = frozenset({"md5hash", "md5", "sha1", "sha256", "sha512"})
+
+# SMS API send statuses (https://developer.vonage.com/api-errors/sms), "0" being success.
+TRANSIENT_STATUSES = {
+    "1": ErrorType.RATE_LIMITED,  # Throttled: over the account's message rate
+    "5": ErrorType.PROVIDER_5XX,  # Internal Error
+    "10": ErrorType.RATE_LIMITED,  # Too Many Existing Binds: back off and retry
+}
+# Our account, not the message: retry (and dead-letter for replay once an operator fixes it).
+# Invalid Credentials, Partner Account Barred, Partner Quota Violation, Invalid Signature,
+# Signature And API Secret Disallowed.
+ACCOUNT_STATUSES = frozenset({"4", "8", "9", "14", "32"})
+# Invalid Message (unrecognised number prefix), Number Barred, Non-Whitelisted Destination,
+# Number De-activated; "3" (Invalid Parameters) only when its error-text is about the `to` address.
+INVALID_RECIPIENT_STATUSES = frozenset({"6", "7", "29", "33"})
+
+
+class _Unanswered(requests.exceptions.RequestException):
+    """The connection dropped after the request went out: Vonage may have accepted it.
+
+    Deliberately not a requests ConnectionError: the SDK's HttpClient.make_request resends any
+    ConnectionError mentioning RemoteDisconnected, which for POST /sms/json is a blind resend.
+    """
+
+
+class _Transport(HTTPAdapter):
+    """The HTTP adapter mounted for the SDK's https:// URLs (one pooled session per adapter instance).
+
+    The SDK always builds `https://{host}{path}`; this adapter sends them over plain http when
+    BASE_URL is http (the sandbox has no TLS), applies our timeout (HttpClientOptions takes whole
+    seconds only), does no retries of its own (Conductor's retry policy and circuit breaker decide),
+    and remembers the last response per thread, because SmsError keeps only a formatted message.
+    """
+
+    def __init__(self, *, plain_http: bool, timeout: float, pool_maxsize: int):
+        super().__init__(pool_connections=1, pool_maxsize=pool_maxsize, max_retries=0)
+        self.plain_http = plain_http
+        self.timeout = timeout
+        self.last = threading.local()
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        if self.plain_http and request.url and request.url.startswith("https://"):
+            request.url = "http://" + request.url.removeprefix("https://")
+        kwargs["timeout"] = self.timeout
+        self.last.response = None
+        try:
+            response = super().send(request, *args, **kwargs)
+        except requests.exceptions.ConnectionError as exc:
+            if never_connected(exc):
+                raise
+            raise _Unanswered(str(exc)) from exc
+        self.last.response = response
+        return response
+
+    def last_json(self) -> dict[str, Any]:
+        response = getattr(self.last, "response", None)
+        try:
+            payload = response.json() if response is not None else {}
+        except ValueError:
+            return {}
+        return payload if isinstance(payload, dict) else {}
+
+
+class _HttpClient(HttpClient):
+    """The SDK's HTTP client with our transport mounted in place of its own https:// adapter."""
+
+    def __init__(self, auth: Auth, options: HttpClientOptions, transport: _Transport):
+        super().__init__(auth, options, version("vonage"))
+        self._session.mount("https://", transport)
+
+
+class VonageProvider(Provider):
+    name = "vonage"
+    channels = frozenset({"sms"})
+    # Delivery-receipt statuses (also the Reports API's SMS status filter values).
+    status_map = {
+        "accepted": S.DISPATCHED,
+        "buffered": S.DISPATCHED,
+        "delivered": S.DELIVERED,
+        "expired": S.UNDELIVERED,
+        "failed": S.UNDELIVERED,
+        "deleted": S.UNDELIVERED,
+        "rejected": S.FAILED,  # refused by Vonage or the carrier (e.g. an illegal number): permanent
+        "unknown": None,
+    }
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(config)
+        method = config["SIGNATURE_METHOD"]
+        if method not in SIGNATURE_METHODS:
+            raise ImproperlyConfigured(f"VONAGE SIGNATURE_METHOD must be one of {', '.join(sorted(SIGNATURE_METHODS))}")
+        self.callback_url = conductor_setting("PUBLIC_URL").rstrip("/") + "/webhooks/vonage/"
+        if len(self.callback_url) > CALLBACK_MAX_LENGTH:
+            raise ImproperlyConfigured(f"Vonage takes a callback URL of at most {CALLBACK_MAX_LENGTH} characters")
+        # An empty BASE_URL means Vonage itself; otherwise both hosts (rest.nexmo.com for SMS,
+        # api.nexmo.com for reports) are that one origin, as the sandbox serves both paths.
+        base = urlsplit(config.get("BASE_URL") or "")
+        options = HttpClientOptions(**({"api_host": base.netloc, "rest_host": base.netloc} if base.netloc else {}))
+        self.transport = _Transport(
+            plain_http=base.scheme == "http", timeout=config["TIMEOUT_SECONDS"], pool_maxsize=options.pool_maxsize
+        )
+        self.http = _HttpClient(
+            Auth(api_key=config["API_KEY"], api_secret=config["API_SECRET"]), options, self.transport
+        )
+        self.sms = Sms(self.http)
+        # The SDK verifies HMAC signatures; it no longer implements Vonage's default "MD5 hash".
+        self.signer = None
+        if method != "md5hash":
+            self.signer = Auth(
+                api_key=config["API_KEY"], signature_secret=config["SIGNATURE_SECRET"], signature_method=method
+            )
+
+    # --- sending ------------------------------------------------------------------------------
+    def send(self, request: SendRequest) -> SendResult:
+        # client-ref carries the token "<message id>.<generation>": attribution in every receipt
+        # and report, covered by the receipt's signature (a URL query would not be, and would not
+        # fit in the 100-character callback).
+        message = SmsMessage(
+            to=request.to.removeprefix("+"),  # Vonage wants E.164 digits without the plus
+            from_=self.config["FROM"],
+            text=request.body,
+            client_ref=request.token,
+            callback=self.callback_url,  # per message, so receipts reach this deployment whatever the dashboard says
+        )
+        try:
+            response = self.sms.send(message)
+        except Exception as exc:  # sorted into the three kinds right below
+            raise self._classify(exc) from exc
+        first = response.messages[0]  # a long text is several parts; receipts carry client-ref anyway
+        return SendResult(provider_message_id=first.message_id or "", provider_status=first.status or "0")
+
+    def _classify(self, exc: Exception) -> Exception:
+        if isinstance(exc, PartialFailureError):
+            # Some parts were accepted: a resend would duplicate them, so reconcile instead.
+            return AmbiguousProviderError("Vonage accepted only some parts", error_type=ErrorType.UNKNOWN)
+        if isinstance(exc, SmsError):
+            messages = self.transport.last_json().get("messages") or [{}]
+            first = messages[0] if isinstance(messages[0], dict) else {}
+            return _classify_status(str(first.get("status", "")), str(first.get("error-text", exc)))
+        if isinstance(exc, HttpRequestError):
+            return _classify_http(exc.response)
+        if isinstance(exc, requests.exceptions.ConnectionError):  # includes ConnectTimeout: never connected
+            return TransientProviderError(str(exc), error_type=ErrorType.CONNECTION_ERROR)
+        if isinstance(exc, requests.exceptions.ReadTimeout):
+            # The request left: Vonage may have accepted it.
+            return AmbiguousProviderError("no response within the timeout", error_type=ErrorType.PROVIDER_TIMEOUT)
+        if isinstance(exc, _Unanswered):
+            return AmbiguousProviderError(str(exc), error_type=ErrorType.CONNECTION_ERROR)
+        if isinstance(exc, (requests.exceptions.RequestException, KeyError, TypeError, ValueError)):
+            # e.g. a 2xx we could not parse (pydantic's ValidationError is a ValueError): it may have been accepted.
+            return AmbiguousProviderError(f"unreadable answer: {exc}", error_type=ErrorType.UNKNOWN)
+        return exc  # a bug, not a provider error: let it raise
+
+    # --- look-ups (synchronous Reports API) -----------------------------------------------------
+    def _records(self, **filters: str) -> list[dict[str, Any]]:
+        """Every SMS (outbound) record matching `filters`, following TRUNCATED pages."""
+        params = {"account_id": self.config["API_KEY"], "product": "SMS", "direction": "outbound", **filters}
+        records: list[dict[str, Any]] = []
+        while True:
+            try:
+                page = self.http.get(self.http.api_host, RECORDS_PATH, dict(params), auth_type="basic")
+                records.extend(page["records"] or [])
+                if page["request_status"] != "TRUNCATED":
+                    return records
+                # The next page is the same query plus the cursor and iv given in its link.
+                query = parse_qs(urlsplit(page["_links"]["next"]["href"]).query)
+                params.update(cursor=query["cursor"][0], iv=query["iv"][0])
+            except Exception as exc:  # sorted like a send's errors; an unreadable page is ambiguous
+                raise self._classify(exc) from exc
+
+    def fetch_status(self, provider_message_id: str) -> StatusResult:
+        found = [r for r in self._records(id=provider_message_id) if r.get("message_id") == provider_message_id]
+        if not found:
+            # Reports can lag behind the SMS API: not there yet is not "never sent".
+            raise TransientProviderError(
+                f"no Vonage record of {provider_message_id} yet", error_type=ErrorType.UNKNOWN, code="ids_not_found"
+            )
+        status = found[0].get("status") or "unknown"
+        return StatusResult(provider_message_id, status, self.map_status(status))
+
+    def find_send(self, request: SendRequest) -> list[SendResult]:
+        """Records sent since the first attempt (a day back when unknown) whose client-ref is our token.
+
+        The synchronous Reports API filters by date (at most a day per query) but not by
+        client-ref, so the window is listed and matched here; the token is exact, no body match.
+        """
+        end = datetime.now(UTC) + timedelta(minutes=1)
+        start = request.attempted_since - LOOKUP_SLACK if request.attempted_since else end - RECORDS_MAX_WINDOW
+        found = []
+        while start < end:
+            stop = min(start + RECORDS_MAX_WINDOW, end)
+            for record in self._records(date_start=_vonage_time(start), date_end=_vonage_time(stop)):
+                if record.get("client_ref") == request.token and record.get("message_id"):
+                    found.append(SendResult(record["message_id"], record.get("status") or "unknown"))
+            start = stop
+        return found
+
+    # --- receipts -----------------------------------------------------------------------------
+    def parse_webhook(self, request: HttpRequest) -> list[ReceiptEvent]:
+        payload = _webhook_params(request)
+        if not payload.get("sig") or not self._signature_valid(payload):
+            raise WebhookSignatureError("Vonage receipt without a valid sig for our signature secret")
+        message_id, status = payload.get("messageId"), payload.get("status")
+        if not message_id or not status:
+            raise ValueError("Vonage delivery receipt without messageId or status")
+        client_ref = payload.get("client-ref") or ""
+        err_code = str(payload.get("err-code") or "")
+        return [
+            ReceiptEvent(
+                provider=self.name,
+                # DLRs have no event id; one status per message is one event, so a re-sent DLR is a duplicate.
+                event_id=f"{message_id}:{status}",
+                provider_message_id=message_id,
+                provider_status=status,
+                state=self.map_status(status),
+                message_id=client_ref.rpartition(".")[0] or None,
+                error_code="" if err_code == "0" else err_code,
+                payload=payload,
+            )
+        ]
+
+    def _signature_valid(self, payload: dict[str, Any]) -> bool:
+        if self.signer is not None:
+            return self.signer.check_signature(dict(payload))  # it pops `sig`: give it a copy
+        return hmac.compare_digest(str(payload["sig"]).lower(), _md5hash(payload, self.config["SIGNATURE_SECRET"]))
+
+
+def _classify_status(status: str, text: str) -> Exception:
+    message = f"Vonage status {status}: {text}"
+    if status in TRANSIENT_STATUSES:
+        return TransientProviderError(message, error_type=TRANSIENT_STATUSES[status], code=status)
+    if status in ACCOUNT_STATUSES:
+        return TransientProviderError(message, error_type=ErrorType.PROVIDER_AUTH, code=status)
+    if status in INVALID_RECIPIENT_STATUSES or (status == "3" and "to address" in text.lower()):
+        return PermanentProviderError(message, error_type=ErrorType.INVALID_RECIPIENT, code=status)
+    return PermanentProviderError(message, error_type=ErrorType.REJECTED, code=status)
+
+
+def _classify_http(response: requests.Response) -> Exception:
+    status = response.status_code
+    text = f"Vonage HTTP {status}: {response.text[:200]}"
+    if status == 429:
+        return TransientProviderError(
+            text,
+            error_type=ErrorType.RATE_LIMITED,
+            code="429",
+            retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+        )
+    if status >= 500:
+        return TransientProviderError(text, error_type=ErrorType.PROVIDER_5XX, code=str(status))
+    if status in (401, 403):
+        return TransientProviderError(text, error_type=ErrorType.PROVIDER_AUTH, code=str(status))
+    return PermanentProviderError(text, error_type=ErrorType.REJECTED, code=str(status))
+
+
+def _vonage_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _webhook_params(request: HttpRequest) -> dict[str, Any]:
+    """A DLR's parameters: Vonage posts a form or JSON, or sends them as a GET query string."""
+    if request.content_type == "application/json":
+        try:
+            payload = json.loads(request.body or b"{}")
+        except ValueError as exc:
+            raise ValueError(f"Vonage receipt body is not JSON: {exc}") from exc
+        if not isinstance(payload, dict):
+            raise ValueError("Vonage receipt body is not a JSON object")
+        return payload
+    params = request.POST if request.method == "POST" and request.POST else request.GET
+    return {key: params.get(key) for key in params}
+
+
+def _md5hash(payload: dict[str, Any], secret: str) -> str:
+    """Vonage's default "MD5 hash" signature: MD5 of the sorted `&key=value` text followed by the secret."""
+    text = "".join(
+        f"&{key}={str(payload[key]).replace('&', '_').replace('=', '_')}" for key in sorted(payload) if key != "sig"
+    )
+    return hashlib.md5((text + secret).encode()).hexdigest()
