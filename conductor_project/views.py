@@ -51,6 +51,15 @@ class _MessageStateCollector:
             family.add_metric([row["channel"], row["provider"] or "none", row["state"]], row["n"])
         yield family
 
+        from reconciliation.models import Receipt
+
+        unmatched = GaugeMetricFamily(
+            "conductor_receipts_unmatched", "Provider receipts that name no message we know.", labels=["provider"]
+        )
+        for row in Receipt.objects.filter(message__isnull=True).values("provider").annotate(n=Count("pk")).order_by():
+            unmatched.add_metric([row["provider"]], row["n"])
+        yield unmatched
+
 
 def metrics(request: HttpRequest) -> HttpResponse:
     registry = CollectorRegistry()

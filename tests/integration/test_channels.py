@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import requests
 
 from messaging.models import Message
 from messaging.services import api_key_create
@@ -36,3 +37,75 @@ def test_whatsapp_through_twilio_reaches_read(live, send):
     [logged] = live.sandbox_requests(message_id=str(message.pk))
     assert logged["to"] == "whatsapp:+14155552671" and logged["channel"] == "whatsapp"
     assert timeline(message) == ["accepted", "dispatched", "read"]
+
+
+def test_sms_through_vonage_reaches_delivered(live, send):
+    live.replace_workers(env={"CONDUCTOR_ROUTE_SMS": "vonage"})
+    message = send(channel="sms", to="+14155552671", body="Your parcel is out for delivery")
+    wait_for_all([message.pk], {"delivered"}, timeout=30)
+    message.refresh_from_db()
+    assert message.provider == "vonage"
+    [logged] = live.sandbox_requests(provider="vonage", message_id=str(message.pk))
+    assert logged["accepted"] and logged["token"] == message.send_token
+    assert timeline(message) == ["accepted", "dispatched", "delivered"]
+    assert [r.provider_status for r in message.receipts.all()] == ["delivered"]
+
+
+def test_email_through_mailgun_reaches_read(live, send):
+    live.sandbox_faults("mailgun", receipt_status="read")
+    message = send(channel="email", to="ada@example.com", subject="Your invoice", body="Invoice attached.")
+    wait_for_all([message.pk], {"read"}, timeout=30)
+    message.refresh_from_db()
+    assert message.provider == "mailgun" and message.delivered_at and message.read_at
+    assert timeline(message) == ["accepted", "dispatched", "delivered", "read"]
+    assert sorted(r.provider_status for r in message.receipts.all()) == ["delivered", "opened"]
+
+
+def test_email_through_smtp_is_handed_to_the_relay(live, send):
+    from tests.support.smtp_server import SmtpTestServer
+
+    server = SmtpTestServer().start()
+    try:
+        live.replace_workers(env={"CONDUCTOR_ROUTE_EMAIL": "smtp", "SMTP_PORT": str(server.port)})
+        message = send(channel="email", to="ada@example.com", subject="Reset your password", body="Use this link.")
+        # SMTP gives no receipts: handed to the relay (dispatched) is its happy final state.
+        wait_for_all([message.pk], {"dispatched"}, timeout=30)
+        [received] = server.received(message_id=str(message.pk))
+        assert received.header("Subject") == "Reset your password" and "Use this link." in received.body
+        assert received.message_id == f"<{message.send_token}@conductor>"
+        assert Message.objects.get(pk=message.pk).provider == "smtp"
+    finally:
+        server.stop()
+
+
+def test_each_provider_webhook_refuses_a_forged_receipt_and_changes_nothing(live, send):
+    live.sandbox_faults("twilio", receipt_delay_ms=60_000)
+    message = send(channel="sms", to="+14155552671", body="hello")
+    wait_for_all([message.pk], {"dispatched"}, timeout=30)
+    forged_vonage = {
+        "messageId": message.provider_message_id,
+        "status": "delivered",
+        "client-ref": message.send_token,
+        "msisdn": "14155552671",
+        "timestamp": "1700000000",
+        "sig": "0" * 64,
+    }
+    assert requests.post(f"{live.web_url}/webhooks/vonage/", data=forged_vonage, timeout=10).status_code == 403
+    assert requests.get(f"{live.web_url}/webhooks/vonage/", params=forged_vonage, timeout=10).status_code == 403
+    forged_mailgun = {
+        "signature": {"timestamp": "1700000000", "token": "x" * 50, "signature": "0" * 64},
+        "event-data": {
+            "event": "delivered",
+            "id": "e1",
+            "timestamp": 1700000000.0,
+            "recipient": "a@example.com",
+            "user-variables": {"conductor_message_id": str(message.pk)},
+            "message": {"headers": {"message-id": "m@x"}},
+        },
+    }
+    mailgun = requests.post(f"{live.web_url}/webhooks/anymail/mailgun/tracking/", json=forged_mailgun, timeout=10)
+    assert mailgun.status_code == 400  # anymail's own view refuses with 400
+    assert requests.post(f"{live.web_url}/webhooks/twilio/", data={"MessageSid": "SM1"}, timeout=10).status_code == 403
+    assert requests.post(f"{live.web_url}/webhooks/nosuch/", data={}, timeout=10).status_code == 404
+    message.refresh_from_db()
+    assert message.state == "dispatched" and not message.receipts.exists()

@@ -55,9 +55,10 @@ def test_a_late_receipt_never_moves_the_state_back(message):
     assert message.events.filter(applied=False, to_state="delivered").exists()
 
 
-def test_an_unknown_reference_is_kept_unmatched(db):
+def test_an_unknown_reference_is_kept_unmatched_and_counted(client):
     receipt, new = receipt_record(event=event(None, "delivered", "delivered", sid="SM-unknown"))
     assert new and receipt.message is None and not receipt.applied
+    assert 'conductor_receipts_unmatched{provider="twilio"} 1.0' in client.get("/metrics").content.decode()
 
 
 def test_a_receipt_found_by_provider_reference_alone(message):
