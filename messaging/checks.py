@@ -58,6 +58,7 @@ def check_conductor_settings(app_configs=None, **kwargs) -> list[Error]:
             errors.append(
                 Error(f"Unknown retry policy field {field!r} for category {category!r}.", id="conductor.E007")
             )
+    errors += _check_circuit_settings()
     lease = configured.get("DISPATCH_LEASE_SECONDS", DEFAULTS["DISPATCH_LEASE_SECONDS"])
     for name, conf in getattr(settings, "CONDUCTOR_PROVIDERS", {}).items():
         timeout = conf.get("TIMEOUT_SECONDS", 0)
@@ -70,4 +71,30 @@ def check_conductor_settings(app_configs=None, **kwargs) -> list[Error]:
                     id="conductor.E008",
                 )
             )
+    return errors
+
+
+def _check_circuit_settings() -> list[Error]:
+    from providers.guards import CIRCUIT_FIELDS, circuit_settings
+
+    errors: list[Error] = []
+    blocks = {"CONDUCTOR['CIRCUIT_BREAKER']": getattr(settings, "CONDUCTOR", {}).get("CIRCUIT_BREAKER", {})}
+    for name, conf in getattr(settings, "CONDUCTOR_PROVIDERS", {}).items():
+        blocks[f"CONDUCTOR_PROVIDERS[{name!r}]['CIRCUIT_BREAKER']"] = conf.get("CIRCUIT_BREAKER", {})
+    for where, block in blocks.items():
+        for field in sorted(set(block) - CIRCUIT_FIELDS):
+            errors.append(
+                Error(
+                    f"Unknown circuit breaker setting {field!r} in {where}.",
+                    hint=f"Known: {', '.join(sorted(CIRCUIT_FIELDS))}.",
+                    id="conductor.E009",
+                )
+            )
+    if errors:
+        return errors
+    for name in getattr(settings, "CONDUCTOR_PROVIDERS", {}):
+        try:
+            circuit_settings(name)
+        except (TypeError, ValueError) as exc:
+            errors.append(Error(f"Circuit breaker settings for {name!r} cannot work: {exc}", id="conductor.E010"))
     return errors

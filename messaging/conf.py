@@ -18,6 +18,8 @@ DEFAULTS: dict[str, Any] = {
     "CATEGORY_POLICIES": {},
     # How long a worker owns a message while it sends; must exceed the provider timeout.
     "DISPATCH_LEASE_SECONDS": 60.0,
+    # Overrides of providers.circuit.CircuitSettings (field names), for every provider.
+    "CIRCUIT_BREAKER": {},
     # A message whose worker died this many times goes to the DLQ instead of looping.
     "MAX_WORKER_LOSSES": 3,
     # Redis re-delivers tasks held past its visibility timeout, so countdowns stay short;

@@ -73,7 +73,10 @@ class Message(models.Model):
     state = models.CharField(max_length=16, choices=MessageState.choices, default=MessageState.ACCEPTED)
     # The database is the queue of record: attempts, next-attempt time and the lease live here.
     send_generation = models.PositiveIntegerField(default=1)
+    # Recorded hops (provider calls, look-ups, circuit-open skips) and, separately, the rounds
+    # through the whole route that failed: the retry budget and backoff count rounds.
     attempt_count = models.PositiveIntegerField(default=0)
+    failed_rounds = models.PositiveIntegerField(default=0)
     worker_loss_count = models.PositiveIntegerField(default=0)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     enqueued_at = models.DateTimeField(null=True, blank=True)
@@ -125,6 +128,8 @@ class AttemptOutcome(models.TextChoices):
     IN_PROGRESS = "in_progress"
     ACCEPTED = "accepted"
     FOUND_AT_PROVIDER = "found_at_provider"
+    NOT_FOUND_AT_PROVIDER = "not_found_at_provider"
+    SKIPPED = "skipped"
     TRANSIENT_ERROR = "transient_error"
     PERMANENT_ERROR = "permanent_error"
     AMBIGUOUS = "ambiguous"
@@ -138,6 +143,9 @@ class DispatchAttempt(models.Model):
     number = models.PositiveIntegerField()
     send_generation = models.PositiveIntegerField(default=1)
     provider = models.CharField(max_length=32)
+    channel = models.CharField(max_length=16, blank=True, default="")
+    # Why this hop: the route's first provider, a fallback after another's failure, a look-up...
+    note = models.CharField(max_length=200, blank=True, default="")
     started_at = models.DateTimeField()
     ended_at = models.DateTimeField(null=True, blank=True)
     outcome = models.CharField(max_length=24, choices=AttemptOutcome.choices, default=AttemptOutcome.IN_PROGRESS)

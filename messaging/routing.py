@@ -62,3 +62,23 @@ def backoff_delay(policy: RetryPolicy, failures: int, rng: random.Random | None 
     exponent = max(0, failures - 1)
     ceiling = min(policy.cap_seconds, policy.base_seconds * (2 ** min(exponent, 62)))
     return (rng or random).uniform(0, ceiling)
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One way to send a message: a channel, the address on it, and a provider."""
+
+    channel: str
+    to: str
+    provider: str
+
+
+def message_route(*, channel: str, to: str, fallback_channels: list[str], fallback_to: dict[str, str]) -> list[Hop]:
+    """Every hop in order: the channel's providers, then each fallback channel's providers."""
+    routes = conductor_setting("ROUTES")
+    hops = [Hop(channel, to, provider) for provider in routes.get(channel, [])]
+    for fallback in fallback_channels:
+        address = fallback_to.get(fallback)
+        if address:
+            hops += [Hop(fallback, address, provider) for provider in routes.get(fallback, [])]
+    return hops

@@ -6,6 +6,8 @@ from functools import cache
 
 import redis
 from django.conf import settings
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 # Shared state sits on the hot path of every send: a Redis that does not answer quickly is
 # treated as unreachable (callers fail open), never waited on.
@@ -19,6 +21,8 @@ def shared_redis() -> redis.Redis:
         settings.REDIS_URL,
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=SOCKET_TIMEOUT_S,
+        # redis-py retries with backoff by default (seconds per call when Redis is down): fail fast.
+        retry=Retry(NoBackoff(), 0),
         health_check_interval=30,
     )
 

@@ -17,6 +17,19 @@ def _clean_redis():
         redis.Redis.from_url(url).flushdb()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_provider_state():
+    """Circuit and rate-limit state lives in Redis and in per-process caches: start every test clean."""
+    from providers.guards import reset_guards
+    from providers.redis_state import reset_shared_redis
+
+    redis.Redis.from_url(settings.REDIS_URL).flushdb()
+    reset_guards()
+    reset_shared_redis()
+    yield
+    reset_guards()
+
+
 @pytest.fixture
 def client_key(db):
     """(ApiClient, raw key) for a fresh client."""

@@ -170,6 +170,11 @@ CONDUCTOR = {
         "email": env_list("CONDUCTOR_ROUTE_EMAIL", ["mailgun", "smtp"]),
     },
     "DISPATCH_LEASE_SECONDS": env_float("CONDUCTOR_DISPATCH_LEASE_SECONDS", 60.0),
+    # Overrides of providers.circuit.CircuitSettings for every provider (each provider's block may
+    # override again under "CIRCUIT_BREAKER"); the defaults and their reasons are in that module.
+    "CIRCUIT_BREAKER": {
+        "open_seconds": env_float("CONDUCTOR_CIRCUIT_OPEN_SECONDS", 30.0),
+    },
     "MAX_WORKER_LOSSES": env_int("CONDUCTOR_MAX_WORKER_LOSSES", 3),
 }
 CONDUCTOR_PROVIDERS = {
@@ -182,6 +187,8 @@ CONDUCTOR_PROVIDERS = {
         "TIMEOUT_SECONDS": env_float("TWILIO_TIMEOUT_SECONDS", 10.0),
         # After an ambiguous send, how long an empty look-up is not yet trusted (records lag).
         "LOOKUP_SETTLE_SECONDS": env_float("TWILIO_LOOKUP_SETTLE_SECONDS", 30.0),
+        # Messages per second across every worker (None: unlimited), so a campaign is not throttled.
+        "RATE_LIMIT_PER_SECOND": env_float("TWILIO_RATE_LIMIT_PER_SECOND", 0.0) or None,
     },
     "vonage": {
         "API_KEY": env_str("VONAGE_API_KEY", "sandboxkey"),
@@ -193,6 +200,8 @@ CONDUCTOR_PROVIDERS = {
         "BASE_URL": env_str("VONAGE_BASE_URL", SANDBOX_URL),
         "TIMEOUT_SECONDS": env_float("VONAGE_TIMEOUT_SECONDS", 10.0),
         "LOOKUP_SETTLE_SECONDS": env_float("VONAGE_LOOKUP_SETTLE_SECONDS", 120.0),
+        # Messages per second across every worker (None: unlimited), so a campaign is not throttled.
+        "RATE_LIMIT_PER_SECOND": env_float("VONAGE_RATE_LIMIT_PER_SECOND", 0.0) or None,
     },
     "mailgun": {
         "API_KEY": env_str("MAILGUN_API_KEY", "sandbox-mailgun-api-key"),
@@ -202,6 +211,8 @@ CONDUCTOR_PROVIDERS = {
         "FROM_EMAIL": env_str("MAILGUN_FROM_EMAIL", "Conductor <no-reply@mg.example.com>"),
         "TIMEOUT_SECONDS": env_float("MAILGUN_TIMEOUT_SECONDS", 10.0),
         "LOOKUP_SETTLE_SECONDS": env_float("MAILGUN_LOOKUP_SETTLE_SECONDS", 120.0),
+        # Messages per second across every worker (None: unlimited), so a campaign is not throttled.
+        "RATE_LIMIT_PER_SECOND": env_float("MAILGUN_RATE_LIMIT_PER_SECOND", 0.0) or None,
     },
     "smtp": {
         "HOST": env_str("SMTP_HOST", "127.0.0.1"),
@@ -211,6 +222,7 @@ CONDUCTOR_PROVIDERS = {
         "USE_TLS": env_bool("SMTP_USE_TLS", False),
         "FROM_EMAIL": env_str("SMTP_FROM_EMAIL", "Conductor <no-reply@example.com>"),
         "TIMEOUT_SECONDS": env_float("SMTP_TIMEOUT_SECONDS", 10.0),
+        "RATE_LIMIT_PER_SECOND": env_float("SMTP_RATE_LIMIT_PER_SECOND", 0.0) or None,
     },
 }
 # django-anymail reads its own settings block; it is derived from the mailgun entry above.

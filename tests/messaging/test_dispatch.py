@@ -15,6 +15,15 @@ from providers.registry import reset_provider_cache
 pytestmark = pytest.mark.django_db
 
 
+@pytest.fixture(autouse=True)
+def single_provider_routes(settings):
+    """One provider per channel, so these tests see the retry policy rather than fallback."""
+    settings.CONDUCTOR = {
+        **settings.CONDUCTOR,
+        "ROUTES": {"sms": ["twilio"], "whatsapp": ["twilio"], "email": ["smtp"]},
+    }
+
+
 def outcomes(message):
     return list(message.attempts.order_by("number").values_list("outcome", flat=True))
 
@@ -112,11 +121,11 @@ def test_retries_stop_at_the_deadline(sandbox, make_message, settings):
 
 def test_exhausted_retries_dead_letter_the_message_with_its_last_error(sandbox, make_message):
     sandbox.faults(outage=True)
-    message = make_message(attempt_count=5)  # critical allows 6
+    message = make_message(failed_rounds=5)  # critical allows 6
     message_dispatch(message_id=str(message.pk))
     message.refresh_from_db()
-    assert message.state == "dead_lettered" and message.attempt_count == 6
-    assert message.last_error_type == "provider_5xx" and "6 attempts failed" in message.last_error_message
+    assert message.state == "dead_lettered" and message.failed_rounds == 6
+    assert message.last_error_type == "provider_5xx" and "6 rounds of attempts failed" in message.last_error_message
 
 
 def test_a_message_that_keeps_killing_its_worker_is_dead_lettered_not_looped(sandbox, make_message):
@@ -153,7 +162,7 @@ def test_a_look_up_ignores_a_provider_message_that_belongs_to_another_message(sa
     twin.refresh_from_db()
     first.refresh_from_db()
     assert twin.provider_message_id != first.provider_message_id
-    assert outcomes(twin) == ["accepted"]
+    assert outcomes(twin) == ["not_found_at_provider", "accepted"]
     assert len(sandbox.requests(message_id=str(twin.pk))) == 1
 
 

@@ -211,11 +211,12 @@ def test_mailgun_events_map_through_anymail(mailgun_event, extra, provider_statu
 @pytest.fixture
 def sent_email(sandbox, make_message, receiver):
     """An email Message row sent through the adapter, and the sandbox's real `delivered` webhook for it."""
-    from messaging.dispatch import _send_request
+    from messaging.lookup import send_request
+    from messaging.routing import Hop
 
     sandbox.faults("mailgun", receipt_delay_ms=0)
     message = make_message(channel="email", to="ada@example.com", subject="Welcome", body="Hello Ada")
-    result = get_provider("mailgun").send(_send_request(message))
+    result = get_provider("mailgun").send(send_request(message, Hop("email", message.to, "mailgun")))
     Message.objects.filter(pk=message.pk).update(
         state="dispatched", provider="mailgun", provider_message_id=result.provider_message_id
     )

@@ -8,8 +8,8 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from messaging.dispatch import _accepted
 from messaging.models import AttemptOutcome, DispatchAttempt, Message
+from messaging.outcomes import record_accepted
 from providers.base import ReceiptEvent, SendResult
 from reconciliation.models import Receipt
 from reconciliation.receipts import receipt_record
@@ -78,7 +78,7 @@ def test_delivered_before_our_dispatched_write_is_applied_and_the_worker_keeps_t
     message.refresh_from_db()
     assert message.state == "delivered" and message.provider_message_id == "SM-early"
     # The worker's own "dispatched" write is refused, never applied backwards; it keeps the reference.
-    _accepted(message, attempt, SendResult("SM-early", "queued"), time.monotonic(), AttemptOutcome.ACCEPTED)
+    record_accepted(message, attempt, SendResult("SM-early", "queued"), time.monotonic(), AttemptOutcome.ACCEPTED)
     message.refresh_from_db()
     assert message.state == "delivered" and message.dispatched_at and message.lease_expires_at is None
     assert message.events.filter(to_state="dispatched", applied=False).exists()

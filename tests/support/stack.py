@@ -28,6 +28,7 @@ class Stack:
             "CONDUCTOR_SANDBOX_URL": self.sandbox_url,
             "CELERY_BEAT_SCHEDULER": "celery.beat:PersistentScheduler",
             "CONDUCTOR_SWEEP_INTERVAL_SECONDS": "1",
+            "CONDUCTOR_CIRCUIT_OPEN_SECONDS": "5",
             "PYTHONUNBUFFERED": "1",
         }
         self.processes: list[ManagedProcess] = []

@@ -1,0 +1,130 @@
+"""Resolving a send whose outcome is unknown by asking the provider, never by a blind resend."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+
+from django.utils import timezone
+
+from messaging.models import AttemptOutcome, DispatchAttempt, ErrorType, Message
+from messaging.outcomes import attempt_finish, attempt_start, dead_letter, error_fields, record_accepted, schedule_retry
+from messaging.routing import Hop
+from providers.base import AmbiguousProviderError, Provider, ProviderError, SendRequest, SendResult
+from providers.registry import get_provider
+
+logger = logging.getLogger(__name__)
+
+UNKNOWN_OUTCOMES = (AttemptOutcome.AMBIGUOUS, AttemptOutcome.WORKER_LOST)
+
+
+def unknown_hop(message: Message, default: Hop) -> Hop:
+    """The hop whose outcome is unknown: the last one that reached (or may have reached) a provider."""
+    last = (
+        DispatchAttempt.objects.filter(message=message, outcome__in=UNKNOWN_OUTCOMES)
+        .order_by("-number")
+        .values_list("provider", "channel")
+        .first()
+    )
+    if last is None:
+        return default
+    provider, channel = last
+    channel = channel or message.channel
+    to = message.to if channel == message.channel else message.fallback_to.get(channel, message.to)
+    return Hop(channel, to, provider)
+
+
+def send_request(message: Message, hop: Hop, attempted_since=None) -> SendRequest:
+    subject = message.subject
+    if hop.channel == "email" and not subject:
+        subject = message.body.splitlines()[0][:78] if message.body else "Message"
+    return SendRequest(
+        message_id=str(message.pk),
+        token=message.send_token,
+        channel=hop.channel,
+        to=hop.to,
+        body=message.body,
+        subject=subject,
+        attempted_since=attempted_since,
+    )
+
+
+def resolve_unknown_outcome(message: Message, route: list[Hop]) -> bool:
+    """Ask the provider of the unknown attempt (else the route's first) whether it has the message.
+
+    Returns True when that settled this claim (found and recorded, retry scheduled, or
+    dead-lettered), False when the provider positively has no record: the caller may send.
+    """
+    hop = unknown_hop(message, default=route[0])
+    provider = get_provider(hop.provider)
+    if not provider.supports_lookup:
+        reason = (
+            f"the outcome of an earlier send is unknown and {hop.provider} cannot be asked; replay if it never arrived"
+        )
+        dead_letter(message, ErrorType.PROVIDER_TIMEOUT, "no_lookup", reason)
+        return True
+    first = (
+        DispatchAttempt.objects.filter(message=message, send_generation=message.send_generation)
+        .order_by("started_at")
+        .values_list("started_at", flat=True)
+        .first()
+    )
+    attempt = attempt_start(message, hop, "look-up after an unknown outcome")
+    started = time.monotonic()
+    try:
+        found = _unclaimed(provider.find_send(send_request(message, hop, first)), message, hop.provider)
+        if found is None:
+            _raise_if_unsettled(message, provider)
+    except ProviderError as exc:
+        # Whatever the look-up's trouble, the outcome is still unknown: ask again later.
+        attempt_finish(attempt, started, AttemptOutcome.AMBIGUOUS, **error_fields(exc))
+        schedule_retry(message, exc, ambiguous=True)
+        return True
+    if found is not None:
+        logger.info("message %s: %s already had it (%s)", message.pk, hop.provider, found.provider_message_id)
+        record_accepted(message, attempt, found, started, AttemptOutcome.FOUND_AT_PROVIDER)
+        return True
+    attempt_finish(attempt, started, AttemptOutcome.NOT_FOUND_AT_PROVIDER)
+    Message.objects.filter(pk=message.pk).update(needs_provider_lookup=False)
+    message.needs_provider_lookup = False
+    logger.info("message %s: %s has no record of it; it may be sent", message.pk, hop.provider)
+    return False
+
+
+def _raise_if_unsettled(message: Message, provider: Provider) -> None:
+    """An empty look-up is only trusted once the provider's records have caught up.
+
+    Reports and event logs (Vonage, Mailgun) lag behind the send API, so "no record" right after
+    an ambiguous attempt may mean "not indexed yet": wait LOOKUP_SETTLE_SECONDS before resending.
+    """
+    settle = float(provider.config.get("LOOKUP_SETTLE_SECONDS", 0))
+    if not settle:
+        return
+    last_unknown = (
+        DispatchAttempt.objects.filter(
+            message=message, send_generation=message.send_generation, outcome__in=UNKNOWN_OUTCOMES
+        )
+        .order_by("-ended_at")
+        .values_list("ended_at", flat=True)
+        .first()
+    )
+    if last_unknown and timezone.now() - last_unknown < timedelta(seconds=settle):
+        raise AmbiguousProviderError(
+            f"{provider.name} shows no record yet; waiting {settle:.0f}s for its records to settle",
+            error_type=ErrorType.UNKNOWN,
+            code="lookup_unsettled",
+        )
+
+
+def _unclaimed(candidates: list[SendResult], message: Message, provider_name: str) -> SendResult | None:
+    """The provider's candidate not already attributed to another of our messages."""
+    for candidate in candidates:
+        taken = (
+            Message.objects.filter(provider=provider_name, provider_message_id=candidate.provider_message_id)
+            .exclude(pk=message.pk)
+            .exists()
+        )
+        if not taken:
+            return candidate
+    return None

@@ -1,0 +1,157 @@
+"""Recording what a dispatch attempt came to: accepted, retry later, failed, dead-lettered.
+
+Every final write of a claimed message also releases its lease; nothing here calls a provider.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+from typing import Any
+
+from django.db.models import F
+from django.utils import timezone
+
+from messaging.conf import conductor_setting
+from messaging.logging import masked
+from messaging.models import AttemptOutcome, DispatchAttempt, EventSource, Message
+from messaging.routing import Hop, backoff_delay, retry_policy_for
+from messaging.services import message_publish, message_transition
+from messaging.states import MessageState
+from providers.base import ProviderError, SendResult
+
+logger = logging.getLogger(__name__)
+
+# Fields every final write of a claimed message clears: the lease and any scheduled retry.
+RELEASE = {"lease_expires_at": None, "next_attempt_at": None, "enqueued_at": None}
+
+
+def attempt_start(message: Message, hop: Hop, note: str, outcome: str = AttemptOutcome.IN_PROGRESS) -> DispatchAttempt:
+    """Record a hop before its network call, so a worker that dies mid-call leaves a trace."""
+    message.attempt_count += 1
+    attempt = DispatchAttempt.objects.create(
+        message=message,
+        number=message.attempt_count,
+        send_generation=message.send_generation,
+        provider=hop.provider,
+        channel=hop.channel,
+        note=note[:200],
+        started_at=timezone.now(),
+        outcome=outcome,
+    )
+    fields: dict[str, Any] = {"attempt_count": F("attempt_count") + 1}
+    if outcome == AttemptOutcome.IN_PROGRESS:
+        fields["provider"] = hop.provider  # the provider to ask if this call's outcome is lost
+    Message.objects.filter(pk=message.pk).update(**fields)
+    if outcome == AttemptOutcome.IN_PROGRESS:
+        message.provider = hop.provider
+    return attempt
+
+
+def attempt_finish(attempt: DispatchAttempt, started: float, outcome: str, **fields: Any) -> None:
+    latency_ms = int((time.monotonic() - started) * 1000)
+    DispatchAttempt.objects.filter(pk=attempt.pk).update(
+        outcome=outcome, ended_at=timezone.now(), latency_ms=latency_ms, **fields
+    )
+
+
+def error_fields(exc: ProviderError) -> dict[str, str]:
+    return {"error_type": exc.error_type, "error_code": exc.code, "error_message": str(exc)[:2000]}
+
+
+def _last_error(exc: ProviderError) -> dict[str, str]:
+    return {f"last_{name}": value for name, value in error_fields(exc).items()}
+
+
+def record_accepted(
+    message: Message, attempt: DispatchAttempt, result: SendResult, started: float, outcome: str
+) -> None:
+    attempt_finish(attempt, started, outcome, provider_message_id=result.provider_message_id)
+    reference = {
+        "provider": attempt.provider,
+        "provider_message_id": result.provider_message_id,
+        "needs_provider_lookup": False,
+    }
+    applied = message_transition(
+        message_id=message.pk,
+        to_state=MessageState.DISPATCHED,
+        source=EventSource.WORKER,
+        detail=f"{attempt.provider} accepted it as {result.provider_message_id} ({result.provider_status})",
+        fields={**RELEASE, **reference},
+    )
+    if not applied:
+        # A receipt overtook our write (already delivered or read): keep the provider's reference.
+        Message.objects.filter(pk=message.pk).update(**RELEASE, **reference)
+        Message.objects.filter(pk=message.pk, dispatched_at__isnull=True).update(dispatched_at=timezone.now())
+    logger.info("message %s dispatched via %s to %s", message.pk, attempt.provider, masked(message.to))
+
+
+def schedule_retry(message: Message, exc: ProviderError, *, ambiguous: bool, counted: bool = True) -> None:
+    """Wait and try again (full-jitter backoff), or dead-letter when the retry budget is spent.
+
+    `counted` is False when no provider was actually tried (every circuit open): that round
+    spends none of the budget; the deadline still bounds it.
+    """
+    policy = retry_policy_for(message.priority, message.category)
+    rounds = message.failed_rounds + (1 if counted else 0)
+    if counted and rounds >= policy.max_attempts:
+        reason = f"{rounds} rounds of attempts failed; last: {exc}"
+        dead_letter(message, exc.error_type, exc.code, reason, failed_rounds=rounds)
+        return
+    now = timezone.now()
+    delay = exc.retry_after if exc.retry_after is not None else backoff_delay(policy, max(rounds, 1))
+    # Retries stop at the deadline: the attempt due then finds it expired.
+    next_at = min(now + timedelta(seconds=delay), message.expires_at)
+    countdown = max(0.0, (next_at - now).total_seconds())
+    publish_now = countdown <= conductor_setting("MAX_COUNTDOWN_SECONDS")
+    # Only while still accepted: a receipt may have arrived during the call (the provider had it).
+    scheduled = Message.objects.filter(pk=message.pk, state=MessageState.ACCEPTED).update(
+        next_attempt_at=next_at,
+        enqueued_at=next_at if publish_now else None,
+        lease_expires_at=None,
+        failed_rounds=rounds,
+        # Still unknown if this attempt was itself ambiguous or its look-up did not complete.
+        needs_provider_lookup=ambiguous or message.needs_provider_lookup,
+        **_last_error(exc),
+    )
+    if not scheduled:
+        Message.objects.filter(pk=message.pk).update(lease_expires_at=None)
+        logger.info("message %s moved on during its attempt; no retry", message.pk)
+        return
+    logger.info("message %s: %s (%s); next attempt in %.1fs", message.pk, exc.error_type, exc, countdown)
+    if publish_now:
+        message_publish(message_id=message.pk, channel=message.channel, priority=message.priority, countdown=countdown)
+
+
+def reschedule_unchanged(message: Message, wait_s: float) -> None:
+    """Give the message back for `wait_s` without spending its budget (e.g. a rate-limit slot)."""
+    next_at = min(timezone.now() + timedelta(seconds=wait_s), message.expires_at)
+    countdown = max(0.0, (next_at - timezone.now()).total_seconds())
+    publish_now = countdown <= conductor_setting("MAX_COUNTDOWN_SECONDS")
+    Message.objects.filter(pk=message.pk, state=MessageState.ACCEPTED).update(
+        next_attempt_at=next_at, enqueued_at=next_at if publish_now else None, lease_expires_at=None
+    )
+    if publish_now:
+        message_publish(message_id=message.pk, channel=message.channel, priority=message.priority, countdown=countdown)
+
+
+def record_failed(message: Message, exc: ProviderError) -> None:
+    message_transition(
+        message_id=message.pk,
+        to_state=MessageState.FAILED,
+        source=EventSource.WORKER,
+        detail=f"permanent error: {exc}",
+        fields={**RELEASE, **_last_error(exc)},
+    )
+
+
+def dead_letter(message: Message, error_type: str, code: str, reason: str, **fields: Any) -> None:
+    last_error = {"last_error_type": error_type, "last_error_code": code, "last_error_message": reason[:2000]}
+    message_transition(
+        message_id=message.pk,
+        to_state=MessageState.DEAD_LETTERED,
+        source=EventSource.WORKER,
+        detail=reason,
+        fields={**RELEASE, **last_error, **fields},
+    )

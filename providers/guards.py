@@ -1,0 +1,53 @@
+"""One circuit breaker and one rate limiter per provider and process, built from settings."""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from functools import cache
+from typing import Any
+
+from django.conf import settings
+
+from providers.circuit import CircuitBreaker, CircuitSettings
+from providers.conf import provider_config
+from providers.ratelimit import RateLimit, RateLimiter, wait_for_slot
+
+CIRCUIT_FIELDS = frozenset(f.name for f in fields(CircuitSettings))
+RATE_LIMIT_KEYS = frozenset({"RATE_LIMIT_PER_SECOND", "RATE_LIMIT_BURST", "RATE_LIMIT_MAX_INLINE_WAIT_SECONDS"})
+
+
+def circuit_settings(name: str) -> CircuitSettings:
+    """Defaults, then CONDUCTOR["CIRCUIT_BREAKER"], then the provider's own "CIRCUIT_BREAKER"."""
+    overrides: dict[str, Any] = {**getattr(settings, "CONDUCTOR", {}).get("CIRCUIT_BREAKER", {})}
+    overrides.update(provider_config(name).get("CIRCUIT_BREAKER", {}))
+    return replace(CircuitSettings(), **overrides)
+
+
+def rate_limit(name: str) -> RateLimit:
+    config = provider_config(name)
+    return RateLimit(
+        per_second=config.get("RATE_LIMIT_PER_SECOND") or None,
+        burst=config.get("RATE_LIMIT_BURST") or None,
+        max_inline_wait_seconds=config.get("RATE_LIMIT_MAX_INLINE_WAIT_SECONDS", 1.0),
+    )
+
+
+@cache
+def circuit_breaker(name: str) -> CircuitBreaker:
+    return CircuitBreaker(name, circuit_settings(name))
+
+
+@cache
+def rate_limiter(name: str) -> RateLimiter:
+    return RateLimiter(name, rate_limit(name))
+
+
+def wait_for_rate_slot(limiter: RateLimiter) -> float:
+    """0.0 when a slot is taken (after a short in-process wait); else the wait to reschedule with."""
+    return wait_for_slot(limiter)
+
+
+def reset_guards() -> None:
+    """Forget breaker and limiter instances (tests that change their settings call this)."""
+    circuit_breaker.cache_clear()
+    rate_limiter.cache_clear()
