@@ -27,7 +27,9 @@ def rate_limit(name: str) -> RateLimit:
     config = provider_config(name)
     return RateLimit(
         per_second=config.get("RATE_LIMIT_PER_SECOND") or None,
-        burst=config.get("RATE_LIMIT_BURST") or None,
+        # A burst of 1 spaces sends evenly, so no one-second window exceeds the rate (+1): what a
+        # provider's "N messages per second" cap checks. Raise it only for providers that allow bursts.
+        burst=config.get("RATE_LIMIT_BURST") or 1,
         max_inline_wait_seconds=config.get("RATE_LIMIT_MAX_INLINE_WAIT_SECONDS", 1.0),
     )
 

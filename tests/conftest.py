@@ -85,7 +85,7 @@ def stack(django_db_setup, django_db_blocker):
     """Sandbox, web, one worker and beat as real processes on the test database (started once)."""
     from tests.support.stack import Stack
 
-    stack = Stack(settings.DATABASES["default"]["NAME"], settings.CELERY_BROKER_URL, settings.REDIS_URL)
+    stack = Stack(settings.DATABASES["default"]["NAME"])
     try:
         stack.start(workers=1)
     except Exception:
@@ -100,6 +100,7 @@ def stack(django_db_setup, django_db_blocker):
 def live(stack, transactional_db, request):
     """The stack with a reset sandbox and at least one worker; prints process logs if the test failed."""
     stack.sandbox_reset()
+    stack.state_redis().flushdb()  # circuits and rate limits start closed and full
     if len(stack.workers) != 1 or stack.workers_customised:
         stack.replace_workers()
     yield stack

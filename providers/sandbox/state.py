@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import random
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -74,6 +76,9 @@ class FaultSettings:
     receipt_loss_rate: float = 0.0
     receipt_delay_ms: float = 200
     receipt_status: str = "delivered"
+    # Like a real account's throughput cap: sends beyond this many in any one second get a 429
+    # (0: no cap). Shows whether our own rate limiter keeps a campaign under the provider's.
+    max_per_second: float = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,6 +98,8 @@ def _validate(name: str, value: Any) -> None:
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if name in _RATE_FIELDS and not (is_number and 0 <= value <= 1):
         raise FaultValidationError(f"{name} must be a number between 0 and 1", name)
+    if name == "max_per_second" and not (is_number and value >= 0):
+        raise FaultValidationError("max_per_second must be a non-negative number", name)
     if name in _MS_FIELDS and not (is_number and value >= 0):
         raise FaultValidationError(f"{name} must be a non-negative number of milliseconds", name)
     if name == "outage" and not isinstance(value, bool):
@@ -171,6 +178,7 @@ class SandboxState:
         # Overrides SandboxConfig.public_url (POST /_sandbox/config): where account-level
         # webhooks (Mailgun's) go. Not cleared by reset, like a provider's dashboard setting.
         self.public_url: str | None = None
+        self._recent_sends: dict[str, collections.deque[float]] = {}
         self._seq = 0
 
     def reset(self, seed: int | None = None, *, reseed: bool = False) -> None:
@@ -195,7 +203,7 @@ class SandboxState:
     def draw_send_outcome(self, provider: str) -> SendOutcome:
         """Roll the faults for a valid send, in the documented order (outage is checked earlier)."""
         faults = self.faults[provider]
-        if self.chance(faults.rate_429):
+        if self.chance(faults.rate_429) or self._over_capacity(provider, faults.max_per_second):
             return SendOutcome(FAULT_RATE_429, False, "", self.latency_s(provider))
         if self.chance(faults.error_rate):
             return SendOutcome(FAULT_ERROR, False, "", self.latency_s(provider))
@@ -208,6 +216,19 @@ class SandboxState:
         else:
             delivery = DELIVERY_RECEIPT
         return SendOutcome(None, held, delivery, delay)
+
+    def _over_capacity(self, provider: str, max_per_second: float) -> bool:
+        """Sliding one-second window of accepted-for-processing sends per provider."""
+        if not max_per_second:
+            return False
+        now = time.monotonic()
+        window = self._recent_sends.setdefault(provider, collections.deque())
+        while window and now - window[0] >= 1.0:
+            window.popleft()
+        if len(window) >= max_per_second:
+            return True
+        window.append(now)
+        return False
 
     # --- request log ------------------------------------------------------------------------
     def record_request(

@@ -365,6 +365,7 @@ def test_fault_settings_defaults_and_partial_update(sandbox: BackgroundSandbox) 
         "receipt_loss_rate": 0.0,
         "receipt_delay_ms": 200,
         "receipt_status": "delivered",
+        "max_per_second": 0,
     }
     set_faults(sandbox, error_rate=0.3, latency_ms=50)
     updated = set_faults(sandbox, outage=True)
@@ -415,3 +416,15 @@ def test_request_log_filters(sandbox: BackgroundSandbox, client: Client, receive
 
 def test_healthz(sandbox: BackgroundSandbox) -> None:
     assert requests.get(f"{sandbox.url}/_sandbox/healthz", timeout=5).json() == {"ok": True}
+
+
+def test_max_per_second_answers_429_beyond_the_providers_capacity(sandbox: BackgroundSandbox, client: Client) -> None:
+    set_faults(sandbox, max_per_second=5)
+    codes = []
+    for _ in range(8):
+        try:
+            client.messages.create(to="+14155552671", from_="+15005550006", body="burst")
+            codes.append(201)
+        except TwilioRestException as exc:
+            codes.append(exc.status)
+    assert codes.count(201) == 5 and codes.count(429) == 3

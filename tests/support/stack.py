@@ -3,27 +3,33 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import redis
 import requests
 
 from tests.support.processes import PYTHON, ManagedProcess, free_port, http_ok, wait_until
 
 
 class Stack:
-    def __init__(self, database_name: str, broker_url: str, redis_url: str):
+    def __init__(self, database_name: str):
         self.log_dir = Path(tempfile.mkdtemp(prefix="conductor-stack-"))
-        self.web_port, self.sandbox_port = free_port(), free_port()
+        self.web_port, self.sandbox_port, self.redis_port = free_port(), free_port(), free_port()
+        # A Redis of the stack's own, so a test can restart it (which empties it) without
+        # touching anything else on the machine.
+        self.broker_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/1"
         self.web_url = f"http://127.0.0.1:{self.web_port}"
         self.sandbox_url = f"http://127.0.0.1:{self.sandbox_port}"
         self.env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "conductor_project.settings.test",
             "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{database_name}",
-            "CELERY_BROKER_URL": broker_url,
-            "REDIS_URL": redis_url,
+            "CELERY_BROKER_URL": self.broker_url,
+            "REDIS_URL": self.redis_url,
             "CONDUCTOR_PUBLIC_URL": self.web_url,
             "CONDUCTOR_SANDBOX_URL": self.sandbox_url,
             "CELERY_BEAT_SCHEDULER": "celery.beat:PersistentScheduler",
@@ -42,7 +48,29 @@ class Stack:
         self.processes.append(process)
         return process
 
+    def start_redis(self) -> ManagedProcess:
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError("integration tests need redis-server (Debian: apt-get install redis-server)")
+        self.redis = self._spawn(
+            "redis",
+            [server, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        )
+        wait_until(lambda: redis.Redis(port=self.redis_port).ping(), 15, what="redis")
+        return self.redis
+
+    def restart_redis(self) -> None:
+        """Kill Redis and start it again, empty: the broker loses every queued task."""
+        self.redis.kill()
+        self.processes.remove(self.redis)
+        self.start_redis()
+
+    def state_redis(self) -> redis.Redis:
+        """The Redis holding circuit and rate-limit state, as the workers see it."""
+        return redis.Redis.from_url(self.redis_url)
+
     def start(self, workers: int = 1) -> Stack:
+        self.start_redis()
         self.sandbox = self._spawn(
             "sandbox", [PYTHON, "manage.py", "run_sandbox_provider", "--port", str(self.sandbox_port), "--seed", "7"]
         )
@@ -118,13 +146,16 @@ class Stack:
         worker.kill()
         self.workers.remove(worker)
 
-    def replace_workers(self, env: dict[str, str] | None = None, count: int = 1) -> list[ManagedProcess]:
+    def replace_workers(
+        self, env: dict[str, str] | None = None, count: int = 1, concurrency: int = 4
+    ) -> list[ManagedProcess]:
         """Stop every worker and start `count` new ones (with `env` overrides, undone by the next test)."""
-        self.workers_customised = bool(env)
+        self.workers_customised = bool(env) or concurrency != 4
         for worker in list(self.workers):
             worker.stop()
             self.workers.remove(worker)
-        return [self.start_worker(env=env) for _ in range(count)]
+        self.worker_env = env
+        return [self.start_worker(concurrency=concurrency, env=env) for _ in range(count)]
 
     def stop(self) -> None:
         for process in reversed(self.processes):
