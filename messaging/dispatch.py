@@ -10,6 +10,7 @@ the message wait (backoff). An ambiguous outcome never moves on: it is looked up
 from __future__ import annotations
 
 import logging
+import random
 import time
 from datetime import timedelta
 from typing import Any
@@ -35,7 +36,7 @@ from messaging.routing import Hop, message_route
 from messaging.services import message_transition
 from messaging.states import MessageState
 from providers.base import AmbiguousProviderError, PermanentProviderError, ProviderError, TransientProviderError
-from providers.guards import circuit_breaker, rate_limiter, wait_for_rate_slot
+from providers.guards import circuit_breaker, rate_limiter, seconds_until_half_open, wait_for_rate_slot
 from providers.registry import get_provider
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,13 @@ def _walk(message: Message, hops: list[Hop]) -> None:
         if last_error is None:
             return
     assert last_error is not None
-    schedule_retry(message, last_error, ambiguous=False, counted=tried)
+    if tried:
+        schedule_retry(message, last_error, ambiguous=False)
+        return
+    # Every circuit open: no point asking before the first one lets a trial through; the jitter
+    # keeps a whole backlog from arriving at that moment together.
+    reopen_s = min(seconds_until_half_open(hop.provider) for hop in hops)
+    schedule_retry(message, last_error, ambiguous=False, counted=False, at_least_s=reopen_s + random.uniform(0, 1))
 
 
 def last_error_kind(exc: ProviderError | None) -> str:

@@ -87,7 +87,9 @@ def record_accepted(
     logger.info("message %s dispatched via %s to %s", message.pk, attempt.provider, masked(message.to))
 
 
-def schedule_retry(message: Message, exc: ProviderError, *, ambiguous: bool, counted: bool = True) -> None:
+def schedule_retry(
+    message: Message, exc: ProviderError, *, ambiguous: bool, counted: bool = True, at_least_s: float = 0.0
+) -> None:
     """Wait and try again (full-jitter backoff), or dead-letter when the retry budget is spent.
 
     `counted` is False when no provider was actually tried (every circuit open): that round
@@ -101,6 +103,7 @@ def schedule_retry(message: Message, exc: ProviderError, *, ambiguous: bool, cou
         return
     now = timezone.now()
     delay = exc.retry_after if exc.retry_after is not None else backoff_delay(policy, max(rounds, 1))
+    delay = max(delay, at_least_s)
     # Retries stop at the deadline: the attempt due then finds it expired.
     next_at = min(now + timedelta(seconds=delay), message.expires_at)
     countdown = max(0.0, (next_at - now).total_seconds())

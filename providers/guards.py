@@ -49,6 +49,15 @@ def wait_for_rate_slot(limiter: RateLimiter) -> float:
     return wait_for_slot(limiter)
 
 
+def seconds_until_half_open(name: str) -> float:
+    """How long until an open circuit lets a trial through (0 when it is not open)."""
+    breaker = circuit_breaker(name)
+    snapshot = breaker.snapshot()
+    if snapshot.get("state") != "open" or not snapshot.get("opened_at"):
+        return 0.0
+    return max(0.0, snapshot["opened_at"] + breaker.settings.open_seconds - breaker.clock())
+
+
 def reset_guards() -> None:
     """Forget breaker and limiter instances (tests that change their settings call this)."""
     circuit_breaker.cache_clear()

@@ -174,6 +174,7 @@ CONDUCTOR = {
     # override again under "CIRCUIT_BREAKER"); the defaults and their reasons are in that module.
     "CIRCUIT_BREAKER": {
         "open_seconds": env_float("CONDUCTOR_CIRCUIT_OPEN_SECONDS", 30.0),
+        "failure_rate_threshold": env_float("CONDUCTOR_CIRCUIT_FAILURE_RATE_THRESHOLD", 0.5),
     },
     "MAX_WORKER_LOSSES": env_int("CONDUCTOR_MAX_WORKER_LOSSES", 3),
 }

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
+from django.utils import timezone
 
 from messaging.dispatch import message_dispatch
 from providers.guards import circuit_breaker, rate_limiter, reset_guards
@@ -72,8 +75,11 @@ def test_a_round_where_every_circuit_was_open_spends_no_budget(sandbox, make_mes
         breaker = circuit_breaker(name)
         for _ in range(10):
             breaker.record(breaker.allow(priority="bulk"), failed=True, duration_s=0.01)
+    before = timezone.now()
     message = dispatch(make_message())
     assert message.state == "accepted" and message.failed_rounds == 0 and message.next_attempt_at
+    # No point asking before a circuit lets a trial through (open for 30 s).
+    assert message.next_attempt_at >= before + timedelta(seconds=29)
     assert message.last_error_type == "circuit_open"
     assert hops(message) == [("twilio", "skipped"), ("vonage", "skipped")]
     assert sandbox.requests() == []

@@ -40,6 +40,7 @@ class Stack:
         self.processes: list[ManagedProcess] = []
         self.workers: list[ManagedProcess] = []
         self.workers_customised = False  # set by tests that start workers with other settings
+        self.worker_env: dict[str, str] | None = None
         self._worker_seq = 0
 
     # --- processes ------------------------------------------------------------------------------
