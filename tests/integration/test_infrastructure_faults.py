@@ -9,6 +9,7 @@ import requests
 
 from messaging.models import Message
 from messaging.services import api_key_create
+from tests.support.faultproxy import FaultProxy
 from tests.support.processes import PYTHON, ManagedProcess, free_port, http_ok, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -78,3 +79,26 @@ def test_with_the_broker_down_at_commit_the_message_is_accepted_and_the_sweeper_
     # Nothing was published; the live stack's beat-driven sweeper finds the row and sends it.
     wait_until(lambda: Message.objects.get(pk=message_id).state == "delivered", 30, what="delivery via the sweeper")
     assert len(live.sandbox_requests(message_id=message_id, accepted="true")) == 1
+
+
+def test_a_worker_cut_off_from_the_database_mid_batch_loses_and_doubles_nothing(live):
+    """The worker reaches PostgreSQL through a fault proxy that resets every connection for a while
+    (what a database restart does to it): sends whose outcome could not be written are looked up,
+    not resent."""
+    from tests.integration.test_dispatch_flow import accepted_sends_per_message, post_batch, states
+
+    key = api_key_create(client_name="acme")[1]
+    with FaultProxy("127.0.0.1", 5432).start() as proxy:
+        database = live.env["DATABASE_URL"].replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+        live.replace_workers(env={"DATABASE_URL": database, "CONN_MAX_AGE": "0"})
+        live.sandbox_faults("twilio", latency_ms=100, latency_max_ms=300)
+        items = [{**SMS, "to": f"+1415555{9000 + i:04d}", "priority": "transactional"} for i in range(60)]
+        ids = post_batch(live, key, items)
+        wait_until(lambda: len(accepted_sends_per_message(live)) >= 10, 30, what="some sends")
+        proxy.reset()  # every connection to the database dies, new ones too
+        time.sleep(3)
+        assert states(ids)["accepted"] > 0, "the cut came too late to test anything"
+        proxy.restore()
+        wait_until(lambda: states(ids)["delivered"] == 60, 120, interval=0.5, what="all delivered")
+    per_message = accepted_sends_per_message(live)
+    assert set(per_message) == set(ids) and max(per_message.values()) == 1, "a message was accepted twice"
