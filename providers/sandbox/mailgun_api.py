@@ -242,21 +242,17 @@ async def send_message(request: web.Request) -> web.Response:
     to = recipients[0] if recipients else None
     body = form.get("text") or form.get("html")
 
+    attribution = {
+        "provider": PROVIDER,
+        "channel": "email",
+        "message_id": message_id,
+        "token": token,
+        "to": to,
+        "body": body,
+    }
+
     async def refuse(response: web.Response, fault: str, delay_s: float) -> web.Response:
-        state.record_request(
-            provider=PROVIDER,
-            channel="email",
-            message_id=message_id,
-            token=token,
-            to=to,
-            body=body,
-            accepted=False,
-            status_code=response.status,
-            provider_message_id=None,
-            fault=fault,
-        )
-        await asyncio.sleep(delay_s)
-        return response
+        return await state.refuse(response, fault=fault, delay_s=delay_s, **attribution)
 
     refusal = _guard(request)
     if refusal is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import random
@@ -216,6 +217,14 @@ class SandboxState:
         else:
             delivery = DELIVERY_RECEIPT
         return SendOutcome(None, held, delivery, delay)
+
+    async def refuse(self, response: web.Response, *, fault: str, delay_s: float, **attribution: Any) -> web.Response:
+        """Log a send that is not accepted (who it was for, why), then answer it after `delay_s`."""
+        self.record_request(
+            **attribution, accepted=False, status_code=response.status, provider_message_id=None, fault=fault
+        )
+        await asyncio.sleep(delay_s)
+        return response
 
     def _over_capacity(self, provider: str, max_per_second: float) -> bool:
         """Sliding one-second window of accepted-for-processing sends per provider."""

@@ -220,21 +220,17 @@ async def send_sms(request: web.Request) -> web.Response:
     logged_to = f"+{digits}" if digits.isdigit() else to  # E.164 in the log, as every provider logs it
     message_id, token = _attribution(params.get("client-ref"))
 
+    attribution = {
+        "provider": PROVIDER,
+        "channel": "sms",
+        "message_id": message_id,
+        "token": token,
+        "to": logged_to,
+        "body": text,
+    }
+
     async def refuse(response: web.Response, fault: str, delay_s: float) -> web.Response:
-        state.record_request(
-            provider=PROVIDER,
-            channel="sms",
-            message_id=message_id,
-            token=token,
-            to=logged_to,
-            body=text,
-            accepted=False,
-            status_code=response.status,
-            provider_message_id=None,
-            fault=fault,
-        )
-        await asyncio.sleep(delay_s)
-        return response
+        return await state.refuse(response, fault=fault, delay_s=delay_s, **attribution)
 
     if state.faults[PROVIDER].outage:
         unavailable = problem(503, "Service Unavailable", "The service is temporarily unavailable.")
