@@ -61,6 +61,10 @@ def test_a_twilio_outage_moves_sms_to_vonage_and_bulk_messages_test_the_recovery
         wave += 1
         time.sleep(0.5)
     assert breaker.state() == "closed", breaker.snapshot()
+    print(
+        f"\ntwilio outage: {len(before_open)} sends reached it before its circuit opened "
+        f"(bound {MINIMUM_CALLS + workers}); closed again {time.time() - recovered_at:.1f} s after it recovered"
+    )
     wait_for_all(recovery_ids, {"delivered"}, timeout=60)
     trials = (
         DispatchAttempt.objects.filter(provider="twilio", outcome="accepted", message_id__in=recovery_ids)
