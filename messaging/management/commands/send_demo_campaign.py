@@ -84,8 +84,9 @@ class Command(BaseCommand):
         self.stdout.write(f"Sent {len(ids)} messages (campaign demo-{run}); sandbox error rate {error_rate:.0%}.")
         started = time.monotonic()
         counts: Counter = Counter()
+        providers: Counter = Counter()
         while time.monotonic() - started < timeout:
-            counts = self._states(session, api_url, f"demo-{run}")
+            counts, providers = self._states(session, api_url, f"demo-{run}")
             line = "  ".join(f"{state} {counts[state]}" for state in ORDER if counts[state])
             sys.stdout.write(f"\r[{time.monotonic() - started:5.1f}s] {line}\033[K")
             sys.stdout.flush()
@@ -104,7 +105,11 @@ class Command(BaseCommand):
                 + ", ".join(f"{counts[s]} {s}" for s in ORDER if counts[s])
             )
         )
-        self.stdout.write(f"Provider requests (with the injected errors): {settings.SANDBOX_URL}/_sandbox/requests")
+        self.stdout.write(
+            "Sent via " + ", ".join(f"{name} {n}" for name, n in providers.most_common()) + " (a failed twilio send "
+            "falls back to vonage at once). Every provider request, with the injected errors: "
+            f"{settings.SANDBOX_URL}/_sandbox/requests"
+        )
 
     def _saved_key(self) -> str:
         try:
@@ -126,11 +131,13 @@ class Command(BaseCommand):
                 f"The sandbox provider does not answer at {settings.SANDBOX_URL}: is `make run` up?"
             ) from None
 
-    def _states(self, session: requests.Session, api_url: str, category: str) -> Counter:
+    def _states(self, session: requests.Session, api_url: str, category: str) -> tuple[Counter, Counter]:
         counts: Counter = Counter()
+        providers: Counter = Counter()
         url, params = f"{api_url}/api/v1/messages/", {"category": category, "page_size": 500}
         while url:
             page = session.get(url, params=params, timeout=30).json()
             counts.update(m["state"] for m in page["results"])
+            providers.update(m["provider"] for m in page["results"] if m["provider"])
             url, params = page.get("next"), None
-        return counts
+        return counts, providers
