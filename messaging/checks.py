@@ -22,7 +22,7 @@ def check_conductor_settings(app_configs=None, **kwargs) -> list[Error]:
             )
         )
     routes = configured.get("ROUTES", DEFAULTS["ROUTES"])
-    from providers.registry import PROVIDER_CLASSES
+    from providers.registry import PROVIDER_CLASSES, provider_class
 
     for channel, names in routes.items():
         if channel not in Channel.values:
@@ -34,6 +34,13 @@ def check_conductor_settings(app_configs=None, **kwargs) -> list[Error]:
                         f"CONDUCTOR['ROUTES'][{channel!r}] names unknown provider {name!r}.",
                         hint=f"Known: {', '.join(sorted(PROVIDER_CLASSES))}.",
                         id="conductor.E003",
+                    )
+                )
+            elif channel in Channel.values and channel not in provider_class(name).channels:
+                errors.append(
+                    Error(
+                        f"CONDUCTOR['ROUTES'][{channel!r}] names {name!r}, which does not send {channel}.",
+                        id="conductor.E011",
                     )
                 )
             elif name not in getattr(settings, "CONDUCTOR_PROVIDERS", {}):

@@ -38,6 +38,8 @@ def attempt_start(message: Message, hop: Hop, note: str, outcome: str = AttemptO
         channel=hop.channel,
         note=note[:200],
         started_at=timezone.now(),
+        # A hop recorded as already decided (a skip) has no call to wait for.
+        ended_at=None if outcome == AttemptOutcome.IN_PROGRESS else timezone.now(),
         outcome=outcome,
     )
     fields: dict[str, Any] = {"attempt_count": F("attempt_count") + 1}

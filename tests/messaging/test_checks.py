@@ -1,0 +1,38 @@
+"""System checks reject Conductor settings that cannot work, naming the key."""
+
+from django.test import override_settings
+
+from messaging.checks import check_conductor_settings
+
+
+def ids(errors):
+    return sorted(error.id for error in errors)
+
+
+def test_the_shipped_settings_pass():
+    assert check_conductor_settings() == []
+
+
+@override_settings(CONDUCTOR={"ROUTS": {}})
+def test_a_misspelt_key_is_an_error():
+    assert ids(check_conductor_settings()) == ["conductor.E001"]
+
+
+@override_settings(CONDUCTOR={"ROUTES": {"sms": ["twillio"], "email": ["twilio"]}})
+def test_routes_must_name_known_providers_that_send_the_channel():
+    assert ids(check_conductor_settings()) == ["conductor.E003", "conductor.E011"]
+
+
+@override_settings(CONDUCTOR={"RETRY_POLICIES": {"critical": {"max_attempt": 3}}})
+def test_retry_policy_fields_are_checked():
+    assert ids(check_conductor_settings()) == ["conductor.E006"]
+
+
+@override_settings(CONDUCTOR={"CIRCUIT_BREAKER": {"open_secs": 5}})
+def test_circuit_breaker_fields_are_checked():
+    assert ids(check_conductor_settings()) == ["conductor.E009"]
+
+
+@override_settings(CONDUCTOR={"CIRCUIT_BREAKER": {"failure_rate_threshold": 2.0}})
+def test_circuit_breaker_values_that_cannot_work_are_errors():
+    assert "conductor.E010" in ids(check_conductor_settings())
