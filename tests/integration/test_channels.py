@@ -56,8 +56,9 @@ def test_email_through_mailgun_reaches_read(live, send):
     message = send(channel="email", to="ada@example.com", subject="Your invoice", body="Invoice attached.")
     wait_for_all([message.pk], {"read"}, timeout=30)
     message.refresh_from_db()
-    assert message.provider == "mailgun" and message.delivered_at and message.read_at
-    assert timeline(message) == ["accepted", "dispatched", "delivered", "read"]
+    assert message.provider == "mailgun" and message.read_at
+    # Webhooks may race: "opened" can land first (then "delivered" is kept but moves nothing back).
+    assert timeline(message) in (["accepted", "dispatched", "delivered", "read"], ["accepted", "dispatched", "read"])
     assert sorted(r.provider_status for r in message.receipts.all()) == ["delivered", "opened"]
 
 
