@@ -36,7 +36,8 @@ from messaging.routing import Hop, message_route
 from messaging.services import message_transition
 from messaging.states import MessageState
 from providers.base import AmbiguousProviderError, PermanentProviderError, ProviderError, TransientProviderError
-from providers.guards import circuit_breaker, rate_limiter, seconds_until_half_open, wait_for_rate_slot
+from providers.guards import circuit_breaker, rate_limiter, seconds_until_half_open
+from providers.ratelimit import wait_for_slot
 from providers.registry import get_provider
 
 logger = logging.getLogger(__name__)
@@ -124,12 +125,10 @@ def _walk(message: Message, hops: list[Hop]) -> None:
     last_error: ProviderError | None = None
     tried = False
     for index, hop in enumerate(hops):
-        note = (
-            "first choice"
-            if index == 0
-            else f"fallback after {hops[index - 1].provider} ({last_error_kind(last_error)})"
-        )
-        wait_s = wait_for_rate_slot(rate_limiter(hop.provider))
+        note = "first choice"
+        if index and last_error is not None:
+            note = f"fallback after {hops[index - 1].provider} ({last_error.error_type})"
+        wait_s = wait_for_slot(rate_limiter(hop.provider))  # 0.0: a slot is ours (may have slept for it)
         if wait_s:
             # Our own throttle, not a failure: the same route, a little later, budget untouched.
             reschedule_unchanged(message, wait_s)
@@ -151,10 +150,6 @@ def _walk(message: Message, hops: list[Hop]) -> None:
     # keeps a whole backlog from arriving at that moment together.
     reopen_s = min(seconds_until_half_open(hop.provider) for hop in hops)
     schedule_retry(message, last_error, ambiguous=False, counted=False, at_least_s=reopen_s + random.uniform(0, 1))
-
-
-def last_error_kind(exc: ProviderError | None) -> str:
-    return exc.error_type if exc is not None else "none"
 
 
 def _send_hop(message: Message, hop: Hop, permit: Any, note: str) -> TransientProviderError | None:

@@ -10,7 +10,7 @@ from django.conf import settings
 
 from providers.circuit import CircuitBreaker, CircuitSettings
 from providers.conf import provider_config
-from providers.ratelimit import RateLimit, RateLimiter, wait_for_slot
+from providers.ratelimit import RateLimit, RateLimiter
 
 CIRCUIT_FIELDS = frozenset(f.name for f in fields(CircuitSettings))
 RATE_LIMIT_KEYS = frozenset({"RATE_LIMIT_PER_SECOND", "RATE_LIMIT_BURST", "RATE_LIMIT_MAX_INLINE_WAIT_SECONDS"})
@@ -42,11 +42,6 @@ def circuit_breaker(name: str) -> CircuitBreaker:
 @cache
 def rate_limiter(name: str) -> RateLimiter:
     return RateLimiter(name, rate_limit(name))
-
-
-def wait_for_rate_slot(limiter: RateLimiter) -> float:
-    """0.0 when a slot is taken (after a short in-process wait); else the wait to reschedule with."""
-    return wait_for_slot(limiter)
 
 
 def seconds_until_half_open(name: str) -> float:

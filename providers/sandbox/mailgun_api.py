@@ -291,12 +291,7 @@ async def send_message(request: web.Request) -> web.Response:
         },
     )
     state.record_request(
-        provider=PROVIDER,
-        channel="email",
-        message_id=message_id,
-        token=token,
-        to=to,
-        body=body,
+        **attribution,
         accepted=True,
         status_code=200,
         provider_message_id=message.provider_message_id,

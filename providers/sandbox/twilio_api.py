@@ -221,12 +221,7 @@ async def create_message(request: web.Request) -> web.Response:
         extra={"messaging_service_sid": form.get("MessagingServiceSid")},
     )
     state.record_request(
-        provider=PROVIDER,
-        channel=channel,
-        message_id=message_id,
-        token=token,
-        to=to,
-        body=body,
+        **attribution,
         accepted=True,
         status_code=201,
         provider_message_id=message.provider_message_id,

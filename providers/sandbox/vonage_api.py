@@ -266,12 +266,7 @@ async def send_sms(request: web.Request) -> web.Response:
         extra={"client_ref": params.get("client-ref")},
     )
     state.record_request(
-        provider=PROVIDER,
-        channel="sms",
-        message_id=message_id,
-        token=token,
-        to=logged_to,
-        body=text,
+        **attribution,
         accepted=True,
         status_code=200,
         provider_message_id=message.provider_message_id,

@@ -200,3 +200,45 @@ def test_an_unknown_outcome_at_a_provider_without_look_up_is_dead_lettered_not_r
     message.refresh_from_db()
     assert message.state == "dead_lettered" and message.last_error_code == "no_lookup"
     assert "cannot be asked" in message.last_error_message
+
+
+def test_a_look_up_that_fails_leaves_the_outcome_unknown_and_sends_nothing(sandbox, make_message):
+    sandbox.faults("twilio", outage=True)  # the provider cannot be asked either
+    message = make_message(needs_provider_lookup=True)
+    message_dispatch(message_id=str(message.pk))
+    message.refresh_from_db()
+    assert message.state == "accepted" and message.needs_provider_lookup and message.next_attempt_at
+    assert outcomes(message) == ["ambiguous"]
+    assert sandbox.requests(accepted="true") == []
+
+
+def test_a_retry_is_not_scheduled_for_a_message_a_receipt_moved_on_during_the_call(make_message):
+    from messaging.outcomes import schedule_retry
+    from providers.base import AmbiguousProviderError
+
+    # The worker timed out waiting for the provider while the provider's receipt already arrived.
+    message = make_message(state="delivered", lease_expires_at=timezone.now() + timedelta(seconds=30))
+    schedule_retry(message, AmbiguousProviderError("timed out", error_type="provider_timeout"), ambiguous=True)
+    message.refresh_from_db()
+    assert message.state == "delivered" and message.lease_expires_at is None
+    assert message.next_attempt_at is None and message.last_error_type == "" and not message.needs_provider_lookup
+
+
+def test_with_the_shared_state_redis_unreachable_sends_go_on(sandbox, make_message, settings):
+    from providers.guards import reset_guards
+    from providers.redis_state import reset_shared_redis
+
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
+    providers = {name: dict(conf) for name, conf in settings.CONDUCTOR_PROVIDERS.items()}
+    providers["twilio"]["RATE_LIMIT_PER_SECOND"] = 5  # so the limiter, too, has to ask Redis
+    settings.CONDUCTOR_PROVIDERS = providers
+    reset_shared_redis()
+    reset_guards()
+    reset_provider_cache()
+    try:
+        message = make_message()
+        message_dispatch(message_id=str(message.pk))
+        message.refresh_from_db()
+        assert message.state == "dispatched"  # circuit and rate limit fail open, never block a send
+    finally:
+        reset_shared_redis()

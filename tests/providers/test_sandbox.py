@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -18,6 +16,7 @@ from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
 from providers.sandbox.app import BackgroundSandbox, SandboxConfig, start_background
+from tests.support.webhook_receiver import WebhookReceiver
 
 ACCOUNT_SID = "AC" + "5" * 32
 AUTH_TOKEN = "sandbox-test-token"
@@ -37,45 +36,14 @@ def sandbox() -> Iterator[BackgroundSandbox]:
         server.stop()
 
 
-class Receiver:
-    """A tiny webhook endpoint that records every POST and answers the queued status codes."""
-
-    def __init__(self) -> None:
-        self.calls: list[dict[str, Any]] = []
-        self.answers: list[int] = []  # status codes to answer next; 200 once exhausted
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                raw = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
-                with receiver.lock:
-                    status = receiver.answers.pop(0) if receiver.answers else 200
-                    receiver.calls.append(
-                        {
-                            "path": self.path,
-                            "headers": dict(self.headers),
-                            "params": {k: v[0] for k, v in parse_qs(raw).items()},
-                            "status": status,
-                        }
-                    )
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+class Receiver(WebhookReceiver):
+    """Our Twilio status-callback endpoint, as the sandbox calls it."""
 
     def url(self, message_id: str, token: str = "tok") -> str:
         return f"{self.base}/webhooks/twilio/status?message_id={message_id}&token={token}"
 
     def calls_for(self, message_id: str) -> list[dict[str, Any]]:
-        with self.lock:
-            return [c for c in self.calls if f"message_id={message_id}&" in c["path"]]
+        return self.matching(lambda call: f"message_id={message_id}&" in call["path"])
 
 
 @pytest.fixture(scope="module")

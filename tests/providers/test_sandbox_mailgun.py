@@ -5,16 +5,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 import requests
 
 from providers.sandbox.app import BackgroundSandbox, SandboxConfig, start_background
+from tests.support.webhook_receiver import WebhookReceiver
 
 API_KEY = "key-sandbox-test"
 DOMAIN = "mg.test.example"
@@ -25,43 +24,13 @@ TRACKING_PATH = "/webhooks/anymail/mailgun/tracking/"
 pytestmark = pytest.mark.timeout(30)
 
 
-class JsonReceiver:
-    """A tiny webhook endpoint that records every JSON POST (path and parsed body)."""
-
-    def __init__(self) -> None:
-        self.calls: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with receiver.lock:
-                    receiver.calls.append(
-                        {"path": self.path, "content_type": self.headers.get("Content-Type"), "body": json.loads(raw)}
-                    )
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+class JsonReceiver(WebhookReceiver):
+    """Our Mailgun tracking-webhook endpoint, as the sandbox calls it (JSON bodies)."""
 
     def events_for(self, message_id: str) -> list[dict[str, Any]]:
-        with self.lock:
-            return [
-                c
-                for c in self.calls
-                if c["body"]["event-data"]["user-variables"].get("conductor_message_id") == message_id
-            ]
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        return self.matching(
+            lambda call: call["body"]["event-data"]["user-variables"].get("conductor_message_id") == message_id
+        )
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:

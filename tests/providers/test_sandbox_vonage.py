@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -18,6 +16,7 @@ from vonage_http_client import Auth
 
 from providers.sandbox import vonage_api
 from providers.sandbox.app import BackgroundSandbox, SandboxConfig, start_background
+from tests.support.webhook_receiver import WebhookReceiver
 
 API_KEY = "abcd1234"
 API_SECRET = "sandbox-test-secret"
@@ -50,39 +49,15 @@ def sandbox() -> Iterator[BackgroundSandbox]:
         server.stop()
 
 
-class Receiver:
-    """A tiny DLR endpoint that records every POST with its form parameters."""
+class Receiver(WebhookReceiver):
+    """Our Vonage DLR endpoint, as the sandbox calls it."""
 
-    def __init__(self) -> None:
-        self.calls: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                raw = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
-                with receiver.lock:
-                    receiver.calls.append(
-                        {
-                            "path": self.path,
-                            "headers": dict(self.headers),
-                            "params": {k: v[0] for k, v in parse_qs(raw).items()},
-                        }
-                    )
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/webhooks/vonage/"
-        threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
+    @property
+    def url(self) -> str:
+        return f"{self.base}/webhooks/vonage/"
 
     def calls_for(self, token: str) -> list[dict[str, Any]]:
-        with self.lock:
-            return [c for c in self.calls if c["params"].get("client-ref") == token]
+        return self.matching(lambda call: call["params"].get("client-ref") == token)
 
 
 @pytest.fixture(scope="module")

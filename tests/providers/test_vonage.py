@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import urlencode
 
 import pytest
 from django.test import RequestFactory
@@ -28,6 +28,7 @@ from providers.sandbox import vonage_api
 from providers.sandbox.vonage_api import signature
 from providers.vonage import VonageProvider
 from tests.providers.contract import ProviderContract, send_request
+from tests.support.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.timeout(30)
 RECIPIENT = "+14155552671"
@@ -275,39 +276,15 @@ def test_a_dropped_connection_after_sending_is_ambiguous_and_not_resent(canned: 
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-class Receiver:
+class Receiver(WebhookReceiver):
     """A one-shot webhook endpoint standing in for our web process."""
 
     def __init__(self) -> None:
-        self.calls: list[dict[str, Any]] = []
-        self.arrived = threading.Event()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                raw = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
-                receiver.calls.append({"path": self.path, "params": {k: v[0] for k, v in parse_qs(raw).items()}})
-                receiver.arrived.set()
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
+        super().__init__(default_status=204)
 
     def wait(self, timeout: float = 5.0) -> dict[str, Any]:
         assert self.arrived.wait(timeout), "no receipt arrived"
         return self.calls[0]
-
-    def __enter__(self) -> Receiver:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class CannedServer:
