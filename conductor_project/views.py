@@ -51,6 +51,18 @@ class _MessageStateCollector:
             family.add_metric([row["channel"], row["provider"] or "none", row["state"]], row["n"])
         yield family
 
+        from messaging.models import DeadLetter
+
+        dead_letters = GaugeMetricFamily(
+            "conductor_dead_letters",
+            "Parked dead letters (given up on, not replayed) by channel and error type.",
+            labels=["channel", "error_type"],
+        )
+        parked = DeadLetter.objects.filter(replayed_at__isnull=True)
+        for row in parked.values("channel", "error_type").annotate(n=Count("pk")).order_by():
+            dead_letters.add_metric([row["channel"], row["error_type"]], row["n"])
+        yield dead_letters
+
         from reconciliation.models import Receipt
 
         unmatched = GaugeMetricFamily(

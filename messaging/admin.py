@@ -1,12 +1,27 @@
-"""Staff-only admin: messages with read-only attempt and event timelines, clients and keys."""
+"""Staff-only admin: messages with their timelines, dead letters to inspect and replay, clients and keys.
+
+Everything is read-only: state changes go through the services (cancel, replay), never row edits.
+"""
 
 from __future__ import annotations
 
+import json
+
 from django.contrib import admin
 from django.contrib import messages as flash
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
 
-from messaging.models import ApiClient, ApiKey, DispatchAttempt, Message, MessageEvent
+from messaging.dead_letters import ATTEMPT_FIELDS
+from messaging.models import ApiClient, ApiKey, DeadLetter, DispatchAttempt, EventSource, Message, MessageEvent
+from messaging.replay import SkipReason, dead_letters_replay
 from messaging.services import NotCancellable, message_cancel
+from reconciliation.models import Receipt
+
+REPLAY_PERMISSION = "messaging.replay_deadletter"
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -22,18 +37,7 @@ class ReadOnlyInline(admin.TabularInline):
 
 class AttemptInline(ReadOnlyInline):
     model = DispatchAttempt
-    fields = [
-        "number",
-        "send_generation",
-        "provider",
-        "started_at",
-        "ended_at",
-        "outcome",
-        "error_type",
-        "error_code",
-        "latency_ms",
-        "provider_message_id",
-    ]
+    fields = [name for name in ATTEMPT_FIELDS if name != "error_message"]
     readonly_fields = fields
 
 
@@ -43,8 +47,48 @@ class EventInline(ReadOnlyInline):
     readonly_fields = fields
 
 
+class ReceiptInline(ReadOnlyInline):
+    model = Receipt
+    fields = ["received_at", "provider", "provider_status", "mapped_state", "error_code", "applied", "source"]
+    readonly_fields = fields
+
+
+class DeadLetterInline(ReadOnlyInline):
+    model = DeadLetter
+    fields = ["link", "send_generation", "state", "error_type", "created_at", "replayed_at", "replayed_by"]
+    readonly_fields = fields
+
+    @admin.display(description="dead letter")
+    def link(self, dead_letter: DeadLetter) -> str:
+        url = reverse("admin:messaging_deadletter_change", args=[dead_letter.pk])
+        return format_html('<a href="{}">#{}</a>', url, dead_letter.pk)
+
+
+def _replay(modeladmin: admin.ModelAdmin, request: HttpRequest, selection: QuerySet[DeadLetter], force: bool) -> None:
+    """The admin door to the replay service; tells the user what happened in one line."""
+    report = dead_letters_replay(
+        selection=selection, actor=request.user.get_username(), via=EventSource.ADMIN, force=force
+    )
+    skipped = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in sorted(report.skipped.items()))
+    hint = ""
+    if report.skipped.get(SkipReason.PAST_DEADLINE) or report.skipped.get(SkipReason.ARRIVED):
+        hint = " Use the 'even past their deadline' action to send those anyway."
+    modeladmin.message_user(
+        request,
+        f"Replayed {report.replayed} (replay {report.replay_id})."
+        + (f" Skipped: {skipped}." if skipped else "")
+        + hint,
+        flash.SUCCESS if not report.skipped else flash.WARNING,
+    )
+
+
+class ReplayPermissionMixin:
+    def has_replay_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(REPLAY_PERMISSION)
+
+
 @admin.register(Message)
-class MessageAdmin(admin.ModelAdmin):
+class MessageAdmin(ReplayPermissionMixin, admin.ModelAdmin):
     list_display = [
         "id",
         "client",
@@ -59,8 +103,8 @@ class MessageAdmin(admin.ModelAdmin):
     list_filter = ["state", "channel", "priority", "provider", "category", "created_at"]
     search_fields = ["=id", "=idempotency_key", "=provider_message_id"]
     date_hierarchy = "created_at"
-    inlines = [AttemptInline, EventInline]
-    actions = ["cancel_selected"]
+    inlines = [AttemptInline, EventInline, ReceiptInline, DeadLetterInline]
+    actions = ["cancel_selected", "replay_selected"]
     list_select_related = ["client"]
 
     def get_readonly_fields(self, request, obj=None):
@@ -75,7 +119,7 @@ class MessageAdmin(admin.ModelAdmin):
         cancelled = refused = 0
         for message in queryset:
             try:
-                message_cancel(message=message)
+                message_cancel(message=message, source=EventSource.ADMIN, actor=request.user.get_username())
                 cancelled += 1
             except NotCancellable:
                 refused += 1
@@ -84,6 +128,131 @@ class MessageAdmin(admin.ModelAdmin):
             f"Cancelled {cancelled}; {refused} could no longer be cancelled.",
             flash.SUCCESS if not refused else flash.WARNING,
         )
+
+    @admin.action(description="Replay selected messages' dead letters", permissions=["replay"])
+    def replay_selected(self, request, queryset) -> None:
+        selection = DeadLetter.objects.filter(message__in=queryset, replayed_at__isnull=True).order_by("created_at")
+        not_parked = queryset.count() - selection.count()
+        if not_parked:
+            self.message_user(
+                request, f"{not_parked} of the selected messages have no parked dead letter.", flash.WARNING
+            )
+        _replay(self, request, selection, force=False)
+
+
+class ParkedFilter(admin.SimpleListFilter):
+    title = "status"
+    parameter_name = "status"
+
+    def lookups(self, request, model_admin):
+        return [("parked", "parked"), ("replayed", "replayed")]
+
+    def queryset(self, request, queryset):
+        if self.value() in ("parked", "replayed"):
+            return queryset.filter(replayed_at__isnull=self.value() == "parked")
+        return queryset
+
+
+@admin.register(DeadLetter)
+class DeadLetterAdmin(ReplayPermissionMixin, admin.ModelAdmin):
+    """Read-only: dead letters leave by replay or by the retention job, never by hand."""
+
+    list_display = [
+        "id",
+        "message_link",
+        "client",
+        "channel",
+        "priority",
+        "category",
+        "provider",
+        "error_type",
+        "state",
+        "created_at",
+        "status",
+    ]
+    list_filter = [
+        ParkedFilter,
+        "channel",
+        "provider",
+        "error_type",
+        "category",
+        "priority",
+        "state",
+        ("created_at", admin.DateFieldListFilter),
+    ]
+    search_fields = ["=id", "=message__id", "=message__idempotency_key", "=message__provider_message_id"]
+    date_hierarchy = "created_at"
+    list_select_related = ["client"]
+    actions = ["replay_selected", "replay_selected_forced"]
+    fields = [
+        "message_link",
+        "client",
+        "send_generation",
+        "state",
+        "channel",
+        "priority",
+        "category",
+        "provider",
+        "error_type",
+        "error_code",
+        "error_message",
+        "reason",
+        "unknown_outcome",
+        "created_at",
+        "replayed_at",
+        "replayed_by",
+        "replayed_via",
+        "replay_id",
+        "payload_pretty",
+        "attempts_table",
+    ]
+    readonly_fields = fields
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.display(description="message", ordering="message")
+    def message_link(self, dead_letter: DeadLetter) -> str:
+        url = reverse("admin:messaging_message_change", args=[dead_letter.message_id])
+        return format_html('<a href="{}">{}</a>', url, dead_letter.message_id)
+
+    @admin.display(description="status")
+    def status(self, dead_letter: DeadLetter) -> str:
+        if dead_letter.is_parked:
+            return "parked"
+        return f"replayed by {dead_letter.replayed_by} ({dead_letter.replayed_via})"
+
+    @admin.display(description="message as accepted")
+    def payload_pretty(self, dead_letter: DeadLetter) -> str:
+        return format_html("<pre>{}</pre>", json.dumps(dead_letter.payload, indent=2, cls=DjangoJSONEncoder))
+
+    @admin.display(description="attempts")
+    def attempts_table(self, dead_letter: DeadLetter) -> str:
+        columns = [name for name in ATTEMPT_FIELDS if name != "error_message"]
+        head = format_html_join("", "<th>{}</th>", ((name.replace("_", " "),) for name in columns))
+        rows = format_html_join(
+            "",
+            "<tr>{}</tr>",
+            (
+                (format_html_join("", "<td>{}</td>", ((attempt.get(name, ""),) for name in columns)),)
+                for attempt in dead_letter.attempts
+            ),
+        )
+        return format_html("<table><thead><tr>{}</tr></thead><tbody>{}</tbody></table>", head, rows)
+
+    @admin.action(description="Replay selected dead letters", permissions=["replay"])
+    def replay_selected(self, request, queryset) -> None:
+        _replay(self, request, queryset.filter(replayed_at__isnull=True).order_by("created_at", "pk"), force=False)
+
+    @admin.action(description="Replay selected dead letters, even past their deadline", permissions=["replay"])
+    def replay_selected_forced(self, request, queryset) -> None:
+        _replay(self, request, queryset.filter(replayed_at__isnull=True).order_by("created_at", "pk"), force=True)
 
 
 class ApiKeyInline(admin.TabularInline):

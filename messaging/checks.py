@@ -6,7 +6,7 @@ from django.conf import settings
 from django.core.checks import Error, register
 
 from messaging.conf import DEFAULTS
-from messaging.routing import POLICY_FIELDS, Channel, Priority
+from messaging.routing import POLICY_FIELDS, Channel, Priority, ReplayDeadline
 
 
 @register()
@@ -64,6 +64,20 @@ def check_conductor_settings(app_configs=None, **kwargs) -> list[Error]:
         for field in set(overrides) - POLICY_FIELDS:
             errors.append(
                 Error(f"Unknown retry policy field {field!r} for category {category!r}.", id="conductor.E007")
+            )
+    policy_blocks = {
+        **{f"RETRY_POLICIES[{p!r}]": o for p, o in configured.get("RETRY_POLICIES", {}).items()},
+        **{f"CATEGORY_POLICIES[{c!r}]": o for c, o in configured.get("CATEGORY_POLICIES", {}).items()},
+    }
+    for where, overrides in policy_blocks.items():
+        value = overrides.get("replay_deadline", ReplayDeadline.KEEP)
+        if value not in ReplayDeadline.values:
+            errors.append(
+                Error(
+                    f"CONDUCTOR[{where}]['replay_deadline'] is {value!r}.",
+                    hint=f"Use one of: {', '.join(ReplayDeadline.values)}.",
+                    id="conductor.E012",
+                )
             )
     errors += _check_circuit_settings()
     lease = configured.get("DISPATCH_LEASE_SECONDS", DEFAULTS["DISPATCH_LEASE_SECONDS"])

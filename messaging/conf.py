@@ -32,6 +32,10 @@ DEFAULTS: dict[str, Any] = {
     # Longest body per channel: Twilio's 1,600 characters for SMS, WhatsApp's 4,096.
     "BODY_MAX_LENGTH": {"sms": 1600, "whatsapp": 4096, "email": 262144},
     "METADATA_MAX_BYTES": 16384,
+    # Dead letters one API call replays at most; the response says how many matching remain.
+    "REPLAY_API_MAX_ITEMS": 1000,
+    # Dead letters deleted per statement by the retention job, so no delete holds locks for long.
+    "DLQ_PURGE_BATCH_SIZE": 1000,
 }
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.utils import timezone
 
-from messaging.models import AttemptOutcome, DispatchAttempt, ErrorType, Message
+from messaging.models import UNKNOWN_OUTCOMES, AttemptOutcome, DispatchAttempt, ErrorType, Message
 from messaging.outcomes import attempt_finish, attempt_start, dead_letter, error_fields, record_accepted, schedule_retry
 from messaging.routing import Hop
 from providers.base import AmbiguousProviderError, Provider, ProviderError, SendRequest, SendResult
@@ -16,32 +16,34 @@ from providers.registry import get_provider
 
 logger = logging.getLogger(__name__)
 
-UNKNOWN_OUTCOMES = (AttemptOutcome.AMBIGUOUS, AttemptOutcome.WORKER_LOST)
 
-
-def unknown_hop(message: Message, default: Hop) -> Hop:
-    """The hop whose outcome is unknown: the last one that reached (or may have reached) a provider."""
+def unknown_send(message: Message, default: Hop) -> tuple[Hop, int]:
+    """The hop whose outcome is unknown and its send generation: the last one that reached (or may
+    have reached) a provider. After a replay it belongs to the generation that was given up on."""
     last = (
         DispatchAttempt.objects.filter(message=message, outcome__in=UNKNOWN_OUTCOMES)
         .order_by("-number")
-        .values_list("provider", "channel")
+        .values_list("provider", "channel", "send_generation")
         .first()
     )
     if last is None:
-        return default
-    provider, channel = last
+        return default, message.send_generation
+    provider, channel, generation = last
     channel = channel or message.channel
     to = message.to if channel == message.channel else message.fallback_to.get(channel, message.to)
-    return Hop(channel, to, provider)
+    return Hop(channel, to, provider), generation
 
 
-def send_request(message: Message, hop: Hop, attempted_since=None) -> SendRequest:
+def send_request(
+    message: Message, hop: Hop, attempted_since: datetime | None = None, generation: int | None = None
+) -> SendRequest:
+    """What goes to the provider; a look-up may name an earlier generation's token."""
     subject = message.subject
     if hop.channel == "email" and not subject:
         subject = message.body.splitlines()[0][:78] if message.body else "Message"
     return SendRequest(
         message_id=str(message.pk),
-        token=message.send_token,
+        token=message.send_token if generation is None else f"{message.pk}.{generation}",
         channel=hop.channel,
         to=hop.to,
         body=message.body,
@@ -56,7 +58,7 @@ def resolve_unknown_outcome(message: Message, route: list[Hop]) -> bool:
     Returns True when that settled this claim (found and recorded, retry scheduled, or
     dead-lettered), False when the provider positively has no record: the caller may send.
     """
-    hop = unknown_hop(message, default=route[0])
+    hop, generation = unknown_send(message, default=route[0])
     provider = get_provider(hop.provider)
     if not provider.supports_lookup:
         reason = (
@@ -65,17 +67,17 @@ def resolve_unknown_outcome(message: Message, route: list[Hop]) -> bool:
         dead_letter(message, ErrorType.PROVIDER_TIMEOUT, "no_lookup", reason)
         return True
     first = (
-        DispatchAttempt.objects.filter(message=message, send_generation=message.send_generation)
+        DispatchAttempt.objects.filter(message=message, send_generation=generation)
         .order_by("started_at")
         .values_list("started_at", flat=True)
         .first()
     )
-    attempt = attempt_start(message, hop, "look-up after an unknown outcome")
+    attempt = attempt_start(message, hop, "look-up after an unknown outcome", generation=generation)
     started = time.monotonic()
     try:
-        found = _unclaimed(provider.find_send(send_request(message, hop, first)), message, hop.provider)
+        found = _unclaimed(provider.find_send(send_request(message, hop, first, generation)), message, hop.provider)
         if found is None:
-            _raise_if_unsettled(message, provider)
+            _raise_if_unsettled(message, provider, generation)
     except ProviderError as exc:
         # Whatever the look-up's trouble, the outcome is still unknown: ask again later.
         attempt_finish(attempt, started, AttemptOutcome.AMBIGUOUS, **error_fields(exc))
@@ -92,7 +94,7 @@ def resolve_unknown_outcome(message: Message, route: list[Hop]) -> bool:
     return False
 
 
-def _raise_if_unsettled(message: Message, provider: Provider) -> None:
+def _raise_if_unsettled(message: Message, provider: Provider, generation: int) -> None:
     """An empty look-up is only trusted once the provider's records have caught up.
 
     Reports and event logs (Vonage, Mailgun) lag behind the send API, so "no record" right after
@@ -102,9 +104,7 @@ def _raise_if_unsettled(message: Message, provider: Provider) -> None:
     if not settle:
         return
     last_unknown = (
-        DispatchAttempt.objects.filter(
-            message=message, send_generation=message.send_generation, outcome__in=UNKNOWN_OUTCOMES
-        )
+        DispatchAttempt.objects.filter(message=message, send_generation=generation, outcome__in=UNKNOWN_OUTCOMES)
         .order_by("-ended_at")
         .values_list("ended_at", flat=True)
         .first()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 from django.db.models import Q
 
@@ -36,7 +37,10 @@ class ApiKey(models.Model):
 
 
 class ErrorType(models.TextChoices):
-    """Why a send failed: the fixed vocabulary used by attempts, dead letters and metrics."""
+    """Why a send failed: the one vocabulary of attempts, dead letters, metrics and replay filters.
+
+    ERROR_TYPE_MEANINGS below says what each means for an operator deciding whether to replay.
+    """
 
     PROVIDER_TIMEOUT = "provider_timeout"
     PROVIDER_5XX = "provider_5xx"
@@ -50,6 +54,22 @@ class ErrorType(models.TextChoices):
     EXPIRED = "expired"
     NO_ROUTE = "no_route"
     UNKNOWN = "unknown"
+
+
+ERROR_TYPE_MEANINGS: dict[str, str] = {
+    ErrorType.PROVIDER_TIMEOUT: "no answer in time; the provider may have taken it (looked up before any resend)",
+    ErrorType.PROVIDER_5XX: "the provider answered with a server error (5xx)",
+    ErrorType.RATE_LIMITED: "the provider refused for rate (429); Retry-After was honoured",
+    ErrorType.CONNECTION_ERROR: "the provider could not be reached (refused, reset, DNS)",
+    ErrorType.PROVIDER_AUTH: "the provider refused our credentials or account (fix settings, then replay)",
+    ErrorType.INVALID_RECIPIENT: "the provider says the number or address cannot receive (a replay fails again)",
+    ErrorType.REJECTED: "the provider refused or failed this message for another permanent reason",
+    ErrorType.CIRCUIT_OPEN: "every provider of the route was skipped by its open circuit breaker",
+    ErrorType.WORKER_LOST: "the worker sending it died repeatedly (CONDUCTOR_MAX_WORKER_LOSSES)",
+    ErrorType.EXPIRED: "its deadline passed before it could be sent",
+    ErrorType.NO_ROUTE: "no provider is configured for its channel",
+    ErrorType.UNKNOWN: "none of the above (see the error message)",
+}
 
 
 class Message(models.Model):
@@ -66,6 +86,8 @@ class Message(models.Model):
     request_fingerprint = models.CharField(max_length=64, blank=True, default="")
     ordering_key = models.CharField(max_length=255, null=True, blank=True)
     expires_at = models.DateTimeField()
+    # The sender gave expires_at or ttl_seconds: a replay never moves that deadline unless forced.
+    deadline_from_sender = models.BooleanField(default=False)
     fallback_channels = models.JSONField(default=list, blank=True)
     fallback_to = models.JSONField(default=dict, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
@@ -136,6 +158,10 @@ class AttemptOutcome(models.TextChoices):
     WORKER_LOST = "worker_lost"
 
 
+# Outcomes after which nobody knows whether the provider took the message: ask it before resending.
+UNKNOWN_OUTCOMES = (AttemptOutcome.AMBIGUOUS, AttemptOutcome.WORKER_LOST)
+
+
 class DispatchAttempt(models.Model):
     """One try at handing a message to a provider (or at finding out whether it already has it)."""
 
@@ -170,6 +196,7 @@ class EventSource(models.TextChoices):
     WEBHOOK = "webhook"
     POLL = "poll"
     ADMIN = "admin"
+    COMMAND = "command"
 
 
 class MessageEvent(models.Model):
@@ -189,3 +216,54 @@ class MessageEvent(models.Model):
     def __str__(self) -> str:
         verb = "->" if self.applied else "-/>"
         return f"{self.message_id}: {self.from_state} {verb} {self.to_state}"
+
+
+class DeadLetter(models.Model):
+    """A message given up on before it reached its recipient: retries spent, refused for good,
+    past its deadline, or its worker kept dying. Parked by the transition service when the message
+    enters failed, expired or dead_lettered, with everything an operator needs to decide and to
+    replay; kept for the retention of its priority and category (reconciliation.retention)."""
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="dead_letters")
+    client = models.ForeignKey(ApiClient, on_delete=models.CASCADE, related_name="dead_letters")
+    send_generation = models.PositiveIntegerField(help_text="The send generation that was given up on.")
+    # The message's state when parked: failed, expired or dead_lettered.
+    state = models.CharField(max_length=16, choices=MessageState.choices)
+    channel = models.CharField(max_length=16, choices=Channel.choices)
+    priority = models.CharField(max_length=16, choices=Priority.choices)
+    category = models.CharField(max_length=100, blank=True, default="")
+    provider = models.CharField(max_length=32, blank=True, default="", help_text="The last provider called.")
+    error_type = models.CharField(max_length=32, choices=ErrorType.choices)
+    error_code = models.CharField(max_length=64, blank=True, default="")
+    error_message = models.TextField(blank=True, default="")
+    reason = models.TextField(blank=True, default="", help_text="Why it was given up on.")
+    # The last send may have reached its provider (timeout, worker lost): a replay asks first.
+    unknown_outcome = models.BooleanField(default=False)
+    payload = models.JSONField(encoder=DjangoJSONEncoder, help_text="The message as it was accepted.")
+    attempts = models.JSONField(encoder=DjangoJSONEncoder, default=list, help_text="Every attempt until parked.")
+    created_at = models.DateTimeField(help_text="When it was parked.")
+
+    replayed_at = models.DateTimeField(null=True, blank=True)
+    replayed_by = models.CharField(max_length=150, blank=True, default="")
+    replayed_via = models.CharField(max_length=16, blank=True, default="", choices=EventSource.choices)
+    # One id per replay operation: the dead letters one command, API call or admin action replayed.
+    replay_id = models.UUIDField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["message", "send_generation"], name="dead_letter_once_per_generation"),
+        ]
+        indexes = [
+            models.Index(fields=["client", "-created_at"], name="dead_letter_client_created"),
+            models.Index(fields=["created_at"], name="dead_letter_created"),
+            models.Index(fields=["replay_id"], name="dead_letter_replay"),
+        ]
+        permissions = [("replay_deadletter", "Can replay dead letters")]
+
+    def __str__(self) -> str:
+        return f"dead letter {self.pk}: {self.channel} {self.message_id} ({self.error_type})"
+
+    @property
+    def is_parked(self) -> bool:
+        """Still waiting in the queue (not replayed)."""
+        return self.replayed_at is None

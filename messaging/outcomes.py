@@ -27,13 +27,19 @@ logger = logging.getLogger(__name__)
 RELEASE = {"lease_expires_at": None, "next_attempt_at": None, "enqueued_at": None}
 
 
-def attempt_start(message: Message, hop: Hop, note: str, outcome: str = AttemptOutcome.IN_PROGRESS) -> DispatchAttempt:
-    """Record a hop before its network call, so a worker that dies mid-call leaves a trace."""
+def attempt_start(
+    message: Message, hop: Hop, note: str, outcome: str = AttemptOutcome.IN_PROGRESS, generation: int | None = None
+) -> DispatchAttempt:
+    """Record a hop before its network call, so a worker that dies mid-call leaves a trace.
+
+    A look-up is recorded under the generation it asks about (`generation`), which after a
+    replay is the one given up on, so a failed look-up is retried for that same send.
+    """
     message.attempt_count += 1
     attempt = DispatchAttempt.objects.create(
         message=message,
         number=message.attempt_count,
-        send_generation=message.send_generation,
+        send_generation=message.send_generation if generation is None else generation,
         provider=hop.provider,
         channel=hop.channel,
         note=note[:200],

@@ -22,6 +22,13 @@ class Priority(models.TextChoices):
     BULK = "bulk"
 
 
+class ReplayDeadline(models.TextChoices):
+    """What a replay does to a message's deadline when the sender did not set one."""
+
+    KEEP = "keep"  # the original deadline holds: past it, the replay skips the message unless forced
+    RENEW = "renew"  # a fresh default deadline (ttl_seconds) from the moment of the replay
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     max_attempts: int
@@ -29,12 +36,15 @@ class RetryPolicy:
     cap_seconds: float
     ttl_seconds: float  # default deadline after acceptance
     dlq_retention_seconds: float
+    # A 2FA code is worthless after its deadline, a shipping notice is not. A deadline the sender
+    # gave (expires_at, ttl_seconds) is always kept, whatever this says.
+    replay_deadline: str = ReplayDeadline.RENEW
 
 
 DEFAULT_RETRY_POLICIES: dict[str, RetryPolicy] = {
-    Priority.CRITICAL: RetryPolicy(6, 1.0, 10.0, 5 * 60, 24 * 3600),
-    Priority.TRANSACTIONAL: RetryPolicy(10, 5.0, 600.0, 24 * 3600, 14 * 24 * 3600),
-    Priority.BULK: RetryPolicy(12, 60.0, 7200.0, 72 * 3600, 30 * 24 * 3600),
+    Priority.CRITICAL: RetryPolicy(6, 1.0, 10.0, 5 * 60, 24 * 3600, ReplayDeadline.KEEP),
+    Priority.TRANSACTIONAL: RetryPolicy(10, 5.0, 600.0, 24 * 3600, 14 * 24 * 3600, ReplayDeadline.RENEW),
+    Priority.BULK: RetryPolicy(12, 60.0, 7200.0, 72 * 3600, 30 * 24 * 3600, ReplayDeadline.RENEW),
 }
 POLICY_FIELDS = frozenset(f.name for f in fields(RetryPolicy))
 

@@ -15,10 +15,11 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from messaging.dead_letters import dead_letter_park
 from messaging.logging import masked
 from messaging.models import ApiClient, ApiKey, EventSource, Message, MessageEvent
 from messaging.routing import queue_name, retry_policy_for
-from messaging.states import ALLOWED_SOURCES, TIMESTAMP_FIELD, MessageState
+from messaging.states import ALLOWED_SOURCES, DEAD_LETTER_STATES, TIMESTAMP_FIELD, MessageState
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ def message_transition(
     """Move a message to `to_state` if the TRANSITIONS table allows it from its current state.
 
     The only writer of the state column: a conditional UPDATE on the allowed source states,
-    checked by row count, and an event recorded either way. Returns whether it was applied.
+    checked by row count, and an event recorded either way. Entering failed, expired or
+    dead_lettered parks a dead letter in the same transaction. Returns whether it was applied.
     """
     sources = ALLOWED_SOURCES[to_state]
     now = timezone.now()
@@ -80,6 +82,8 @@ def message_transition(
             applied=applied,
             detail=detail[:2000],
         )
+        if applied and to_state in DEAD_LETTER_STATES:
+            dead_letter_park(message_id=message_id, reason=detail, parked_at=now)
     if applied:
         logger.info("message %s %s -> %s (%s) %s", message_id, current, to_state, source, detail)
     else:
@@ -189,6 +193,7 @@ def _insert_message(
         request_fingerprint=fingerprint,
         ordering_key=fields.get("ordering_key") or None,
         expires_at=_deadline(fields, now),
+        deadline_from_sender=bool(fields.get("expires_at") or fields.get("ttl_seconds")),
         fallback_channels=fields.get("fallback_channels", []),
         fallback_to=fields.get("fallback_to", {}),
         metadata=fields.get("metadata", {}),
@@ -231,15 +236,15 @@ class NotCancellable(Exception):
     """The message was already handed to a worker or a provider (HTTP 409)."""
 
 
-def message_cancel(*, message: Message) -> Message:
+def message_cancel(*, message: Message, source: str = EventSource.API, actor: str = "the client") -> Message:
     """Cancel a message that no worker has started to send; otherwise raise NotCancellable."""
     now = timezone.now()
     not_leased = Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now)
     applied = message_transition(
         message_id=message.pk,
         to_state=MessageState.CANCELLED,
-        source=EventSource.API,
-        detail="cancelled by the client",
+        source=source,
+        detail=f"cancelled by {actor}",
         fields={"next_attempt_at": None},
         extra_filter=not_leased,
     )

@@ -21,7 +21,8 @@ S = MessageState
 
 # Source state -> the states it may move to. Receipts can overtake our own writes (a
 # "delivered" callback before the worker records "dispatched"), so the happy path may skip
-# forward; it never moves back. DEAD_LETTERED -> ACCEPTED is a replay (a new send generation).
+# forward; it never moves back. FAILED, EXPIRED and DEAD_LETTERED -> ACCEPTED is an operator's
+# replay of a dead letter (messaging.dead_letters: a new send generation), nothing else.
 TRANSITIONS: dict[str, frozenset[str]] = {
     S.ACCEPTED: frozenset(
         {S.DISPATCHED, S.DELIVERED, S.READ, S.UNDELIVERED, S.FAILED, S.EXPIRED, S.CANCELLED, S.DEAD_LETTERED}
@@ -30,8 +31,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     S.DELIVERED: frozenset({S.READ}),
     S.READ: frozenset(),
     S.UNDELIVERED: frozenset(),
-    S.FAILED: frozenset(),
-    S.EXPIRED: frozenset(),
+    S.FAILED: frozenset({S.ACCEPTED}),
+    S.EXPIRED: frozenset({S.ACCEPTED}),
     S.CANCELLED: frozenset(),
     S.DEAD_LETTERED: frozenset({S.ACCEPTED}),
 }
@@ -46,6 +47,9 @@ ALLOWED_SOURCES: dict[str, frozenset[str]] = {
 FINAL_STATES: frozenset[str] = frozenset({S.READ, S.UNDELIVERED, S.FAILED, S.EXPIRED, S.CANCELLED, S.DEAD_LETTERED})
 # "Done" for a sender: the provider has it or it will never be sent. Delivered may still go to read.
 SETTLED_STATES: frozenset[str] = FINAL_STATES | {S.DISPATCHED, S.DELIVERED}
+# Given up on before reaching the recipient: each entry parks a dead letter that can be replayed.
+DEAD_LETTER_STATES: frozenset[str] = frozenset({S.FAILED, S.EXPIRED, S.DEAD_LETTERED})
+DEAD_LETTER_STATE_CHOICES: list[tuple[str, str]] = [(s, MessageState(s).label) for s in sorted(DEAD_LETTER_STATES)]
 
 # The timestamp column each state stamps when entered.
 TIMESTAMP_FIELD: dict[str, str] = {state: f"{state}_at" for state in MessageState.values}

@@ -8,8 +8,9 @@ import uuid
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from messaging.models import EventSource, Message
+from messaging.models import ErrorType, EventSource, Message
 from messaging.services import message_transition
+from messaging.states import MessageState
 from providers.base import ReceiptEvent
 from reconciliation.models import Receipt
 
@@ -62,6 +63,13 @@ def receipt_record(*, event: ReceiptEvent, source: str = EventSource.WEBHOOK) ->
         fields = {}
         if not message.provider_message_id:
             fields = {"provider": event.provider, "provider_message_id": event.provider_message_id}
+        if event.state == MessageState.FAILED:
+            # The provider took it, then gave up for good: the dead letter says so.
+            fields |= {
+                "last_error_type": ErrorType.REJECTED,
+                "last_error_code": event.error_code,
+                "last_error_message": f"{event.provider} reported {event.provider_status} after accepting it",
+            }
         applied = message_transition(
             message_id=message.pk,
             to_state=event.state,

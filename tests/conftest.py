@@ -154,3 +154,62 @@ def sandbox(sandbox_server, settings):
 
     yield Control()
     reset_provider_cache()
+
+
+@pytest.fixture
+def park(make_message):
+    """Give up on a new message through the transition service, which parks its dead letter.
+
+    park(state="dead_lettered", error_type="provider_5xx", provider="twilio", attempts=1,
+    outcome="transient_error", parked_at=None, **message_fields) -> DeadLetter
+    """
+    from django.utils import timezone
+
+    from messaging.models import DeadLetter, DispatchAttempt, EventSource, Message
+    from messaging.services import message_transition
+
+    def give_up(
+        state="dead_lettered",
+        error_type="provider_5xx",
+        error_code="",
+        provider="twilio",
+        attempts=1,
+        outcome="transient_error",
+        parked_at=None,
+        **fields,
+    ):
+        message = make_message(**fields)
+        now = timezone.now()
+        for number in range(1, attempts + 1):
+            DispatchAttempt.objects.create(
+                message=message,
+                number=number,
+                send_generation=message.send_generation,
+                provider=provider,
+                channel=message.channel,
+                started_at=now,
+                ended_at=now,
+                outcome=outcome,
+                error_type=error_type,
+                error_code=error_code,
+                latency_ms=120,
+            )
+        Message.objects.filter(pk=message.pk).update(attempt_count=attempts, provider=provider if attempts else "")
+        assert message_transition(
+            message_id=message.pk,
+            to_state=state,
+            source=EventSource.WORKER,
+            detail="given up in a test",
+            fields={
+                "last_error_type": error_type,
+                "last_error_code": error_code,
+                "last_error_message": f"{error_type} in a test",
+            },
+        )
+        dead_letter = DeadLetter.objects.get(message=message, send_generation=message.send_generation)
+        if parked_at is not None:
+            DeadLetter.objects.filter(pk=dead_letter.pk).update(created_at=parked_at)
+            dead_letter.refresh_from_db()
+        return dead_letter
+
+    return give_up

@@ -150,11 +150,18 @@ CELERY_TASK_DEFAULT_EXCHANGE = "conductor"
 CELERY_TASK_DEFAULT_ROUTING_KEY = MAINTENANCE_QUEUE
 CELERY_BEAT_SCHEDULER = env_str("CELERY_BEAT_SCHEDULER", "django_celery_beat.schedulers:DatabaseScheduler")
 SWEEP_INTERVAL_SECONDS = env_float("CONDUCTOR_SWEEP_INTERVAL_SECONDS", 5.0)
+DLQ_PURGE_INTERVAL_SECONDS = env_float("CONDUCTOR_DLQ_PURGE_INTERVAL_SECONDS", 3600.0)
 CELERY_BEAT_SCHEDULE = {
     "messaging.sweep": {
         "task": "messaging.sweep",
         "schedule": SWEEP_INTERVAL_SECONDS,
         "options": {"queue": MAINTENANCE_QUEUE, "expires": SWEEP_INTERVAL_SECONDS * 2},
+    },
+    # Dead letters past their retention (per priority and category) are deleted in batches.
+    "reconciliation.purge_dead_letters": {
+        "task": "reconciliation.purge_dead_letters",
+        "schedule": DLQ_PURGE_INTERVAL_SECONDS,
+        "options": {"queue": MAINTENANCE_QUEUE, "expires": DLQ_PURGE_INTERVAL_SECONDS},
     },
 }
 
@@ -255,6 +262,15 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # One schema name per choice set, however many fields use it.
+    "ENUM_NAME_OVERRIDES": {
+        "MessageStateEnum": "messaging.states.MessageState",
+        "DeadLetterStateEnum": "messaging.states.DEAD_LETTER_STATE_CHOICES",
+        "ChannelEnum": "messaging.routing.Channel",
+        "PriorityEnum": "messaging.routing.Priority",
+        "EventSourceEnum": "messaging.models.EventSource",
+        "ErrorTypeEnum": "messaging.models.ErrorType",
+    },
 }
 
 # --- Logging and Sentry ---------------------------------------------------------------------

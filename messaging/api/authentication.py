@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.utils import timezone
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 
 from messaging.models import ApiClient, ApiKey
@@ -52,3 +53,17 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 class IsApiClient(permissions.BasePermission):
     def has_permission(self, request, view) -> bool:
         return isinstance(request.auth, ApiClient)
+
+
+class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
+    """Describes the bearer API key in the OpenAPI schema (/api/schema/, /api/docs/)."""
+
+    target_class = ApiKeyAuthentication
+    name = "ApiKey"
+
+    def get_security_definition(self, auto_schema):
+        return {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key from `manage.py create_api_key NAME`: `Authorization: Bearer <key>`.",
+        }

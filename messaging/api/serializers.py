@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import uuid
+from typing import Any
 
 import phonenumbers
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -11,8 +13,11 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from messaging.conf import conductor_setting
-from messaging.models import DispatchAttempt, Message, MessageEvent
+from messaging.dead_letters import ATTEMPT_FIELDS
+from messaging.models import ApiClient, DeadLetter, DispatchAttempt, ErrorType, Message, MessageEvent
 from messaging.routing import Channel, Priority
+from messaging.selectors import DeadLetterCriteria
+from messaging.states import DEAD_LETTER_STATE_CHOICES
 from reconciliation.models import Receipt
 
 PHONE_CHANNELS = {Channel.SMS, Channel.WHATSAPP}
@@ -125,19 +130,7 @@ class BatchSerializer(StrictSerializer):
 class AttemptSerializer(serializers.ModelSerializer):
     class Meta:
         model = DispatchAttempt
-        fields = [
-            "number",
-            "send_generation",
-            "provider",
-            "started_at",
-            "ended_at",
-            "outcome",
-            "error_type",
-            "error_code",
-            "error_message",
-            "latency_ms",
-            "provider_message_id",
-        ]
+        fields = list(ATTEMPT_FIELDS)  # the same record a dead letter keeps
 
 
 class EventSerializer(serializers.ModelSerializer):
@@ -212,3 +205,140 @@ class MessageDetailSerializer(MessageSerializer):
 
     class Meta(MessageSerializer.Meta):
         fields = MessageSerializer.Meta.fields + ["attempts", "events", "receipts"]
+
+
+# --- dead letters ---------------------------------------------------------------------------------
+class DeadLetterFilterSerializer(serializers.Serializer):
+    """The filters of GET /dead-letters/ (query string) and of a replay (JSON body)."""
+
+    state = serializers.ChoiceField(choices=DEAD_LETTER_STATE_CHOICES, required=False)
+    channel = serializers.ChoiceField(choices=Channel.choices, required=False)
+    priority = serializers.ChoiceField(choices=Priority.choices, required=False)
+    category = serializers.CharField(required=False, max_length=100)
+    error_type = serializers.ChoiceField(choices=ErrorType.choices, required=False)
+    provider = serializers.CharField(required=False, max_length=32)
+    created_after = serializers.DateTimeField(required=False, help_text="Parked at or after this time.")
+    created_before = serializers.DateTimeField(required=False, help_text="Parked before this time.")
+
+
+def dead_letter_criteria(data: dict[str, Any], *, client: ApiClient | None, parked: bool | None) -> DeadLetterCriteria:
+    """The selector's criteria from validated filter fields (single values in the API)."""
+
+    def one(name: str) -> tuple[str, ...]:
+        return (data[name],) if name in data else ()
+
+    return DeadLetterCriteria(
+        client=client,
+        since=data.get("created_after"),
+        until=data.get("created_before"),
+        channels=one("channel"),
+        providers=one("provider"),
+        error_types=one("error_type"),
+        categories=one("category"),
+        priorities=one("priority"),
+        states=one("state"),
+        ids=tuple(data.get("ids", ())),
+        parked=parked,
+    )
+
+
+class DeadLetterListQuerySerializer(DeadLetterFilterSerializer):
+    status = serializers.ChoiceField(choices=["parked", "replayed"], required=False)
+
+
+class DeadLetterReplaySerializer(StrictSerializer, DeadLetterFilterSerializer):
+    ids = serializers.ListField(
+        child=serializers.CharField(max_length=64),
+        required=False,
+        max_length=1000,
+        help_text="Dead-letter ids (numbers) or message ids (UUIDs).",
+    )
+    all = serializers.BooleanField(
+        default=False, help_text="Replay every parked dead letter; needed when no filter is given."
+    )
+    limit = serializers.IntegerField(required=False, min_value=1, help_text="At most this many, oldest first.")
+    dry_run = serializers.BooleanField(default=False, help_text="Count what would be replayed; change nothing.")
+    force = serializers.BooleanField(
+        default=False, help_text="Replay even past a kept deadline or when a receipt says it arrived."
+    )
+
+    def validate_ids(self, values: list[str]) -> list[int | uuid.UUID]:
+        try:
+            return [parse_dead_letter_id(value) for value in values]
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc)) from None
+
+    def validate_limit(self, value: int) -> int:
+        cap = conductor_setting("REPLAY_API_MAX_ITEMS")
+        if value > cap:
+            raise serializers.ValidationError(f"At most {cap} per call; call again for the rest.")
+        return value
+
+    def validate(self, attrs):
+        if not dead_letter_criteria(attrs, client=None, parked=True).narrows() and not attrs["all"]:
+            raise serializers.ValidationError(
+                {"all": ["Give at least one filter (or ids), or set all to true to replay every dead letter."]}
+            )
+        return attrs
+
+
+def parse_dead_letter_id(value: str) -> int | uuid.UUID:
+    """A dead-letter id is a number, a message id a UUID: either names a dead letter."""
+    value = str(value).strip()
+    if value.isdigit():
+        return int(value)
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is neither a dead-letter id (a number) nor a message id (a UUID).") from None
+
+
+class DeadLetterSerializer(serializers.ModelSerializer):
+    message_id = serializers.UUIDField(read_only=True)
+    status = serializers.SerializerMethodField()
+    error = serializers.SerializerMethodField()
+
+    class Meta:
+        model = DeadLetter
+        fields = [
+            "id",
+            "message_id",
+            "status",
+            "state",
+            "channel",
+            "priority",
+            "category",
+            "provider",
+            "send_generation",
+            "error",
+            "reason",
+            "unknown_outcome",
+            "created_at",
+            "replayed_at",
+            "replayed_by",
+            "replayed_via",
+            "replay_id",
+        ]
+
+    def get_status(self, dead_letter: DeadLetter) -> str:
+        return "parked" if dead_letter.is_parked else "replayed"
+
+    def get_error(self, dead_letter: DeadLetter) -> dict[str, str]:
+        return {"type": dead_letter.error_type, "code": dead_letter.error_code, "message": dead_letter.error_message}
+
+
+class DeadLetterDetailSerializer(DeadLetterSerializer):
+    class Meta(DeadLetterSerializer.Meta):
+        fields = DeadLetterSerializer.Meta.fields + ["payload", "attempts"]
+
+
+class ReplayResultSerializer(serializers.Serializer):
+    replay_id = serializers.UUIDField()
+    dry_run = serializers.BooleanField()
+    matched = serializers.IntegerField(help_text="Parked dead letters matching the filter.")
+    selected = serializers.IntegerField(help_text="Of those, how many this call handled (limit).")
+    replayed = serializers.IntegerField(help_text="Replayed, or with dry_run, would be.")
+    skipped = serializers.DictField(child=serializers.IntegerField())
+    remaining = serializers.IntegerField(help_text="Matching parked dead letters left for another call.")
+    dead_letter_ids = serializers.ListField(child=serializers.IntegerField(), help_text="Every one handled.")
+    message_ids = serializers.ListField(child=serializers.UUIDField(), help_text="The messages replayed.")

@@ -9,4 +9,7 @@ urlpatterns = [
     path("messages/batch/", views.MessageBatchView.as_view(), name="message-batch"),
     path("messages/<uuid:pk>/", views.MessageDetailView.as_view(), name="message-detail"),
     path("messages/<uuid:pk>/cancel/", views.MessageCancelView.as_view(), name="message-cancel"),
+    path("dead-letters/", views.DeadLetterListView.as_view(), name="dead-letter-list"),
+    path("dead-letters/replay/", views.DeadLetterReplayView.as_view(), name="dead-letter-replay"),
+    path("dead-letters/<int:pk>/", views.DeadLetterDetailView.as_view(), name="dead-letter-detail"),
 ]

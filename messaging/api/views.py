@@ -15,13 +15,26 @@ from rest_framework.views import APIView
 
 from messaging.api.serializers import (
     BatchSerializer,
+    DeadLetterDetailSerializer,
+    DeadLetterListQuerySerializer,
+    DeadLetterReplaySerializer,
+    DeadLetterSerializer,
     MessageCreateSerializer,
     MessageDetailSerializer,
     MessageSerializer,
+    ReplayResultSerializer,
+    dead_letter_criteria,
 )
-from messaging.models import ApiClient, Message
+from messaging.conf import conductor_setting
+from messaging.models import ApiClient, EventSource, Message
+from messaging.replay import dead_letters_replay
 from messaging.routing import Channel, Priority
-from messaging.selectors import message_detail_for_client, messages_for_client
+from messaging.selectors import (
+    dead_letter_detail_for_client,
+    dead_letters_matching,
+    message_detail_for_client,
+    messages_for_client,
+)
 from messaging.services import (
     IdempotencyConflict,
     IdempotencyInFlight,
@@ -149,3 +162,62 @@ class MessageCancelView(generics.GenericAPIView):
         except NotCancellable as exc:
             return Response({"detail": str(exc), "state": message.state}, status=status.HTTP_409_CONFLICT)
         return Response(MessageSerializer(message).data)
+
+
+# --- dead letters ---------------------------------------------------------------------------------
+class DeadLetterCursorPagination(CursorPagination):
+    ordering = ("-created_at", "-id")
+    page_size = 50
+    page_size_query_param = "page_size"
+    max_page_size = 500
+
+
+class DeadLetterListView(generics.ListAPIView):
+    """The client's dead letters, newest first; filters as for messages plus error_type and provider."""
+
+    serializer_class = DeadLetterSerializer
+    pagination_class = DeadLetterCursorPagination
+    filter_backends: list = []
+
+    def get_queryset(self):
+        query = DeadLetterListQuerySerializer(data=self.request.query_params)
+        query.is_valid(raise_exception=True)
+        status_filter = query.validated_data.get("status")
+        parked = None if status_filter is None else status_filter == "parked"
+        criteria = dead_letter_criteria(query.validated_data, client=self.request.auth, parked=parked)
+        return dead_letters_matching(criteria=criteria)
+
+    @extend_schema(parameters=[DeadLetterListQuerySerializer])
+    def get(self, request: Request, *args, **kwargs) -> Response:
+        return super().get(request, *args, **kwargs)
+
+
+class DeadLetterDetailView(generics.RetrieveAPIView):
+    """One dead letter with the message as accepted and every attempt."""
+
+    serializer_class = DeadLetterDetailSerializer
+
+    def get_queryset(self):
+        return dead_letter_detail_for_client(client=self.request.auth)
+
+
+class DeadLetterReplayView(APIView):
+    @extend_schema(request=DeadLetterReplaySerializer, responses={200: ReplayResultSerializer})
+    def post(self, request: Request) -> Response:
+        """Replay the client's parked dead letters that match the filter, oldest first, at most
+        `limit` (and REPLAY_API_MAX_ITEMS) per call; `remaining` says how many are left."""
+        replay = DeadLetterReplaySerializer(data=request.data)
+        replay.is_valid(raise_exception=True)
+        options = replay.validated_data
+        matching = dead_letters_matching(criteria=dead_letter_criteria(options, client=request.auth, parked=True))
+        matched = matching.count()
+        limit = min(options.get("limit", matched), conductor_setting("REPLAY_API_MAX_ITEMS"))
+        report = dead_letters_replay(
+            selection=matching[:limit],
+            actor=request.auth.name,
+            via=EventSource.API,
+            force=options["force"],
+            dry_run=options["dry_run"],
+        )
+        remaining = matched - report.selected
+        return Response({**report.as_dict(), "matched": matched, "remaining": remaining})

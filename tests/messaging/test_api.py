@@ -208,3 +208,11 @@ def test_schema_and_health_endpoints(client):
     assert client.get("/healthz").status_code == 200
     assert client.get("/api/schema/").status_code == 200
     assert client.get("/api/docs/").status_code == 200
+
+
+def test_the_openapi_schema_is_valid_and_generates_without_warnings(tmp_path):
+    from django.core.management import call_command
+
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yml"))
+    schema = (tmp_path / "schema.yml").read_text()
+    assert "/api/v1/dead-letters/replay/" in schema and "bearer" in schema

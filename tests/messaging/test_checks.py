@@ -36,3 +36,8 @@ def test_circuit_breaker_fields_are_checked():
 @override_settings(CONDUCTOR={"CIRCUIT_BREAKER": {"failure_rate_threshold": 2.0}})
 def test_circuit_breaker_values_that_cannot_work_are_errors():
     assert "conductor.E010" in ids(check_conductor_settings())
+
+
+@override_settings(CONDUCTOR={"CATEGORY_POLICIES": {"otp": {"replay_deadline": "extend"}}})
+def test_the_replay_deadline_policy_is_checked():
+    assert ids(check_conductor_settings()) == ["conductor.E012"]

@@ -1,6 +1,6 @@
 """The transition table: forward-only along the happy path, final states stay final."""
 
-from messaging.states import ALLOWED_SOURCES, FINAL_STATES, TRANSITIONS, is_allowed
+from messaging.states import ALLOWED_SOURCES, DEAD_LETTER_STATES, FINAL_STATES, TRANSITIONS, is_allowed
 from messaging.states import MessageState as S
 
 HAPPY_PATH = [S.ACCEPTED, S.DISPATCHED, S.DELIVERED, S.READ]
@@ -17,9 +17,14 @@ def test_happy_path_moves_forward_and_may_skip_for_out_of_order_receipts():
 
 
 def test_final_states_accept_nothing_but_a_replay_of_a_dead_letter():
+    assert DEAD_LETTER_STATES == {S.FAILED, S.EXPIRED, S.DEAD_LETTERED}
     for state in FINAL_STATES:
-        expected = {S.ACCEPTED} if state == S.DEAD_LETTERED else set()
+        expected = {S.ACCEPTED} if state in DEAD_LETTER_STATES else set()
         assert TRANSITIONS[state] == expected, state
+
+
+def test_a_replay_is_the_only_way_back_to_accepted():
+    assert ALLOWED_SOURCES[S.ACCEPTED] == DEAD_LETTER_STATES
 
 
 def test_only_accepted_messages_can_expire_be_cancelled_or_dead_lettered():

@@ -1,0 +1,150 @@
+"""The admin through Django's test client: staff see and act, everyone else is refused."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.urls import reverse
+
+from messaging.models import DeadLetter, DispatchAttempt, Message
+
+pytestmark = pytest.mark.django_db
+
+ACTION_CHECKBOX = "_selected_action"
+
+
+@pytest.fixture
+def staff(client):
+    user = User.objects.create_superuser("ops", "ops@example.com", "pw-for-tests")
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def viewer(client):
+    """Staff who may look at messages and dead letters but holds no replay permission."""
+    user = User.objects.create_user("viewer", password="pw-for-tests", is_staff=True)
+    user.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_message", "view_deadletter", "change_message"])
+    )
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def outsider(client):
+    user = User.objects.create_user("outsider", password="pw-for-tests", is_staff=False)
+    client.force_login(user)
+    return client
+
+
+def changelist(model: str) -> str:
+    return reverse(f"admin:messaging_{model}_changelist")
+
+
+def change(model: str, pk) -> str:
+    return reverse(f"admin:messaging_{model}_change", args=[pk])
+
+
+def test_staff_see_messages_with_filters_search_and_the_timeline(staff, park, make_message):
+    dead_letter = park(attempts=2, idempotency_key="order-42", category="otp")
+    make_message(provider_message_id="SM-findme")
+    response = staff.get(changelist("message"), {"state": "dead_lettered", "channel": "sms", "category": "otp"})
+    assert response.status_code == 200
+    assert str(dead_letter.message_id) in response.content.decode()
+    for term in ("order-42", "SM-findme", str(dead_letter.message_id)):  # key, provider id, message id
+        response = staff.get(changelist("message"), {"q": term})
+        assert response.status_code == 200 and "1 result" in response.content.decode(), term
+    detail = staff.get(change("message", dead_letter.message_id)).content.decode()
+    assert "Dispatch attempts" in detail and "Message events" in detail and "Dead letters" in detail
+    assert "given up in a test" in detail  # the event's detail in the timeline
+
+
+def test_staff_see_dead_letters_with_their_filters_and_full_context(staff, park):
+    timeout = park(error_type="provider_timeout", body="the original text", attempts=2)
+    park(error_type="provider_5xx", provider="vonage")
+    for query in ({"error_type": "provider_timeout"}, {"provider": "twilio"}, {"channel": "sms", "status": "parked"}):
+        response = staff.get(changelist("deadletter"), query)
+        assert response.status_code == 200
+        assert f">{timeout.pk}<" in response.content.decode(), query
+    response = staff.get(changelist("deadletter"), {"error_type": "provider_timeout"})
+    assert "1 dead letter" in response.content.decode()
+    detail = staff.get(change("deadletter", timeout.pk)).content.decode()
+    assert "the original text" in detail and "transient_error" in detail  # payload and attempts
+    assert 'name="_save"' not in detail  # read-only
+
+
+def test_the_replay_action_on_dead_letters(staff, park):
+    chosen, other = park(priority="bulk"), park(priority="bulk")
+    response = staff.post(
+        changelist("deadletter"), {"action": "replay_selected", ACTION_CHECKBOX: [chosen.pk]}, follow=True
+    )
+    assert response.status_code == 200 and "Replayed 1" in response.content.decode()
+    chosen.refresh_from_db()
+    other.refresh_from_db()
+    assert chosen.replayed_by == "ops" and chosen.replayed_via == "admin" and other.is_parked
+    assert Message.objects.get(pk=chosen.message_id).state == "accepted"
+
+
+def test_the_forced_replay_action_sends_past_the_deadline(staff, park):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    stale = park(priority="critical", expires_at=timezone.now() - timedelta(minutes=1))
+    response = staff.post(
+        changelist("deadletter"), {"action": "replay_selected", ACTION_CHECKBOX: [stale.pk]}, follow=True
+    )
+    assert "1 past deadline" in response.content.decode()
+    staff.post(changelist("deadletter"), {"action": "replay_selected_forced", ACTION_CHECKBOX: [stale.pk]})
+    assert not DeadLetter.objects.get(pk=stale.pk).is_parked
+
+
+def test_the_replay_action_on_messages(staff, park, make_message):
+    dead_letter = park(priority="bulk")
+    fine = make_message(state="delivered")
+    response = staff.post(
+        changelist("message"),
+        {"action": "replay_selected", ACTION_CHECKBOX: [dead_letter.message_id, fine.pk]},
+        follow=True,
+    )
+    page = response.content.decode()
+    assert "Replayed 1" in page and "1 of the selected messages have no parked dead letter" in page
+    assert Message.objects.get(pk=dead_letter.message_id).send_generation == 2
+    assert Message.objects.get(pk=fine.pk).state == "delivered"
+
+
+def test_the_cancel_action_records_who_cancelled(staff, make_message):
+    message = make_message()
+    staff.post(changelist("message"), {"action": "cancel_selected", ACTION_CHECKBOX: [message.pk]})
+    message.refresh_from_db()
+    event = message.events.latest("id")
+    assert message.state == "cancelled" and event.source == "admin" and event.detail == "cancelled by ops"
+
+
+def test_staff_without_the_replay_permission_cannot_replay(viewer, park):
+    dead_letter = park(priority="bulk")
+    page = viewer.get(changelist("deadletter")).content.decode()
+    assert f">{dead_letter.pk}<" in page and "replay_selected" not in page
+    viewer.post(changelist("deadletter"), {"action": "replay_selected", ACTION_CHECKBOX: [dead_letter.pk]})
+    viewer.post(changelist("message"), {"action": "replay_selected", ACTION_CHECKBOX: [dead_letter.message_id]})
+    dead_letter.refresh_from_db()
+    assert dead_letter.is_parked
+
+
+def test_everyone_else_is_sent_to_the_login_page_and_changes_nothing(outsider, client, park):
+    dead_letter = park(priority="bulk")
+    for url in (
+        changelist("message"),
+        change("message", dead_letter.message_id),
+        changelist("deadletter"),
+        change("deadletter", dead_letter.pk),
+    ):
+        response = outsider.get(url)
+        assert response.status_code == 302 and "/admin/login/" in response["Location"], url
+    response = outsider.post(changelist("deadletter"), {"action": "replay_selected", ACTION_CHECKBOX: [dead_letter.pk]})
+    assert response.status_code == 302
+    client.logout()
+    assert client.get(changelist("deadletter")).status_code == 302
+    dead_letter.refresh_from_db()
+    assert dead_letter.is_parked and DispatchAttempt.objects.filter(message_id=dead_letter.message_id).count() == 1
