@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from django.core.exceptions import ImproperlyConfigured
@@ -52,3 +53,29 @@ def env_list(name: str, default: list[str]) -> list[str]:
     if value is None or value == "":
         return default
     return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def env_json(name: str, default: dict) -> dict:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} is not valid JSON: {exc}.") from None
+    if not isinstance(parsed, dict):
+        raise ImproperlyConfigured(f"{name} must be a JSON object, e.g. '{{\"min_samples\": 50}}'.")
+    return parsed
+
+
+def env_clock(name: str, default: str) -> tuple[int, int]:
+    """A time of day as 'HH:MM' (24 h): (hour, minute)."""
+    value = os.environ.get(name) or default
+    hour, _, minute = value.partition(":")
+    try:
+        parsed = int(hour), int(minute)
+    except ValueError:
+        parsed = (-1, -1)
+    if not (0 <= parsed[0] < 24 and 0 <= parsed[1] < 60):
+        raise ImproperlyConfigured(f"{name}={value!r} is not a time of day; use HH:MM, e.g. 02:00.")
+    return parsed

@@ -34,46 +34,57 @@ def readyz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ready" if ready else "unavailable", "checks": checks}, status=200 if ready else 503)
 
 
-class _MessageStateCollector:
-    """Message counts by channel, provider and state, read from the database at scrape time:
-    correct however many processes write, at the cost of one grouped query per scrape."""
+def _counted(name: str, documentation: str, rows, labels: list[str]) -> GaugeMetricFamily:
+    """A gauge of row counts grouped by `labels` (one GROUP BY query); an empty label reads "none"."""
+    from django.db.models import Count
+
+    family = GaugeMetricFamily(name, documentation, labels=labels)
+    for row in rows.values(*labels).annotate(n=Count("pk")).order_by():
+        family.add_metric([row[label] or "none" for label in labels], row["n"])
+    return family
+
+
+class _DatabaseCollector:
+    """Counts read from the database at scrape time: correct however many processes write, at
+    the cost of one grouped query per family and scrape."""
 
     def collect(self):
-        from django.db.models import Count
+        from messaging.models import DeadLetter, Message
+        from reconciliation.models import Alert, Receipt
 
-        from messaging.models import Message
-
-        family = GaugeMetricFamily(
-            "conductor_messages", "Messages by channel, provider and state.", labels=["channel", "provider", "state"]
+        yield _counted(
+            "conductor_messages",
+            "Messages by channel, provider and state.",
+            Message.objects.all(),
+            ["channel", "provider", "state"],
         )
-        rows = Message.objects.values("channel", "provider", "state").annotate(n=Count("pk")).order_by()
-        for row in rows:
-            family.add_metric([row["channel"], row["provider"] or "none", row["state"]], row["n"])
-        yield family
-
-        from messaging.models import DeadLetter
-
-        dead_letters = GaugeMetricFamily(
+        yield _counted(
             "conductor_dead_letters",
             "Parked dead letters (given up on, not replayed) by channel and error type.",
-            labels=["channel", "error_type"],
+            DeadLetter.objects.filter(replayed_at__isnull=True),
+            ["channel", "error_type"],
         )
-        parked = DeadLetter.objects.filter(replayed_at__isnull=True)
-        for row in parked.values("channel", "error_type").annotate(n=Count("pk")).order_by():
-            dead_letters.add_metric([row["channel"], row["error_type"]], row["n"])
-        yield dead_letters
-
-        from reconciliation.models import Receipt
-
-        unmatched = GaugeMetricFamily(
-            "conductor_receipts_unmatched", "Provider receipts that name no message we know.", labels=["provider"]
+        yield _counted(
+            "conductor_messages_delivery_unknown",
+            "Dispatched messages whose receipt never came within the provider's receipt horizon.",
+            Message.objects.filter(state="dispatched", receipt_unknown_at__isnull=False),
+            ["channel", "provider"],
         )
-        for row in Receipt.objects.filter(message__isnull=True).values("provider").annotate(n=Count("pk")).order_by():
-            unmatched.add_metric([row["provider"]], row["n"])
-        yield unmatched
+        yield _counted(
+            "conductor_alerts_open",
+            "Open delivery alerts by kind, channel, provider and severity.",
+            Alert.objects.filter(resolved_at__isnull=True),
+            ["kind", "channel", "provider", "severity"],
+        )
+        yield _counted(
+            "conductor_receipts_unmatched",
+            "Provider receipts that name no message we know.",
+            Receipt.objects.filter(message__isnull=True),
+            ["provider"],
+        )
 
 
 def metrics(request: HttpRequest) -> HttpResponse:
     registry = CollectorRegistry()
-    registry.register(_MessageStateCollector())
+    registry.register(_DatabaseCollector())
     return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

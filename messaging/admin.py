@@ -140,17 +140,22 @@ class MessageAdmin(ReplayPermissionMixin, admin.ModelAdmin):
         _replay(self, request, selection, force=False)
 
 
-class ParkedFilter(admin.SimpleListFilter):
-    title = "status"
-    parameter_name = "status"
+def timestamp_status_filter(field: str, unset: str, set_: str) -> type[admin.SimpleListFilter]:
+    """A "status" list filter on whether `field` (a timestamp) is set: replayed, resolved..."""
 
-    def lookups(self, request, model_admin):
-        return [("parked", "parked"), ("replayed", "replayed")]
+    class StatusFilter(admin.SimpleListFilter):
+        title = "status"
+        parameter_name = "status"
 
-    def queryset(self, request, queryset):
-        if self.value() in ("parked", "replayed"):
-            return queryset.filter(replayed_at__isnull=self.value() == "parked")
-        return queryset
+        def lookups(self, request, model_admin):
+            return [(unset, unset), (set_, set_)]
+
+        def queryset(self, request, queryset):
+            if self.value() in (unset, set_):
+                return queryset.filter(**{f"{field}__isnull": self.value() == unset})
+            return queryset
+
+    return StatusFilter
 
 
 @admin.register(DeadLetter)
@@ -171,7 +176,7 @@ class DeadLetterAdmin(ReplayPermissionMixin, admin.ModelAdmin):
         "status",
     ]
     list_filter = [
-        ParkedFilter,
+        timestamp_status_filter("replayed_at", "parked", "replayed"),
         "channel",
         "provider",
         "error_type",

@@ -80,6 +80,7 @@ def check_conductor_settings(app_configs=None, **kwargs) -> list[Error]:
                 )
             )
     errors += _check_circuit_settings()
+    errors += _check_receipt_settings(configured)
     lease = configured.get("DISPATCH_LEASE_SECONDS", DEFAULTS["DISPATCH_LEASE_SECONDS"])
     for name, conf in getattr(settings, "CONDUCTOR_PROVIDERS", {}).items():
         timeout = conf.get("TIMEOUT_SECONDS", 0)
@@ -118,4 +119,23 @@ def _check_circuit_settings() -> list[Error]:
             circuit_settings(name)
         except (TypeError, ValueError) as exc:
             errors.append(Error(f"Circuit breaker settings for {name!r} cannot work: {exc}", id="conductor.E010"))
+    return errors
+
+
+def _check_receipt_settings(configured: dict) -> list[Error]:
+    from reconciliation.conf import detector_settings_problems
+
+    errors = [
+        Error(f"CONDUCTOR['ANOMALY']: {problem}.", hint="See reconciliation/anomalies.py.", id="conductor.E013")
+        for problem in detector_settings_problems(configured.get("ANOMALY", {}))
+    ]
+    for channel, seconds in configured.get("RECEIPT_TIMEOUT_SECONDS", {}).items():
+        if channel not in Channel.values or not isinstance(seconds, int | float) or seconds <= 0:
+            errors.append(
+                Error(
+                    f"CONDUCTOR['RECEIPT_TIMEOUT_SECONDS'][{channel!r}] = {seconds!r} cannot work.",
+                    hint=f"Channels: {', '.join(Channel.values)}; timeouts in seconds, above 0.",
+                    id="conductor.E014",
+                )
+            )
     return errors

@@ -36,6 +36,19 @@ DEFAULTS: dict[str, Any] = {
     "REPLAY_API_MAX_ITEMS": 1000,
     # Dead letters deleted per statement by the retention job, so no delete holds locks for long.
     "DLQ_PURGE_BATCH_SIZE": 1000,
+    # A dispatched message with no final receipt this long after dispatch is polled at its provider.
+    "RECEIPT_TIMEOUT_SECONDS": {"sms": 600.0, "whatsapp": 600.0, "email": 600.0},
+    # ...and polled again at most this often while the provider still has no final status.
+    "RECEIPT_REPOLL_SECONDS": 600.0,
+    "RECEIPT_POLL_BATCH_SIZE": 200,
+    # Messages read per query by a reconciliation run.
+    "RECONCILE_BATCH_SIZE": 500,
+    # Overrides of reconciliation.anomalies.DetectorSettings (field names), e.g. {"min_samples": 50}.
+    "ANOMALY": {},
+    # Delivery buckets older than this are deleted (the dashboard shows up to 7 days).
+    "BUCKET_RETENTION_SECONDS": 8 * 86400.0,
+    # Alerts are POSTed here as JSON when set (with retries; a failing endpoint never blocks detection).
+    "ALERT_WEBHOOK_URL": None,
 }
 
 

@@ -16,6 +16,9 @@ from providers.registry import get_provider
 
 logger = logging.getLogger(__name__)
 
+# The note on a look-up's attempt row: it asks the provider, it does not send.
+LOOKUP_NOTE = "look-up after an unknown outcome"
+
 
 def unknown_send(message: Message, default: Hop) -> tuple[Hop, int]:
     """The hop whose outcome is unknown and its send generation: the last one that reached (or may
@@ -72,7 +75,7 @@ def resolve_unknown_outcome(message: Message, route: list[Hop]) -> bool:
         .values_list("started_at", flat=True)
         .first()
     )
-    attempt = attempt_start(message, hop, "look-up after an unknown outcome", generation=generation)
+    attempt = attempt_start(message, hop, LOOKUP_NOTE, generation=generation)
     started = time.monotonic()
     try:
         found = _unclaimed(provider.find_send(send_request(message, hop, first, generation)), message, hop.provider)

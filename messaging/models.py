@@ -110,6 +110,10 @@ class Message(models.Model):
     last_error_type = models.CharField(max_length=32, blank=True, default="", choices=ErrorType.choices)
     last_error_code = models.CharField(max_length=64, blank=True, default="")
     last_error_message = models.TextField(blank=True, default="")
+    # Receipt follow-up: when the provider was last asked for an overdue receipt, and when we
+    # stopped waiting for one (past the provider's receipt horizon: delivery unknown, counted).
+    receipt_polled_at = models.DateTimeField(null=True, blank=True)
+    receipt_unknown_at = models.DateTimeField(null=True, blank=True)
 
     created_at = models.DateTimeField()
     updated_at = models.DateTimeField(auto_now=True)
@@ -135,6 +139,9 @@ class Message(models.Model):
             models.Index(fields=["client", "-created_at"], name="message_client_created"),
             models.Index(fields=["state", "next_attempt_at"], name="message_state_next_attempt"),
             models.Index(fields=["provider", "provider_message_id"], name="message_provider_ref"),
+            # Receipt polling, reconciliation and the anomaly buckets read messages by dispatch time.
+            models.Index(fields=["dispatched_at"], name="message_dispatched"),
+            models.Index(fields=["dispatched_at"], condition=Q(state="dispatched"), name="message_awaiting_receipt"),
         ]
 
     def __str__(self) -> str:

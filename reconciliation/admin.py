@@ -1,18 +1,70 @@
-"""Read-only admin for provider receipts."""
+"""Read-only admin for receipts, reconciliation runs and alerts: written by the services only."""
 
 from django.contrib import admin
 
-from reconciliation.models import Receipt
+from messaging.admin import timestamp_status_filter
+from reconciliation.models import Alert, Receipt, ReconciliationRun
 
 
-@admin.register(Receipt)
-class ReceiptAdmin(admin.ModelAdmin):
-    list_display = ["received_at", "provider", "provider_status", "mapped_state", "applied", "message"]
-    list_filter = ["provider", "provider_status", "applied", "source"]
-    search_fields = ["=provider_message_id", "=event_id"]
-
+class ReadOnlyAdmin(admin.ModelAdmin):
     def get_readonly_fields(self, request, obj=None):
         return [field.name for field in self.model._meta.fields]
 
     def has_add_permission(self, request) -> bool:
         return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(Receipt)
+class ReceiptAdmin(ReadOnlyAdmin):
+    list_display = ["received_at", "provider", "provider_status", "mapped_state", "applied", "source", "message"]
+    list_filter = ["provider", "provider_status", "applied", "source"]
+    search_fields = ["=provider_message_id", "=event_id"]
+
+
+@admin.register(ReconciliationRun)
+class ReconciliationRunAdmin(ReadOnlyAdmin):
+    list_display = [
+        "window_start",
+        "status",
+        "trigger",
+        "checked",
+        "looked_up",
+        "updated",
+        "still_unknown",
+        "mismatches",
+        "unmatched_receipts",
+        "duration_ms",
+        "started_at",
+    ]
+    list_filter = ["status", "trigger"]
+    date_hierarchy = "window_start"
+
+
+@admin.register(Alert)
+class AlertAdmin(ReadOnlyAdmin):
+    list_display = [
+        "opened_at",
+        "kind",
+        "error_type",
+        "channel",
+        "provider",
+        "severity",
+        "observed",
+        "baseline",
+        "recent_samples",
+        "resolved_at",
+    ]
+    list_filter = [
+        timestamp_status_filter("resolved_at", "open", "resolved"),
+        "kind",
+        "severity",
+        "channel",
+        "provider",
+    ]
+    date_hierarchy = "opened_at"

@@ -34,3 +34,114 @@ class Receipt(models.Model):
 
     def __str__(self) -> str:
         return f"{self.provider} {self.provider_status} for {self.provider_message_id}"
+
+
+class DeliveryBucket(models.Model):
+    """Counts per channel, provider and time bucket, kept for anomaly detection (and the dashboard).
+
+    A bucket holds a cohort, the messages dispatched in it, with how many of them got a receipt
+    (and a delivered one) within the receipt maturity; and the provider calls that ended in it,
+    with their errors by type and their latency.
+    """
+
+    channel = models.CharField(max_length=16)
+    provider = models.CharField(max_length=32)
+    seconds = models.PositiveIntegerField(help_text="The bucket's length.")
+    start = models.DateTimeField()
+    dispatched = models.PositiveIntegerField(default=0)
+    receipted = models.PositiveIntegerField(default=0)
+    delivered = models.PositiveIntegerField(default=0)
+    undelivered = models.PositiveIntegerField(default=0)
+    attempts = models.PositiveIntegerField(default=0)
+    errors = models.JSONField(default=dict, help_text="Failed provider calls by error type.")
+    latency_count = models.PositiveIntegerField(default=0)
+    latency_sum_ms = models.FloatField(default=0.0)
+    latency_sumsq_ms = models.FloatField(default=0.0)
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["channel", "provider", "seconds", "start"], name="bucket_unique_slot"),
+        ]
+        indexes = [models.Index(fields=["seconds", "start"], name="bucket_seconds_start")]
+
+    def __str__(self) -> str:
+        return f"{self.channel}/{self.provider} {self.start:%Y-%m-%d %H:%M:%S} ({self.seconds}s)"
+
+
+class AlertSeverity(models.TextChoices):
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class Alert(models.Model):
+    """A delivery anomaly: opened by the detector, resolved by it when the rate recovers."""
+
+    kind = models.CharField(max_length=32)  # reconciliation.anomalies.AlertKind
+    error_type = models.CharField(max_length=32, blank=True, default="")
+    channel = models.CharField(max_length=16)
+    provider = models.CharField(max_length=32)
+    severity = models.CharField(max_length=16, choices=AlertSeverity.choices)
+    observed = models.FloatField(help_text="The rate (or mean latency, ms) in the window that showed it.")
+    baseline = models.FloatField(help_text="The rate (or mean latency, ms) before: recovery is judged against it.")
+    recent_samples = models.PositiveIntegerField()
+    baseline_samples = models.PositiveIntegerField()
+    score = models.FloatField(help_text="How sure (z); the threshold is CONDUCTOR['ANOMALY']['z_threshold'].")
+    window_start = models.DateTimeField()
+    window_end = models.DateTimeField()
+    opened_at = models.DateTimeField()
+    last_seen_at = models.DateTimeField()
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    recovered_rate = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["kind", "error_type", "channel", "provider"],
+                condition=models.Q(resolved_at__isnull=True),
+                name="alert_one_open_per_signal",
+            ),
+        ]
+        indexes = [models.Index(fields=["-opened_at"], name="alert_opened")]
+
+    def __str__(self) -> str:
+        what = f"{self.kind}:{self.error_type}" if self.error_type else self.kind
+        return f"{what} on {self.channel}/{self.provider} ({'open' if self.resolved_at is None else 'resolved'})"
+
+    @property
+    def is_open(self) -> bool:
+        return self.resolved_at is None
+
+
+class RunStatus(models.TextChoices):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class ReconciliationRun(models.Model):
+    """One reconciliation of a day's sends against receipts and the providers' own status."""
+
+    window_start = models.DateTimeField()
+    window_end = models.DateTimeField()
+    trigger = models.CharField(max_length=32, help_text="beat, or who ran manage.py reconcile.")
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.RUNNING)
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    checked = models.PositiveIntegerField(default=0, help_text="Messages sent in the window.")
+    looked_up = models.PositiveIntegerField(
+        default=0, help_text="Of those, asked at their provider (no final receipt)."
+    )
+    updated = models.PositiveIntegerField(default=0, help_text="Moved on by what the provider said.")
+    still_unknown = models.PositiveIntegerField(default=0, help_text="The provider has no final status either.")
+    mismatches = models.JSONField(default=dict, help_text="Disagreements by kind.")
+    unmatched_receipts = models.PositiveIntegerField(default=0, help_text="Receipts in the window naming no message.")
+    rematched_receipts = models.PositiveIntegerField(default=0, help_text="Unmatched receipts matched by this run.")
+    error = models.TextField(blank=True, default="")
+
+    class Meta:
+        indexes = [models.Index(fields=["-started_at"], name="reconciliation_started")]
+
+    def __str__(self) -> str:
+        return f"reconciliation of {self.window_start:%Y-%m-%d} ({self.status})"

@@ -59,26 +59,41 @@ def receipt_record(*, event: ReceiptEvent, source: str = EventSource.WEBHOOK) ->
             "unmatched %s receipt for %s (%s)", event.provider, event.provider_message_id, event.provider_status
         )
         return receipt, True
-    if event.state and event.state != message.state:
-        fields = {}
-        if not message.provider_message_id:
-            fields = {"provider": event.provider, "provider_message_id": event.provider_message_id}
-        if event.state == MessageState.FAILED:
-            # The provider took it, then gave up for good: the dead letter says so.
-            fields |= {
-                "last_error_type": ErrorType.REJECTED,
-                "last_error_code": event.error_code,
-                "last_error_message": f"{event.provider} reported {event.provider_status} after accepting it",
-            }
-        applied = message_transition(
-            message_id=message.pk,
-            to_state=event.state,
-            source=source,
-            detail=f"{event.provider} receipt: {event.provider_status}"
-            + (f" (error {event.error_code})" if event.error_code else ""),
-            fields=fields,
-        )
-        if applied:
-            Receipt.objects.filter(pk=receipt.pk).update(applied=True)
-            receipt.applied = True
+    receipt_apply(receipt=receipt, message=message, source=source)
     return receipt, True
+
+
+def receipt_apply(*, receipt: Receipt, message: Message, source: str) -> bool:
+    """Apply a stored receipt to its message (linking it first if it was unmatched).
+
+    Returns whether the message's state moved. The transition service decides: a receipt that
+    would move a message backwards is kept, not applied.
+    """
+    if receipt.message_id is None:
+        Receipt.objects.filter(pk=receipt.pk).update(message=message)
+        receipt.message = message
+    state = receipt.mapped_state
+    if not state or state == message.state:
+        return False
+    fields = {}
+    if not message.provider_message_id:
+        fields = {"provider": receipt.provider, "provider_message_id": receipt.provider_message_id}
+    if state == MessageState.FAILED:
+        # The provider took it, then gave up for good: the dead letter says so.
+        fields |= {
+            "last_error_type": ErrorType.REJECTED,
+            "last_error_code": receipt.error_code,
+            "last_error_message": f"{receipt.provider} reported {receipt.provider_status} after accepting it",
+        }
+    applied = message_transition(
+        message_id=message.pk,
+        to_state=state,
+        source=source,
+        detail=f"{receipt.provider} receipt: {receipt.provider_status}"
+        + (f" (error {receipt.error_code})" if receipt.error_code else ""),
+        fields=fields,
+    )
+    if applied:
+        Receipt.objects.filter(pk=receipt.pk).update(applied=True)
+        receipt.applied = True
+    return applied

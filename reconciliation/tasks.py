@@ -1,13 +1,69 @@
-"""Celery tasks of the reconciliation app: thin triggers around its services."""
+"""Celery tasks of the reconciliation app: thin triggers around its services (beat runs them)."""
 
 from __future__ import annotations
 
-from celery import shared_task
+import logging
+from datetime import timedelta
 
+import requests
+from celery import shared_task
+from django.utils import timezone
+
+from messaging.conf import conductor_setting
+from reconciliation.alerts import anomalies_detect
+from reconciliation.buckets import buckets_purge
+from reconciliation.polling import receipts_poll_overdue
+from reconciliation.reconcile import reconciliation_run
 from reconciliation.retention import dead_letters_purge_expired
+
+logger = logging.getLogger(__name__)
+
+
+class AlertWebhookError(Exception):
+    """The alert endpoint answered with a server error: worth another try."""
 
 
 @shared_task(name="reconciliation.purge_dead_letters", ignore_result=True)
 def purge_dead_letters() -> int:
-    """Delete dead letters past their retention (beat, hourly); returns how many went."""
+    """Delete dead letters past their retention, and delivery buckets past theirs (hourly)."""
+    buckets_purge(older_than_s=conductor_setting("BUCKET_RETENTION_SECONDS"))
     return dead_letters_purge_expired().total
+
+
+@shared_task(name="reconciliation.poll_receipts", ignore_result=True)
+def poll_receipts() -> int:
+    """Look up one batch of dispatched messages whose receipt is overdue (every minute)."""
+    return receipts_poll_overdue().polled
+
+
+@shared_task(name="reconciliation.detect_anomalies", ignore_result=True)
+def detect_anomalies() -> int:
+    """Recount the delivery buckets, open and resolve alerts (every minute)."""
+    return anomalies_detect().opened
+
+
+@shared_task(name="reconciliation.reconcile", ignore_result=True)
+def reconcile() -> None:
+    """Reconcile yesterday (UTC) against receipts and the providers (nightly); skipped if one runs."""
+    reconciliation_run(day=(timezone.now() - timedelta(days=1)).date(), trigger="beat")
+
+
+@shared_task(
+    name="reconciliation.post_alert",
+    ignore_result=True,
+    acks_late=True,
+    autoretry_for=(requests.ConnectionError, requests.Timeout, AlertWebhookError),
+    retry_backoff=2,
+    retry_backoff_max=60,  # no countdown beyond the broker's re-delivery horizon (SPEC §4)
+    max_retries=8,
+)
+def post_alert(payload: dict) -> None:
+    """POST one alert event to ALERT_WEBHOOK_URL; retried on connection errors and 5xx."""
+    url = conductor_setting("ALERT_WEBHOOK_URL")
+    if not url:
+        return
+    response = requests.post(url, json=payload, timeout=5, headers={"User-Agent": "conductor-alerts"})
+    if response.status_code >= 500:
+        raise AlertWebhookError(f"{url} answered {response.status_code}")
+    if response.status_code >= 400:
+        logger.error("alert webhook %s refused alert %s: %s", url, payload.get("id"), response.status_code)

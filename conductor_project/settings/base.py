@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import dj_database_url
+from celery.schedules import crontab
 from kombu import Exchange, Queue
 
-from conductor_project.env import env_bool, env_float, env_int, env_list, env_str
+from conductor_project.env import env_bool, env_clock, env_float, env_int, env_json, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 VAR_DIR = Path(env_str("CONDUCTOR_VAR_DIR", str(BASE_DIR / "var")))
@@ -151,6 +152,9 @@ CELERY_TASK_DEFAULT_ROUTING_KEY = MAINTENANCE_QUEUE
 CELERY_BEAT_SCHEDULER = env_str("CELERY_BEAT_SCHEDULER", "django_celery_beat.schedulers:DatabaseScheduler")
 SWEEP_INTERVAL_SECONDS = env_float("CONDUCTOR_SWEEP_INTERVAL_SECONDS", 5.0)
 DLQ_PURGE_INTERVAL_SECONDS = env_float("CONDUCTOR_DLQ_PURGE_INTERVAL_SECONDS", 3600.0)
+RECEIPT_POLL_INTERVAL_SECONDS = env_float("CONDUCTOR_RECEIPT_POLL_INTERVAL_SECONDS", 60.0)
+ANOMALY_INTERVAL_SECONDS = env_float("CONDUCTOR_ANOMALY_INTERVAL_SECONDS", 60.0)
+RECONCILE_HOUR, RECONCILE_MINUTE = env_clock("CONDUCTOR_RECONCILE_AT", "02:00")
 CELERY_BEAT_SCHEDULE = {
     "messaging.sweep": {
         "task": "messaging.sweep",
@@ -162,6 +166,24 @@ CELERY_BEAT_SCHEDULE = {
         "task": "reconciliation.purge_dead_letters",
         "schedule": DLQ_PURGE_INTERVAL_SECONDS,
         "options": {"queue": MAINTENANCE_QUEUE, "expires": DLQ_PURGE_INTERVAL_SECONDS},
+    },
+    # Dispatched messages whose receipt is overdue are asked about at their provider.
+    "reconciliation.poll_receipts": {
+        "task": "reconciliation.poll_receipts",
+        "schedule": RECEIPT_POLL_INTERVAL_SECONDS,
+        "options": {"queue": MAINTENANCE_QUEUE, "expires": RECEIPT_POLL_INTERVAL_SECONDS},
+    },
+    # Delivery buckets brought up to date, anomalies detected, alerts opened and resolved.
+    "reconciliation.detect_anomalies": {
+        "task": "reconciliation.detect_anomalies",
+        "schedule": ANOMALY_INTERVAL_SECONDS,
+        "options": {"queue": MAINTENANCE_QUEUE, "expires": ANOMALY_INTERVAL_SECONDS},
+    },
+    # The previous day reconciled against receipts and the providers' status (UTC).
+    "reconciliation.reconcile": {
+        "task": "reconciliation.reconcile",
+        "schedule": crontab(hour=RECONCILE_HOUR, minute=RECONCILE_MINUTE),
+        "options": {"queue": MAINTENANCE_QUEUE},
     },
 }
 
@@ -184,6 +206,12 @@ CONDUCTOR = {
         "failure_rate_threshold": env_float("CONDUCTOR_CIRCUIT_FAILURE_RATE_THRESHOLD", 0.5),
     },
     "MAX_WORKER_LOSSES": env_int("CONDUCTOR_MAX_WORKER_LOSSES", 3),
+    "RECEIPT_TIMEOUT_SECONDS": {
+        channel: env_float("CONDUCTOR_RECEIPT_TIMEOUT_SECONDS", 600.0) for channel in ("sms", "whatsapp", "email")
+    },
+    # Detector overrides as JSON, e.g. CONDUCTOR_ANOMALY='{"min_samples": 50, "windows_seconds": [300, 3600]}'.
+    "ANOMALY": env_json("CONDUCTOR_ANOMALY", {}),
+    "ALERT_WEBHOOK_URL": env_str("ALERT_WEBHOOK_URL"),
 }
 CONDUCTOR_PROVIDERS = {
     "twilio": {
@@ -197,6 +225,9 @@ CONDUCTOR_PROVIDERS = {
         "LOOKUP_SETTLE_SECONDS": env_float("TWILIO_LOOKUP_SETTLE_SECONDS", 30.0),
         # Messages per second across every worker (None: unlimited), so a campaign is not throttled.
         "RATE_LIMIT_PER_SECOND": env_float("TWILIO_RATE_LIMIT_PER_SECOND", 0.0) or None,
+        # After this long without a final receipt (none came, polling says nothing final) the
+        # message's delivery is recorded as unknown: the provider's own reporting window.
+        "RECEIPT_HORIZON_SECONDS": env_float("TWILIO_RECEIPT_HORIZON_SECONDS", 72 * 3600.0),
     },
     "vonage": {
         "API_KEY": env_str("VONAGE_API_KEY", "sandboxkey"),
@@ -210,6 +241,9 @@ CONDUCTOR_PROVIDERS = {
         "LOOKUP_SETTLE_SECONDS": env_float("VONAGE_LOOKUP_SETTLE_SECONDS", 120.0),
         # Messages per second across every worker (None: unlimited), so a campaign is not throttled.
         "RATE_LIMIT_PER_SECOND": env_float("VONAGE_RATE_LIMIT_PER_SECOND", 0.0) or None,
+        # After this long without a final receipt (none came, polling says nothing final) the
+        # message's delivery is recorded as unknown: the provider's own reporting window.
+        "RECEIPT_HORIZON_SECONDS": env_float("VONAGE_RECEIPT_HORIZON_SECONDS", 72 * 3600.0),
     },
     "mailgun": {
         "API_KEY": env_str("MAILGUN_API_KEY", "sandbox-mailgun-api-key"),
@@ -221,6 +255,9 @@ CONDUCTOR_PROVIDERS = {
         "LOOKUP_SETTLE_SECONDS": env_float("MAILGUN_LOOKUP_SETTLE_SECONDS", 120.0),
         # Messages per second across every worker (None: unlimited), so a campaign is not throttled.
         "RATE_LIMIT_PER_SECOND": env_float("MAILGUN_RATE_LIMIT_PER_SECOND", 0.0) or None,
+        # After this long without a final receipt (none came, polling says nothing final) the
+        # message's delivery is recorded as unknown: the provider's own reporting window.
+        "RECEIPT_HORIZON_SECONDS": env_float("MAILGUN_RECEIPT_HORIZON_SECONDS", 72 * 3600.0),
     },
     "smtp": {
         "HOST": env_str("SMTP_HOST", "127.0.0.1"),

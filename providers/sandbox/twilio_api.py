@@ -239,7 +239,9 @@ async def fetch_message(request: web.Request) -> web.Response:
     if refusal is not None:
         return refusal
     account_sid, sid = request.match_info["account_sid"], request.match_info["sid"]
-    message = request.app[STATE_KEY].messages.get(sid)
+    state = request.app[STATE_KEY]
+    await asyncio.sleep(state.latency_s(PROVIDER))  # a status look-up takes as long as a send
+    message = state.messages.get(sid)
     if message is None or message.provider != PROVIDER:
         return twilio_error(404, 20404, f"The requested resource {request.path} was not found")
     return web.json_response(resource(message, account_sid))

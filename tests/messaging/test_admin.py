@@ -148,3 +148,26 @@ def test_everyone_else_is_sent_to_the_login_page_and_changes_nothing(outsider, c
     assert client.get(changelist("deadletter")).status_code == 302
     dead_letter.refresh_from_db()
     assert dead_letter.is_parked and DispatchAttempt.objects.filter(message_id=dead_letter.message_id).count() == 1
+
+
+def test_staff_see_alerts_and_reconciliation_runs_and_others_do_not(staff, client):
+    from django.utils import timezone
+
+    from reconciliation.models import Alert, ReconciliationRun
+
+    now = timezone.now()
+    Alert.objects.create(
+        kind="receipt_rate_drop", channel="sms", provider="twilio", severity="critical", observed=0.8,
+        baseline=0.98, recent_samples=1200, baseline_samples=72000, score=20.0, window_start=now,
+        window_end=now, opened_at=now, last_seen_at=now,
+    )  # fmt: skip
+    ReconciliationRun.objects.create(
+        window_start=now, window_end=now, trigger="beat", started_at=now, checked=1000, updated=50
+    )
+    for name in ("alert", "reconciliationrun"):
+        url = reverse(f"admin:reconciliation_{name}_changelist")
+        page = staff.get(url, {"status": "open"} if name == "alert" else {})
+        assert page.status_code == 200 and ("receipt_rate_drop" in page.content.decode() or name != "alert")
+        staff.logout()
+        assert client.get(url).status_code == 302
+        staff.force_login(User.objects.get(username="ops"))

@@ -41,3 +41,19 @@ def test_circuit_breaker_values_that_cannot_work_are_errors():
 @override_settings(CONDUCTOR={"CATEGORY_POLICIES": {"otp": {"replay_deadline": "extend"}}})
 def test_the_replay_deadline_policy_is_checked():
     assert ids(check_conductor_settings()) == ["conductor.E012"]
+
+
+@override_settings(CONDUCTOR={"ANOMALY": {"min_sample": 10}})
+def test_anomaly_detector_fields_are_checked():
+    assert ids(check_conductor_settings()) == ["conductor.E013"]
+
+
+@override_settings(CONDUCTOR={"ANOMALY": {"bucket_seconds": 60, "windows_seconds": [90, 3600]}})
+def test_anomaly_windows_must_be_whole_buckets():
+    [error] = check_conductor_settings()
+    assert error.id == "conductor.E013" and "multiples of bucket_seconds" in error.msg
+
+
+@override_settings(CONDUCTOR={"RECEIPT_TIMEOUT_SECONDS": {"fax": 60, "sms": 0}})
+def test_receipt_timeouts_are_checked():
+    assert ids(check_conductor_settings()) == ["conductor.E014", "conductor.E014"]

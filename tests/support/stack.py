@@ -35,6 +35,9 @@ class Stack:
             "CELERY_BEAT_SCHEDULER": "celery.beat:PersistentScheduler",
             "CONDUCTOR_SWEEP_INTERVAL_SECONDS": "1",
             "CONDUCTOR_CIRCUIT_OPEN_SECONDS": "5",
+            # Anomaly detection every second (with the default minute buckets it finds nothing
+            # in a short test; the alert test gives its workers second-scale windows).
+            "CONDUCTOR_ANOMALY_INTERVAL_SECONDS": "1",
             "PYTHONUNBUFFERED": "1",
         }
         self.processes: list[ManagedProcess] = []

@@ -1,0 +1,163 @@
+"""Alerts: the detector's findings opened, refreshed and resolved, and told to whoever listens.
+
+Every alert that opens or resolves is logged as one structured line, sent to Sentry when it is
+configured, and POSTed as JSON to ALERT_WEBHOOK_URL by a task of its own (with retries), so a
+failing endpoint never holds up detection.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from messaging.conf import conductor_setting
+from providers.registry import PROVIDER_CLASSES, provider_class
+from reconciliation.anomalies import Finding, detect, recovered
+from reconciliation.buckets import buckets_refresh, series_by_route
+from reconciliation.conf import detector_settings
+from reconciliation.models import Alert
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DetectionReport:
+    buckets: int = 0
+    opened: int = 0
+    resolved: int = 0
+    still_open: int = 0
+
+
+def anomalies_detect(*, now: datetime | None = None) -> DetectionReport:
+    """One detection tick: recount the buckets, judge every channel and provider, open and resolve alerts."""
+    now = now or timezone.now()
+    settings = detector_settings()
+    report = DetectionReport(buckets=buckets_refresh(now=now, settings=settings))
+    series = series_by_route(now=now, settings=settings)
+    open_alerts = {(a.channel, a.provider, a.kind, a.error_type): a for a in Alert.objects.filter(resolved_at=None)}
+    firing = set()
+    for (channel, provider), route_series in series.items():
+        expects_receipts = provider in PROVIDER_CLASSES and provider_class(provider).has_receipts
+        for finding in detect(route_series, now=now, settings=settings, expects_receipts=expects_receipts):
+            key = (channel, provider, finding.kind, finding.error_type)
+            firing.add(key)
+            if key in open_alerts:
+                Alert.objects.filter(pk=open_alerts[key].pk).update(last_seen_at=now)
+            elif alert_open(channel=channel, provider=provider, finding=finding, now=now) is not None:
+                report.opened += 1
+    for key, alert in open_alerts.items():
+        if key in firing:
+            continue
+        route_series = series.get((alert.channel, alert.provider))
+        if route_series is None:
+            continue  # no traffic at all: nothing says it recovered
+        back = recovered(
+            route_series,
+            now=now,
+            settings=settings,
+            kind=alert.kind,
+            error_type=alert.error_type,
+            baseline=alert.baseline,
+        )
+        if back:
+            alert_resolve(alert=alert, now=now)
+            report.resolved += 1
+    report.still_open = Alert.objects.filter(resolved_at=None).count()
+    return report
+
+
+def alert_open(*, channel: str, provider: str, finding: Finding, now: datetime) -> Alert | None:
+    """Store a new alert and tell; None if one is already open for the same signal (a concurrent tick)."""
+    try:
+        with transaction.atomic():
+            alert = Alert.objects.create(
+                kind=finding.kind,
+                error_type=finding.error_type,
+                channel=channel,
+                provider=provider,
+                severity=finding.severity,
+                observed=finding.observed,
+                baseline=finding.baseline,
+                recent_samples=finding.recent_samples,
+                baseline_samples=finding.baseline_samples,
+                score=min(finding.score, 1e9),
+                window_start=finding.window_start,
+                window_end=finding.window_end,
+                opened_at=now,
+                last_seen_at=now,
+            )
+            transaction.on_commit(lambda: alert_notify(alert=alert, event="opened"))
+    except IntegrityError:
+        return None
+    return alert
+
+
+def alert_resolve(*, alert: Alert, now: datetime) -> None:
+    if Alert.objects.filter(pk=alert.pk, resolved_at=None).update(resolved_at=now):
+        alert.resolved_at = now
+        alert_notify(alert=alert, event="resolved")
+
+
+def alert_payload(alert: Alert, event: str) -> dict[str, Any]:
+    """What every channel of notification says about an alert."""
+    return {
+        "event": event,
+        "id": alert.pk,
+        "kind": alert.kind,
+        "error_type": alert.error_type,
+        "channel": alert.channel,
+        "provider": alert.provider,
+        "severity": alert.severity,
+        "observed": alert.observed,
+        "baseline": alert.baseline,
+        "recent_samples": alert.recent_samples,
+        "baseline_samples": alert.baseline_samples,
+        "score": alert.score,
+        "window_start": alert.window_start.isoformat(),
+        "window_end": alert.window_end.isoformat(),
+        "opened_at": alert.opened_at.isoformat(),
+        "resolved_at": alert.resolved_at.isoformat() if alert.resolved_at else None,
+    }
+
+
+def alert_summary(alert: Alert) -> str:
+    what = f"{alert.kind} ({alert.error_type})" if alert.error_type else alert.kind
+    if alert.kind == "latency_rise":
+        change = f"{alert.observed:.0f} ms against {alert.baseline:.0f} ms"
+    else:
+        change = f"{alert.observed:.1%} against {alert.baseline:.1%}"
+    return f"{what} on {alert.channel} via {alert.provider}: {change} over {alert.recent_samples} samples"
+
+
+def alert_notify(*, alert: Alert, event: str) -> None:
+    """Log, Sentry, and the webhook (queued). Nothing here may raise into detection."""
+    payload = alert_payload(alert, event)
+    log = logger.warning if event == "opened" else logger.info
+    log("alert %s: %s", event, alert_summary(alert), extra={"alert": payload})
+    _to_sentry(alert, event)
+    if conductor_setting("ALERT_WEBHOOK_URL"):
+        from reconciliation.tasks import post_alert
+
+        try:
+            post_alert.apply_async(args=[payload], retry=False)
+        except Exception:  # the broker is down: the alert is stored and logged; nothing else to do
+            logger.warning("alert %s %s: could not queue the webhook post", alert.pk, event, exc_info=True)
+
+
+def _to_sentry(alert: Alert, event: str) -> None:
+    try:
+        import sentry_sdk
+    except ImportError:  # pragma: no cover - sentry-sdk is a dependency
+        return
+    if not sentry_sdk.get_client().is_active():
+        return
+    with sentry_sdk.new_scope() as scope:
+        for name in ("kind", "channel", "provider", "severity", "error_type"):
+            scope.set_tag(f"conductor.{name}", getattr(alert, name) or "-")
+        level = ("error" if alert.severity == "critical" else "warning") if event == "opened" else "info"
+        sentry_sdk.capture_message(f"Conductor alert {event}: {alert_summary(alert)}", level=level)
