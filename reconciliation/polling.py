@@ -22,6 +22,7 @@ from messaging.conf import conductor_setting
 from messaging.models import EventSource, Message
 from messaging.states import MessageState
 from providers.base import ProviderError, ReceiptEvent
+from providers.conf import configured_provider_names
 from providers.registry import PROVIDER_CLASSES, get_provider, provider_class
 from reconciliation.conf import receipt_horizon_seconds
 from reconciliation.receipts import receipt_record
@@ -40,8 +41,10 @@ class PollReport:
 
 
 def receipt_providers() -> list[str]:
-    """Providers that report delivery (SMTP does not: there is nothing to wait for)."""
-    return [name for name in PROVIDER_CLASSES if provider_class(name).has_receipts]
+    """Configured providers that report delivery (SMTP does not: there is nothing to wait for)."""
+    return [
+        name for name in configured_provider_names() if name in PROVIDER_CLASSES and provider_class(name).has_receipts
+    ]
 
 
 def awaiting_receipt() -> Q:

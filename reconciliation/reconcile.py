@@ -203,6 +203,8 @@ def _rematch_receipts(start: datetime, end: datetime) -> tuple[int, int]:
     unmatched = list(Receipt.objects.filter(message__isnull=True, received_at__gte=start, received_at__lt=end))
     rematched = 0
     for receipt in unmatched:
+        if not receipt.provider_message_id:
+            continue  # nothing to match it by
         message = Message.objects.filter(
             provider=receipt.provider, provider_message_id=receipt.provider_message_id
         ).first()

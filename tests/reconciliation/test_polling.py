@@ -95,3 +95,13 @@ def test_the_timeout_is_per_channel(sandbox, make_message, settings):
     assert receipts_poll_overdue().updated == 1
     assert Message.objects.get(pk=sms.pk).state == "delivered"
     assert Message.objects.get(pk=whatsapp.pk).state == "dispatched"
+
+
+def test_only_configured_providers_are_polled(settings, make_message):
+    from reconciliation.polling import receipt_providers
+
+    settings.CONDUCTOR_PROVIDERS = {k: v for k, v in settings.CONDUCTOR_PROVIDERS.items() if k != "vonage"}
+    assert receipt_providers() == ["twilio", "mailgun"]
+    make_message(state="dispatched", provider="vonage", provider_message_id="x",
+                 dispatched_at=timezone.now() - timedelta(hours=80))  # fmt: skip
+    assert receipts_poll_overdue().marked_unknown == 0

@@ -144,3 +144,14 @@ def test_a_message_replayed_since_its_dispatch_is_left_to_its_new_send(sandbox, 
     run = reconciliation_run(day=today(), trigger="test")
     assert (run.checked, run.updated) == (0, 0)
     assert Message.objects.get(pk=message.pk).state == "accepted"
+
+
+def test_an_unmatched_receipt_without_a_provider_reference_is_not_matched_to_anything(make_message):
+    make_message(state="dispatched", provider="twilio", provider_message_id="", dispatched_at=timezone.now())
+    receipt_record(
+        event=ReceiptEvent(provider="twilio", event_id="blank", provider_message_id="", provider_status="delivered",
+                           state="delivered")
+    )  # fmt: skip
+    run = reconciliation_run(day=today(), trigger="test")
+    assert (run.unmatched_receipts, run.rematched_receipts) == (1, 0)
+    assert Receipt.objects.get(event_id="blank").message_id is None
