@@ -35,6 +35,22 @@ class ReadOnlyInline(admin.TabularInline):
         return False
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """For rows only the services write (dead letters, receipts, runs, alerts): look, never edit."""
+
+    def get_readonly_fields(self, request, obj=None):
+        return self.readonly_fields or [field.name for field in self.model._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
 class AttemptInline(ReadOnlyInline):
     model = DispatchAttempt
     fields = [name for name in ATTEMPT_FIELDS if name != "error_message"]
@@ -159,7 +175,7 @@ def timestamp_status_filter(field: str, unset: str, set_: str) -> type[admin.Sim
 
 
 @admin.register(DeadLetter)
-class DeadLetterAdmin(ReplayPermissionMixin, admin.ModelAdmin):
+class DeadLetterAdmin(ReplayPermissionMixin, ReadOnlyAdmin):
     """Read-only: dead letters leave by replay or by the retention job, never by hand."""
 
     list_display = [
@@ -212,15 +228,6 @@ class DeadLetterAdmin(ReplayPermissionMixin, admin.ModelAdmin):
         "attempts_table",
     ]
     readonly_fields = fields
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
 
     @admin.display(description="message", ordering="message")
     def message_link(self, dead_letter: DeadLetter) -> str:

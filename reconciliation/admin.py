@@ -2,22 +2,8 @@
 
 from django.contrib import admin
 
-from messaging.admin import timestamp_status_filter
+from messaging.admin import ReadOnlyAdmin, timestamp_status_filter
 from reconciliation.models import Alert, Receipt, ReconciliationRun
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    def get_readonly_fields(self, request, obj=None):
-        return [field.name for field in self.model._meta.fields]
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
 
 
 @admin.register(Receipt)
