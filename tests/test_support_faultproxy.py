@@ -268,7 +268,8 @@ def test_reset_aborts_existing_and_new_connections_with_rst(
         client.ping()  # its pooled connection was reset
     with pytest.raises(redis.ConnectionError):
         make_redis().ping()  # and so is a new one
-    with socket.create_connection(echo_proxy.address, timeout=3) as fresh, pytest.raises(ConnectionResetError):
+    # The RST comes right after the handshake: on a busy machine connect() itself may report it.
+    with pytest.raises(ConnectionResetError), socket.create_connection(echo_proxy.address, timeout=3) as fresh:
         fresh.recv(1)
 
 
