@@ -51,9 +51,8 @@ class DeadLetterCriteria:
     def narrows(self) -> bool:
         """Whether anything but the client and the parked flag was given (an empty replay filter
         would replay a whole queue: callers ask for an explicit "all" instead)."""
-        return any((self.since, self.until, self.channels, self.providers, self.error_types, self.categories)) or any(
-            (self.priorities, self.states, self.ids, self.client_names)
-        )
+        narrowing = (self.since, self.until, self.channels, self.providers, self.error_types, self.categories)
+        return any((*narrowing, self.priorities, self.states, self.ids, self.client_names))
 
 
 def dead_letters_matching(*, criteria: DeadLetterCriteria) -> QuerySet[DeadLetter]:

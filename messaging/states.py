@@ -22,7 +22,7 @@ S = MessageState
 # Source state -> the states it may move to. Receipts can overtake our own writes (a
 # "delivered" callback before the worker records "dispatched"), so the happy path may skip
 # forward; it never moves back. FAILED, EXPIRED and DEAD_LETTERED -> ACCEPTED is an operator's
-# replay of a dead letter (messaging.dead_letters: a new send generation), nothing else.
+# replay of a dead letter (messaging.replay: a new send generation), nothing else.
 TRANSITIONS: dict[str, frozenset[str]] = {
     S.ACCEPTED: frozenset(
         {S.DISPATCHED, S.DELIVERED, S.READ, S.UNDELIVERED, S.FAILED, S.EXPIRED, S.CANCELLED, S.DEAD_LETTERED}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from statistics import NormalDist
 from typing import Protocol
@@ -86,30 +86,15 @@ class Series(Protocol):
     def totals(self, start: datetime, end: datetime) -> Totals: ...
 
 
-@dataclass(frozen=True)
-class Bucket:
-    """The counts of one bucket: a cohort of dispatched messages, and the provider calls that ended in it."""
+@dataclass(frozen=True, kw_only=True)
+class Bucket(Totals):
+    """The counts of one bucket: a cohort of dispatched messages (receipted and delivered within the
+    maturity), and the provider calls that ended in it."""
 
     start: datetime
-    dispatched: int = 0
-    receipted: int = 0  # of the cohort, with a receipt within the maturity
-    delivered: int = 0  # of the cohort, delivered (or read) within the maturity
-    attempts: int = 0
-    errors: Mapping[str, int] = field(default_factory=dict)
-    latency_count: int = 0
-    latency_sum_ms: float = 0.0
-    latency_sumsq_ms: float = 0.0
 
 
-_SCALARS = (
-    "dispatched",
-    "receipted",
-    "delivered",
-    "attempts",
-    "latency_count",
-    "latency_sum_ms",
-    "latency_sumsq_ms",
-)
+_SCALARS = tuple(f.name for f in fields(Totals) if f.name != "errors")
 
 
 class BucketSeries:

@@ -51,7 +51,8 @@ def buckets_refresh(*, now: datetime | None = None, settings: DetectorSettings) 
     bucket = timedelta(seconds=settings.bucket_seconds)
     # From the maturity back, or from where the last run (the newest bucket write) left off if
     # beat missed runs: a cohort counted young and never recounted would look like a drop.
-    last_run = DeliveryBucket.objects.filter(seconds=settings.bucket_seconds).aggregate(last=Max("updated_at"))["last"]
+    recent = DeliveryBucket.objects.filter(seconds=settings.bucket_seconds, start__gte=now - lookback(settings))
+    last_run = recent.aggregate(last=Max("updated_at"))["last"]
     reached = min(now, last_run) if last_run is not None else now
     since = reached - timedelta(seconds=settings.receipt_maturity_seconds) - bucket - REFRESH_MARGIN
     since = floor_time(max(since, now - lookback(settings)), settings.bucket_seconds)

@@ -10,8 +10,7 @@ delivery-unknown and counted, never left silently in `dispatched`.
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import transaction
@@ -21,7 +20,7 @@ from django.utils import timezone
 from messaging.conf import conductor_setting
 from messaging.models import EventSource, Message
 from messaging.states import MessageState
-from providers.base import ProviderError, ReceiptEvent
+from providers.base import ProviderError, ReceiptEvent, StatusResult
 from providers.conf import configured_provider_names
 from providers.registry import PROVIDER_CLASSES, get_provider, provider_class
 from reconciliation.conf import receipt_horizon_seconds
@@ -37,7 +36,6 @@ class PollReport:
     still_pending: int = 0
     failed_lookups: int = 0
     marked_unknown: int = 0
-    by_provider: Counter = field(default_factory=Counter)
 
 
 def receipt_providers() -> list[str]:
@@ -64,9 +62,8 @@ def receipts_poll_overdue(*, now: datetime | None = None, batch_size: int | None
     if report.marked_unknown:
         logger.warning("%d dispatched messages passed their receipt horizon: delivery unknown", report.marked_unknown)
     for message in _claim_overdue(now, providers, batch_size or conductor_setting("RECEIPT_POLL_BATCH_SIZE")):
-        outcome = receipt_poll_one(message=message, now=now)
+        outcome = receipt_poll_one(message=message)
         report.polled += 1
-        report.by_provider[message.provider] += 1
         if outcome == "updated":
             report.updated += 1
         elif outcome == "pending":
@@ -106,15 +103,27 @@ def _claim_overdue(now: datetime, providers: list[str], batch_size: int) -> list
     return list(Message.objects.filter(pk__in=ids).order_by("dispatched_at"))
 
 
-def receipt_poll_one(*, message: Message, now: datetime | None = None) -> str:
+def receipt_poll_one(*, message: Message) -> str:
     """Ask the message's provider for its status: "updated", "pending" or "failed" (the look-up)."""
-    try:
-        status = get_provider(message.provider).fetch_status(message.provider_message_id)
-    except ProviderError as exc:
-        logger.info("receipt poll of message %s at %s failed: %s", message.pk, message.provider, exc)
+    status = provider_status(message)
+    if status is None:
         return "failed"
+    return "updated" if receipt_from_status(message=message, status=status) else "pending"
+
+
+def provider_status(message: Message) -> StatusResult | None:
+    """The provider's current status of a sent message; None when it could not be asked."""
+    try:
+        return get_provider(message.provider).fetch_status(message.provider_message_id)
+    except ProviderError as exc:
+        logger.info("status look-up of message %s at %s failed: %s", message.pk, message.provider, exc)
+        return None
+
+
+def receipt_from_status(*, message: Message, status: StatusResult) -> bool:
+    """Store what a look-up said as a receipt (source: poll) and apply it; whether the state moved."""
     if status.state in (None, MessageState.DISPATCHED):
-        return "pending"
+        return False
     event = ReceiptEvent(
         provider=message.provider,
         # One stored receipt per status a look-up reports, however often it is asked.
@@ -123,7 +132,7 @@ def receipt_poll_one(*, message: Message, now: datetime | None = None) -> str:
         provider_status=status.provider_status,
         state=status.state,
         message_id=str(message.pk),
-        payload={"polled_at": (now or timezone.now()).isoformat(), "status": status.provider_status},
+        payload={"polled_at": timezone.now().isoformat(), "status": status.provider_status},
     )
     receipt, _ = receipt_record(event=event, source=EventSource.POLL)
-    return "updated" if receipt.applied else "pending"
+    return receipt.applied

@@ -23,10 +23,8 @@ from django.utils import timezone
 from messaging.conf import conductor_setting
 from messaging.models import EventSource, Message
 from messaging.states import MessageState
-from providers.base import ProviderError
-from providers.registry import get_provider
 from reconciliation.models import Receipt, ReconciliationRun, RunStatus
-from reconciliation.polling import receipt_poll_one, receipt_providers
+from reconciliation.polling import provider_status, receipt_from_status, receipt_providers
 from reconciliation.receipts import receipt_apply
 
 logger = logging.getLogger(__name__)
@@ -168,34 +166,22 @@ def _reconcile(run: ReconciliationRun, progress, on_start) -> None:
 
 
 def _check_at_provider(run: ReconciliationRun, message: Message, mismatches: Counter) -> None:
-    if message.state == MessageState.DISPATCHED:
-        outcome = receipt_poll_one(message=message)
-        if outcome == "updated":
-            run.updated += 1
-            mismatches[Mismatch.MISSING_RECEIPT] += 1
-        elif outcome == "failed":
-            run.still_unknown += 1
-            mismatches[Mismatch.LOOKUP_FAILED] += 1
-        else:
-            run.still_unknown += 1
-        return
-    # A final state of ours with no final receipt behind it: does the provider agree?
-    try:
-        status = get_provider(message.provider).fetch_status(message.provider_message_id)
-    except ProviderError:
+    """One look-up: apply what the provider knows ahead of us, count what contradicts us."""
+    status = provider_status(message)
+    ahead = status is not None and PROGRESS.get(status.state, 0) > PROGRESS.get(message.state, 0)
+    if ahead and receipt_from_status(message=message, status=status):  # e.g. delivered, or read after delivered
+        run.updated += 1
+        mismatches[Mismatch.MISSING_RECEIPT] += 1
+    elif status is None:
         mismatches[Mismatch.LOOKUP_FAILED] += 1
-        return
-    if status.state is None or status.state == message.state:
-        return
-    if PROGRESS.get(status.state, 0) > PROGRESS.get(message.state, 0):
-        if receipt_poll_one(message=message) == "updated":  # e.g. read after our delivered
-            run.updated += 1
-            mismatches[Mismatch.MISSING_RECEIPT] += 1
-        return
-    mismatches[Mismatch.STATE_CONFLICT] += 1
-    logger.warning(
-        "reconciliation: message %s is %s but %s says %s", message.pk, message.state, message.provider, status.state
-    )
+        run.still_unknown += message.state == MessageState.DISPATCHED
+    elif message.state == MessageState.DISPATCHED:
+        run.still_unknown += 1
+    elif status.state not in (None, message.state) and not ahead:
+        mismatches[Mismatch.STATE_CONFLICT] += 1
+        logger.warning(
+            "reconciliation: message %s is %s but %s says %s", message.pk, message.state, message.provider, status.state
+        )
 
 
 def _rematch_receipts(start: datetime, end: datetime) -> tuple[int, int]:

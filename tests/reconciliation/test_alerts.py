@@ -146,3 +146,14 @@ def test_open_alerts_are_counted_in_metrics(client):
     page = client.get("/metrics").content.decode()
     labels = 'channel="sms",kind="receipt_rate_drop",provider="twilio",severity="critical"'
     assert f"conductor_alerts_open{{{labels}}} 1.0" in page
+
+
+def test_a_second_tick_opening_the_same_alert_opens_nothing():
+    from reconciliation.alerts import alert_open
+    from reconciliation.anomalies import AlertKind, Finding
+
+    now = timezone.now()
+    finding = Finding(AlertKind.RECEIPT_RATE_DROP, "", 0.8, 0.98, 1200, 72000, now, now, 20.0, "critical")
+    assert alert_open(channel="sms", provider="twilio", finding=finding, now=now) is not None
+    assert alert_open(channel="sms", provider="twilio", finding=finding, now=now) is None  # concurrent tick
+    assert Alert.objects.count() == 1

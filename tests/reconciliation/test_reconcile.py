@@ -155,3 +155,31 @@ def test_an_unmatched_receipt_without_a_provider_reference_is_not_matched_to_any
     run = reconciliation_run(day=today(), trigger="test")
     assert (run.unmatched_receipts, run.rematched_receipts) == (1, 0)
     assert Receipt.objects.get(event_id="blank").message_id is None
+
+
+def test_a_provider_that_cannot_be_asked_leaves_the_message_unknown_and_says_so(sandbox, make_message):
+    sandbox.faults(receipt_loss_rate=1.0, receipt_delay_ms=0)
+    message = send(make_message)
+    sandbox.faults(outage=True)
+    run = reconciliation_run(day=today(), trigger="test")
+    assert (run.looked_up, run.updated, run.still_unknown) == (1, 0, 1)
+    assert run.mismatches == {"lookup_failed": 1}
+    assert Message.objects.get(pk=message.pk).state == "dispatched"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_that_breaks_is_stored_as_failed_and_frees_the_lock(sandbox, make_message, monkeypatch):
+    sandbox.faults(receipt_loss_rate=1.0, receipt_delay_ms=0)
+    send(make_message)
+
+    class Broken:
+        def fetch_status(self, provider_message_id):
+            raise RuntimeError("a bug in an adapter")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("reconciliation.polling.get_provider", lambda name: Broken())
+        with pytest.raises(RuntimeError):
+            reconciliation_run(day=today(), trigger="test")
+    failed = ReconciliationRun.objects.get()
+    assert failed.status == "failed" and "a bug in an adapter" in failed.error and failed.finished_at
+    assert reconciliation_run(day=today(), trigger="test").updated == 1  # the lock was released
