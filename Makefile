@@ -5,12 +5,13 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help venv run test test-fast lint demo services migrate clean
+.PHONY: help venv run test test-fast lint demo services browser migrate clean vendor-uplot
 
 help:
 	@echo "make run    - create .venv, install, migrate, start web :8000, workers, beat, sandbox :8025, Flower :5555"
 	@echo "make demo   - send a demo campaign through the running stack and show its progress"
-	@echo "make test   - create .venv if missing and run the whole suite (PostgreSQL and Redis on 127.0.0.1)"
+	@echo "make test   - create .venv if missing and run the whole suite (PostgreSQL and Redis on 127.0.0.1;"
+	@echo "              installs Debian's chromium and chromium-driver for the dashboard's browser test)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 11) else "Conductor needs Python 3.11+: install python3.11 or run make PYTHON=/path/to/python3.11")'
@@ -28,7 +29,9 @@ run: venv
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
 	$(BIN)/python manage.py demo_setup
-	PATH="$(BIN):$$PATH" $(BIN)/honcho -f Procfile start
+	# Every process writes its event metrics here and /metrics sums them: start each run empty.
+	rm -rf var/prometheus && mkdir -p var/prometheus
+	PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/var/prometheus PATH="$(BIN):$$PATH" $(BIN)/honcho -f Procfile start
 
 demo: venv
 	$(BIN)/python manage.py send_demo_campaign
@@ -36,7 +39,10 @@ demo: venv
 services:
 	bash .ci/ensure-services
 
-test: venv services lint
+browser:
+	bash .ci/ensure-browser
+
+test: venv services browser lint
 	$(BIN)/python -m pytest
 
 lint: venv
@@ -45,6 +51,15 @@ lint: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not integration"
+
+# The dashboard's chart library is committed (no CDN at run time); this fetches it again from npm.
+UPLOT_VERSION := 1.6.32
+vendor-uplot:
+	rm -rf /tmp/conductor-uplot && mkdir -p /tmp/conductor-uplot
+	cd /tmp/conductor-uplot && npm pack --silent uplot@$(UPLOT_VERSION) && tar xzf uplot-$(UPLOT_VERSION).tgz
+	mkdir -p reconciliation/static/conductor/vendor/uplot-$(UPLOT_VERSION)
+	cp /tmp/conductor-uplot/package/dist/uPlot.iife.min.js /tmp/conductor-uplot/package/dist/uPlot.min.css \
+	   /tmp/conductor-uplot/package/LICENSE reconciliation/static/conductor/vendor/uplot-$(UPLOT_VERSION)/
 
 clean:
 	rm -rf $(VENV) var staticfiles .pytest_cache

@@ -1,4 +1,4 @@
-"""URL routing: API v1, provider webhooks, health and metrics, schema and docs, admin."""
+"""URL routing: API v1, provider webhooks, health and metrics, the dashboard, schema and docs, admin."""
 
 from django.contrib import admin
 from django.urls import include, path
@@ -6,6 +6,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from conductor_project import views
 from providers.webhooks import provider_webhook
+from reconciliation.views import dashboard, dashboard_data_view
 
 urlpatterns = [
     path("api/v1/", include("messaging.api.urls")),
@@ -15,6 +16,8 @@ urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
     path("metrics", views.metrics, name="metrics"),
+    path("dashboard/", dashboard, name="dashboard"),
+    path("dashboard/data/", dashboard_data_view, name="dashboard-data"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("admin/", admin.site.urls),

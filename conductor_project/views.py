@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from conductor_project.metrics import metrics_registry
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -34,57 +35,6 @@ def readyz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ready" if ready else "unavailable", "checks": checks}, status=200 if ready else 503)
 
 
-def _counted(name: str, documentation: str, rows, labels: list[str]) -> GaugeMetricFamily:
-    """A gauge of row counts grouped by `labels` (one GROUP BY query); an empty label reads "none"."""
-    from django.db.models import Count
-
-    family = GaugeMetricFamily(name, documentation, labels=labels)
-    for row in rows.values(*labels).annotate(n=Count("pk")).order_by():
-        family.add_metric([row[label] or "none" for label in labels], row["n"])
-    return family
-
-
-class _DatabaseCollector:
-    """Counts read from the database at scrape time: correct however many processes write, at
-    the cost of one grouped query per family and scrape."""
-
-    def collect(self):
-        from messaging.models import DeadLetter, Message
-        from reconciliation.models import Alert, Receipt
-
-        yield _counted(
-            "conductor_messages",
-            "Messages by channel, provider and state.",
-            Message.objects.all(),
-            ["channel", "provider", "state"],
-        )
-        yield _counted(
-            "conductor_dead_letters",
-            "Parked dead letters (given up on, not replayed) by channel and error type.",
-            DeadLetter.objects.filter(replayed_at__isnull=True),
-            ["channel", "error_type"],
-        )
-        yield _counted(
-            "conductor_messages_delivery_unknown",
-            "Dispatched messages whose receipt never came within the provider's receipt horizon.",
-            Message.objects.filter(state="dispatched", receipt_unknown_at__isnull=False),
-            ["channel", "provider"],
-        )
-        yield _counted(
-            "conductor_alerts_open",
-            "Open delivery alerts by kind, channel, provider and severity.",
-            Alert.objects.filter(resolved_at__isnull=True),
-            ["kind", "channel", "provider", "severity"],
-        )
-        yield _counted(
-            "conductor_receipts_unmatched",
-            "Provider receipts that name no message we know.",
-            Receipt.objects.filter(message__isnull=True),
-            ["provider"],
-        )
-
-
 def metrics(request: HttpRequest) -> HttpResponse:
-    registry = CollectorRegistry()
-    registry.register(_DatabaseCollector())
-    return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+    """Prometheus exposition: every process's events and the current state (conductor_project/metrics.py)."""
+    return HttpResponse(generate_latest(metrics_registry()), content_type=CONTENT_TYPE_LATEST)

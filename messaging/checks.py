@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 from django.conf import settings
-from django.core.checks import Error, register
+from django.core.checks import Error, Warning, register
 
 from messaging.conf import DEFAULTS
 from messaging.routing import POLICY_FIELDS, Channel, Priority, ReplayDeadline
@@ -139,3 +141,21 @@ def _check_receipt_settings(configured: dict) -> list[Error]:
                 )
             )
     return errors
+
+
+@register(deploy=True)
+def check_metrics_directory(app_configs=None, **kwargs) -> list[Warning]:
+    """Without a shared multiprocess directory /metrics shows one web process's events only."""
+    directory = getattr(settings, "PROMETHEUS_MULTIPROC_DIR", None)
+    if directory and os.path.isdir(directory) and os.access(directory, os.W_OK):
+        return []
+    problem = "is not set" if not directory else f"names {directory!r}, which is not a writable directory"
+    return [
+        Warning(
+            f"PROMETHEUS_MULTIPROC_DIR {problem}: /metrics will show only the answering web process's "
+            "own latency and error counts, not the workers'.",
+            hint="Set it to the same empty directory in the environment of web, worker and beat processes "
+            "(make run and docker/compose.yml do).",
+            id="conductor.W001",
+        )
+    ]

@@ -1,6 +1,9 @@
-"""Log helpers: recipients are masked so logs never hold a full phone number or address."""
+"""Log helpers: recipients are masked so logs never hold a full phone number or address, and
+records logged inside a Celery task carry its id (the JSON formatter is configured in settings)."""
 
 from __future__ import annotations
+
+import logging
 
 
 def masked(recipient: str) -> str:
@@ -14,3 +17,17 @@ def masked(recipient: str) -> str:
     if len(recipient) <= keep_head + keep_tail:
         return recipient[:2] + "*" * max(0, len(recipient) - 2)
     return recipient[:keep_head] + "*" * (len(recipient) - keep_head - keep_tail) + recipient[-keep_tail:]
+
+
+class CeleryTaskFilter(logging.Filter):
+    """Adds the running Celery task's id and name to every record logged inside a task."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from celery import current_task
+
+        task = current_task._get_current_object() if current_task else None
+        task_id = getattr(getattr(task, "request", None), "id", None)
+        if task_id:
+            record.task_id = task_id
+            record.task_name = task.name
+        return True

@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from messaging.conf import conductor_setting
 from messaging.logging import masked
+from messaging.metrics import attempt_count, latency_observe
 from messaging.models import AttemptOutcome, DispatchAttempt, EventSource, Message
 from messaging.routing import Hop, backoff_delay, retry_policy_for
 from messaging.services import message_publish, message_transition
@@ -58,9 +59,36 @@ def attempt_start(
 
 
 def attempt_finish(attempt: DispatchAttempt, started: float, outcome: str, **fields: Any) -> None:
+    """Record how a provider call ended: its row, one log line and the attempt metrics."""
     latency_ms = int((time.monotonic() - started) * 1000)
     DispatchAttempt.objects.filter(pk=attempt.pk).update(
         outcome=outcome, ended_at=timezone.now(), latency_ms=latency_ms, **fields
+    )
+    channel = attempt.channel or attempt.message.channel
+    error_type = fields.get("error_type", "")
+    attempt_count(channel=channel, provider=attempt.provider, outcome=outcome, error_type=error_type)
+    logger.info(
+        "message %s attempt %d via %s: %s%s (%d ms)",
+        attempt.message_id,
+        attempt.number,
+        attempt.provider,
+        outcome,
+        f" {error_type}" if error_type else "",
+        latency_ms,
+        extra={
+            "event": "attempt",
+            "message_id": str(attempt.message_id),
+            "attempt": attempt.number,
+            "send_generation": attempt.send_generation,
+            "channel": channel,
+            "provider": attempt.provider,
+            "outcome": outcome,
+            "error_type": error_type,
+            "error_code": fields.get("error_code", ""),
+            "latency_ms": latency_ms,
+            "note": attempt.note,
+            "to": masked(attempt.message.to),
+        },
     )
 
 
@@ -91,8 +119,15 @@ def record_accepted(
     if not applied:
         # A receipt overtook our write (already delivered or read): keep the provider's reference.
         Message.objects.filter(pk=message.pk).update(**RELEASE, **reference)
-        Message.objects.filter(pk=message.pk, dispatched_at__isnull=True).update(dispatched_at=timezone.now())
-    logger.info("message %s dispatched via %s to %s", message.pk, attempt.provider, masked(message.to))
+        dispatched_at = timezone.now()
+        if Message.objects.filter(pk=message.pk, dispatched_at__isnull=True).update(dispatched_at=dispatched_at):
+            latency_observe(
+                to_state=MessageState.DISPATCHED,
+                channel=message.channel,
+                priority=message.priority,
+                accepted_at=message.accepted_at or message.created_at,
+                at=dispatched_at,
+            )
 
 
 def schedule_retry(

@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from messaging.dead_letters import dead_letter_park
 from messaging.logging import masked
+from messaging.metrics import latency_observe
 from messaging.models import ApiClient, ApiKey, EventSource, Message, MessageEvent
 from messaging.routing import queue_name, retry_policy_for
 from messaging.states import ALLOWED_SOURCES, DEAD_LETTER_STATES, TIMESTAMP_FIELD, MessageState
@@ -64,9 +65,15 @@ def message_transition(
     now = timezone.now()
     updates = {"state": to_state, TIMESTAMP_FIELD[to_state]: now, "updated_at": now, **(fields or {})}
     with transaction.atomic():
-        current = Message.objects.select_for_update().filter(pk=message_id).values_list("state", flat=True).first()
-        if current is None:
+        row = (
+            Message.objects.select_for_update()
+            .filter(pk=message_id)
+            .values_list("state", "channel", "priority", "provider", "accepted_at", "created_at")
+            .first()
+        )
+        if row is None:
             raise Message.DoesNotExist(f"message {message_id} does not exist")
+        current, channel, priority, provider, accepted_at, created_at = row
         applied = False
         if current in sources:
             rows = Message.objects.filter(pk=message_id, state__in=sources)
@@ -84,10 +91,40 @@ def message_transition(
         )
         if applied and to_state in DEAD_LETTER_STATES:
             dead_letter_park(message_id=message_id, reason=detail, parked_at=now)
-    if applied:
-        logger.info("message %s %s -> %s (%s) %s", message_id, current, to_state, source, detail)
-    else:
-        logger.info("message %s refused %s -> %s (%s) %s", message_id, current, to_state, source, detail)
+        if applied:
+            # Counted once it is committed: a rolled-back transition never happened.
+            transaction.on_commit(
+                lambda: latency_observe(
+                    to_state=to_state,
+                    from_state=current,
+                    channel=channel,
+                    priority=priority,
+                    accepted_at=accepted_at or created_at,
+                    at=now,
+                )
+            )
+    provider = updates.get("provider", provider)
+    logger.info(
+        "message %s %s%s -> %s (%s) %s",
+        message_id,
+        "" if applied else "refused ",
+        current,
+        to_state,
+        source,
+        detail,
+        extra={
+            "event": "transition",
+            "message_id": str(message_id),
+            "channel": channel,
+            "priority": priority,
+            "provider": provider,
+            "from_state": current,
+            "to_state": to_state,
+            "applied": applied,
+            "source": source,
+            "detail": detail[:500],
+        },
+    )
     return applied
 
 
@@ -205,7 +242,23 @@ def _insert_message(
     MessageEvent.objects.create(
         message=message, created_at=now, source=source, from_state="", to_state=MessageState.ACCEPTED
     )
-    logger.info("message %s accepted: %s to %s", message.id, message.channel, masked(message.to))
+    logger.info(
+        "message %s accepted: %s to %s",
+        message.id,
+        message.channel,
+        masked(message.to),
+        extra={
+            "event": "transition",
+            "message_id": str(message.id),
+            "channel": message.channel,
+            "priority": message.priority,
+            "from_state": "",
+            "to_state": MessageState.ACCEPTED,
+            "applied": True,
+            "source": source,
+            "to": masked(message.to),
+        },
+    )
     transaction.on_commit(
         lambda: message_publish(message_id=message.id, channel=message.channel, priority=message.priority)
     )

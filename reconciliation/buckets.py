@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from messaging.lookup import LOOKUP_NOTE
 from messaging.models import AttemptOutcome, DispatchAttempt, Message
+from reconciliation import histograms
 from reconciliation.anomalies import Bucket, BucketSeries, DetectorSettings, floor_time
 from reconciliation.models import DeliveryBucket
 
@@ -33,6 +34,10 @@ SENT_OUTCOMES = (
 )
 FAILED_OUTCOMES = (AttemptOutcome.TRANSIENT_ERROR, AttemptOutcome.PERMANENT_ERROR, AttemptOutcome.AMBIGUOUS)
 COUNTS = ("dispatched", "receipted", "delivered", "undelivered", "attempts", "latency_count")
+SUMMED = (*COUNTS, "errors", "latency_sum_ms", "latency_sumsq_ms", "dispatch_latency", "delivery_latency")
+# Hour buckets summed from the detection buckets, so a day or a week on the dashboard reads a
+# few hundred rows however many messages there were.
+ROLLUP_SECONDS = 3600
 
 
 def lookback(settings: DetectorSettings) -> timedelta:
@@ -59,30 +64,76 @@ def buckets_refresh(*, now: datetime | None = None, settings: DetectorSettings) 
     counts: dict[tuple[str, str, datetime], dict[str, Any]] = defaultdict(_empty)
     _count_cohorts(counts, since, settings)
     _count_attempts(counts, since, settings)
+    rows = _upsert(counts, seconds=settings.bucket_seconds, now=now)
+    _roll_up(rows, now=now, settings=settings)
+    return len(rows)
+
+
+def _upsert(counts: dict[tuple[str, str, datetime], dict[str, Any]], *, seconds: int, now: datetime):
+    """Write counted buckets over whatever an earlier count stored for the same slots."""
     rows = [
-        DeliveryBucket(
-            channel=channel, provider=provider, seconds=settings.bucket_seconds, start=start, updated_at=now, **c
-        )
-        for (channel, provider, start), c in counts.items()
+        DeliveryBucket(channel=channel, provider=provider, seconds=seconds, start=start, updated_at=now, **values)
+        for (channel, provider, start), values in counts.items()
     ]
     DeliveryBucket.objects.bulk_create(
         rows,
         update_conflicts=True,
         unique_fields=["channel", "provider", "seconds", "start"],
-        update_fields=[*COUNTS, "errors", "latency_sum_ms", "latency_sumsq_ms", "updated_at"],
+        update_fields=[*SUMMED, "updated_at"],
     )
-    return len(rows)
+    return rows
+
+
+def buckets_rebuild(
+    *,
+    since: datetime,
+    until: datetime,
+    settings: DetectorSettings,
+    chunk: timedelta = timedelta(hours=1),
+    progress=None,
+) -> int:
+    """Recount every bucket between `since` and `until`, an hour at a time (and its hour roll-up).
+
+    For history the periodic refresh never saw: after an upgrade that added a bucket field, or
+    after beat was down longer than the detection lookback. Idempotent. Returns buckets written.
+    """
+    now = timezone.now()
+    start = floor_time(since, ROLLUP_SECONDS)
+    written = 0
+    while start < until:
+        end = min(start + chunk, until)
+        counts: dict[tuple[str, str, datetime], dict[str, Any]] = defaultdict(_empty)
+        _count_cohorts(counts, start, settings, until=end)
+        _count_attempts(counts, start, settings, until=end)
+        rows = _upsert(counts, seconds=settings.bucket_seconds, now=now)
+        _roll_up(rows, now=now, settings=settings)
+        written += len(rows)
+        if progress is not None:
+            progress(end)
+        start = end
+    return written
 
 
 def _empty() -> dict[str, Any]:
-    return {**dict.fromkeys(COUNTS, 0), "errors": {}, "latency_sum_ms": 0.0, "latency_sumsq_ms": 0.0}
+    return {
+        **dict.fromkeys(COUNTS, 0),
+        "errors": {},
+        "latency_sum_ms": 0.0,
+        "latency_sumsq_ms": 0.0,
+        "dispatch_latency": {},
+        "delivery_latency": {},
+    }
 
 
-def _count_cohorts(counts, since: datetime, settings: DetectorSettings) -> None:
+def _count_cohorts(counts, since: datetime, settings: DetectorSettings, until: datetime | None = None) -> None:
     maturity = timedelta(seconds=settings.receipt_maturity_seconds)
     rows = Message.objects.filter(dispatched_at__gte=since).exclude(provider="")
-    for channel, provider, dispatched_at, *receipt_times in rows.values_list(
-        "channel", "provider", "dispatched_at", "delivered_at", "read_at", "undelivered_at", "failed_at"
+    if until is not None:
+        rows = rows.filter(dispatched_at__lt=until)
+    fields = ("channel", "priority", "provider", "accepted_at", "created_at", "dispatched_at")
+    receipts = ("delivered_at", "read_at", "undelivered_at", "failed_at")
+    for channel, priority, provider, accepted_at, created_at, dispatched_at, *receipt_times in rows.values_list(
+        *fields, *receipts
     ):
         delivered_at, read_at, undelivered_at, failed_at = (
             t if t is not None and dispatched_at - OVERTAKE_SLACK <= t <= dispatched_at + maturity else None
@@ -90,19 +141,31 @@ def _count_cohorts(counts, since: datetime, settings: DetectorSettings) -> None:
         )
         cell = counts[(channel, provider, floor_time(dispatched_at, settings.bucket_seconds))]
         cell["dispatched"] += 1
+        accepted_at = accepted_at or created_at
+        dispatch_s = (dispatched_at - accepted_at).total_seconds()
+        histograms.observe(_histogram(cell["dispatch_latency"], priority), dispatch_s)
         if delivered_at or read_at or undelivered_at or failed_at:
             cell["receipted"] += 1
         if delivered_at or read_at:
             cell["delivered"] += 1
+            arrived = min(t for t in (delivered_at, read_at) if t is not None)
+            histograms.observe(_histogram(cell["delivery_latency"], priority), (arrived - accepted_at).total_seconds())
         elif undelivered_at or failed_at:
             cell["undelivered"] += 1
 
 
-def _count_attempts(counts, since: datetime, settings: DetectorSettings) -> None:
-    rows = (
-        DispatchAttempt.objects.filter(ended_at__gte=since, outcome__in=SENT_OUTCOMES)
-        .exclude(note=LOOKUP_NOTE)
-        .values_list("channel", "message__channel", "provider", "ended_at", "outcome", "error_type", "latency_ms")
+def _histogram(by_priority: dict[str, list[int]], priority: str) -> list[int]:
+    if priority not in by_priority:
+        by_priority[priority] = histograms.empty()
+    return by_priority[priority]
+
+
+def _count_attempts(counts, since: datetime, settings: DetectorSettings, until: datetime | None = None) -> None:
+    rows = DispatchAttempt.objects.filter(ended_at__gte=since, outcome__in=SENT_OUTCOMES).exclude(note=LOOKUP_NOTE)
+    if until is not None:
+        rows = rows.filter(ended_at__lt=until)
+    rows = rows.values_list(
+        "channel", "message__channel", "provider", "ended_at", "outcome", "error_type", "latency_ms"
     )
     for channel, message_channel, provider, ended_at, outcome, error_type, latency_ms in rows:
         cell = counts[(channel or message_channel, provider, floor_time(ended_at, settings.bucket_seconds))]
@@ -114,6 +177,34 @@ def _count_attempts(counts, since: datetime, settings: DetectorSettings) -> None
             cell["latency_count"] += 1
             cell["latency_sum_ms"] += latency_ms
             cell["latency_sumsq_ms"] += float(latency_ms) ** 2
+
+
+def _roll_up(written: list[DeliveryBucket], *, now: datetime, settings: DetectorSettings) -> int:
+    """Re-sum the hour buckets the rewritten buckets belong to; returns how many were written."""
+    if settings.bucket_seconds >= ROLLUP_SECONDS or ROLLUP_SECONDS % settings.bucket_seconds:
+        return 0
+    hours = {floor_time(row.start, ROLLUP_SECONDS) for row in written}
+    if not hours:
+        return 0
+    sums: dict[tuple[str, str, datetime], dict[str, Any]] = defaultdict(_empty)
+    parts = DeliveryBucket.objects.filter(
+        seconds=settings.bucket_seconds,
+        start__gte=min(hours),
+        start__lt=max(hours) + timedelta(seconds=ROLLUP_SECONDS),
+    )
+    for part in parts:
+        hour = floor_time(part.start, ROLLUP_SECONDS)
+        if hour not in hours:
+            continue
+        total = sums[(part.channel, part.provider, hour)]
+        for name in (*COUNTS, "latency_sum_ms", "latency_sumsq_ms"):
+            total[name] += getattr(part, name)
+        for kind, count in part.errors.items():
+            total["errors"][kind] = total["errors"].get(kind, 0) + count
+        for name in ("dispatch_latency", "delivery_latency"):
+            for priority, counts in getattr(part, name).items():
+                total[name][priority] = histograms.merged([total[name].get(priority, []), counts])
+    return len(_upsert(sums, seconds=ROLLUP_SECONDS, now=now))
 
 
 def series_by_route(*, now: datetime, settings: DetectorSettings) -> dict[tuple[str, str], BucketSeries]:

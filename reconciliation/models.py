@@ -57,6 +57,14 @@ class DeliveryBucket(models.Model):
     latency_count = models.PositiveIntegerField(default=0)
     latency_sum_ms = models.FloatField(default=0.0)
     latency_sumsq_ms = models.FloatField(default=0.0)
+    dispatch_latency = models.JSONField(
+        default=dict,
+        help_text="Accepted to dispatched: counts per latency bound (reconciliation.histograms), by priority.",
+    )
+    delivery_latency = models.JSONField(
+        default=dict,
+        help_text="Accepted to delivered, for cohort messages delivered within the receipt maturity, by priority.",
+    )
     updated_at = models.DateTimeField()
 
     class Meta:
@@ -67,6 +75,22 @@ class DeliveryBucket(models.Model):
 
     def __str__(self) -> str:
         return f"{self.channel}/{self.provider} {self.start:%Y-%m-%d %H:%M:%S} ({self.seconds}s)"
+
+
+class QueueDepth(models.Model):
+    """The deepest each Celery queue was (ready tasks) within a minute or an hour, sampled by beat."""
+
+    seconds = models.PositiveIntegerField(help_text="The slot's length: 60 or 3600.")
+    start = models.DateTimeField()
+    depths = models.JSONField(default=dict, help_text="Queue name to the largest depth sampled in the slot.")
+    samples = models.PositiveIntegerField(default=0)
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["seconds", "start"], name="queue_depth_unique_slot")]
+
+    def __str__(self) -> str:
+        return f"queues {self.start:%Y-%m-%d %H:%M} ({self.seconds}s)"
 
 
 class AlertSeverity(models.TextChoices):

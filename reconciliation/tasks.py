@@ -13,6 +13,7 @@ from messaging.conf import conductor_setting
 from reconciliation.alerts import anomalies_detect
 from reconciliation.buckets import buckets_purge
 from reconciliation.polling import receipts_poll_overdue
+from reconciliation.queues import queue_depth_purge, queue_depth_sample
 from reconciliation.reconcile import reconciliation_run
 from reconciliation.retention import dead_letters_purge_expired
 
@@ -25,8 +26,9 @@ class AlertWebhookError(Exception):
 
 @shared_task(name="reconciliation.purge_dead_letters", ignore_result=True)
 def purge_dead_letters() -> int:
-    """Delete dead letters past their retention, and delivery buckets past theirs (hourly)."""
+    """Delete dead letters past their retention, and delivery buckets and queue samples past theirs."""
     buckets_purge(older_than_s=conductor_setting("BUCKET_RETENTION_SECONDS"))
+    queue_depth_purge(older_than_s=conductor_setting("BUCKET_RETENTION_SECONDS"))
     return dead_letters_purge_expired().total
 
 
@@ -40,6 +42,12 @@ def poll_receipts() -> int:
 def detect_anomalies() -> int:
     """Recount the delivery buckets, open and resolve alerts (every minute)."""
     return anomalies_detect().opened
+
+
+@shared_task(name="reconciliation.sample_queues", ignore_result=True)
+def sample_queues() -> None:
+    """Queue depths for the dashboard's chart (the broker keeps no history)."""
+    queue_depth_sample()
 
 
 @shared_task(name="reconciliation.reconcile", ignore_result=True)

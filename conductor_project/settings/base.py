@@ -154,6 +154,7 @@ SWEEP_INTERVAL_SECONDS = env_float("CONDUCTOR_SWEEP_INTERVAL_SECONDS", 5.0)
 DLQ_PURGE_INTERVAL_SECONDS = env_float("CONDUCTOR_DLQ_PURGE_INTERVAL_SECONDS", 3600.0)
 RECEIPT_POLL_INTERVAL_SECONDS = env_float("CONDUCTOR_RECEIPT_POLL_INTERVAL_SECONDS", 60.0)
 ANOMALY_INTERVAL_SECONDS = env_float("CONDUCTOR_ANOMALY_INTERVAL_SECONDS", 60.0)
+QUEUE_SAMPLE_INTERVAL_SECONDS = env_float("CONDUCTOR_QUEUE_SAMPLE_INTERVAL_SECONDS", 15.0)
 RECONCILE_HOUR, RECONCILE_MINUTE = env_clock("CONDUCTOR_RECONCILE_AT", "02:00")
 CELERY_BEAT_SCHEDULE = {
     "messaging.sweep": {
@@ -178,6 +179,12 @@ CELERY_BEAT_SCHEDULE = {
         "task": "reconciliation.detect_anomalies",
         "schedule": ANOMALY_INTERVAL_SECONDS,
         "options": {"queue": MAINTENANCE_QUEUE, "expires": ANOMALY_INTERVAL_SECONDS},
+    },
+    # Queue depths sampled for the dashboard (the maximum per minute and per hour is kept).
+    "reconciliation.sample_queues": {
+        "task": "reconciliation.sample_queues",
+        "schedule": QUEUE_SAMPLE_INTERVAL_SECONDS,
+        "options": {"queue": MAINTENANCE_QUEUE, "expires": QUEUE_SAMPLE_INTERVAL_SECONDS},
     },
     # The previous day reconciled against receipts and the providers' status (UTC).
     "reconciliation.reconcile": {
@@ -312,11 +319,29 @@ SPECTACULAR_SETTINGS = {
 
 # --- Logging and Sentry ---------------------------------------------------------------------
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
+# json (one object per line: message id, channel, provider, attempt, transition as fields) or
+# plain, for reading a development terminal.
+LOG_FORMAT = env_str("LOG_FORMAT", "json")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"celery_task": {"()": "messaging.logging.CeleryTaskFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(levelname)s %(name)s %(process)d %(message)s",
+            "timestamp": "time",  # ISO 8601, UTC
+            "rename_fields": {"levelname": "level", "name": "logger", "process": "pid"},
+        },
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if LOG_FORMAT == "json" else "plain",
+            "filters": ["celery_task"],
+        }
+    },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         # The twilio SDK logs full request bodies (recipients, texts) at INFO: never let it.
@@ -329,15 +354,16 @@ LOGGING = {
     },
 }
 
+# prometheus-client reads this variable itself, from the environment of every process, before
+# any metric exists; here it only tells /metrics to sum the directory (conductor_project/metrics.py).
+PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR") or None
+
 SENTRY_DSN = env_str("SENTRY_DSN")
 if SENTRY_DSN:
-    import sentry_sdk
-    from sentry_sdk.integrations.celery import CeleryIntegration
-    from sentry_sdk.integrations.django import DjangoIntegration
+    from conductor_project.sentry import sentry_init
 
-    sentry_sdk.init(
+    sentry_init(
         dsn=SENTRY_DSN,
-        integrations=[DjangoIntegration(), CeleryIntegration()],
-        send_default_pii=False,
+        environment=env_str("SENTRY_ENVIRONMENT") or None,
         traces_sample_rate=env_float("SENTRY_TRACES_SAMPLE_RATE", 0.0),
     )

@@ -125,7 +125,7 @@ def test_a_silent_drop_raises_an_alert_that_resolves_when_drops_stop(live, key):
             # Steady traffic until the detector has a full baseline behind its longest window:
             # (20 s + 10 s + 4 s maturity) / 2 s buckets; nothing may alarm meanwhile.
             wait_until(
-                lambda: DeliveryBucket.objects.filter(provider="twilio", dispatched__gt=0).count() >= 18,
+                lambda: DeliveryBucket.objects.filter(provider="twilio", seconds=2, dispatched__gt=0).count() >= 18,
                 90,
                 interval=0.5,
                 what="a full baseline of traffic",

@@ -139,4 +139,4 @@ def test_parked_dead_letters_are_counted_in_metrics(client, park):
     DeadLetter.objects.filter(pk=replayed.pk).update(replayed_at=tz.now())
     page = client.get("/metrics").content.decode()
     assert 'conductor_dead_letters{channel="sms",error_type="provider_timeout"} 2.0' in page
-    assert 'error_type="invalid_recipient"' not in page  # replayed: no longer parked
+    assert 'conductor_dead_letters{channel="sms",error_type="invalid_recipient"}' not in page  # replayed

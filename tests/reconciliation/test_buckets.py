@@ -43,9 +43,9 @@ def test_a_cohort_counts_receipts_only_within_the_maturity(make_message, minute)
     sent(make_message, at, state="failed", failed_at=at - timedelta(hours=1))
     sent(make_message, at + timedelta(minutes=1), channel="whatsapp", state="read", read_at=at + timedelta(minutes=1))
     assert buckets_refresh(settings=SETTINGS) == 2
-    sms = DeliveryBucket.objects.get(channel="sms", start=minute)
+    sms = DeliveryBucket.objects.filter(seconds=SETTINGS.bucket_seconds).get(channel="sms", start=minute)
     assert (sms.dispatched, sms.receipted, sms.delivered, sms.undelivered) == (7, 4, 3, 1)
-    whatsapp = DeliveryBucket.objects.get(channel="whatsapp")
+    whatsapp = DeliveryBucket.objects.filter(seconds=SETTINGS.bucket_seconds).get(channel="whatsapp")
     assert whatsapp.start == minute + timedelta(minutes=1) and (whatsapp.dispatched, whatsapp.delivered) == (1, 1)
 
 
@@ -66,7 +66,7 @@ def test_attempts_count_sends_errors_and_latency_but_not_look_ups(make_message, 
     attempt(5, "skipped", "circuit_open", None)  # no call was made
     attempt(6, "not_found_at_provider", latency=50, note=LOOKUP_NOTE)
     buckets_refresh(settings=SETTINGS)
-    bucket = DeliveryBucket.objects.get(start=minute)
+    bucket = DeliveryBucket.objects.filter(seconds=SETTINGS.bucket_seconds).get(start=minute)
     assert bucket.attempts == 4 and bucket.errors == {"provider_5xx": 2, "provider_timeout": 1}
     assert (bucket.latency_count, bucket.latency_sum_ms) == (4, 3600.0)
     assert bucket.latency_sumsq_ms == 300**2 + 100**2 + 3000**2 + 200**2
@@ -79,7 +79,7 @@ def test_refreshing_again_recounts_instead_of_adding(make_message, minute):
     message.delivered_at, message.state = at + timedelta(seconds=20), "delivered"
     message.save()
     buckets_refresh(settings=SETTINGS)
-    bucket = DeliveryBucket.objects.get()
+    bucket = DeliveryBucket.objects.filter(seconds=SETTINGS.bucket_seconds).get()
     assert (bucket.dispatched, bucket.receipted, bucket.delivered) == (1, 1, 1)
 
 
@@ -92,7 +92,7 @@ def test_after_missed_runs_the_cohorts_counted_young_are_recounted(make_message)
     message.delivered_at, message.state = at + timedelta(seconds=40), "delivered"
     message.save()
     buckets_refresh(now=now, settings=SETTINGS)  # beat was down for half an hour
-    assert DeliveryBucket.objects.get(start=long_ago).receipted == 1
+    assert DeliveryBucket.objects.filter(seconds=SETTINGS.bucket_seconds).get(start=long_ago).receipted == 1
 
 
 def test_the_series_groups_buckets_by_channel_and_provider(make_message, minute):

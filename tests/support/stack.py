@@ -23,6 +23,9 @@ class Stack:
         self.broker_url = f"redis://127.0.0.1:{self.redis_port}/0"
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/1"
         self.web_url = f"http://127.0.0.1:{self.web_port}"
+        # Every process of the stack writes its event metrics here; the web's /metrics sums them.
+        self.metrics_dir = self.log_dir / "prometheus"
+        self.metrics_dir.mkdir()
         self.sandbox_url = f"http://127.0.0.1:{self.sandbox_port}"
         self.env = {
             **os.environ,
@@ -39,6 +42,8 @@ class Stack:
             # in a short test; the alert test gives its workers second-scale windows).
             "CONDUCTOR_ANOMALY_INTERVAL_SECONDS": "1",
             "PYTHONUNBUFFERED": "1",
+            "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+            "LOG_FORMAT": "json",
         }
         self.processes: list[ManagedProcess] = []
         self.workers: list[ManagedProcess] = []

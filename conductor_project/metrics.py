@@ -1,0 +1,181 @@
+"""What /metrics exposes, and where each number comes from.
+
+Two kinds, chosen by what can be correct with many processes:
+- Events (latency histograms, provider attempts and errors) are recorded by the process that saw
+  them (messaging/metrics.py) and summed across processes by prometheus-client's multiprocess
+  mode when PROMETHEUS_MULTIPROC_DIR is set.
+- State (messages by state, dead letters, queue depth, circuits, delivery rate, alerts) is read
+  at scrape time from where it lives: PostgreSQL, the broker, Redis. A gauge kept in process
+  memory would disagree between processes and go stale when one dies; the source cannot.
+A source that does not answer leaves its families out and sets conductor_scrape_error{source}.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from datetime import timedelta
+
+from django.conf import settings
+from django.db.models import Count, Sum
+from django.utils import timezone
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+
+logger = logging.getLogger(__name__)
+
+# conductor_delivery_rate covers the matured cohorts of this long a span.
+DELIVERY_RATE_WINDOW = timedelta(minutes=15)
+CIRCUIT_STATES = ("closed", "open", "half_open")
+
+
+def metrics_registry() -> CollectorRegistry:
+    """A registry for one scrape: every process's event metrics plus state read now."""
+    registry = CollectorRegistry(auto_describe=False)
+    if settings.PROMETHEUS_MULTIPROC_DIR:
+        MultiProcessCollector(registry, path=settings.PROMETHEUS_MULTIPROC_DIR)
+    else:
+        registry.register(_ThisProcess())
+    registry.register(StateCollector())
+    return registry
+
+
+class _ThisProcess:
+    """Without a multiprocess directory only this process's own events can be shown."""
+
+    def collect(self):
+        for family in REGISTRY.collect():
+            if family.name.startswith("conductor_"):
+                yield family
+
+
+def _counted(name: str, documentation: str, rows, labels: list[str]) -> GaugeMetricFamily:
+    """A gauge of row counts grouped by `labels` (one GROUP BY query); an empty label reads "none"."""
+    family = GaugeMetricFamily(name, documentation, labels=labels)
+    for row in rows.values(*labels).annotate(n=Count("pk")).order_by():
+        family.add_metric([row[label] or "none" for label in labels], row["n"])
+    return family
+
+
+class StateCollector:
+    def collect(self):
+        errors = GaugeMetricFamily(
+            "conductor_scrape_error", "1 when a source did not answer this scrape.", labels=["source"]
+        )
+        for source, families in (
+            ("database", self._database),
+            ("broker", self._broker),
+            ("redis", self._circuits),
+        ):
+            try:
+                collected = list(families())
+            except Exception as exc:  # a scrape must answer even when a source is down
+                logger.warning("metrics: %s unavailable: %s", source, type(exc).__name__)
+                errors.add_metric([source], 1)
+                continue
+            errors.add_metric([source], 0)
+            yield from collected
+        yield errors
+
+    def _database(self):
+        from messaging.models import DeadLetter, Message
+        from reconciliation.models import Alert, Receipt
+
+        yield _counted(
+            "conductor_messages",
+            "Messages by channel, provider and state.",
+            Message.objects.all(),
+            ["channel", "provider", "state"],
+        )
+        yield _counted(
+            "conductor_dead_letters",
+            "Parked dead letters (given up on, not replayed) by channel and error type.",
+            DeadLetter.objects.filter(replayed_at__isnull=True),
+            ["channel", "error_type"],
+        )
+        yield _counted(
+            "conductor_messages_delivery_unknown",
+            "Dispatched messages whose receipt never came within the provider's receipt horizon.",
+            Message.objects.filter(state="dispatched", receipt_unknown_at__isnull=False),
+            ["channel", "provider"],
+        )
+        yield _counted(
+            "conductor_alerts_open",
+            "Open delivery alerts by kind, channel, provider and severity.",
+            Alert.objects.filter(resolved_at__isnull=True),
+            ["kind", "channel", "provider", "severity"],
+        )
+        yield _counted(
+            "conductor_receipts_unmatched",
+            "Provider receipts that name no message we know.",
+            Receipt.objects.filter(message__isnull=True),
+            ["provider"],
+        )
+        yield delivery_rate_family()
+
+    def _broker(self):
+        from reconciliation.queues import queue_depths
+
+        family = GaugeMetricFamily(
+            "conductor_queue_depth", "Tasks waiting in each Celery queue (read from the broker).", labels=["queue"]
+        )
+        for queue, depth in queue_depths().items():
+            family.add_metric([queue], depth)
+        yield family
+
+    def _circuits(self):
+        from providers.guards import circuit_breaker
+
+        family = GaugeMetricFamily(
+            "conductor_circuit_state",
+            "1 for each provider's current circuit state (closed, open or half_open), 0 for the others.",
+            labels=["provider", "state"],
+        )
+        failing_open = GaugeMetricFamily(
+            "conductor_circuit_failing_open",
+            "1 when the circuit state in Redis cannot be read (every call is let through).",
+            labels=["provider"],
+        )
+        for provider in settings.CONDUCTOR_PROVIDERS:
+            snapshot = circuit_breaker(provider).snapshot()
+            for state in CIRCUIT_STATES:
+                family.add_metric([provider, state], 1 if snapshot["state"] == state else 0)
+            failing_open.add_metric([provider], 1 if snapshot.get("failing_open") else 0)
+        yield family
+        yield failing_open
+
+
+def delivery_rate_family() -> GaugeMetricFamily:
+    """Delivered / dispatched per channel over the matured cohorts of the last 15 minutes.
+
+    Read from the delivery buckets anomaly detection keeps: a cohort counts once it is as old as
+    the receipt maturity, so receipts still on their way do not look like a drop.
+    """
+    from reconciliation.anomalies import cohort_end
+    from reconciliation.conf import detector_settings
+    from reconciliation.models import DeliveryBucket
+
+    detector = detector_settings()
+    end = cohort_end(timezone.now(), detector)
+    totals = (
+        DeliveryBucket.objects.filter(
+            seconds=detector.bucket_seconds, start__gte=end - DELIVERY_RATE_WINDOW, start__lt=end
+        )
+        .values("channel")
+        .annotate(dispatched=Sum("dispatched"), delivered=Sum("delivered"))
+        .order_by()
+    )
+    family = GaugeMetricFamily(
+        "conductor_delivery_rate",
+        "Delivered / dispatched per channel, matured cohorts of the last 15 minutes (receipt maturity applied).",
+        labels=["channel"],
+    )
+    by_channel: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for row in totals:
+        by_channel[row["channel"]][0] += row["delivered"] or 0
+        by_channel[row["channel"]][1] += row["dispatched"] or 0
+    for channel, (delivered, dispatched) in sorted(by_channel.items()):
+        if dispatched:
+            family.add_metric([channel], delivered / dispatched)
+    return family

@@ -1,0 +1,85 @@
+"""Event metrics recorded where things happen (the transition service, provider attempts).
+
+These are counters and histograms: only the process that sees an event can record it, so every
+web and worker process writes them and /metrics sums them. With PROMETHEUS_MULTIPROC_DIR set in
+every process's environment (make run, compose and the test stack set it) prometheus-client keeps
+them in memory-mapped files in that directory and the scrape adds up every process's file,
+including processes that have exited (a counter must not drop when a pool child is replaced).
+Counts of current state (messages by state, dead letters, queue depth, circuits) are not here:
+they are read from PostgreSQL, the broker and Redis at scrape time, see conductor_project/metrics.py.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from prometheus_client import Counter, Histogram, disable_created_metrics
+
+# The multiprocess collector never reports _created series; without it the same process would.
+disable_created_metrics()
+
+# One set of boundaries for a 2FA code (tenths of a second) and a bulk campaign (hours behind):
+# the same buckets on every latency family so panels and quantiles compare.
+LATENCY_BUCKETS_SECONDS: tuple[float, ...] = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+    14400.0,
+)
+
+DISPATCH_LATENCY = Histogram(
+    "conductor_dispatch_latency_seconds",
+    "Accepted to dispatched (the provider took it), by channel and priority.",
+    ["channel", "priority"],
+    buckets=LATENCY_BUCKETS_SECONDS,
+)
+DELIVERY_LATENCY = Histogram(
+    "conductor_delivery_latency_seconds",
+    "Accepted to delivered (the provider's receipt said so), by channel and priority.",
+    ["channel", "priority"],
+    buckets=LATENCY_BUCKETS_SECONDS,
+)
+PROVIDER_ATTEMPTS = Counter(
+    "conductor_provider_attempts",
+    "Provider calls (sends and status look-ups) that ended, by channel, provider and outcome.",
+    ["channel", "provider", "outcome"],
+)
+PROVIDER_ERRORS = Counter(
+    "conductor_provider_errors",
+    "Provider calls that ended in an error, by channel, provider and error type.",
+    ["channel", "provider", "error_type"],
+)
+
+
+def latency_observe(
+    *, to_state: str, channel: str, priority: str, accepted_at: datetime, at: datetime, from_state: str = ""
+) -> None:
+    """Record accepted->dispatched or accepted->delivered for a transition that was applied.
+
+    A message read without a delivered receipt before it counts as delivered when read.
+    """
+    if to_state == "read" and from_state not in ("delivered", ""):
+        to_state = "delivered"
+    family = {"dispatched": DISPATCH_LATENCY, "delivered": DELIVERY_LATENCY}.get(to_state)
+    if family is None:
+        return
+    family.labels(channel=channel, priority=priority).observe(max(0.0, (at - accepted_at).total_seconds()))
+
+
+def attempt_count(*, channel: str, provider: str, outcome: str, error_type: str = "") -> None:
+    """Record a provider call that ended; an error also counts under its type."""
+    PROVIDER_ATTEMPTS.labels(channel=channel, provider=provider, outcome=outcome).inc()
+    if error_type:
+        PROVIDER_ERRORS.labels(channel=channel, provider=provider, error_type=error_type).inc()

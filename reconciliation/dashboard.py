@@ -1,0 +1,228 @@
+"""The operations dashboard's data: five series over a window, plus circuits, alerts, the last run.
+
+Everything is read from small aggregate tables, never by scanning messages, so the answer stays
+fast however many messages there are: delivery buckets (minute rows for 15 min and 1 h, their
+hour roll-ups for 24 h and 7 d), queue-depth slots (same two sizes) and dead letters counted
+per step on their indexed parked time.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db.models import Count
+from django.db.models.functions import Trunc
+from django.utils import timezone
+
+from reconciliation import histograms
+from reconciliation.anomalies import cohort_end, floor_time
+from reconciliation.buckets import ROLLUP_SECONDS
+from reconciliation.conf import detector_settings
+
+
+@dataclass(frozen=True)
+class Window:
+    name: str
+    seconds: int
+    step_seconds: int  # one point per step: 60 (minute slots) or 3600 (hour slots)
+
+
+WINDOWS: dict[str, Window] = {
+    w.name: w
+    for w in (
+        Window("15m", 15 * 60, 60),
+        Window("1h", 3600, 60),
+        Window("24h", 86400, 3600),
+        Window("7d", 7 * 86400, 3600),
+    )
+}
+QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
+PRIORITIES = ("critical", "transactional", "bulk")
+
+
+def dashboard_data(*, window: str = "1h", priority: str = "", now: datetime | None = None) -> dict[str, Any]:
+    """The JSON the dashboard draws: `times` (epoch seconds, one per step) and a series per line.
+
+    Delivery rate counts a cohort once it is as old as the receipt maturity (None before); latency
+    quantiles come from the buckets' histograms, for one priority or all.
+    """
+    spec = WINDOWS[window]
+    now = now or timezone.now()
+    detector = detector_settings()
+    step = spec.step_seconds
+    if step == ROLLUP_SECONDS and detector.bucket_seconds >= ROLLUP_SECONDS:
+        step = detector.bucket_seconds
+    bucket_seconds = detector.bucket_seconds if step < ROLLUP_SECONDS else ROLLUP_SECONDS
+    end = floor_time(now, step)
+    start = end - timedelta(seconds=spec.seconds - step)
+    times = [start + timedelta(seconds=step * i) for i in range(spec.seconds // step)]
+    index = {t: i for i, t in enumerate(times)}
+    matured_before = cohort_end(now, detector)
+    return {
+        "window": spec.name,
+        "windows": list(WINDOWS),
+        "priority": priority,
+        "step_seconds": step,
+        "generated_at": now.isoformat(),
+        "times": [int(t.timestamp()) for t in times],
+        **_bucket_series(times, index, step, bucket_seconds, priority, matured_before),
+        "queue_depth": _queue_series(times, index, step),
+        "dead_letters": _dead_letter_series(times, index, step),
+        "circuits": _circuits(),
+        "alerts": _open_alerts(),
+        "last_reconciliation": _last_reconciliation(),
+    }
+
+
+def _slot(moment: datetime, step: int) -> datetime:
+    return floor_time(moment, step)
+
+
+def _bucket_series(times, index, step, bucket_seconds, priority, matured_before) -> dict[str, Any]:
+    from reconciliation.models import DeliveryBucket
+
+    size = len(times)
+    delivered: dict[str, list[int]] = defaultdict(lambda: [0] * size)
+    dispatched: dict[str, list[int]] = defaultdict(lambda: [0] * size)
+    attempts = [0] * size
+    errors: dict[str, list[int]] = defaultdict(lambda: [0] * size)
+    dispatch_latency = [histograms.empty() for _ in range(size)]
+    delivery_latency = [histograms.empty() for _ in range(size)]
+    immature = [False] * size
+    rows = DeliveryBucket.objects.filter(
+        seconds=bucket_seconds, start__gte=times[0], start__lt=times[-1] + timedelta(seconds=step)
+    ).values_list(
+        "channel", "start", "dispatched", "delivered", "attempts", "errors", "dispatch_latency", "delivery_latency"
+    )
+    for channel, start, n_dispatched, n_delivered, n_attempts, by_error, by_dispatch, by_delivery in rows:
+        i = index.get(_slot(start, step))
+        if i is None:
+            continue
+        if start + timedelta(seconds=bucket_seconds) > matured_before:
+            immature[i] = True
+        dispatched[channel][i] += n_dispatched
+        delivered[channel][i] += n_delivered
+        attempts[i] += n_attempts
+        for kind, count in by_error.items():
+            errors[kind][i] += count
+        for target, source in ((dispatch_latency, by_dispatch), (delivery_latency, by_delivery)):
+            for level, counts in source.items():
+                if not priority or level == priority:
+                    target[i] = histograms.merged([target[i], counts])
+    channels = sorted(set(dispatched) | set(settings.CONDUCTOR_CHANNELS))
+    return {
+        "delivery_rate": {
+            channel: [
+                None if immature[i] or not dispatched[channel][i] else delivered[channel][i] / dispatched[channel][i]
+                for i in range(size)
+            ]
+            for channel in channels
+        },
+        "dispatched": {channel: dispatched[channel] for channel in channels},
+        "latency": {
+            "dispatch": _quantile_series(dispatch_latency),
+            "delivery": _quantile_series(delivery_latency),
+        },
+        "attempts": attempts,
+        "error_rate": {
+            kind: [counts[i] / attempts[i] if attempts[i] else None for i in range(size)]
+            for kind, counts in sorted(errors.items())
+        },
+    }
+
+
+def _quantile_series(per_step: list[list[int]]) -> dict[str, list[float | None]]:
+    return {name: [histograms.quantile(counts, q) for counts in per_step] for name, q in QUANTILES}
+
+
+def _queue_series(times, index, step) -> dict[str, list[int | None]]:
+    from reconciliation.models import QueueDepth
+    from reconciliation.queues import queue_names
+
+    size = len(times)
+    series: dict[str, list[int | None]] = {name: [None] * size for name in queue_names()}
+    slots = QueueDepth.objects.filter(
+        seconds=step, start__gte=times[0], start__lt=times[-1] + timedelta(seconds=step)
+    ).values_list("start", "depths")
+    for start, depths in slots:
+        i = index.get(_slot(start, step))
+        if i is None:
+            continue
+        for name, depth in depths.items():
+            values = series.setdefault(name, [None] * size)
+            values[i] = max(depth, values[i] or 0)
+    return series
+
+
+def _dead_letter_series(times, index, step) -> dict[str, list[int]]:
+    from messaging.models import DeadLetter
+
+    size = len(times)
+    kind = "minute" if step == 60 else "hour"
+    counts = (
+        DeadLetter.objects.filter(created_at__gte=times[0], created_at__lt=times[-1] + timedelta(seconds=step))
+        .annotate(slot=Trunc("created_at", kind))
+        .values("slot", "channel")
+        .annotate(n=Count("pk"))
+        .order_by()
+    )
+    series: dict[str, list[int]] = {channel: [0] * size for channel in settings.CONDUCTOR_CHANNELS}
+    for row in counts:
+        i = index.get(_slot(row["slot"], step))
+        if i is not None:
+            series.setdefault(row["channel"], [0] * size)[i] += row["n"]
+    return series
+
+
+def _circuits() -> list[dict[str, Any]]:
+    from providers.guards import circuit_breaker
+
+    states = []
+    for provider in settings.CONDUCTOR_PROVIDERS:
+        snapshot = circuit_breaker(provider).snapshot()
+        states.append(
+            {
+                "provider": provider,
+                "state": snapshot["state"],
+                "failing_open": snapshot.get("failing_open", False),
+                "failure_rate": snapshot.get("failure_rate"),
+                "times_opened": snapshot.get("times_opened"),
+            }
+        )
+    return states
+
+
+def _open_alerts() -> list[dict[str, Any]]:
+    from reconciliation.alerts import alert_payload
+    from reconciliation.models import Alert
+
+    return [
+        alert_payload(alert, "open")
+        for alert in Alert.objects.filter(resolved_at__isnull=True).order_by("-opened_at")[:50]
+    ]
+
+
+def _last_reconciliation() -> dict[str, Any] | None:
+    from reconciliation.models import ReconciliationRun
+
+    run = ReconciliationRun.objects.order_by("-started_at").first()
+    if run is None:
+        return None
+    return {
+        "id": run.pk,
+        "status": run.status,
+        "trigger": run.trigger,
+        "window_start": run.window_start.isoformat(),
+        "window_end": run.window_end.isoformat(),
+        "started_at": run.started_at.isoformat(),
+        "duration_ms": run.duration_ms,
+        "checked": run.checked,
+        "looked_up": run.looked_up,
+        "updated": run.updated,
+        "still_unknown": run.still_unknown,
+        "mismatches": run.mismatches,
+    }
