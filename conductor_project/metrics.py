@@ -53,7 +53,8 @@ class _ThisProcess:
 def _counted(name: str, documentation: str, rows, labels: list[str]) -> GaugeMetricFamily:
     """A gauge of row counts grouped by `labels` (one GROUP BY query); an empty label reads "none"."""
     family = GaugeMetricFamily(name, documentation, labels=labels)
-    for row in rows.values(*labels).annotate(n=Count("pk")).order_by():
+    # COUNT(*) rather than COUNT(id): an index on the labels then answers without the table.
+    for row in rows.values(*labels).annotate(n=Count("*")).order_by():
         family.add_metric([row[label] or "none" for label in labels], row["n"])
     return family
 

@@ -142,6 +142,13 @@ class Message(models.Model):
             # Receipt polling, reconciliation and the anomaly buckets read messages by dispatch time.
             models.Index(fields=["dispatched_at"], name="message_dispatched"),
             models.Index(fields=["dispatched_at"], condition=Q(state="dispatched"), name="message_awaiting_receipt"),
+            # /metrics counts messages by these three on every scrape: an index-only scan, not the table.
+            models.Index(fields=["channel", "provider", "state"], name="message_route_state"),
+            models.Index(
+                fields=["channel", "provider"],
+                condition=Q(state="dispatched", receipt_unknown_at__isnull=False),
+                name="message_delivery_unknown",
+            ),
         ]
 
     def __str__(self) -> str:

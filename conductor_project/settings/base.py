@@ -133,7 +133,10 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "interval_step": 0.2,
     "interval_max": 0.5,
 }
-CELERY_WORKER_SEND_TASK_EVENTS = env_bool("CELERY_WORKER_SEND_TASK_EVENTS", True)
+# Task events cost ~0.85 ms of a worker's main process per task (bench/README.md, "Worker events").
+# Off unless someone watches: a running Flower turns them on within 5 s (its enable_events
+# broadcast), so `make run` and compose show every task; a deployment without Flower pays nothing.
+CELERY_WORKER_SEND_TASK_EVENTS = env_bool("CELERY_WORKER_SEND_TASK_EVENTS", False)
 CELERY_TASK_SEND_SENT_EVENT = False
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
