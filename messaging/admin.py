@@ -19,6 +19,7 @@ from messaging.dead_letters import ATTEMPT_FIELDS
 from messaging.models import ApiClient, ApiKey, DeadLetter, DispatchAttempt, EventSource, Message, MessageEvent
 from messaging.replay import SkipReason, dead_letters_replay
 from messaging.services import NotCancellable, message_cancel
+from messaging.states import MessageState
 from reconciliation.models import Receipt
 
 REPLAY_PERMISSION = "messaging.replay_deadletter"
@@ -114,10 +115,11 @@ class MessageAdmin(ReplayPermissionMixin, admin.ModelAdmin):
         "provider",
         "category",
         "attempt_count",
+        "ordering_position",
         "created_at",
     ]
     list_filter = ["state", "channel", "priority", "provider", "category", "created_at"]
-    search_fields = ["=id", "=idempotency_key", "=provider_message_id"]
+    search_fields = ["=id", "=idempotency_key", "=provider_message_id", "=ordering_key"]
     date_hierarchy = "created_at"
     inlines = [AttemptInline, EventInline, ReceiptInline, DeadLetterInline]
     actions = ["cancel_selected", "replay_selected"]
@@ -129,6 +131,14 @@ class MessageAdmin(ReplayPermissionMixin, admin.ModelAdmin):
 
     def has_add_permission(self, request) -> bool:
         return False
+
+    @admin.display(description="ordering")
+    def ordering_position(self, message: Message) -> str:
+        """Key and sequence; "waiting" while an earlier message with the key holds it back."""
+        if message.sequence is None:
+            return "–"
+        waiting = " (waiting)" if message.waiting_for_id and message.state == MessageState.ACCEPTED else ""
+        return f"{message.ordering_key} #{message.sequence}{waiting}"
 
     @admin.action(description="Cancel selected messages (only those not yet dispatched)")
     def cancel_selected(self, request, queryset) -> None:

@@ -83,6 +83,7 @@ def check_conductor_settings(app_configs=None, **kwargs) -> list[Error]:
             )
     errors += _check_circuit_settings()
     errors += _check_receipt_settings(configured)
+    errors += _check_ordering_settings(configured)
     lease = configured.get("DISPATCH_LEASE_SECONDS", DEFAULTS["DISPATCH_LEASE_SECONDS"])
     for name, conf in getattr(settings, "CONDUCTOR_PROVIDERS", {}).items():
         timeout = conf.get("TIMEOUT_SECONDS", 0)
@@ -95,6 +96,33 @@ def check_conductor_settings(app_configs=None, **kwargs) -> list[Error]:
                     id="conductor.E008",
                 )
             )
+    return errors
+
+
+def _check_ordering_settings(configured: dict) -> list[Error]:
+    from messaging.models import OrderingMode
+
+    errors = []
+    policy = configured.get("ORDERING_DEAD_PREDECESSOR", DEFAULTS["ORDERING_DEAD_PREDECESSOR"])
+    if policy not in ("proceed", "hold"):
+        errors.append(
+            Error(
+                f"CONDUCTOR['ORDERING_DEAD_PREDECESSOR'] is {policy!r}.",
+                hint="Use proceed or hold.",
+                id="conductor.E015",
+            )
+        )
+    for category, mode in configured.get("CATEGORY_ORDERING", {}).items():
+        if mode not in OrderingMode.values:
+            errors.append(
+                Error(
+                    f"CONDUCTOR['CATEGORY_ORDERING'][{category!r}] is {mode!r}.",
+                    hint=f"Use one of: {', '.join(OrderingMode.values)}.",
+                    id="conductor.E016",
+                )
+            )
+    if configured.get("ORDERING_RECEIPT_TIMEOUT_SECONDS", 1.0) <= 0:
+        errors.append(Error("CONDUCTOR['ORDERING_RECEIPT_TIMEOUT_SECONDS'] must be positive.", id="conductor.E017"))
     return errors
 
 

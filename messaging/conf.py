@@ -49,6 +49,17 @@ DEFAULTS: dict[str, Any] = {
     "BUCKET_RETENTION_SECONDS": 8 * 86400.0,
     # Alerts are POSTed here as JSON when set (with retries; a failing endpoint never blocks detection).
     "ALERT_WEBHOOK_URL": None,
+    # Messages with an ordering_key wait for the earlier ones with the same key. When an earlier
+    # one is given up on (failed, expired, dead-lettered): "proceed" (the later ones go on; a
+    # replay of it then arrives out of order) or "hold" (they wait until it is replayed and
+    # dispatched, or cancelled: nothing arrives out of order, but nothing arrives at all until
+    # an operator acts). docs/operations.md, "Ordering".
+    "ORDERING_DEAD_PREDECESSOR": "proceed",
+    # The stricter ordering mode per category ("delivered": wait for the earlier message's
+    # receipt), e.g. {"order_updates": "delivered"}; a message's own ordering_mode wins.
+    "CATEGORY_ORDERING": {},
+    # In "delivered" mode, how long to wait for the earlier message's receipt before going on.
+    "ORDERING_RECEIPT_TIMEOUT_SECONDS": 300.0,
 }
 
 

@@ -21,6 +21,7 @@ from django.utils import timezone
 from messaging.conf import conductor_setting
 from messaging.lookup import resolve_unknown_outcome, send_request
 from messaging.models import AttemptOutcome, DispatchAttempt, ErrorType, EventSource, Message
+from messaging.ordering import ordering_wait
 from messaging.outcomes import (
     RELEASE,
     attempt_finish,
@@ -101,6 +102,8 @@ def _dispatch_claimed(message_id: str) -> None:
         return
     if message.needs_provider_lookup and resolve_unknown_outcome(message, hops):
         return
+    if message.sequence is not None and ordering_wait(message):
+        return  # an earlier message with the same ordering key goes first; it releases this one
     _walk(message, hops)
 
 

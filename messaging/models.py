@@ -72,6 +72,29 @@ ERROR_TYPE_MEANINGS: dict[str, str] = {
 }
 
 
+class OrderingMode(models.TextChoices):
+    DISPATCHED = "dispatched", "after the previous one is dispatched"
+    DELIVERED = "delivered", "after the previous one is delivered (or a timeout)"
+
+
+class OrderingKey(models.Model):
+    """The last sequence number given out per client and ordering key.
+
+    Incremented by an upsert inside the transaction that stores the message, so concurrent
+    requests for one key queue on this row and a rolled-back request gives its number back.
+    """
+
+    client = models.ForeignKey(ApiClient, on_delete=models.CASCADE, related_name="ordering_keys")
+    key = models.CharField(max_length=255)
+    last_sequence = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["client", "key"], name="ordering_key_unique_per_client")]
+
+    def __str__(self) -> str:
+        return f"{self.client} {self.key}: {self.last_sequence}"
+
+
 class Message(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     client = models.ForeignKey(ApiClient, on_delete=models.PROTECT, related_name="messages")
@@ -85,6 +108,16 @@ class Message(models.Model):
     # SHA-256 of the normalised request: the same key with another payload is a 422.
     request_fingerprint = models.CharField(max_length=64, blank=True, default="")
     ordering_key = models.CharField(max_length=255, null=True, blank=True)
+    # Per client and ordering key, 1, 2, 3 ... in order of acceptance (gap-free); None without a key.
+    sequence = models.PositiveBigIntegerField(null=True, blank=True)
+    # What an earlier message with the same key must reach before this one is sent: dispatched
+    # (the provider has it, or it is final) or, stricter, delivered (its receipt, or a timeout).
+    ordering_mode = models.CharField(max_length=16, choices=OrderingMode.choices, blank=True, default="")
+    # While held back by an earlier message with the same key: that message (the closest one).
+    waiting_for = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="waiters", db_index=True
+    )
+    waiting_since = models.DateTimeField(null=True, blank=True)
     expires_at = models.DateTimeField()
     # The sender gave expires_at or ttl_seconds: a replay never moves that deadline unless forced.
     deadline_from_sender = models.BooleanField(default=False)
@@ -133,6 +166,12 @@ class Message(models.Model):
                 fields=["client", "idempotency_key"],
                 condition=Q(idempotency_key__isnull=False),
                 name="message_unique_idempotency_key_per_client",
+            ),
+            # Gap-free sequences cannot repeat; the index also finds a message's predecessors.
+            models.UniqueConstraint(
+                fields=["client", "ordering_key", "sequence"],
+                condition=Q(sequence__isnull=False),
+                name="message_unique_sequence_per_key",
             ),
         ]
         indexes = [

@@ -19,6 +19,7 @@ from messaging.dead_letters import dead_letter_park
 from messaging.logging import masked
 from messaging.metrics import latency_observe
 from messaging.models import ApiClient, ApiKey, EventSource, Message, MessageEvent
+from messaging.ordering import ordering_hold, ordering_mode_for, ordering_release, sequence_next
 from messaging.routing import queue_name, retry_policy_for
 from messaging.states import ALLOWED_SOURCES, DEAD_LETTER_STATES, TIMESTAMP_FIELD, MessageState
 
@@ -68,12 +69,12 @@ def message_transition(
         row = (
             Message.objects.select_for_update()
             .filter(pk=message_id)
-            .values_list("state", "channel", "priority", "provider", "accepted_at", "created_at")
+            .values_list("state", "channel", "priority", "provider", "accepted_at", "created_at", "sequence")
             .first()
         )
         if row is None:
             raise Message.DoesNotExist(f"message {message_id} does not exist")
-        current, channel, priority, provider, accepted_at, created_at = row
+        current, channel, priority, provider, accepted_at, created_at, sequence = row
         applied = False
         if current in sources:
             rows = Message.objects.filter(pk=message_id, state__in=sources)
@@ -91,6 +92,9 @@ def message_transition(
         )
         if applied and to_state in DEAD_LETTER_STATES:
             dead_letter_park(message_id=message_id, reason=detail, parked_at=now)
+        if applied and sequence is not None:
+            # Later messages with the same ordering key may be waiting for this one to move.
+            transaction.on_commit(lambda: ordering_release(message_id=message_id))
         if applied:
             # Counted once it is committed: a rolled-back transition never happened.
             transaction.on_commit(
@@ -217,6 +221,10 @@ def _deadline(fields: dict[str, Any], now: datetime) -> datetime:
 def _insert_message(
     client: ApiClient, fields: dict[str, Any], key: str | None, fingerprint: str, source: str
 ) -> Message:
+    ordering_key = fields.get("ordering_key") or None
+    # The number first (it waits for a concurrent request with the same key), then the clock, so
+    # the acceptance times of one key's messages run in sequence order too.
+    sequence = sequence_next(client_id=client.pk, key=ordering_key) if ordering_key else None
     now = timezone.now()
     message = Message.objects.create(
         client=client,
@@ -228,7 +236,11 @@ def _insert_message(
         category=fields.get("category", ""),
         idempotency_key=key,
         request_fingerprint=fingerprint,
-        ordering_key=fields.get("ordering_key") or None,
+        ordering_key=ordering_key,
+        sequence=sequence,
+        ordering_mode=ordering_mode_for(requested=fields.get("ordering_mode"), category=fields.get("category", ""))
+        if ordering_key
+        else "",
         expires_at=_deadline(fields, now),
         deadline_from_sender=bool(fields.get("expires_at") or fields.get("ttl_seconds")),
         fallback_channels=fields.get("fallback_channels", []),
@@ -259,6 +271,8 @@ def _insert_message(
             "to": masked(message.to),
         },
     )
+    if message.sequence is not None and ordering_hold(message, now=now):
+        return message  # published by its predecessor's next move, not now: no task spent on waiting
     transaction.on_commit(
         lambda: message_publish(message_id=message.id, channel=message.channel, priority=message.priority)
     )
@@ -290,16 +304,18 @@ class NotCancellable(Exception):
 
 
 def message_cancel(*, message: Message, source: str = EventSource.API, actor: str = "the client") -> Message:
-    """Cancel a message that no worker has started to send; otherwise raise NotCancellable."""
+    """Cancel a message that no worker has started to send, or close one given up on before it
+    was ever dispatched (it will not be replayed); otherwise raise NotCancellable."""
     now = timezone.now()
     not_leased = Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now)
+    never_dispatched = Q(state=MessageState.ACCEPTED) | Q(dispatched_at__isnull=True)
     applied = message_transition(
         message_id=message.pk,
         to_state=MessageState.CANCELLED,
         source=source,
         detail=f"cancelled by {actor}",
         fields={"next_attempt_at": None},
-        extra_filter=not_leased,
+        extra_filter=not_leased & never_dispatched,
     )
     message.refresh_from_db()
     if not applied:

@@ -31,10 +31,13 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     S.DELIVERED: frozenset({S.READ}),
     S.READ: frozenset(),
     S.UNDELIVERED: frozenset(),
-    S.FAILED: frozenset({S.ACCEPTED}),
-    S.EXPIRED: frozenset({S.ACCEPTED}),
+    # Given up on: replayed (back to accepted) or closed for good by cancelling it (only if it was
+    # never dispatched: message_cancel checks), which also lets later messages with its ordering
+    # key go on when ORDERING_DEAD_PREDECESSOR is "hold".
+    S.FAILED: frozenset({S.ACCEPTED, S.CANCELLED}),
+    S.EXPIRED: frozenset({S.ACCEPTED, S.CANCELLED}),
     S.CANCELLED: frozenset(),
-    S.DEAD_LETTERED: frozenset({S.ACCEPTED}),
+    S.DEAD_LETTERED: frozenset({S.ACCEPTED, S.CANCELLED}),
 }
 
 # For each target, the states it may be entered from: the WHERE clause of the conditional UPDATE.

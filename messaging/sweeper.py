@@ -60,6 +60,10 @@ def _enqueue_due(now: datetime, priority: str, stale_after: timedelta, batch: in
         .filter(unleased(now))
         .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
         .filter(Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=now - stale_after))
+        # A message waiting for an earlier one with its ordering key is released by that one's
+        # move; published here only if that one moved and the release was lost (or to look again
+        # at a dead or not-yet-delivered predecessor, once per stale period).
+        .filter(Q(waiting_for__isnull=True) | ~Q(waiting_for__state=MessageState.ACCEPTED))
     )
     rows = list(due.order_by("created_at").values_list("pk", "channel")[:batch])
     if not rows:

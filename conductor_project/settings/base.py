@@ -317,6 +317,7 @@ SPECTACULAR_SETTINGS = {
         "PriorityEnum": "messaging.routing.Priority",
         "EventSourceEnum": "messaging.models.EventSource",
         "ErrorTypeEnum": "messaging.models.ErrorType",
+        "OrderingModeEnum": "messaging.models.OrderingMode",
     },
 }
 

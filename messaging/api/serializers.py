@@ -14,10 +14,10 @@ from rest_framework import serializers
 
 from messaging.conf import conductor_setting
 from messaging.dead_letters import ATTEMPT_FIELDS
-from messaging.models import ApiClient, DeadLetter, DispatchAttempt, ErrorType, Message, MessageEvent
+from messaging.models import ApiClient, DeadLetter, DispatchAttempt, ErrorType, Message, MessageEvent, OrderingMode
 from messaging.routing import Channel, Priority
 from messaging.selectors import DeadLetterCriteria
-from messaging.states import DEAD_LETTER_STATE_CHOICES
+from messaging.states import DEAD_LETTER_STATE_CHOICES, MessageState
 from reconciliation.models import Receipt
 
 PHONE_CHANNELS = {Channel.SMS, Channel.WHATSAPP}
@@ -66,6 +66,12 @@ class MessageCreateSerializer(StrictSerializer):
     category = serializers.CharField(required=False, allow_blank=True, max_length=100)
     idempotency_key = serializers.CharField(required=False, max_length=255)
     ordering_key = serializers.CharField(required=False, max_length=255)
+    ordering_mode = serializers.ChoiceField(
+        choices=OrderingMode.choices,
+        required=False,
+        help_text="With ordering_key: send after the previous message with the key is dispatched (default) "
+        "or, stricter, delivered (or ORDERING_RECEIPT_TIMEOUT_SECONDS passed).",
+    )
     expires_at = serializers.DateTimeField(required=False)
     ttl_seconds = serializers.IntegerField(required=False, min_value=1)
     fallback_channels = serializers.ListField(child=serializers.ChoiceField(choices=Channel.choices), required=False)
@@ -86,6 +92,8 @@ class MessageCreateSerializer(StrictSerializer):
             errors["body"] = [
                 f"Ensure this field has no more than {limit} characters for {channel} (it has {len(attrs['body'])})."
             ]
+        if "ordering_mode" in attrs and not attrs.get("ordering_key"):
+            errors["ordering_mode"] = ["Give an ordering_key too: the mode says how to wait for its previous message."]
         if "expires_at" in attrs and "ttl_seconds" in attrs:
             errors["ttl_seconds"] = ["Give either expires_at or ttl_seconds, not both."]
         elif "expires_at" in attrs and attrs["expires_at"] <= timezone.now():
@@ -156,6 +164,9 @@ class ReceiptSerializer(serializers.ModelSerializer):
 
 class MessageSerializer(serializers.ModelSerializer):
     last_error = serializers.SerializerMethodField()
+    waiting_for = serializers.SerializerMethodField(
+        help_text="While held back by an earlier message with the same ordering_key: its id."
+    )
 
     class Meta:
         model = Message
@@ -169,6 +180,10 @@ class MessageSerializer(serializers.ModelSerializer):
             "category",
             "idempotency_key",
             "ordering_key",
+            "sequence",
+            "ordering_mode",
+            "waiting_for",
+            "waiting_since",
             "state",
             "expires_at",
             "fallback_channels",
@@ -191,6 +206,11 @@ class MessageSerializer(serializers.ModelSerializer):
             "cancelled_at",
             "dead_lettered_at",
         ]
+
+    def get_waiting_for(self, message: Message) -> str | None:
+        if message.state != MessageState.ACCEPTED or message.waiting_for_id is None:
+            return None
+        return str(message.waiting_for_id)
 
     def get_last_error(self, message: Message) -> dict[str, str] | None:
         if not message.last_error_type:

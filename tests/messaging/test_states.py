@@ -16,10 +16,10 @@ def test_happy_path_moves_forward_and_may_skip_for_out_of_order_receipts():
             assert is_allowed(source, target) == (j > i), (source, target)
 
 
-def test_final_states_accept_nothing_but_a_replay_of_a_dead_letter():
+def test_final_states_accept_nothing_but_a_replay_or_the_closing_of_a_dead_letter():
     assert DEAD_LETTER_STATES == {S.FAILED, S.EXPIRED, S.DEAD_LETTERED}
     for state in FINAL_STATES:
-        expected = {S.ACCEPTED} if state in DEAD_LETTER_STATES else set()
+        expected = {S.ACCEPTED, S.CANCELLED} if state in DEAD_LETTER_STATES else set()
         assert TRANSITIONS[state] == expected, state
 
 
@@ -27,9 +27,13 @@ def test_a_replay_is_the_only_way_back_to_accepted():
     assert ALLOWED_SOURCES[S.ACCEPTED] == DEAD_LETTER_STATES
 
 
-def test_only_accepted_messages_can_expire_be_cancelled_or_dead_lettered():
-    for target in (S.EXPIRED, S.CANCELLED, S.DEAD_LETTERED):
+def test_only_accepted_messages_can_expire_or_be_dead_lettered():
+    for target in (S.EXPIRED, S.DEAD_LETTERED):
         assert ALLOWED_SOURCES[target] == {S.ACCEPTED}
+
+
+def test_cancelled_is_entered_before_dispatch_or_to_close_a_dead_letter():
+    assert ALLOWED_SOURCES[S.CANCELLED] == {S.ACCEPTED} | DEAD_LETTER_STATES
 
 
 def test_undelivered_and_failed_can_follow_dispatch_but_not_delivery():
