@@ -4,6 +4,7 @@ records logged inside a Celery task carry its id (the JSON formatter is configur
 from __future__ import annotations
 
 import logging
+import re
 
 
 def masked(recipient: str) -> str:
@@ -17,6 +18,18 @@ def masked(recipient: str) -> str:
     if len(recipient) <= keep_head + keep_tail:
         return recipient[:2] + "*" * max(0, len(recipient) - 2)
     return recipient[:keep_head] + "*" * (len(recipient) - keep_head - keep_tail) + recipient[-keep_tail:]
+
+
+# A phone number (E.164, or a bare run of 10-15 digits a provider echoes back) or an email
+# address inside free text; dates, codes and counts stay readable.
+_PHONE = re.compile(r"\+\d{7,15}\b|\b\d{10,15}\b")
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+
+
+def scrubbed(text: str) -> str:
+    """Free text (a provider's error message, a transition detail) with recipients masked."""
+    text = _EMAIL.sub(lambda m: masked(m.group()), text)
+    return _PHONE.sub(lambda m: masked(m.group()), text)
 
 
 class CeleryTaskFilter(logging.Filter):

@@ -16,7 +16,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from messaging.dead_letters import dead_letter_park
-from messaging.logging import masked
+from messaging.logging import masked, scrubbed
 from messaging.metrics import latency_observe
 from messaging.models import ApiClient, ApiKey, EventSource, Message, MessageEvent
 from messaging.ordering import ordering_hold, ordering_mode_for, ordering_release, sequence_next
@@ -108,6 +108,8 @@ def message_transition(
                 )
             )
     provider = updates.get("provider", provider)
+    # A provider's error text may quote the recipient: masked here (kept whole in the event row).
+    detail = scrubbed(detail[:500])
     logger.info(
         "message %s %s%s -> %s (%s) %s",
         message_id,
@@ -126,7 +128,7 @@ def message_transition(
             "to_state": to_state,
             "applied": applied,
             "source": source,
-            "detail": detail[:500],
+            "detail": detail,
         },
     )
     return applied
