@@ -5,13 +5,15 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help venv run test test-fast lint demo services browser migrate clean vendor-uplot
+.PHONY: help venv run test test-fast lint demo services browser migrate clean vendor-uplot bench bench-quick
 
 help:
 	@echo "make run    - create .venv, install, migrate, start web :8000, workers, beat, sandbox :8025, Flower :5555"
 	@echo "make demo   - send a demo campaign through the running stack and show its progress"
 	@echo "make test   - create .venv if missing and run the whole suite (PostgreSQL and Redis on 127.0.0.1;"
 	@echo "              installs Debian's chromium and chromium-driver for the dashboard's browser test)"
+	@echo "make bench  - issue 9's benchmarks (ingest, bulk 50k/200k, scaling; hours) into bench/results.md"
+	@echo "make bench-quick - the same with small counts (a smoke run, minutes)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 11) else "Conductor needs Python 3.11+: install python3.11 or run make PYTHON=/path/to/python3.11")'
@@ -48,6 +50,13 @@ test: venv services browser lint
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check --quiet .
+
+# Benchmarks (bench/README.md): each starts its own stack; figures and verdicts go to bench/results.md.
+bench: venv services
+	$(BIN)/python bench/run_all.py
+
+bench-quick: venv services
+	$(BIN)/python bench/run_all.py --quick
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not integration"

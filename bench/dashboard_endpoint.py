@@ -13,29 +13,16 @@ Run: .venv/bin/python bench/dashboard_endpoint.py [--messages 1000000] [--repeat
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _support import bootstrap, recreate_database
+
 DATABASE = "conductor_bench"
-os.environ["DATABASE_URL"] = f"postgres://postgres@127.0.0.1:5432/{DATABASE}"
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "conductor_project.settings.test")
-os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+bootstrap(DATABASE)
 
 WEEK_S = 7 * 86400
 DEAD, NO_RECEIPT = "g % 100 = 0", "g % 50 = 1"  # 1 % dead-lettered, 2 % never receipted
-
-
-def recreate_database() -> None:
-    import psycopg
-
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        admin.execute(f"CREATE DATABASE {DATABASE}")
 
 
 def column_defaults(model, overrides: dict[str, str], when: str) -> tuple[list[str], list[str]]:
@@ -191,7 +178,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
 
-    recreate_database()
+    recreate_database(DATABASE)
     import django
 
     django.setup()

@@ -18,30 +18,18 @@ Run: .venv/bin/python bench/ordering.py [--unordered 2000] [--repeats 2]
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _support import bootstrap, recreate_database
+
 DATABASE = "conductor_bench_ordering"
-os.environ["DATABASE_URL"] = f"postgres://postgres@127.0.0.1:5432/{DATABASE}"
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "conductor_project.settings.test")
-os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+bootstrap(DATABASE)
 
 KEYS, PER_KEY, THREADS, WORKERS = 50, 20, 8, 4
-
-
-def recreate_database() -> None:
-    import psycopg
-
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        admin.execute(f"CREATE DATABASE {DATABASE}")
 
 
 def items_for(variant: str, unordered: int, run: int) -> list[dict]:
@@ -120,7 +108,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    recreate_database()
+    recreate_database(DATABASE)
     import django
 
     django.setup()

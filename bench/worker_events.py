@@ -3,7 +3,9 @@
 A real prefork worker (-c 2, production-like settings: acks_late, prefetch 1, reject on worker
 lost, results ignored, json) drains N no-op tasks published up front to a private Redis. Each
 task INCRs a counter; tasks/s is measured from the counter between the worker's first task and
-the queue being drained, so worker start-up is left out. Variants, interleaved, R times each:
+the queue being drained, so worker start-up is left out (the app, its publishing and this
+measurement are bench/noop_app.py, shared with the other benchmarks' baselines). Variants,
+interleaved, R times each:
   a  task events off (no -E, worker_send_task_events=False), nobody listening;
   b  task events on (-E, worker_send_task_events=True), nobody listening;
   c  task events on, a Flower process listening on the same broker;
@@ -34,45 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import celery
+import noop_app  # bench/noop_app.py: the app the worker, Flower and this script share
 import redis
+from noop_app import QUEUE
 
-APP_MODULE = "bench_events_app"
-COUNTER_KEY = "bench:done"
-QUEUE = "celery"
-
-# Written to a temp dir so that the worker, Flower and this script import the same app.
-APP_SOURCE = f'''
-"""Minimal Celery app for bench/worker_events.py, configured like Conductor's production."""
-
-import os
-
-import redis
-from celery import Celery
-
-app = Celery("bench_events", broker=os.environ["BENCH_BROKER_URL"])
-app.conf.update(
-    task_acks_late=True,
-    worker_prefetch_multiplier=1,
-    task_reject_on_worker_lost=True,
-    task_ignore_result=True,
-    result_backend=None,
-    task_send_sent_event=False,
-    task_serializer="json",
-    accept_content=["json"],
-    broker_connection_retry_on_startup=True,
-    worker_send_task_events=os.environ.get("BENCH_TASK_EVENTS") == "1",
-)
-_client = {{}}
-
-
-@app.task(name="bench.noop")
-def noop():
-    # One client per pool process, made after the fork.
-    client = _client.get(os.getpid())
-    if client is None:
-        client = _client[os.getpid()] = redis.Redis.from_url(os.environ["BENCH_BROKER_URL"])
-    client.incr("{COUNTER_KEY}")
-'''
+APP_MODULE = "noop_app"
+BENCH_DIR = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -173,38 +142,16 @@ def flower_metrics(port: int) -> tuple[int, bool]:
     return int(succeeded), online
 
 
-def publish(tasks: int) -> None:
+def publish(bench: Bench, tasks: int) -> None:
     """Publish up front, with the worker not yet running, so publishing is not in the measurement."""
-    module = __import__(APP_MODULE)
-    with module.app.producer_or_acquire() as producer:
-        for _ in range(tasks):
-            module.noop.apply_async(producer=producer)
+    noop_app.publish(tasks, bench.redis_url)
 
 
 def measure(bench: Bench, tasks: int, worker: subprocess.Popen[bytes], stall_s: float = 60.0) -> tuple[float, int]:
     """Tasks/s from the first counted task until all are done and the queue is empty; PUBLISH calls meanwhile."""
-    first: tuple[float, int] | None = None
-    last_progress = time.monotonic()
-    last_count = 0
-    while True:
-        pipe = bench.client.pipeline(transaction=False)
-        pipe.get(COUNTER_KEY)
-        pipe.llen(QUEUE)
-        raw, queued = pipe.execute()
-        now = time.monotonic()
-        count = int(raw or 0)
-        if count and first is None:
-            first = (now, count)
-        if count >= tasks and queued == 0 and first is not None:
-            publishes = int(bench.client.info("commandstats").get("cmdstat_publish", {}).get("calls", 0))
-            return (count - first[1]) / (now - first[0]), publishes
-        if count != last_count:
-            last_count, last_progress = count, now
-        elif now - last_progress > stall_s:
-            raise RuntimeError(f"no progress for {stall_s:.0f} s at {count}/{tasks} done, {queued} queued")
-        if worker.poll() is not None:
-            raise RuntimeError(f"worker exited with {worker.returncode} at {count}/{tasks} done")
-        time.sleep(0.02)
+    rate, _, _ = noop_app.drain_rate(bench.client, tasks, alive=lambda: worker.poll() is None, stall_s=stall_s)
+    publishes = int(bench.client.info("commandstats").get("cmdstat_publish", {}).get("calls", 0))
+    return rate, publishes
 
 
 def run_once(bench: Bench, variant: Variant, tasks: int, run_id: str) -> RunResult:
@@ -223,7 +170,7 @@ def run_once(bench: Bench, variant: Variant, tasks: int, run_id: str) -> RunResu
             flower = start(cmd, logs["flower"], env, bench.workdir)
             wait_http(f"http://127.0.0.1:{flower_port}/healthcheck", flower)
             time.sleep(1.0)  # let its event receiver bind before the worker says it is online
-        publish(tasks)
+        publish(bench, tasks)
         queued = bench.client.llen(QUEUE)
         if queued != tasks:
             raise RuntimeError(f"published {tasks} tasks but {queued} are queued")
@@ -269,7 +216,7 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
 def child_env(workdir: Path, redis_url: str) -> dict[str, str]:
     """Drop inherited CELERY_*/FLOWER_* settings: CELERY_BROKER_URL would override the app's broker."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "FLOWER_"))}
-    env.update(BENCH_BROKER_URL=redis_url, CELERY_BROKER_URL=redis_url, PYTHONPATH=str(workdir))
+    env.update(BENCH_BROKER_URL=redis_url, CELERY_BROKER_URL=redis_url, PYTHONPATH=str(BENCH_DIR))
     return env
 
 
@@ -324,14 +271,12 @@ def main() -> None:
     results: dict[str, list[RunResult]] = {v.key: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="worker-events-") as tmp:
         workdir = Path(tmp)
-        (workdir / f"{APP_MODULE}.py").write_text(APP_SOURCE)
         redis_proc = None
         try:
             redis_proc, port = start_redis(workdir)
             url = f"redis://127.0.0.1:{port}/0"
             env = child_env(workdir, url)
             os.environ.update(BENCH_BROKER_URL=url, CELERY_BROKER_URL=url)
-            sys.path.insert(0, str(workdir))
             bench = Bench(workdir=workdir, redis_url=url, client=redis.Redis.from_url(url), env=env)
             print(
                 f"celery {celery.__version__}, {os.cpu_count()} cores, {args.tasks} tasks/run, "

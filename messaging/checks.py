@@ -123,6 +123,12 @@ def _check_ordering_settings(configured: dict) -> list[Error]:
             )
     if configured.get("ORDERING_RECEIPT_TIMEOUT_SECONDS", 1.0) <= 0:
         errors.append(Error("CONDUCTOR['ORDERING_RECEIPT_TIMEOUT_SECONDS'] must be positive.", id="conductor.E017"))
+    for name in ("BULK_BATCH_SIZE", "BULK_SEND_CONCURRENCY"):
+        value = configured.get(name, DEFAULTS[name])
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            errors.append(
+                Error(f"CONDUCTOR[{name!r}] is {value!r}; it must be a whole number >= 1.", id="conductor.E018")
+            )
     return errors
 
 

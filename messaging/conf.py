@@ -28,6 +28,10 @@ DEFAULTS: dict[str, Any] = {
     # An accepted message whose task was enqueued longer ago than this is enqueued again.
     "SWEEP_STALE_AFTER_SECONDS": {"critical": 15.0, "transactional": 60.0, "bulk": 600.0},
     "SWEEP_BATCH_SIZE": 2000,
+    # Bulk messages are sent in batches: ids per dispatch_batch task (claimed, sent and recorded
+    # together, a few statements per batch), and sends in flight at once within one worker process.
+    "BULK_BATCH_SIZE": 100,
+    "BULK_SEND_CONCURRENCY": 100,
     "BATCH_MAX_ITEMS": 1000,
     # Longest body per channel: Twilio's 1,600 characters for SMS, WhatsApp's 4,096.
     "BODY_MAX_LENGTH": {"sms": 1600, "whatsapp": 4096, "email": 262144},

@@ -128,9 +128,6 @@ def _walk(message: Message, hops: list[Hop]) -> None:
     last_error: ProviderError | None = None
     tried = False
     for index, hop in enumerate(hops):
-        note = "first choice"
-        if index and last_error is not None:
-            note = f"fallback after {hops[index - 1].provider} ({last_error.error_type})"
         wait_s = wait_for_slot(rate_limiter(hop.provider))  # 0.0: a slot is ours (may have slept for it)
         if wait_s:
             # Our own throttle, not a failure: the same route, a little later, budget untouched.
@@ -138,13 +135,30 @@ def _walk(message: Message, hops: list[Hop]) -> None:
             return
         permit = circuit_breaker(hop.provider).allow(priority=message.priority)
         if permit is None:
-            attempt_start(message, hop, f"skipped: {hop.provider} circuit open", outcome=AttemptOutcome.SKIPPED)
-            last_error = TransientProviderError(f"{hop.provider} circuit open", error_type=ErrorType.CIRCUIT_OPEN)
+            last_error = hop_skipped(message, hop)
             continue
         tried = True
-        last_error = _send_hop(message, hop, permit, note)
+        last_error = _send_hop(message, hop, permit, hop_note(hops, index, last_error))
         if last_error is None:
             return
+    route_failed(message, hops, last_error, tried=tried)
+
+
+def hop_note(hops: list[Hop], index: int, last_error: ProviderError | None) -> str:
+    """Why this hop is tried, for its attempt row."""
+    if index and last_error is not None:
+        return f"fallback after {hops[index - 1].provider} ({last_error.error_type})"
+    return "first choice"
+
+
+def hop_skipped(message: Message, hop: Hop) -> TransientProviderError:
+    """Record a hop passed over because its circuit is open; the error to move on from."""
+    attempt_start(message, hop, f"skipped: {hop.provider} circuit open", outcome=AttemptOutcome.SKIPPED)
+    return TransientProviderError(f"{hop.provider} circuit open", error_type=ErrorType.CIRCUIT_OPEN)
+
+
+def route_failed(message: Message, hops: list[Hop], last_error: ProviderError | None, *, tried: bool) -> None:
+    """Every hop was unavailable: wait and try again (or dead-letter when the budget is spent)."""
     assert last_error is not None
     if tried:
         schedule_retry(message, last_error, ambiguous=False)
@@ -155,31 +169,49 @@ def _walk(message: Message, hops: list[Hop]) -> None:
     schedule_retry(message, last_error, ambiguous=False, counted=False, at_least_s=reopen_s + random.uniform(0, 1))
 
 
+# The three kinds an adapter sorts its failures into; anything else is a bug and propagates.
+SEND_ERRORS = (TransientProviderError, AmbiguousProviderError, PermanentProviderError)
+
+
+def breaker_failure(exc: ProviderError | None) -> bool:
+    """Whether an outcome counts against the provider's health (one bad number does not)."""
+    return isinstance(exc, (TransientProviderError, AmbiguousProviderError))
+
+
 def _send_hop(message: Message, hop: Hop, permit: Any, note: str) -> TransientProviderError | None:
     """One provider call. Returns the transient error to move on from, or None when settled."""
     provider = get_provider(hop.provider)
     attempt = attempt_start(message, hop, note)
-    breaker = circuit_breaker(hop.provider)
     started = time.monotonic()
     try:
         result = provider.send(send_request(message, hop))
-    except TransientProviderError as exc:
-        breaker.record(permit, failed=True, duration_s=time.monotonic() - started)
-        attempt_finish(attempt, started, AttemptOutcome.TRANSIENT_ERROR, **error_fields(exc))
+    except SEND_ERRORS as exc:
+        circuit_breaker(hop.provider).record(permit, failed=breaker_failure(exc), duration_s=time.monotonic() - started)
+        return settle_error(message, hop, attempt, started, exc)
+    circuit_breaker(hop.provider).record(permit, failed=False, duration_s=time.monotonic() - started)
+    record_accepted(message, attempt, result, started, AttemptOutcome.ACCEPTED)
+    return None
+
+
+def settle_error(
+    message: Message,
+    hop: Hop,
+    attempt: DispatchAttempt,
+    started: float,
+    exc: ProviderError,
+    ended: float | None = None,
+) -> TransientProviderError | None:
+    """Record a failed provider call (its circuit already told). Returns the transient error to
+    move on to the next hop with, or None when the message is settled for now."""
+    if isinstance(exc, TransientProviderError):
+        attempt_finish(attempt, started, AttemptOutcome.TRANSIENT_ERROR, ended, **error_fields(exc))
         if exc.retry_after:
             rate_limiter(hop.provider).penalize(exc.retry_after)  # slow it down for every worker
         return exc
-    except AmbiguousProviderError as exc:
-        breaker.record(permit, failed=True, duration_s=time.monotonic() - started)
-        attempt_finish(attempt, started, AttemptOutcome.AMBIGUOUS, **error_fields(exc))
+    if isinstance(exc, AmbiguousProviderError):
+        attempt_finish(attempt, started, AttemptOutcome.AMBIGUOUS, ended, **error_fields(exc))
         schedule_retry(message, exc, ambiguous=True)  # stays with this provider until looked up
         return None
-    except PermanentProviderError as exc:
-        # One bad number says nothing about the provider's health.
-        breaker.record(permit, failed=False, duration_s=time.monotonic() - started)
-        attempt_finish(attempt, started, AttemptOutcome.PERMANENT_ERROR, **error_fields(exc))
-        record_failed(message, exc)
-        return None
-    breaker.record(permit, failed=False, duration_s=time.monotonic() - started)
-    record_accepted(message, attempt, result, started, AttemptOutcome.ACCEPTED)
+    attempt_finish(attempt, started, AttemptOutcome.PERMANENT_ERROR, ended, **error_fields(exc))
+    record_failed(message, exc)
     return None

@@ -58,12 +58,20 @@ def attempt_start(
     return attempt
 
 
-def attempt_finish(attempt: DispatchAttempt, started: float, outcome: str, **fields: Any) -> None:
-    """Record how a provider call ended: its row, one log line and the attempt metrics."""
-    latency_ms = int((time.monotonic() - started) * 1000)
+def attempt_finish(
+    attempt: DispatchAttempt, started: float, outcome: str, ended: float | None = None, **fields: Any
+) -> None:
+    """Record how a provider call ended (`ended`: when, if not now): its row, one log line and
+    the attempt metrics."""
+    latency_ms = int(((time.monotonic() if ended is None else ended) - started) * 1000)
     DispatchAttempt.objects.filter(pk=attempt.pk).update(
         outcome=outcome, ended_at=timezone.now(), latency_ms=latency_ms, **fields
     )
+    attempt_report(attempt, outcome, latency_ms, fields)
+
+
+def attempt_report(attempt: DispatchAttempt, outcome: str, latency_ms: int, fields: dict[str, Any]) -> None:
+    """The log line and metrics of an attempt whose row is written (one or many at a time)."""
     channel = attempt.channel or attempt.message.channel
     error_type = fields.get("error_type", "")
     attempt_count(channel=channel, provider=attempt.provider, outcome=outcome, error_type=error_type)
@@ -113,21 +121,30 @@ def record_accepted(
         message_id=message.pk,
         to_state=MessageState.DISPATCHED,
         source=EventSource.WORKER,
-        detail=f"{attempt.provider} accepted it as {result.provider_message_id} ({result.provider_status})",
+        detail=accepted_detail(attempt.provider, result),
         fields={**RELEASE, **reference},
     )
     if not applied:
-        # A receipt overtook our write (already delivered or read): keep the provider's reference.
-        Message.objects.filter(pk=message.pk).update(**RELEASE, **reference)
-        dispatched_at = timezone.now()
-        if Message.objects.filter(pk=message.pk, dispatched_at__isnull=True).update(dispatched_at=dispatched_at):
-            latency_observe(
-                to_state=MessageState.DISPATCHED,
-                channel=message.channel,
-                priority=message.priority,
-                accepted_at=message.accepted_at or message.created_at,
-                at=dispatched_at,
-            )
+        accepted_after_receipt(message, reference)
+
+
+def accepted_detail(provider: str, result: SendResult) -> str:
+    return f"{provider} accepted it as {result.provider_message_id} ({result.provider_status})"
+
+
+def accepted_after_receipt(message: Message, reference: dict[str, Any]) -> None:
+    """A receipt overtook our dispatched write (already delivered or read): keep the provider's
+    reference and the dispatch time, which the receipt could not know."""
+    Message.objects.filter(pk=message.pk).update(**RELEASE, **reference)
+    dispatched_at = timezone.now()
+    if Message.objects.filter(pk=message.pk, dispatched_at__isnull=True).update(dispatched_at=dispatched_at):
+        latency_observe(
+            to_state=MessageState.DISPATCHED,
+            channel=message.channel,
+            priority=message.priority,
+            accepted_at=message.accepted_at or message.created_at,
+            at=dispatched_at,
+        )
 
 
 def schedule_retry(

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -15,18 +16,21 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from messaging.conf import conductor_setting
 from messaging.dead_letters import dead_letter_park
 from messaging.logging import masked, scrubbed
 from messaging.metrics import latency_observe
 from messaging.models import ApiClient, ApiKey, EventSource, Message, MessageEvent
 from messaging.ordering import ordering_hold, ordering_mode_for, ordering_release, sequence_next
-from messaging.routing import queue_name, retry_policy_for
+from messaging.routing import Priority, queue_name, retry_policy_for
+from messaging.rows import rows_update
 from messaging.states import ALLOWED_SOURCES, DEAD_LETTER_STATES, TIMESTAMP_FIELD, MessageState
 
 logger = logging.getLogger(__name__)
 
 API_KEY_PREFIX = "cnd_"
 DISPATCH_TASK = "messaging.dispatch"
+DISPATCH_BATCH_TASK = "messaging.dispatch_batch"
 
 
 # --- API keys ---------------------------------------------------------------------------------
@@ -107,14 +111,39 @@ def message_transition(
                     at=now,
                 )
             )
-    provider = updates.get("provider", provider)
+    _log_transition(
+        message_id=message_id,
+        channel=channel,
+        priority=priority,
+        provider=updates.get("provider", provider),
+        from_state=current,
+        to_state=to_state,
+        applied=applied,
+        source=source,
+        detail=detail,
+    )
+    return applied
+
+
+def _log_transition(
+    *,
+    message_id: Any,
+    channel: str,
+    priority: str,
+    provider: str,
+    from_state: str,
+    to_state: str,
+    applied: bool,
+    source: str,
+    detail: str,
+) -> None:
     # A provider's error text may quote the recipient: masked here (kept whole in the event row).
     detail = scrubbed(detail[:500])
     logger.info(
         "message %s %s%s -> %s (%s) %s",
         message_id,
         "" if applied else "refused ",
-        current,
+        from_state,
         to_state,
         source,
         detail,
@@ -124,14 +153,87 @@ def message_transition(
             "channel": channel,
             "priority": priority,
             "provider": provider,
-            "from_state": current,
+            "from_state": from_state,
             "to_state": to_state,
             "applied": applied,
             "source": source,
             "detail": detail,
         },
     )
-    return applied
+
+
+def messages_transition(*, to_state: str, source: str, changes: dict[Any, tuple[str, dict[str, Any]]]) -> set[Any]:
+    """message_transition for many messages at once: {id: (detail, fields)}, the same fields for each.
+
+    The same table and the same rule: the rows are locked (in one order for every writer), the
+    transition applied to those in an allowed source state with one UPDATE, one event per
+    message either way, a few statements in all: the bulk send path records a whole batch this
+    way. Returns the ids it was applied to.
+    """
+    if not changes:
+        return set()
+    sources = ALLOWED_SOURCES[to_state]
+    now = timezone.now()
+    stamp = {"state": to_state, TIMESTAMP_FIELD[to_state]: now, "updated_at": now}
+    with transaction.atomic():
+        rows = list(
+            Message.objects.select_for_update()
+            .filter(pk__in=list(changes))
+            .order_by("pk")  # one lock order for every writer of a batch: no deadlock between two
+            .values("pk", "state", "channel", "priority", "provider", "accepted_at", "created_at", "sequence")
+        )
+        applicable = {row["pk"]: row for row in rows if row["state"] in sources}
+        # The rows are locked and their states checked: the write names only keys. A state
+        # predicate would let PostgreSQL pick the state index, slow while its statistics lag a
+        # campaign just accepted (messaging.bulk._claim).
+        updated = rows_update(Message.objects.all(), {pk: {**stamp, **changes[pk][1]} for pk in applicable})
+        if updated != len(applicable):  # cannot happen under the row locks: refuse to guess
+            raise RuntimeError(f"bulk transition matched {updated} of {len(applicable)} locked rows")
+        MessageEvent.objects.bulk_create(
+            MessageEvent(
+                message_id=row["pk"],
+                created_at=now,
+                source=source,
+                from_state=row["state"],
+                to_state=to_state,
+                applied=row["pk"] in applicable,
+                detail=changes[row["pk"]][0][:2000],
+            )
+            for row in rows
+        )
+        for pk, row in applicable.items():
+            if to_state in DEAD_LETTER_STATES:
+                dead_letter_park(message_id=pk, reason=changes[pk][0], parked_at=now)
+            if row["sequence"] is not None:
+                transaction.on_commit(lambda pk=pk: ordering_release(message_id=pk))
+        transaction.on_commit(
+            lambda: [
+                latency_observe(
+                    to_state=to_state,
+                    from_state=row["state"],
+                    channel=row["channel"],
+                    priority=row["priority"],
+                    accepted_at=row["accepted_at"] or row["created_at"],
+                    at=now,
+                )
+                for row in applicable.values()
+            ]
+        )
+    for row in rows:
+        _log_transition(
+            message_id=row["pk"],
+            channel=row["channel"],
+            priority=row["priority"],
+            provider=changes[row["pk"]][1].get("provider", row["provider"]),
+            from_state=row["state"],
+            to_state=to_state,
+            applied=row["pk"] in applicable,
+            source=source,
+            detail=changes[row["pk"]][0],
+        )
+    if len(rows) < len(changes):
+        logger.warning("bulk transition to %s: %d message(s) no longer exist", to_state, len(changes) - len(rows))
+    return set(applicable)
 
 
 # --- create -------------------------------------------------------------------------------------
@@ -159,6 +261,12 @@ def request_fingerprint(fields: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def idempotency_lock_id(client_id: int, key: str) -> int:
+    """The PostgreSQL advisory lock id of (client, key): one per key, for single and batch requests."""
+    digest = hashlib.sha256(f"idem:{client_id}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
 def _lock_idempotency_key(client_id: int, key: str) -> None:
     """Hold a transaction-scoped lock on (client, key), or raise IdempotencyInFlight.
 
@@ -166,10 +274,8 @@ def _lock_idempotency_key(client_id: int, key: str) -> None:
     """
     if connection.vendor != "postgresql":
         return
-    digest = hashlib.sha256(f"idem:{client_id}:{key}".encode()).digest()
-    lock_id = int.from_bytes(digest[:8], "big", signed=True)
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [lock_id])
+        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [idempotency_lock_id(client_id, key)])
         if not cursor.fetchone()[0]:
             raise IdempotencyInFlight()
 
@@ -211,13 +317,17 @@ def message_create(
     return CreateOutcome(message, created=True)
 
 
-def _deadline(fields: dict[str, Any], now: datetime) -> datetime:
+def message_deadline(fields: dict[str, Any], now: datetime) -> datetime:
+    """The expires_at of a message accepted at `now`: the sender's, else its policy's TTL."""
     if fields.get("expires_at"):
         return fields["expires_at"]
     if fields.get("ttl_seconds"):
         return now + timedelta(seconds=fields["ttl_seconds"])
     policy = retry_policy_for(fields.get("priority", "transactional"), fields.get("category", ""))
     return now + timedelta(seconds=policy.ttl_seconds)
+
+
+_deadline = message_deadline  # the old name
 
 
 def _insert_message(
@@ -243,7 +353,7 @@ def _insert_message(
         ordering_mode=ordering_mode_for(requested=fields.get("ordering_mode"), category=fields.get("category", ""))
         if ordering_key
         else "",
-        expires_at=_deadline(fields, now),
+        expires_at=message_deadline(fields, now),
         deadline_from_sender=bool(fields.get("expires_at") or fields.get("ttl_seconds")),
         fallback_channels=fields.get("fallback_channels", []),
         fallback_to=fields.get("fallback_to", {}),
@@ -256,11 +366,21 @@ def _insert_message(
     MessageEvent.objects.create(
         message=message, created_at=now, source=source, from_state="", to_state=MessageState.ACCEPTED
     )
+    message_accepted_log(message=message, source=source)
+    if message.sequence is not None and ordering_hold(message, now=now):
+        return message  # published by its predecessor's next move, not now: no task spent on waiting
+    transaction.on_commit(lambda: messages_publish(messages=[(message.id, message.channel, message.priority)]))
+    return message
+
+
+def message_accepted_log(*, message: Message, source: str) -> None:
+    """The one log line of an acceptance (recipient masked), for single and batch requests alike."""
+    to = masked(message.to)
     logger.info(
         "message %s accepted: %s to %s",
         message.id,
         message.channel,
-        masked(message.to),
+        to,
         extra={
             "event": "transition",
             "message_id": str(message.id),
@@ -270,15 +390,9 @@ def _insert_message(
             "to_state": MessageState.ACCEPTED,
             "applied": True,
             "source": source,
-            "to": masked(message.to),
+            "to": to,
         },
     )
-    if message.sequence is not None and ordering_hold(message, now=now):
-        return message  # published by its predecessor's next move, not now: no task spent on waiting
-    transaction.on_commit(
-        lambda: message_publish(message_id=message.id, channel=message.channel, priority=message.priority)
-    )
-    return message
 
 
 # --- enqueue and cancel ---------------------------------------------------------------------------
@@ -297,6 +411,44 @@ def message_publish(*, message_id: Any, channel: str, priority: str, countdown: 
         )
     except Exception:  # any publish failure is safe: the message stays accepted in the database
         logger.warning("could not enqueue message %s; the sweeper will", message_id, exc_info=True)
+        return False
+    return True
+
+
+def messages_publish(*, messages: Iterable[tuple[Any, str, str]]) -> int:
+    """Publish triggers for many accepted messages, given as (id, channel, priority).
+
+    Bulk messages go as batch tasks of BULK_BATCH_SIZE ids per channel (one task moves many
+    messages: the per-task cost of Celery is what bounds a campaign otherwise); the others get
+    one task each, as message_publish. Failures are logged, not raised (the sweeper publishes
+    later). Returns how many tasks were published.
+    """
+    size = conductor_setting("BULK_BATCH_SIZE")
+    bulk: dict[str, list[str]] = {}
+    published = 0
+    for message_id, channel, priority in messages:
+        if priority == Priority.BULK:
+            bulk.setdefault(channel, []).append(str(message_id))
+        else:
+            published += message_publish(message_id=message_id, channel=channel, priority=priority)
+    for channel, ids in bulk.items():
+        for start in range(0, len(ids), size):
+            published += _publish_batch(channel, ids[start : start + size])
+    return published
+
+
+def _publish_batch(channel: str, message_ids: list[str]) -> bool:
+    try:
+        current_app.send_task(
+            DISPATCH_BATCH_TASK,
+            args=[message_ids],
+            queue=queue_name(channel, Priority.BULK),
+            retry=False,
+        )
+    except Exception:  # as in message_publish: the rows are committed, the sweeper publishes them
+        logger.warning(
+            "could not enqueue a batch of %d bulk messages; the sweeper will", len(message_ids), exc_info=True
+        )
         return False
     return True
 

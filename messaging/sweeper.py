@@ -12,7 +12,7 @@ from django.utils import timezone
 from messaging.conf import conductor_setting
 from messaging.dispatch import unleased
 from messaging.models import ErrorType, EventSource, Message
-from messaging.services import message_publish, message_transition
+from messaging.services import message_transition, messages_publish
 from messaging.states import MessageState
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,5 @@ def _enqueue_due(now: datetime, priority: str, stale_after: timedelta, batch: in
         return 0
     # Mark first, then publish: a crash in between leaves them for the next sweep, not lost.
     due.filter(pk__in=[pk for pk, _ in rows]).update(enqueued_at=now)
-    for message_id, channel in rows:
-        message_publish(message_id=message_id, channel=channel, priority=priority)
+    messages_publish(messages=[(message_id, channel, priority) for message_id, channel in rows])
     return len(rows)

@@ -8,6 +8,7 @@ import redis
 from celery import shared_task
 from django.conf import settings
 
+from messaging.bulk import messages_dispatch_batch
 from messaging.dispatch import message_dispatch
 from messaging.sweeper import messages_sweep
 
@@ -18,6 +19,13 @@ logger = logging.getLogger(__name__)
 def dispatch(message_id: str) -> None:
     """Send one message. An unexpected error leaves it `accepted`; the sweeper tries again."""
     message_dispatch(message_id=message_id)
+
+
+@shared_task(name="messaging.dispatch_batch", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def dispatch_batch(message_ids: list[str]) -> None:
+    """Send a batch of bulk messages (messaging.bulk); as with dispatch, an unexpected error
+    leaves the unsent ones `accepted` and the sweeper publishes them again."""
+    messages_dispatch_batch(message_ids=message_ids)
 
 
 @shared_task(name="messaging.sweep", ignore_result=True)

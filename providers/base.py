@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -93,6 +94,16 @@ class Provider(ABC):
     @abstractmethod
     def send(self, request: SendRequest) -> SendResult:
         """Hand one message to the provider; raise one of the three ProviderErrors on failure."""
+
+    async def send_async(self, request: SendRequest) -> SendResult:
+        """send() for a caller that makes many at once on an event loop (the bulk path). By
+        default the blocking send in the loop's thread pool; an adapter whose SDK has an async
+        client overrides it (same errors, same rules)."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.send, request)
+
+    def close(self) -> None:
+        """Release connections the adapter holds (its pools live as long as the process otherwise)."""
+        return None  # nothing held by default
 
     @abstractmethod
     def parse_webhook(self, request: HttpRequest) -> list[ReceiptEvent]:

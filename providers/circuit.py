@@ -321,6 +321,39 @@ class CircuitBreaker:
             return CLOSED
         return self._effective_state(stored.decode(), float(opened_at) if opened_at else None, self.clock())
 
+    def record_many(self, outcomes: list[tuple[Permit, bool, float]]) -> None:
+        """record() for many calls (permit, failed, duration_s) in one round trip to Redis:
+        the same script, pipelined, in order (the bulk send path records a whole batch)."""
+        shared = [outcome for outcome in outcomes if not outcome[0].fail_open]
+        # Calls let through by one closed-state permit ran at the same moment, in no order: only
+        # the newest window's worth of them can be in the window afterwards, so only those are
+        # sent (a batch of 100 sends costs 20 script runs, not 100). Trials all count.
+        ordinary = [outcome for outcome in shared if not outcome[0].trial]
+        shared = [outcome for outcome in shared if outcome[0].trial] + ordinary[-self.settings.window_size :]
+        if not shared:
+            return
+        s = self.settings
+        keys = [self.keys["state"], self.keys["window"], self.keys["trials"]]
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for permit, failed, duration_s in shared:
+                args = [
+                    repr(self.clock()),
+                    int(failed or duration_s > s.slow_call_seconds),
+                    permit.epoch,
+                    int(permit.trial),
+                    permit.trial_id,
+                    s.window_size,
+                    s.minimum_calls,
+                    s.failure_rate_threshold,
+                    s.half_open_successes_to_close,
+                    s.idle_ttl_seconds,
+                ]
+                self._record(keys=keys, args=args, client=pipe)
+            pipe.execute()
+        except redis.RedisError as error:
+            _warn_fail_open(self.provider, error)
+
     def state(self, now: float | None = None) -> str:
         """closed, open or half_open (an open circuit whose wait is over reports half_open)."""
         return self.snapshot(now)["state"]

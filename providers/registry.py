@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cache
-
 from django.utils.module_loading import import_string
 
 from providers.base import Provider
@@ -25,11 +23,18 @@ def provider_class(name: str) -> type[Provider]:
         raise LookupError(f"no provider named {name!r}; known: {', '.join(sorted(PROVIDER_CLASSES))}") from None
 
 
-@cache
+_adapters: dict[str, Provider] = {}
+
+
 def get_provider(name: str) -> Provider:
-    return provider_class(name)(provider_config(name))
+    adapter = _adapters.get(name)
+    if adapter is None:
+        # Two threads may both build one on first use; either is fine, one is kept.
+        adapter = _adapters.setdefault(name, provider_class(name)(provider_config(name)))
+    return adapter
 
 
 def reset_provider_cache() -> None:
-    """Forget adapter instances (tests that change provider settings call this)."""
-    get_provider.cache_clear()
+    """Forget adapter instances, closing their connections (tests that change provider settings)."""
+    while _adapters:
+        _adapters.popitem()[1].close()

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import threading
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlencode
 
+import aiohttp
 import requests
 from django.http import HttpRequest
+from requests.adapters import HTTPAdapter
 from twilio.base.exceptions import TwilioException, TwilioRestException
+from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.http.http_client import TwilioHttpClient
+from twilio.http.response import Response as TwilioResponse
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
@@ -43,9 +49,20 @@ class _RoutedHttpClient(TwilioHttpClient):
     and a 429's Retry-After must be honoured.
     """
 
-    def __init__(self, origin: str, timeout: float):
+    def __init__(self, origin: str, timeout: float, pool_size: int):
         super().__init__(pool_connections=True, timeout=timeout)
+        # As many keep-alive connections as sends a worker makes at once (the bulk path's
+        # threads): a smaller pool discards and reopens a connection for every send beyond it.
+        for prefix in ("http://", "https://"):
+            self.session.mount(prefix, HTTPAdapter(pool_connections=1, pool_maxsize=pool_size))
         self.origin = origin.rstrip("/")
+        # requests reads the environment (proxies, no_proxy, CA bundle) on every request: about a
+        # third of a send's CPU (bench/README.md, profiles). Every request goes to one origin, so
+        # read it once, as requests would, and keep it on the session.
+        environment = self.session.merge_environment_settings(self.origin, {}, None, None, None)
+        self.session.proxies.update(environment["proxies"])
+        self.session.verify = environment["verify"]
+        self.session.trust_env = False
         self.last_headers = threading.local()
 
     def request(self, method: str, url: str, *args: Any, **kwargs: Any):  # type: ignore[override]
@@ -55,6 +72,64 @@ class _RoutedHttpClient(TwilioHttpClient):
         response = super().request(method, url, *args, **kwargs)
         self.last_headers.value = dict(response.headers or {})
         return response
+
+
+def _retry_after(headers: dict[str, str]) -> float | None:
+    return retry_after_seconds({k.lower(): v for k, v in headers.items()}.get("retry-after"))
+
+
+# The last response's headers of the current asyncio task (a 429's Retry-After, see above).
+_ASYNC_LAST_HEADERS: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("twilio_last_headers")
+
+
+class _RoutedAsyncHttpClient(AsyncTwilioHttpClient):
+    """The SDK's aiohttp client for sends made many at once on one event loop (the bulk path):
+    a third of the CPU of a threaded send through requests (bench/README.md, profiles).
+
+    Its session is made on first use, on the loop that uses it; timeouts mean what they mean
+    for requests (to connect, and between bytes of the answer), so the ambiguity rules hold.
+    """
+
+    def __init__(self, origin: str, timeout: float, pool_size: int):
+        super().__init__(pool_connections=False, timeout=timeout)
+        self.origin = origin.rstrip("/")
+        self.pool_size = pool_size
+        self.session: aiohttp.ClientSession | None = None
+
+    async def request(  # type: ignore[override]
+        self,
+        method: str,
+        url: str,
+        params: dict[str, object] | None = None,
+        data: dict[str, object] | None = None,
+        headers: dict[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
+        timeout: float | None = None,
+        allow_redirects: bool = False,
+    ) -> TwilioResponse:
+        if self.session is None or self.session.closed:
+            seconds = timeout or self.timeout
+            self.loop = asyncio.get_running_loop()
+            self.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.pool_size),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=seconds, sock_read=seconds),
+            )
+        if url.startswith(TWILIO_API_ORIGIN) and self.origin != TWILIO_API_ORIGIN:
+            url = self.origin + url[len(TWILIO_API_ORIGIN) :]
+        _ASYNC_LAST_HEADERS.set({})
+        if auth:
+            headers = {**(headers or {}), "Authorization": aiohttp.encode_basic_auth(*auth)}
+        async with self.session.request(
+            method.upper(), url, params=params, data=data, headers=headers, allow_redirects=allow_redirects
+        ) as response:
+            text = await response.text()
+            _ASYNC_LAST_HEADERS.set(dict(response.headers))
+            return TwilioResponse(response.status, text, response.headers)
+
+    def close_soon(self) -> None:
+        """Close the session on the loop it belongs to (callable from any thread)."""
+        if self.session is not None and not self.session.closed and not self.loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self.session.close(), self.loop)
 
 
 class TwilioProvider(Provider):
@@ -79,9 +154,23 @@ class TwilioProvider(Provider):
 
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
-        self.http_client = _RoutedHttpClient(config.get("BASE_URL") or TWILIO_API_ORIGIN, config["TIMEOUT_SECONDS"])
+        self.http_client = _RoutedHttpClient(
+            config.get("BASE_URL") or TWILIO_API_ORIGIN,
+            config["TIMEOUT_SECONDS"],
+            pool_size=conductor_setting("BULK_SEND_CONCURRENCY"),
+        )
         self.client = Client(config["ACCOUNT_SID"], config["AUTH_TOKEN"], http_client=self.http_client)
+        self.async_http_client = _RoutedAsyncHttpClient(
+            config.get("BASE_URL") or TWILIO_API_ORIGIN,
+            config["TIMEOUT_SECONDS"],
+            pool_size=conductor_setting("BULK_SEND_CONCURRENCY"),
+        )
+        self.async_client = Client(config["ACCOUNT_SID"], config["AUTH_TOKEN"], http_client=self.async_http_client)
         self.validator = RequestValidator(config["AUTH_TOKEN"])
+
+    def close(self) -> None:
+        self.http_client.session.close()
+        self.async_http_client.close_soon()
 
     # --- sending ------------------------------------------------------------------------------
     def _addresses(self, request: SendRequest) -> tuple[str, str]:
@@ -104,9 +193,35 @@ class TwilioProvider(Provider):
             raise self._classify(exc) from exc
         return SendResult(provider_message_id=message.sid, provider_status=message.status)
 
+    async def send_async(self, request: SendRequest) -> SendResult:
+        to, from_ = self._addresses(request)
+        try:
+            message = await self.async_client.messages.create_async(
+                to=to, from_=from_, body=request.body, status_callback=self.status_callback_url(request)
+            )
+        except Exception as exc:  # sorted into the three kinds right below
+            raise self._classify_async(exc) from exc
+        return SendResult(provider_message_id=message.sid, provider_status=message.status)
+
+    def _classify_async(self, exc: Exception) -> Exception:
+        """_classify for the aiohttp client's errors: the same three kinds by the same rules."""
+        if isinstance(exc, TwilioRestException):
+            return self._classify_rest_error(exc, _ASYNC_LAST_HEADERS.get({}))
+        if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
+            # The connection was never made: the request cannot have been received.
+            return TransientProviderError(str(exc) or type(exc).__name__, error_type=ErrorType.CONNECTION_ERROR)
+        if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
+            # The request left: Twilio may have accepted it.
+            return AmbiguousProviderError("no response within the timeout", error_type=ErrorType.PROVIDER_TIMEOUT)
+        if isinstance(exc, aiohttp.ClientError):
+            return AmbiguousProviderError(str(exc) or type(exc).__name__, error_type=ErrorType.CONNECTION_ERROR)
+        if isinstance(exc, (TwilioException, ValueError)):
+            return AmbiguousProviderError(str(exc), error_type=ErrorType.UNKNOWN)
+        return exc  # a bug, not a provider error: let it raise
+
     def _classify(self, exc: Exception) -> Exception:
         if isinstance(exc, TwilioRestException):
-            return self._classify_rest_error(exc)
+            return self._classify_rest_error(exc, getattr(self.http_client.last_headers, "value", {}) or {})
         if isinstance(exc, requests.exceptions.ConnectTimeout):
             return TransientProviderError(str(exc), error_type=ErrorType.CONNECTION_ERROR)
         if isinstance(exc, requests.exceptions.ReadTimeout):
@@ -121,12 +236,12 @@ class TwilioProvider(Provider):
             return AmbiguousProviderError(str(exc), error_type=ErrorType.UNKNOWN)
         return exc  # a bug, not a provider error: let it raise
 
-    def _classify_rest_error(self, exc: TwilioRestException) -> Exception:
+    def _classify_rest_error(self, exc: TwilioRestException, headers: dict[str, str]) -> Exception:
         status, code = exc.status, exc.code
         text = f"Twilio {status} {code}: {exc.msg}"
         if status == 429:
             return TransientProviderError(
-                text, error_type=ErrorType.RATE_LIMITED, code=str(code or 429), retry_after=self._retry_after()
+                text, error_type=ErrorType.RATE_LIMITED, code=str(code or 429), retry_after=_retry_after(headers)
             )
         if status >= 500:
             return TransientProviderError(text, error_type=ErrorType.PROVIDER_5XX, code=str(code or status))
@@ -138,10 +253,6 @@ class TwilioProvider(Provider):
         if code in UNSUBSCRIBED_CODES:
             return PermanentProviderError(text, error_type=ErrorType.REJECTED, code=str(code))
         return PermanentProviderError(text, error_type=ErrorType.REJECTED, code=str(code or status))
-
-    def _retry_after(self) -> float | None:
-        headers = getattr(self.http_client.last_headers, "value", {}) or {}
-        return retry_after_seconds({k.lower(): v for k, v in headers.items()}.get("retry-after"))
 
     # --- look-ups -----------------------------------------------------------------------------
     def fetch_status(self, provider_message_id: str) -> StatusResult:

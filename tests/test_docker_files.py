@@ -27,7 +27,7 @@ METRICS_DOC = ROOT / "docs" / "metrics.md"
 MULTIPROC_DIR = "/var/run/conductor-metrics"
 METRICS_VOLUME = "metrics"
 # Processes that record event metrics: they must share the multiprocess directory.
-METRIC_WRITERS = {"migrate", "web", "worker_urgent", "worker_bulk", "beat"}
+METRIC_WRITERS = {"migrate", "web", "worker_urgent", "worker_maintenance", "worker_bulk", "beat"}
 
 # What web:8000/metrics exports (messaging/metrics.py and the scrape-time collectors behind the
 # /metrics view): family -> (type, labels). Histograms are exposed as _bucket/_sum/_count series.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import django_filters
@@ -24,8 +25,11 @@ from messaging.api.serializers import (
     MessageSerializer,
     ReplayResultSerializer,
     dead_letter_criteria,
+    message_create_validate,
+    message_renderer,
 )
 from messaging.conf import conductor_setting
+from messaging.ingest import BatchItem, ItemResult, messages_create_many
 from messaging.models import ApiClient, EventSource, Message
 from messaging.replay import dead_letters_replay
 from messaging.routing import Channel, Priority
@@ -67,35 +71,45 @@ class MessageCursorPagination(CursorPagination):
     max_page_size = 500
 
 
-def _create_one(client: ApiClient, data: Any, header_key: str | None) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """Validate and accept one message: (HTTP status, body, headers). Shared by single and batch."""
-    serializer = MessageCreateSerializer(data=data)
-    if not serializer.is_valid():
-        return status.HTTP_400_BAD_REQUEST, serializer.errors, {}
-    fields = dict(serializer.validated_data)
+Answer = tuple[int, dict[str, Any], dict[str, str]]  # HTTP status, body, headers
+DATABASE_DOWN = {"detail": "The database is unavailable; this item was not stored."}
+
+
+def _create_one(client: ApiClient, data: Any, header_key: str | None) -> Answer:
+    """Validate and accept one message."""
+    fields, errors = message_create_validate(data)
+    if errors is not None:
+        return status.HTTP_400_BAD_REQUEST, errors, {}
     body_key = fields.pop("idempotency_key", None)
     if header_key and body_key and header_key != body_key:
         return 400, {"idempotency_key": ["The Idempotency-Key header and the body's idempotency_key differ."]}, {}
     key = header_key or body_key
     try:
-        outcome = message_create(client=client, fields=fields, idempotency_key=key)
-    except IdempotencyConflict as exc:
+        result: ItemResult = message_create(client=client, fields=fields, idempotency_key=key)
+    except (IdempotencyConflict, IdempotencyInFlight) as exc:
+        result = exc
+    return _answer(result, lambda message: MessageSerializer(message).data)
+
+
+def _answer(result: ItemResult, render: Callable[[Message], dict[str, Any]]) -> Answer:
+    """The answer to one accepted (or refused) message. Shared by single and batch."""
+    if isinstance(result, IdempotencyConflict):
         return (
             422,
             {
                 "idempotency_key": ["This key was already used with a different payload."],
-                "message_id": str(exc.message.pk),
+                "message_id": str(result.message.pk),
             },
             {},
         )
-    except IdempotencyInFlight:
+    if isinstance(result, IdempotencyInFlight):
         return (
             409,
             {"idempotency_key": ["A request with this key is still in flight; retry shortly."]},
             {"Retry-After": "1"},
         )
-    body = MessageSerializer(outcome.message).data
-    if outcome.created:
+    body = render(result.message)
+    if result.created:
         return status.HTTP_201_CREATED, body, {}
     return status.HTTP_200_OK, body, {REPLAYED_HEADER: "true"}
 
@@ -124,12 +138,25 @@ class MessageBatchView(APIView):
         """Each item is accepted or refused on its own; results keep the request's order."""
         batch = BatchSerializer(data=request.data)
         batch.is_valid(raise_exception=True)
+        answers: list[Answer | None] = []
+        valid: list[BatchItem] = []
+        for data in batch.validated_data["messages"]:
+            fields, errors = message_create_validate(data)
+            if errors is not None:
+                answers.append((status.HTTP_400_BAD_REQUEST, errors, {}))
+                continue
+            answers.append(None)
+            valid.append(BatchItem(fields=fields, idempotency_key=fields.pop("idempotency_key", None)))
+        try:
+            outcomes = iter(messages_create_many(client=request.auth, items=valid))
+        except DatabaseError:  # the batch is one transaction: none of its items was stored
+            outcomes = None
+        render = message_renderer()
         results = []
-        for index, item in enumerate(batch.validated_data["messages"]):
-            try:
-                code, body, _ = _create_one(request.auth, item, None)
-            except DatabaseError:
-                code, body = 503, {"detail": "The database is unavailable; this item was not stored."}
+        for index, answer in enumerate(answers):
+            if answer is None:
+                answer = (503, DATABASE_DOWN, {}) if outcomes is None else _answer(next(outcomes), render)
+            code, body, _ = answer
             entry: dict[str, Any] = {"index": index, "status": code}
             entry["message" if code in (200, 201) else "errors"] = body
             results.append(entry)

@@ -57,3 +57,8 @@ def test_anomaly_windows_must_be_whole_buckets():
 @override_settings(CONDUCTOR={"RECEIPT_TIMEOUT_SECONDS": {"fax": 60, "sms": 0}})
 def test_receipt_timeouts_are_checked():
     assert ids(check_conductor_settings()) == ["conductor.E014", "conductor.E014"]
+
+
+@override_settings(CONDUCTOR={"BULK_BATCH_SIZE": 0, "BULK_SEND_CONCURRENCY": "100"})
+def test_bulk_batch_settings_must_be_positive_whole_numbers():
+    assert ids(check_conductor_settings()) == ["conductor.E018", "conductor.E018"]

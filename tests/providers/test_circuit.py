@@ -404,3 +404,30 @@ def test_settings_that_cannot_work_are_rejected():
         replace(SETTINGS, minimum_calls=SETTINGS.window_size + 1)
     with pytest.raises(ValueError):
         replace(SETTINGS, failure_rate_threshold=0)
+
+
+# --- many outcomes at once (the bulk send path) --------------------------------------------------
+
+
+def test_record_many_counts_like_one_record_per_call(breaker):
+    permit = breaker.allow(priority="bulk")
+    breaker.record_many([(permit, False, 0.1)] * 11 + [(permit, True, 0.1)] * 8 + [(permit, False, 20.0)])
+    snap = breaker.snapshot()
+    # the slow success counts as a failure: 9 of 20, still closed; one more failure opens it
+    assert (snap["state"], snap["window_calls"], snap["window_failures"]) == ("closed", 20, 9)
+    breaker.record_many([(permit, True, 0.1)])
+    assert breaker.state() == "open"
+
+
+def test_record_many_closes_a_half_open_circuit_with_its_trials(breaker, clock):
+    half_open(breaker, clock)
+    trials = [breaker.allow(priority="bulk") for _ in range(SETTINGS.half_open_successes_to_close)]
+    breaker.record_many([(trial, False, 0.2) for trial in trials])
+    assert breaker.state() == "closed"
+
+
+def test_record_many_without_redis_fails_open(clock, fresh_warning):
+    down = CircuitBreaker("twilio", SETTINGS, client=redis.Redis(port=1, socket_connect_timeout=0.2), clock=clock)
+    permit = down.allow(priority="bulk")
+    assert permit is not None and permit.fail_open
+    down.record_many([(permit, True, 0.1), (Permit("twilio", trial=False, issued_at=T0), True, 0.1)])
