@@ -330,6 +330,30 @@ def message_deadline(fields: dict[str, Any], now: datetime) -> datetime:
 _deadline = message_deadline  # the old name
 
 
+def message_columns(*, fields: dict[str, Any], key: str | None, fingerprint: str, now: datetime) -> dict[str, Any]:
+    """A newly accepted message's columns but its client and ordering (message_create and the
+    batch ingest store the same row)."""
+    return {
+        "channel": fields["channel"],
+        "to": fields["to"],
+        "body": fields["body"],
+        "subject": fields.get("subject", ""),
+        "priority": fields.get("priority", "transactional"),
+        "category": fields.get("category", ""),
+        "idempotency_key": key,
+        "request_fingerprint": fingerprint,
+        "expires_at": message_deadline(fields, now),
+        "deadline_from_sender": bool(fields.get("expires_at") or fields.get("ttl_seconds")),
+        "fallback_channels": fields.get("fallback_channels", []),
+        "fallback_to": fields.get("fallback_to", {}),
+        "metadata": fields.get("metadata", {}),
+        "state": MessageState.ACCEPTED,
+        "created_at": now,
+        "accepted_at": now,
+        "enqueued_at": now,
+    }
+
+
 def _insert_message(
     client: ApiClient, fields: dict[str, Any], key: str | None, fingerprint: str, source: str
 ) -> Message:
@@ -340,28 +364,12 @@ def _insert_message(
     now = timezone.now()
     message = Message.objects.create(
         client=client,
-        channel=fields["channel"],
-        to=fields["to"],
-        body=fields["body"],
-        subject=fields.get("subject", ""),
-        priority=fields.get("priority", "transactional"),
-        category=fields.get("category", ""),
-        idempotency_key=key,
-        request_fingerprint=fingerprint,
+        **message_columns(fields=fields, key=key, fingerprint=fingerprint, now=now),
         ordering_key=ordering_key,
         sequence=sequence,
         ordering_mode=ordering_mode_for(requested=fields.get("ordering_mode"), category=fields.get("category", ""))
         if ordering_key
         else "",
-        expires_at=message_deadline(fields, now),
-        deadline_from_sender=bool(fields.get("expires_at") or fields.get("ttl_seconds")),
-        fallback_channels=fields.get("fallback_channels", []),
-        fallback_to=fields.get("fallback_to", {}),
-        metadata=fields.get("metadata", {}),
-        state=MessageState.ACCEPTED,
-        created_at=now,
-        accepted_at=now,
-        enqueued_at=now,
     )
     MessageEvent.objects.create(
         message=message, created_at=now, source=source, from_state="", to_state=MessageState.ACCEPTED

@@ -295,27 +295,13 @@ class CircuitBreaker:
 
     def record(self, permit: Permit, *, failed: bool, duration_s: float) -> str:
         """Record a call's outcome (failed: transient or ambiguous error); returns the state after it."""
-        s = self.settings
         # A call this slow is a failing provider even if it answered.
-        failed = failed or duration_s > s.slow_call_seconds
+        failed = failed or duration_s > self.settings.slow_call_seconds
         if permit.fail_open:
             # Nothing shared knows of this call; asking Redis again would only add a timeout.
             return CLOSED
-        keys = [self.keys["state"], self.keys["window"], self.keys["trials"]]
-        args = [
-            repr(self.clock()),
-            int(failed),
-            permit.epoch,
-            int(permit.trial),
-            permit.trial_id,
-            s.window_size,
-            s.minimum_calls,
-            s.failure_rate_threshold,
-            s.half_open_successes_to_close,
-            s.idle_ttl_seconds,
-        ]
         try:
-            stored, opened_at = self._record(keys=keys, args=args)
+            stored, opened_at = self._record(keys=self._record_keys(), args=self._record_args(permit, failed))
         except redis.RedisError as error:
             _warn_fail_open(self.provider, error)
             return CLOSED
@@ -332,27 +318,32 @@ class CircuitBreaker:
         shared = [outcome for outcome in shared if outcome[0].trial] + ordinary[-self.settings.window_size :]
         if not shared:
             return
-        s = self.settings
-        keys = [self.keys["state"], self.keys["window"], self.keys["trials"]]
         try:
             pipe = self.client.pipeline(transaction=False)
             for permit, failed, duration_s in shared:
-                args = [
-                    repr(self.clock()),
-                    int(failed or duration_s > s.slow_call_seconds),
-                    permit.epoch,
-                    int(permit.trial),
-                    permit.trial_id,
-                    s.window_size,
-                    s.minimum_calls,
-                    s.failure_rate_threshold,
-                    s.half_open_successes_to_close,
-                    s.idle_ttl_seconds,
-                ]
-                self._record(keys=keys, args=args, client=pipe)
+                failed = failed or duration_s > self.settings.slow_call_seconds
+                self._record(keys=self._record_keys(), args=self._record_args(permit, failed), client=pipe)
             pipe.execute()
         except redis.RedisError as error:
             _warn_fail_open(self.provider, error)
+
+    def _record_keys(self) -> list[str]:
+        return [self.keys["state"], self.keys["window"], self.keys["trials"]]
+
+    def _record_args(self, permit: Permit, failed: bool) -> list[Any]:
+        s = self.settings
+        return [
+            repr(self.clock()),
+            int(failed),
+            permit.epoch,
+            int(permit.trial),
+            permit.trial_id,
+            s.window_size,
+            s.minimum_calls,
+            s.failure_rate_threshold,
+            s.half_open_successes_to_close,
+            s.idle_ttl_seconds,
+        ]
 
     def state(self, now: float | None = None) -> str:
         """closed, open or half_open (an open circuit whose wait is over reports half_open)."""
