@@ -114,7 +114,7 @@ def _claim(message_ids: list[str]) -> tuple[datetime, list[Message]]:
 
     Only primary keys reach the SQL: a predicate on state lets PostgreSQL pick the state index,
     which it believes selective until statistics catch up with a campaign that has just added
-    200,000 accepted rows, and then each claim scans all of them (measured: 1 ms → 120 ms).
+    200,000 accepted rows, and then each claim scans all of them (117 ms measured, for 100 rows).
     The checks run here instead, on locked rows, so nothing can change them in between. The
     lease value names this claim; a few random microseconds keep it unique.
     """
@@ -383,7 +383,6 @@ def _record_accepted(accepted: list[_Send]) -> None:
             "needs_provider_lookup": False,
         }
         for send in accepted
-        if send.result is not None
     }
     applied = messages_transition(
         to_state=MessageState.DISPATCHED,
@@ -394,7 +393,6 @@ def _record_accepted(accepted: list[_Send]) -> None:
                 {**RELEASE, **references[send.message.pk]},
             )
             for send in accepted
-            if send.result is not None
         },
     )
     for send in accepted:
