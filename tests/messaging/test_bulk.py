@@ -3,6 +3,7 @@ concurrently and recorded in a few statements, with the single path's guarantees
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from datetime import timedelta
 
@@ -238,3 +239,22 @@ def test_messages_for_a_rate_limited_provider_go_one_slot_at_a_time(sandbox, mak
     # a round of them at once would arrive bunched: the per-message path waits for each slot
     assert sorted(handed_back) == sorted(ids(messages)) and sandbox.requests() == []
     assert not Message.objects.filter(pk__in=ids(messages), lease_expires_at__isnull=False).exists()
+
+
+def test_a_call_that_outlives_its_budget_is_ambiguous_before_the_lease_ends(
+    sandbox, make_message, monkeypatch, settings
+):
+    settings.CONDUCTOR = {**settings.CONDUCTOR, "DISPATCH_LEASE_SECONDS": 2.0}
+    started = timezone.now()
+
+    async def hang(self, request):  # answers nothing, past every socket timeout
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(TwilioProvider, "send_async", hang)
+    [message] = campaign(make_message, 1)
+    messages_dispatch_batch(message_ids=ids([message]))
+    message.refresh_from_db()
+    # given up inside the lease (2 s): nobody else could have claimed it meanwhile
+    assert timezone.now() - started < timedelta(seconds=2)
+    assert message.state == "accepted" and message.needs_provider_lookup
+    assert hops(message) == [("twilio", "ambiguous")] and message.last_error_type == "provider_timeout"
