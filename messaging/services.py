@@ -327,9 +327,6 @@ def message_deadline(fields: dict[str, Any], now: datetime) -> datetime:
     return now + timedelta(seconds=policy.ttl_seconds)
 
 
-_deadline = message_deadline  # the old name
-
-
 def message_columns(*, fields: dict[str, Any], key: str | None, fingerprint: str, now: datetime) -> dict[str, Any]:
     """A newly accepted message's columns but its client and ordering (message_create and the
     batch ingest store the same row)."""
