@@ -38,8 +38,10 @@ class CeleryTaskFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         from celery import current_task
 
-        task = current_task._get_current_object() if current_task else None
-        task_id = getattr(getattr(task, "request", None), "id", None)
+        # One look-up, not the proxy's two (its truth test resolves it as well): this runs for
+        # every record, in the web too.
+        task = current_task._get_current_object()
+        task_id = getattr(getattr(task, "request", None), "id", None) if task is not None else None
         if task_id:
             record.task_id = task_id
             record.task_name = task.name

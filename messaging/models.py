@@ -177,6 +177,20 @@ class Message(models.Model):
         indexes = [
             models.Index(fields=["client", "-created_at"], name="message_client_created"),
             models.Index(fields=["state", "next_attempt_at"], name="message_state_next_attempt"),
+            # The sweeper's two questions, asked every few seconds: a backlog of accepted rows
+            # whose tasks are queued is in these indexes, but outside the ranges it reads.
+            models.Index(
+                fields=["priority", "enqueued_at", "next_attempt_at"],
+                condition=Q(state="accepted"),
+                name="message_accepted_enqueued",
+            ),
+            # Its condition names expires_at so that no other accepted-row query can use it (with stale
+            # statistics the planner would take any index whose condition fits as a cheap one).
+            models.Index(
+                fields=["expires_at"],
+                condition=Q(state="accepted", expires_at__isnull=False),
+                name="message_accepted_expiry",
+            ),
             models.Index(fields=["provider", "provider_message_id"], name="message_provider_ref"),
             # Receipt polling, reconciliation and the anomaly buckets read messages by dispatch time.
             models.Index(fields=["dispatched_at"], name="message_dispatched"),
@@ -236,7 +250,11 @@ class DispatchAttempt(models.Model):
 
     class Meta:
         ordering = ["message", "number", "id"]
-        indexes = [models.Index(fields=["message", "outcome"], name="attempt_message_outcome")]
+        indexes = [
+            models.Index(fields=["message", "outcome"], name="attempt_message_outcome"),
+            # The anomaly buckets count the last minutes' calls every minute, not the whole table.
+            models.Index(fields=["ended_at"], name="attempt_ended"),
+        ]
 
     def __str__(self) -> str:
         return f"attempt {self.number} of {self.message_id} via {self.provider}: {self.outcome}"

@@ -39,9 +39,10 @@ def messages_sweep(*, now: datetime | None = None) -> SweepReport:
 
 
 def _expire_overdue(now: datetime, batch: int) -> int:
+    # Ordered by the deadline so that the read stops at `now` in message_accepted_expiry.
     overdue = Message.objects.filter(state=MessageState.ACCEPTED, expires_at__lte=now).filter(unleased(now))
     expired = 0
-    for message_id in overdue.values_list("pk", flat=True)[:batch]:
+    for message_id in overdue.order_by("expires_at").values_list("pk", flat=True)[:batch]:
         expired += message_transition(
             message_id=message_id,
             to_state=MessageState.EXPIRED,
@@ -55,20 +56,34 @@ def _expire_overdue(now: datetime, batch: int) -> int:
 
 def _enqueue_due(now: datetime, priority: str, stale_after: timedelta, batch: int) -> int:
     """Accepted, not being sent, due, and with no task published recently (or none at all)."""
-    due = (
+    due = Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now)
+    candidates = (
         Message.objects.filter(state=MessageState.ACCEPTED, priority=priority)
         .filter(unleased(now))
-        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
-        .filter(Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=now - stale_after))
         # A message waiting for an earlier one with its ordering key is released by that one's
         # move; published here only if that one moved and the release was lost (or to look again
         # at a dead or not-yet-delivered predecessor, once per stale period).
         .filter(Q(waiting_for__isnull=True) | ~Q(waiting_for__state=MessageState.ACCEPTED))
     )
-    rows = list(due.order_by("created_at").values_list("pk", "channel")[:batch])
+    # Three reads, each a range of an index (message_accepted_enqueued), so that a campaign's
+    # backlog, queued moments ago and so neither unpublished nor stale, costs nothing here: no
+    # task yet and due now, no task and a retry time that has come, or a task published too long
+    # ago. One read with ORs would scan every accepted row (tests/messaging/test_sweeper.py).
+    never_published = candidates.filter(enqueued_at__isnull=True)
+    reads = (
+        never_published.filter(next_attempt_at__isnull=True).order_by("created_at"),
+        never_published.filter(next_attempt_at__lte=now).order_by("next_attempt_at"),
+        candidates.filter(due, enqueued_at__lt=now - stale_after).order_by("enqueued_at"),
+    )
+    rows: list[tuple[str, str]] = []
+    for read in reads:
+        if len(rows) < batch:
+            rows += read.values_list("pk", "channel")[: batch - len(rows)]
     if not rows:
         return 0
-    # Mark first, then publish: a crash in between leaves them for the next sweep, not lost.
-    due.filter(pk__in=[pk for pk, _ in rows]).update(enqueued_at=now)
+    # Mark first, then publish: a crash in between leaves them for the next sweep, not lost. A
+    # message claimed in between is not marked; its task is published anyway and claims nothing.
+    marked = candidates.filter(due).filter(Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=now - stale_after))
+    marked.filter(pk__in=[pk for pk, _ in rows]).update(enqueued_at=now)
     messages_publish(messages=[(message_id, channel, priority) for message_id, channel in rows])
     return len(rows)

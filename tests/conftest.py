@@ -124,11 +124,15 @@ def stack(django_db_setup, django_db_blocker):
 
 @pytest.fixture
 def live(stack, transactional_db, request):
-    """The stack with a reset sandbox and at least one worker; prints process logs if the test failed."""
+    """The stack with a reset sandbox and its workers: one with default settings, or what the
+    test's `workers` mark asks for (kept from the previous test when that asked the same: each
+    start costs seconds). Prints process logs if the test failed."""
     stack.sandbox_reset()
     stack.state_redis().flushdb()  # circuits and rate limits start closed and full
-    if len(stack.workers) != 1 or stack.workers_customised:
-        stack.replace_workers()
+    mark = request.node.get_closest_marker("workers")
+    count, concurrency = (mark.kwargs["count"], mark.kwargs["concurrency"]) if mark else (1, 4)
+    if not stack.workers_are(count, concurrency):
+        stack.replace_workers(count=count, concurrency=concurrency)
     yield stack
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:

@@ -6,6 +6,7 @@ a local Redis on 127.0.0.1:6379 is used, so `make run` works on a bare machine.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import dj_database_url
@@ -360,6 +361,12 @@ LOGGING = {
         "celery.worker.strategy": {"level": env_str("CELERY_TASK_LOG_LEVEL", "WARNING")},
     },
 }
+
+# No format above prints a record's caller, thread or process name: records skip looking them up
+# (the logging HOWTO's "Optimization"), about 10 µs of a 50 µs line, once per transition.
+logging._srcfile = None
+logging.logThreads = False
+logging.logMultiprocessing = False
 
 # prometheus-client reads this variable itself, from the environment of every process, before
 # any metric exists; here it only tells /metrics to sum the directory (conductor_project/metrics.py).

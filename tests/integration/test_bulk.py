@@ -62,8 +62,10 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(live, key):
     found = outcomes.filter(outcome=AttemptOutcome.FOUND_AT_PROVIDER).count()
     # Each call the kill cut off was closed as lost and looked up (the found ones not resent),
     # unless its receipt came first: then the message was delivered and nothing was left to claim.
+    # Which of the two a cut-off call that reached the provider takes depends on how fast the new
+    # worker starts; some must have reached it, or the kill tested nothing.
     overtaken = outcomes.filter(outcome=AttemptOutcome.IN_PROGRESS).count()
-    assert lost + overtaken == in_flight and 0 < found <= lost
+    assert lost + overtaken == in_flight and found <= lost and found + overtaken > 0
     print(
         f"600 bulk messages: killed with {in_flight} sends in flight and {left['accepted'] - in_flight} "
         f"not yet started; {found} found at the provider by the look-up, {overtaken} delivered by their "

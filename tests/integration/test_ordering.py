@@ -17,13 +17,17 @@ from messaging.services import api_key_create
 from tests.integration.test_dispatch_flow import post_batch, wait_for_all
 from tests.support.processes import wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
-
-KEYS, PER_KEY, THREADS, WORKERS = 50, 20, 8, 4
+KEYS, PER_KEY, THREADS, WORKERS = 50, 12, 8, 4
+TOTAL = KEYS * PER_KEY
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.workers(count=WORKERS, concurrency=2),
+]
 
 
 def post_concurrently(stack, key: str) -> list[str]:
-    """1,000 ordered messages from 8 threads, each posting batches of 10 across its keys."""
+    """TOTAL ordered messages from 8 threads, each posting batches of about 6 across its keys."""
     ids: list[str] = []
     lock = threading.Lock()
     errors: list[BaseException] = []
@@ -75,9 +79,9 @@ def assert_in_sequence_order(stack, ids: list[str]) -> None:
 
 @pytest.fixture
 def ordered_stack(live):
-    live.replace_workers(count=WORKERS, concurrency=2)
+    # the workers come from the module mark: the same 4 serve every test here
     for provider in ("twilio", "vonage"):
-        live.sandbox_faults(provider=provider, latency_ms=10, latency_max_ms=300, error_rate=0.2)
+        live.sandbox_faults(provider=provider, latency_ms=10, latency_max_ms=150, error_rate=0.2)
     return live
 
 
@@ -96,7 +100,7 @@ def test_every_key_reaches_the_provider_in_sequence_order(ordered_stack):
 def test_order_holds_when_twilio_fails_midway_and_sms_falls_back_to_vonage(ordered_stack):
     key = api_key_create(client_name="shop")[1]
     ids = post_concurrently(ordered_stack, key)
-    wait_until(lambda: Message.objects.filter(pk__in=ids, state__in=["dispatched", "delivered"]).count() >= 300,
+    wait_until(lambda: Message.objects.filter(pk__in=ids, state__in=["dispatched", "delivered"]).count() >= TOTAL // 3,
                120, what="a third sent")  # fmt: skip
     ordered_stack.sandbox_faults(provider="twilio", outage=True)
     by_twilio = len(ordered_stack.sandbox_requests(provider="twilio", accepted="true"))
@@ -104,7 +108,7 @@ def test_order_holds_when_twilio_fails_midway_and_sms_falls_back_to_vonage(order
     # Twilio took nothing more once it was down (but the sends already in flight); Vonage the rest.
     assert len(ordered_stack.sandbox_requests(provider="twilio", accepted="true")) <= by_twilio + 2 * WORKERS
     providers = Counter(Message.objects.filter(pk__in=ids).values_list("provider", flat=True))
-    assert providers["twilio"] >= 100 and providers["vonage"] >= 1000 - by_twilio - 2 * WORKERS, providers
+    assert providers["twilio"] >= TOTAL // 6 and providers["vonage"] >= TOTAL - by_twilio - 2 * WORKERS, providers
     assert_in_sequence_order(ordered_stack, ids)
 
 
@@ -113,7 +117,7 @@ def test_order_holds_through_five_worker_sigkills(ordered_stack):
     ids = post_concurrently(ordered_stack, key)
     rng = random.Random(8)
     for kill in range(5):
-        sent = 150 * (kill + 1)
+        sent = TOTAL * 3 // 20 * (kill + 1)
         wait_until(lambda n=sent: Message.objects.filter(pk__in=ids, dispatched_at__isnull=False).count() >= n,
                    120, what=f"{sent} sent")  # fmt: skip
         ordered_stack.kill_worker(rng.choice(ordered_stack.workers))

@@ -53,3 +53,72 @@ def test_stale_thresholds_are_per_priority(make_message):
     make_message(priority="bulk", enqueued_at=now - timedelta(seconds=6))  # bulk waits 10 s in tests
     make_message(priority="transactional", enqueued_at=now - timedelta(seconds=6))  # 5 s
     assert messages_sweep(now=now).enqueued == 1
+
+
+def test_one_tick_publishes_at_most_a_batch_across_its_reads(make_message, settings):
+    settings.CONDUCTOR = {**settings.CONDUCTOR, "SWEEP_BATCH_SIZE": 3}
+    now = timezone.now()
+    never = [make_message(enqueued_at=None) for _ in range(2)]
+    due_retry = make_message(enqueued_at=None, next_attempt_at=now - timedelta(seconds=1))
+    stale = make_message(enqueued_at=now - timedelta(seconds=60))
+    assert messages_sweep(now=now).enqueued == 3
+    swept = set(Message.objects.filter(enqueued_at=now).values_list("pk", flat=True))
+    assert swept == {never[0].pk, never[1].pk, due_retry.pk}
+    assert messages_sweep(now=now + timedelta(seconds=1)).enqueued == 1
+    assert Message.objects.get(pk=stale.pk).enqueued_at == now + timedelta(seconds=1)
+
+
+@pytest.mark.parametrize("statistics", ["fresh", "stale"])
+def test_a_backlog_queued_moments_ago_is_not_read_at_all(make_message, client_key, statistics):
+    """A campaign's accepted rows, each with its task just published, must cost a sweep nothing,
+    also before autovacuum has analyzed them (the planner then thinks few rows are accepted)."""
+    import json
+
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from messaging.rows import rows_insert
+
+    now = timezone.now()
+    for _ in range(20):  # the history the statistics see when they are stale
+        make_message(state="delivered", priority="bulk")
+    if statistics == "stale":
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE messaging_message")
+    backlog = [
+        Message(
+            client=client_key[0],
+            channel="sms",
+            to="+14155552671",
+            body="sale",
+            priority="bulk",
+            expires_at=now + timedelta(hours=1),
+            created_at=now,
+            accepted_at=now,
+            enqueued_at=now,
+        )
+        for _ in range(3000)
+    ]
+    rows_insert(Message, backlog)
+    if statistics == "fresh":
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE messaging_message")
+    with CaptureQueriesContext(connection) as captured:
+        assert messages_sweep(now=now + timedelta(seconds=1)).enqueued == 0
+    reads = [q["sql"] for q in captured.captured_queries if q["sql"].startswith("SELECT")]
+    assert reads
+    with connection.cursor() as cursor:
+        for sql in reads:
+            cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql)
+            plan = cursor.fetchone()[0]
+            plan = json.loads(plan) if isinstance(plan, str) else plan
+            touched = _rows_read(plan[0]["Plan"])
+            assert touched < 10, (touched, sql)
+
+
+def _rows_read(node: dict) -> int:
+    """Rows a plan node produced or threw away, summed over the tree."""
+    own = node.get("Rows Removed by Filter", 0) + node.get("Rows Removed by Index Recheck", 0)
+    if "Scan" in node["Node Type"]:
+        own += node.get("Actual Rows", 0) * node.get("Actual Loops", 1)
+    return own + sum(_rows_read(child) for child in node.get("Plans", []))

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import random
+from collections import defaultdict
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
 from messaging.lookup import LOOKUP_NOTE
-from messaging.models import DispatchAttempt
+from messaging.models import AttemptOutcome, DispatchAttempt, Message
+from reconciliation import buckets
 from reconciliation.anomalies import DetectorSettings, floor_time
 from reconciliation.buckets import buckets_refresh, series_by_route
+from reconciliation.histograms import BOUNDS
 from reconciliation.models import DeliveryBucket
 
 pytestmark = pytest.mark.django_db
@@ -102,3 +106,69 @@ def test_the_series_groups_buckets_by_channel_and_provider(make_message, minute)
     series = series_by_route(now=timezone.now(), settings=SETTINGS)
     assert set(series) == {("sms", "twilio"), ("sms", "vonage")}
     assert series[("sms", "twilio")].totals(minute, minute + timedelta(minutes=1)).dispatched == 1
+
+
+def test_a_latency_exactly_on_a_bound_counts_in_that_bounds_slot(make_message, minute):
+    at = minute + timedelta(seconds=10)
+    on_bound = at - timedelta(seconds=0.1)
+    sent(make_message, at, accepted_at=on_bound, state="delivered", delivered_at=on_bound + timedelta(seconds=1))
+    sent(make_message, at, accepted_at=on_bound - timedelta(microseconds=1))
+    sent(make_message, at, accepted_at=at + timedelta(seconds=1))  # clocks apart: counted as no wait
+    buckets_refresh(settings=SETTINGS)
+    bucket = DeliveryBucket.objects.filter(seconds=SETTINGS.bucket_seconds).get(start=minute)
+    dispatch, delivery = bucket.dispatch_latency["critical"], bucket.delivery_latency["critical"]
+    assert (dispatch[0], dispatch[BOUNDS.index(0.1)], dispatch[BOUNDS.index(0.1) + 1]) == (1, 1, 1)
+    assert delivery[BOUNDS.index(1.0)] == 1 and sum(delivery) == 1
+
+
+def test_the_database_counts_as_the_row_by_row_count_does(client_key, minute):
+    """PostgreSQL's GROUP BY counts against the Python loop SQLite uses, on varied rows: receipts
+    either side of the window's edges, latencies on a bound and a microsecond off, blank
+    channels and error types, look-ups, calls that never ended."""
+    rng = random.Random(3)
+    us = timedelta(microseconds=1)
+    edges = (timedelta(seconds=-60), timedelta(seconds=-60) - us, timedelta(seconds=120), timedelta(seconds=120) + us)
+
+    def latency():
+        return timedelta(seconds=rng.choice(BOUNDS)) + rng.choice((timedelta(0), us, -us, timedelta(seconds=-3)))
+
+    def receipt(dispatched_at, accepted_at):
+        return rng.choice(
+            (None, None, dispatched_at + rng.choice(edges), accepted_at + latency(), dispatched_at + latency())
+        )
+
+    messages = []
+    for number in range(300):
+        created_at = minute - timedelta(minutes=rng.randrange(0, 5))
+        accepted_at = rng.choice((None, created_at + timedelta(microseconds=rng.randrange(10**6))))
+        dispatched_at = (accepted_at or created_at) + latency()
+        messages.append(
+            Message(
+                client=client_key[0], channel=rng.choice(("sms", "whatsapp")), to="+14155552671", body="x",
+                priority=rng.choice(("critical", "bulk")), state="dispatched",
+                provider=rng.choice(("twilio", "vonage", "")), provider_message_id=f"SM{number}",
+                expires_at=minute + timedelta(days=1), created_at=created_at, accepted_at=accepted_at,
+                dispatched_at=dispatched_at,
+                **{name: receipt(dispatched_at, accepted_at or created_at) for name in buckets.RECEIPTS},
+            )
+        )  # fmt: skip
+    Message.objects.bulk_create(messages)
+    attempts = [
+        DispatchAttempt(
+            message=rng.choice(messages), number=number, provider=rng.choice(("twilio", "vonage")),
+            channel=rng.choice(("", "sms", "whatsapp")), note=rng.choice(("", LOOKUP_NOTE)),
+            started_at=minute, ended_at=rng.choice((None, minute + timedelta(seconds=rng.uniform(-300, 300)))),
+            outcome=rng.choice(list(AttemptOutcome)), error_type=rng.choice(("", "provider_5xx")),
+            latency_ms=rng.choice((None, 0, rng.randrange(10**5))),
+        )
+        for number in range(300)
+    ]  # fmt: skip
+    DispatchAttempt.objects.bulk_create(attempts)
+    since = minute - timedelta(minutes=3)
+    for settings, until in ((SETTINGS, None), (DetectorSettings(bucket_seconds=7), minute + timedelta(minutes=2))):
+        grouped, by_row = defaultdict(buckets._empty), defaultdict(buckets._empty)
+        buckets._count_cohorts_grouped(grouped, since, settings, until)
+        buckets._count_attempts_grouped(grouped, since, settings, until)
+        buckets._count_cohorts_by_row(by_row, since, settings, until)
+        buckets._count_attempts_by_row(by_row, since, settings, until)
+        assert len(by_row) > 10 and grouped == by_row

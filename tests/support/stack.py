@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,9 @@ class Stack:
         }
         self.processes: list[ManagedProcess] = []
         self.workers: list[ManagedProcess] = []
-        self.workers_customised = False  # set by tests that start workers with other settings
+        # What replace_workers last started: (count, concurrency, env); the live fixture keeps
+        # workers that already match what the next test asks for.
+        self.worker_setup: tuple[int, int, tuple[tuple[str, str], ...]] = (1, 4, ())
         self.worker_env: dict[str, str] | None = None
         self._worker_seq = 0
 
@@ -125,6 +128,15 @@ class Stack:
 
     def start_worker(self, concurrency: int = 4, env: dict[str, str] | None = None) -> ManagedProcess:
         """A worker consuming every queue; `env` overrides settings for it alone (e.g. routes)."""
+        worker = self._spawn_worker(concurrency, env)
+        self._wait_ready(worker)
+        return worker
+
+    def _wait_ready(self, worker: ManagedProcess) -> None:
+        wait_until(lambda: " ready." in worker.log_text(), 60, what=f"{worker.name} ready")
+        self.workers.append(worker)
+
+    def _spawn_worker(self, concurrency: int, env: dict[str, str] | None) -> ManagedProcess:
         self._worker_seq += 1
         name = f"worker{self._worker_seq}"
         worker = self._spawn(
@@ -147,9 +159,15 @@ class Stack:
             ],
             env,
         )
-        wait_until(lambda: " ready." in worker.log_text(), 60, what=f"{name} ready")
-        self.workers.append(worker)
         return worker
+
+    def workers_are(self, count: int, concurrency: int) -> bool:
+        """Whether exactly `count` workers of the default settings and this concurrency run."""
+        return (
+            self.worker_setup == (count, concurrency, ())
+            and len(self.workers) == count
+            and all(worker.alive() for worker in self.workers)
+        )
 
     def kill_worker(self, worker: ManagedProcess) -> None:
         worker.kill()
@@ -159,12 +177,16 @@ class Stack:
         self, env: dict[str, str] | None = None, count: int = 1, concurrency: int = 4
     ) -> list[ManagedProcess]:
         """Stop every worker and start `count` new ones (with `env` overrides, undone by the next test)."""
-        self.workers_customised = bool(env) or concurrency != 4
-        for worker in list(self.workers):
-            worker.stop()
-            self.workers.remove(worker)
+        self.worker_setup = (count, concurrency, tuple(sorted((env or {}).items())))
+        # All at once, stopping and starting: a worker's start is mostly imports, seconds each.
+        with ThreadPoolExecutor(max(1, len(self.workers))) as pool:
+            list(pool.map(lambda worker: worker.stop(), self.workers))
+        self.workers.clear()
         self.worker_env = env
-        return [self.start_worker(concurrency=concurrency, env=env) for _ in range(count)]
+        started = [self._spawn_worker(concurrency, env) for _ in range(count)]
+        for worker in started:
+            self._wait_ready(worker)
+        return started
 
     def stop(self) -> None:
         for process in reversed(self.processes):
