@@ -232,16 +232,16 @@ def test_when_half_the_sends_time_out_after_acceptance_all_are_delivered_and_non
     live.replace_workers(count=2)
     for provider in ("twilio", "vonage"):  # both SMS providers: fallback cannot dodge the fault
         live.sandbox_faults(provider, timeout_rate=0.5, timeout_hold_ms=3500, latency_ms=10)
-    items = [{**SMS, "to": f"+1415555{5000 + i:04d}", "category": "fast_retry"} for i in range(200)]
+    items = [{**SMS, "to": f"+1415555{5000 + i:04d}", "category": "fast_retry"} for i in range(120)]
     ids = post_batch(live, key, items)
     final = wait_for_all(ids, {"delivered"}, timeout=240)
-    assert final == {"delivered": 200}
+    assert final == {"delivered": 120}
     per_message = accepted_sends_per_message(live)
     assert set(per_message) == set(ids) and max(per_message.values()) == 1, "a message was accepted twice"
     timed_out = [r for r in live.sandbox_requests() if r["fault"] == "timeout"]
-    assert len(timed_out) > 60, "the fault was not injected"
+    assert len(timed_out) > 30, "the fault was not injected"
     ambiguous = DispatchAttempt.objects.filter(message_id__in=ids, outcome=AttemptOutcome.AMBIGUOUS).count()
     print(
-        f"200 messages: {len(timed_out)} sends timed out after acceptance, "
+        f"120 messages: {len(timed_out)} sends timed out after acceptance, "
         f"{ambiguous} ambiguous attempts recorded, 0 accepted twice"
     )

@@ -68,7 +68,9 @@ def test_metrics_from_two_workers_and_the_web_add_up_to_the_database(live):
     key = api_key_create(client_name="acme")[1]
     workers = live.replace_workers(count=2, concurrency=2)
     live.sandbox_faults(error_rate=0.25, latency_ms=30)
-    live.sandbox_faults(provider="mailgun", error_rate=0.25, latency_ms=30)
+    # Email has no second provider here (no SMTP relay runs): at 25 % errors a cluster could open
+    # Mailgun's circuit and dead-letter a message within the fast retries, which is not this test.
+    live.sandbox_faults(provider="mailgun", error_rate=0.1, latency_ms=30)
     before = scrape(live)
     items = [
         {
