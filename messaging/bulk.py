@@ -57,7 +57,7 @@ from messaging.outcomes import (
     attempt_report,
 )
 from messaging.routing import Hop, message_route
-from messaging.rows import rows_update
+from messaging.rows import rows_update, rows_update_in_key_order
 from messaging.services import message_publish, messages_transition
 from messaging.states import MessageState
 from providers.base import AmbiguousProviderError, ProviderError, SendResult
@@ -105,7 +105,9 @@ def messages_dispatch_batch(*, message_ids: list[str]) -> int:
             _walk(sends, lease)
     finally:
         # Normally released by each message's final write; this covers an exception on the way.
-        Message.objects.filter(pk__in=[m.pk for m in messages], lease_expires_at=lease).update(lease_expires_at=None)
+        rows_update_in_key_order(
+            Message.objects.filter(pk__in=[m.pk for m in messages], lease_expires_at=lease), lease_expires_at=None
+        )
     return len(messages)
 
 
@@ -201,8 +203,10 @@ def _hand_back(messages: list[Message], lease: datetime) -> None:
     if not messages:
         return
     now = timezone.now()
-    Message.objects.filter(pk__in=[m.pk for m in messages], lease_expires_at=lease).update(
-        lease_expires_at=None, enqueued_at=now
+    rows_update_in_key_order(
+        Message.objects.filter(pk__in=[m.pk for m in messages], lease_expires_at=lease),
+        lease_expires_at=None,
+        enqueued_at=now,
     )
     for message in messages:
         message_publish(message_id=message.pk, channel=message.channel, priority=message.priority)
@@ -336,7 +340,9 @@ def _attempts_start(calling: list[_Send]) -> None:
         by_provider.setdefault(send.hop.provider, []).append(send.message.pk)
         send.message.provider = send.hop.provider  # the provider to ask if this call's outcome is lost
     for provider, ids in by_provider.items():
-        Message.objects.filter(pk__in=ids).update(attempt_count=F("attempt_count") + 1, provider=provider)
+        rows_update_in_key_order(
+            Message.objects.filter(pk__in=ids), attempt_count=F("attempt_count") + 1, provider=provider
+        )
 
 
 def _record(calling: list[_Send]) -> None:

@@ -23,6 +23,7 @@ from django.utils import timezone
 
 from messaging.conf import conductor_setting
 from messaging.models import Message, OrderingKey, OrderingMode
+from messaging.rows import rows_update_in_key_order
 from messaging.states import DEAD_LETTER_STATES, MessageState
 
 logger = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def ordering_release(*, message_id: Any) -> int:
     )
     if not waiters:
         return 0
-    Message.objects.filter(pk__in=[pk for pk, _, _ in waiters]).update(enqueued_at=now)
+    rows_update_in_key_order(Message.objects.filter(pk__in=[pk for pk, _, _ in waiters]), enqueued_at=now)
     for pk, channel, priority in waiters:
         message_publish(message_id=pk, channel=channel, priority=priority)
     return len(waiters)

@@ -1,11 +1,12 @@
-"""Writing many rows at once: one UPDATE with each row's own values, one COPY of new rows."""
+"""Writing many rows at once: one UPDATE with each row's own values, one UPDATE whose row locks are
+taken in key order, one COPY of new rows."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from django.db import connections, models
+from django.db import connections, models, transaction
 from django.db.models import Case, JSONField, Value, When
 from django.utils import timezone
 from psycopg.types.json import Jsonb
@@ -46,6 +47,23 @@ def rows_update(queryset: models.QuerySet, changes: Mapping[Any, Mapping[str, An
         for name in varying
     }
     return rows.update(**common, **per_row)
+
+
+def rows_update_in_key_order(queryset: models.QuerySet, **values: Any) -> int:
+    """queryset.update(**values), its rows locked first in primary-key order.
+
+    Every transaction that locks many messages takes the locks in one order, the claims' order
+    (SELECT … FOR UPDATE ORDER BY pk): a bare UPDATE locks rows in whatever order its plan reads
+    them (a bitmap heap scan reads them in physical order), and two batches that share messages
+    (a task the sweeper published again beside the original) then deadlock, each holding a row
+    the other waits for. The write names only the locked keys, whose rows cannot change under
+    their locks. Returns how many rows were updated.
+    """
+    with transaction.atomic(using=queryset.db):
+        locked = list(queryset.select_for_update(of=("self",)).order_by("pk").values_list("pk", flat=True))
+        if not locked:
+            return 0
+        return queryset.model._base_manager.using(queryset.db).filter(pk__in=locked).update(**values)
 
 
 def _update_from_values(

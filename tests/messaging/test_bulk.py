@@ -56,9 +56,10 @@ def test_a_batch_is_sent_once_each_and_recorded_in_a_few_statements(
     sandbox, make_message, django_assert_max_num_queries
 ):
     messages = campaign(make_message, 60)
-    # claim (lock, lease), lost-attempt check, attempts and counters, their outcomes, the
-    # transition (lock, update, events), and the savepoints of the two transactions: 60 or 6,000
-    with django_assert_max_num_queries(14):
+    # claim (lock, lease), lost-attempt check, attempts and counters (lock, update), their
+    # outcomes, the transition (lock, update, events), the check that no lease is left (lock), and
+    # the savepoints of the four transactions: 60 or 6,000
+    with django_assert_max_num_queries(19):
         assert messages_dispatch_batch(message_ids=ids(messages)) == 60
     rows = Message.objects.filter(pk__in=ids(messages))
     assert Counter(rows.values_list("state", flat=True)) == {"dispatched": 60}
@@ -82,6 +83,41 @@ def test_a_second_task_for_the_same_ids_sends_nothing(sandbox, make_message):
     messages_dispatch_batch(message_ids=ids(messages))
     assert messages_dispatch_batch(message_ids=ids(messages)) == 0
     assert len(sandbox.requests(provider="twilio")) == 5
+
+
+@pytest.mark.django_db(transaction=True)
+def test_batches_sharing_messages_at_once_send_each_once_without_a_deadlock(sandbox, make_message):
+    """The sweeper publishes a backlog older than the stale time again, in batches that overlap the
+    queued originals; two of them can run at once. Each writer locks in key order (messaging.rows)."""
+    import threading
+
+    from django.db import connection
+
+    messages = campaign(make_message, 240)
+    batches = [ids(messages[:120]), ids(messages[60:180])[::-1], ids(messages[120:]), ids(messages[::2])]
+    start = threading.Barrier(len(batches))
+    claimed: list[int] = []
+    errors: list[BaseException] = []
+
+    def run(batch: list[str]) -> None:
+        try:
+            start.wait(timeout=10)
+            claimed.append(messages_dispatch_batch(message_ids=batch))
+        except BaseException as exc:  # a deadlock surfaces here as OperationalError
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(batch,)) for batch in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert sum(claimed) == 240
+    assert Counter(Message.objects.values_list("state", flat=True)) == {"dispatched": 240}
+    sent = Counter(r["message_id"] for r in sandbox.requests(provider="twilio"))
+    assert sent == Counter({m: 1 for m in ids(messages)})
 
 
 def test_leased_and_not_yet_due_messages_are_left_alone(sandbox, make_message):

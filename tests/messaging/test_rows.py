@@ -10,7 +10,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from messaging.models import Message, MessageEvent
-from messaging.rows import rows_insert, rows_update
+from messaging.rows import rows_insert, rows_update, rows_update_in_key_order
 
 pytestmark = pytest.mark.django_db
 
@@ -82,3 +82,62 @@ def test_rows_insert_raises_djangos_integrity_error_and_stores_nothing(make_mess
     with pytest.raises(IntegrityError), transaction.atomic():
         rows_insert(Message, [clash])
     assert Message.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_many_row_update_locks_in_key_order_whatever_order_its_plan_reads(make_message, settings):
+    """The deadlock of overlapping batches, one step short: another transaction holds the row with
+    the lower key; the writer must not take the higher one meanwhile. Its plan is forced to read
+    the higher first (stored first, sequential scan), as a bitmap scan can."""
+    import threading
+    import time
+
+    import psycopg
+    from django.db import connection
+
+    high = make_message(id=uuid.UUID(int=2**128 - 1), priority="bulk")  # stored first
+    low = make_message(id=uuid.UUID(int=1), priority="bulk")
+    dsn = connection.get_connection_params()
+    dsn = {k: v for k, v in dsn.items() if k in ("host", "port", "user", "dbname", "password")}
+    holder, prober = psycopg.connect(**dsn), psycopg.connect(**dsn)
+    updated: list[int] = []
+    writer_pid: list[int] = []
+
+    def write() -> None:
+        from django.db import connection as thread_connection
+
+        try:
+            with thread_connection.cursor() as cursor:
+                cursor.execute("SET enable_indexscan = off; SET enable_bitmapscan = off")
+                writer_pid.append(thread_connection.connection.info.backend_pid)
+            updated.append(
+                rows_update_in_key_order(Message.objects.filter(pk__in=[high.pk, low.pk]), provider="twilio")
+            )
+        finally:
+            thread_connection.close()
+
+    writer = threading.Thread(target=write)
+    try:
+        holder.execute("SELECT 1 FROM messaging_message WHERE id = %s FOR UPDATE", [low.pk])
+        writer.start()
+        deadline = timezone.now() + timedelta(seconds=10)
+        while timezone.now() < deadline:  # until the writer waits for a lock
+            waiting = prober.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s) AND wait_event_type = 'Lock'",
+                [writer_pid],
+            ).fetchone()[0]
+            prober.rollback()
+            if waiting:
+                break
+            time.sleep(0.02)
+        assert waiting, "the writer never waited for the held row"
+        # The writer holds nothing yet: the higher row is free to take.
+        prober.execute("SELECT 1 FROM messaging_message WHERE id = %s FOR UPDATE NOWAIT", [high.pk])
+        prober.rollback()
+    finally:
+        holder.rollback()
+        writer.join(timeout=10)
+        holder.close()
+        prober.close()
+    assert updated == [2]
+    assert set(Message.objects.values_list("provider", flat=True)) == {"twilio"}
