@@ -20,7 +20,7 @@ from reconciliation.anomalies import (
     floor_time,
     recovered,
 )
-from tests.support.delivery_simulation import Traffic, false_alarms, when_detected
+from tests.support.delivery_simulation import Traffic, across_seeds, false_alarms, when_detected
 
 NOW = datetime(2026, 11, 30, 12, 0, 30, tzinfo=UTC)
 SETTINGS = DetectorSettings()
@@ -174,5 +174,6 @@ def test_a_silent_10_percent_drop_at_10_per_second_is_alerted_within_15_minutes_
 
 @pytest.mark.parametrize("rate", [10.0, 0.1])
 def test_24_hours_of_steady_traffic_raise_no_alert(rate):
-    found = [finding for seed in SEEDS for finding in false_alarms(seed, SETTINGS, traffic=Traffic(rate))]
+    days = across_seeds(false_alarms, SEEDS, settings=SETTINGS, traffic=Traffic(rate))
+    found = [finding for day in days for finding in day]
     assert found == []

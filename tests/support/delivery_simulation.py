@@ -9,8 +9,13 @@ Shared by tests/reconciliation/test_anomalies.py and bench/anomaly_detection.py.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import numpy as np
 
@@ -155,3 +160,15 @@ def false_alarms(seed: int, settings: DetectorSettings, *, traffic: Traffic, hou
     for tick in ticks(start, end):
         found += detect(series.at(tick), now=EPOCH + timedelta(seconds=tick), settings=settings)
     return found
+
+
+def across_seeds(simulation: Callable[..., list], seeds: Sequence[int], **arguments) -> list:
+    """simulation(seed, **arguments) for every seed, spread over the machine's cores.
+
+    Each seed is a day of minute ticks in pure Python, independent of the others. Fresh (spawned)
+    processes, not forks of the caller: a test process holds threads (the in-process sandbox)
+    and open connections, which a fork would copy mid-use.
+    """
+    workers = max(1, min(len(seeds), os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(partial(simulation, **arguments), seeds, chunksize=max(1, len(seeds) // (4 * workers))))
