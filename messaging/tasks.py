@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-
-import redis
 from celery import shared_task
-from django.conf import settings
 
 from messaging.bulk import messages_dispatch_batch
 from messaging.dispatch import message_dispatch
+from messaging.locks import cluster_lock
 from messaging.sweeper import messages_sweep
-
-logger = logging.getLogger(__name__)
 
 
 @shared_task(name="messaging.dispatch", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -30,23 +25,11 @@ def dispatch_batch(message_ids: list[str]) -> None:
 
 @shared_task(name="messaging.sweep", ignore_result=True)
 def sweep() -> None:
-    """Expire overdue messages and re-enqueue lost or due ones; one sweep at a time cluster-wide."""
-    try:
-        lock = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2).lock(
-            "conductor:lock:sweep", timeout=120, blocking=False
-        )
-        acquired = lock.acquire()
-    except redis.RedisError:
-        # Fail open: overlapping sweeps only publish duplicate triggers, which claims absorb.
-        logger.warning("sweep lock unavailable (Redis unreachable); sweeping without it")
-        messages_sweep()
-        return
-    if not acquired:
-        return
-    try:
-        messages_sweep()
-    finally:
-        try:
-            lock.release()
-        except redis.RedisError:
-            pass
+    """Expire overdue messages and re-enqueue lost or due ones; one sweep at a time cluster-wide.
+
+    The lock goes with its holder: a worker killed mid-sweep (with a lock that times out, one was
+    found holding every sweep off for its 120 s) leaves the next tick free to sweep.
+    """
+    with cluster_lock("conductor:sweep") as acquired:
+        if acquired:
+            messages_sweep()

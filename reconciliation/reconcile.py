@@ -9,18 +9,16 @@ named no message are matched again. The run's report is stored. One run at a tim
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 
-from django.db import connection
 from django.utils import timezone
 
 from messaging.conf import conductor_setting
+from messaging.locks import cluster_lock
 from messaging.models import EventSource, Message
 from messaging.states import MessageState
 from reconciliation.models import Receipt, ReconciliationRun, RunStatus
@@ -29,7 +27,7 @@ from reconciliation.receipts import receipt_apply
 
 logger = logging.getLogger(__name__)
 
-LOCK_ID = int.from_bytes(hashlib.sha256(b"conductor:reconciliation").digest()[:8], "big", signed=True)
+LOCK_NAME = "conductor:reconciliation"
 FINAL_RECEIPT_STATES = (MessageState.DELIVERED, MessageState.READ, MessageState.UNDELIVERED, MessageState.FAILED)
 # How far along a provider's verdict is; a verdict behind ours is a conflict, never applied.
 PROGRESS = {
@@ -54,27 +52,6 @@ def day_window(day: date) -> tuple[datetime, datetime]:
     return start, start + timedelta(days=1)
 
 
-@contextmanager
-def reconciliation_lock() -> Iterator[bool]:
-    """Hold the cluster-wide reconciliation lock for the block; yields whether it was free.
-
-    A session-level PostgreSQL advisory lock: it goes with the connection if the process dies.
-    SQLite (single-machine development) serialises writers anyway and has no such lock.
-    """
-    if connection.vendor != "postgresql":
-        yield True
-        return
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(%s)", [LOCK_ID])
-        acquired = cursor.fetchone()[0]
-    try:
-        yield acquired
-    finally:
-        if acquired:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_unlock(%s)", [LOCK_ID])
-
-
 def reconciliation_run(
     *,
     day: date,
@@ -86,7 +63,7 @@ def reconciliation_run(
 
     `on_start(total)` learns how many messages will be checked, `progress(n)` is called as they are.
     """
-    with reconciliation_lock() as acquired:
+    with cluster_lock(LOCK_NAME) as acquired:
         if not acquired:
             logger.info("reconciliation of %s not started: another run is in progress", day)
             return None

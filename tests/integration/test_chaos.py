@@ -41,15 +41,21 @@ def test_flaky_providers_killed_workers_and_redis_restarts_lose_and_double_nothi
 
     def chaos() -> None:
         restarts_at = {KILLS // 3, 2 * KILLS // 3}
+        starting = []
         for kill in range(KILLS):
             time.sleep(rng.uniform(0.5, 1.5))
+            # Replacements boot while the chaos goes on (seconds each): the victim is any worker
+            # that is up, the one killed mid-sweep included.
+            wait_until(lambda: live.workers, 60, interval=0.1, what="a worker up to kill")
             victim = rng.choice(live.workers)
             live.kill_worker(victim)
-            live.start_worker(env=live.worker_env)
+            starting.append(live.start_worker_in_background(env=live.worker_env))
             chaos_log.append(f"killed {victim.name}")
             if kill in restarts_at:
                 live.restart_redis()
                 chaos_log.append("restarted redis")
+        for started in starting:
+            started.result(timeout=60)
 
     thread = threading.Thread(target=chaos)
     thread.start()

@@ -122,3 +122,26 @@ def _rows_read(node: dict) -> int:
     if "Scan" in node["Node Type"]:
         own += node.get("Actual Rows", 0) * node.get("Actual Loops", 1)
     return own + sum(_rows_read(child) for child in node.get("Plans", []))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_sweep_cut_off_mid_run_leaves_the_next_tick_free_to_sweep(make_message):
+    """One sweep at a time; its holder is a worker that can be killed mid-sweep (the chaos test
+    does). The lock must go with it, not hold every sweep off until some timeout."""
+    import psycopg
+    from django.db import connection
+
+    from messaging.locks import cluster_lock_id
+    from messaging.tasks import sweep
+
+    lost = make_message(priority="transactional", enqueued_at=None)  # its task never reached the broker
+    params = {k: v for k, v in connection.get_connection_params().items() if k in ("host", "port", "user", "dbname")}
+    holder = psycopg.connect(**params, autocommit=True)  # another worker's sweep, under way
+    try:
+        holder.execute("SELECT pg_advisory_lock(%s)", [cluster_lock_id("conductor:sweep")])
+        sweep()
+        assert Message.objects.get(pk=lost.pk).enqueued_at is None  # that sweep's turn
+    finally:
+        holder.close()  # ...and its worker is killed: the connection goes, and the lock with it
+    sweep()
+    assert Message.objects.get(pk=lost.pk).enqueued_at is not None

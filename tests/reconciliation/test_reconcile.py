@@ -13,11 +13,12 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from messaging.dispatch import message_dispatch
+from messaging.locks import cluster_lock_id
 from messaging.models import Message
 from providers.base import ReceiptEvent
 from reconciliation.models import Receipt, ReconciliationRun
 from reconciliation.receipts import receipt_record
-from reconciliation.reconcile import LOCK_ID, reconciliation_run
+from reconciliation.reconcile import LOCK_NAME, reconciliation_run
 
 pytestmark = pytest.mark.django_db
 
@@ -107,12 +108,12 @@ def test_unmatched_receipts_of_the_day_are_matched_again(sandbox, make_message):
 def test_a_second_run_while_one_holds_the_lock_does_nothing(make_message):
     dsn = django_settings.DATABASES["default"]
     with psycopg.connect(host=dsn["HOST"], port=dsn["PORT"], user=dsn["USER"], dbname=dsn["NAME"]) as other:
-        other.execute("SELECT pg_advisory_lock(%s)", [LOCK_ID])  # a run in another process
+        other.execute("SELECT pg_advisory_lock(%s)", [cluster_lock_id(LOCK_NAME)])  # a run in another process
         assert reconciliation_run(day=today(), trigger="test") is None
         with pytest.raises(CommandError, match="Another reconciliation is running"):
             call_command("reconcile", "--date", str(today()), stdout=StringIO())
         assert not ReconciliationRun.objects.exists()
-        other.execute("SELECT pg_advisory_unlock(%s)", [LOCK_ID])
+        other.execute("SELECT pg_advisory_unlock(%s)", [cluster_lock_id(LOCK_NAME)])
     assert reconciliation_run(day=today(), trigger="test").status == "completed"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class Stack:
         self.worker_setup: tuple[int, int, tuple[tuple[str, str], ...]] = (1, 4, ())
         self.worker_env: dict[str, str] | None = None
         self._worker_seq = 0
+        self._starting = ThreadPoolExecutor(8, "worker-start")
 
     # --- processes ------------------------------------------------------------------------------
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
@@ -132,6 +133,11 @@ class Stack:
         self._wait_ready(worker)
         return worker
 
+    def start_worker_in_background(self, concurrency: int = 4, env: dict[str, str] | None = None) -> Future:
+        """start_worker without waiting: the worker joins `workers` once ready (the Future says when)."""
+        worker = self._spawn_worker(concurrency, env)
+        return self._starting.submit(self._wait_ready, worker)
+
     def _wait_ready(self, worker: ManagedProcess) -> None:
         wait_until(lambda: " ready." in worker.log_text(), 60, what=f"{worker.name} ready")
         self.workers.append(worker)
@@ -189,6 +195,7 @@ class Stack:
         return started
 
     def stop(self) -> None:
+        self._starting.shutdown(wait=False, cancel_futures=True)
         for process in reversed(self.processes):
             process.stop()
 
