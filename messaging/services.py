@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -410,6 +411,7 @@ def message_publish(*, message_id: Any, channel: str, priority: str, countdown: 
         current_app.send_task(
             DISPATCH_TASK,
             args=[str(message_id)],
+            kwargs={"published_at": time.time()},  # messaging.queue_progress
             queue=queue_name(channel, priority),
             countdown=countdown,
             retry=False,
@@ -447,6 +449,7 @@ def _publish_batch(channel: str, message_ids: list[str]) -> bool:
         current_app.send_task(
             DISPATCH_BATCH_TASK,
             args=[message_ids],
+            kwargs={"published_at": time.time()},
             queue=queue_name(channel, Priority.BULK),
             retry=False,
         )

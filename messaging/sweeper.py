@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from django.db.models import Q
 from django.utils import timezone
@@ -12,6 +12,8 @@ from django.utils import timezone
 from messaging.conf import conductor_setting
 from messaging.dispatch import unleased
 from messaging.models import ErrorType, EventSource, Message
+from messaging.queue_progress import MOVING_SECONDS, SLACK_SECONDS, queues_consumed
+from messaging.routing import Channel, queue_name
 from messaging.rows import rows_update_in_key_order
 from messaging.services import message_transition, messages_publish
 from messaging.states import MessageState
@@ -74,7 +76,7 @@ def _enqueue_due(now: datetime, priority: str, stale_after: timedelta, batch: in
     reads = (
         never_published.filter(next_attempt_at__isnull=True).order_by("created_at"),
         never_published.filter(next_attempt_at__lte=now).order_by("next_attempt_at"),
-        candidates.filter(due, enqueued_at__lt=now - stale_after).order_by("enqueued_at"),
+        candidates.filter(due, enqueued_at__lt=_stale_before(now, priority, stale_after)).order_by("enqueued_at"),
     )
     rows: list[tuple[str, str]] = []
     for read in reads:
@@ -88,3 +90,18 @@ def _enqueue_due(now: datetime, priority: str, stale_after: timedelta, batch: in
     rows_update_in_key_order(marked.filter(pk__in=[pk for pk, _ in rows]), enqueued_at=now)
     messages_publish(messages=[(message_id, channel, priority) for message_id, channel in rows])
     return len(rows)
+
+
+def _stale_before(now: datetime, priority: str, stale_after: timedelta) -> datetime:
+    """A task published before this is taken as lost: the stale time ago, or, while the priority's
+    queues are draining a backlog older than that, where their workers have got to (a task
+    published after the last one they started is most likely still queued; messaging.queue_progress)."""
+    cutoff = now - stale_after
+    consumed = queues_consumed(
+        [queue_name(channel, priority) for channel in Channel.values],
+        now=now.timestamp(),
+        moving_within=min(stale_after.total_seconds(), MOVING_SECONDS),
+    )
+    if consumed:
+        cutoff = min(cutoff, datetime.fromtimestamp(max(consumed.values()) - SLACK_SECONDS, tz=UTC))
+    return cutoff

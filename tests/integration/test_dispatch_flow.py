@@ -3,6 +3,7 @@ official Twilio SDK -> sandbox over HTTP -> signed status callback -> webhook. N
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -201,6 +202,29 @@ def test_a_message_whose_task_never_reached_the_broker_is_swept_and_looked_up_be
         "accepted",
     ]
     assert any("has no record of it" in worker.log_text() for worker in live.workers)
+
+
+def test_a_backlog_that_outlasts_the_stale_time_is_not_published_again_while_it_drains(live, key):
+    # A transactional task counts as lost 5 s after it was published (test settings); 400 of
+    # them at 150 ms a send through one worker of 4 processes take about 15 s to drain. While its
+    # worker keeps taking tasks from the queue, the ones behind are queued, not lost.
+    live.sandbox_faults("twilio", latency_ms=150)
+    items = [{"channel": "sms", "to": f"+1202555{i:04d}", "body": f"Notice {i}"} for i in range(400)]
+    started_at = timezone.now()
+    ids = post_batch(live, key, items)
+    started = time.monotonic()
+    wait_for_all(ids, {"dispatched", "delivered"}, timeout=120)
+    drained_s = time.monotonic() - started
+    republished = sum(
+        int(record["message"].split(", ")[1].split()[0])
+        for worker in live.workers
+        for record in (json.loads(line) for line in worker.log_text().splitlines() if line.startswith("{"))
+        if record["message"].startswith("sweep: ") and record["time"] >= started_at.isoformat()
+    )
+    print(f"\n400 messages drained in {drained_s:.1f} s; {republished} published again by the sweeper")
+    assert drained_s > 2 * settings.CONDUCTOR["SWEEP_STALE_AFTER_SECONDS"]["transactional"]
+    assert republished <= 20  # by the stale time alone: every queued one, every 5 s (over 600 here)
+    assert accepted_sends_per_message(live) == Counter({message_id: 1 for message_id in ids})
 
 
 def test_forged_status_callbacks_are_refused_and_change_nothing(live, key):

@@ -145,3 +145,52 @@ def test_a_sweep_cut_off_mid_run_leaves_the_next_tick_free_to_sweep(make_message
         holder.close()  # ...and its worker is killed: the connection goes, and the lock with it
     sweep()
     assert Message.objects.get(pk=lost.pk).enqueued_at is not None
+
+
+def test_a_backlog_still_draining_is_not_published_again_when_its_stale_time_passes(make_message, settings):
+    """A campaign that takes longer than the stale time to drain: while the queue's workers keep
+    taking its tasks, those published after the last one they took are still queued."""
+    import time
+
+    from messaging.queue_progress import KEY, queue_consumed
+    from providers.redis_state import shared_redis
+
+    now = timezone.now()
+    stale = settings.CONDUCTOR["SWEEP_STALE_AFTER_SECONDS"]["bulk"]
+    taken = make_message(priority="bulk", enqueued_at=now - timedelta(seconds=stale + 60))
+    queued = make_message(priority="bulk", enqueued_at=now - timedelta(seconds=stale + 5))
+    queue_consumed(queue="sms.bulk", published_at=(now - timedelta(seconds=stale + 30)).timestamp())
+    queue_consumed(queue="sms.bulk", published_at=(now - timedelta(seconds=stale + 90)).timestamp())  # a late one
+    assert messages_sweep().enqueued == 1
+    assert Message.objects.get(pk=taken.pk).enqueued_at > now  # taken (or lost): published again
+    assert Message.objects.get(pk=queued.pk).enqueued_at < now  # still in the queue: left alone
+    # The workers stop taking tasks (gone, or the broker lost the queue): time alone decides again.
+    shared_redis().hset(KEY, "sms.bulk:moved", repr(time.time() - stale - 1))
+    assert messages_sweep().enqueued == 1
+    assert Message.objects.get(pk=queued.pk).enqueued_at > now
+
+
+def test_without_a_watermark_or_redis_the_stale_time_alone_decides(make_message, settings):
+    from providers import redis_state
+
+    now = timezone.now()
+    stale = settings.CONDUCTOR["SWEEP_STALE_AFTER_SECONDS"]["bulk"]
+    make_message(priority="bulk", enqueued_at=now - timedelta(seconds=stale + 5))
+    assert messages_sweep().enqueued == 1
+    make_message(priority="bulk", enqueued_at=now - timedelta(seconds=stale + 5))
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
+    redis_state.reset_shared_redis()
+    try:
+        assert messages_sweep().enqueued == 1
+    finally:
+        redis_state.reset_shared_redis()
+
+
+def test_a_dispatch_task_raises_its_queues_watermark(make_message):
+    from messaging.queue_progress import queues_consumed
+    from messaging.tasks import dispatch_batch
+
+    published = timezone.now().timestamp() - 100
+    dispatch_batch.apply(args=[[]], kwargs={"published_at": published}, routing_key="email.bulk")
+    marks = queues_consumed(["email.bulk", "sms.bulk"], now=timezone.now().timestamp(), moving_within=5)
+    assert marks == {"email.bulk": published}
