@@ -3,9 +3,30 @@
 import os
 
 from celery import Celery
+from celery.signals import task_postrun, task_prerun
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "conductor_project.settings.base")
 
 app = Celery("conductor")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+@task_prerun.connect
+@task_postrun.connect
+def _database_connections_between_tasks(sender=None, **_) -> None:
+    """Django's rule between requests, applied between tasks: a connection is kept for
+    CONN_MAX_AGE and dropped once broken (CONN_HEALTH_CHECKS) or obsolete.
+
+    Celery (5.7 here; since celery#9824, 2025) closes every connection around every task unless
+    CELERY_DB_REUSE_MAX is set, so each task opened a new PostgreSQL connection and backend: one
+    per bulk batch, one per critical message (bench/README.md, third session: 339 connections
+    for a 20,000-message bench run, 17 with this). Settings set CELERY_DB_REUSE_MAX high, and
+    this does what Celery's fixup no longer does. Eager tasks (tests) run inside the caller's
+    transaction and are left alone, as Celery's own fixup leaves them.
+    """
+    if sender is not None and getattr(sender.request, "is_eager", False):
+        return
+    from django.db import close_old_connections
+
+    close_old_connections()

@@ -65,7 +65,7 @@ def queues_consumed(queues: Iterable[str], *, now: float, moving_within: float) 
     try:
         values = shared_redis().hmget(KEY, fields)
     except redis.RedisError:
-        logger.warning("queue watermarks unavailable (Redis unreachable): stale by time alone")
+        logger.debug("queue watermarks unavailable (Redis unreachable): stale by time alone")
         return {}
     marks = {}
     for index, queue in enumerate(queues):

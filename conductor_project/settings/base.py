@@ -123,6 +123,10 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Celery closes every database connection around every task unless this is set (celery#9824):
+# connections are kept per CONN_MAX_AGE instead (conductor_project/celery.py); Celery's own
+# close still runs every this many tasks, as a backstop.
+CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1000)
 # Redis re-delivers an unacked task after this long; it must exceed the longest countdown
 # (MAX_COUNTDOWN_SECONDS, 60 s) plus the longest task run, or ETA tasks would be duplicated.
 CELERY_BROKER_TRANSPORT_OPTIONS = {

@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 import pytest
 import requests
 from django.conf import settings
+from django.db import connection
 from django.utils import timezone
 from twilio.request_validator import RequestValidator
 
@@ -225,6 +226,26 @@ def test_a_backlog_that_outlasts_the_stale_time_is_not_published_again_while_it_
     assert drained_s > 2 * settings.CONDUCTOR["SWEEP_STALE_AFTER_SECONDS"]["transactional"]
     assert republished <= 20  # by the stale time alone: every queued one, every 5 s (over 600 here)
     assert accepted_sends_per_message(live) == Counter({message_id: 1 for message_id in ids})
+
+
+def test_workers_keep_their_database_connections_between_tasks(live, key):
+    # Celery closes every connection around every task by itself (conductor_project/celery.py);
+    # 60 messages and a sweep a second would open a PostgreSQL backend each.
+    def sessions() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_stat_clear_snapshot()")
+            cursor.execute("SELECT sessions FROM pg_stat_database WHERE datname = current_database()")
+            return cursor.fetchone()[0]
+
+    wait_for_all(post_batch(live, key, [SMS]), {"dispatched", "delivered"}, timeout=30)  # connections made
+    time.sleep(1.5)  # statistics reach pg_stat_database within a second
+    before = sessions()
+    ids = post_batch(live, key, [{**SMS, "to": f"+1202555{i:04d}"} for i in range(60)])
+    wait_for_all(ids, {"dispatched", "delivered"}, timeout=60)
+    time.sleep(1.5)
+    opened = sessions() - before
+    print(f"\n60 messages, {opened} database sessions opened meanwhile")
+    assert opened < 20
 
 
 def test_forged_status_callbacks_are_refused_and_change_nothing(live, key):
