@@ -46,7 +46,9 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(live, key):
     # Receipts come late, so the calls the kill cut off are settled by the next claim, which
     # finds their attempts in progress and looks each one up before any resend.
     live.sandbox_faults(latency_ms=300, latency_max_ms=900, receipt_delay_ms=20_000)
-    ids = post_batch(live, key, campaign(600, 1000))
+    # More than the worker's 4 processes take at once (4 batches of BULK_BATCH_SIZE, 250): some
+    # must still be queued when the kill comes.
+    ids = post_batch(live, key, campaign(600, 1000)) + post_batch(live, key, campaign(600, 1600))
     wait_until(lambda: len(accepted_sends_per_message(live)) >= 20, 60, what="some sends")
     live.kill_worker(live.workers[0])
     in_flight = DispatchAttempt.objects.filter(message_id__in=ids, outcome=AttemptOutcome.IN_PROGRESS).count()
@@ -54,7 +56,7 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(live, key):
     assert in_flight > 0 and left["accepted"] > in_flight, "the kill came too late to test anything"
     live.start_worker()
     final = wait_for_all(ids, {"delivered"}, timeout=180)
-    assert final == {"delivered": 600}
+    assert final == {"delivered": 1200}
     per_message = accepted_sends_per_message(live)
     assert set(per_message) == set(ids) and max(per_message.values()) == 1, "a message was accepted twice"
     outcomes = DispatchAttempt.objects.filter(message_id__in=ids)
@@ -67,7 +69,7 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(live, key):
     overtaken = outcomes.filter(outcome=AttemptOutcome.IN_PROGRESS).count()
     assert lost + overtaken == in_flight and found <= lost and found + overtaken > 0
     print(
-        f"600 bulk messages: killed with {in_flight} sends in flight and {left['accepted'] - in_flight} "
+        f"1,200 bulk messages: killed with {in_flight} sends in flight and {left['accepted'] - in_flight} "
         f"not yet started; {found} found at the provider by the look-up, {overtaken} delivered by their "
         "receipt first; 0 accepted twice"
     )
