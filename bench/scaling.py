@@ -46,7 +46,7 @@ def main() -> None:
         rss = r.rss_mb
         print(
             f"| {step}x | {r.options['messages']:,} | {r.throughput_dispatch:,.0f} "
-            f"| {r.throughput_dispatch / r.baseline['rate']:.2f}x "
+            f"| {r.throughput_dispatch / bulk_throughput.baseline_rate(r):.2f}x "
             f"| {rss['start']:.0f} / {rss['middle']:.0f} / {rss['end']:.0f} | {r.cpu_ms_per_message:.2f} "
             f"| {r.drain_s:.0f} | {r.elapsed_s:.0f} |"
         )
