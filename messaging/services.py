@@ -411,7 +411,8 @@ def message_publish(*, message_id: Any, channel: str, priority: str, countdown: 
         current_app.send_task(
             DISPATCH_TASK,
             args=[str(message_id)],
-            kwargs={"published_at": time.time()},  # messaging.queue_progress
+            # A header, not an argument: a worker of the previous release ignores it (messaging.queue_progress).
+            headers={"published_at": time.time()},
             queue=queue_name(channel, priority),
             countdown=countdown,
             retry=False,
@@ -449,7 +450,7 @@ def _publish_batch(channel: str, message_ids: list[str]) -> bool:
         current_app.send_task(
             DISPATCH_BATCH_TASK,
             args=[message_ids],
-            kwargs={"published_at": time.time()},
+            headers={"published_at": time.time()},
             queue=queue_name(channel, Priority.BULK),
             retry=False,
         )

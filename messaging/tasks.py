@@ -12,23 +12,27 @@ from messaging.sweeper import messages_sweep
 
 
 @shared_task(bind=True, name="messaging.dispatch", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def dispatch(self: Task, message_id: str, published_at: float | None = None) -> None:
+def dispatch(self: Task, message_id: str) -> None:
     """Send one message. An unexpected error leaves it `accepted`; the sweeper tries again."""
-    queue_consumed(queue=_queue(self), published_at=published_at)
+    _record_consumed(self)
     message_dispatch(message_id=message_id)
 
 
 @shared_task(bind=True, name="messaging.dispatch_batch", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def dispatch_batch(self: Task, message_ids: list[str], published_at: float | None = None) -> None:
+def dispatch_batch(self: Task, message_ids: list[str]) -> None:
     """Send a batch of bulk messages (messaging.bulk); as with dispatch, an unexpected error
     leaves the unsent ones `accepted` and the sweeper publishes them again."""
-    queue_consumed(queue=_queue(self), published_at=published_at)
+    _record_consumed(self)
     messages_dispatch_batch(message_ids=message_ids)
 
 
-def _queue(task: Task) -> str | None:
-    """The queue this task came from (our exchange routes by the queue's name); None when run eagerly."""
-    return (task.request.delivery_info or {}).get("routing_key")
+def _record_consumed(task: Task) -> None:
+    """Raise the watermark of the queue this task came from (our exchange routes by the queue's
+    name) to its publish time. A worker reads message headers into the request; an eager run
+    (tests) keeps them under `headers`; a task published without one records nothing."""
+    request = task.request
+    published_at = request.get("published_at") or (request.headers or {}).get("published_at")
+    queue_consumed(queue=(request.delivery_info or {}).get("routing_key"), published_at=published_at)
 
 
 @shared_task(name="messaging.sweep", ignore_result=True)

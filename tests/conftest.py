@@ -57,6 +57,26 @@ def _fresh_provider_state():
 
 
 @pytest.fixture
+def other_session():
+    """Open psycopg connections of their own to the test database: another process's session
+    (a lock holder, a prober). Whatever a test leaves open is closed after it."""
+    import psycopg
+    from django.db import connection
+
+    opened = []
+
+    def connect(**options):
+        params = connection.get_connection_params()
+        fields = {k: v for k, v in params.items() if k in ("host", "port", "user", "dbname", "password")}
+        opened.append(psycopg.connect(**fields, **options))
+        return opened[-1]
+
+    yield connect
+    for session in opened:
+        session.close()
+
+
+@pytest.fixture
 def client_key(db):
     """(ApiClient, raw key) for a fresh client."""
     key, raw = api_key_create(client_name="acme")

@@ -85,21 +85,16 @@ def test_rows_insert_raises_djangos_integrity_error_and_stores_nothing(make_mess
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_many_row_update_locks_in_key_order_whatever_order_its_plan_reads(make_message, settings):
+def test_a_many_row_update_locks_in_key_order_whatever_order_its_plan_reads(make_message, other_session):
     """The deadlock of overlapping batches, one step short: another transaction holds the row with
     the lower key; the writer must not take the higher one meanwhile. Its plan is forced to read
     the higher first (stored first, sequential scan), as a bitmap scan can."""
     import threading
     import time
 
-    import psycopg
-    from django.db import connection
-
     high = make_message(id=uuid.UUID(int=2**128 - 1), priority="bulk")  # stored first
     low = make_message(id=uuid.UUID(int=1), priority="bulk")
-    dsn = connection.get_connection_params()
-    dsn = {k: v for k, v in dsn.items() if k in ("host", "port", "user", "dbname", "password")}
-    holder, prober = psycopg.connect(**dsn), psycopg.connect(**dsn)
+    holder, prober = other_session(), other_session()
     updated: list[int] = []
     writer_pid: list[int] = []
 
@@ -137,7 +132,5 @@ def test_a_many_row_update_locks_in_key_order_whatever_order_its_plan_reads(make
     finally:
         holder.rollback()
         writer.join(timeout=10)
-        holder.close()
-        prober.close()
     assert updated == [2]
     assert set(Message.objects.values_list("provider", flat=True)) == {"twilio"}

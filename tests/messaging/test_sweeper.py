@@ -125,18 +125,14 @@ def _rows_read(node: dict) -> int:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_sweep_cut_off_mid_run_leaves_the_next_tick_free_to_sweep(make_message):
+def test_a_sweep_cut_off_mid_run_leaves_the_next_tick_free_to_sweep(make_message, other_session):
     """One sweep at a time; its holder is a worker that can be killed mid-sweep (the chaos test
     does). The lock must go with it, not hold every sweep off until some timeout."""
-    import psycopg
-    from django.db import connection
-
     from messaging.locks import cluster_lock_id
     from messaging.tasks import sweep
 
     lost = make_message(priority="transactional", enqueued_at=None)  # its task never reached the broker
-    params = {k: v for k, v in connection.get_connection_params().items() if k in ("host", "port", "user", "dbname")}
-    holder = psycopg.connect(**params, autocommit=True)  # another worker's sweep, under way
+    holder = other_session(autocommit=True)  # another worker's sweep, under way
     try:
         holder.execute("SELECT pg_advisory_lock(%s)", [cluster_lock_id("conductor:sweep")])
         sweep()
@@ -191,6 +187,6 @@ def test_a_dispatch_task_raises_its_queues_watermark(make_message):
     from messaging.tasks import dispatch_batch
 
     published = timezone.now().timestamp() - 100
-    dispatch_batch.apply(args=[[]], kwargs={"published_at": published}, routing_key="email.bulk")
+    dispatch_batch.apply(args=[[]], headers={"published_at": published}, routing_key="email.bulk")
     marks = queues_consumed(["email.bulk", "sms.bulk"], now=timezone.now().timestamp(), moving_within=5)
     assert marks == {"email.bulk": published}

@@ -6,7 +6,6 @@ from __future__ import annotations
 from datetime import timedelta
 from io import StringIO
 
-import psycopg
 import pytest
 from django.conf import settings as django_settings
 from django.core.management import CommandError, call_command
@@ -105,9 +104,8 @@ def test_unmatched_receipts_of_the_day_are_matched_again(sandbox, make_message):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_second_run_while_one_holds_the_lock_does_nothing(make_message):
-    dsn = django_settings.DATABASES["default"]
-    with psycopg.connect(host=dsn["HOST"], port=dsn["PORT"], user=dsn["USER"], dbname=dsn["NAME"]) as other:
+def test_a_second_run_while_one_holds_the_lock_does_nothing(make_message, other_session):
+    with other_session() as other:
         other.execute("SELECT pg_advisory_lock(%s)", [cluster_lock_id(LOCK_NAME)])  # a run in another process
         assert reconciliation_run(day=today(), trigger="test") is None
         with pytest.raises(CommandError, match="Another reconciliation is running"):
