@@ -8,4 +8,4 @@ class MessagingConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from messaging import checks  # noqa: F401  (registers the checks)
+        from messaging import checks, rows  # noqa: F401  (registers the checks and the `any` lookup)

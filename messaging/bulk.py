@@ -32,7 +32,7 @@ from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from django.db import transaction
 from django.db.models import F
@@ -57,14 +57,15 @@ from messaging.outcomes import (
     attempt_report,
 )
 from messaging.routing import Hop, message_route
-from messaging.rows import rows_update, rows_update_in_key_order
+from messaging.rows import rows_update, rows_update_in_key_order, rows_with_new_keys
 from messaging.services import message_publish, messages_transition
 from messaging.states import MessageState
-from providers.base import AmbiguousProviderError, ProviderError, SendResult
+from providers.base import AmbiguousProviderError, ProviderError, SendResult, TransientProviderError
 from providers.guards import circuit_breaker, rate_limiter
 from providers.registry import get_provider
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -85,6 +86,7 @@ class _Send:
     result: SendResult | None = None
     error: ProviderError | None = None
     bug: BaseException | None = None
+    sent: bool = False  # the request was made (a round out of time skips the rest)
 
     @property
     def hop(self) -> Hop:
@@ -96,29 +98,33 @@ def messages_dispatch_batch(*, message_ids: list[str]) -> int:
 
     Returns how many messages this call claimed.
     """
-    lease, messages = _claim(message_ids)
-    if not messages:
-        return 0
+    lease, claimed, sends, first_round = _claim(message_ids)
+    released: set[Any] = set()  # messages whose lease a final write has already given up
     try:
-        sends = _sort_out(messages, lease)
         if sends:
-            _walk(sends, lease)
+            _walk(sends, lease, first_round, released)
     finally:
-        # Normally released by each message's final write; this covers an exception on the way.
-        rows_update_in_key_order(
-            Message.objects.filter(pk__in=[m.pk for m in messages], lease_expires_at=lease), lease_expires_at=None
-        )
-    return len(messages)
+        # Normally released by each message's final write; this covers an exception on the way
+        # and the rarer endings (a healthy batch has nothing left here: no statement).
+        left = [send.message.pk for send in sends if send.message.pk not in released]
+        if left:
+            rows_update_in_key_order(
+                Message.objects.filter(pk__any=left, lease_expires_at=lease), lease_expires_at=None
+            )
+    return len(claimed)
 
 
-def _claim(message_ids: list[str]) -> tuple[datetime, list[Message]]:
-    """Lock the batch's rows (one order for every claimer), keep the claimable ones, lease them.
+def _claim(message_ids: list[str]) -> tuple[datetime, list[Message], list[_Send], list[_Send]]:
+    """Lock the batch's rows (one order for every claimer), keep the claimable ones, lease them,
+    and start the first round: its attempt rows and counters go in with the lease, one
+    transaction and one write of each row for what used to be three (bench/README.md, profiles).
 
-    Only primary keys reach the SQL: a predicate on state lets PostgreSQL pick the state index,
-    which it believes selective until statistics catch up with a campaign that has just added
-    200,000 accepted rows, and then each claim scans all of them (117 ms measured, for 100 rows).
-    The checks run here instead, on locked rows, so nothing can change them in between. The
-    lease value names this claim; a few random microseconds keep it unique.
+    Returns the lease, the claimed messages, the plain sends among them and the first round's
+    calls. Only primary keys reach the SQL: a predicate on state lets PostgreSQL pick the state
+    index, which it believes selective until statistics catch up with a campaign that has just
+    added 200,000 accepted rows, and then each claim scans all of them (117 ms measured, for
+    100 rows). The checks run here instead, on locked rows, so nothing can change them in
+    between. The lease value names this claim; a few random microseconds keep it unique.
     """
     now = timezone.now()
     lease = now + timedelta(
@@ -127,14 +133,36 @@ def _claim(message_ids: list[str]) -> tuple[datetime, list[Message]]:
     with transaction.atomic():
         rows = list(
             Message.objects.select_for_update()
-            .filter(pk__in=message_ids)
+            .filter(pk__any=message_ids)
             .order_by("pk")
             .only(*_SEND_FIELDS, "state", "lease_expires_at", "next_attempt_at")
         )
         claimed = [message for message in rows if _claimable(message, now)]
-        if claimed:
-            Message.objects.filter(pk__in=[m.pk for m in claimed]).update(lease_expires_at=lease, enqueued_at=None)
-    return lease, claimed
+        if not claimed:
+            return lease, [], [], []
+        sends, handed_back = _sort_out(claimed, now)
+        # A provider with a rate limit takes sends one slot at a time (see _walk).
+        throttled = {id(s) for s in sends if not rate_limiter(s.hop.provider).limit.unlimited}
+        handed_back += [s.message for s in sends if id(s) in throttled]
+        sends = [s for s in sends if id(s) not in throttled]
+        first_round = _round_start(sends)
+        rows_update(
+            Message.objects.all(),
+            {
+                s.message.pk: {
+                    "lease_expires_at": lease,
+                    "enqueued_at": None,
+                    "attempt_count": s.message.attempt_count,  # the rows are locked: the values stand
+                    "provider": s.message.provider,
+                }
+                for s in sends
+            },
+        )
+        if handed_back:  # never leased: published again once this commits
+            Message.objects.filter(pk__any=[m.pk for m in handed_back]).update(enqueued_at=timezone.now())
+    for message in handed_back:
+        message_publish(message_id=message.pk, channel=message.channel, priority=message.priority)
+    return lease, claimed, sends, first_round
 
 
 def _claimable(message: Message, now: datetime) -> bool:
@@ -170,12 +198,11 @@ _SEND_FIELDS = (
 )
 
 
-def _sort_out(messages: list[Message], lease: datetime) -> list[_Send]:
-    """The plain sends of the batch; the rest go back to the per-message path, which settles them."""
-    now = timezone.now()
+def _sort_out(messages: list[Message], now: datetime) -> tuple[list[_Send], list[Message]]:
+    """The plain sends of the batch, and the rest, for the per-message path, which settles them."""
     lost = set(
         DispatchAttempt.objects.filter(
-            message_id__in=[m.pk for m in messages], outcome=AttemptOutcome.IN_PROGRESS
+            message_id__any=[m.pk for m in messages], outcome=AttemptOutcome.IN_PROGRESS
         ).values_list("message_id", flat=True)
     )
     sends, handed_back = [], []
@@ -194,8 +221,7 @@ def _sort_out(messages: list[Message], lease: datetime) -> list[_Send]:
             or not hops
         )
         (handed_back if special else sends).append(message if special else _Send(message, hops))
-    _hand_back(handed_back, lease)
-    return sends
+    return sends, handed_back
 
 
 def _hand_back(messages: list[Message], lease: datetime) -> None:
@@ -204,7 +230,7 @@ def _hand_back(messages: list[Message], lease: datetime) -> None:
         return
     now = timezone.now()
     rows_update_in_key_order(
-        Message.objects.filter(pk__in=[m.pk for m in messages], lease_expires_at=lease),
+        Message.objects.filter(pk__any=[m.pk for m in messages], lease_expires_at=lease),
         lease_expires_at=None,
         enqueued_at=now,
     )
@@ -212,18 +238,27 @@ def _hand_back(messages: list[Message], lease: datetime) -> None:
         message_publish(message_id=message.pk, channel=message.channel, priority=message.priority)
 
 
-def _walk(sends: list[_Send], lease: datetime) -> None:
+def _walk(sends: list[_Send], lease: datetime, first_round: list[_Send], released: set[Any]) -> None:
     """Round by round, every message of the batch tries its next hop, as messaging.dispatch._walk
-    does for one message; a round's calls run at once."""
+    does for one message; a round's calls run at once. The first round was started by the claim."""
     loop = _send_loop()
     lease_s = conductor_setting("DISPATCH_LEASE_SECONDS")
-    active = sends
-    while active:
+    active, calling = sends, first_round
+    while True:
+        # Every call of the round ends before the lease does (at least half of it was left).
+        budget_s = (lease - timezone.now()).total_seconds() - lease_s / 4
+        loop.run(_call_all(calling, budget_s))
+        _breakers_record(calling)
+        _record(calling, released)
+        active = [s for s in active if not s.settled]
+        if not active:
+            return
         if timezone.now() > lease - timedelta(seconds=lease_s / 2):
             # Not enough lease left for another round of calls (the lease outlives two provider
             # timeouts, a round takes at most one): let the per-message path finish these.
             logger.warning("bulk batch: %d message(s) handed back, the lease is running out", len(active))
             _hand_back([s.message for s in active], lease)
+            released.update(s.message.pk for s in active)
             return
         for send in active:
             if send.index >= len(send.hops):
@@ -240,23 +275,44 @@ def _walk(sends: list[_Send], lease: datetime) -> None:
             _hand_back([s.message for s in throttled], lease)
             for send in throttled:
                 send.settled = True
+                released.add(send.message.pk)
             active = [s for s in active if not s.settled]
-        _gate(active)
-        calling = []
-        for send in active:
-            if send.permit is None:
-                send.last_error = hop_skipped(send.message, send.hop)
-                send.index += 1
-            else:
-                send.tried = True
-                calling.append(send)
-        _attempts_start(calling)
-        # Every call of the round ends before the lease does (at least half of it was left).
-        budget_s = (lease - timezone.now()).total_seconds() - lease_s / 4
-        loop.run(_call_all(calling, budget_s))
-        _breakers_record(calling)
-        _record(calling)
-        active = [s for s in active if not s.settled]
+        calling = _round_start(active)
+        _counters_write(calling)
+
+
+def _round_start(active: list[_Send]) -> list[_Send]:
+    """A round's permits and its in-progress attempt rows, before any call: a worker killed
+    mid-call leaves them behind, and the next claim looks those messages up before sending again.
+    A hop whose circuit is open is recorded as skipped; the message moves on to its next hop.
+    Returns the round's calls; their messages' counters are counted up in memory only."""
+    _gate(active)
+    calling = []
+    for send in active:
+        if send.permit is None:
+            send.last_error = hop_skipped(send.message, send.hop)
+            send.index += 1
+        else:
+            send.tried = True
+            calling.append(send)
+    if not calling:
+        return calling
+    now = timezone.now()
+    for send in calling:
+        send.message.attempt_count += 1
+        send.message.provider = send.hop.provider  # the provider to ask if this call's outcome is lost
+        send.attempt = DispatchAttempt(
+            message=send.message,
+            number=send.message.attempt_count,
+            send_generation=send.message.send_generation,
+            provider=send.hop.provider,
+            channel=send.hop.channel,
+            note=hop_note(send.hops, send.index, send.last_error)[:200],
+            started_at=now,
+            outcome=AttemptOutcome.IN_PROGRESS,
+        )
+    rows_with_new_keys(DispatchAttempt, [send.attempt for send in calling])
+    return calling
 
 
 def _gate(sends: list[_Send]) -> None:
@@ -278,25 +334,39 @@ def _gate(sends: list[_Send]) -> None:
 
 
 async def _call_all(calling: list[_Send], budget_s: float) -> None:
+    """The round's calls, BULK_SEND_CONCURRENCY at a time, all ended within budget_s from now:
+    a round of many waves against a slow provider must still end inside the lease."""
     limit = asyncio.Semaphore(conductor_setting("BULK_SEND_CONCURRENCY"))
-    await asyncio.gather(*(_call(send, limit, budget_s) for send in calling))
+    deadline = asyncio.get_running_loop().time() + budget_s
+    await asyncio.gather(*(_call(send, limit, deadline) for send in calling))
 
 
-async def _call(send: _Send, limit: asyncio.Semaphore, budget_s: float) -> None:
+async def _call(send: _Send, limit: asyncio.Semaphore, deadline: float) -> None:
     """One provider call on the send loop: no database and no Redis here."""
     send.result = send.error = send.bug = None
+    send.sent = False
     hop = send.hop
     async with limit:
         send.started = time.monotonic()
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            # Its turn came after the round's time was up (earlier waves were slow): nothing left
+            # here, so it moves on like any transient error, and tells the circuit nothing.
+            send.error = TransientProviderError(
+                "not sent: the batch's round ran out of time", error_type=ErrorType.PROVIDER_TIMEOUT
+            )
+            send.ended = time.monotonic()
+            return
+        send.sent = True
         try:
             send.result = await asyncio.wait_for(
-                get_provider(hop.provider).send_async(send_request(send.message, hop)), budget_s
+                get_provider(hop.provider).send_async(send_request(send.message, hop)), remaining
             )
         except TimeoutError:
             # A provider timeout bounds each socket operation, not the call: this bounds the call,
             # so a round always ends inside the lease (another worker may claim it after that).
             send.error = AmbiguousProviderError(
-                f"no answer within {budget_s:.0f}s", error_type=ErrorType.PROVIDER_TIMEOUT
+                f"no answer within {remaining:.0f}s", error_type=ErrorType.PROVIDER_TIMEOUT
             )
         except SEND_ERRORS as exc:
             send.error = exc
@@ -309,47 +379,31 @@ def _breakers_record(calling: list[_Send]) -> None:
     """Each call's outcome to its provider's circuit, a round trip per provider."""
     by_provider: dict[str, list[tuple[Any, bool, float]]] = {}
     for send in calling:
-        if send.bug is None:  # a bug says nothing about the provider; its permit times out
+        # A bug says nothing about the provider, nor does a call never made; their permits time out.
+        if send.bug is None and send.sent:
             outcome = (send.permit, breaker_failure(send.error), send.ended - send.started)
             by_provider.setdefault(send.hop.provider, []).append(outcome)
     for provider, outcomes in by_provider.items():
         circuit_breaker(provider).record_many(outcomes)
 
 
-def _attempts_start(calling: list[_Send]) -> None:
-    """The in-progress attempt rows of a round, before any call: a worker killed mid-call leaves
-    them behind, and the next claim looks those messages up before sending again."""
-    if not calling:
-        return
-    now = timezone.now()
-    for send in calling:
-        send.message.attempt_count += 1
-        send.attempt = DispatchAttempt(
-            message=send.message,
-            number=send.message.attempt_count,
-            send_generation=send.message.send_generation,
-            provider=send.hop.provider,
-            channel=send.hop.channel,
-            note=hop_note(send.hops, send.index, send.last_error)[:200],
-            started_at=now,
-            outcome=AttemptOutcome.IN_PROGRESS,
-        )
-    DispatchAttempt.objects.bulk_create([send.attempt for send in calling])
+def _counters_write(calling: list[_Send]) -> None:
+    """The attempt counters and providers of a round after the first (the claim writes the first's)."""
     by_provider: dict[str, list[Any]] = {}
     for send in calling:
         by_provider.setdefault(send.hop.provider, []).append(send.message.pk)
-        send.message.provider = send.hop.provider  # the provider to ask if this call's outcome is lost
     for provider, ids in by_provider.items():
         rows_update_in_key_order(
-            Message.objects.filter(pk__in=ids), attempt_count=F("attempt_count") + 1, provider=provider
+            Message.objects.filter(pk__any=ids), attempt_count=F("attempt_count") + 1, provider=provider
         )
 
 
-def _record(calling: list[_Send]) -> None:
+def _record(calling: list[_Send], released: set[Any]) -> None:
     """What the round's calls came to: every acceptance in a few statements, the rest one by one
     through the single path's own settling (they are the exceptions in a healthy campaign)."""
     accepted = [s for s in calling if s.result is not None]
     _record_accepted(accepted)
+    released.update(send.message.pk for send in accepted)
     for send in calling:
         if send.result is not None:
             continue
@@ -420,8 +474,8 @@ class _SendLoop:
         self.loop.set_default_executor(self.executor)
         threading.Thread(target=self.loop.run_forever, name="bulk-send-loop", daemon=True).start()
 
-    def run(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
 
 _loop: tuple[int, _SendLoop] | None = None

@@ -24,7 +24,7 @@ from messaging.metrics import latency_observe
 from messaging.models import ApiClient, ApiKey, EventSource, Message, MessageEvent
 from messaging.ordering import ordering_hold, ordering_mode_for, ordering_release, sequence_next
 from messaging.routing import Priority, queue_name, retry_policy_for
-from messaging.rows import rows_update
+from messaging.rows import rows_insert, rows_update
 from messaging.states import ALLOWED_SOURCES, DEAD_LETTER_STATES, TIMESTAMP_FIELD, MessageState
 
 logger = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def messages_transition(*, to_state: str, source: str, changes: dict[Any, tuple[
     with transaction.atomic():
         rows = list(
             Message.objects.select_for_update()
-            .filter(pk__in=list(changes))
+            .filter(pk__any=list(changes))
             .order_by("pk")  # one lock order for every writer of a batch: no deadlock between two
             .values("pk", "state", "channel", "priority", "provider", "accepted_at", "created_at", "sequence")
         )
@@ -190,17 +190,20 @@ def messages_transition(*, to_state: str, source: str, changes: dict[Any, tuple[
         updated = rows_update(Message.objects.all(), {pk: {**stamp, **changes[pk][1]} for pk in applicable})
         if updated != len(applicable):  # cannot happen under the row locks: refuse to guess
             raise RuntimeError(f"bulk transition matched {updated} of {len(applicable)} locked rows")
-        MessageEvent.objects.bulk_create(
-            MessageEvent(
-                message_id=row["pk"],
-                created_at=now,
-                source=source,
-                from_state=row["state"],
-                to_state=to_state,
-                applied=row["pk"] in applicable,
-                detail=changes[row["pk"]][0][:2000],
-            )
-            for row in rows
+        rows_insert(
+            MessageEvent,
+            [
+                MessageEvent(
+                    message_id=row["pk"],
+                    created_at=now,
+                    source=source,
+                    from_state=row["state"],
+                    to_state=to_state,
+                    applied=row["pk"] in applicable,
+                    detail=changes[row["pk"]][0][:2000],
+                )
+                for row in rows
+            ],
         )
         for pk, row in applicable.items():
             if to_state in DEAD_LETTER_STATES:

@@ -56,10 +56,10 @@ def test_a_batch_is_sent_once_each_and_recorded_in_a_few_statements(
     sandbox, make_message, django_assert_max_num_queries
 ):
     messages = campaign(make_message, 60)
-    # claim (lock, lease), lost-attempt check, attempts and counters (lock, update), their
-    # outcomes, the transition (lock, update, events), the check that no lease is left (lock), and
-    # the savepoints of the four transactions: 60 or 6,000
-    with django_assert_max_num_queries(19):
+    # the claim (lock, lost-attempt check, attempt keys, lease and counters, attempt rows), the
+    # attempts' outcomes, the transition (lock, update, events), and the savepoints of the two
+    # transactions: 13 for 60 messages or 6,000; nothing more to release in a healthy batch
+    with django_assert_max_num_queries(13):
         assert messages_dispatch_batch(message_ids=ids(messages)) == 60
     rows = Message.objects.filter(pk__in=ids(messages))
     assert Counter(rows.values_list("state", flat=True)) == {"dispatched": 60}
@@ -223,10 +223,10 @@ def test_a_receipt_that_overtook_the_batch_keeps_its_state_and_gets_the_referenc
     overtaken = messages[0]
     real_record = bulk._record
 
-    def record(calling):
+    def record(calling, released):
         # Its receipt lands between the provider's answer and our write.
         Message.objects.filter(pk=overtaken.pk).update(state="delivered", delivered_at=timezone.now())
-        real_record(calling)
+        real_record(calling, released)
 
     monkeypatch.setattr(bulk, "_record", record)
     messages_dispatch_batch(message_ids=ids(messages))
@@ -290,9 +290,9 @@ def test_a_call_that_outlives_its_budget_is_ambiguous_before_the_lease_ends(
     claim = bulk._claim
 
     def claim_and_note_the_lease(message_ids):
-        lease, claimed = claim(message_ids)
+        lease, *claimed = claim(message_ids)
         leases.append(lease)
-        return lease, claimed
+        return lease, *claimed
 
     monkeypatch.setattr(bulk, "_claim", claim_and_note_the_lease)
     [message] = campaign(make_message, 1)
@@ -304,3 +304,37 @@ def test_a_call_that_outlives_its_budget_is_ambiguous_before_the_lease_ends(
     assert attempt.ended_at < leases[0]
     assert message.state == "accepted" and message.needs_provider_lookup
     assert hops(message) == [("twilio", "ambiguous")] and message.last_error_type == "provider_timeout"
+
+
+def test_a_round_of_more_waves_than_its_budget_holds_still_ends_inside_the_lease(
+    sandbox, make_message, monkeypatch, settings
+):
+    # One call at a time, each answering after the round's whole budget: the first is cut off
+    # (ambiguous), the ones waiting for their turn are never made (transient, nothing sent), and
+    # every attempt ends before the lease does, however many waves the round had.
+    settings.CONDUCTOR = {**settings.CONDUCTOR, "DISPATCH_LEASE_SECONDS": 2.0, "BULK_SEND_CONCURRENCY": 1}
+    made = []
+
+    async def hang(self, request):
+        made.append(request.message_id)
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(TwilioProvider, "send_async", hang)
+    leases = []
+    claim = bulk._claim
+
+    def claim_and_note_the_lease(message_ids):
+        lease, *claimed = claim(message_ids)
+        leases.append(lease)
+        return lease, *claimed
+
+    monkeypatch.setattr(bulk, "_claim", claim_and_note_the_lease)
+    messages = campaign(make_message, 3)
+    messages_dispatch_batch(message_ids=ids(messages))
+    assert len(made) == 1
+    attempts = DispatchAttempt.objects.filter(message__in=messages, provider="twilio")
+    assert sorted(attempts.values_list("outcome", flat=True)) == ["ambiguous", "transient_error", "transient_error"]
+    assert all(a.ended_at < leases[0] for a in attempts)
+    for attempt in attempts.filter(outcome="transient_error"):
+        assert attempt.error_message.startswith("not sent") and attempt.error_type == "provider_timeout"
+    assert Message.objects.filter(pk__in=ids(messages), lease_expires_at__isnull=False).count() == 0

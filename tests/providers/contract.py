@@ -15,6 +15,7 @@ import uuid
 
 import pytest
 
+from messaging.bulk import _send_loop
 from providers.base import (
     AmbiguousProviderError,
     PermanentProviderError,
@@ -38,52 +39,60 @@ def closed_port() -> int:
 class ProviderContract:
     invalid_recipient: str  # an address the provider rejects permanently
 
-    def test_send_is_accepted_and_attributed(self, provider, sandbox, recipient):
+    @pytest.fixture(params=["send", "send_async"])
+    def send(self, request):
+        """Each send test runs through send() (the per-message path) and send_async() (the bulk
+        path, on the bulk path's own loop): both must sort errors the same way."""
+        if request.param == "send":
+            return lambda provider, send_request: provider.send(send_request)
+        return lambda provider, send_request: _send_loop().run(provider.send_async(send_request))
+
+    def test_send_is_accepted_and_attributed(self, provider, sandbox, recipient, send):
         request = send_request(recipient)
-        result = provider.send(request)
+        result = send(provider, request)
         assert result.provider_message_id
         [logged] = sandbox.requests(message_id=request.message_id)
         assert logged["accepted"] and logged["token"] == request.token and logged["to"].endswith(recipient)
 
-    def test_a_5xx_is_transient(self, provider, sandbox, recipient):
+    def test_a_5xx_is_transient(self, provider, sandbox, recipient, send):
         sandbox.faults(provider.name, error_rate=1.0)
         with pytest.raises(TransientProviderError) as caught:
-            provider.send(send_request(recipient))
+            send(provider, send_request(recipient))
         assert caught.value.error_type == "provider_5xx"
 
-    def test_an_outage_is_transient(self, provider, sandbox, recipient):
+    def test_an_outage_is_transient(self, provider, sandbox, recipient, send):
         sandbox.faults(provider.name, outage=True)
         with pytest.raises(TransientProviderError):
-            provider.send(send_request(recipient))
+            send(provider, send_request(recipient))
 
-    def test_a_429_is_transient_and_carries_retry_after(self, provider, sandbox, recipient):
+    def test_a_429_is_transient_and_carries_retry_after(self, provider, sandbox, recipient, send):
         sandbox.faults(provider.name, rate_429=1.0)
         with pytest.raises(TransientProviderError) as caught:
-            provider.send(send_request(recipient))
+            send(provider, send_request(recipient))
         assert caught.value.error_type == "rate_limited" and caught.value.retry_after == 1.0
 
-    def test_an_invalid_recipient_is_permanent(self, provider, sandbox):
+    def test_an_invalid_recipient_is_permanent(self, provider, sandbox, send):
         with pytest.raises(PermanentProviderError) as caught:
-            provider.send(send_request(self.invalid_recipient))
+            send(provider, send_request(self.invalid_recipient))
         assert caught.value.error_type == "invalid_recipient"
 
-    def test_a_timeout_after_sending_is_ambiguous_and_the_look_up_finds_it(self, provider, sandbox, recipient):
+    def test_a_timeout_after_sending_is_ambiguous_and_the_look_up_finds_it(self, provider, sandbox, recipient, send):
         sandbox.faults(
             provider.name, timeout_rate=1.0, timeout_hold_ms=int(provider.config["TIMEOUT_SECONDS"] * 1000) + 1500
         )
         request = send_request(recipient, body=f"ambiguous {uuid.uuid4()}")
         with pytest.raises(AmbiguousProviderError):
-            provider.send(request)
+            send(provider, request)
         [found] = provider.find_send(request)
         assert found.provider_message_id == sandbox.requests(message_id=request.message_id)[0]["provider_message_id"]
 
     def test_a_look_up_of_a_send_that_never_happened_finds_nothing(self, provider, sandbox, recipient):
         assert provider.find_send(send_request(recipient, body=f"never sent {uuid.uuid4()}")) == []
 
-    def test_a_refused_connection_is_transient_because_nothing_was_sent(self, provider_at, recipient):
+    def test_a_refused_connection_is_transient_because_nothing_was_sent(self, provider_at, recipient, send):
         provider = provider_at(f"http://127.0.0.1:{closed_port()}")
         with pytest.raises(TransientProviderError) as caught:
-            provider.send(send_request(recipient))
+            send(provider, send_request(recipient))
         assert caught.value.error_type == "connection_error"
 
     def test_status_look_up_follows_the_receipt(self, provider, sandbox, recipient):
