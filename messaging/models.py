@@ -97,7 +97,9 @@ class OrderingKey(models.Model):
 
 class Message(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    client = models.ForeignKey(ApiClient, on_delete=models.PROTECT, related_name="messages")
+    # No index of its own: (client, created_at) and (client, idempotency_key) lead with it, and
+    # each index is written again by every state change of every message.
+    client = models.ForeignKey(ApiClient, on_delete=models.PROTECT, related_name="messages", db_index=False)
     channel = models.CharField(max_length=16, choices=Channel.choices)
     to = models.CharField(max_length=320)
     body = models.TextField()
@@ -232,7 +234,8 @@ UNKNOWN_OUTCOMES = (AttemptOutcome.AMBIGUOUS, AttemptOutcome.WORKER_LOST)
 class DispatchAttempt(models.Model):
     """One try at handing a message to a provider (or at finding out whether it already has it)."""
 
-    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="attempts")
+    # Indexed by attempt_message_outcome, which leads with it (a second index would be written twice per attempt).
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="attempts", db_index=False)
     number = models.PositiveIntegerField()
     send_generation = models.PositiveIntegerField(default=1)
     provider = models.CharField(max_length=32)
