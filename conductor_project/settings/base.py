@@ -215,7 +215,7 @@ CONDUCTOR = {
     },
     "DISPATCH_LEASE_SECONDS": env_float("CONDUCTOR_DISPATCH_LEASE_SECONDS", 60.0),
     # Bulk messages per dispatch_batch task, and provider calls in flight at once per worker process.
-    "BULK_BATCH_SIZE": env_int("CONDUCTOR_BULK_BATCH_SIZE", 250),
+    "BULK_BATCH_SIZE": env_int("CONDUCTOR_BULK_BATCH_SIZE", 500),
     "BULK_SEND_CONCURRENCY": env_int("CONDUCTOR_BULK_SEND_CONCURRENCY", 100),
     # Overrides of providers.circuit.CircuitSettings for every provider (each provider's block may
     # override again under "CIRCUIT_BREAKER"); the defaults and their reasons are in that module.

@@ -46,15 +46,17 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(live, key):
     # Receipts come late, so the calls the kill cut off are settled by the next claim, which
     # finds their attempts in progress and looks each one up before any resend.
     live.sandbox_faults(latency_ms=300, latency_max_ms=900, receipt_delay_ms=20_000)
-    # More than the worker's 4 processes take at once (4 batches of BULK_BATCH_SIZE, 250): some
-    # must still be queued when the kill comes.
+    # More than the worker's 4 processes take at once (4 batches of 250, set here: at the default
+    # 500 it would take 2,400 and as many look-ups): some must still be queued when the kill comes.
+    batches_of_250 = {"CONDUCTOR_BULK_BATCH_SIZE": "250"}
+    live.replace_workers(env=batches_of_250)
     ids = post_batch(live, key, campaign(600, 1000)) + post_batch(live, key, campaign(600, 1600))
     wait_until(lambda: len(accepted_sends_per_message(live)) >= 20, 60, what="some sends")
     live.kill_worker(live.workers[0])
     in_flight = DispatchAttempt.objects.filter(message_id__in=ids, outcome=AttemptOutcome.IN_PROGRESS).count()
     left = states(ids)
     assert in_flight > 0 and left["accepted"] > in_flight, "the kill came too late to test anything"
-    live.start_worker()
+    live.start_worker(env=batches_of_250)
     final = wait_for_all(ids, {"delivered"}, timeout=180)
     assert final == {"delivered": 1200}
     per_message = accepted_sends_per_message(live)
