@@ -35,10 +35,12 @@ class AnyOf(In):
     lookup_name = "any"
 
     def as_postgresql(self, compiler: Any, connection: Any) -> tuple[str, tuple[Any, ...]]:
-        if self.rhs_is_direct_value():
+        # The values are prepared already (get_prep_lookup: UUIDs, integers); In's own
+        # process_rhs would prepare each again for its placeholder, 500 times a statement.
+        values = [value for value in self.rhs if value is not None] if self.rhs_is_direct_value() else []
+        if values:
             lhs, lhs_params = self.process_lhs(compiler, connection)
-            _, values = self.process_rhs(compiler, connection)
-            literal = ",".join(str(value) for value in values)
+            literal = ",".join(map(str, values))
             if _BARE_KEYS.fullmatch(literal):
                 array_type = self.lhs.output_field.db_type(connection)
                 return f"{lhs} = ANY(%s::{array_type}[])", (*lhs_params, "{" + literal + "}")

@@ -98,6 +98,7 @@ class _AsyncSession:
             self.loop = loop
             self.session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self.pool_size),
+                cookie_jar=aiohttp.DummyCookieJar(),  # an API with basic auth: no cookies to keep or send
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout),
             )
         return self.session

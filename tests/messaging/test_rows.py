@@ -26,6 +26,59 @@ def test_rows_update_gives_each_row_its_values_and_keeps_the_filter(make_message
         rows_update(Message.objects.all(), {a.pk: {"provider": "x"}, b.pk: {"state": "accepted"}})
 
 
+def test_rows_update_carries_each_type_through_its_json_parameter_unchanged(make_message):
+    a, b = make_message(priority="bulk"), make_message(priority="bulk")
+    moment = timezone.now().replace(microsecond=123456)
+    changes = {
+        a.pk: {
+            "dispatched_at": moment,
+            "attempt_count": 7,
+            "needs_provider_lookup": True,
+            "fallback_channels": ["email", "whatsapp"],
+            "body": 'quote " backslash \\ and é, ✓',
+        },
+        b.pk: {
+            "dispatched_at": None,
+            "attempt_count": 0,
+            "needs_provider_lookup": False,
+            "fallback_channels": [],
+            "body": "{not, an array}",
+        },
+    }
+    assert rows_update(Message.objects.all(), changes) == 2
+    for pk, fields in changes.items():
+        stored = Message.objects.values(*fields).get(pk=pk)
+        assert stored == fields
+
+
+def test_the_any_lookup_matches_what_in_matches_with_one_parameter(make_message, django_assert_num_queries):
+    from django.db import connection
+
+    messages = [make_message(priority="bulk") for _ in range(5)]
+    keys = [m.pk for m in messages[:3]] + [None, str(messages[3].pk), uuid.uuid4()]
+    expected = {m.pk for m in messages[:4]}
+    assert set(Message.objects.filter(pk__any=keys).values_list("pk", flat=True)) == expected
+    assert set(Message.objects.filter(pk__in=keys).values_list("pk", flat=True)) == expected
+    sql, params = Message.objects.filter(pk__any=keys).values("pk").query.sql_with_params()
+    if connection.vendor == "postgresql":
+        assert "= ANY(%s::uuid[])" in sql and len(params) == 1
+    # a related field, as the attempts' look-up by message uses it
+    MessageEvent.objects.bulk_create(
+        MessageEvent(message=m, created_at=timezone.now(), source="api", to_state="accepted") for m in messages
+    )
+    found = MessageEvent.objects.filter(message_id__any=[m.pk for m in messages[:2]]).values_list(
+        "message_id", flat=True
+    )
+    assert sorted(found) == sorted(m.pk for m in messages[:2])
+    # nothing to match: no query at all, as with __in
+    with django_assert_num_queries(0):
+        assert list(Message.objects.filter(pk__any=[])) == []
+        assert list(Message.objects.filter(pk__any=[None])) == []
+    # values that are not bare keys go as IN, quoted one by one
+    odd = make_message(priority="bulk", to="+1,2}")
+    assert list(Message.objects.filter(to__any=["+1,2}", "x"]).values_list("pk", flat=True)) == [odd.pk]
+
+
 def test_rows_update_with_one_value_for_every_row_is_a_plain_update(make_message):
     a, b = make_message(priority="bulk"), make_message(priority="bulk")
     now = timezone.now()
