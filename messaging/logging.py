@@ -3,8 +3,13 @@ records logged inside a Celery task carry its id (the JSON formatter is configur
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from datetime import UTC, datetime
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
 
 
 def masked(recipient: str) -> str:
@@ -46,3 +51,49 @@ class CeleryTaskFilter(logging.Filter):
             record.task_id = task_id
             record.task_name = task.name
         return True
+
+
+class FastJsonFormatter(JsonFormatter):
+    """python-json-logger's JsonFormatter, the same line in half the time for a plain record.
+
+    Every bulk message logs two records (its attempt, its transition): the library's format cost
+    14 µs a record (a new encoder per record, a Python call to encode the timestamp); this one
+    reuses one encoder and writes the timestamp as the library would, 8 µs (bench/README.md,
+    fourth session). A record with an exception, a stack, a dict message or configured default
+    or static fields goes through the library's own format.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._encoder = (self.json_encoder or json.JSONEncoder)(
+            default=self.json_default, indent=self.json_indent, ensure_ascii=self.json_ensure_ascii
+        )
+        self._timestamp_key = (
+            self._get_rename(self.timestamp if isinstance(self.timestamp, str) else "timestamp")
+            if self.timestamp
+            else None
+        )
+        self._fields = [(field, self._get_rename(field)) for field in self._required_fields]
+
+    def format(self, record: logging.LogRecord) -> str:
+        if (
+            record.exc_info
+            or record.exc_text
+            or record.stack_info
+            or isinstance(record.msg, dict)
+            or self.defaults
+            or self.static_fields
+            or "asctime" in self._required_fields
+            or type(self).process_log_record is not JsonFormatter.process_log_record
+        ):
+            return super().format(record)
+        record.message = record.getMessage()
+        values = record.__dict__
+        data = {name: values.get(field) for field, name in self._fields}
+        skip, rename = self._skip_fields, self.rename_fields
+        for key, value in values.items():
+            if key not in skip and not (hasattr(key, "startswith") and key.startswith("_")):
+                data[rename.get(key, key)] = value
+        if self._timestamp_key:
+            data[self._timestamp_key] = datetime.fromtimestamp(record.created, tz=UTC).isoformat()
+        return self._encoder.encode(data)

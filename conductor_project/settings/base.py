@@ -341,7 +341,7 @@ LOGGING = {
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
         "json": {
-            "()": "pythonjsonlogger.json.JsonFormatter",
+            "()": "messaging.logging.FastJsonFormatter",
             "fmt": "%(levelname)s %(name)s %(process)d %(message)s",
             "timestamp": "time",  # ISO 8601, UTC
             "rename_fields": {"levelname": "level", "name": "logger", "process": "pid"},
