@@ -57,7 +57,7 @@ from messaging.outcomes import (
     attempt_report,
 )
 from messaging.routing import Hop, message_route
-from messaging.rows import rows_update, rows_update_in_key_order, rows_with_new_keys
+from messaging.rows import rows_insert, rows_update, rows_update_in_key_order
 from messaging.services import message_publish, messages_transition
 from messaging.states import MessageState
 from providers.base import AmbiguousProviderError, ProviderError, SendResult, TransientProviderError
@@ -311,7 +311,7 @@ def _round_start(active: list[_Send]) -> list[_Send]:
             started_at=now,
             outcome=AttemptOutcome.IN_PROGRESS,
         )
-    rows_with_new_keys(DispatchAttempt, [send.attempt for send in calling])
+    rows_insert(DispatchAttempt, [send.attempt for send in calling], new_keys=True)
     return calling
 
 

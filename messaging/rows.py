@@ -158,32 +158,16 @@ def _json_value(field: Field, value: Any, connection: Any) -> Any:
     raise TypeError(f"rows_update cannot send {type(value).__name__} ({field.name}) as JSON")
 
 
-def rows_with_new_keys(model: type[models.Model], objs: list[models.Model], using: str = "default") -> None:
-    """rows_insert(objs), each first given its auto-increment key (COPY returns none; the caller
-    needs them): one nextval() round trip for all. Elsewhere (SQLite) bulk_create, which reads them back."""
-    if not objs:
-        return
-    connection = connections[using]
-    if connection.vendor != "postgresql":
-        model.objects.using(using).bulk_create(objs)
-        return
-    meta = model._meta
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT nextval(pg_get_serial_sequence(%s, %s)) FROM generate_series(1, %s)",
-            [meta.db_table, meta.pk.column, len(objs)],
-        )
-        for obj, (key,) in zip(objs, cursor.fetchall(), strict=True):
-            obj.pk = key
-    rows_insert(model, objs, using)
-
-
-def rows_insert(model: type[models.Model], objs: list[models.Model], using: str = "default") -> None:
+def rows_insert(
+    model: type[models.Model], objs: list[models.Model], using: str = "default", *, new_keys: bool = False
+) -> None:
     """bulk_create(objs) as one COPY on PostgreSQL: Django's per-field preparation of a wide row
     (~130 µs a message) is most of what a batch INSERT costs; COPY takes the values as they are.
 
-    The objects must carry their primary key (or have an auto-increment one, left to the
-    database and not read back). Elsewhere (SQLite) it is bulk_create.
+    The objects must carry their primary key, or have an auto-increment one: left to the
+    database and not read back, or with `new_keys` taken first from its sequence (one nextval()
+    round trip for all) and set on the objects, for a caller that needs them. Elsewhere (SQLite)
+    it is bulk_create, which reads them back.
     """
     if not objs:
         return
@@ -192,6 +176,14 @@ def rows_insert(model: type[models.Model], objs: list[models.Model], using: str 
         model.objects.using(using).bulk_create(objs)
         return
     meta = model._meta
+    if new_keys:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT nextval(pg_get_serial_sequence(%s, %s)) FROM generate_series(1, %s)",
+                [meta.db_table, meta.pk.column, len(objs)],
+            )
+            for obj, (key,) in zip(objs, cursor.fetchall(), strict=True):
+                obj.pk = key
     fields = [f for f in meta.concrete_fields if not (f.primary_key and getattr(objs[0], f.attname) is None)]
     now = timezone.now()
     for field in fields:

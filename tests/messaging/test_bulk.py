@@ -38,6 +38,20 @@ def handed_back(monkeypatch):
     return published
 
 
+@pytest.fixture
+def leases(monkeypatch) -> list:
+    """The lease of every claim the test's batches make."""
+    noted, claim = [], bulk._claim
+
+    def claim_and_note_the_lease(message_ids):
+        lease, *claimed = claim(message_ids)
+        noted.append(lease)
+        return lease, *claimed
+
+    monkeypatch.setattr(bulk, "_claim", claim_and_note_the_lease)
+    return noted
+
+
 def campaign(make_message, count: int, **fields) -> list[Message]:
     return [
         make_message(to=f"+1415555{1000 + i:04d}", body=f"sale {i}", priority="bulk", **fields) for i in range(count)
@@ -278,7 +292,7 @@ def test_messages_for_a_rate_limited_provider_go_one_slot_at_a_time(sandbox, mak
 
 
 def test_a_call_that_outlives_its_budget_is_ambiguous_before_the_lease_ends(
-    sandbox, make_message, monkeypatch, settings
+    sandbox, make_message, monkeypatch, settings, leases
 ):
     settings.CONDUCTOR = {**settings.CONDUCTOR, "DISPATCH_LEASE_SECONDS": 2.0}
 
@@ -286,15 +300,6 @@ def test_a_call_that_outlives_its_budget_is_ambiguous_before_the_lease_ends(
         await asyncio.sleep(30)
 
     monkeypatch.setattr(TwilioProvider, "send_async", hang)
-    leases = []
-    claim = bulk._claim
-
-    def claim_and_note_the_lease(message_ids):
-        lease, *claimed = claim(message_ids)
-        leases.append(lease)
-        return lease, *claimed
-
-    monkeypatch.setattr(bulk, "_claim", claim_and_note_the_lease)
     [message] = campaign(make_message, 1)
     messages_dispatch_batch(message_ids=ids([message]))
     message.refresh_from_db()
@@ -307,7 +312,7 @@ def test_a_call_that_outlives_its_budget_is_ambiguous_before_the_lease_ends(
 
 
 def test_a_round_of_more_waves_than_its_budget_holds_still_ends_inside_the_lease(
-    sandbox, make_message, monkeypatch, settings
+    sandbox, make_message, monkeypatch, settings, leases
 ):
     # One call at a time, each answering after the round's whole budget: the first is cut off
     # (ambiguous), the ones waiting for their turn are never made (transient, nothing sent), and
@@ -320,15 +325,6 @@ def test_a_round_of_more_waves_than_its_budget_holds_still_ends_inside_the_lease
         await asyncio.sleep(30)
 
     monkeypatch.setattr(TwilioProvider, "send_async", hang)
-    leases = []
-    claim = bulk._claim
-
-    def claim_and_note_the_lease(message_ids):
-        lease, *claimed = claim(message_ids)
-        leases.append(lease)
-        return lease, *claimed
-
-    monkeypatch.setattr(bulk, "_claim", claim_and_note_the_lease)
     messages = campaign(make_message, 3)
     messages_dispatch_batch(message_ids=ids(messages))
     assert len(made) == 1
