@@ -141,10 +141,6 @@ def _claim(message_ids: list[str]) -> tuple[datetime, list[Message], list[_Send]
         if not claimed:
             return lease, [], [], []
         sends, handed_back = _sort_out(claimed, now)
-        # A provider with a rate limit takes sends one slot at a time (see _walk).
-        throttled = {id(s) for s in sends if not rate_limiter(s.hop.provider).limit.unlimited}
-        handed_back += [s.message for s in sends if id(s) in throttled]
-        sends = [s for s in sends if id(s) not in throttled]
         first_round = _round_start(sends)
         rows_update(
             Message.objects.all(),
@@ -219,9 +215,17 @@ def _sort_out(messages: list[Message], now: datetime) -> tuple[list[_Send], list
             or message.sequence is not None  # may have to wait for an earlier one with its key
             or message.expires_at <= now
             or not hops
+            or _rate_limited(hops[0].provider)
         )
         (handed_back if special else sends).append(message if special else _Send(message, hops))
     return sends, handed_back
+
+
+def _rate_limited(provider: str) -> bool:
+    """A provider with a rate limit takes sends one slot at a time: a round of them at once would
+    arrive bunched whenever this process is short of CPU. The per-message path waits for each
+    slot right before its call; batching buys nothing at a few dozen a second."""
+    return not rate_limiter(provider).limit.unlimited
 
 
 def _hand_back(messages: list[Message], lease: datetime) -> None:
@@ -267,10 +271,7 @@ def _walk(sends: list[_Send], lease: datetime, first_round: list[_Send], release
         active = [s for s in active if not s.settled]
         if not active:
             return
-        # A provider with a rate limit takes sends one slot at a time: a round of them at once
-        # would arrive bunched whenever this process is short of CPU. The per-message path waits
-        # for each slot right before its call; batching buys nothing at a few dozen a second.
-        throttled = [s for s in active if not rate_limiter(s.hop.provider).limit.unlimited]
+        throttled = [s for s in active if _rate_limited(s.hop.provider)]
         if throttled:
             _hand_back([s.message for s in throttled], lease)
             for send in throttled:

@@ -173,7 +173,7 @@ def ordering_release(*, message_id: Any) -> int:
     )
     if not waiters:
         return 0
-    rows_update_in_key_order(Message.objects.filter(pk__in=[pk for pk, _, _ in waiters]), enqueued_at=now)
+    rows_update_in_key_order(Message.objects.filter(pk__any=[pk for pk, _, _ in waiters]), enqueued_at=now)
     for pk, channel, priority in waiters:
         message_publish(message_id=pk, channel=channel, priority=priority)
     return len(waiters)

@@ -87,7 +87,7 @@ def _enqueue_due(now: datetime, priority: str, stale_after: timedelta, batch: in
     # Mark first, then publish: a crash in between leaves them for the next sweep, not lost. A
     # message claimed in between is not marked; its task is published anyway and claims nothing.
     marked = candidates.filter(due).filter(Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=now - stale_after))
-    rows_update_in_key_order(marked.filter(pk__in=[pk for pk, _ in rows]), enqueued_at=now)
+    rows_update_in_key_order(marked.filter(pk__any=[pk for pk, _ in rows]), enqueued_at=now)
     messages_publish(messages=[(message_id, channel, priority) for message_id, channel in rows])
     return len(rows)
 

@@ -8,6 +8,7 @@ from collections import Counter
 from datetime import timedelta
 
 import pytest
+from django.db import DatabaseError
 from django.utils import timezone
 
 from messaging import bulk
@@ -157,6 +158,29 @@ def test_messages_needing_more_than_a_send_go_back_to_the_per_message_task(sandb
     for message in Message.objects.filter(pk__in=ids(special)):
         # Unleased and marked published: the per-message task claims it, the sweeper does not double it.
         assert message.state == "accepted" and message.lease_expires_at is None and message.enqueued_at
+
+
+def test_a_claim_that_fails_midway_leaves_the_batch_as_it_was_for_the_sweeper(
+    sandbox, make_message, handed_back, monkeypatch
+):
+    # The claim leases, counts and writes the first round's attempts in one transaction: if any
+    # of it fails (here the attempts' COPY), none of it stays, nothing is sent or handed on, and
+    # the messages keep their publish time, so the sweeper publishes them again when it is stale.
+    plain = campaign(make_message, 3)
+    special = make_message(priority="bulk", needs_provider_lookup=True)
+    published_at = {m.pk: m.enqueued_at for m in [*plain, special]}
+
+    def failing_copy(*args, **kwargs):
+        raise DatabaseError("COPY failed")
+
+    monkeypatch.setattr(bulk, "rows_insert", failing_copy)
+    with pytest.raises(DatabaseError):
+        messages_dispatch_batch(message_ids=ids([*plain, special]))
+    assert handed_back == [] and sandbox.requests() == []
+    assert not DispatchAttempt.objects.filter(message__in=[*plain, special]).exists()
+    for message in Message.objects.filter(pk__in=published_at):
+        assert message.state == "accepted" and message.lease_expires_at is None and message.attempt_count == 0
+        assert message.enqueued_at == published_at[message.pk] and not message.provider
 
 
 def test_transient_errors_move_the_batch_to_the_next_provider(sandbox, make_message):
