@@ -23,6 +23,13 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from messaging.models import DeadLetter, Message, Receipt
+from providers.guards import circuit_breaker
+from reconciliation.anomalies import cohort_end
+from reconciliation.conf import detector_settings
+from reconciliation.models import Alert, DeliveryBucket
+from reconciliation.queues import queue_depths
+
 logger = logging.getLogger(__name__)
 
 # conductor_delivery_rate covers the matured cohorts of this long a span.
@@ -80,9 +87,6 @@ class StateCollector:
         yield errors
 
     def _database(self):
-        from messaging.models import DeadLetter, Message
-        from reconciliation.models import Alert, Receipt
-
         yield _counted(
             "conductor_messages",
             "Messages by channel, provider and state.",
@@ -116,8 +120,6 @@ class StateCollector:
         yield delivery_rate_family()
 
     def _broker(self):
-        from reconciliation.queues import queue_depths
-
         family = GaugeMetricFamily(
             "conductor_queue_depth", "Tasks waiting in each Celery queue (read from the broker).", labels=["queue"]
         )
@@ -126,8 +128,6 @@ class StateCollector:
         yield family
 
     def _circuits(self):
-        from providers.guards import circuit_breaker
-
         family = GaugeMetricFamily(
             "conductor_circuit_state",
             "1 for each provider's current circuit state (closed, open or half_open), 0 for the others.",
@@ -153,10 +153,6 @@ def delivery_rate_family() -> GaugeMetricFamily:
     Read from the delivery buckets anomaly detection keeps: a cohort counts once it is as old as
     the receipt maturity, so receipts still on their way do not look like a drop.
     """
-    from reconciliation.anomalies import cohort_end
-    from reconciliation.conf import detector_settings
-    from reconciliation.models import DeliveryBucket
-
     detector = detector_settings()
     end = cohort_end(timezone.now(), detector)
     totals = (

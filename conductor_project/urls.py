@@ -5,7 +5,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from conductor_project import views
-from providers.webhooks import provider_webhook
+from messaging.webhooks import provider_webhook
 from reconciliation.views import dashboard, dashboard_data_view
 
 urlpatterns = [

@@ -6,6 +6,7 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from conductor_project.celery import app
 from conductor_project.metrics import metrics_registry
 
 
@@ -24,8 +25,6 @@ def readyz(request: HttpRequest) -> JsonResponse:
     except Exception as exc:  # any failure means not ready; the message says which
         checks["database"] = f"error: {type(exc).__name__}"
     try:
-        from conductor_project.celery import app
-
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
         checks["broker"] = "ok"

@@ -16,11 +16,10 @@ from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
 from messaging.dead_letters import ATTEMPT_FIELDS
-from messaging.models import ApiClient, ApiKey, DeadLetter, DispatchAttempt, EventSource, Message, MessageEvent
+from messaging.models import ApiClient, ApiKey, DeadLetter, DispatchAttempt, EventSource, Message, MessageEvent, Receipt
 from messaging.replay import SkipReason, dead_letters_replay
 from messaging.services import NotCancellable, message_cancel
 from messaging.states import MessageState
-from reconciliation.models import Receipt
 
 REPLAY_PERMISSION = "messaging.replay_deadletter"
 
@@ -291,3 +290,10 @@ class ApiKeyInline(admin.TabularInline):
 class ApiClientAdmin(admin.ModelAdmin):
     list_display = ["name", "created_at"]
     inlines = [ApiKeyInline]
+
+
+@admin.register(Receipt)
+class ReceiptAdmin(ReadOnlyAdmin):
+    list_display = ["received_at", "provider", "provider_status", "mapped_state", "applied", "source", "message"]
+    list_filter = ["provider", "provider_status", "applied", "source"]
+    search_fields = ["=provider_message_id", "=event_id"]

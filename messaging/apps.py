@@ -1,4 +1,4 @@
-"""App config: registers the system checks that reject bad Conductor settings at start-up."""
+"""App config: registers the system checks, the `any` lookup and anymail's tracking receiver."""
 
 from django.apps import AppConfig
 
@@ -8,4 +8,5 @@ class MessagingConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from messaging import checks, rows  # noqa: F401  (registers the checks and the `any` lookup)
+        # Imported for their side effects: check registration, the lookup, the signal receiver.
+        from messaging import checks, receipts, rows  # noqa: F401

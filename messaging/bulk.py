@@ -38,7 +38,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from messaging.conf import conductor_setting
+from messaging.conf import messaging_setting
 from messaging.dispatch import (
     EARLY_TOLERANCE,
     SEND_ERRORS,
@@ -60,9 +60,10 @@ from messaging.routing import Hop, message_route
 from messaging.rows import rows_insert, rows_update, rows_update_in_key_order
 from messaging.services import message_publish, messages_transition
 from messaging.states import MessageState
-from providers.base import AmbiguousProviderError, ProviderError, SendResult, TransientProviderError
+from providers.conf import providers_setting
 from providers.guards import circuit_breaker, rate_limiter
 from providers.registry import get_provider
+from providers.types import AmbiguousProviderError, ProviderError, SendResult, TransientProviderError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -128,7 +129,7 @@ def _claim(message_ids: list[str]) -> tuple[datetime, list[Message], list[_Send]
     """
     now = timezone.now()
     lease = now + timedelta(
-        seconds=conductor_setting("DISPATCH_LEASE_SECONDS"), microseconds=random.randrange(1, 1_000_000)
+        seconds=messaging_setting("DISPATCH_LEASE_SECONDS"), microseconds=random.randrange(1, 1_000_000)
     )
     with transaction.atomic():
         rows = list(
@@ -246,7 +247,7 @@ def _walk(sends: list[_Send], lease: datetime, first_round: list[_Send], release
     """Round by round, every message of the batch tries its next hop, as messaging.dispatch._walk
     does for one message; a round's calls run at once. The first round was started by the claim."""
     loop = _send_loop()
-    lease_s = conductor_setting("DISPATCH_LEASE_SECONDS")
+    lease_s = messaging_setting("DISPATCH_LEASE_SECONDS")
     active, calling = sends, first_round
     while True:
         # Every call of the round ends before the lease does (at least half of it was left).
@@ -337,7 +338,7 @@ def _gate(sends: list[_Send]) -> None:
 async def _call_all(calling: list[_Send], budget_s: float) -> None:
     """The round's calls, BULK_SEND_CONCURRENCY at a time, all ended within budget_s from now:
     a round of many waves against a slow provider must still end inside the lease."""
-    limit = asyncio.Semaphore(conductor_setting("BULK_SEND_CONCURRENCY"))
+    limit = asyncio.Semaphore(providers_setting("BULK_SEND_CONCURRENCY"))
     deadline = asyncio.get_running_loop().time() + budget_s
     await asyncio.gather(*(_call(send, limit, deadline) for send in calling))
 
@@ -470,7 +471,7 @@ class _SendLoop:
     adapters' pooled keep-alive connections; a blocking adapter runs in its thread pool."""
 
     def __init__(self) -> None:
-        self.executor = ThreadPoolExecutor(conductor_setting("BULK_SEND_CONCURRENCY"), "bulk-send")
+        self.executor = ThreadPoolExecutor(providers_setting("BULK_SEND_CONCURRENCY"), "bulk-send")
         self.loop = asyncio.new_event_loop()
         self.loop.set_default_executor(self.executor)
         threading.Thread(target=self.loop.run_forever, name="bulk-send-loop", daemon=True).start()

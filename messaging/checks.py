@@ -1,4 +1,4 @@
-"""System checks: a misspelt or inconsistent Conductor setting stops start-up with a clear error."""
+"""System checks: a misspelt or inconsistent messaging setting stops start-up with a clear error."""
 
 from __future__ import annotations
 
@@ -8,24 +8,17 @@ from django.conf import settings
 from django.core.checks import Error, Warning, register
 
 from messaging.conf import DEFAULTS
+from messaging.models import OrderingMode
 from messaging.routing import POLICY_FIELDS, Channel, Priority, ReplayDeadline
+from providers.checks import whole_number_errors
+from providers.registry import PROVIDER_CLASSES, provider_class
 
 
 @register()
-def check_conductor_settings(app_configs=None, **kwargs) -> list[Error]:
+def check_messaging_settings(app_configs=None, **kwargs) -> list[Error]:
     errors: list[Error] = []
     configured = getattr(settings, "CONDUCTOR", {})
-    for name in sorted(set(configured) - set(DEFAULTS)):
-        errors.append(
-            Error(
-                f"Unknown setting CONDUCTOR[{name!r}].",
-                hint=f"Known: {', '.join(sorted(DEFAULTS))}.",
-                id="conductor.E001",
-            )
-        )
     routes = configured.get("ROUTES", DEFAULTS["ROUTES"])
-    from providers.registry import PROVIDER_CLASSES, provider_class
-
     for channel, names in routes.items():
         if channel not in Channel.values:
             errors.append(Error(f"CONDUCTOR['ROUTES'] names unknown channel {channel!r}.", id="conductor.E002"))
@@ -81,7 +74,6 @@ def check_conductor_settings(app_configs=None, **kwargs) -> list[Error]:
                     id="conductor.E012",
                 )
             )
-    errors += _check_circuit_settings()
     errors += _check_receipt_settings(configured)
     errors += _check_ordering_settings(configured)
     lease = configured.get("DISPATCH_LEASE_SECONDS", DEFAULTS["DISPATCH_LEASE_SECONDS"])
@@ -100,8 +92,6 @@ def check_conductor_settings(app_configs=None, **kwargs) -> list[Error]:
 
 
 def _check_ordering_settings(configured: dict) -> list[Error]:
-    from messaging.models import OrderingMode
-
     errors = []
     policy = configured.get("ORDERING_DEAD_PREDECESSOR", DEFAULTS["ORDERING_DEAD_PREDECESSOR"])
     if policy not in ("proceed", "hold"):
@@ -123,48 +113,12 @@ def _check_ordering_settings(configured: dict) -> list[Error]:
             )
     if configured.get("ORDERING_RECEIPT_TIMEOUT_SECONDS", 1.0) <= 0:
         errors.append(Error("CONDUCTOR['ORDERING_RECEIPT_TIMEOUT_SECONDS'] must be positive.", id="conductor.E017"))
-    for name in ("BULK_BATCH_SIZE", "BULK_SEND_CONCURRENCY"):
-        value = configured.get(name, DEFAULTS[name])
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            errors.append(
-                Error(f"CONDUCTOR[{name!r}] is {value!r}; it must be a whole number >= 1.", id="conductor.E018")
-            )
-    return errors
-
-
-def _check_circuit_settings() -> list[Error]:
-    from providers.guards import CIRCUIT_FIELDS, circuit_settings
-
-    errors: list[Error] = []
-    blocks = {"CONDUCTOR['CIRCUIT_BREAKER']": getattr(settings, "CONDUCTOR", {}).get("CIRCUIT_BREAKER", {})}
-    for name, conf in getattr(settings, "CONDUCTOR_PROVIDERS", {}).items():
-        blocks[f"CONDUCTOR_PROVIDERS[{name!r}]['CIRCUIT_BREAKER']"] = conf.get("CIRCUIT_BREAKER", {})
-    for where, block in blocks.items():
-        for field in sorted(set(block) - CIRCUIT_FIELDS):
-            errors.append(
-                Error(
-                    f"Unknown circuit breaker setting {field!r} in {where}.",
-                    hint=f"Known: {', '.join(sorted(CIRCUIT_FIELDS))}.",
-                    id="conductor.E009",
-                )
-            )
-    if errors:
-        return errors
-    for name in getattr(settings, "CONDUCTOR_PROVIDERS", {}):
-        try:
-            circuit_settings(name)
-        except (TypeError, ValueError) as exc:
-            errors.append(Error(f"Circuit breaker settings for {name!r} cannot work: {exc}", id="conductor.E010"))
+    errors += whole_number_errors(configured, {"BULK_BATCH_SIZE": DEFAULTS["BULK_BATCH_SIZE"]})
     return errors
 
 
 def _check_receipt_settings(configured: dict) -> list[Error]:
-    from reconciliation.conf import detector_settings_problems
-
-    errors = [
-        Error(f"CONDUCTOR['ANOMALY']: {problem}.", hint="See reconciliation/anomalies.py.", id="conductor.E013")
-        for problem in detector_settings_problems(configured.get("ANOMALY", {}))
-    ]
+    errors = []
     for channel, seconds in configured.get("RECEIPT_TIMEOUT_SECONDS", {}).items():
         if channel not in Channel.values or not isinstance(seconds, int | float) or seconds <= 0:
             errors.append(

@@ -1,4 +1,5 @@
-"""The one accessor for messaging settings (settings.CONDUCTOR), merged over these defaults."""
+"""The one accessor for the messaging layer's settings: the keys of settings.CONDUCTOR it owns,
+merged over these defaults (messaging.checks rejects bad values; conductor_project.checks unknown keys)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ from typing import Any
 from django.conf import settings
 
 DEFAULTS: dict[str, Any] = {
-    # Where providers post receipts (their status callback URLs are built from it).
-    "PUBLIC_URL": "http://127.0.0.1:8000",
     # Provider names per channel, in order. Dispatch uses the first; walking the route on
     # failure (fallback) comes with the circuit breakers.
     "ROUTES": {"sms": ["twilio", "vonage"], "whatsapp": ["twilio"], "email": ["mailgun", "smtp"]},
@@ -18,8 +17,6 @@ DEFAULTS: dict[str, Any] = {
     "CATEGORY_POLICIES": {},
     # How long a worker owns a message while it sends; must exceed the provider timeout.
     "DISPATCH_LEASE_SECONDS": 60.0,
-    # Overrides of providers.circuit.CircuitSettings (field names), for every provider.
-    "CIRCUIT_BREAKER": {},
     # A message whose worker died this many times goes to the DLQ instead of looping.
     "MAX_WORKER_LOSSES": 3,
     # Redis re-delivers tasks held past its visibility timeout, so countdowns stay short;
@@ -34,28 +31,14 @@ DEFAULTS: dict[str, Any] = {
     # 5 waves of calls; however slow the provider, the round ends within its budget (45 s of the
     # 60 s lease): calls still in flight then are ambiguous, calls not yet made are not made.
     "BULK_BATCH_SIZE": 500,
-    "BULK_SEND_CONCURRENCY": 100,
     "BATCH_MAX_ITEMS": 1000,
     # Longest body per channel: Twilio's 1,600 characters for SMS, WhatsApp's 4,096.
     "BODY_MAX_LENGTH": {"sms": 1600, "whatsapp": 4096, "email": 262144},
     "METADATA_MAX_BYTES": 16384,
     # Dead letters one API call replays at most; the response says how many matching remain.
     "REPLAY_API_MAX_ITEMS": 1000,
-    # Dead letters deleted per statement by the retention job, so no delete holds locks for long.
-    "DLQ_PURGE_BATCH_SIZE": 1000,
     # A dispatched message with no final receipt this long after dispatch is polled at its provider.
     "RECEIPT_TIMEOUT_SECONDS": {"sms": 600.0, "whatsapp": 600.0, "email": 600.0},
-    # ...and polled again at most this often while the provider still has no final status.
-    "RECEIPT_REPOLL_SECONDS": 600.0,
-    "RECEIPT_POLL_BATCH_SIZE": 200,
-    # Messages read per query by a reconciliation run.
-    "RECONCILE_BATCH_SIZE": 500,
-    # Overrides of reconciliation.anomalies.DetectorSettings (field names), e.g. {"min_samples": 50}.
-    "ANOMALY": {},
-    # Delivery buckets older than this are deleted (the dashboard shows up to 7 days).
-    "BUCKET_RETENTION_SECONDS": 8 * 86400.0,
-    # Alerts are POSTed here as JSON when set (with retries; a failing endpoint never blocks detection).
-    "ALERT_WEBHOOK_URL": None,
     # Messages with an ordering_key wait for the earlier ones with the same key. When an earlier
     # one is given up on (failed, expired, dead-lettered): "proceed" (the later ones go on; a
     # replay of it then arrives out of order) or "hold" (they wait until it is replayed and
@@ -70,9 +53,9 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def conductor_setting(name: str) -> Any:
-    """Return a CONDUCTOR setting, the project's value over the default."""
+def messaging_setting(name: str) -> Any:
+    """A setting of this layer: the project's CONDUCTOR[name] over the default."""
     if name not in DEFAULTS:
-        raise KeyError(f"unknown Conductor setting {name!r}")
+        raise KeyError(f"unknown messaging setting {name!r}")
     configured = getattr(settings, "CONDUCTOR", {})
     return configured.get(name, DEFAULTS[name])

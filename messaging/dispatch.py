@@ -18,7 +18,7 @@ from typing import Any
 from django.db.models import F, Q
 from django.utils import timezone
 
-from messaging.conf import conductor_setting
+from messaging.conf import messaging_setting
 from messaging.lookup import resolve_unknown_outcome, send_request
 from messaging.models import AttemptOutcome, DispatchAttempt, ErrorType, EventSource, Message
 from messaging.ordering import ordering_wait
@@ -36,10 +36,10 @@ from messaging.outcomes import (
 from messaging.routing import Hop, message_route
 from messaging.services import message_transition
 from messaging.states import MessageState
-from providers.base import AmbiguousProviderError, PermanentProviderError, ProviderError, TransientProviderError
 from providers.guards import circuit_breaker, rate_limiter, seconds_until_half_open
 from providers.ratelimit import wait_for_slot
 from providers.registry import get_provider
+from providers.types import AmbiguousProviderError, PermanentProviderError, ProviderError, TransientProviderError
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def message_dispatch(*, message_id: str) -> None:
 
 def _claim(message_id: str) -> Any:
     now = timezone.now()
-    lease = now + timedelta(seconds=conductor_setting("DISPATCH_LEASE_SECONDS"))
+    lease = now + timedelta(seconds=messaging_setting("DISPATCH_LEASE_SECONDS"))
     due = Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now + EARLY_TOLERANCE)
     claimed = (
         Message.objects.filter(pk=message_id, state=MessageState.ACCEPTED)
@@ -79,7 +79,7 @@ def _claim(message_id: str) -> Any:
 def _dispatch_claimed(message_id: str) -> None:
     message = Message.objects.get(pk=message_id)
     now = timezone.now()
-    if _record_lost_attempts(message, now) >= conductor_setting("MAX_WORKER_LOSSES"):
+    if _record_lost_attempts(message, now) >= messaging_setting("MAX_WORKER_LOSSES"):
         dead_letter(message, ErrorType.WORKER_LOST, "", f"its worker died {message.worker_loss_count} times")
         return
     if message.expires_at <= now:

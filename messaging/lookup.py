@@ -11,8 +11,9 @@ from django.utils import timezone
 from messaging.models import UNKNOWN_OUTCOMES, AttemptOutcome, DispatchAttempt, ErrorType, Message
 from messaging.outcomes import attempt_finish, attempt_start, dead_letter, error_fields, record_accepted, schedule_retry
 from messaging.routing import Hop
-from providers.base import AmbiguousProviderError, Provider, ProviderError, SendRequest, SendResult
+from providers.base import Provider
 from providers.registry import get_provider
+from providers.types import AmbiguousProviderError, ProviderError, SendRequest, SendResult
 
 logger = logging.getLogger(__name__)
 

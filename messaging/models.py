@@ -10,6 +10,7 @@ from django.db.models import Q
 
 from messaging.routing import Channel, Priority
 from messaging.states import MessageState
+from providers.types import ERROR_TYPE_MEANINGS, ErrorType  # noqa: F401  (the vocabulary of its error fields)
 
 
 class ApiClient(models.Model):
@@ -34,42 +35,6 @@ class ApiKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.client})"
-
-
-class ErrorType(models.TextChoices):
-    """Why a send failed: the one vocabulary of attempts, dead letters, metrics and replay filters.
-
-    ERROR_TYPE_MEANINGS below says what each means for an operator deciding whether to replay.
-    """
-
-    PROVIDER_TIMEOUT = "provider_timeout"
-    PROVIDER_5XX = "provider_5xx"
-    RATE_LIMITED = "rate_limited"
-    CONNECTION_ERROR = "connection_error"
-    PROVIDER_AUTH = "provider_auth"
-    INVALID_RECIPIENT = "invalid_recipient"
-    REJECTED = "rejected"
-    CIRCUIT_OPEN = "circuit_open"
-    WORKER_LOST = "worker_lost"
-    EXPIRED = "expired"
-    NO_ROUTE = "no_route"
-    UNKNOWN = "unknown"
-
-
-ERROR_TYPE_MEANINGS: dict[str, str] = {
-    ErrorType.PROVIDER_TIMEOUT: "no answer in time; the provider may have taken it (looked up before any resend)",
-    ErrorType.PROVIDER_5XX: "the provider answered with a server error (5xx)",
-    ErrorType.RATE_LIMITED: "the provider refused for rate (429); Retry-After was honoured",
-    ErrorType.CONNECTION_ERROR: "the provider could not be reached (refused, reset, DNS)",
-    ErrorType.PROVIDER_AUTH: "the provider refused our credentials or account (fix settings, then replay)",
-    ErrorType.INVALID_RECIPIENT: "the provider says the number or address cannot receive (a replay fails again)",
-    ErrorType.REJECTED: "the provider refused or failed this message for another permanent reason",
-    ErrorType.CIRCUIT_OPEN: "every provider of the route was skipped by its open circuit breaker",
-    ErrorType.WORKER_LOST: "the worker sending it died repeatedly (CONDUCTOR_MAX_WORKER_LOSSES)",
-    ErrorType.EXPIRED: "its deadline passed before it could be sent",
-    ErrorType.NO_ROUTE: "no provider is configured for its channel",
-    ErrorType.UNKNOWN: "none of the above (see the error message)",
-}
 
 
 class OrderingMode(models.TextChoices):
@@ -341,3 +306,32 @@ class DeadLetter(models.Model):
     def is_parked(self) -> bool:
         """Still waiting in the queue (not replayed)."""
         return self.replayed_at is None
+
+
+class Receipt(models.Model):
+    """A status report from a provider, kept whether or not it changed the message."""
+
+    provider = models.CharField(max_length=32)
+    # Deduplicates re-sent callbacks; synthesised from message id and status where the provider has none.
+    event_id = models.CharField(max_length=200)
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, null=True, blank=True, related_name="receipts")
+    provider_message_id = models.CharField(max_length=128, blank=True, default="")
+    provider_status = models.CharField(max_length=64)
+    mapped_state = models.CharField(max_length=16, blank=True, default="")
+    error_code = models.CharField(max_length=64, blank=True, default="")
+    applied = models.BooleanField(default=False)
+    source = models.CharField(max_length=16, default="webhook")
+    received_at = models.DateTimeField()
+    payload = models.JSONField(default=dict)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["provider", "event_id"], name="receipt_unique_event_per_provider"),
+        ]
+        indexes = [
+            models.Index(fields=["provider", "provider_message_id"], name="receipt_provider_ref"),
+            models.Index(fields=["message", "received_at"], name="receipt_message_time"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.provider} {self.provider_status} for {self.provider_message_id}"

@@ -21,7 +21,7 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from messaging.conf import conductor_setting
+from messaging.conf import messaging_setting
 from messaging.models import Message, OrderingKey, OrderingMode
 from messaging.rows import rows_update_in_key_order
 from messaging.states import DEAD_LETTER_STATES, MessageState
@@ -46,16 +46,16 @@ def sequence_next(*, client_id: int, key: str) -> int:
 
 def ordering_mode_for(*, requested: str | None, category: str) -> str:
     """The message's own mode, else its category's (CATEGORY_ORDERING), else dispatched."""
-    return requested or conductor_setting("CATEGORY_ORDERING").get(category) or OrderingMode.DISPATCHED
+    return requested or messaging_setting("CATEGORY_ORDERING").get(category) or OrderingMode.DISPATCHED
 
 
 def blocking(message: Message, now: datetime) -> Q:
     """What an earlier message's state must be to hold this one back."""
     holds = Q(state=MessageState.ACCEPTED)
-    if conductor_setting("ORDERING_DEAD_PREDECESSOR") == "hold":
+    if messaging_setting("ORDERING_DEAD_PREDECESSOR") == "hold":
         holds |= Q(state__in=DEAD_LETTER_STATES)
     if message.ordering_mode == OrderingMode.DELIVERED:
-        timeout = timedelta(seconds=conductor_setting("ORDERING_RECEIPT_TIMEOUT_SECONDS"))
+        timeout = timedelta(seconds=messaging_setting("ORDERING_RECEIPT_TIMEOUT_SECONDS"))
         holds |= Q(state=MessageState.DISPATCHED, dispatched_at__gt=now - timeout)
     return holds
 
@@ -131,10 +131,10 @@ def ordering_wait(message: Message, *, now: datetime | None = None) -> bool:
         countdown = None
         if blocker.state == MessageState.DISPATCHED:
             # Waiting for its receipt, but not past the timeout: look again then.
-            timeout = timedelta(seconds=conductor_setting("ORDERING_RECEIPT_TIMEOUT_SECONDS"))
+            timeout = timedelta(seconds=messaging_setting("ORDERING_RECEIPT_TIMEOUT_SECONDS"))
             fields["next_attempt_at"] = min(blocker.dispatched_at + timeout, message.expires_at)
             countdown = max(0.0, (fields["next_attempt_at"] - now).total_seconds())
-            if countdown > conductor_setting("MAX_COUNTDOWN_SECONDS"):
+            if countdown > messaging_setting("MAX_COUNTDOWN_SECONDS"):
                 countdown = None  # the sweeper enqueues it when due
         Message.objects.filter(pk=message.pk, state=MessageState.ACCEPTED).update(**fields)
         if countdown is not None:

@@ -13,14 +13,14 @@ from typing import Any
 from django.db.models import F
 from django.utils import timezone
 
-from messaging.conf import conductor_setting
+from messaging.conf import messaging_setting
 from messaging.logging import masked
 from messaging.metrics import attempt_count, latency_observe
 from messaging.models import AttemptOutcome, DispatchAttempt, EventSource, Message
 from messaging.routing import Hop, backoff_delay, retry_policy_for
 from messaging.services import message_publish, message_transition
 from messaging.states import MessageState
-from providers.base import ProviderError, SendResult
+from providers.types import ProviderError, SendResult
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def schedule_retry(
     # Retries stop at the deadline: the attempt due then finds it expired.
     next_at = min(now + timedelta(seconds=delay), message.expires_at)
     countdown = max(0.0, (next_at - now).total_seconds())
-    publish_now = countdown <= conductor_setting("MAX_COUNTDOWN_SECONDS")
+    publish_now = countdown <= messaging_setting("MAX_COUNTDOWN_SECONDS")
     # Only while still accepted: a receipt may have arrived during the call (the provider had it).
     scheduled = Message.objects.filter(pk=message.pk, state=MessageState.ACCEPTED).update(
         next_attempt_at=next_at,
@@ -191,7 +191,7 @@ def reschedule_unchanged(message: Message, wait_s: float) -> None:
     """Give the message back for `wait_s` without spending its budget (e.g. a rate-limit slot)."""
     next_at = min(timezone.now() + timedelta(seconds=wait_s), message.expires_at)
     countdown = max(0.0, (next_at - timezone.now()).total_seconds())
-    publish_now = countdown <= conductor_setting("MAX_COUNTDOWN_SECONDS")
+    publish_now = countdown <= messaging_setting("MAX_COUNTDOWN_SECONDS")
     Message.objects.filter(pk=message.pk, state=MessageState.ACCEPTED).update(
         next_attempt_at=next_at, enqueued_at=next_at if publish_now else None, lease_expires_at=None
     )

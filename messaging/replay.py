@@ -19,12 +19,11 @@ from django.db import transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
-from messaging.models import UNKNOWN_OUTCOMES, DeadLetter
+from messaging.models import UNKNOWN_OUTCOMES, DeadLetter, Receipt
 from messaging.routing import ReplayDeadline, RetryPolicy, retry_policy_for
 from messaging.services import message_publish, message_transition
 from messaging.states import MessageState
 from providers.registry import PROVIDER_CLASSES, provider_class
-from reconciliation.models import Receipt
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields, replace
 
 from django.db import models
 
-from messaging.conf import conductor_setting
+from messaging.conf import messaging_setting
 
 
 class Channel(models.TextChoices):
@@ -57,10 +57,10 @@ def queue_name(channel: str, priority: str) -> str:
 def retry_policy_for(priority: str, category: str = "") -> RetryPolicy:
     """The priority's policy with settings overrides, then the category's overrides on top."""
     policy = DEFAULT_RETRY_POLICIES[priority]
-    priority_overrides = conductor_setting("RETRY_POLICIES").get(priority, {})
+    priority_overrides = messaging_setting("RETRY_POLICIES").get(priority, {})
     policy = replace(policy, **priority_overrides)
     if category:
-        policy = replace(policy, **conductor_setting("CATEGORY_POLICIES").get(category, {}))
+        policy = replace(policy, **messaging_setting("CATEGORY_POLICIES").get(category, {}))
     return policy
 
 
@@ -85,7 +85,7 @@ class Hop:
 
 def message_route(*, channel: str, to: str, fallback_channels: list[str], fallback_to: dict[str, str]) -> list[Hop]:
     """Every hop in order: the channel's providers, then each fallback channel's providers."""
-    routes = conductor_setting("ROUTES")
+    routes = messaging_setting("ROUTES")
     hops = [Hop(channel, to, provider) for provider in routes.get(channel, [])]
     for fallback in fallback_channels:
         address = fallback_to.get(fallback)

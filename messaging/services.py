@@ -17,7 +17,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from messaging.conf import conductor_setting
+from messaging.conf import messaging_setting
 from messaging.dead_letters import dead_letter_park
 from messaging.logging import masked, scrubbed
 from messaging.metrics import latency_observe
@@ -434,7 +434,7 @@ def messages_publish(*, messages: Iterable[tuple[Any, str, str]]) -> int:
     one task each, as message_publish. Failures are logged, not raised (the sweeper publishes
     later). Returns how many tasks were published.
     """
-    size = conductor_setting("BULK_BATCH_SIZE")
+    size = messaging_setting("BULK_BATCH_SIZE")
     bulk: dict[str, list[str]] = {}
     published = 0
     for message_id, channel, priority in messages:

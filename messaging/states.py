@@ -56,8 +56,3 @@ DEAD_LETTER_STATE_CHOICES: list[tuple[str, str]] = [(s, MessageState(s).label) f
 
 # The timestamp column each state stamps when entered.
 TIMESTAMP_FIELD: dict[str, str] = {state: f"{state}_at" for state in MessageState.values}
-
-
-def is_allowed(source: str, target: str) -> bool:
-    """Whether the table allows source -> target."""
-    return target in TRANSITIONS.get(source, frozenset())

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from django.db.models import Q
 from django.utils import timezone
 
-from messaging.conf import conductor_setting
+from messaging.conf import messaging_setting
 from messaging.dispatch import unleased
 from messaging.models import ErrorType, EventSource, Message
 from messaging.queue_progress import MOVING_SECONDS, SLACK_SECONDS, queues_consumed
@@ -32,9 +32,9 @@ def messages_sweep(*, now: datetime | None = None) -> SweepReport:
     harmless because only one task can claim it."""
     now = now or timezone.now()
     report = SweepReport()
-    batch = conductor_setting("SWEEP_BATCH_SIZE")
+    batch = messaging_setting("SWEEP_BATCH_SIZE")
     report.expired = _expire_overdue(now, batch)
-    for priority, stale_seconds in conductor_setting("SWEEP_STALE_AFTER_SECONDS").items():
+    for priority, stale_seconds in messaging_setting("SWEEP_STALE_AFTER_SECONDS").items():
         report.enqueued += _enqueue_due(now, priority, timedelta(seconds=stale_seconds), batch)
     if report.expired or report.enqueued:
         logger.info("sweep: %d expired, %d enqueued", report.expired, report.enqueued)

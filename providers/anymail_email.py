@@ -16,28 +16,26 @@ from anymail.exceptions import (
     AnymailWebhookValidationFailure,
 )
 from anymail.message import AnymailMessage
-from anymail.signals import AnymailTrackingEvent, EventType, tracking
+from anymail.signals import AnymailTrackingEvent, EventType
 from anymail.webhooks.base import AnymailCoreWebhookView
 from anymail.webhooks.mailgun import MailgunTrackingWebhookView
 from django.core.mail import get_connection
-from django.dispatch import receiver
 from django.http import HttpRequest
 
-from messaging.models import ErrorType, EventSource
-from messaging.states import MessageState as S
-from providers.base import (
+from providers.base import Provider
+from providers.http import never_connected, retry_after_seconds
+from providers.types import (
     AmbiguousProviderError,
+    ErrorType,
     PermanentProviderError,
-    Provider,
     ReceiptEvent,
+    ReportedState,
     SendRequest,
     SendResult,
     StatusResult,
     TransientProviderError,
     WebhookSignatureError,
 )
-from providers.http import never_connected, retry_after_seconds
-from reconciliation.receipts import receipt_record
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +63,14 @@ class AnymailProvider(Provider):
     webhook_view: ClassVar[type[AnymailCoreWebhookView]]
     # anymail's normalised tracking event types (anymail.signals.EventType) -> our MessageState.
     status_map = {
-        EventType.QUEUED: S.DISPATCHED,
-        EventType.SENT: S.DISPATCHED,
-        EventType.DELIVERED: S.DELIVERED,
-        EventType.OPENED: S.READ,
-        EventType.CLICKED: S.READ,  # a click implies the message was opened
-        EventType.BOUNCED: S.UNDELIVERED,
-        EventType.REJECTED: S.FAILED,
-        EventType.FAILED: S.FAILED,
+        EventType.QUEUED: ReportedState.DISPATCHED,
+        EventType.SENT: ReportedState.DISPATCHED,
+        EventType.DELIVERED: ReportedState.DELIVERED,
+        EventType.OPENED: ReportedState.READ,
+        EventType.CLICKED: ReportedState.READ,  # a click implies the message was opened
+        EventType.BOUNCED: ReportedState.UNDELIVERED,
+        EventType.REJECTED: ReportedState.FAILED,
+        EventType.FAILED: ReportedState.FAILED,
         # Stored as receipts, but they say nothing about delivery.
         EventType.DEFERRED: None,
         EventType.AUTORESPONDED: None,
@@ -210,7 +208,13 @@ class MailgunProvider(AnymailProvider):
     # Slack around our clock in Events API time ranges: Mailgun stamps events with its own.
     CLOCK_SLACK = timedelta(minutes=5)
     # The order in which a message's events say more: a later "accepted" must not hide "delivered".
-    PROGRESS = {S.DISPATCHED: 1, S.DELIVERED: 2, S.UNDELIVERED: 2, S.FAILED: 2, S.READ: 3}
+    PROGRESS = {
+        ReportedState.DISPATCHED: 1,
+        ReportedState.DELIVERED: 2,
+        ReportedState.UNDELIVERED: 2,
+        ReportedState.FAILED: 2,
+        ReportedState.READ: 3,
+    }
 
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
@@ -324,16 +328,6 @@ class MailgunProvider(AnymailProvider):
             f"more than {self.MAX_EVENT_PAGES} pages of Mailgun events; narrow the look-up",
             error_type=ErrorType.UNKNOWN,
         )
-
-
-@receiver(tracking, dispatch_uid="providers.anymail_email.record_tracking_event")
-def record_tracking_event(sender: type, event: AnymailTrackingEvent, esp_name: str, **kwargs: Any) -> None:
-    """anymail's tracking webhooks (signature already checked by anymail) -> stored, applied receipts."""
-    provider = AnymailProvider.for_esp(esp_name)
-    if provider is None:
-        logger.warning("tracking event from %s ignored: no Conductor provider for that ESP", esp_name)
-        return
-    receipt_record(event=provider.receipt_event(event), source=EventSource.WEBHOOK)
 
 
 def _classify_transport(exc: BaseException) -> Exception:

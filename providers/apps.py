@@ -1,4 +1,4 @@
-"""App config for provider adapters (holds the run_sandbox_provider command)."""
+"""App config for provider adapters: registers their settings checks (and holds run_sandbox_provider)."""
 
 from django.apps import AppConfig
 
@@ -8,6 +8,4 @@ class ProvidersConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        # Connects the receiver of anymail's tracking signal, so /webhooks/anymail/<esp>/tracking/
-        # stores receipts even in a process that has not sent an email yet.
-        import providers.anymail_email  # noqa: F401
+        from providers import checks  # noqa: F401  (registers the checks)

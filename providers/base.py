@@ -1,78 +1,14 @@
-"""The provider interface every adapter implements, and the three kinds of provider error."""
+"""The provider interface every adapter implements (its vocabulary is in providers.types)."""
 
 from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, ClassVar
 
 from django.http import HttpRequest
 
-
-class ProviderError(Exception):
-    """A send or look-up that did not succeed; `error_type` is from messaging.models.ErrorType."""
-
-    def __init__(self, message: str, *, error_type: str, code: str = "", retry_after: float | None = None):
-        super().__init__(message)
-        self.error_type = error_type
-        self.code = code
-        self.retry_after = retry_after
-
-
-class TransientProviderError(ProviderError):
-    """The provider did not take the message and may later: retry with backoff."""
-
-
-class PermanentProviderError(ProviderError):
-    """The provider will never take this message (bad number, unsubscribed, 4xx): fail it now."""
-
-
-class AmbiguousProviderError(ProviderError):
-    """The request may have reached the provider (timeout after sending): look it up, never blind-resend."""
-
-
-class WebhookSignatureError(Exception):
-    """A receipt webhook whose signature is missing or wrong: refuse it and change nothing."""
-
-
-@dataclass(frozen=True)
-class SendRequest:
-    message_id: str
-    token: str  # the same for every retry of one logical send
-    channel: str
-    to: str
-    body: str
-    subject: str = ""
-    attempted_since: datetime | None = None  # first attempt of this generation, for look-ups
-
-
-@dataclass(frozen=True)
-class SendResult:
-    provider_message_id: str
-    provider_status: str
-
-
-@dataclass(frozen=True)
-class StatusResult:
-    provider_message_id: str
-    provider_status: str
-    state: str | None  # our MessageState, or None when the status says nothing new
-
-
-@dataclass(frozen=True)
-class ReceiptEvent:
-    """A provider's status report, normalised."""
-
-    provider: str
-    event_id: str
-    provider_message_id: str
-    provider_status: str
-    state: str | None
-    message_id: str | None = None  # ours, when the provider echoes our reference
-    error_code: str = ""
-    payload: dict[str, Any] = field(default_factory=dict)
+from providers.types import ReceiptEvent, SendRequest, SendResult, StatusResult
 
 
 class Provider(ABC):

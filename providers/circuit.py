@@ -12,6 +12,8 @@ from typing import Any
 
 import redis
 
+from providers.redis_state import shared_redis
+
 logger = logging.getLogger(__name__)
 
 CLOSED = "closed"
@@ -249,8 +251,6 @@ class CircuitBreaker:
         clock: Callable[[], float] = time.time,
     ):
         if client is None:
-            from providers.redis_state import shared_redis
-
             client = shared_redis()
         self.provider = provider
         self.settings = settings

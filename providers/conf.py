@@ -1,4 +1,5 @@
-"""The one accessor for provider settings (settings.CONDUCTOR_PROVIDERS)."""
+"""The one accessor for the providers layer's settings: each provider's CONDUCTOR_PROVIDERS entry,
+and the keys of settings.CONDUCTOR this layer owns (DEFAULTS; providers.checks rejects bad ones)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,23 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+
+DEFAULTS: dict[str, Any] = {
+    # Where providers post receipts (their status callback URLs are built from it).
+    "PUBLIC_URL": "http://127.0.0.1:8000",
+    # Provider calls in flight at once per worker process (the bulk path's round), and so the
+    # keep-alive connections an adapter pools.
+    "BULK_SEND_CONCURRENCY": 100,
+    # Overrides of providers.circuit.CircuitSettings (field names), for every provider.
+    "CIRCUIT_BREAKER": {},
+}
+
+
+def providers_setting(name: str) -> Any:
+    """A setting of this layer: the project's CONDUCTOR[name] over the default."""
+    if name not in DEFAULTS:
+        raise KeyError(f"unknown providers setting {name!r}")
+    return getattr(settings, "CONDUCTOR", {}).get(name, DEFAULTS[name])
 
 
 def provider_config(name: str) -> dict[str, Any]:
@@ -21,24 +39,3 @@ def provider_config(name: str) -> dict[str, Any]:
 
 def configured_provider_names() -> list[str]:
     return list(getattr(settings, "CONDUCTOR_PROVIDERS", {}))
-
-
-def sandbox_config_from_settings(seed: int | None = None):
-    """The sandbox's credentials, taken from the same settings the adapters use."""
-    from messaging.conf import conductor_setting
-    from providers.sandbox.state import SandboxConfig
-
-    twilio, vonage, mailgun = provider_config("twilio"), provider_config("vonage"), provider_config("mailgun")
-    return SandboxConfig(
-        twilio_account_sid=twilio["ACCOUNT_SID"],
-        twilio_auth_token=twilio["AUTH_TOKEN"],
-        seed=seed,
-        vonage_api_key=vonage["API_KEY"],
-        vonage_api_secret=vonage["API_SECRET"],
-        vonage_signature_secret=vonage["SIGNATURE_SECRET"],
-        vonage_signature_method=vonage["SIGNATURE_METHOD"],
-        mailgun_api_key=mailgun["API_KEY"],
-        mailgun_domain=mailgun["DOMAIN"],
-        mailgun_webhook_signing_key=mailgun["WEBHOOK_SIGNING_KEY"],
-        public_url=conductor_setting("PUBLIC_URL"),
-    )

@@ -6,19 +6,16 @@ from dataclasses import fields, replace
 from functools import cache
 from typing import Any
 
-from django.conf import settings
-
 from providers.circuit import CircuitBreaker, CircuitSettings
-from providers.conf import provider_config
+from providers.conf import provider_config, providers_setting
 from providers.ratelimit import RateLimit, RateLimiter
 
 CIRCUIT_FIELDS = frozenset(f.name for f in fields(CircuitSettings))
-RATE_LIMIT_KEYS = frozenset({"RATE_LIMIT_PER_SECOND", "RATE_LIMIT_BURST", "RATE_LIMIT_MAX_INLINE_WAIT_SECONDS"})
 
 
 def circuit_settings(name: str) -> CircuitSettings:
     """Defaults, then CONDUCTOR["CIRCUIT_BREAKER"], then the provider's own "CIRCUIT_BREAKER"."""
-    overrides: dict[str, Any] = {**getattr(settings, "CONDUCTOR", {}).get("CIRCUIT_BREAKER", {})}
+    overrides: dict[str, Any] = {**providers_setting("CIRCUIT_BREAKER")}
     overrides.update(provider_config(name).get("CIRCUIT_BREAKER", {}))
     return replace(CircuitSettings(), **overrides)
 

@@ -49,11 +49,11 @@ from django.core.mail.backends.smtp import EmailBackend
 from django.core.mail.message import sanitize_address
 from django.http import HttpRequest
 
-from messaging.models import ErrorType
-from providers.base import (
+from providers.base import Provider
+from providers.types import (
     AmbiguousProviderError,
+    ErrorType,
     PermanentProviderError,
-    Provider,
     ProviderError,
     ReceiptEvent,
     SendRequest,

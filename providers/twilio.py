@@ -21,21 +21,21 @@ from twilio.http.response import Response as TwilioResponse
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
-from messaging.conf import conductor_setting
-from messaging.models import ErrorType
-from messaging.states import MessageState as S
-from providers.base import (
+from providers.base import Provider
+from providers.conf import providers_setting
+from providers.http import never_connected, retry_after_seconds
+from providers.types import (
     AmbiguousProviderError,
+    ErrorType,
     PermanentProviderError,
-    Provider,
     ReceiptEvent,
+    ReportedState,
     SendRequest,
     SendResult,
     StatusResult,
     TransientProviderError,
     WebhookSignatureError,
 )
-from providers.http import never_connected, retry_after_seconds
 
 TWILIO_API_ORIGIN = "https://api.twilio.com"
 # Twilio error codes that mean the recipient itself is wrong (https://www.twilio.com/docs/api/errors).
@@ -114,16 +114,16 @@ class TwilioProvider(Provider):
     channels = frozenset({"sms", "whatsapp"})
     # Twilio's MessageStatus values (the Message resource's status enum).
     status_map = {
-        "queued": S.DISPATCHED,
-        "accepted": S.DISPATCHED,
-        "scheduled": S.DISPATCHED,
-        "sending": S.DISPATCHED,
-        "sent": S.DISPATCHED,
-        "delivered": S.DELIVERED,
-        "partially_delivered": S.DELIVERED,
-        "read": S.READ,
-        "undelivered": S.UNDELIVERED,
-        "failed": S.FAILED,
+        "queued": ReportedState.DISPATCHED,
+        "accepted": ReportedState.DISPATCHED,
+        "scheduled": ReportedState.DISPATCHED,
+        "sending": ReportedState.DISPATCHED,
+        "sent": ReportedState.DISPATCHED,
+        "delivered": ReportedState.DELIVERED,
+        "partially_delivered": ReportedState.DELIVERED,
+        "read": ReportedState.READ,
+        "undelivered": ReportedState.UNDELIVERED,
+        "failed": ReportedState.FAILED,
         "canceled": None,
         "receiving": None,
         "received": None,
@@ -134,11 +134,11 @@ class TwilioProvider(Provider):
         self.http_client = _RoutedHttpClient(
             config.get("BASE_URL") or TWILIO_API_ORIGIN,
             config["TIMEOUT_SECONDS"],
-            pool_size=conductor_setting("BULK_SEND_CONCURRENCY"),
+            pool_size=providers_setting("BULK_SEND_CONCURRENCY"),
         )
         self.client = Client(config["ACCOUNT_SID"], config["AUTH_TOKEN"], http_client=self.http_client)
         self.async_session = _AsyncSession(
-            config["TIMEOUT_SECONDS"], pool_size=conductor_setting("BULK_SEND_CONCURRENCY")
+            config["TIMEOUT_SECONDS"], pool_size=providers_setting("BULK_SEND_CONCURRENCY")
         )
         # The request the SDK's messages.create makes, built once (see send_async).
         self.create_path = f"/2010-04-01/Accounts/{config['ACCOUNT_SID']}/Messages.json"
@@ -164,7 +164,7 @@ class TwilioProvider(Provider):
     def status_callback_url(self, request: SendRequest) -> str:
         # Our id and token travel in the callback URL: Twilio's only client-reference field.
         query = urlencode({"message_id": request.message_id, "token": request.token})
-        return f"{conductor_setting('PUBLIC_URL').rstrip('/')}/webhooks/twilio/?{query}"
+        return f"{providers_setting('PUBLIC_URL').rstrip('/')}/webhooks/twilio/?{query}"
 
     def send(self, request: SendRequest) -> SendResult:
         to, from_ = self._addresses(request)
@@ -289,7 +289,7 @@ class TwilioProvider(Provider):
     # --- receipts -----------------------------------------------------------------------------
     def parse_webhook(self, request: HttpRequest) -> list[ReceiptEvent]:
         signature = request.headers.get("X-Twilio-Signature", "")
-        url = conductor_setting("PUBLIC_URL").rstrip("/") + request.get_full_path()
+        url = providers_setting("PUBLIC_URL").rstrip("/") + request.get_full_path()
         if not signature or not self.validator.validate(url, request.POST, signature):
             raise WebhookSignatureError("X-Twilio-Signature missing or not valid for this URL and body")
         payload = {key: request.POST.get(key) for key in request.POST}

@@ -18,21 +18,21 @@ from requests.adapters import HTTPAdapter
 from vonage_http_client import Auth, HttpClient, HttpClientOptions, HttpRequestError
 from vonage_sms import PartialFailureError, Sms, SmsError, SmsMessage
 
-from messaging.conf import conductor_setting
-from messaging.models import ErrorType
-from messaging.states import MessageState as S
-from providers.base import (
+from providers.base import Provider
+from providers.conf import providers_setting
+from providers.http import never_connected, retry_after_seconds
+from providers.types import (
     AmbiguousProviderError,
+    ErrorType,
     PermanentProviderError,
-    Provider,
     ReceiptEvent,
+    ReportedState,
     SendRequest,
     SendResult,
     StatusResult,
     TransientProviderError,
     WebhookSignatureError,
 )
-from providers.http import never_connected, retry_after_seconds
 
 RECORDS_PATH = "/v2/reports/records"
 # Vonage refuses a longer per-message `callback`, and the SDK's SmsMessage validates the same limit.
@@ -117,13 +117,13 @@ class VonageProvider(Provider):
     channels = frozenset({"sms"})
     # Delivery-receipt statuses (also the Reports API's SMS status filter values).
     status_map = {
-        "accepted": S.DISPATCHED,
-        "buffered": S.DISPATCHED,
-        "delivered": S.DELIVERED,
-        "expired": S.UNDELIVERED,
-        "failed": S.UNDELIVERED,
-        "deleted": S.UNDELIVERED,
-        "rejected": S.FAILED,  # refused by Vonage or the carrier (e.g. an illegal number): permanent
+        "accepted": ReportedState.DISPATCHED,
+        "buffered": ReportedState.DISPATCHED,
+        "delivered": ReportedState.DELIVERED,
+        "expired": ReportedState.UNDELIVERED,
+        "failed": ReportedState.UNDELIVERED,
+        "deleted": ReportedState.UNDELIVERED,
+        "rejected": ReportedState.FAILED,  # refused by Vonage or the carrier (e.g. an illegal number): permanent
         "unknown": None,
     }
 
@@ -132,7 +132,7 @@ class VonageProvider(Provider):
         method = config["SIGNATURE_METHOD"]
         if method not in SIGNATURE_METHODS:
             raise ImproperlyConfigured(f"VONAGE SIGNATURE_METHOD must be one of {', '.join(sorted(SIGNATURE_METHODS))}")
-        self.callback_url = conductor_setting("PUBLIC_URL").rstrip("/") + "/webhooks/vonage/"
+        self.callback_url = providers_setting("PUBLIC_URL").rstrip("/") + "/webhooks/vonage/"
         if len(self.callback_url) > CALLBACK_MAX_LENGTH:
             raise ImproperlyConfigured(f"Vonage takes a callback URL of at most {CALLBACK_MAX_LENGTH} characters")
         # An empty BASE_URL means Vonage itself; otherwise both hosts (rest.nexmo.com for SMS,

@@ -1,16 +1,9 @@
-"""Read-only admin for receipts, reconciliation runs and alerts: written by the services only."""
+"""Read-only admin for reconciliation runs and alerts: written by the services only."""
 
 from django.contrib import admin
 
 from messaging.admin import ReadOnlyAdmin, timestamp_status_filter
-from reconciliation.models import Alert, Receipt, ReconciliationRun
-
-
-@admin.register(Receipt)
-class ReceiptAdmin(ReadOnlyAdmin):
-    list_display = ["received_at", "provider", "provider_status", "mapped_state", "applied", "source", "message"]
-    list_filter = ["provider", "provider_status", "applied", "source"]
-    search_fields = ["=provider_message_id", "=event_id"]
+from reconciliation.models import Alert, ReconciliationRun
 
 
 @admin.register(ReconciliationRun)

@@ -12,17 +12,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from celery import current_app
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from messaging.conf import conductor_setting
 from providers.registry import PROVIDER_CLASSES, provider_class
 from reconciliation.anomalies import Finding, detect, recovered
 from reconciliation.buckets import buckets_refresh, series_by_route
-from reconciliation.conf import detector_settings
+from reconciliation.conf import detector_settings, reconciliation_setting
 from reconciliation.models import Alert
 
 logger = logging.getLogger(__name__)
+
+# reconciliation.tasks.post_alert, published by name: a service does not import its tasks.
+POST_ALERT_TASK = "reconciliation.post_alert"
 
 
 @dataclass
@@ -140,11 +143,9 @@ def alert_notify(*, alert: Alert, event: str) -> None:
     log = logger.warning if event == "opened" else logger.info
     log("alert %s: %s", event, alert_summary(alert), extra={"alert": payload})
     _to_sentry(alert, event)
-    if conductor_setting("ALERT_WEBHOOK_URL"):
-        from reconciliation.tasks import post_alert
-
+    if reconciliation_setting("ALERT_WEBHOOK_URL"):
         try:
-            post_alert.apply_async(args=[payload], retry=False)
+            current_app.send_task(POST_ALERT_TASK, args=[payload], retry=False)
         except Exception:  # the broker is down: the alert is stored and logged; nothing else to do
             logger.warning("alert %s %s: could not queue the webhook post", alert.pk, event, exc_info=True)
 

@@ -1,4 +1,4 @@
-"""App config for receipts and reconciliation."""
+"""App config for reconciliation: registers its settings checks."""
 
 from django.apps import AppConfig
 
@@ -6,3 +6,6 @@ from django.apps import AppConfig
 class ReconciliationConfig(AppConfig):
     name = "reconciliation"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from reconciliation import checks  # noqa: F401  (registers the checks)

@@ -1,12 +1,40 @@
-"""Settings of the reconciliation app, read through the one Conductor accessor."""
+"""The one accessor for the reconciliation layer's settings: the keys of settings.CONDUCTOR it owns,
+merged over these defaults (reconciliation.checks rejects bad values)."""
 
 from __future__ import annotations
 
 from dataclasses import fields
+from typing import Any
 
-from messaging.conf import conductor_setting
+from django.conf import settings
+
 from providers.conf import provider_config
 from reconciliation.anomalies import DetectorSettings
+
+DEFAULTS: dict[str, Any] = {
+    # ...and polled again at most this often while the provider still has no final status
+    # (after messaging's RECEIPT_TIMEOUT_SECONDS without a final receipt).
+    "RECEIPT_REPOLL_SECONDS": 600.0,
+    "RECEIPT_POLL_BATCH_SIZE": 200,
+    # Messages read per query by a reconciliation run.
+    "RECONCILE_BATCH_SIZE": 500,
+    # Overrides of reconciliation.anomalies.DetectorSettings (field names), e.g. {"min_samples": 50}.
+    "ANOMALY": {},
+    # Delivery buckets older than this are deleted (the dashboard shows up to 7 days).
+    "BUCKET_RETENTION_SECONDS": 8 * 86400.0,
+    # Alerts are POSTed here as JSON when set (with retries; a failing endpoint never blocks detection).
+    "ALERT_WEBHOOK_URL": None,
+    # Dead letters deleted per statement by the retention job, so no delete holds locks for long.
+    "DLQ_PURGE_BATCH_SIZE": 1000,
+}
+
+
+def reconciliation_setting(name: str) -> Any:
+    """A setting of this layer: the project's CONDUCTOR[name] over the default."""
+    if name not in DEFAULTS:
+        raise KeyError(f"unknown reconciliation setting {name!r}")
+    return getattr(settings, "CONDUCTOR", {}).get(name, DEFAULTS[name])
+
 
 DETECTOR_FIELDS = frozenset(f.name for f in fields(DetectorSettings))
 DEFAULT_RECEIPT_HORIZON_SECONDS = 72 * 3600.0
@@ -14,7 +42,7 @@ DEFAULT_RECEIPT_HORIZON_SECONDS = 72 * 3600.0
 
 def detector_settings() -> DetectorSettings:
     """DetectorSettings with CONDUCTOR["ANOMALY"]'s overrides (checked at start-up: conductor.E013/E014)."""
-    overrides = dict(conductor_setting("ANOMALY"))
+    overrides = dict(reconciliation_setting("ANOMALY"))
     if "windows_seconds" in overrides:
         overrides["windows_seconds"] = tuple(sorted(overrides["windows_seconds"]))
     return DetectorSettings(**overrides)

@@ -18,10 +18,15 @@ from django.db.models import Count
 from django.db.models.functions import Trunc
 from django.utils import timezone
 
+from messaging.models import DeadLetter
+from providers.guards import circuit_breaker
 from reconciliation import histograms
+from reconciliation.alerts import alert_payload
 from reconciliation.anomalies import cohort_end, floor_time
 from reconciliation.buckets import ROLLUP_SECONDS
 from reconciliation.conf import detector_settings
+from reconciliation.models import Alert, DeliveryBucket, QueueDepth, ReconciliationRun
+from reconciliation.queues import queue_names
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,6 @@ def _slot(moment: datetime, step: int) -> datetime:
 
 
 def _bucket_series(times, index, step, bucket_seconds, priority, matured_before) -> dict[str, Any]:
-    from reconciliation.models import DeliveryBucket
 
     size = len(times)
     delivered: dict[str, list[int]] = defaultdict(lambda: [0] * size)
@@ -140,8 +144,6 @@ def _quantile_series(per_step: list[list[int]]) -> dict[str, list[float | None]]
 
 
 def _queue_series(times, index, step) -> dict[str, list[int | None]]:
-    from reconciliation.models import QueueDepth
-    from reconciliation.queues import queue_names
 
     size = len(times)
     series: dict[str, list[int | None]] = {name: [None] * size for name in queue_names()}
@@ -159,7 +161,6 @@ def _queue_series(times, index, step) -> dict[str, list[int | None]]:
 
 
 def _dead_letter_series(times, index, step) -> dict[str, list[int]]:
-    from messaging.models import DeadLetter
 
     size = len(times)
     kind = "minute" if step == 60 else "hour"
@@ -179,7 +180,6 @@ def _dead_letter_series(times, index, step) -> dict[str, list[int]]:
 
 
 def _circuits() -> list[dict[str, Any]]:
-    from providers.guards import circuit_breaker
 
     states = []
     for provider in settings.CONDUCTOR_PROVIDERS:
@@ -197,8 +197,6 @@ def _circuits() -> list[dict[str, Any]]:
 
 
 def _open_alerts() -> list[dict[str, Any]]:
-    from reconciliation.alerts import alert_payload
-    from reconciliation.models import Alert
 
     return [
         alert_payload(alert, "open")
@@ -207,7 +205,6 @@ def _open_alerts() -> list[dict[str, Any]]:
 
 
 def _last_reconciliation() -> dict[str, Any] | None:
-    from reconciliation.models import ReconciliationRun
 
     run = ReconciliationRun.objects.order_by("-started_at").first()
     if run is None:

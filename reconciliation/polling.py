@@ -17,14 +17,14 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from messaging.conf import conductor_setting
+from messaging.conf import messaging_setting
 from messaging.models import EventSource, Message
+from messaging.receipts import receipt_record
 from messaging.states import MessageState
-from providers.base import ProviderError, ReceiptEvent, StatusResult
 from providers.conf import configured_provider_names
 from providers.registry import PROVIDER_CLASSES, get_provider, provider_class
-from reconciliation.conf import receipt_horizon_seconds
-from reconciliation.receipts import receipt_record
+from providers.types import ProviderError, ReceiptEvent, StatusResult
+from reconciliation.conf import receipt_horizon_seconds, reconciliation_setting
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def receipts_poll_overdue(*, now: datetime | None = None, batch_size: int | None
         ).update(receipt_unknown_at=now)
     if report.marked_unknown:
         logger.warning("%d dispatched messages passed their receipt horizon: delivery unknown", report.marked_unknown)
-    for message in _claim_overdue(now, providers, batch_size or conductor_setting("RECEIPT_POLL_BATCH_SIZE")):
+    for message in _claim_overdue(now, providers, batch_size or reconciliation_setting("RECEIPT_POLL_BATCH_SIZE")):
         outcome = receipt_poll_one(message=message)
         report.polled += 1
         if outcome == "updated":
@@ -82,9 +82,9 @@ def receipts_poll_overdue(*, now: datetime | None = None, batch_size: int | None
 
 
 def _overdue(now: datetime, providers: list[str]) -> Q:
-    repoll = now - timedelta(seconds=conductor_setting("RECEIPT_REPOLL_SECONDS"))
+    repoll = now - timedelta(seconds=reconciliation_setting("RECEIPT_REPOLL_SECONDS"))
     by_channel = Q(pk__in=[])
-    for channel, timeout in conductor_setting("RECEIPT_TIMEOUT_SECONDS").items():
+    for channel, timeout in messaging_setting("RECEIPT_TIMEOUT_SECONDS").items():
         by_channel |= Q(channel=channel, dispatched_at__lte=now - timedelta(seconds=timeout))
     not_recently = Q(receipt_polled_at__isnull=True) | Q(receipt_polled_at__lte=repoll)
     return awaiting_receipt() & Q(provider__in=providers) & ~Q(provider_message_id="") & by_channel & not_recently

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
+from celery import current_app
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -29,10 +30,8 @@ def queue_depths(timeout_s: float = 2.0) -> dict[str, int]:
     are in flight, not waiting. A queue the broker has never seen is empty. Raises if the broker
     does not answer within `timeout_s`.
     """
-    from conductor_project.celery import app
-
     depths: dict[str, int] = {}
-    with app.connection_for_read() as connection:
+    with current_app.connection_for_read() as connection:
         connection.ensure_connection(max_retries=1, timeout=timeout_s)
         for name in queue_names():
             # One channel per queue: on AMQP a passive declare of a missing queue closes its channel.

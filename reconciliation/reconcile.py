@@ -17,13 +17,13 @@ from datetime import UTC, date, datetime, timedelta
 
 from django.utils import timezone
 
-from messaging.conf import conductor_setting
 from messaging.locks import cluster_lock
-from messaging.models import EventSource, Message
+from messaging.models import EventSource, Message, Receipt
+from messaging.receipts import receipt_apply
 from messaging.states import MessageState
-from reconciliation.models import Receipt, ReconciliationRun, RunStatus
+from reconciliation.conf import reconciliation_setting
+from reconciliation.models import ReconciliationRun, RunStatus
 from reconciliation.polling import provider_status, receipt_from_status, receipt_providers
-from reconciliation.receipts import receipt_apply
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _reconcile(run: ReconciliationRun, progress, on_start) -> None:
     ids = list(candidates.order_by("dispatched_at", "pk").values_list("pk", flat=True))
     if on_start is not None:
         on_start(len(ids))
-    batch = conductor_setting("RECONCILE_BATCH_SIZE")
+    batch = reconciliation_setting("RECONCILE_BATCH_SIZE")
     for offset in range(0, len(ids), batch):
         chunk = list(Message.objects.filter(pk__in=ids[offset : offset + batch]).order_by("dispatched_at", "pk"))
         with_final_receipt = set(

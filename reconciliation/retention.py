@@ -14,9 +14,10 @@ from datetime import datetime, timedelta
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from messaging.conf import conductor_setting
+from messaging.conf import messaging_setting
 from messaging.models import DeadLetter
 from messaging.routing import Priority, retry_policy_for
+from reconciliation.conf import reconciliation_setting
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def retention_groups(*, now: datetime) -> list[tuple[str, str, datetime, QuerySe
     """(priority, category label, cutoff, expired rows) for every retention that applies now."""
     own_retention = sorted(
         category
-        for category, overrides in conductor_setting("CATEGORY_POLICIES").items()
+        for category, overrides in messaging_setting("CATEGORY_POLICIES").items()
         if "dlq_retention_seconds" in overrides
     )
     groups = []
@@ -56,7 +57,7 @@ def dead_letters_purge_expired(
 ) -> PurgeReport:
     """Delete (or, dry, count) every dead letter past its retention; `now` is injectable for tests."""
     now = now or timezone.now()
-    batch_size = batch_size or conductor_setting("DLQ_PURGE_BATCH_SIZE")
+    batch_size = batch_size or reconciliation_setting("DLQ_PURGE_BATCH_SIZE")
     report = PurgeReport(dry_run=dry_run)
     for priority, category, _cutoff, rows in retention_groups(now=now):
         removed = rows.count() if dry_run else _delete_in_batches(rows, batch_size)

@@ -9,9 +9,9 @@ import requests
 from celery import shared_task
 from django.utils import timezone
 
-from messaging.conf import conductor_setting
-from reconciliation.alerts import anomalies_detect
+from reconciliation.alerts import POST_ALERT_TASK, anomalies_detect
 from reconciliation.buckets import buckets_purge
+from reconciliation.conf import reconciliation_setting
 from reconciliation.polling import receipts_poll_overdue
 from reconciliation.queues import queue_depth_purge, queue_depth_sample
 from reconciliation.reconcile import reconciliation_run
@@ -27,8 +27,8 @@ class AlertWebhookError(Exception):
 @shared_task(name="reconciliation.purge_dead_letters", ignore_result=True)
 def purge_dead_letters() -> int:
     """Delete dead letters past their retention, and delivery buckets and queue samples past theirs."""
-    buckets_purge(older_than_s=conductor_setting("BUCKET_RETENTION_SECONDS"))
-    queue_depth_purge(older_than_s=conductor_setting("BUCKET_RETENTION_SECONDS"))
+    buckets_purge(older_than_s=reconciliation_setting("BUCKET_RETENTION_SECONDS"))
+    queue_depth_purge(older_than_s=reconciliation_setting("BUCKET_RETENTION_SECONDS"))
     return dead_letters_purge_expired().total
 
 
@@ -57,7 +57,7 @@ def reconcile() -> None:
 
 
 @shared_task(
-    name="reconciliation.post_alert",
+    name=POST_ALERT_TASK,
     ignore_result=True,
     acks_late=True,
     autoretry_for=(requests.ConnectionError, requests.Timeout, AlertWebhookError),
@@ -67,7 +67,7 @@ def reconcile() -> None:
 )
 def post_alert(payload: dict) -> None:
     """POST one alert event to ALERT_WEBHOOK_URL; retried on connection errors and 5xx."""
-    url = conductor_setting("ALERT_WEBHOOK_URL")
+    url = reconciliation_setting("ALERT_WEBHOOK_URL")
     if not url:
         return
     response = requests.post(url, json=payload, timeout=5, headers={"User-Agent": "conductor-alerts"})

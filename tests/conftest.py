@@ -169,8 +169,8 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture(scope="session")
 def sandbox_server():
     """The sandbox provider served in a thread of the test process (real HTTP on loopback)."""
-    from providers.conf import sandbox_config_from_settings
     from providers.sandbox.app import start_background
+    from providers.sandbox.settings import sandbox_config_from_settings
 
     server = start_background(sandbox_config_from_settings(seed=3))
     yield server

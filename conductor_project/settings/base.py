@@ -39,6 +39,7 @@ INSTALLED_APPS = [
     "messaging",
     "providers",
     "reconciliation",
+    "conductor_project",
 ]
 
 MIDDLEWARE = [
@@ -204,7 +205,8 @@ CELERY_BEAT_SCHEDULE = {
 
 # --- Conductor ------------------------------------------------------------------------------
 SANDBOX_URL = env_str("CONDUCTOR_SANDBOX_URL", "http://127.0.0.1:8025")
-# Every key is validated by messaging.checks; defaults live in messaging/conf.py.
+# Each layer owns some of these keys, with their defaults: providers/conf.py, messaging/conf.py,
+# reconciliation/conf.py; each app's checks validate its own, conductor_project.checks rejects unknown keys.
 CONDUCTOR = {
     "PUBLIC_URL": env_str("CONDUCTOR_PUBLIC_URL", "http://127.0.0.1:8000"),
     # Providers tried in order per channel, e.g. CONDUCTOR_ROUTE_SMS=vonage,twilio.

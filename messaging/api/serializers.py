@@ -16,13 +16,21 @@ from django.utils import timezone
 from rest_framework import ISO_8601, serializers
 from rest_framework.settings import api_settings
 
-from messaging.conf import conductor_setting
+from messaging.conf import messaging_setting
 from messaging.dead_letters import ATTEMPT_FIELDS
-from messaging.models import ApiClient, DeadLetter, DispatchAttempt, ErrorType, Message, MessageEvent, OrderingMode
+from messaging.models import (
+    ApiClient,
+    DeadLetter,
+    DispatchAttempt,
+    ErrorType,
+    Message,
+    MessageEvent,
+    OrderingMode,
+    Receipt,
+)
 from messaging.routing import Channel, Priority
 from messaging.selectors import DeadLetterCriteria
 from messaging.states import DEAD_LETTER_STATE_CHOICES, MessageState
-from reconciliation.models import Receipt
 
 PHONE_CHANNELS = {Channel.SMS, Channel.WHATSAPP}
 
@@ -85,13 +93,13 @@ class MessageCreateSerializer(StrictSerializer):
     def validate(self, attrs):
         errors: dict[str, list[str]] = {}
         channel = attrs["channel"]
-        if not conductor_setting("ROUTES").get(channel):
+        if not messaging_setting("ROUTES").get(channel):
             errors["channel"] = [f"No provider is configured for channel {channel!r}."]
         try:
             attrs["to"] = normalize_recipient(channel, attrs["to"])
         except serializers.ValidationError as exc:
             errors["to"] = exc.detail
-        limit = conductor_setting("BODY_MAX_LENGTH")[channel]
+        limit = messaging_setting("BODY_MAX_LENGTH")[channel]
         if len(attrs["body"]) > limit:
             errors["body"] = [
                 f"Ensure this field has no more than {limit} characters for {channel} (it has {len(attrs['body'])})."
@@ -104,8 +112,8 @@ class MessageCreateSerializer(StrictSerializer):
             errors["expires_at"] = ["This deadline is already in the past."]
         self._validate_fallback(attrs, errors)
         metadata = attrs.get("metadata", {})
-        if len(json.dumps(metadata)) > conductor_setting("METADATA_MAX_BYTES"):
-            errors["metadata"] = [f"Metadata is limited to {conductor_setting('METADATA_MAX_BYTES')} bytes of JSON."]
+        if len(json.dumps(metadata)) > messaging_setting("METADATA_MAX_BYTES"):
+            errors["metadata"] = [f"Metadata is limited to {messaging_setting('METADATA_MAX_BYTES')} bytes of JSON."]
         if errors:
             raise serializers.ValidationError(errors)
         return attrs
@@ -162,11 +170,11 @@ def _fast_validated(data: Any) -> dict[str, Any] | None:
     if type(data) is not dict or not _FAST_FIELDS.issuperset(data):
         return None
     channel, body = data.get("channel"), data.get("body")
-    if type(channel) is not str or channel not in _CHANNELS or not conductor_setting("ROUTES").get(channel):
+    if type(channel) is not str or channel not in _CHANNELS or not messaging_setting("ROUTES").get(channel):
         return None
     if type(body) is not str or not body or not _clean(body):
         return None
-    if len(body) > conductor_setting("BODY_MAX_LENGTH")[channel]:
+    if len(body) > messaging_setting("BODY_MAX_LENGTH")[channel]:
         return None
     to = _fast_text(data.get("to"), _DECLARED["to"].max_length, allow_blank=False)
     if to is None:
@@ -197,7 +205,7 @@ def _fast_validated(data: Any) -> dict[str, Any] | None:
         if type(data["metadata"]) is not dict:
             return None
         metadata = {str(key): value for key, value in data["metadata"].items()}
-        if len(json.dumps(metadata)) > conductor_setting("METADATA_MAX_BYTES"):
+        if len(json.dumps(metadata)) > messaging_setting("METADATA_MAX_BYTES"):
             return None
         fields["metadata"] = metadata
     fields["fallback_to"] = {}  # MessageCreateSerializer._validate_fallback always sets it
@@ -231,7 +239,7 @@ class BatchSerializer(StrictSerializer):
     messages = serializers.ListField(child=serializers.JSONField(), allow_empty=False)
 
     def validate_messages(self, items):
-        limit = conductor_setting("BATCH_MAX_ITEMS")
+        limit = messaging_setting("BATCH_MAX_ITEMS")
         if len(items) > limit:
             raise serializers.ValidationError(f"A batch holds at most {limit} messages; this one has {len(items)}.")
         return items
@@ -457,7 +465,7 @@ class DeadLetterReplaySerializer(StrictSerializer, DeadLetterFilterSerializer):
             raise serializers.ValidationError(str(exc)) from None
 
     def validate_limit(self, value: int) -> int:
-        cap = conductor_setting("REPLAY_API_MAX_ITEMS")
+        cap = messaging_setting("REPLAY_API_MAX_ITEMS")
         if value > cap:
             raise serializers.ValidationError(f"At most {cap} per call; call again for the rest.")
         return value

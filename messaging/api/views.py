@@ -28,7 +28,7 @@ from messaging.api.serializers import (
     message_create_validate,
     message_renderer,
 )
-from messaging.conf import conductor_setting
+from messaging.conf import messaging_setting
 from messaging.ingest import BatchItem, ItemResult, messages_create_many
 from messaging.models import ApiClient, EventSource, Message
 from messaging.replay import dead_letters_replay
@@ -238,7 +238,7 @@ class DeadLetterReplayView(APIView):
         options = replay.validated_data
         matching = dead_letters_matching(criteria=dead_letter_criteria(options, client=request.auth, parked=True))
         matched = matching.count()
-        limit = min(options.get("limit", matched), conductor_setting("REPLAY_API_MAX_ITEMS"))
+        limit = min(options.get("limit", matched), messaging_setting("REPLAY_API_MAX_ITEMS"))
         report = dead_letters_replay(
             selection=matching[:limit],
             actor=request.auth.name,

@@ -9,10 +9,10 @@ from django.utils import timezone
 
 from messaging.dispatch import message_dispatch
 from messaging.models import DeadLetter, DispatchAttempt, ErrorType, EventSource, Message
+from messaging.receipts import receipt_record
 from messaging.services import message_cancel, message_transition
 from messaging.sweeper import messages_sweep
-from providers.base import ReceiptEvent
-from reconciliation.receipts import receipt_record
+from providers.types import ReceiptEvent
 
 pytestmark = pytest.mark.django_db
 

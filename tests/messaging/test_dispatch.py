@@ -214,7 +214,7 @@ def test_a_look_up_that_fails_leaves_the_outcome_unknown_and_sends_nothing(sandb
 
 def test_a_retry_is_not_scheduled_for_a_message_a_receipt_moved_on_during_the_call(make_message):
     from messaging.outcomes import schedule_retry
-    from providers.base import AmbiguousProviderError
+    from providers.types import AmbiguousProviderError
 
     # The worker timed out waiting for the provider while the provider's receipt already arrived.
     message = make_message(state="delivered", lease_expires_at=timezone.now() + timedelta(seconds=30))

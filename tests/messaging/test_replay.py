@@ -11,12 +11,11 @@ from django.utils import timezone
 
 from messaging.dispatch import message_dispatch
 from messaging.lookup import send_request
-from messaging.models import AttemptOutcome, DeadLetter, DispatchAttempt, EventSource, Message, MessageEvent
+from messaging.models import AttemptOutcome, DeadLetter, DispatchAttempt, EventSource, Message, MessageEvent, Receipt
 from messaging.replay import SkipReason, dead_letters_replay, replay_deadline
 from messaging.routing import DEFAULT_RETRY_POLICIES, Hop, ReplayDeadline
 from messaging.selectors import DeadLetterCriteria, dead_letters_matching
 from providers.registry import get_provider
-from reconciliation.models import Receipt
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 

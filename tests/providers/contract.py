@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from messaging.bulk import _send_loop
-from providers.base import (
+from providers.types import (
     AmbiguousProviderError,
     PermanentProviderError,
     SendRequest,

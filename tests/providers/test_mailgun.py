@@ -19,12 +19,11 @@ from anymail.signals import AnymailTrackingEvent, EventType, tracking
 from django.test import RequestFactory
 from django.utils import timezone
 
-from messaging.models import Message, MessageEvent
+from messaging.models import Message, MessageEvent, Receipt
 from providers.anymail_email import MailgunProvider
-from providers.base import PermanentProviderError, TransientProviderError
 from providers.conf import provider_config
 from providers.registry import get_provider
-from reconciliation.models import Receipt
+from providers.types import PermanentProviderError, TransientProviderError
 from tests.providers.contract import ProviderContract, send_request
 from tests.providers.test_sandbox_mailgun import JsonReceiver, wait_for
 

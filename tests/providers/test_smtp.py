@@ -8,16 +8,16 @@ from urllib.parse import urlsplit
 import pytest
 from django.test import RequestFactory
 
-from providers.base import (
+from providers.conf import provider_config
+from providers.registry import get_provider, reset_provider_cache
+from providers.smtp import SmtpProvider, message_id_for
+from providers.types import (
     AmbiguousProviderError,
     PermanentProviderError,
     SendRequest,
     TransientProviderError,
     WebhookSignatureError,
 )
-from providers.conf import provider_config
-from providers.registry import get_provider, reset_provider_cache
-from providers.smtp import SmtpProvider, message_id_for
 from tests.providers.contract import ProviderContract, send_request
 from tests.support.smtp_server import SmtpTestServer
 

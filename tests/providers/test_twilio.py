@@ -8,8 +8,7 @@ import pytest
 from django.test import RequestFactory
 from twilio.request_validator import RequestValidator
 
-from messaging.conf import conductor_setting
-from providers.conf import provider_config
+from providers.conf import provider_config, providers_setting
 from providers.registry import get_provider
 from providers.twilio import TwilioProvider
 from tests.providers.contract import ProviderContract, send_request
@@ -37,7 +36,7 @@ class TestTwilioContract(ProviderContract):
         def build(valid: bool):
             path = "/webhooks/twilio/?" + urlencode({"message_id": "m-1", "token": "m-1.1"})
             params = {"MessageSid": "SM123", "MessageStatus": "delivered", "To": "+14155552671"}
-            url = conductor_setting("PUBLIC_URL").rstrip("/") + path
+            url = providers_setting("PUBLIC_URL").rstrip("/") + path
             signature = RequestValidator(token if valid else "wrong").compute_signature(url, params)
             return RequestFactory().post(path, data=params, HTTP_X_TWILIO_SIGNATURE=signature)
 

@@ -16,16 +16,16 @@ from urllib.parse import urlencode
 import pytest
 from django.test import RequestFactory
 
-from providers.base import (
+from providers.conf import provider_config
+from providers.registry import get_provider, reset_provider_cache
+from providers.sandbox import vonage_api
+from providers.sandbox.vonage_api import signature
+from providers.types import (
     AmbiguousProviderError,
     PermanentProviderError,
     TransientProviderError,
     WebhookSignatureError,
 )
-from providers.conf import provider_config
-from providers.registry import get_provider, reset_provider_cache
-from providers.sandbox import vonage_api
-from providers.sandbox.vonage_api import signature
 from providers.vonage import VonageProvider
 from tests.providers.contract import ProviderContract, send_request
 from tests.support.webhook_receiver import WebhookReceiver

@@ -9,8 +9,7 @@ import pytest
 from django.utils import timezone
 
 from messaging.dispatch import message_dispatch
-from messaging.models import Message, MessageEvent
-from reconciliation.models import Receipt
+from messaging.models import Message, MessageEvent, Receipt
 from reconciliation.polling import receipts_poll_overdue
 
 pytestmark = pytest.mark.django_db

@@ -13,10 +13,10 @@ from django.utils import timezone
 
 from messaging.dispatch import message_dispatch
 from messaging.locks import cluster_lock_id
-from messaging.models import Message
-from providers.base import ReceiptEvent
-from reconciliation.models import Receipt, ReconciliationRun
-from reconciliation.receipts import receipt_record
+from messaging.models import Message, Receipt
+from messaging.receipts import receipt_record
+from providers.types import ReceiptEvent
+from reconciliation.models import ReconciliationRun
 from reconciliation.reconcile import LOCK_NAME, reconciliation_run
 
 pytestmark = pytest.mark.django_db

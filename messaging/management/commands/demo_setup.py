@@ -7,8 +7,8 @@ import os
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from messaging.conf import conductor_setting
 from messaging.services import api_key_create, api_key_revoke_all
+from providers.conf import providers_setting
 
 DEMO_CLIENT = "demo"
 
@@ -30,7 +30,7 @@ class Command(BaseCommand):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(raw_key + "\n")
         os.chmod(path, 0o600)
-        public = conductor_setting("PUBLIC_URL").rstrip("/")
+        public = providers_setting("PUBLIC_URL").rstrip("/")
         self.stdout.write(
             "\n".join(
                 [

@@ -11,9 +11,9 @@ import requests
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from messaging.conf import conductor_setting
 from messaging.management.commands.demo_setup import demo_key_path
 from messaging.states import SETTLED_STATES
+from providers.conf import providers_setting
 
 ORDER = [
     "accepted",
@@ -42,7 +42,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--error-rate", type=float, default=0.2, help="Share of sends the sandbox answers with a 500 (default 0.2)."
         )
-        parser.add_argument("--api-url", default=conductor_setting("PUBLIC_URL"))
+        parser.add_argument("--api-url", default=providers_setting("PUBLIC_URL"))
         parser.add_argument("--key", help="API key (default: the one `make run` saved in var/demo_api_key).")
         parser.add_argument("--timeout", type=float, default=120.0, help="Seconds to wait for every message to settle.")
 

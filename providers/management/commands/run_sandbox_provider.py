@@ -8,6 +8,9 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
 
+from providers.sandbox.app import run_sandbox
+from providers.sandbox.settings import sandbox_config_from_settings
+
 
 class Command(BaseCommand):
     help = (
@@ -33,10 +36,6 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        # Imported here so that listing commands does not import aiohttp.
-        from providers.conf import sandbox_config_from_settings
-        from providers.sandbox.app import run_sandbox
-
         try:
             config = sandbox_config_from_settings(seed=options["seed"])
         except (ImproperlyConfigured, KeyError) as exc:

@@ -8,11 +8,10 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from messaging.models import AttemptOutcome, DispatchAttempt, Message
+from messaging.models import AttemptOutcome, DispatchAttempt, Message, Receipt
 from messaging.outcomes import record_accepted
-from providers.base import ReceiptEvent, SendResult
-from reconciliation.models import Receipt
-from reconciliation.receipts import receipt_record
+from messaging.receipts import receipt_record
+from providers.types import ReceiptEvent, SendResult
 
 pytestmark = pytest.mark.django_db
 

@@ -7,9 +7,8 @@ from urllib.parse import urlencode
 import pytest
 from twilio.request_validator import RequestValidator
 
-from messaging.conf import conductor_setting
-from providers.conf import provider_config
-from reconciliation.models import Receipt
+from messaging.models import Receipt
+from providers.conf import provider_config, providers_setting
 from tests.providers.test_vonage import dlr, signed
 
 pytestmark = pytest.mark.django_db
@@ -25,7 +24,7 @@ def dispatched(make_message):
 def twilio_callback(client, message, status="delivered", token=None):
     path = "/webhooks/twilio/?" + urlencode({"message_id": str(message.pk), "token": message.send_token})
     params = {"MessageSid": message.provider_message_id, "MessageStatus": status, "To": message.to}
-    url = conductor_setting("PUBLIC_URL").rstrip("/") + path
+    url = providers_setting("PUBLIC_URL").rstrip("/") + path
     signature = RequestValidator(token or provider_config("twilio")["AUTH_TOKEN"]).compute_signature(url, params)
     return client.post(path, data=params, HTTP_X_TWILIO_SIGNATURE=signature)
 

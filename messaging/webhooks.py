@@ -8,9 +8,9 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
 
-from providers.base import WebhookSignatureError
+from messaging.receipts import receipt_record
 from providers.registry import PROVIDER_CLASSES, get_provider
-from reconciliation.receipts import receipt_record
+from providers.types import WebhookSignatureError
 
 logger = logging.getLogger(__name__)
 

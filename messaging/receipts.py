@@ -1,18 +1,22 @@
-"""Store provider receipts once each and apply them to messages through the transition service."""
+"""Store provider receipts once each and apply them to messages through the transition service
+(from our receipt webhook view, anymail's tracking signal, polling and reconciliation)."""
 
 from __future__ import annotations
 
 import logging
 import uuid
+from typing import Any
 
+from anymail.signals import AnymailTrackingEvent, tracking
 from django.db import IntegrityError, transaction
+from django.dispatch import receiver
 from django.utils import timezone
 
-from messaging.models import ErrorType, EventSource, Message
+from messaging.models import ErrorType, EventSource, Message, Receipt
 from messaging.services import message_transition
 from messaging.states import MessageState
-from providers.base import ReceiptEvent
-from reconciliation.models import Receipt
+from providers.anymail_email import AnymailProvider
+from providers.types import ReceiptEvent
 
 logger = logging.getLogger(__name__)
 
@@ -97,3 +101,13 @@ def receipt_apply(*, receipt: Receipt, message: Message, source: str) -> bool:
         Receipt.objects.filter(pk=receipt.pk).update(applied=True)
         receipt.applied = True
     return applied
+
+
+@receiver(tracking, dispatch_uid="messaging.receipts.record_tracking_event")
+def record_tracking_event(sender: type, event: AnymailTrackingEvent, esp_name: str, **kwargs: Any) -> None:
+    """anymail's tracking webhooks (signature already checked by anymail) -> stored, applied receipts."""
+    provider = AnymailProvider.for_esp(esp_name)
+    if provider is None:
+        logger.warning("tracking event from %s ignored: no Conductor provider for that ESP", esp_name)
+        return
+    receipt_record(event=provider.receipt_event(event), source=EventSource.WEBHOOK)

@@ -1,0 +1,55 @@
+"""System checks of the providers layer's settings: circuit breaker blocks and send concurrency."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import Error, register
+
+from providers.conf import DEFAULTS, providers_setting
+from providers.guards import CIRCUIT_FIELDS, circuit_settings
+
+
+@register()
+def check_providers_settings(app_configs=None, **kwargs) -> list[Error]:
+    configured = getattr(settings, "CONDUCTOR", {})
+    return _check_circuit_settings() + whole_number_errors(
+        configured, {"BULK_SEND_CONCURRENCY": DEFAULTS["BULK_SEND_CONCURRENCY"]}
+    )
+
+
+def whole_number_errors(configured: dict[str, Any], defaults: dict[str, Any]) -> list[Error]:
+    """conductor.E018 for each of these CONDUCTOR keys that is not a whole number >= 1."""
+    errors = []
+    for name, default in defaults.items():
+        value = configured.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            errors.append(
+                Error(f"CONDUCTOR[{name!r}] is {value!r}; it must be a whole number >= 1.", id="conductor.E018")
+            )
+    return errors
+
+
+def _check_circuit_settings() -> list[Error]:
+    errors: list[Error] = []
+    blocks = {"CONDUCTOR['CIRCUIT_BREAKER']": providers_setting("CIRCUIT_BREAKER")}
+    for name, conf in getattr(settings, "CONDUCTOR_PROVIDERS", {}).items():
+        blocks[f"CONDUCTOR_PROVIDERS[{name!r}]['CIRCUIT_BREAKER']"] = conf.get("CIRCUIT_BREAKER", {})
+    for where, block in blocks.items():
+        for field in sorted(set(block) - CIRCUIT_FIELDS):
+            errors.append(
+                Error(
+                    f"Unknown circuit breaker setting {field!r} in {where}.",
+                    hint=f"Known: {', '.join(sorted(CIRCUIT_FIELDS))}.",
+                    id="conductor.E009",
+                )
+            )
+    if errors:
+        return errors
+    for name in getattr(settings, "CONDUCTOR_PROVIDERS", {}):
+        try:
+            circuit_settings(name)
+        except (TypeError, ValueError) as exc:
+            errors.append(Error(f"Circuit breaker settings for {name!r} cannot work: {exc}", id="conductor.E010"))
+    return errors

@@ -1,0 +1,23 @@
+"""The sandbox's credentials, taken from the same settings the adapters use."""
+
+from __future__ import annotations
+
+from providers.conf import provider_config, providers_setting
+from providers.sandbox.state import SandboxConfig
+
+
+def sandbox_config_from_settings(seed: int | None = None) -> SandboxConfig:
+    twilio, vonage, mailgun = provider_config("twilio"), provider_config("vonage"), provider_config("mailgun")
+    return SandboxConfig(
+        twilio_account_sid=twilio["ACCOUNT_SID"],
+        twilio_auth_token=twilio["AUTH_TOKEN"],
+        seed=seed,
+        vonage_api_key=vonage["API_KEY"],
+        vonage_api_secret=vonage["API_SECRET"],
+        vonage_signature_secret=vonage["SIGNATURE_SECRET"],
+        vonage_signature_method=vonage["SIGNATURE_METHOD"],
+        mailgun_api_key=mailgun["API_KEY"],
+        mailgun_domain=mailgun["DOMAIN"],
+        mailgun_webhook_signing_key=mailgun["WEBHOOK_SIGNING_KEY"],
+        public_url=providers_setting("PUBLIC_URL"),
+    )

@@ -1,0 +1,121 @@
+"""The providers layer's vocabulary: why a send failed, what a receipt reports, the three kinds
+of provider error, and the values a send, a look-up and a receipt come back as."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.db import models
+
+
+class ErrorType(models.TextChoices):
+    """Why a send failed: the one vocabulary of attempts, dead letters, metrics and replay filters.
+
+    ERROR_TYPE_MEANINGS below says what each means for an operator deciding whether to replay.
+    """
+
+    PROVIDER_TIMEOUT = "provider_timeout"
+    PROVIDER_5XX = "provider_5xx"
+    RATE_LIMITED = "rate_limited"
+    CONNECTION_ERROR = "connection_error"
+    PROVIDER_AUTH = "provider_auth"
+    INVALID_RECIPIENT = "invalid_recipient"
+    REJECTED = "rejected"
+    CIRCUIT_OPEN = "circuit_open"
+    WORKER_LOST = "worker_lost"
+    EXPIRED = "expired"
+    NO_ROUTE = "no_route"
+    UNKNOWN = "unknown"
+
+
+ERROR_TYPE_MEANINGS: dict[str, str] = {
+    ErrorType.PROVIDER_TIMEOUT: "no answer in time; the provider may have taken it (looked up before any resend)",
+    ErrorType.PROVIDER_5XX: "the provider answered with a server error (5xx)",
+    ErrorType.RATE_LIMITED: "the provider refused for rate (429); Retry-After was honoured",
+    ErrorType.CONNECTION_ERROR: "the provider could not be reached (refused, reset, DNS)",
+    ErrorType.PROVIDER_AUTH: "the provider refused our credentials or account (fix settings, then replay)",
+    ErrorType.INVALID_RECIPIENT: "the provider says the number or address cannot receive (a replay fails again)",
+    ErrorType.REJECTED: "the provider refused or failed this message for another permanent reason",
+    ErrorType.CIRCUIT_OPEN: "every provider of the route was skipped by its open circuit breaker",
+    ErrorType.WORKER_LOST: "the worker sending it died repeatedly (CONDUCTOR_MAX_WORKER_LOSSES)",
+    ErrorType.EXPIRED: "its deadline passed before it could be sent",
+    ErrorType.NO_ROUTE: "no provider is configured for its channel",
+    ErrorType.UNKNOWN: "none of the above (see the error message)",
+}
+
+
+class ReportedState(models.TextChoices):
+    """What a provider's status says of a message, in the lifecycle's own words (the values are
+    messaging.states.MessageState's, so a status map needs no translation above this layer)."""
+
+    DISPATCHED = "dispatched"
+    DELIVERED = "delivered"
+    READ = "read"
+    UNDELIVERED = "undelivered"
+    FAILED = "failed"
+
+
+class ProviderError(Exception):
+    """A send or look-up that did not succeed; `error_type` is an ErrorType."""
+
+    def __init__(self, message: str, *, error_type: str, code: str = "", retry_after: float | None = None):
+        super().__init__(message)
+        self.error_type = error_type
+        self.code = code
+        self.retry_after = retry_after
+
+
+class TransientProviderError(ProviderError):
+    """The provider did not take the message and may later: retry with backoff."""
+
+
+class PermanentProviderError(ProviderError):
+    """The provider will never take this message (bad number, unsubscribed, 4xx): fail it now."""
+
+
+class AmbiguousProviderError(ProviderError):
+    """The request may have reached the provider (timeout after sending): look it up, never blind-resend."""
+
+
+class WebhookSignatureError(Exception):
+    """A receipt webhook whose signature is missing or wrong: refuse it and change nothing."""
+
+
+@dataclass(frozen=True)
+class SendRequest:
+    message_id: str
+    token: str  # the same for every retry of one logical send
+    channel: str
+    to: str
+    body: str
+    subject: str = ""
+    attempted_since: datetime | None = None  # first attempt of this generation, for look-ups
+
+
+@dataclass(frozen=True)
+class SendResult:
+    provider_message_id: str
+    provider_status: str
+
+
+@dataclass(frozen=True)
+class StatusResult:
+    provider_message_id: str
+    provider_status: str
+    state: str | None  # our MessageState, or None when the status says nothing new
+
+
+@dataclass(frozen=True)
+class ReceiptEvent:
+    """A provider's status report, normalised."""
+
+    provider: str
+    event_id: str
+    provider_message_id: str
+    provider_status: str
+    state: str | None
+    message_id: str | None = None  # ours, when the provider echoes our reference
+    error_code: str = ""
+    payload: dict[str, Any] = field(default_factory=dict)
