@@ -47,9 +47,11 @@ browser:
 test: venv services browser lint
 	$(BIN)/python -m pytest
 
+# Style, then the layers contract (pyproject.toml: providers < messaging < reconciliation < conductor_project).
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check --quiet .
+	$(BIN)/lint-imports --no-cache
 
 # Benchmarks (bench/README.md): each starts its own stack; figures and verdicts go to bench/results.md.
 bench: venv services

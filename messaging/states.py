@@ -17,27 +17,36 @@ class MessageState(models.TextChoices):
     DEAD_LETTERED = "dead_lettered"
 
 
-S = MessageState
-
 # Source state -> the states it may move to. Receipts can overtake our own writes (a
 # "delivered" callback before the worker records "dispatched"), so the happy path may skip
 # forward; it never moves back. FAILED, EXPIRED and DEAD_LETTERED -> ACCEPTED is an operator's
 # replay of a dead letter (messaging.replay: a new send generation), nothing else.
 TRANSITIONS: dict[str, frozenset[str]] = {
-    S.ACCEPTED: frozenset(
-        {S.DISPATCHED, S.DELIVERED, S.READ, S.UNDELIVERED, S.FAILED, S.EXPIRED, S.CANCELLED, S.DEAD_LETTERED}
+    MessageState.ACCEPTED: frozenset(
+        {
+            MessageState.DISPATCHED,
+            MessageState.DELIVERED,
+            MessageState.READ,
+            MessageState.UNDELIVERED,
+            MessageState.FAILED,
+            MessageState.EXPIRED,
+            MessageState.CANCELLED,
+            MessageState.DEAD_LETTERED,
+        }
     ),
-    S.DISPATCHED: frozenset({S.DELIVERED, S.READ, S.UNDELIVERED, S.FAILED}),
-    S.DELIVERED: frozenset({S.READ}),
-    S.READ: frozenset(),
-    S.UNDELIVERED: frozenset(),
+    MessageState.DISPATCHED: frozenset(
+        {MessageState.DELIVERED, MessageState.READ, MessageState.UNDELIVERED, MessageState.FAILED}
+    ),
+    MessageState.DELIVERED: frozenset({MessageState.READ}),
+    MessageState.READ: frozenset(),
+    MessageState.UNDELIVERED: frozenset(),
     # Given up on: replayed (back to accepted) or closed for good by cancelling it (only if it was
     # never dispatched: message_cancel checks), which also lets later messages with its ordering
     # key go on when ORDERING_DEAD_PREDECESSOR is "hold".
-    S.FAILED: frozenset({S.ACCEPTED, S.CANCELLED}),
-    S.EXPIRED: frozenset({S.ACCEPTED, S.CANCELLED}),
-    S.CANCELLED: frozenset(),
-    S.DEAD_LETTERED: frozenset({S.ACCEPTED, S.CANCELLED}),
+    MessageState.FAILED: frozenset({MessageState.ACCEPTED, MessageState.CANCELLED}),
+    MessageState.EXPIRED: frozenset({MessageState.ACCEPTED, MessageState.CANCELLED}),
+    MessageState.CANCELLED: frozenset(),
+    MessageState.DEAD_LETTERED: frozenset({MessageState.ACCEPTED, MessageState.CANCELLED}),
 }
 
 # For each target, the states it may be entered from: the WHERE clause of the conditional UPDATE.
@@ -47,11 +56,20 @@ ALLOWED_SOURCES: dict[str, frozenset[str]] = {
 }
 
 # States after which nothing more happens to the message (apart from a replay of a dead letter).
-FINAL_STATES: frozenset[str] = frozenset({S.READ, S.UNDELIVERED, S.FAILED, S.EXPIRED, S.CANCELLED, S.DEAD_LETTERED})
+FINAL_STATES: frozenset[str] = frozenset(
+    {
+        MessageState.READ,
+        MessageState.UNDELIVERED,
+        MessageState.FAILED,
+        MessageState.EXPIRED,
+        MessageState.CANCELLED,
+        MessageState.DEAD_LETTERED,
+    }
+)
 # "Done" for a sender: the provider has it or it will never be sent. Delivered may still go to read.
-SETTLED_STATES: frozenset[str] = FINAL_STATES | {S.DISPATCHED, S.DELIVERED}
+SETTLED_STATES: frozenset[str] = FINAL_STATES | {MessageState.DISPATCHED, MessageState.DELIVERED}
 # Given up on before reaching the recipient: each entry parks a dead letter that can be replayed.
-DEAD_LETTER_STATES: frozenset[str] = frozenset({S.FAILED, S.EXPIRED, S.DEAD_LETTERED})
+DEAD_LETTER_STATES: frozenset[str] = frozenset({MessageState.FAILED, MessageState.EXPIRED, MessageState.DEAD_LETTERED})
 DEAD_LETTER_STATE_CHOICES: list[tuple[str, str]] = [(s, MessageState(s).label) for s in sorted(DEAD_LETTER_STATES)]
 
 # The timestamp column each state stamps when entered.

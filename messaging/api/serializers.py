@@ -172,7 +172,7 @@ def _fast_validated(data: Any) -> dict[str, Any] | None:
     channel, body = data.get("channel"), data.get("body")
     if type(channel) is not str or channel not in _CHANNELS or not messaging_setting("ROUTES").get(channel):
         return None
-    if type(body) is not str or not body or not _clean(body):
+    if type(body) is not str or not body or not _is_storable_text(body):
         return None
     if len(body) > messaging_setting("BODY_MAX_LENGTH")[channel]:
         return None
@@ -214,7 +214,7 @@ def _fast_validated(data: Any) -> dict[str, Any] | None:
 
 def _fast_text(value: Any, max_length: int, *, allow_blank: bool) -> str | None:
     """A DRF CharField's value (trimmed), or None for anything but a clean string within bounds."""
-    if type(value) is not str or not _clean(value):
+    if type(value) is not str or not _is_storable_text(value):
         return None
     value = value.strip()
     if (not value and not allow_blank) or len(value) > max_length:
@@ -222,7 +222,7 @@ def _fast_text(value: Any, max_length: int, *, allow_blank: bool) -> str | None:
     return value
 
 
-def _clean(value: str) -> bool:
+def _is_storable_text(value: str) -> bool:
     """No NUL and no lone surrogate: DRF's CharField refuses both (its check loops per character)."""
     if "\x00" in value:
         return False
@@ -367,7 +367,7 @@ def _fast_representation(name: str, field: serializers.Field, tz: tzinfo | None)
     if kind is serializers.IntegerField:
         return int
     if kind is serializers.JSONField and not field.binary:
-        return _same
+        return _unchanged
     if kind is serializers.DateTimeField:
         return _fast_datetime(field, tz)
     if kind in (serializers.BigIntegerField, serializers.ChoiceField):
@@ -375,7 +375,7 @@ def _fast_representation(name: str, field: serializers.Field, tz: tzinfo | None)
     raise TypeError(f"MessageSerializer.{name}: no fast representation for {kind.__name__}")
 
 
-def _same(value: Any) -> Any:
+def _unchanged(value: Any) -> Any:
     return value
 
 

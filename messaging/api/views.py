@@ -64,7 +64,9 @@ class MessageFilter(django_filters.FilterSet):
         fields = ["state", "channel", "priority", "category", "created_after", "created_before"]
 
 
-class MessageCursorPagination(CursorPagination):
+class NewestFirstPagination(CursorPagination):
+    """Messages and dead letters alike: newest first, stable under inserts (a cursor, not an offset)."""
+
     ordering = ("-created_at", "-id")
     page_size = 50
     page_size_query_param = "page_size"
@@ -117,7 +119,7 @@ def _answer(result: ItemResult, render: Callable[[Message], dict[str, Any]]) -> 
 class MessageListCreateView(generics.ListAPIView):
     serializer_class = MessageSerializer
     filterset_class = MessageFilter
-    pagination_class = MessageCursorPagination
+    pagination_class = NewestFirstPagination
 
     def get_queryset(self):
         return messages_for_client(client=self.request.auth)
@@ -192,18 +194,11 @@ class MessageCancelView(generics.GenericAPIView):
 
 
 # --- dead letters ---------------------------------------------------------------------------------
-class DeadLetterCursorPagination(CursorPagination):
-    ordering = ("-created_at", "-id")
-    page_size = 50
-    page_size_query_param = "page_size"
-    max_page_size = 500
-
-
 class DeadLetterListView(generics.ListAPIView):
     """The client's dead letters, newest first; filters as for messages plus error_type and provider."""
 
     serializer_class = DeadLetterSerializer
-    pagination_class = DeadLetterCursorPagination
+    pagination_class = NewestFirstPagination
     filter_backends: list = []
 
     def get_queryset(self):
