@@ -10,14 +10,16 @@ from django.core.checks import Error, Warning, register
 from messaging.conf import DEFAULTS
 from messaging.models import OrderingMode
 from messaging.routing import POLICY_FIELDS, Channel, Priority, ReplayDeadline
-from providers.checks import whole_number_errors
+from providers.checks import setting_type_errors
 from providers.registry import PROVIDER_CLASSES, provider_class
 
 
 @register()
 def check_messaging_settings(app_configs=None, **kwargs) -> list[Error]:
-    errors: list[Error] = []
     configured = getattr(settings, "CONDUCTOR", {})
+    errors: list[Error] = setting_type_errors(configured, DEFAULTS)
+    if errors:  # the checks below read these values
+        return errors
     routes = configured.get("ROUTES", DEFAULTS["ROUTES"])
     for channel, names in routes.items():
         if channel not in Channel.values:
@@ -113,7 +115,6 @@ def _check_ordering_settings(configured: dict) -> list[Error]:
             )
     if configured.get("ORDERING_RECEIPT_TIMEOUT_SECONDS", 1.0) <= 0:
         errors.append(Error("CONDUCTOR['ORDERING_RECEIPT_TIMEOUT_SECONDS'] must be positive.", id="conductor.E017"))
-    errors += whole_number_errors(configured, {"BULK_BATCH_SIZE": DEFAULTS["BULK_BATCH_SIZE"]})
     return errors
 
 

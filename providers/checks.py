@@ -1,4 +1,5 @@
-"""System checks of the providers layer's settings: circuit breaker blocks and send concurrency."""
+"""System checks of the providers layer's settings (circuit breaker blocks, send concurrency), and the
+type check every layer runs over its own CONDUCTOR keys."""
 
 from __future__ import annotations
 
@@ -13,20 +14,33 @@ from providers.guards import CIRCUIT_FIELDS, circuit_settings
 
 @register()
 def check_providers_settings(app_configs=None, **kwargs) -> list[Error]:
-    configured = getattr(settings, "CONDUCTOR", {})
-    return _check_circuit_settings() + whole_number_errors(
-        configured, {"BULK_SEND_CONCURRENCY": DEFAULTS["BULK_SEND_CONCURRENCY"]}
-    )
+    return setting_type_errors(getattr(settings, "CONDUCTOR", {}), DEFAULTS) or _check_circuit_settings()
 
 
-def whole_number_errors(configured: dict[str, Any], defaults: dict[str, Any]) -> list[Error]:
-    """conductor.E018 for each of these CONDUCTOR keys that is not a whole number >= 1."""
+def setting_type_errors(configured: dict[str, Any], defaults: dict[str, Any]) -> list[Error]:
+    """The type check of one layer's CONDUCTOR keys, against their defaults: a whole number >= 1
+    where the default is one (conductor.E018: sizes, counts, concurrency), else the default's type
+    (conductor.E021: a number for seconds, a dict, a list; a string where the default is None)."""
     errors = []
     for name, default in defaults.items():
-        value = configured.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if name not in configured:
+            continue
+        value = configured[name]
+        if isinstance(default, int) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                errors.append(
+                    Error(f"CONDUCTOR[{name!r}] is {value!r}; it must be a whole number >= 1.", id="conductor.E018")
+                )
+            continue
+        expected: tuple[type, ...] = (
+            (str, type(None)) if default is None else (int, float) if isinstance(default, float) else (type(default),)
+        )
+        if isinstance(value, bool) is not isinstance(default, bool) or not isinstance(value, expected):
             errors.append(
-                Error(f"CONDUCTOR[{name!r}] is {value!r}; it must be a whole number >= 1.", id="conductor.E018")
+                Error(
+                    f"CONDUCTOR[{name!r}] is {value!r}; expected {' or '.join(t.__name__ for t in expected)}.",
+                    id="conductor.E021",
+                )
             )
     return errors
 

@@ -67,3 +67,19 @@ def test_receipt_timeouts_are_checked():
 @override_settings(CONDUCTOR={"BULK_BATCH_SIZE": 0, "BULK_SEND_CONCURRENCY": "100"})
 def test_bulk_batch_settings_must_be_positive_whole_numbers():
     assert ids(check_conductor_settings()) == ["conductor.E018", "conductor.E018"]
+
+
+@override_settings(CONDUCTOR={"DISPATCH_LEASE_SECONDS": "60", "ROUTES": ["twilio"], "ALERT_WEBHOOK_URL": 5})
+def test_each_layers_keys_have_their_defaults_type():
+    errors = check_conductor_settings()
+    assert ids(errors) == ["conductor.E021"] * 3
+    assert {error.msg.split("]")[0] for error in errors} == {
+        "CONDUCTOR['DISPATCH_LEASE_SECONDS'",
+        "CONDUCTOR['ROUTES'",
+        "CONDUCTOR['ALERT_WEBHOOK_URL'",
+    }
+
+
+@override_settings(CONDUCTOR={"SWEEP_BATCH_SIZE": 0, "RECONCILE_BATCH_SIZE": 2.5})
+def test_sizes_of_every_layer_are_whole_numbers():
+    assert ids(check_conductor_settings()) == ["conductor.E018", "conductor.E018"]
