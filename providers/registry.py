@@ -11,7 +11,7 @@ from providers.conf import provider_config
 PROVIDER_CLASSES: dict[str, str] = {
     "twilio": "providers.twilio.TwilioProvider",
     "vonage": "providers.vonage.VonageProvider",
-    "mailgun": "providers.anymail_email.MailgunProvider",
+    "mailgun": "providers.mailgun.MailgunProvider",
     "smtp": "providers.smtp.SmtpProvider",
 }
 

@@ -20,7 +20,7 @@ from django.test import RequestFactory
 from django.utils import timezone
 
 from messaging.models import Message, MessageEvent, Receipt
-from providers.anymail_email import MailgunProvider
+from providers.mailgun import MailgunProvider
 from providers.conf import provider_config
 from providers.registry import get_provider
 from providers.types import PermanentProviderError, TransientProviderError
