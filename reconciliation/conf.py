@@ -8,7 +8,7 @@ from typing import Any
 
 from django.conf import settings
 
-from providers.conf import provider_config
+from providers.registry import provider_setting
 from reconciliation.anomalies import DetectorSettings
 
 DEFAULTS: dict[str, Any] = {
@@ -72,4 +72,4 @@ def detector_settings_problems(overrides: dict) -> list[str]:
 
 def receipt_horizon_seconds(provider: str) -> float:
     """How long the provider may still report a final status; after it, delivery is unknown."""
-    return float(provider_config(provider).get("RECEIPT_HORIZON_SECONDS", DEFAULT_RECEIPT_HORIZON_SECONDS))
+    return float(provider_setting(provider, "RECEIPT_HORIZON_SECONDS"))
