@@ -22,8 +22,15 @@ from providers.types import (
     StatusResult,
 )
 
-# A settings key the provider's CONDUCTOR_PROVIDERS entry must set (it has no default).
-REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
+
+class _Required:
+    """The default of a settings key the provider's CONDUCTOR_PROVIDERS entry must set."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
 
 # Keys every CONDUCTOR_PROVIDERS entry may set -> default; checked at start-up (conductor.E019/E020).
 SHARED_SETTINGS: Mapping[str, Any] = MappingProxyType(
@@ -97,7 +104,7 @@ class Provider(ABC):
 
     # --- the send flow ------------------------------------------------------------------------
     @final
-    def send(self, request: SendRequest) -> SendResult:  # type: ignore[misc]
+    def send(self, request: SendRequest) -> SendResult:
         """Hand one message to the provider; raise one of the three ProviderErrors on failure."""
         prepared = self.prepare(request)
         try:
@@ -106,7 +113,7 @@ class Provider(ABC):
             self.raise_classified(exc)
 
     @final
-    async def send_async(self, request: SendRequest) -> SendResult:  # type: ignore[misc]
+    async def send_async(self, request: SendRequest) -> SendResult:
         """send() for a caller that makes many at once on an event loop (the bulk path): through the
         adapter's transmit_async() if it has an async client, else the blocking send in the loop's
         thread pool (same errors, same rules)."""
@@ -162,7 +169,7 @@ class Provider(ABC):
 
     # --- the webhook flow ---------------------------------------------------------------------
     @final
-    def parse_webhook(self, request: HttpRequest) -> list[ReceiptEvent]:  # type: ignore[misc]
+    def parse_webhook(self, request: HttpRequest) -> list[ReceiptEvent]:
         """The request's receipts, only once its signature is verified (raise WebhookSignatureError)."""
         self.verify(request)
         return self.parse(request)

@@ -49,13 +49,14 @@ class AnymailProvider(Provider):
     """Email through one anymail ESP backend: the sending, error sorting and webhook flow they share.
 
     A second ESP (say Postmark) is a subclass that sets `name`, `esp_name` (anymail's spelling,
-    which the tracking signal carries), `backend` (anymail's backend path) and `webhook_view`
-    (anymail's tracking view for it); maps its settings block to the backend's and the view's
-    keyword arguments in `backend_options()` and `webhook_options()`; says which 400 answer means a
-    bad address in `is_invalid_recipient()`; and implements `fetch_status` and `find_send` against
-    the ESP's own message-status API, which anymail does not wrap. If that ESP does not sign its
-    webhooks, set ANYMAIL["WEBHOOK_SECRET"] (basic auth) too. Then a registry entry, a
-    CONDUCTOR_PROVIDERS block, and a test module subclassing the provider contract.
+    which the tracking signal carries), `backend` (anymail's backend path), `webhook_view`
+    (anymail's tracking view for it) and `own_settings` (its settings keys); maps its settings
+    block to the backend's and the view's keyword arguments in `backend_options()` and
+    `webhook_options()`; says which 400 answer means a bad address in `is_invalid_recipient()`;
+    and implements `fetch_status` and `find_send` against the ESP's own message-status API, which
+    anymail does not wrap. If that ESP does not sign its webhooks, set ANYMAIL["WEBHOOK_SECRET"]
+    (basic auth) too. Then a registry entry, a CONDUCTOR_PROVIDERS block, and a test module
+    subclassing the provider contract.
     """
 
     channels = frozenset({"email"})
