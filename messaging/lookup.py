@@ -104,7 +104,7 @@ def _raise_if_unsettled(message: Message, provider: Provider, generation: int) -
     Reports and event logs (Vonage, Mailgun) lag behind the send API, so "no record" right after
     an ambiguous attempt may mean "not indexed yet": wait LOOKUP_SETTLE_SECONDS before resending.
     """
-    settle = float(provider.config.get("LOOKUP_SETTLE_SECONDS", 0))
+    settle = float(provider.setting("LOOKUP_SETTLE_SECONDS"))
     if not settle:
         return
     last_unknown = (

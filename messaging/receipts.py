@@ -15,7 +15,7 @@ from django.utils import timezone
 from messaging.models import ErrorType, EventSource, Message, Receipt
 from messaging.services import message_transition
 from messaging.states import MessageState
-from providers.anymail_email import AnymailProvider
+from providers.mailgun import AnymailProvider
 from providers.types import ReceiptEvent
 
 logger = logging.getLogger(__name__)

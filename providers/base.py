@@ -1,50 +1,189 @@
-"""The provider interface every adapter implements (its vocabulary is in providers.types)."""
+"""The provider base class: it runs the send flow and the webhook flow once, as anymail's base does;
+an adapter supplies only the provider-specific hooks (its vocabulary is in providers.types)."""
 
 from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar, NoReturn, final
 
 from django.http import HttpRequest
 
-from providers.types import ReceiptEvent, SendRequest, SendResult, StatusResult
+from providers.classify import TRANSPORT_ERRORS, classify_transport
+from providers.types import (
+    AmbiguousProviderError,
+    ErrorType,
+    ProviderError,
+    ReceiptEvent,
+    SendRequest,
+    SendResult,
+    StatusResult,
+)
+
+
+class _Required:
+    """The default of a settings key the provider's CONDUCTOR_PROVIDERS entry must set."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+# Keys every CONDUCTOR_PROVIDERS entry may set -> default; checked at start-up (conductor.E019/E020).
+SHARED_SETTINGS: Mapping[str, Any] = MappingProxyType(
+    {
+        "TIMEOUT_SECONDS": REQUIRED,
+        # Messages per second across every worker (None: unlimited).
+        "RATE_LIMIT_PER_SECOND": None,
+        # A burst of 1 spaces sends evenly: what a provider's "N messages per second" cap checks.
+        "RATE_LIMIT_BURST": 1,
+        "RATE_LIMIT_MAX_INLINE_WAIT_SECONDS": 1.0,
+        # Overrides of providers.circuit.CircuitSettings for this provider.
+        "CIRCUIT_BREAKER": {},
+        # After an ambiguous send, how long an empty look-up is not yet trusted (records lag).
+        "LOOKUP_SETTLE_SECONDS": 0.0,
+        # How long the provider may still report a final status; after it, delivery is unknown.
+        "RECEIPT_HORIZON_SECONDS": 72 * 3600.0,
+    }
+)
 
 
 class Provider(ABC):
-    """One provider: send, verify and parse its receipts, look up a message's status."""
+    """One provider: send, verify and parse its receipts, look up a message's status.
+
+    Sending: send() and send_async() call prepare(), then transmit() (or transmit_async()), and
+    sort any failure with classify_failure(): the adapter's classify_error() for its SDK's errors
+    (which carry the provider's answer), then the shared transport rules. Receipts:
+    parse_webhook() calls verify(), then parse().
+    """
 
     name: ClassVar[str]
     channels: ClassVar[frozenset[str]]
     # Provider status vocabulary -> our MessageState (None: no change worth recording).
     status_map: ClassVar[dict[str, str | None]]
+    # The provider's error codes -> ErrorType of a permanent refusal (any other code: REJECTED).
+    error_code_types: ClassVar[Mapping[Any, str]] = {}
+    # Errors that mean "an answer we could not read": it may have been accepted (ambiguous).
+    unreadable_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    # The provider's own CONDUCTOR_PROVIDERS keys -> default (REQUIRED: no default).
+    own_settings: ClassVar[Mapping[str, Any]] = {}
+    # SHARED_SETTINGS and own_settings together, made once per class.
+    settings_schema: ClassVar[Mapping[str, Any]] = SHARED_SETTINGS
     # Whether the provider reports delivery (receipts, status look-ups); SMTP does not.
     has_receipts: ClassVar[bool] = True
     # Whether find_send can tell if an ambiguous send was accepted; without it such a message
     # is dead-lettered for an operator to decide, never resent blindly.
     supports_lookup: ClassVar[bool] = True
+    _has_async_transport: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "parse_webhook" in cls.__dict__ or "send" in cls.__dict__ or "send_async" in cls.__dict__:
+            raise TypeError(f"{cls.__name__} overrides a flow the base runs; supply its hooks instead")
+        cls.settings_schema = MappingProxyType({**SHARED_SETTINGS, **cls.own_settings})
+        cls._has_async_transport = cls.transmit_async is not Provider.transmit_async
 
     def __init__(self, config: dict[str, Any]):
         self.config = config
 
-    @abstractmethod
+    def setting(self, key: str) -> Any:
+        """A key of this adapter's settings block, or its declared default (undeclared: KeyError)."""
+        return self.setting_of(self.config, key)
+
+    @classmethod
+    def setting_of(cls, config: Mapping[str, Any], key: str) -> Any:
+        if key not in cls.settings_schema:
+            raise KeyError(f"{key!r} is not a setting of provider {cls.name!r}")
+        value = config.get(key, cls.settings_schema[key])
+        if value is REQUIRED:
+            raise KeyError(f"CONDUCTOR_PROVIDERS[{cls.name!r}] has no {key!r}")
+        return value
+
+    # --- the send flow ------------------------------------------------------------------------
+    @final
     def send(self, request: SendRequest) -> SendResult:
         """Hand one message to the provider; raise one of the three ProviderErrors on failure."""
+        prepared = self.prepare(request)
+        try:
+            return self.transmit(prepared)
+        except Exception as exc:
+            self.raise_classified(exc)
 
+    @final
     async def send_async(self, request: SendRequest) -> SendResult:
-        """send() for a caller that makes many at once on an event loop (the bulk path). By
-        default the blocking send in the loop's thread pool; an adapter whose SDK has an async
-        client overrides it (same errors, same rules)."""
-        return await asyncio.get_running_loop().run_in_executor(None, self.send, request)
+        """send() for a caller that makes many at once on an event loop (the bulk path): through the
+        adapter's transmit_async() if it has an async client, else the blocking send in the loop's
+        thread pool (same errors, same rules)."""
+        if not self._has_async_transport:
+            return await asyncio.get_running_loop().run_in_executor(None, self.send, request)
+        prepared = self.prepare(request)
+        try:
+            return await self.transmit_async(prepared)
+        except Exception as exc:
+            self.raise_classified(exc)
+
+    @abstractmethod
+    def prepare(self, request: SendRequest) -> Any:
+        """The provider's request for this message (its payload): what transmit() sends."""
+
+    @abstractmethod
+    def transmit(self, prepared: Any) -> SendResult:
+        """Send prepare()'s request and read the answer; raise whatever the client raises."""
+
+    async def transmit_async(self, prepared: Any) -> SendResult:
+        """transmit() on an async client; an adapter that has one overrides this."""
+        raise NotImplementedError
+
+    def classify_error(self, exc: Exception) -> ProviderError | None:
+        """The adapter's own errors (its SDK's, carrying the provider's answer) as ProviderErrors;
+        None for the shared rules to sort."""
+        return None
+
+    def classify_failure(self, exc: Exception) -> Exception:
+        """A failed call as one of the three ProviderErrors; anything else (a bug) unchanged."""
+        if isinstance(exc, ProviderError):
+            return exc
+        error = self.classify_error(exc)
+        if error is not None:
+            return error
+        if isinstance(exc, TRANSPORT_ERRORS):
+            return classify_transport(exc)
+        if isinstance(exc, self.unreadable_errors):
+            # e.g. a 2xx we could not parse: it may have been accepted.
+            return AmbiguousProviderError(str(exc), error_type=ErrorType.UNKNOWN)
+        return exc  # a bug or a configuration error, not a provider error: let it raise
+
+    def raise_classified(self, exc: Exception) -> NoReturn:
+        """Raise classify_failure(exc), chained to exc (from an `except` block of a provider call)."""
+        error = self.classify_failure(exc)
+        if error is exc:
+            raise exc
+        raise error from exc
 
     def close(self) -> None:
         """Release connections the adapter holds (its pools live as long as the process otherwise)."""
         return None  # nothing held by default
 
-    @abstractmethod
+    # --- the webhook flow ---------------------------------------------------------------------
+    @final
     def parse_webhook(self, request: HttpRequest) -> list[ReceiptEvent]:
-        """Verify the request's signature (raise WebhookSignatureError) and normalise its events."""
+        """The request's receipts, only once its signature is verified (raise WebhookSignatureError)."""
+        self.verify(request)
+        return self.parse(request)
 
+    @abstractmethod
+    def verify(self, request: HttpRequest) -> None:
+        """Raise WebhookSignatureError unless the request is signed by the provider (compare in
+        constant time); ValueError if it cannot even be read."""
+
+    @abstractmethod
+    def parse(self, request: HttpRequest) -> list[ReceiptEvent]:
+        """The verified request's events, normalised (ValueError if unreadable)."""
+
+    # --- look-ups -----------------------------------------------------------------------------
     @abstractmethod
     def fetch_status(self, provider_message_id: str) -> StatusResult:
         """The provider's current status of one message, for reconciliation."""

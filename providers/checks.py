@@ -1,5 +1,6 @@
-"""System checks of the providers layer's settings (circuit breaker blocks, send concurrency), and the
-type check every layer runs over its own CONDUCTOR keys."""
+"""System checks of the providers layer's settings: each provider's entry against its class's
+settings schema, circuit breaker blocks, send concurrency; and the type check every layer runs over
+its own CONDUCTOR keys."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import Error, register
 
+from providers.base import REQUIRED
 from providers.conf import DEFAULTS, providers_setting
 from providers.guards import CIRCUIT_FIELDS, circuit_settings
+from providers.registry import PROVIDER_CLASSES, provider_class
 
 
 @register()
 def check_providers_settings(app_configs=None, **kwargs) -> list[Error]:
-    return setting_type_errors(getattr(settings, "CONDUCTOR", {}), DEFAULTS) or _check_circuit_settings()
+    type_errors = setting_type_errors(getattr(settings, "CONDUCTOR", {}), DEFAULTS)
+    return _check_provider_entries() + (type_errors or _check_circuit_settings())
 
 
 def setting_type_errors(configured: dict[str, Any], defaults: dict[str, Any]) -> list[Error]:
@@ -45,6 +49,27 @@ def setting_type_errors(configured: dict[str, Any], defaults: dict[str, Any]) ->
     return errors
 
 
+def _check_provider_entries() -> list[Error]:
+    """conductor.E019 for a key the provider's class does not declare (a misspelt key would be
+    silently ignored), conductor.E020 for a required key the entry lacks."""
+    errors: list[Error] = []
+    for name, conf in getattr(settings, "CONDUCTOR_PROVIDERS", {}).items():
+        if name not in PROVIDER_CLASSES:
+            continue  # routes naming it are conductor.E003
+        schema = provider_class(name).settings_schema
+        for key in sorted(set(conf) - set(schema)):
+            errors.append(
+                Error(
+                    f"Unknown setting {key!r} in CONDUCTOR_PROVIDERS[{name!r}].",
+                    hint=f"Known: {', '.join(sorted(schema))}.",
+                    id="conductor.E019",
+                )
+            )
+        for key in sorted(key for key, default in schema.items() if default is REQUIRED and key not in conf):
+            errors.append(Error(f"CONDUCTOR_PROVIDERS[{name!r}] lacks the required {key!r}.", id="conductor.E020"))
+    return errors
+
+
 def _check_circuit_settings() -> list[Error]:
     errors: list[Error] = []
     blocks = {"CONDUCTOR['CIRCUIT_BREAKER']": providers_setting("CIRCUIT_BREAKER")}
@@ -62,6 +87,8 @@ def _check_circuit_settings() -> list[Error]:
     if errors:
         return errors
     for name in getattr(settings, "CONDUCTOR_PROVIDERS", {}):
+        if name not in PROVIDER_CLASSES:
+            continue
         try:
             circuit_settings(name)
         except (TypeError, ValueError) as exc:

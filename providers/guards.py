@@ -7,8 +7,9 @@ from functools import cache
 from typing import Any
 
 from providers.circuit import CircuitBreaker, CircuitSettings
-from providers.conf import provider_config, providers_setting
+from providers.conf import providers_setting
 from providers.ratelimit import RateLimit, RateLimiter
+from providers.registry import provider_setting
 
 CIRCUIT_FIELDS = frozenset(f.name for f in fields(CircuitSettings))
 
@@ -16,18 +17,17 @@ CIRCUIT_FIELDS = frozenset(f.name for f in fields(CircuitSettings))
 def circuit_settings(name: str) -> CircuitSettings:
     """Defaults, then CONDUCTOR["CIRCUIT_BREAKER"], then the provider's own "CIRCUIT_BREAKER"."""
     overrides: dict[str, Any] = {**providers_setting("CIRCUIT_BREAKER")}
-    overrides.update(provider_config(name).get("CIRCUIT_BREAKER", {}))
+    overrides.update(provider_setting(name, "CIRCUIT_BREAKER"))
     return replace(CircuitSettings(), **overrides)
 
 
 def rate_limit(name: str) -> RateLimit:
-    config = provider_config(name)
     return RateLimit(
-        per_second=config.get("RATE_LIMIT_PER_SECOND") or None,
+        per_second=provider_setting(name, "RATE_LIMIT_PER_SECOND") or None,
         # A burst of 1 spaces sends evenly, so no one-second window exceeds the rate (+1): what a
         # provider's "N messages per second" cap checks. Raise it only for providers that allow bursts.
-        burst=config.get("RATE_LIMIT_BURST") or 1,
-        max_inline_wait_seconds=config.get("RATE_LIMIT_MAX_INLINE_WAIT_SECONDS", 1.0),
+        burst=provider_setting(name, "RATE_LIMIT_BURST") or 1,
+        max_inline_wait_seconds=provider_setting(name, "RATE_LIMIT_MAX_INLINE_WAIT_SECONDS"),
     )
 
 

@@ -1,6 +1,9 @@
-"""Provider classes by name, and one cached adapter instance per process (keeps HTTP pools warm)."""
+"""Provider classes by name, their settings, and one cached adapter instance per process (keeps HTTP
+pools warm)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from django.utils.module_loading import import_string
 
@@ -11,7 +14,7 @@ from providers.conf import provider_config
 PROVIDER_CLASSES: dict[str, str] = {
     "twilio": "providers.twilio.TwilioProvider",
     "vonage": "providers.vonage.VonageProvider",
-    "mailgun": "providers.anymail_email.MailgunProvider",
+    "mailgun": "providers.mailgun.MailgunProvider",
     "smtp": "providers.smtp.SmtpProvider",
 }
 
@@ -21,6 +24,12 @@ def provider_class(name: str) -> type[Provider]:
         return import_string(PROVIDER_CLASSES[name])
     except KeyError:
         raise LookupError(f"no provider named {name!r}; known: {', '.join(sorted(PROVIDER_CLASSES))}") from None
+
+
+def provider_setting(name: str, key: str) -> Any:
+    """One key of a provider's CONDUCTOR_PROVIDERS entry, or the default its class declares; a key
+    the class does not declare is a KeyError (the settings check rejects such keys at start-up)."""
+    return provider_class(name).setting_of(provider_config(name), key)
 
 
 _adapters: dict[str, Provider] = {}

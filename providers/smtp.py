@@ -41,7 +41,7 @@ import logging
 import re
 import smtplib
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.core.mail import EmailMessage
@@ -49,7 +49,9 @@ from django.core.mail.backends.smtp import EmailBackend
 from django.core.mail.message import sanitize_address
 from django.http import HttpRequest
 
-from providers.base import Provider
+from providers.base import REQUIRED, Provider
+from providers.classify import classify_transport
+from providers.http import never_connected
 from providers.types import (
     AmbiguousProviderError,
     ErrorType,
@@ -88,6 +90,13 @@ class _Progress:
     step = Step.CONNECT
 
 
+class _Envelope(NamedTuple):
+    message_id: str  # ours
+    smtp_message_id: str  # the Message-ID header
+    recipient: str
+    payload: bytes
+
+
 def message_id_for(token: str) -> str:
     """The Message-ID header of a send: the same for every retry of one logical send."""
     return f"<{token}@{MESSAGE_ID_DOMAIN}>"
@@ -100,6 +109,14 @@ class SmtpProvider(Provider):
     status_map = {RELAY_ACCEPTED: None}
     has_receipts = False
     supports_lookup = False
+    own_settings = {
+        "HOST": REQUIRED,
+        "PORT": REQUIRED,
+        "FROM_EMAIL": REQUIRED,
+        "USERNAME": "",
+        "PASSWORD": "",
+        "USE_TLS": False,
+    }
 
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
@@ -109,7 +126,7 @@ class SmtpProvider(Provider):
         self._local = threading.local()
 
     # --- sending ------------------------------------------------------------------------------
-    def send(self, request: SendRequest) -> SendResult:
+    def prepare(self, request: SendRequest) -> _Envelope:
         message_id = message_id_for(request.token)
         try:
             recipient = sanitize_address(request.to, settings.DEFAULT_CHARSET)
@@ -119,18 +136,24 @@ class SmtpProvider(Provider):
             payload = self._email(request, message_id).message().as_bytes(linesep="\r\n")
         except ValueError as exc:  # BadHeaderError: a newline in the subject
             raise PermanentProviderError(str(exc), error_type=ErrorType.REJECTED) from exc
+        return _Envelope(request.message_id, message_id, recipient, payload)
+
+    def transmit(self, prepared: _Envelope) -> SendResult:
+        """One SMTP transaction; a failure is sorted by the step it stopped at (SMTP is not HTTP)."""
         progress = _Progress()
         try:
             connection = self._connection()
-            reply = _transmit(connection, self.envelope_from, recipient, payload, progress)
+            reply = _transmit(connection, self.envelope_from, prepared.recipient, prepared.payload, progress)
         except OSError as exc:  # smtplib's errors, socket errors and timeouts are all OSErrors
             error = _classify(exc, progress.step)
             if _connection_unusable(exc, progress.step):
                 self.close(polite=False)
             raise error from exc
         # The relay's reply usually names its queue id: the operator's handle into its logs.
-        logger.info("message %s accepted by the SMTP relay as %s: %s", request.message_id, message_id, reply)
-        return SendResult(provider_message_id=message_id, provider_status=RELAY_ACCEPTED)
+        logger.info(
+            "message %s accepted by the SMTP relay as %s: %s", prepared.message_id, prepared.smtp_message_id, reply
+        )
+        return SendResult(provider_message_id=prepared.smtp_message_id, provider_status=RELAY_ACCEPTED)
 
     def _email(self, request: SendRequest, message_id: str) -> EmailMessage:
         headers = {
@@ -153,9 +176,9 @@ class SmtpProvider(Provider):
             backend = EmailBackend(
                 host=self.config["HOST"],
                 port=self.config["PORT"],
-                username=self.config["USERNAME"],
-                password=self.config["PASSWORD"],
-                use_tls=self.config["USE_TLS"],
+                username=self.setting("USERNAME"),
+                password=self.setting("PASSWORD"),
+                use_tls=self.setting("USE_TLS"),
                 use_ssl=False,
                 timeout=self.config["TIMEOUT_SECONDS"],
                 fail_silently=False,
@@ -207,8 +230,11 @@ class SmtpProvider(Provider):
         )
 
     # --- receipts -----------------------------------------------------------------------------
-    def parse_webhook(self, request: HttpRequest) -> list[ReceiptEvent]:
+    def verify(self, request: HttpRequest) -> None:
         raise WebhookSignatureError("SMTP has no receipt webhooks; nothing posted here can be genuine")
+
+    def parse(self, request: HttpRequest) -> list[ReceiptEvent]:
+        return []  # never reached: verify() refuses every request
 
 
 def _transmit(connection: smtplib.SMTP, sender: str, recipient: str, payload: bytes, progress: _Progress) -> str:
@@ -249,6 +275,8 @@ def _classify(exc: OSError, step: Step) -> ProviderError:
     if isinstance(exc, smtplib.SMTPNotSupportedError):
         # The relay lacks AUTH or STARTTLS that our settings ask for: our configuration.
         return TransientProviderError(str(exc), error_type=ErrorType.PROVIDER_AUTH, code="not_supported")
+    if step is Step.CONNECT and never_connected(exc):
+        return classify_transport(exc)  # refused: nothing reached the relay, as for any client
     timed_out = _timed_out(exc)
     if step is Step.FINAL_REPLY:
         code = "timeout" if timed_out else "disconnected"

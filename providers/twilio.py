@@ -10,7 +10,6 @@ from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
-import requests
 import yarl
 from django.http import HttpRequest
 from requests.adapters import HTTPAdapter
@@ -21,26 +20,22 @@ from twilio.http.response import Response as TwilioResponse
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
-from providers.base import Provider
+from providers.base import REQUIRED, Provider
+from providers.classify import classify_status
 from providers.conf import providers_setting
-from providers.http import never_connected, retry_after_seconds
 from providers.types import (
     AmbiguousProviderError,
     ErrorType,
-    PermanentProviderError,
+    ProviderError,
     ReceiptEvent,
     ReportedState,
     SendRequest,
     SendResult,
     StatusResult,
-    TransientProviderError,
     WebhookSignatureError,
 )
 
 TWILIO_API_ORIGIN = "https://api.twilio.com"
-# Twilio error codes that mean the recipient itself is wrong (https://www.twilio.com/docs/api/errors).
-INVALID_RECIPIENT_CODES = frozenset({21211, 21214, 21217, 21407, 21408, 21612, 21614, 63003})
-UNSUBSCRIBED_CODES = frozenset({21610})
 
 
 class _RoutedHttpClient(TwilioHttpClient):
@@ -71,12 +66,8 @@ class _RoutedHttpClient(TwilioHttpClient):
             url = self.origin + url[len(TWILIO_API_ORIGIN) :]
         self.last_headers.value = {}
         response = super().request(method, url, *args, **kwargs)
-        self.last_headers.value = dict(response.headers or {})
+        self.last_headers.value = response.headers or {}  # requests' case-insensitive dict
         return response
-
-
-def _retry_after(headers: dict[str, str]) -> float | None:
-    return retry_after_seconds({k.lower(): v for k, v in headers.items()}.get("retry-after"))
 
 
 class _AsyncSession:
@@ -128,11 +119,26 @@ class TwilioProvider(Provider):
         "receiving": None,
         "received": None,
     }
+    # Twilio error codes (https://www.twilio.com/docs/api/errors): the recipient itself is wrong,
+    # or has unsubscribed (21610).
+    error_code_types = {
+        **dict.fromkeys((21211, 21214, 21217, 21407, 21408, 21612, 21614, 63003), ErrorType.INVALID_RECIPIENT),
+        21610: ErrorType.REJECTED,
+    }
+    # TwilioException other than a REST error, or a ValueError: e.g. a 2xx the SDK could not parse.
+    unreadable_errors = (TwilioException, ValueError)
+    own_settings = {
+        "ACCOUNT_SID": REQUIRED,
+        "AUTH_TOKEN": REQUIRED,
+        "FROM_NUMBER": REQUIRED,
+        "WHATSAPP_FROM": REQUIRED,
+        "BASE_URL": "",  # empty: Twilio itself
+    }
 
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
         self.http_client = _RoutedHttpClient(
-            config.get("BASE_URL") or TWILIO_API_ORIGIN,
+            self.setting("BASE_URL") or TWILIO_API_ORIGIN,
             config["TIMEOUT_SECONDS"],
             pool_size=providers_setting("BULK_SEND_CONCURRENCY"),
         )
@@ -142,7 +148,7 @@ class TwilioProvider(Provider):
         )
         # The request the SDK's messages.create makes, built once (see send_async).
         self.create_path = f"/2010-04-01/Accounts/{config['ACCOUNT_SID']}/Messages.json"
-        self.create_url = yarl.URL((config.get("BASE_URL") or TWILIO_API_ORIGIN).rstrip("/") + self.create_path)
+        self.create_url = yarl.URL((self.setting("BASE_URL") or TWILIO_API_ORIGIN).rstrip("/") + self.create_path)
         self.create_headers = {
             **self.client.get_headers(
                 "POST", {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
@@ -161,47 +167,41 @@ class TwilioProvider(Provider):
             return f"whatsapp:{request.to}", self.config["WHATSAPP_FROM"]
         return request.to, self.config["FROM_NUMBER"]
 
+    def prepare(self, request: SendRequest) -> dict[str, str]:
+        """The Messages API's form fields (what the SDK's messages.create posts)."""
+        to, from_ = self._addresses(request)
+        return {"To": to, "From": from_, "Body": request.body, "StatusCallback": self.status_callback_url(request)}
+
     def status_callback_url(self, request: SendRequest) -> str:
         # Our id and token travel in the callback URL: Twilio's only client-reference field.
         query = urlencode({"message_id": request.message_id, "token": request.token})
         return f"{providers_setting('PUBLIC_URL').rstrip('/')}/webhooks/twilio/?{query}"
 
-    def send(self, request: SendRequest) -> SendResult:
-        to, from_ = self._addresses(request)
-        try:
-            message = self.client.messages.create(
-                to=to, from_=from_, body=request.body, status_callback=self.status_callback_url(request)
-            )
-        except Exception as exc:  # sorted into the three kinds right below
-            raise self._classify(exc) from exc
+    def transmit(self, prepared: dict[str, str]) -> SendResult:
+        message = self.client.messages.create(
+            to=prepared["To"], from_=prepared["From"], body=prepared["Body"], status_callback=prepared["StatusCallback"]
+        )
         return SendResult(provider_message_id=message.sid, provider_status=message.status)
 
-    async def send_async(self, request: SendRequest) -> SendResult:
-        """send() for the bulk path: the request the SDK's messages.create makes (same form
-        fields, headers and URL), posted straight through aiohttp.
+    async def transmit_async(self, prepared: dict[str, str]) -> SendResult:
+        """The request the SDK's messages.create makes (same form fields, headers and URL), posted
+        straight through aiohttp.
 
         The SDK's own async client (its request pipeline and the Message resource it parses,
         some forty fields with their dates) cost 0.10 ms of a send's 0.35 ms of CPU, at a
         campaign's thousand sends a second (bench/README.md, profiles). Errors are the SDK's
-        (Version.exception) and sorted by the same rules as send()'s.
+        (Version.exception) and sorted by the same rules as transmit()'s.
         """
-        to, from_ = self._addresses(request)
-        body = urlencode(
-            {"To": to, "From": from_, "Body": request.body, "StatusCallback": self.status_callback_url(request)}
-        )
-        try:
-            async with self.async_session.get().post(
-                self.create_url, data=body.encode(), headers=self.create_headers, allow_redirects=False
-            ) as response:
-                status, text, headers = response.status, await response.text(encoding="utf-8"), response.headers
-        except Exception as exc:  # sorted into the three kinds right below
-            raise self._classify_async(exc) from exc
+        async with self.async_session.get().post(
+            self.create_url, data=urlencode(prepared).encode(), headers=self.create_headers, allow_redirects=False
+        ) as response:
+            status, text, headers = response.status, await response.text(encoding="utf-8"), response.headers
         if not 200 <= status < 300:
             error = Version.exception(
                 "POST", self.create_path, TwilioResponse(status, text, headers), "Unable to create record"
             )
             if isinstance(error, TwilioRestException):
-                raise self._classify_rest_error(error, dict(headers)) from error
+                raise self._answer_error(error, headers.get("Retry-After")) from error
             raise AmbiguousProviderError(str(error), error_type=ErrorType.UNKNOWN) from error
         try:
             payload = json.loads(text)
@@ -210,59 +210,28 @@ class TwilioProvider(Provider):
             # A 2xx we could not read: it may have been accepted.
             raise AmbiguousProviderError(f"Twilio {status}: unreadable answer", error_type=ErrorType.UNKNOWN) from exc
 
-    def _classify_async(self, exc: Exception) -> Exception:
-        """_classify for aiohttp's errors: the same three kinds by the same rules."""
-        if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
-            # The connection was never made: the request cannot have been received.
-            return TransientProviderError(str(exc) or type(exc).__name__, error_type=ErrorType.CONNECTION_ERROR)
-        if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
-            # The request left: Twilio may have accepted it.
-            return AmbiguousProviderError("no response within the timeout", error_type=ErrorType.PROVIDER_TIMEOUT)
-        if isinstance(exc, aiohttp.ClientError):
-            return AmbiguousProviderError(str(exc) or type(exc).__name__, error_type=ErrorType.CONNECTION_ERROR)
-        return exc  # a bug, not a provider error: let it raise
-
-    def _classify(self, exc: Exception) -> Exception:
+    def classify_error(self, exc: Exception) -> ProviderError | None:
         if isinstance(exc, TwilioRestException):
-            return self._classify_rest_error(exc, getattr(self.http_client.last_headers, "value", {}) or {})
-        if isinstance(exc, requests.exceptions.ConnectTimeout):
-            return TransientProviderError(str(exc), error_type=ErrorType.CONNECTION_ERROR)
-        if isinstance(exc, requests.exceptions.ReadTimeout):
-            # The request left: Twilio may have accepted it.
-            return AmbiguousProviderError("no response within the timeout", error_type=ErrorType.PROVIDER_TIMEOUT)
-        if isinstance(exc, requests.exceptions.ConnectionError):
-            if never_connected(exc):
-                return TransientProviderError(str(exc), error_type=ErrorType.CONNECTION_ERROR)
-            return AmbiguousProviderError(str(exc), error_type=ErrorType.CONNECTION_ERROR)
-        if isinstance(exc, (TwilioException, requests.exceptions.RequestException, ValueError)):
-            # e.g. a 2xx we could not parse: it may have been accepted.
-            return AmbiguousProviderError(str(exc), error_type=ErrorType.UNKNOWN)
-        return exc  # a bug, not a provider error: let it raise
+            # The SDK's exception drops the answer's headers; the client kept them (Retry-After).
+            headers = getattr(self.http_client.last_headers, "value", None) or {}
+            return self._answer_error(exc, headers.get("Retry-After"))
+        return None
 
-    def _classify_rest_error(self, exc: TwilioRestException, headers: dict[str, str]) -> Exception:
-        status, code = exc.status, exc.code
-        text = f"Twilio {status} {code}: {exc.msg}"
-        if status == 429:
-            return TransientProviderError(
-                text, error_type=ErrorType.RATE_LIMITED, code=str(code or 429), retry_after=_retry_after(headers)
-            )
-        if status >= 500:
-            return TransientProviderError(text, error_type=ErrorType.PROVIDER_5XX, code=str(code or status))
-        if status in (401, 403):
-            # Our credentials, not the message: retry (and dead-letter for replay once fixed).
-            return TransientProviderError(text, error_type=ErrorType.PROVIDER_AUTH, code=str(code or status))
-        if code in INVALID_RECIPIENT_CODES:
-            return PermanentProviderError(text, error_type=ErrorType.INVALID_RECIPIENT, code=str(code))
-        if code in UNSUBSCRIBED_CODES:
-            return PermanentProviderError(text, error_type=ErrorType.REJECTED, code=str(code))
-        return PermanentProviderError(text, error_type=ErrorType.REJECTED, code=str(code or status))
+    def _answer_error(self, exc: TwilioRestException, retry_after: str | None) -> ProviderError:
+        return classify_status(
+            exc.status,
+            f"Twilio {exc.status} {exc.code}: {exc.msg}",
+            code=str(exc.code or ""),
+            retry_after=retry_after,
+            refusal_type=self.error_code_types.get(exc.code, ErrorType.REJECTED),
+        )
 
     # --- look-ups -----------------------------------------------------------------------------
     def fetch_status(self, provider_message_id: str) -> StatusResult:
         try:
             message = self.client.messages(provider_message_id).fetch()
         except Exception as exc:
-            raise self._classify(exc) from exc
+            self.raise_classified(exc)
         return StatusResult(provider_message_id, message.status, self.map_status(message.status))
 
     def find_send(self, request: SendRequest) -> list[SendResult]:
@@ -275,7 +244,7 @@ class TwilioProvider(Provider):
                 kwargs["date_sent_after"] = since - timedelta(days=1)
             candidates = self.client.messages.list(**kwargs)
         except Exception as exc:
-            raise self._classify(exc) from exc
+            self.raise_classified(exc)
         found = []
         for message in candidates:
             created = message.date_created
@@ -287,11 +256,14 @@ class TwilioProvider(Provider):
         return found
 
     # --- receipts -----------------------------------------------------------------------------
-    def parse_webhook(self, request: HttpRequest) -> list[ReceiptEvent]:
+    def verify(self, request: HttpRequest) -> None:
+        # The SDK's validator compares in constant time.
         signature = request.headers.get("X-Twilio-Signature", "")
         url = providers_setting("PUBLIC_URL").rstrip("/") + request.get_full_path()
         if not signature or not self.validator.validate(url, request.POST, signature):
             raise WebhookSignatureError("X-Twilio-Signature missing or not valid for this URL and body")
+
+    def parse(self, request: HttpRequest) -> list[ReceiptEvent]:
         payload = {key: request.POST.get(key) for key in request.POST}
         sid = payload.get("MessageSid") or payload.get("SmsSid") or ""
         status = payload.get("MessageStatus") or payload.get("SmsStatus") or ""

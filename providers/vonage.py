@@ -18,13 +18,15 @@ from requests.adapters import HTTPAdapter
 from vonage_http_client import Auth, HttpClient, HttpClientOptions, HttpRequestError
 from vonage_sms import PartialFailureError, Sms, SmsError, SmsMessage
 
-from providers.base import Provider
+from providers.base import REQUIRED, Provider
+from providers.classify import classify_status, classify_transport
 from providers.conf import providers_setting
-from providers.http import never_connected, retry_after_seconds
+from providers.http import never_connected
 from providers.types import (
     AmbiguousProviderError,
     ErrorType,
     PermanentProviderError,
+    ProviderError,
     ReceiptEvent,
     ReportedState,
     SendRequest,
@@ -91,7 +93,7 @@ class _Transport(HTTPAdapter):
         except requests.exceptions.ConnectionError as exc:
             if never_connected(exc):
                 raise
-            raise _Unanswered(str(exc)) from exc
+            raise _Unanswered(str(exc)) from exc  # sorted by the ConnectionError it carries
         self.last.response = response
         return response
 
@@ -126,6 +128,16 @@ class VonageProvider(Provider):
         "rejected": ReportedState.FAILED,  # refused by Vonage or the carrier (e.g. an illegal number): permanent
         "unknown": None,
     }
+    # e.g. a 2xx we could not parse (pydantic's ValidationError is a ValueError): it may have been accepted.
+    unreadable_errors = (KeyError, TypeError, ValueError)
+    own_settings = {
+        "API_KEY": REQUIRED,
+        "API_SECRET": REQUIRED,
+        "SIGNATURE_SECRET": REQUIRED,
+        "SIGNATURE_METHOD": REQUIRED,
+        "FROM": REQUIRED,
+        "BASE_URL": "",  # empty: Vonage itself
+    }
 
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
@@ -137,7 +149,7 @@ class VonageProvider(Provider):
             raise ImproperlyConfigured(f"Vonage takes a callback URL of at most {CALLBACK_MAX_LENGTH} characters")
         # An empty BASE_URL means Vonage itself; otherwise both hosts (rest.nexmo.com for SMS,
         # api.nexmo.com for reports) are that one origin, as the sandbox serves both paths.
-        base = urlsplit(config.get("BASE_URL") or "")
+        base = urlsplit(self.setting("BASE_URL"))
         options = HttpClientOptions(**({"api_host": base.netloc, "rest_host": base.netloc} if base.netloc else {}))
         self.transport = _Transport(
             plain_http=base.scheme == "http", timeout=config["TIMEOUT_SECONDS"], pool_maxsize=options.pool_maxsize
@@ -154,45 +166,42 @@ class VonageProvider(Provider):
             )
 
     # --- sending ------------------------------------------------------------------------------
-    def send(self, request: SendRequest) -> SendResult:
+    def prepare(self, request: SendRequest) -> SmsMessage:
         # client-ref carries the token "<message id>.<generation>": attribution in every receipt
         # and report, covered by the receipt's signature (a URL query would not be, and would not
         # fit in the 100-character callback).
-        message = SmsMessage(
+        return SmsMessage(
             to=request.to.removeprefix("+"),  # Vonage wants E.164 digits without the plus
             from_=self.config["FROM"],
             text=request.body,
             client_ref=request.token,
             callback=self.callback_url,  # per message, so receipts reach this deployment whatever the dashboard says
         )
-        try:
-            response = self.sms.send(message)
-        except Exception as exc:  # sorted into the three kinds right below
-            raise self._classify(exc) from exc
+
+    def transmit(self, prepared: SmsMessage) -> SendResult:
+        response = self.sms.send(prepared)
         first = response.messages[0]  # a long text is several parts; receipts carry client-ref anyway
         return SendResult(provider_message_id=first.message_id or "", provider_status=first.status or "0")
 
-    def _classify(self, exc: Exception) -> Exception:
+    def classify_error(self, exc: Exception) -> ProviderError | None:
         if isinstance(exc, PartialFailureError):
             # Some parts were accepted: a resend would duplicate them, so reconcile instead.
             return AmbiguousProviderError("Vonage accepted only some parts", error_type=ErrorType.UNKNOWN)
         if isinstance(exc, SmsError):
+            # A 200 answer whose message status is an error: SmsError keeps only a formatted text.
             messages = self.transport.last_json().get("messages") or [{}]
             first = messages[0] if isinstance(messages[0], dict) else {}
-            return _classify_status(str(first.get("status", "")), str(first.get("error-text", exc)))
+            return _classify_sms_status(str(first.get("status", "")), str(first.get("error-text", exc)))
         if isinstance(exc, HttpRequestError):
-            return _classify_http(exc.response)
-        if isinstance(exc, requests.exceptions.ConnectionError):  # includes ConnectTimeout: never connected
-            return TransientProviderError(str(exc), error_type=ErrorType.CONNECTION_ERROR)
-        if isinstance(exc, requests.exceptions.ReadTimeout):
-            # The request left: Vonage may have accepted it.
-            return AmbiguousProviderError("no response within the timeout", error_type=ErrorType.PROVIDER_TIMEOUT)
+            response = exc.response
+            return classify_status(
+                response.status_code,
+                f"Vonage HTTP {response.status_code}: {response.text[:200]}",
+                retry_after=response.headers.get("Retry-After"),
+            )
         if isinstance(exc, _Unanswered):
-            return AmbiguousProviderError(str(exc), error_type=ErrorType.CONNECTION_ERROR)
-        if isinstance(exc, (requests.exceptions.RequestException, KeyError, TypeError, ValueError)):
-            # e.g. a 2xx we could not parse (pydantic's ValidationError is a ValueError): it may have been accepted.
-            return AmbiguousProviderError(f"unreadable answer: {exc}", error_type=ErrorType.UNKNOWN)
-        return exc  # a bug, not a provider error: let it raise
+            return classify_transport(exc.__cause__ or exc)
+        return None
 
     # --- look-ups (synchronous Reports API) -----------------------------------------------------
     def _records(self, **filters: str) -> list[dict[str, Any]]:
@@ -209,7 +218,7 @@ class VonageProvider(Provider):
                 query = parse_qs(urlsplit(page["_links"]["next"]["href"]).query)
                 params.update(cursor=query["cursor"][0], iv=query["iv"][0])
             except Exception as exc:  # sorted like a send's errors; an unreadable page is ambiguous
-                raise self._classify(exc) from exc
+                self.raise_classified(exc)
 
     def fetch_status(self, provider_message_id: str) -> StatusResult:
         found = [r for r in self._records(id=provider_message_id) if r.get("message_id") == provider_message_id]
@@ -239,10 +248,13 @@ class VonageProvider(Provider):
         return found
 
     # --- receipts -----------------------------------------------------------------------------
-    def parse_webhook(self, request: HttpRequest) -> list[ReceiptEvent]:
+    def verify(self, request: HttpRequest) -> None:
         payload = _webhook_params(request)
         if not payload.get("sig") or not self._signature_valid(payload):
             raise WebhookSignatureError("Vonage receipt without a valid sig for our signature secret")
+
+    def parse(self, request: HttpRequest) -> list[ReceiptEvent]:
+        payload = _webhook_params(request)
         message_id, status = payload.get("messageId"), payload.get("status")
         if not message_id or not status:
             raise ValueError("Vonage delivery receipt without messageId or status")
@@ -263,12 +275,14 @@ class VonageProvider(Provider):
         ]
 
     def _signature_valid(self, payload: dict[str, Any]) -> bool:
+        # Both compare in constant time (the SDK's check_signature with hmac.compare_digest).
         if self.signer is not None:
             return self.signer.check_signature(dict(payload))  # it pops `sig`: give it a copy
         return hmac.compare_digest(str(payload["sig"]).lower(), _md5hash(payload, self.config["SIGNATURE_SECRET"]))
 
 
-def _classify_status(status: str, text: str) -> Exception:
+def _classify_sms_status(status: str, text: str) -> ProviderError:
+    """An SMS API message status (inside a 200 answer) as one of the three errors."""
     message = f"Vonage status {status}: {text}"
     if status in TRANSIENT_STATUSES:
         return TransientProviderError(message, error_type=TRANSIENT_STATUSES[status], code=status)
@@ -277,23 +291,6 @@ def _classify_status(status: str, text: str) -> Exception:
     if status in INVALID_RECIPIENT_STATUSES or (status == "3" and "to address" in text.lower()):
         return PermanentProviderError(message, error_type=ErrorType.INVALID_RECIPIENT, code=status)
     return PermanentProviderError(message, error_type=ErrorType.REJECTED, code=status)
-
-
-def _classify_http(response: requests.Response) -> Exception:
-    status = response.status_code
-    text = f"Vonage HTTP {status}: {response.text[:200]}"
-    if status == 429:
-        return TransientProviderError(
-            text,
-            error_type=ErrorType.RATE_LIMITED,
-            code="429",
-            retry_after=retry_after_seconds(response.headers.get("Retry-After")),
-        )
-    if status >= 500:
-        return TransientProviderError(text, error_type=ErrorType.PROVIDER_5XX, code=str(status))
-    if status in (401, 403):
-        return TransientProviderError(text, error_type=ErrorType.PROVIDER_AUTH, code=str(status))
-    return PermanentProviderError(text, error_type=ErrorType.REJECTED, code=str(status))
 
 
 def _vonage_time(moment: datetime) -> str:

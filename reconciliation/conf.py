@@ -8,7 +8,7 @@ from typing import Any
 
 from django.conf import settings
 
-from providers.conf import provider_config
+from providers.registry import provider_setting
 from reconciliation.anomalies import DetectorSettings
 
 DEFAULTS: dict[str, Any] = {
@@ -37,7 +37,6 @@ def reconciliation_setting(name: str) -> Any:
 
 
 DETECTOR_FIELDS = frozenset(f.name for f in fields(DetectorSettings))
-DEFAULT_RECEIPT_HORIZON_SECONDS = 72 * 3600.0
 
 
 def detector_settings() -> DetectorSettings:
@@ -72,4 +71,4 @@ def detector_settings_problems(overrides: dict) -> list[str]:
 
 def receipt_horizon_seconds(provider: str) -> float:
     """How long the provider may still report a final status; after it, delivery is unknown."""
-    return float(provider_config(provider).get("RECEIPT_HORIZON_SECONDS", DEFAULT_RECEIPT_HORIZON_SECONDS))
+    return float(provider_setting(provider, "RECEIPT_HORIZON_SECONDS"))

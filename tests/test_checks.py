@@ -83,3 +83,33 @@ def test_each_layers_keys_have_their_defaults_type():
 @override_settings(CONDUCTOR={"SWEEP_BATCH_SIZE": 0, "RECONCILE_BATCH_SIZE": 2.5})
 def test_sizes_of_every_layer_are_whole_numbers():
     assert ids(check_conductor_settings()) == ["conductor.E018", "conductor.E018"]
+
+
+def _providers_with(name, **changes):
+    from django.conf import settings
+
+    providers = {provider: dict(conf) for provider, conf in settings.CONDUCTOR_PROVIDERS.items()}
+    providers[name].update(changes)
+    return providers
+
+
+def test_an_unknown_key_in_a_provider_entry_is_an_error():
+    with override_settings(CONDUCTOR_PROVIDERS=_providers_with("vonage", LOOKUP_SETTLE_SECOND=30.0)):
+        [error] = check_conductor_settings()
+    assert error.id == "conductor.E019" and "'vonage'" in error.msg and "'LOOKUP_SETTLE_SECOND'" in error.msg
+
+
+def test_a_missing_required_key_in_a_provider_entry_is_an_error():
+    providers = _providers_with("twilio")
+    del providers["twilio"]["AUTH_TOKEN"]
+    with override_settings(CONDUCTOR_PROVIDERS=providers):
+        [error] = check_conductor_settings()
+    assert error.id == "conductor.E020" and "'twilio'" in error.msg and "'AUTH_TOKEN'" in error.msg
+
+
+def test_optional_provider_keys_may_be_left_out():
+    providers = _providers_with("smtp")
+    for key in ("USERNAME", "PASSWORD", "USE_TLS", "RATE_LIMIT_PER_SECOND"):
+        del providers["smtp"][key]
+    with override_settings(CONDUCTOR_PROVIDERS=providers):
+        assert check_conductor_settings() == []

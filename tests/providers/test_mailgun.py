@@ -20,8 +20,8 @@ from django.test import RequestFactory
 from django.utils import timezone
 
 from messaging.models import Message, MessageEvent, Receipt
-from providers.anymail_email import MailgunProvider
 from providers.conf import provider_config
+from providers.mailgun import MailgunProvider
 from providers.registry import get_provider
 from providers.types import PermanentProviderError, TransientProviderError
 from tests.providers.contract import ProviderContract, send_request
@@ -126,7 +126,7 @@ def test_another_4xx_is_a_permanent_rejection(sandbox):
 
 
 def test_recipients_refused_is_an_invalid_recipient():
-    error = get_provider("mailgun")._classify(AnymailRecipientsRefused())
+    error = get_provider("mailgun").classify_failure(AnymailRecipientsRefused())
     assert isinstance(error, PermanentProviderError) and error.error_type == "invalid_recipient"
 
 

@@ -1,4 +1,5 @@
-"""Email through django-anymail (Mailgun by default): send, tracking webhooks, Events API look-ups."""
+"""Mailgun email through django-anymail (on a base any anymail ESP can share): send, tracking
+webhooks, Events API look-ups."""
 
 from __future__ import annotations
 
@@ -22,18 +23,18 @@ from anymail.webhooks.mailgun import MailgunTrackingWebhookView
 from django.core.mail import get_connection
 from django.http import HttpRequest
 
-from providers.base import Provider
-from providers.http import never_connected, retry_after_seconds
+from providers.base import REQUIRED, Provider
+from providers.classify import classify_status, classify_transport
 from providers.types import (
     AmbiguousProviderError,
     ErrorType,
     PermanentProviderError,
+    ProviderError,
     ReceiptEvent,
     ReportedState,
     SendRequest,
     SendResult,
     StatusResult,
-    TransientProviderError,
     WebhookSignatureError,
 )
 
@@ -48,13 +49,14 @@ class AnymailProvider(Provider):
     """Email through one anymail ESP backend: the sending, error sorting and webhook flow they share.
 
     A second ESP (say Postmark) is a subclass that sets `name`, `esp_name` (anymail's spelling,
-    which the tracking signal carries), `backend` (anymail's backend path) and `webhook_view`
-    (anymail's tracking view for it); maps its settings block to the backend's and the view's
-    keyword arguments in `backend_options()` and `webhook_options()`; says which 400 answer means a
-    bad address in `is_invalid_recipient()`; and implements `fetch_status` and `find_send` against
-    the ESP's own message-status API, which anymail does not wrap. If that ESP does not sign its
-    webhooks, set ANYMAIL["WEBHOOK_SECRET"] (basic auth) too. Then a registry entry, a
-    CONDUCTOR_PROVIDERS block, and a test module subclassing the provider contract.
+    which the tracking signal carries), `backend` (anymail's backend path), `webhook_view`
+    (anymail's tracking view for it) and `own_settings` (its settings keys); maps its settings
+    block to the backend's and the view's keyword arguments in `backend_options()` and
+    `webhook_options()`; says which 400 answer means a bad address in `is_invalid_recipient()`;
+    and implements `fetch_status` and `find_send` against the ESP's own message-status API, which
+    anymail does not wrap. If that ESP does not sign its webhooks, set ANYMAIL["WEBHOOK_SECRET"]
+    (basic auth) too. Then a registry entry, a CONDUCTOR_PROVIDERS block, and a test module
+    subclassing the provider contract.
     """
 
     channels = frozenset({"email"})
@@ -109,11 +111,12 @@ class AnymailProvider(Provider):
         raise NotImplementedError(f"{type(self).__name__} must map its settings to anymail webhook options")
 
     def is_invalid_recipient(self, response: requests.Response) -> bool:
+        """Whether this error answer means a bad address (the ESP's error-code map, read from its text)."""
         raise NotImplementedError(f"{type(self).__name__} must say which error answers mean a bad address")
 
     # --- sending ------------------------------------------------------------------------------
-    def send(self, request: SendRequest) -> SendResult:
-        message = AnymailMessage(
+    def prepare(self, request: SendRequest) -> AnymailMessage:
+        return AnymailMessage(
             subject=request.subject,
             body=request.body,
             from_email=self.config["FROM_EMAIL"],
@@ -121,51 +124,40 @@ class AnymailProvider(Provider):
             connection=self.connection,
             metadata={MESSAGE_ID_VAR: request.message_id, TOKEN_VAR: request.token},
         )
-        try:
-            sent = message.send()
-        except Exception as exc:  # sorted into the three kinds right below
-            raise self._classify(exc) from exc
-        status = message.anymail_status
+
+    def transmit(self, prepared: AnymailMessage) -> SendResult:
+        sent = prepared.send()
+        status = prepared.anymail_status
         if not sent or not status.message_id:
             # Only a pre_send receiver cancelling it gets here: nothing left us.
             raise PermanentProviderError("send cancelled before it reached the ESP", error_type=ErrorType.REJECTED)
         return SendResult(provider_message_id=str(status.message_id), provider_status=",".join(sorted(status.status)))
 
-    def _classify(self, exc: Exception) -> Exception:
+    def classify_error(self, exc: Exception) -> ProviderError | None:
         if isinstance(exc, (AnymailRecipientsRefused, AnymailInvalidAddress)):
             return PermanentProviderError(str(exc), error_type=ErrorType.INVALID_RECIPIENT)
         if isinstance(exc, AnymailRequestsAPIError) and exc.response is not None:
-            return self._classify_response(exc.response, str(exc))
+            return self.classify_answer(exc.response, str(exc))
         if isinstance(exc, AnymailRequestsAPIError):
             # No response: anymail wrapped a requests error, which it chains as the cause.
-            return _classify_transport(exc.__cause__ or exc)
-        if isinstance(exc, requests.RequestException):
-            return _classify_transport(exc)
-        return exc  # a bug or a configuration error, not a provider error: let it raise
+            return classify_transport(exc.__cause__ or exc)
+        return None  # other requests errors: the shared rules; anything else is a bug
 
-    def _classify_response(self, response: requests.Response, text: str) -> Exception:
-        status, code = response.status_code, str(response.status_code)
-        if status == 429:
-            retry_after = retry_after_seconds(response.headers.get("Retry-After"))
-            return TransientProviderError(text, error_type=ErrorType.RATE_LIMITED, code=code, retry_after=retry_after)
-        if status >= 500:
-            return TransientProviderError(text, error_type=ErrorType.PROVIDER_5XX, code=code)
-        if status in (401, 403):
-            # Our credentials, not the message: retry (and dead-letter for replay once fixed).
-            return TransientProviderError(text, error_type=ErrorType.PROVIDER_AUTH, code=code)
-        if 200 <= status < 300:
-            # A success we could not read: the ESP may well have queued it.
-            return AmbiguousProviderError(text, error_type=ErrorType.UNKNOWN, code=code)
-        if self.is_invalid_recipient(response):
-            return PermanentProviderError(text, error_type=ErrorType.INVALID_RECIPIENT, code=code)
-        return PermanentProviderError(text, error_type=ErrorType.REJECTED, code=code)
+    def classify_answer(self, response: requests.Response, text: str) -> ProviderError:
+        refusal = ErrorType.INVALID_RECIPIENT if self.is_invalid_recipient(response) else ErrorType.REJECTED
+        return classify_status(
+            response.status_code, text, retry_after=response.headers.get("Retry-After"), refusal_type=refusal
+        )
 
     # --- receipts -----------------------------------------------------------------------------
-    def parse_webhook(self, request: HttpRequest) -> list[ReceiptEvent]:
+    def verify(self, request: HttpRequest) -> None:
+        # anymail's validators compare the signature in constant time.
         try:
             self.webhook.run_validators(request)
         except AnymailWebhookValidationFailure as exc:
             raise WebhookSignatureError(str(exc)) from exc
+
+    def parse(self, request: HttpRequest) -> list[ReceiptEvent]:
         try:
             events = self.webhook.parse_events(request)
         except (KeyError, TypeError, ValueError) as exc:
@@ -216,6 +208,14 @@ class MailgunProvider(AnymailProvider):
         ReportedState.READ: 3,
     }
 
+    own_settings = {
+        "API_KEY": REQUIRED,
+        "DOMAIN": REQUIRED,
+        "WEBHOOK_SIGNING_KEY": REQUIRED,
+        "FROM_EMAIL": REQUIRED,
+        "BASE_URL": "",  # empty: Mailgun itself
+    }
+
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
         self.events_url = f"{self.api_origin}/v3/{quote(config['DOMAIN'], safe='')}/events"
@@ -224,7 +224,7 @@ class MailgunProvider(AnymailProvider):
 
     @property
     def api_origin(self) -> str:
-        return (self.config.get("BASE_URL") or self.API_ORIGIN).rstrip("/")
+        return (self.setting("BASE_URL") or self.API_ORIGIN).rstrip("/")
 
     def backend_options(self) -> dict[str, Any]:
         # Passed explicitly (over settings.ANYMAIL) so that an adapter built from another config
@@ -312,9 +312,9 @@ class MailgunProvider(AnymailProvider):
             try:
                 response = self.session.get(url, params=query, timeout=self.config["TIMEOUT_SECONDS"])
             except requests.RequestException as exc:
-                raise _classify_transport(exc) from exc
+                raise classify_transport(exc) from exc
             if response.status_code != 200:
-                raise self._classify_response(response, f"Mailgun Events API {response.status_code}: {response.text}")
+                raise self.classify_answer(response, f"Mailgun Events API {response.status_code}: {response.text}")
             try:
                 page = response.json()
                 batch, url = page["items"], page["paging"]["next"]
@@ -328,20 +328,6 @@ class MailgunProvider(AnymailProvider):
             f"more than {self.MAX_EVENT_PAGES} pages of Mailgun events; narrow the look-up",
             error_type=ErrorType.UNKNOWN,
         )
-
-
-def _classify_transport(exc: BaseException) -> Exception:
-    """No HTTP answer: was the request sent (ambiguous) or not (transient)?"""
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return TransientProviderError(str(exc), error_type=ErrorType.CONNECTION_ERROR)
-    if isinstance(exc, requests.exceptions.ReadTimeout):
-        # The request left: the ESP may have accepted it.
-        return AmbiguousProviderError("no response within the timeout", error_type=ErrorType.PROVIDER_TIMEOUT)
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        if never_connected(exc):
-            return TransientProviderError(str(exc), error_type=ErrorType.CONNECTION_ERROR)
-        return AmbiguousProviderError(str(exc), error_type=ErrorType.CONNECTION_ERROR)
-    return AmbiguousProviderError(str(exc), error_type=ErrorType.UNKNOWN)
 
 
 def _epoch(moment: datetime) -> str:

@@ -1,0 +1,123 @@
+"""The provider base: it runs the send flow and the webhook flow once; adapters supply hooks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import requests
+
+from providers.base import REQUIRED, Provider
+from providers.types import (
+    AmbiguousProviderError,
+    ErrorType,
+    PermanentProviderError,
+    SendResult,
+    TransientProviderError,
+    WebhookSignatureError,
+)
+
+
+class Echo(Provider):
+    """A provider whose call is a function the test supplies."""
+
+    name = "echo"
+    channels = frozenset({"sms"})
+    status_map = {"sent": "dispatched"}
+    unreadable_errors = (KeyError,)
+    own_settings = {"API_KEY": REQUIRED, "REGION": "eu"}
+
+    def __init__(self, config, call=None):
+        super().__init__(config)
+        self.call = call
+        self.seen: list[str] = []
+
+    def prepare(self, request):
+        return request
+
+    def transmit(self, prepared):
+        return self.call()
+
+    def verify(self, request):
+        self.seen.append("verify")
+        if request != "signed":
+            raise WebhookSignatureError("unsigned")
+
+    def parse(self, request):
+        self.seen.append("parse")
+        return []
+
+    def fetch_status(self, provider_message_id):
+        raise NotImplementedError
+
+    def find_send(self, request):
+        raise NotImplementedError
+
+
+def fail_with(exc):
+    def call():
+        raise exc
+
+    return call
+
+
+def test_send_sorts_failures_and_passes_provider_errors_and_bugs_through():
+    sent = SendResult("p-1", "sent")
+    assert Echo({}, call=lambda: sent).send("request") is sent
+    with pytest.raises(TransientProviderError) as caught:
+        Echo({}, call=fail_with(requests.exceptions.ConnectTimeout("no"))).send("request")
+    assert isinstance(caught.value.__cause__, requests.exceptions.ConnectTimeout)
+    with pytest.raises(AmbiguousProviderError):
+        Echo({}, call=fail_with(KeyError("sid"))).send("request")  # an unreadable answer
+    permanent = PermanentProviderError("no", error_type=ErrorType.REJECTED)
+    with pytest.raises(PermanentProviderError) as caught:
+        Echo({}, call=fail_with(permanent)).send("request")
+    assert caught.value is permanent and caught.value.__cause__ is None
+    with pytest.raises(ZeroDivisionError):
+        Echo({}, call=fail_with(ZeroDivisionError())).send("request")
+
+
+def test_send_async_without_an_async_client_runs_send_in_the_thread_pool():
+    sent = SendResult("p-1", "sent")
+    assert asyncio.run(Echo({}, call=lambda: sent).send_async("request")) is sent
+    with pytest.raises(AmbiguousProviderError):
+        asyncio.run(Echo({}, call=fail_with(requests.exceptions.ReadTimeout())).send_async("request"))
+
+
+def test_the_webhook_is_verified_before_it_is_parsed_and_never_parsed_if_forged():
+    provider = Echo({})
+    assert provider.parse_webhook("signed") == [] and provider.seen == ["verify", "parse"]
+    provider.seen.clear()
+    with pytest.raises(WebhookSignatureError):
+        provider.parse_webhook("forged")
+    assert provider.seen == ["verify"]
+
+
+@pytest.mark.parametrize("flow", ["send", "send_async", "parse_webhook"])
+def test_an_adapter_cannot_replace_a_flow_the_base_runs(flow):
+    with pytest.raises(TypeError, match="overrides a flow"):
+        type("Rogue", (Echo,), {flow: lambda self, request: None})
+
+
+def test_a_missing_hook_fails_loudly():
+    class Unfinished(Provider):
+        name = "unfinished"
+        channels = frozenset({"sms"})
+        status_map = {}
+
+    with pytest.raises(TypeError, match="abstract"):
+        Unfinished({})
+
+
+def test_settings_are_read_through_the_declared_schema():
+    provider = Echo({"API_KEY": "k", "TIMEOUT_SECONDS": 2.0})
+    assert (provider.setting("API_KEY"), provider.setting("REGION"), provider.setting("TIMEOUT_SECONDS")) == (
+        "k",
+        "eu",
+        2.0,
+    )
+    assert provider.setting("RATE_LIMIT_BURST") == 1  # a shared key's default
+    with pytest.raises(KeyError, match="not a setting"):
+        provider.setting("REGIONS")
+    with pytest.raises(KeyError, match="has no 'API_KEY'"):
+        Echo({}).setting("API_KEY")
