@@ -62,3 +62,57 @@ def test_the_status_map_covers_twilios_status_enum():
     assert set(statuses) <= set(TwilioProvider.status_map)
     assert TwilioProvider.status_map["read"] == "read"
     assert TwilioProvider.status_map["undelivered"] == "undelivered"
+
+
+def test_the_bulk_paths_direct_post_is_the_request_the_sdk_makes(settings):
+    """send_async() posts Twilio's create request through aiohttp instead of the SDK (a speed
+    shortcut); it must be the SDK's request: method, path, form fields and every header the SDK sets."""
+    import asyncio
+    import json as jsonlib
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs
+
+    received = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.command, self.path, dict(self.headers), parse_qs(body.decode())))
+            answer = jsonlib.dumps({"sid": f"SM{len(received)}", "status": "queued"}).encode()
+            self.send_response(201)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        provider = TwilioProvider({**provider_config("twilio"), "BASE_URL": f"http://127.0.0.1:{server.server_port}"})
+        request = send_request("+14155552671", body="same request ✓")
+        by_sdk = provider.send(request)
+
+        async def send_async_once():
+            try:
+                return await provider.send_async(request)
+            finally:
+                await provider.async_session.get().close()
+
+        by_aiohttp = asyncio.run(send_async_once())
+        provider.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (by_sdk.provider_message_id, by_aiohttp.provider_message_id) == ("SM1", "SM2")
+    (sdk_method, sdk_path, sdk_headers, sdk_form), (method, path, headers, form) = received
+    assert (method, path, form) == (sdk_method, sdk_path, sdk_form)
+    # Every header the SDK sets itself (user agent, client, content type, accept, auth); the
+    # transport's own (Host, Content-Length, Connection, Accept-Encoding) are each library's.
+    sdk_set = {"User-Agent", "X-Twilio-Client", "Accept-Charset", "Content-Type", "Accept", "Authorization"}
+    assert sdk_set <= set(sdk_headers)
+    assert {name: headers.get(name) for name in sdk_set} == {name: sdk_headers[name] for name in sdk_set}
