@@ -56,9 +56,10 @@ from messaging.outcomes import (
     accepted_detail,
     attempt_report,
 )
+from messaging.publish import message_publish
 from messaging.routing import Hop, message_route
 from messaging.rows import rows_insert, rows_update, rows_update_in_key_order
-from messaging.services import message_publish, messages_transition
+from messaging.services import messages_transition
 from messaging.states import MessageState
 from providers.conf import providers_setting
 from providers.guards import circuit_breaker, rate_limiter

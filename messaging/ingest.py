@@ -13,6 +13,7 @@ from django.db.models import Model
 from django.utils import timezone
 
 from messaging.models import ApiClient, EventSource, Message, MessageEvent
+from messaging.publish import messages_publish
 from messaging.rows import rows_insert
 from messaging.services import (
     CreateOutcome,
@@ -22,7 +23,6 @@ from messaging.services import (
     message_accepted_log,
     message_columns,
     message_create,
-    messages_publish,
     request_fingerprint,
 )
 from messaging.states import MessageState

@@ -17,8 +17,9 @@ from messaging.conf import messaging_setting
 from messaging.logging import masked
 from messaging.metrics import attempt_count, latency_observe
 from messaging.models import AttemptOutcome, DispatchAttempt, EventSource, Message
+from messaging.publish import message_publish
 from messaging.routing import Hop, backoff_delay, retry_policy_for
-from messaging.services import message_publish, message_transition
+from messaging.services import message_transition
 from messaging.states import MessageState
 from providers.types import ProviderError, SendResult
 

@@ -12,10 +12,11 @@ from django.utils import timezone
 from messaging.conf import messaging_setting
 from messaging.dispatch import unleased
 from messaging.models import ErrorType, EventSource, Message
+from messaging.publish import messages_publish
 from messaging.queue_progress import MOVING_SECONDS, SLACK_SECONDS, queues_consumed
 from messaging.routing import Channel, queue_name
 from messaging.rows import rows_update_in_key_order
-from messaging.services import message_transition, messages_publish
+from messaging.services import message_transition
 from messaging.states import MessageState
 
 logger = logging.getLogger(__name__)

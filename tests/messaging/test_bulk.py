@@ -14,7 +14,7 @@ from django.utils import timezone
 from messaging import bulk
 from messaging.bulk import messages_dispatch_batch
 from messaging.models import AttemptOutcome, DeadLetter, DispatchAttempt, Message, MessageEvent
-from messaging.services import messages_publish
+from messaging.publish import messages_publish
 from providers.guards import circuit_breaker, reset_guards
 from providers.twilio import TwilioProvider
 
@@ -280,7 +280,7 @@ def test_bulk_messages_are_published_as_batch_tasks_and_the_rest_one_by_one(monk
     settings.CONDUCTOR = {**settings.CONDUCTOR, "BULK_BATCH_SIZE": 2}
     sent: list[tuple[str, list, str]] = []
     monkeypatch.setattr(
-        "messaging.services.current_app.send_task",
+        "messaging.publish.current_app.send_task",
         lambda name, args, queue, **kwargs: sent.append((name, args[0], queue)),
     )
     published = messages_publish(

@@ -242,3 +242,20 @@ def test_with_the_shared_state_redis_unreachable_sends_go_on(sandbox, make_messa
         assert message.state == "dispatched"  # circuit and rate limit fail open, never block a send
     finally:
         reset_shared_redis()
+
+
+# Statements one critical message costs from claim to dispatched (savepoints included: the tests
+# run inside a transaction). The urgent path's latency is a benchmark target: no extra round trips.
+CRITICAL_SEND_STATEMENTS = 12
+
+
+def test_one_critical_message_costs_a_fixed_number_of_statements(sandbox, make_message):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    message = make_message(priority="critical")
+    with CaptureQueriesContext(connection) as queries:
+        message_dispatch(message_id=str(message.pk))
+    message.refresh_from_db()
+    assert message.state == "dispatched"
+    assert len(queries) == CRITICAL_SEND_STATEMENTS, "\n".join(q["sql"][:120] for q in queries)

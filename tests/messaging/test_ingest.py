@@ -22,9 +22,9 @@ from messaging.api.serializers import (
 )
 from messaging.ingest import BatchItem, messages_create_many
 from messaging.models import ApiClient, Message, MessageEvent
+from messaging.publish import DISPATCH_BATCH_TASK
 from messaging.routing import queue_name
 from messaging.services import (
-    DISPATCH_BATCH_TASK,
     CreateOutcome,
     IdempotencyConflict,
     idempotency_lock_id,
@@ -74,7 +74,7 @@ def published_one_by_one(monkeypatch) -> list[str]:
         sent.append(str(message_id))
         return True
 
-    monkeypatch.setattr("messaging.services.message_publish", publish)
+    monkeypatch.setattr("messaging.publish.message_publish", publish)
     return sent
 
 
@@ -112,7 +112,7 @@ def test_bulk_items_go_to_the_broker_as_batch_tasks(api, monkeypatch, settings, 
     settings.CONDUCTOR = {**settings.CONDUCTOR, "BULK_BATCH_SIZE": 100}
     sent: list[tuple[str, list, str]] = []
     broker = SimpleNamespace(send_task=lambda name, args, queue, **options: sent.append((name, args, queue)))
-    monkeypatch.setattr("messaging.services.current_app", broker)
+    monkeypatch.setattr("messaging.publish.current_app", broker)
     with django_capture_on_commit_callbacks(execute=True):
         body = post_batch(api, campaign(250) + [{**BULK, "priority": "critical"}])
     ids = [r["message"]["id"] for r in body["results"]]

@@ -32,7 +32,8 @@ def published(monkeypatch):
         return True
 
     # The sweeper publishes through messages_publish, which calls this one for non-bulk messages.
-    monkeypatch.setattr("messaging.services.message_publish", publish)
+    monkeypatch.setattr("messaging.publish.message_publish", publish)
+    monkeypatch.setattr("messaging.ordering.message_publish", publish)
     return sent
 
 
