@@ -40,7 +40,6 @@ from django.utils import timezone
 
 from messaging.conf import messaging_setting
 from messaging.dispatch import (
-    EARLY_TOLERANCE,
     SEND_ERRORS,
     breaker_failure,
     hop_note,
@@ -139,7 +138,7 @@ def _claim(message_ids: list[str]) -> tuple[datetime, list[Message], list[_Send]
             .order_by("pk")
             .only(*_SEND_FIELDS, "state", "lease_expires_at", "next_attempt_at")
         )
-        claimed = [message for message in rows if _claimable(message, now)]
+        claimed = [message for message in rows if message.is_claimable(now)]
         if not claimed:
             return lease, [], [], []
         sends, handed_back = _sort_out(claimed, now)
@@ -161,15 +160,6 @@ def _claim(message_ids: list[str]) -> tuple[datetime, list[Message], list[_Send]
     for message in handed_back:
         message_publish(message_id=message.pk, channel=message.channel, priority=message.priority)
     return lease, claimed, sends, first_round
-
-
-def _claimable(message: Message, now: datetime) -> bool:
-    """What messaging.dispatch._claim asks of a message: accepted, unleased and due."""
-    return (
-        message.state == MessageState.ACCEPTED
-        and (message.lease_expires_at is None or message.lease_expires_at < now)
-        and (message.next_attempt_at is None or message.next_attempt_at <= now + EARLY_TOLERANCE)
-    )
 
 
 # What the send path reads of a message (a deferred field would cost a query of its own, not an error).

@@ -15,7 +15,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from django.db.models import F, Q
+from django.db.models import F
 from django.utils import timezone
 
 from messaging.conf import messaging_setting
@@ -43,13 +43,6 @@ from providers.types import AmbiguousProviderError, PermanentProviderError, Prov
 
 logger = logging.getLogger(__name__)
 
-# A countdown task may fire a little before next_attempt_at by the database's clock.
-EARLY_TOLERANCE = timedelta(seconds=1)
-
-
-def unleased(now: Any) -> Q:
-    return Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now)
-
 
 def message_dispatch(*, message_id: str) -> None:
     """Try to send one message; a duplicate or early task finds nothing to claim and returns."""
@@ -66,13 +59,7 @@ def message_dispatch(*, message_id: str) -> None:
 def _claim(message_id: str) -> Any:
     now = timezone.now()
     lease = now + timedelta(seconds=messaging_setting("DISPATCH_LEASE_SECONDS"))
-    due = Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now + EARLY_TOLERANCE)
-    claimed = (
-        Message.objects.filter(pk=message_id, state=MessageState.ACCEPTED)
-        .filter(unleased(now))
-        .filter(due)
-        .update(lease_expires_at=lease, enqueued_at=None)
-    )
+    claimed = Message.objects.filter(pk=message_id).claimable(now).update(lease_expires_at=lease, enqueued_at=None)
     return lease if claimed else None
 
 

@@ -17,7 +17,7 @@ from django.utils import timezone
 from messaging.dead_letters import dead_letter_park
 from messaging.logging import masked, scrubbed
 from messaging.metrics import latency_observe
-from messaging.models import ApiClient, ApiKey, EventSource, Message, MessageEvent
+from messaging.models import ApiClient, ApiKey, EventSource, Message, MessageEvent, unleased
 from messaging.ordering import ordering_hold, ordering_mode_for, ordering_release, sequence_next
 from messaging.publish import messages_publish
 from messaging.routing import retry_policy_for
@@ -408,7 +408,6 @@ def message_cancel(*, message: Message, source: str = EventSource.API, actor: st
     """Cancel a message that no worker has started to send, or close one given up on before it
     was ever dispatched (it will not be replayed); otherwise raise NotCancellable."""
     now = timezone.now()
-    not_leased = Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now)
     never_dispatched = Q(state=MessageState.ACCEPTED) | Q(dispatched_at__isnull=True)
     applied = message_transition(
         message_id=message.pk,
@@ -416,7 +415,7 @@ def message_cancel(*, message: Message, source: str = EventSource.API, actor: st
         source=source,
         detail=f"cancelled by {actor}",
         fields={"next_attempt_at": None},
-        extra_filter=not_leased & never_dispatched,
+        extra_filter=unleased(now) & never_dispatched,
     )
     message.refresh_from_db()
     if not applied:
