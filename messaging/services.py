@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Q
+from django.db.models import BooleanField, ExpressionWrapper, Q
 from django.utils import timezone
 
 from messaging.dead_letters import dead_letter_park
@@ -56,69 +56,14 @@ def message_transition(
     fields: dict[str, Any] | None = None,
     extra_filter: Q | None = None,
 ) -> bool:
-    """Move a message to `to_state` if the TRANSITIONS table allows it from its current state.
-
-    The only writer of the state column: a conditional UPDATE on the allowed source states,
-    checked by row count, and an event recorded either way. Entering failed, expired or
-    dead_lettered parks a dead letter in the same transaction. Returns whether it was applied.
-    """
-    sources = ALLOWED_SOURCES[to_state]
-    now = timezone.now()
-    updates = {"state": to_state, TIMESTAMP_FIELD[to_state]: now, "updated_at": now, **(fields or {})}
-    with transaction.atomic():
-        row = (
-            Message.objects.select_for_update()
-            .filter(pk=message_id)
-            .values_list("state", "channel", "priority", "provider", "accepted_at", "created_at", "sequence")
-            .first()
-        )
-        if row is None:
-            raise Message.DoesNotExist(f"message {message_id} does not exist")
-        current, channel, priority, provider, accepted_at, created_at, sequence = row
-        applied = False
-        if current in sources:
-            rows = Message.objects.filter(pk=message_id, state__in=sources)
-            if extra_filter is not None:
-                rows = rows.filter(extra_filter)
-            applied = rows.update(**updates) == 1
-        MessageEvent.objects.create(
-            message_id=message_id,
-            created_at=now,
-            source=source,
-            from_state=current,
-            to_state=to_state,
-            applied=applied,
-            detail=detail[:2000],
-        )
-        if applied and to_state in DEAD_LETTER_STATES:
-            dead_letter_park(message_id=message_id, reason=detail, parked_at=now)
-        if applied and sequence is not None:
-            # Later messages with the same ordering key may be waiting for this one to move.
-            transaction.on_commit(lambda: ordering_release(message_id=message_id))
-        if applied:
-            # Counted once it is committed: a rolled-back transition never happened.
-            transaction.on_commit(
-                lambda: latency_observe(
-                    to_state=to_state,
-                    from_state=current,
-                    channel=channel,
-                    priority=priority,
-                    accepted_at=accepted_at or created_at,
-                    at=now,
-                )
-            )
-    _log_transition(
-        message_id=message_id,
-        channel=channel,
-        priority=priority,
-        provider=updates.get("provider", provider),
-        from_state=current,
-        to_state=to_state,
-        applied=applied,
-        source=source,
-        detail=detail,
+    """Move a message to `to_state` if the TRANSITIONS table allows it from its current state
+    (and `extra_filter` holds): messages_transition for one message. Returns whether it was applied."""
+    found, applied = _transition(
+        to_state=to_state, source=source, changes={message_id: (detail, fields or {})}, extra_filter=extra_filter
     )
-    return applied
+    if not found:
+        raise Message.DoesNotExist(f"message {message_id} does not exist")
+    return bool(applied)
 
 
 def _log_transition(
@@ -158,33 +103,56 @@ def _log_transition(
     )
 
 
-def messages_transition(*, to_state: str, source: str, changes: dict[Any, tuple[str, dict[str, Any]]]) -> set[Any]:
-    """message_transition for many messages at once: {id: (detail, fields)}, the same fields for each.
+def messages_transition(
+    *,
+    to_state: str,
+    source: str,
+    changes: dict[Any, tuple[str, dict[str, Any]]],
+    extra_filter: Q | None = None,
+) -> set[Any]:
+    """Move many messages to `to_state`: {id: (detail, fields)}, the same fields for each.
 
-    The same table and the same rule: the rows are locked (in one order for every writer), the
-    transition applied to those in an allowed source state with one UPDATE, one event per
-    message either way, a few statements in all: the bulk send path records a whole batch this
-    way. Returns the ids it was applied to.
+    The only writer of the state column: the rows are locked (in one order for every writer),
+    the transition applied with one UPDATE to those in a source state the TRANSITIONS table
+    allows (and matching `extra_filter`), one event per message either way, a few statements in
+    all however many messages. Entering failed, expired or dead_lettered parks a dead letter in
+    the same transaction. Returns the ids it was applied to.
     """
+    found, applied = _transition(to_state=to_state, source=source, changes=changes, extra_filter=extra_filter)
+    if len(found) < len(changes):
+        logger.warning("transition to %s: %d message(s) no longer exist", to_state, len(changes) - len(found))
+    return applied
+
+
+def _transition(
+    *, to_state: str, source: str, changes: dict[Any, tuple[str, dict[str, Any]]], extra_filter: Q | None
+) -> tuple[set[Any], set[Any]]:
+    """messages_transition's work; returns the ids found and the ids it was applied to."""
     if not changes:
-        return set()
+        return set(), set()
+    to_key = Message._meta.pk.to_python
+    changes = {to_key(pk): change for pk, change in changes.items()}
     sources = ALLOWED_SOURCES[to_state]
     now = timezone.now()
     stamp = {"state": to_state, TIMESTAMP_FIELD[to_state]: now, "updated_at": now}
+    locked = Message.objects.select_for_update().filter(pk__any=list(changes))
+    if extra_filter is not None:
+        # Asked of the locked rows in the same statement, so it costs no round trip of its own.
+        locked = locked.annotate(extra_ok=ExpressionWrapper(extra_filter, output_field=BooleanField()))
+    columns = ["pk", "state", "channel", "priority", "provider", "accepted_at", "created_at", "sequence"]
     with transaction.atomic():
         rows = list(
-            Message.objects.select_for_update()
-            .filter(pk__any=list(changes))
-            .order_by("pk")  # one lock order for every writer of a batch: no deadlock between two
-            .values("pk", "state", "channel", "priority", "provider", "accepted_at", "created_at", "sequence")
+            locked.order_by("pk").values(  # one lock order for every writer of a batch: no deadlock between two
+                *columns, *(["extra_ok"] if extra_filter is not None else [])
+            )
         )
-        applicable = {row["pk"]: row for row in rows if row["state"] in sources}
+        applicable = {row["pk"]: row for row in rows if row["state"] in sources and row.get("extra_ok", True)}
         # The rows are locked and their states checked: the write names only keys. A state
         # predicate would let PostgreSQL pick the state index, slow while its statistics lag a
         # campaign just accepted (messaging.bulk._claim).
         updated = rows_update(Message.objects.all(), {pk: {**stamp, **changes[pk][1]} for pk in applicable})
         if updated != len(applicable):  # cannot happen under the row locks: refuse to guess
-            raise RuntimeError(f"bulk transition matched {updated} of {len(applicable)} locked rows")
+            raise RuntimeError(f"transition matched {updated} of {len(applicable)} locked rows")
         rows_insert(
             MessageEvent,
             [
@@ -204,20 +172,23 @@ def messages_transition(*, to_state: str, source: str, changes: dict[Any, tuple[
             if to_state in DEAD_LETTER_STATES:
                 dead_letter_park(message_id=pk, reason=changes[pk][0], parked_at=now)
             if row["sequence"] is not None:
+                # Later messages with the same ordering key may be waiting for this one to move.
                 transaction.on_commit(lambda pk=pk: ordering_release(message_id=pk))
-        transaction.on_commit(
-            lambda: [
-                latency_observe(
-                    to_state=to_state,
-                    from_state=row["state"],
-                    channel=row["channel"],
-                    priority=row["priority"],
-                    accepted_at=row["accepted_at"] or row["created_at"],
-                    at=now,
-                )
-                for row in applicable.values()
-            ]
-        )
+        if applicable:
+            # Counted once committed: a rolled-back transition never happened.
+            transaction.on_commit(
+                lambda: [
+                    latency_observe(
+                        to_state=to_state,
+                        from_state=row["state"],
+                        channel=row["channel"],
+                        priority=row["priority"],
+                        accepted_at=row["accepted_at"] or row["created_at"],
+                        at=now,
+                    )
+                    for row in applicable.values()
+                ]
+            )
     for row in rows:
         _log_transition(
             message_id=row["pk"],
@@ -230,9 +201,7 @@ def messages_transition(*, to_state: str, source: str, changes: dict[Any, tuple[
             source=source,
             detail=changes[row["pk"]][0],
         )
-    if len(rows) < len(changes):
-        logger.warning("bulk transition to %s: %d message(s) no longer exist", to_state, len(changes) - len(rows))
-    return set(applicable)
+    return {row["pk"] for row in rows}, set(applicable)
 
 
 # --- create -------------------------------------------------------------------------------------
