@@ -1,26 +1,23 @@
-"""Writes for messages and API keys: create (idempotent), cancel, enqueue, and the one transition service."""
+"""Writes for messages and API keys: create (idempotent, through messaging.ingest), cancel, and the one
+transition service."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import secrets
-from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import IntegrityError, connection, transaction
+from django.db import transaction
 from django.db.models import BooleanField, ExpressionWrapper, Q
 from django.utils import timezone
 
 from messaging.dead_letters import dead_letter_park
-from messaging.logging import masked, scrubbed
+from messaging.ingest import BatchItem, CreateOutcome, IdempotencyConflict, IdempotencyInFlight, messages_create_many
+from messaging.logging import scrubbed
 from messaging.metrics import latency_observe
 from messaging.models import ApiClient, ApiKey, EventSource, Message, MessageEvent, unleased
-from messaging.ordering import ordering_hold, ordering_mode_for, ordering_release, sequence_next
-from messaging.publish import messages_publish
-from messaging.routing import retry_policy_for
+from messaging.ordering import ordering_release
 from messaging.rows import rows_insert, rows_update
 from messaging.states import ALLOWED_SOURCES, DEAD_LETTER_STATES, TIMESTAMP_FIELD, MessageState
 
@@ -205,167 +202,17 @@ def _transition(
 
 
 # --- create -------------------------------------------------------------------------------------
-class IdempotencyConflict(Exception):
-    """The idempotency key was used before with a different payload (HTTP 422)."""
-
-    def __init__(self, message: Message):
-        super().__init__("idempotency key already used with a different payload")
-        self.message = message
-
-
-class IdempotencyInFlight(Exception):
-    """Another request with this idempotency key is still being processed (HTTP 409)."""
-
-
-@dataclass(frozen=True)
-class CreateOutcome:
-    message: Message
-    created: bool
-
-
-def request_fingerprint(fields: dict[str, Any]) -> str:
-    """A stable hash of the request as the client sent it (minus the key), for replay checks."""
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def idempotency_lock_id(client_id: int, key: str) -> int:
-    """The PostgreSQL advisory lock id of (client, key): one per key, for single and batch requests."""
-    digest = hashlib.sha256(f"idem:{client_id}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
-
-
-def _lock_idempotency_key(client_id: int, key: str) -> None:
-    """Hold a transaction-scoped lock on (client, key), or raise IdempotencyInFlight.
-
-    PostgreSQL only; on SQLite writers are serialised anyway and the unique constraint decides.
-    """
-    if connection.vendor != "postgresql":
-        return
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [idempotency_lock_id(client_id, key)])
-        if not cursor.fetchone()[0]:
-            raise IdempotencyInFlight()
-
-
-def _existing_for_key(client: ApiClient, key: str, fingerprint: str) -> CreateOutcome | None:
-    existing = Message.objects.filter(client=client, idempotency_key=key).first()
-    if existing is None:
-        return None
-    if existing.request_fingerprint != fingerprint:
-        raise IdempotencyConflict(existing)
-    return CreateOutcome(existing, created=False)
-
-
 def message_create(
     *, client: ApiClient, fields: dict[str, Any], idempotency_key: str | None, source: str = EventSource.API
 ) -> CreateOutcome:
-    """Accept one validated message: store it, then enqueue its dispatch once the row is committed.
-
-    `fields` is the serializer's validated data without the idempotency key. The same key and
-    payload returns the stored message (created=False); another payload raises IdempotencyConflict.
-    """
-    fingerprint = request_fingerprint(fields)
-    try:
-        with transaction.atomic():
-            if idempotency_key:
-                _lock_idempotency_key(client.pk, idempotency_key)
-                outcome = _existing_for_key(client, idempotency_key, fingerprint)
-                if outcome is not None:
-                    return outcome
-            message = _insert_message(client, fields, idempotency_key, fingerprint, source)
-    except IntegrityError:
-        # Only the (client, idempotency_key) constraint can collide here: a concurrent twin won.
-        if not idempotency_key:
-            raise
-        outcome = _existing_for_key(client, idempotency_key, fingerprint)
-        if outcome is None:
-            raise IdempotencyInFlight() from None
-        return outcome
-    return CreateOutcome(message, created=True)
-
-
-def message_deadline(fields: dict[str, Any], now: datetime) -> datetime:
-    """The expires_at of a message accepted at `now`: the sender's, else its policy's TTL."""
-    if fields.get("expires_at"):
-        return fields["expires_at"]
-    if fields.get("ttl_seconds"):
-        return now + timedelta(seconds=fields["ttl_seconds"])
-    policy = retry_policy_for(fields.get("priority", "transactional"), fields.get("category", ""))
-    return now + timedelta(seconds=policy.ttl_seconds)
-
-
-def message_columns(*, fields: dict[str, Any], key: str | None, fingerprint: str, now: datetime) -> dict[str, Any]:
-    """A newly accepted message's columns but its client and ordering (message_create and the
-    batch ingest store the same row)."""
-    return {
-        "channel": fields["channel"],
-        "to": fields["to"],
-        "body": fields["body"],
-        "subject": fields.get("subject", ""),
-        "priority": fields.get("priority", "transactional"),
-        "category": fields.get("category", ""),
-        "idempotency_key": key,
-        "request_fingerprint": fingerprint,
-        "expires_at": message_deadline(fields, now),
-        "deadline_from_sender": bool(fields.get("expires_at") or fields.get("ttl_seconds")),
-        "fallback_channels": fields.get("fallback_channels", []),
-        "fallback_to": fields.get("fallback_to", {}),
-        "metadata": fields.get("metadata", {}),
-        "state": MessageState.ACCEPTED,
-        "created_at": now,
-        "accepted_at": now,
-        "enqueued_at": now,
-    }
-
-
-def _insert_message(
-    client: ApiClient, fields: dict[str, Any], key: str | None, fingerprint: str, source: str
-) -> Message:
-    ordering_key = fields.get("ordering_key") or None
-    # The number first (it waits for a concurrent request with the same key), then the clock, so
-    # the acceptance times of one key's messages run in sequence order too.
-    sequence = sequence_next(client_id=client.pk, key=ordering_key) if ordering_key else None
-    now = timezone.now()
-    message = Message.objects.create(
-        client=client,
-        **message_columns(fields=fields, key=key, fingerprint=fingerprint, now=now),
-        ordering_key=ordering_key,
-        sequence=sequence,
-        ordering_mode=ordering_mode_for(requested=fields.get("ordering_mode"), category=fields.get("category", ""))
-        if ordering_key
-        else "",
-    )
-    MessageEvent.objects.create(
-        message=message, created_at=now, source=source, from_state="", to_state=MessageState.ACCEPTED
-    )
-    message_accepted_log(message=message, source=source)
-    if message.sequence is not None and ordering_hold(message, now=now):
-        return message  # published by its predecessor's next move, not now: no task spent on waiting
-    transaction.on_commit(lambda: messages_publish(messages=[(message.id, message.channel, message.priority)]))
-    return message
-
-
-def message_accepted_log(*, message: Message, source: str) -> None:
-    """The one log line of an acceptance (recipient masked), for single and batch requests alike."""
-    to = masked(message.to)
-    logger.info(
-        "message %s accepted: %s to %s",
-        message.id,
-        message.channel,
-        to,
-        extra={
-            "event": "transition",
-            "message_id": str(message.id),
-            "channel": message.channel,
-            "priority": message.priority,
-            "from_state": "",
-            "to_state": MessageState.ACCEPTED,
-            "applied": True,
-            "source": source,
-            "to": to,
-        },
-    )
+    """Accept one validated message: a batch of one through messaging.ingest (stored, then
+    published once committed). `fields` is the serializer's validated data without the key. The
+    same key and payload returns the stored message (created=False); another payload raises
+    IdempotencyConflict, a request with the key still in flight IdempotencyInFlight."""
+    [result] = messages_create_many(client=client, items=[BatchItem(fields, idempotency_key)], source=source)
+    if isinstance(result, (IdempotencyConflict, IdempotencyInFlight)):
+        raise result
+    return result
 
 
 # --- cancel ---------------------------------------------------------------------------

@@ -34,6 +34,7 @@ def published(monkeypatch):
     # The sweeper publishes through messages_publish, which calls this one for non-bulk messages.
     monkeypatch.setattr("messaging.publish.message_publish", publish)
     monkeypatch.setattr("messaging.ordering.message_publish", publish)
+    monkeypatch.setattr("messaging.ingest.message_publish", publish)
     return sent
 
 
