@@ -9,7 +9,14 @@ from datetime import datetime, timedelta
 from django.utils import timezone
 
 from messaging.models import UNKNOWN_OUTCOMES, AttemptOutcome, DispatchAttempt, ErrorType, Message
-from messaging.outcomes import attempt_finish, attempt_start, dead_letter, error_fields, record_accepted, schedule_retry
+from messaging.outcomes import (
+    attempt_finish,
+    attempts_start,
+    dead_letter,
+    error_fields,
+    record_accepted,
+    schedule_retry,
+)
 from messaging.routing import Hop
 from providers.base import Provider
 from providers.registry import get_provider
@@ -76,7 +83,7 @@ def resolve_unknown_outcome(message: Message, route: list[Hop]) -> bool:
         .values_list("started_at", flat=True)
         .first()
     )
-    attempt = attempt_start(message, hop, LOOKUP_NOTE, generation=generation)
+    [attempt] = attempts_start(starts=[(message, hop, LOOKUP_NOTE)], generation=generation)
     started = time.monotonic()
     try:
         found = _unclaimed(provider.find_send(send_request(message, hop, first, generation)), message, hop.provider)

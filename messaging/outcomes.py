@@ -19,6 +19,7 @@ from messaging.metrics import attempt_count, latency_observe
 from messaging.models import AttemptOutcome, DispatchAttempt, EventSource, Message
 from messaging.publish import message_publish
 from messaging.routing import Hop, backoff_delay, retry_policy_for
+from messaging.rows import rows_insert, rows_update_in_key_order
 from messaging.services import message_transition
 from messaging.states import MessageState
 from providers.types import ProviderError, SendResult
@@ -29,34 +30,56 @@ logger = logging.getLogger(__name__)
 RELEASE = {"lease_expires_at": None, "next_attempt_at": None, "enqueued_at": None}
 
 
-def attempt_start(
-    message: Message, hop: Hop, note: str, outcome: str = AttemptOutcome.IN_PROGRESS, generation: int | None = None
-) -> DispatchAttempt:
-    """Record a hop before its network call, so a worker that dies mid-call leaves a trace.
+def attempts_start(
+    *,
+    starts: list[tuple[Message, Hop, str]],
+    outcome: str = AttemptOutcome.IN_PROGRESS,
+    generation: int | None = None,
+    counters: bool = True,
+) -> list[DispatchAttempt]:
+    """Record hops (message, hop, note) before their network calls, so a worker that dies
+    mid-call leaves a trace; the one writer of attempt rows, for one message or a batch.
 
-    A look-up is recorded under the generation it asks about (`generation`), which after a
-    replay is the one given up on, so a failed look-up is retried for that same send.
+    Each message's attempt counter (and, for a call, the provider to ask if its outcome is lost)
+    is counted up in memory and, unless `counters` is False (the claim writes them with the
+    lease), in the database. A look-up is recorded under the generation it asks about
+    (`generation`), which after a replay is the one given up on, so a failed look-up is retried
+    for that same send. A hop recorded as already decided (a skip) has no call to wait for.
     """
-    message.attempt_count += 1
-    attempt = DispatchAttempt.objects.create(
-        message=message,
-        number=message.attempt_count,
-        send_generation=message.send_generation if generation is None else generation,
-        provider=hop.provider,
-        channel=hop.channel,
-        note=note[:200],
-        started_at=timezone.now(),
-        # A hop recorded as already decided (a skip) has no call to wait for.
-        ended_at=None if outcome == AttemptOutcome.IN_PROGRESS else timezone.now(),
-        outcome=outcome,
-    )
-    fields: dict[str, Any] = {"attempt_count": F("attempt_count") + 1}
-    if outcome == AttemptOutcome.IN_PROGRESS:
-        fields["provider"] = hop.provider  # the provider to ask if this call's outcome is lost
-    Message.objects.filter(pk=message.pk).update(**fields)
-    if outcome == AttemptOutcome.IN_PROGRESS:
-        message.provider = hop.provider
-    return attempt
+    now = timezone.now()
+    calling = outcome == AttemptOutcome.IN_PROGRESS
+    attempts = []
+    for message, hop, note in starts:
+        message.attempt_count += 1
+        if calling:
+            message.provider = hop.provider
+        attempts.append(
+            DispatchAttempt(
+                message=message,
+                number=message.attempt_count,
+                send_generation=message.send_generation if generation is None else generation,
+                provider=hop.provider,
+                channel=hop.channel,
+                note=note[:200],
+                started_at=now,
+                ended_at=None if calling else now,
+                outcome=outcome,
+            )
+        )
+    rows_insert(DispatchAttempt, attempts, new_keys=True)
+    if counters:
+        by_provider: dict[str, list[Any]] = {}
+        for message, hop, _ in starts:
+            by_provider.setdefault(hop.provider if calling else "", []).append(message.pk)
+        for provider, ids in by_provider.items():
+            fields: dict[str, Any] = {"attempt_count": F("attempt_count") + 1}
+            if provider:
+                fields["provider"] = provider
+            if len(ids) == 1:
+                Message.objects.filter(pk=ids[0]).update(**fields)
+            else:  # many rows: locked in key order, as every multi-row write
+                rows_update_in_key_order(Message.objects.filter(pk__any=ids), **fields)
+    return attempts
 
 
 def attempt_finish(

@@ -146,7 +146,7 @@ def _transition(
         applicable = {row["pk"]: row for row in rows if row["state"] in sources and row.get("extra_ok", True)}
         # The rows are locked and their states checked: the write names only keys. A state
         # predicate would let PostgreSQL pick the state index, slow while its statistics lag a
-        # campaign just accepted (messaging.bulk._claim).
+        # campaign just accepted (messaging.dispatch._claim).
         updated = rows_update(Message.objects.all(), {pk: {**stamp, **changes[pk][1]} for pk in applicable})
         if updated != len(applicable):  # cannot happen under the row locks: refuse to guess
             raise RuntimeError(f"transition matched {updated} of {len(applicable)} locked rows")
