@@ -37,21 +37,21 @@ from django.db.models import F
 from django.utils import timezone
 
 from messaging.conf import messaging_setting
-from messaging.lookup import resolve_unknown_outcome, send_request
+from messaging.lookup import message_resolve_unknown_outcome, send_request
 from messaging.models import AttemptOutcome, DispatchAttempt, ErrorType, EventSource, Message
 from messaging.ordering import ordering_wait
 from messaging.outcomes import (
     RELEASE,
-    accepted_after_receipt,
     accepted_detail,
     attempt_finish,
     attempt_report,
     attempts_start,
-    dead_letter,
     error_fields,
-    record_failed,
-    reschedule_unchanged,
-    schedule_retry,
+    message_dead_letter,
+    message_record_dispatched_after_receipt,
+    message_record_failed,
+    message_reschedule,
+    message_schedule_retry,
 )
 from messaging.publish import message_publish
 from messaging.routing import Hop, message_route
@@ -136,7 +136,7 @@ def _claim(message_ids: list[str]) -> tuple[datetime, list[Message], list[_Send]
 
     Returns the lease, the claimed messages, the plain sends, the first round's calls and the
     leased messages whose first round waits for what only a message claimed alone gets: its
-    settling and its rate limit's slot (_sort_out). Only primary keys reach the SQL: a predicate
+    settling and its rate limit's slot (_separate_plain_sends). Only primary keys reach the SQL: a predicate
     on state lets PostgreSQL pick the state index, which it believes selective until statistics
     catch up with a campaign that has just added 200,000 accepted rows, and then each claim scans
     all of them (117 ms measured, for 100 rows). The claimable test (Message.is_claimable, the
@@ -158,7 +158,7 @@ def _claim(message_ids: list[str]) -> tuple[datetime, list[Message], list[_Send]
         claimed = [message for message in rows if message.is_claimable(now)]
         if not claimed:
             return lease, [], [], [], []
-        sends, unstarted, handed_back = _sort_out(claimed, now)
+        sends, unstarted, handed_back = _separate_plain_sends(claimed, now)
         first_round = _round_start(sends, in_claim=True)
         rows_update(
             Message.objects.all(),
@@ -209,7 +209,7 @@ _SEND_FIELDS = (
 )
 
 
-def _sort_out(messages: list[Message], now: datetime) -> tuple[list[_Send], list[_Send], list[Message]]:
+def _separate_plain_sends(messages: list[Message], now: datetime) -> tuple[list[_Send], list[_Send], list[Message]]:
     """The plain sends of the claim; the ones that need more than a send (settling before it, or
     a rate limit's slot), left unstarted when claimed alone; and, claimed among many, those to
     hand back as tasks of their own (the module's docstring says why)."""
@@ -258,7 +258,12 @@ def _settle_before_sending(send: _Send) -> bool:
     if send.lost:
         _record_lost_attempts(message, now)
     if message.worker_loss_count >= messaging_setting("MAX_WORKER_LOSSES"):
-        dead_letter(message, ErrorType.WORKER_LOST, "", f"its worker died {message.worker_loss_count} times")
+        message_dead_letter(
+            message=message,
+            error_type=ErrorType.WORKER_LOST,
+            code="",
+            reason=f"its worker died {message.worker_loss_count} times",
+        )
         return True
     if message.expires_at <= now:
         message_transition(
@@ -270,9 +275,10 @@ def _settle_before_sending(send: _Send) -> bool:
         )
         return True
     if not send.hops:
-        record_failed(message, PermanentProviderError("no provider is configured", error_type=ErrorType.NO_ROUTE))
+        no_route = PermanentProviderError("no provider is configured", error_type=ErrorType.NO_ROUTE)
+        message_record_failed(message=message, error=no_route)
         return True
-    if message.needs_provider_lookup and resolve_unknown_outcome(message, send.hops):
+    if message.needs_provider_lookup and message_resolve_unknown_outcome(message=message, route=send.hops):
         return True
     # An earlier message with the same ordering key goes first; it releases this one.
     return message.sequence is not None and ordering_wait(message)
@@ -340,7 +346,7 @@ def _walk(sends: list[_Send], lease: datetime, calling: list[_Send], released: s
             return
         for send in active:
             if send.index >= len(send.hops):
-                route_failed(send.message, send.hops, send.last_error, tried=send.tried)
+                _route_failed(message=send.message, hops=send.hops, last_error=send.last_error, tried=send.tried)
                 send.settled = True
                 released.add(send.message.pk)
         active = [s for s in active if not s.settled]
@@ -366,7 +372,7 @@ def _throttle(active: list[_Send], lease: datetime, released: set[Any], *, alone
             if not wait_s:
                 continue
             # Our own throttle, not a failure: the same route, a little later, budget untouched.
-            reschedule_unchanged(send.message, wait_s)
+            message_reschedule(message=send.message, wait_s=wait_s)
         send.settled = True
         released.add(send.message.pk)
 
@@ -392,7 +398,7 @@ def _round_start(active: list[_Send], *, in_claim: bool) -> list[_Send]:
             send.index += 1
     if calling:
         attempts = attempts_start(
-            starts=[(s.message, s.hop, hop_note(s.hops, s.index, s.last_error)) for s in calling],
+            starts=[(s.message, s.hop, _hop_note(s.hops, s.index, s.last_error)) for s in calling],
             counters=not in_claim,
         )
         for send, attempt in zip(calling, attempts, strict=True):
@@ -467,7 +473,7 @@ def _breakers_record(calling: list[_Send]) -> None:
     for send in calling:
         # A bug says nothing about the provider, nor does a call never made; their permits time out.
         if send.bug is None and send.sent:
-            outcome = (send.permit, breaker_failure(send.error), send.ended - send.started)
+            outcome = (send.permit, _breaker_failure(send.error), send.ended - send.started)
             by_provider.setdefault(send.hop.provider, []).append(outcome)
     for provider, outcomes in by_provider.items():
         circuit_breaker(provider).record_many(outcomes)
@@ -489,7 +495,14 @@ def _record(calling: list[_Send], released: set[Any]) -> None:
             send.settled = True
             continue
         assert send.error is not None and send.attempt is not None
-        next_error = settle_error(send.message, send.hop, send.attempt, send.started, send.error, send.ended)
+        next_error = _settle_error(
+            message=send.message,
+            hop=send.hop,
+            attempt=send.attempt,
+            started=send.started,
+            error=send.error,
+            ended=send.ended,
+        )
         if next_error is None:
             send.settled = True
             released.add(send.message.pk)
@@ -534,55 +547,61 @@ def _record_accepted(accepted: list[_Send]) -> None:
     for send in accepted:
         assert send.attempt is not None
         fields = attempts[send.attempt.pk]
-        attempt_report(send.attempt, AttemptOutcome.ACCEPTED, fields["latency_ms"], fields)
+        attempt_report(
+            attempt=send.attempt, outcome=AttemptOutcome.ACCEPTED, latency_ms=fields["latency_ms"], fields=fields
+        )
         if send.message.pk not in applied:
-            accepted_after_receipt(send.message, references[send.message.pk])
+            message_record_dispatched_after_receipt(message=send.message, reference=references[send.message.pk])
         send.settled = True
 
 
-def hop_note(hops: list[Hop], index: int, last_error: ProviderError | None) -> str:
+def _hop_note(hops: list[Hop], index: int, last_error: ProviderError | None) -> str:
     """Why this hop is tried, for its attempt row."""
     if index and last_error is not None:
         return f"fallback after {hops[index - 1].provider} ({last_error.error_type})"
     return "first choice"
 
 
-def route_failed(message: Message, hops: list[Hop], last_error: ProviderError | None, *, tried: bool) -> None:
+def _route_failed(*, message: Message, hops: list[Hop], last_error: ProviderError | None, tried: bool) -> None:
     """Every hop was unavailable: wait and try again (or dead-letter when the budget is spent)."""
     assert last_error is not None
     if tried:
-        schedule_retry(message, last_error, ambiguous=False)
+        message_schedule_retry(message=message, error=last_error, ambiguous=False)
         return
     # Every circuit open: no point asking before the first one lets a trial through; the jitter
     # keeps a whole backlog from arriving at that moment together.
     reopen_s = min(seconds_until_half_open(hop.provider) for hop in hops)
-    schedule_retry(message, last_error, ambiguous=False, counted=False, at_least_s=reopen_s + random.uniform(0, 1))
+    message_schedule_retry(
+        message=message, error=last_error, ambiguous=False, counted=False, at_least_s=reopen_s + random.uniform(0, 1)
+    )
 
 
-def breaker_failure(exc: ProviderError | None) -> bool:
+def _breaker_failure(exc: ProviderError | None) -> bool:
     """Whether an outcome counts against the provider's health (one bad number does not)."""
     return isinstance(exc, (TransientProviderError, AmbiguousProviderError))
 
 
-def settle_error(
+def _settle_error(
+    *,
     message: Message,
     hop: Hop,
     attempt: DispatchAttempt,
     started: float,
-    exc: ProviderError,
+    error: ProviderError,
     ended: float | None = None,
 ) -> TransientProviderError | None:
     """Record a failed provider call (its circuit already told). Returns the transient error to
     move on to the next hop with, or None when the message is settled for now."""
-    if isinstance(exc, TransientProviderError):
-        attempt_finish(attempt, started, AttemptOutcome.TRANSIENT_ERROR, ended, **error_fields(exc))
-        if exc.retry_after:
-            rate_limiter(hop.provider).penalize(exc.retry_after)  # slow it down for every worker
-        return exc
-    if isinstance(exc, AmbiguousProviderError):
-        attempt_finish(attempt, started, AttemptOutcome.AMBIGUOUS, ended, **error_fields(exc))
-        schedule_retry(message, exc, ambiguous=True)  # stays with this provider until looked up
+    finished = {"attempt": attempt, "started": started, "ended": ended, **error_fields(error)}
+    if isinstance(error, TransientProviderError):
+        attempt_finish(outcome=AttemptOutcome.TRANSIENT_ERROR, **finished)
+        if error.retry_after:
+            rate_limiter(hop.provider).penalize(error.retry_after)  # slow it down for every worker
+        return error
+    if isinstance(error, AmbiguousProviderError):
+        attempt_finish(outcome=AttemptOutcome.AMBIGUOUS, **finished)
+        message_schedule_retry(message=message, error=error, ambiguous=True)  # stays with this provider until looked up
         return None
-    attempt_finish(attempt, started, AttemptOutcome.PERMANENT_ERROR, ended, **error_fields(exc))
-    record_failed(message, exc)
+    attempt_finish(outcome=AttemptOutcome.PERMANENT_ERROR, **finished)
+    message_record_failed(message=message, error=error)
     return None

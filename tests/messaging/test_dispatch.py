@@ -213,12 +213,14 @@ def test_a_look_up_that_fails_leaves_the_outcome_unknown_and_sends_nothing(sandb
 
 
 def test_a_retry_is_not_scheduled_for_a_message_a_receipt_moved_on_during_the_call(make_message):
-    from messaging.outcomes import schedule_retry
+    from messaging.outcomes import message_schedule_retry
     from providers.types import AmbiguousProviderError
 
     # The worker timed out waiting for the provider while the provider's receipt already arrived.
     message = make_message(state="delivered", lease_expires_at=timezone.now() + timedelta(seconds=30))
-    schedule_retry(message, AmbiguousProviderError("timed out", error_type="provider_timeout"), ambiguous=True)
+    message_schedule_retry(
+        message=message, error=AmbiguousProviderError("timed out", error_type="provider_timeout"), ambiguous=True
+    )
     message.refresh_from_db()
     assert message.state == "delivered" and message.lease_expires_at is None
     assert message.next_attempt_at is None and message.last_error_type == "" and not message.needs_provider_lookup

@@ -41,8 +41,8 @@ class ProviderContract:
 
     @pytest.fixture(params=["send", "send_async"])
     def send(self, request):
-        """Each send test runs through send() (the per-message path) and send_async() (the bulk
-        path, on the bulk path's own loop): both must sort errors the same way."""
+        """Each send test runs through send() and send_async() (the send path's, on its own loop,
+        messaging.send_loop): both must sort errors the same way."""
         if request.param == "send":
             return lambda provider, send_request: provider.send(send_request)
         return lambda provider, send_request: send_loop().run(provider.send_async(send_request))
