@@ -1,31 +1,169 @@
-"""Batch ingest: a batch API request's messages accepted in a few statements, not a few per message."""
+"""Accepting messages: a request's messages (a batch, or one: a batch of one) stored in a few statements,
+not a few per message, idempotently."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Model
 from django.utils import timezone
 
+from messaging.logging import masked
 from messaging.models import ApiClient, EventSource, Message, MessageEvent
+from messaging.ordering import ordering_hold, ordering_mode_for, sequence_next
+from messaging.publish import message_publish, messages_publish
+from messaging.routing import retry_policy_for
 from messaging.rows import rows_insert
-from messaging.services import (
-    CreateOutcome,
-    IdempotencyConflict,
-    IdempotencyInFlight,
-    idempotency_lock_id,
-    message_accepted_log,
-    message_columns,
-    message_create,
-    messages_publish,
-    request_fingerprint,
-)
 from messaging.states import MessageState
+
+logger = logging.getLogger(__name__)
+
+
+class IdempotencyConflict(Exception):
+    """The idempotency key was used before with a different payload (HTTP 422)."""
+
+    def __init__(self, message: Message):
+        super().__init__("idempotency key already used with a different payload")
+        self.message = message
+
+
+class IdempotencyInFlight(Exception):
+    """Another request with this idempotency key is still being processed (HTTP 409)."""
+
+
+@dataclass(frozen=True)
+class CreateOutcome:
+    message: Message
+    created: bool
+
+
+def request_fingerprint(fields: dict[str, Any]) -> str:
+    """A stable hash of the request as the client sent it (minus the key), for replay checks."""
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def idempotency_lock_id(client_id: int, key: str) -> int:
+    """The PostgreSQL advisory lock id of (client, key): one per key, for single and batch requests."""
+    digest = hashlib.sha256(f"idem:{client_id}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _lock_idempotency_key(client_id: int, key: str) -> None:
+    """Hold a transaction-scoped lock on (client, key), or raise IdempotencyInFlight.
+
+    PostgreSQL only; on SQLite writers are serialised anyway and the unique constraint decides.
+    """
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [idempotency_lock_id(client_id, key)])
+        if not cursor.fetchone()[0]:
+            raise IdempotencyInFlight()
+
+
+def _existing_for_key(client: ApiClient, key: str, fingerprint: str) -> CreateOutcome | None:
+    existing = Message.objects.filter(client=client, idempotency_key=key).first()
+    if existing is None:
+        return None
+    if existing.request_fingerprint != fingerprint:
+        raise IdempotencyConflict(existing)
+    return CreateOutcome(existing, created=False)
+
+
+def message_deadline(fields: dict[str, Any], now: datetime) -> datetime:
+    """The expires_at of a message accepted at `now`: the sender's, else its policy's TTL."""
+    if fields.get("expires_at"):
+        return fields["expires_at"]
+    if fields.get("ttl_seconds"):
+        return now + timedelta(seconds=fields["ttl_seconds"])
+    policy = retry_policy_for(fields.get("priority", "transactional"), fields.get("category", ""))
+    return now + timedelta(seconds=policy.ttl_seconds)
+
+
+def message_columns(*, fields: dict[str, Any], key: str | None, fingerprint: str, now: datetime) -> dict[str, Any]:
+    """A newly accepted message's columns but its client and ordering (the same row one by one
+    and together)."""
+    return {
+        "channel": fields["channel"],
+        "to": fields["to"],
+        "body": fields["body"],
+        "subject": fields.get("subject", ""),
+        "priority": fields.get("priority", "transactional"),
+        "category": fields.get("category", ""),
+        "idempotency_key": key,
+        "request_fingerprint": fingerprint,
+        "expires_at": message_deadline(fields, now),
+        "deadline_from_sender": bool(fields.get("expires_at") or fields.get("ttl_seconds")),
+        "fallback_channels": fields.get("fallback_channels", []),
+        "fallback_to": fields.get("fallback_to", {}),
+        "metadata": fields.get("metadata", {}),
+        "state": MessageState.ACCEPTED,
+        "created_at": now,
+        "accepted_at": now,
+        "enqueued_at": now,
+    }
+
+
+def _insert_message(
+    client: ApiClient, fields: dict[str, Any], key: str | None, fingerprint: str, source: str
+) -> Message:
+    ordering_key = fields.get("ordering_key") or None
+    # The number first (it waits for a concurrent request with the same key), then the clock, so
+    # the acceptance times of one key's messages run in sequence order too.
+    sequence = sequence_next(client_id=client.pk, key=ordering_key) if ordering_key else None
+    now = timezone.now()
+    message = Message.objects.create(
+        client=client,
+        **message_columns(fields=fields, key=key, fingerprint=fingerprint, now=now),
+        ordering_key=ordering_key,
+        sequence=sequence,
+        ordering_mode=ordering_mode_for(requested=fields.get("ordering_mode"), category=fields.get("category", ""))
+        if ordering_key
+        else "",
+    )
+    MessageEvent.objects.create(
+        message=message, created_at=now, source=source, from_state="", to_state=MessageState.ACCEPTED
+    )
+    message_accepted_log(message=message, source=source)
+    if message.sequence is not None and ordering_hold(message, now=now):
+        return message  # published by its predecessor's next move, not now: no task spent on waiting
+    # Its own task, whatever its priority: it waits for its key's turn, which batching cannot hurry.
+    transaction.on_commit(
+        lambda: message_publish(message_id=message.id, channel=message.channel, priority=message.priority)
+    )
+    return message
+
+
+def message_accepted_log(*, message: Message, source: str) -> None:
+    """The one log line of an acceptance (recipient masked), for single and batch requests alike."""
+    to = masked(message.to)
+    logger.info(
+        "message %s accepted: %s to %s",
+        message.id,
+        message.channel,
+        to,
+        extra={
+            "event": "transition",
+            "message_id": str(message.id),
+            "channel": message.channel,
+            "priority": message.priority,
+            "from_state": "",
+            "to_state": MessageState.ACCEPTED,
+            "applied": True,
+            "source": source,
+            "to": to,
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -36,7 +174,7 @@ class BatchItem:
     idempotency_key: str | None = None
 
 
-# Per item: what message_create would have returned for it, or the exception it would have raised.
+# Per item: the stored (or replayed) message, or why it was refused.
 ItemResult = CreateOutcome | IdempotencyConflict | IdempotencyInFlight
 
 
@@ -45,7 +183,7 @@ def messages_create_many(
 ) -> list[ItemResult]:
     """Accept validated messages in one transaction; results in the items' order.
 
-    The same rows, event, log line and idempotency answers as message_create item by item, in a
+    The same rows, event, log line and idempotency answers as one request per item, in a
     few statements: the keys' locks in one, the stored keys in one, one INSERT of the messages and
     one of their events, and one publish on commit. A key repeated in the batch behaves as a
     repeated request: the later item replays the first (or conflicts with it). A database error
@@ -54,7 +192,7 @@ def messages_create_many(
     if not items:
         return []
     results: list[ItemResult | None] = [None] * len(items)
-    # Ordering-key items take message_create one by one: a sequence number comes from the key's
+    # Ordering-key items are accepted one by one (_accept_alone): a sequence number comes from the key's
     # counter row and the message may wait for its predecessor. They are rare in bulk traffic.
     # Items sharing an idempotency key with one of them go the same way, to keep the key in order.
     ordered_keys = {item.idempotency_key for item in items if item.fields.get("ordering_key")} - {None}
@@ -106,7 +244,7 @@ def _accept_together(
         if not keys:
             raise
         # Only the idempotency constraint can collide: another request stored one of the keys
-        # without our lock (SQLite has none). message_create settles each keyed item on its own.
+        # without our lock (SQLite has none). Each keyed item is settled on its own.
         new = [(index, message) for index, message in new if message.idempotency_key is None]
         _insert_rows([message for _, message in new], source)
         for index in indexes:
@@ -119,14 +257,38 @@ def _accept_together(
 
 
 def _accept_alone(client: ApiClient, item: BatchItem, source: str) -> ItemResult:
+    """One item in a transaction (a savepoint) of its own: an item with an ordering key (its
+    sequence number comes from the key's counter row and it may wait for its predecessor), or a
+    keyed item whose key a writer without our lock stored meanwhile."""
     try:
-        return message_create(client=client, fields=item.fields, idempotency_key=item.idempotency_key, source=source)
+        return _accept_one(client, item.fields, item.idempotency_key, source)
     except (IdempotencyConflict, IdempotencyInFlight) as exc:
         return exc
 
 
+def _accept_one(client: ApiClient, fields: dict[str, Any], idempotency_key: str | None, source: str) -> CreateOutcome:
+    fingerprint = request_fingerprint(fields)
+    try:
+        with transaction.atomic():
+            if idempotency_key:
+                _lock_idempotency_key(client.pk, idempotency_key)
+                outcome = _existing_for_key(client, idempotency_key, fingerprint)
+                if outcome is not None:
+                    return outcome
+            message = _insert_message(client, fields, idempotency_key, fingerprint, source)
+    except IntegrityError:
+        # Only the (client, idempotency_key) constraint can collide here: a concurrent twin won.
+        if not idempotency_key:
+            raise
+        outcome = _existing_for_key(client, idempotency_key, fingerprint)
+        if outcome is None:
+            raise IdempotencyInFlight() from None
+        return outcome
+    return CreateOutcome(message, created=True)
+
+
 def _lock_keys(client_id: int, keys: set[str]) -> set[str]:
-    """Take every key's advisory lock (as message_create does, one statement for all); returns
+    """Take every key's advisory lock (as _accept_one does, one statement for all); returns
     the keys another request holds. PostgreSQL only: on SQLite writers are serialised anyway."""
     if not keys or connection.vendor != "postgresql":
         return set()
@@ -149,7 +311,7 @@ def _stored_for_keys(client: ApiClient, keys: set[str]) -> dict[str | None, Mess
 
 
 def _message_row(client: ApiClient, fields: dict[str, Any], key: str | None, fingerprint: str) -> Message:
-    """The row services._insert_message creates for a message without an ordering key."""
+    """The row _insert_message creates, for a message without an ordering key."""
     now = timezone.now()  # each message its own, as one by one: acceptance times keep the batch's order
     message = _instance(
         Message,

@@ -9,7 +9,14 @@ from datetime import datetime, timedelta
 from django.utils import timezone
 
 from messaging.models import UNKNOWN_OUTCOMES, AttemptOutcome, DispatchAttempt, ErrorType, Message
-from messaging.outcomes import attempt_finish, attempt_start, dead_letter, error_fields, record_accepted, schedule_retry
+from messaging.outcomes import (
+    attempt_finish,
+    attempts_start,
+    error_fields,
+    message_dead_letter,
+    message_record_dispatched,
+    message_schedule_retry,
+)
 from messaging.routing import Hop
 from providers.base import Provider
 from providers.registry import get_provider
@@ -56,7 +63,7 @@ def send_request(
     )
 
 
-def resolve_unknown_outcome(message: Message, route: list[Hop]) -> bool:
+def message_resolve_unknown_outcome(*, message: Message, route: list[Hop]) -> bool:
     """Ask the provider of the unknown attempt (else the route's first) whether it has the message.
 
     Returns True when that settled this claim (found and recorded, retry scheduled, or
@@ -68,7 +75,7 @@ def resolve_unknown_outcome(message: Message, route: list[Hop]) -> bool:
         reason = (
             f"the outcome of an earlier send is unknown and {hop.provider} cannot be asked; replay if it never arrived"
         )
-        dead_letter(message, ErrorType.PROVIDER_TIMEOUT, "no_lookup", reason)
+        message_dead_letter(message=message, error_type=ErrorType.PROVIDER_TIMEOUT, code="no_lookup", reason=reason)
         return True
     first = (
         DispatchAttempt.objects.filter(message=message, send_generation=generation)
@@ -76,7 +83,7 @@ def resolve_unknown_outcome(message: Message, route: list[Hop]) -> bool:
         .values_list("started_at", flat=True)
         .first()
     )
-    attempt = attempt_start(message, hop, LOOKUP_NOTE, generation=generation)
+    [attempt] = attempts_start(starts=[(message, hop, LOOKUP_NOTE)], generation=generation)
     started = time.monotonic()
     try:
         found = _unclaimed(provider.find_send(send_request(message, hop, first, generation)), message, hop.provider)
@@ -84,14 +91,16 @@ def resolve_unknown_outcome(message: Message, route: list[Hop]) -> bool:
             _raise_if_unsettled(message, provider, generation)
     except ProviderError as exc:
         # Whatever the look-up's trouble, the outcome is still unknown: ask again later.
-        attempt_finish(attempt, started, AttemptOutcome.AMBIGUOUS, **error_fields(exc))
-        schedule_retry(message, exc, ambiguous=True)
+        attempt_finish(attempt=attempt, started=started, outcome=AttemptOutcome.AMBIGUOUS, **error_fields(exc))
+        message_schedule_retry(message=message, error=exc, ambiguous=True)
         return True
     if found is not None:
         logger.info("message %s: %s already had it (%s)", message.pk, hop.provider, found.provider_message_id)
-        record_accepted(message, attempt, found, started, AttemptOutcome.FOUND_AT_PROVIDER)
+        message_record_dispatched(
+            message=message, attempt=attempt, result=found, started=started, outcome=AttemptOutcome.FOUND_AT_PROVIDER
+        )
         return True
-    attempt_finish(attempt, started, AttemptOutcome.NOT_FOUND_AT_PROVIDER)
+    attempt_finish(attempt=attempt, started=started, outcome=AttemptOutcome.NOT_FOUND_AT_PROVIDER)
     Message.objects.filter(pk=message.pk).update(needs_provider_lookup=False)
     message.needs_provider_lookup = False
     logger.info("message %s: %s has no record of it; it may be sent", message.pk, hop.provider)

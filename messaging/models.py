@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta
 
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
@@ -58,6 +59,37 @@ class OrderingKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.client} {self.key}: {self.last_sequence}"
+
+
+# A countdown task may fire a little before next_attempt_at by the database's clock.
+EARLY_TOLERANCE = timedelta(seconds=1)
+
+
+def unleased(now: datetime) -> Q:
+    """No worker holds the message: never leased, or its lease ran out."""
+    return Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now)
+
+
+def due(now: datetime) -> Q:
+    """No retry scheduled, or its time has come."""
+    return Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now)
+
+
+def claimable(now: datetime) -> Q:
+    """What a dispatch claim asks of a message: accepted, unleased and due (a little early is
+    fine: EARLY_TOLERANCE). Message.is_claimable is the same test on a loaded row."""
+    return Q(state=MessageState.ACCEPTED) & unleased(now) & due(now + EARLY_TOLERANCE)
+
+
+class MessageQuerySet(models.QuerySet):
+    def unleased(self, now: datetime) -> MessageQuerySet:
+        return self.filter(unleased(now))
+
+    def due(self, now: datetime) -> MessageQuerySet:
+        return self.filter(due(now))
+
+    def claimable(self, now: datetime) -> MessageQuerySet:
+        return self.filter(claimable(now))
 
 
 class Message(models.Model):
@@ -127,6 +159,8 @@ class Message(models.Model):
     cancelled_at = models.DateTimeField(null=True, blank=True)
     dead_lettered_at = models.DateTimeField(null=True, blank=True)
 
+    objects = MessageQuerySet.as_manager()
+
     class Meta:
         constraints = [
             models.UniqueConstraint(
@@ -173,6 +207,18 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.channel} {self.id} ({self.state})"
+
+    def is_unleased(self, now: datetime) -> bool:
+        """models.unleased on a loaded row."""
+        return self.lease_expires_at is None or self.lease_expires_at < now
+
+    def is_claimable(self, now: datetime) -> bool:
+        """models.claimable on a loaded row (the bulk claim checks rows it has locked by key)."""
+        return (
+            self.state == MessageState.ACCEPTED
+            and self.is_unleased(now)
+            and (self.next_attempt_at is None or self.next_attempt_at <= now + EARLY_TOLERANCE)
+        )
 
     @property
     def send_token(self) -> str:

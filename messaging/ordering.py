@@ -23,6 +23,7 @@ from django.utils import timezone
 
 from messaging.conf import messaging_setting
 from messaging.models import Message, OrderingKey, OrderingMode
+from messaging.publish import message_publish
 from messaging.rows import rows_update_in_key_order
 from messaging.states import DEAD_LETTER_STATES, MessageState
 
@@ -111,8 +112,6 @@ def ordering_wait(message: Message, *, now: datetime | None = None) -> bool:
     in between and miss releasing it: its transition (which locks the same row) comes after, and
     finds this waiter; or came before, and the locked re-read sees it moved.
     """
-    from messaging.services import message_publish
-
     now = now or timezone.now()
     with transaction.atomic():
         blocker = _locked_blocker(message, now)
@@ -163,8 +162,6 @@ def ordering_wait(message: Message, *, now: datetime | None = None) -> bool:
 
 def ordering_release(*, message_id: Any) -> int:
     """Publish the messages waiting for this one (it moved); each looks again for itself."""
-    from messaging.services import message_publish
-
     now = timezone.now()
     waiters = list(
         Message.objects.filter(waiting_for_id=message_id, state=MessageState.ACCEPTED).values_list(

@@ -17,8 +17,10 @@ from messaging.conf import messaging_setting
 from messaging.logging import masked
 from messaging.metrics import attempt_count, latency_observe
 from messaging.models import AttemptOutcome, DispatchAttempt, EventSource, Message
+from messaging.publish import message_publish
 from messaging.routing import Hop, backoff_delay, retry_policy_for
-from messaging.services import message_publish, message_transition
+from messaging.rows import rows_insert, rows_update_in_key_order
+from messaging.services import message_transition
 from messaging.states import MessageState
 from providers.types import ProviderError, SendResult
 
@@ -28,38 +30,60 @@ logger = logging.getLogger(__name__)
 RELEASE = {"lease_expires_at": None, "next_attempt_at": None, "enqueued_at": None}
 
 
-def attempt_start(
-    message: Message, hop: Hop, note: str, outcome: str = AttemptOutcome.IN_PROGRESS, generation: int | None = None
-) -> DispatchAttempt:
-    """Record a hop before its network call, so a worker that dies mid-call leaves a trace.
+def attempts_start(
+    *,
+    starts: list[tuple[Message, Hop, str]],
+    outcome: str = AttemptOutcome.IN_PROGRESS,
+    generation: int | None = None,
+    counters: bool = True,
+) -> list[DispatchAttempt]:
+    """Record hops (message, hop, note) before their network calls, so a worker that dies
+    mid-call leaves a trace; the one writer of attempt rows, for one message or a batch.
 
-    A look-up is recorded under the generation it asks about (`generation`), which after a
-    replay is the one given up on, so a failed look-up is retried for that same send.
+    Each message's attempt counter (and, for a call, the provider to ask if its outcome is lost)
+    is counted up in memory and, unless `counters` is False (the claim writes them with the
+    lease), in the database. A look-up is recorded under the generation it asks about
+    (`generation`), which after a replay is the one given up on, so a failed look-up is retried
+    for that same send. A hop recorded as already decided (a skip) has no call to wait for.
     """
-    message.attempt_count += 1
-    attempt = DispatchAttempt.objects.create(
-        message=message,
-        number=message.attempt_count,
-        send_generation=message.send_generation if generation is None else generation,
-        provider=hop.provider,
-        channel=hop.channel,
-        note=note[:200],
-        started_at=timezone.now(),
-        # A hop recorded as already decided (a skip) has no call to wait for.
-        ended_at=None if outcome == AttemptOutcome.IN_PROGRESS else timezone.now(),
-        outcome=outcome,
-    )
-    fields: dict[str, Any] = {"attempt_count": F("attempt_count") + 1}
-    if outcome == AttemptOutcome.IN_PROGRESS:
-        fields["provider"] = hop.provider  # the provider to ask if this call's outcome is lost
-    Message.objects.filter(pk=message.pk).update(**fields)
-    if outcome == AttemptOutcome.IN_PROGRESS:
-        message.provider = hop.provider
-    return attempt
+    now = timezone.now()
+    calling = outcome == AttemptOutcome.IN_PROGRESS
+    attempts = []
+    for message, hop, note in starts:
+        message.attempt_count += 1
+        if calling:
+            message.provider = hop.provider
+        attempts.append(
+            DispatchAttempt(
+                message=message,
+                number=message.attempt_count,
+                send_generation=message.send_generation if generation is None else generation,
+                provider=hop.provider,
+                channel=hop.channel,
+                note=note[:200],
+                started_at=now,
+                ended_at=None if calling else now,
+                outcome=outcome,
+            )
+        )
+    rows_insert(DispatchAttempt, attempts, new_keys=True)
+    if counters:
+        by_provider: dict[str, list[Any]] = {}
+        for message, hop, _ in starts:
+            by_provider.setdefault(hop.provider if calling else "", []).append(message.pk)
+        for provider, ids in by_provider.items():
+            fields: dict[str, Any] = {"attempt_count": F("attempt_count") + 1}
+            if provider:
+                fields["provider"] = provider
+            if len(ids) == 1:
+                Message.objects.filter(pk=ids[0]).update(**fields)
+            else:  # many rows: locked in key order, as every multi-row write
+                rows_update_in_key_order(Message.objects.filter(pk__any=ids), **fields)
+    return attempts
 
 
 def attempt_finish(
-    attempt: DispatchAttempt, started: float, outcome: str, ended: float | None = None, **fields: Any
+    *, attempt: DispatchAttempt, started: float, outcome: str, ended: float | None = None, **fields: Any
 ) -> None:
     """Record how a provider call ended (`ended`: when, if not now): its row, one log line and
     the attempt metrics."""
@@ -67,10 +91,10 @@ def attempt_finish(
     DispatchAttempt.objects.filter(pk=attempt.pk).update(
         outcome=outcome, ended_at=timezone.now(), latency_ms=latency_ms, **fields
     )
-    attempt_report(attempt, outcome, latency_ms, fields)
+    attempt_report(attempt=attempt, outcome=outcome, latency_ms=latency_ms, fields=fields)
 
 
-def attempt_report(attempt: DispatchAttempt, outcome: str, latency_ms: int, fields: dict[str, Any]) -> None:
+def attempt_report(*, attempt: DispatchAttempt, outcome: str, latency_ms: int, fields: dict[str, Any]) -> None:
     """The log line and metrics of an attempt whose row is written (one or many at a time)."""
     channel = attempt.channel or attempt.message.channel
     error_type = fields.get("error_type", "")
@@ -108,10 +132,11 @@ def _last_error(exc: ProviderError) -> dict[str, str]:
     return {f"last_{name}": value for name, value in error_fields(exc).items()}
 
 
-def record_accepted(
-    message: Message, attempt: DispatchAttempt, result: SendResult, started: float, outcome: str
+def message_record_dispatched(
+    *, message: Message, attempt: DispatchAttempt, result: SendResult, started: float, outcome: str
 ) -> None:
-    attempt_finish(attempt, started, outcome, provider_message_id=result.provider_message_id)
+    """The provider has it (accepted now, or found by a look-up): the attempt and the transition."""
+    attempt_finish(attempt=attempt, started=started, outcome=outcome, provider_message_id=result.provider_message_id)
     reference = {
         "provider": attempt.provider,
         "provider_message_id": result.provider_message_id,
@@ -125,14 +150,14 @@ def record_accepted(
         fields={**RELEASE, **reference},
     )
     if not applied:
-        accepted_after_receipt(message, reference)
+        message_record_dispatched_after_receipt(message=message, reference=reference)
 
 
 def accepted_detail(provider: str, result: SendResult) -> str:
     return f"{provider} accepted it as {result.provider_message_id} ({result.provider_status})"
 
 
-def accepted_after_receipt(message: Message, reference: dict[str, Any]) -> None:
+def message_record_dispatched_after_receipt(*, message: Message, reference: dict[str, Any]) -> None:
     """A receipt overtook our dispatched write (already delivered or read): keep the provider's
     reference and the dispatch time, which the receipt could not know."""
     Message.objects.filter(pk=message.pk).update(**RELEASE, **reference)
@@ -147,8 +172,8 @@ def accepted_after_receipt(message: Message, reference: dict[str, Any]) -> None:
         )
 
 
-def schedule_retry(
-    message: Message, exc: ProviderError, *, ambiguous: bool, counted: bool = True, at_least_s: float = 0.0
+def message_schedule_retry(
+    *, message: Message, error: ProviderError, ambiguous: bool, counted: bool = True, at_least_s: float = 0.0
 ) -> None:
     """Wait and try again (full-jitter backoff), or dead-letter when the retry budget is spent.
 
@@ -158,11 +183,13 @@ def schedule_retry(
     policy = retry_policy_for(message.priority, message.category)
     rounds = message.failed_rounds + (1 if counted else 0)
     if counted and rounds >= policy.max_attempts:
-        reason = f"{rounds} rounds of attempts failed; last: {exc}"
-        dead_letter(message, exc.error_type, exc.code, reason, failed_rounds=rounds)
+        reason = f"{rounds} rounds of attempts failed; last: {error}"
+        message_dead_letter(
+            message=message, error_type=error.error_type, code=error.code, reason=reason, failed_rounds=rounds
+        )
         return
     now = timezone.now()
-    delay = exc.retry_after if exc.retry_after is not None else backoff_delay(policy, max(rounds, 1))
+    delay = error.retry_after if error.retry_after is not None else backoff_delay(policy, max(rounds, 1))
     delay = max(delay, at_least_s)
     # Retries stop at the deadline: the attempt due then finds it expired.
     next_at = min(now + timedelta(seconds=delay), message.expires_at)
@@ -176,18 +203,18 @@ def schedule_retry(
         failed_rounds=rounds,
         # Still unknown if this attempt was itself ambiguous or its look-up did not complete.
         needs_provider_lookup=ambiguous or message.needs_provider_lookup,
-        **_last_error(exc),
+        **_last_error(error),
     )
     if not scheduled:
         Message.objects.filter(pk=message.pk).update(lease_expires_at=None)
         logger.info("message %s moved on during its attempt; no retry", message.pk)
         return
-    logger.info("message %s: %s (%s); next attempt in %.1fs", message.pk, exc.error_type, exc, countdown)
+    logger.info("message %s: %s (%s); next attempt in %.1fs", message.pk, error.error_type, error, countdown)
     if publish_now:
         message_publish(message_id=message.pk, channel=message.channel, priority=message.priority, countdown=countdown)
 
 
-def reschedule_unchanged(message: Message, wait_s: float) -> None:
+def message_reschedule(*, message: Message, wait_s: float) -> None:
     """Give the message back for `wait_s` without spending its budget (e.g. a rate-limit slot)."""
     next_at = min(timezone.now() + timedelta(seconds=wait_s), message.expires_at)
     countdown = max(0.0, (next_at - timezone.now()).total_seconds())
@@ -199,17 +226,17 @@ def reschedule_unchanged(message: Message, wait_s: float) -> None:
         message_publish(message_id=message.pk, channel=message.channel, priority=message.priority, countdown=countdown)
 
 
-def record_failed(message: Message, exc: ProviderError) -> None:
+def message_record_failed(*, message: Message, error: ProviderError) -> None:
     message_transition(
         message_id=message.pk,
         to_state=MessageState.FAILED,
         source=EventSource.WORKER,
-        detail=f"permanent error: {exc}",
-        fields={**RELEASE, **_last_error(exc)},
+        detail=f"permanent error: {error}",
+        fields={**RELEASE, **_last_error(error)},
     )
 
 
-def dead_letter(message: Message, error_type: str, code: str, reason: str, **fields: Any) -> None:
+def message_dead_letter(*, message: Message, error_type: str, code: str, reason: str, **fields: Any) -> None:
     last_error = {"last_error_type": error_type, "last_error_code": code, "last_error_message": reason[:2000]}
     message_transition(
         message_id=message.pk,

@@ -20,8 +20,9 @@ from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from messaging.models import UNKNOWN_OUTCOMES, DeadLetter, Receipt
+from messaging.publish import message_publish
 from messaging.routing import ReplayDeadline, RetryPolicy, retry_policy_for
-from messaging.services import message_publish, message_transition
+from messaging.services import message_transition
 from messaging.states import MessageState
 from providers.registry import PROVIDER_CLASSES, provider_class
 

@@ -172,7 +172,8 @@ def rows_insert(
     if not objs:
         return
     connection = connections[using]
-    if connection.vendor != "postgresql":
+    if connection.vendor != "postgresql" or (new_keys and len(objs) == 1):
+        # One new row: INSERT … RETURNING is one round trip where nextval() and COPY take two.
         model.objects.using(using).bulk_create(objs)
         return
     meta = model._meta

@@ -1,37 +1,29 @@
-"""Writes for messages and API keys: create (idempotent), cancel, enqueue, and the one transition service."""
+"""Writes for messages and API keys: create (idempotent, through messaging.ingest), cancel, and the one
+transition service."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import secrets
-import time
-from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any
 
-from celery import current_app
-from django.db import IntegrityError, connection, transaction
-from django.db.models import Q
+from django.db import transaction
+from django.db.models import BooleanField, ExpressionWrapper, Q
 from django.utils import timezone
 
-from messaging.conf import messaging_setting
 from messaging.dead_letters import dead_letter_park
-from messaging.logging import masked, scrubbed
+from messaging.ingest import BatchItem, CreateOutcome, IdempotencyConflict, IdempotencyInFlight, messages_create_many
+from messaging.logging import scrubbed
 from messaging.metrics import latency_observe
-from messaging.models import ApiClient, ApiKey, EventSource, Message, MessageEvent
-from messaging.ordering import ordering_hold, ordering_mode_for, ordering_release, sequence_next
-from messaging.routing import Priority, queue_name, retry_policy_for
+from messaging.models import ApiClient, ApiKey, EventSource, Message, MessageEvent, unleased
+from messaging.ordering import ordering_release
 from messaging.rows import rows_insert, rows_update
 from messaging.states import ALLOWED_SOURCES, DEAD_LETTER_STATES, TIMESTAMP_FIELD, MessageState
 
 logger = logging.getLogger(__name__)
 
 API_KEY_PREFIX = "cnd_"
-DISPATCH_TASK = "messaging.dispatch"
-DISPATCH_BATCH_TASK = "messaging.dispatch_batch"
 
 
 # --- API keys ---------------------------------------------------------------------------------
@@ -61,69 +53,14 @@ def message_transition(
     fields: dict[str, Any] | None = None,
     extra_filter: Q | None = None,
 ) -> bool:
-    """Move a message to `to_state` if the TRANSITIONS table allows it from its current state.
-
-    The only writer of the state column: a conditional UPDATE on the allowed source states,
-    checked by row count, and an event recorded either way. Entering failed, expired or
-    dead_lettered parks a dead letter in the same transaction. Returns whether it was applied.
-    """
-    sources = ALLOWED_SOURCES[to_state]
-    now = timezone.now()
-    updates = {"state": to_state, TIMESTAMP_FIELD[to_state]: now, "updated_at": now, **(fields or {})}
-    with transaction.atomic():
-        row = (
-            Message.objects.select_for_update()
-            .filter(pk=message_id)
-            .values_list("state", "channel", "priority", "provider", "accepted_at", "created_at", "sequence")
-            .first()
-        )
-        if row is None:
-            raise Message.DoesNotExist(f"message {message_id} does not exist")
-        current, channel, priority, provider, accepted_at, created_at, sequence = row
-        applied = False
-        if current in sources:
-            rows = Message.objects.filter(pk=message_id, state__in=sources)
-            if extra_filter is not None:
-                rows = rows.filter(extra_filter)
-            applied = rows.update(**updates) == 1
-        MessageEvent.objects.create(
-            message_id=message_id,
-            created_at=now,
-            source=source,
-            from_state=current,
-            to_state=to_state,
-            applied=applied,
-            detail=detail[:2000],
-        )
-        if applied and to_state in DEAD_LETTER_STATES:
-            dead_letter_park(message_id=message_id, reason=detail, parked_at=now)
-        if applied and sequence is not None:
-            # Later messages with the same ordering key may be waiting for this one to move.
-            transaction.on_commit(lambda: ordering_release(message_id=message_id))
-        if applied:
-            # Counted once it is committed: a rolled-back transition never happened.
-            transaction.on_commit(
-                lambda: latency_observe(
-                    to_state=to_state,
-                    from_state=current,
-                    channel=channel,
-                    priority=priority,
-                    accepted_at=accepted_at or created_at,
-                    at=now,
-                )
-            )
-    _log_transition(
-        message_id=message_id,
-        channel=channel,
-        priority=priority,
-        provider=updates.get("provider", provider),
-        from_state=current,
-        to_state=to_state,
-        applied=applied,
-        source=source,
-        detail=detail,
+    """Move a message to `to_state` if the TRANSITIONS table allows it from its current state
+    (and `extra_filter` holds): messages_transition for one message. Returns whether it was applied."""
+    found, applied = _transition(
+        to_state=to_state, source=source, changes={message_id: (detail, fields or {})}, extra_filter=extra_filter
     )
-    return applied
+    if not found:
+        raise Message.DoesNotExist(f"message {message_id} does not exist")
+    return bool(applied)
 
 
 def _log_transition(
@@ -163,33 +100,56 @@ def _log_transition(
     )
 
 
-def messages_transition(*, to_state: str, source: str, changes: dict[Any, tuple[str, dict[str, Any]]]) -> set[Any]:
-    """message_transition for many messages at once: {id: (detail, fields)}, the same fields for each.
+def messages_transition(
+    *,
+    to_state: str,
+    source: str,
+    changes: dict[Any, tuple[str, dict[str, Any]]],
+    extra_filter: Q | None = None,
+) -> set[Any]:
+    """Move many messages to `to_state`: {id: (detail, fields)}, the same fields for each.
 
-    The same table and the same rule: the rows are locked (in one order for every writer), the
-    transition applied to those in an allowed source state with one UPDATE, one event per
-    message either way, a few statements in all: the bulk send path records a whole batch this
-    way. Returns the ids it was applied to.
+    The only writer of the state column: the rows are locked (in one order for every writer),
+    the transition applied with one UPDATE to those in a source state the TRANSITIONS table
+    allows (and matching `extra_filter`), one event per message either way, a few statements in
+    all however many messages. Entering failed, expired or dead_lettered parks a dead letter in
+    the same transaction. Returns the ids it was applied to.
     """
+    found, applied = _transition(to_state=to_state, source=source, changes=changes, extra_filter=extra_filter)
+    if len(found) < len(changes):
+        logger.warning("transition to %s: %d message(s) no longer exist", to_state, len(changes) - len(found))
+    return applied
+
+
+def _transition(
+    *, to_state: str, source: str, changes: dict[Any, tuple[str, dict[str, Any]]], extra_filter: Q | None
+) -> tuple[set[Any], set[Any]]:
+    """messages_transition's work; returns the ids found and the ids it was applied to."""
     if not changes:
-        return set()
+        return set(), set()
+    to_key = Message._meta.pk.to_python
+    changes = {to_key(pk): change for pk, change in changes.items()}
     sources = ALLOWED_SOURCES[to_state]
     now = timezone.now()
     stamp = {"state": to_state, TIMESTAMP_FIELD[to_state]: now, "updated_at": now}
+    locked = Message.objects.select_for_update().filter(pk__any=list(changes))
+    if extra_filter is not None:
+        # Asked of the locked rows in the same statement, so it costs no round trip of its own.
+        locked = locked.annotate(extra_ok=ExpressionWrapper(extra_filter, output_field=BooleanField()))
+    columns = ["pk", "state", "channel", "priority", "provider", "accepted_at", "created_at", "sequence"]
     with transaction.atomic():
         rows = list(
-            Message.objects.select_for_update()
-            .filter(pk__any=list(changes))
-            .order_by("pk")  # one lock order for every writer of a batch: no deadlock between two
-            .values("pk", "state", "channel", "priority", "provider", "accepted_at", "created_at", "sequence")
+            locked.order_by("pk").values(  # one lock order for every writer of a batch: no deadlock between two
+                *columns, *(["extra_ok"] if extra_filter is not None else [])
+            )
         )
-        applicable = {row["pk"]: row for row in rows if row["state"] in sources}
+        applicable = {row["pk"]: row for row in rows if row["state"] in sources and row.get("extra_ok", True)}
         # The rows are locked and their states checked: the write names only keys. A state
         # predicate would let PostgreSQL pick the state index, slow while its statistics lag a
-        # campaign just accepted (messaging.bulk._claim).
+        # campaign just accepted (messaging.dispatch._claim).
         updated = rows_update(Message.objects.all(), {pk: {**stamp, **changes[pk][1]} for pk in applicable})
         if updated != len(applicable):  # cannot happen under the row locks: refuse to guess
-            raise RuntimeError(f"bulk transition matched {updated} of {len(applicable)} locked rows")
+            raise RuntimeError(f"transition matched {updated} of {len(applicable)} locked rows")
         rows_insert(
             MessageEvent,
             [
@@ -209,20 +169,23 @@ def messages_transition(*, to_state: str, source: str, changes: dict[Any, tuple[
             if to_state in DEAD_LETTER_STATES:
                 dead_letter_park(message_id=pk, reason=changes[pk][0], parked_at=now)
             if row["sequence"] is not None:
+                # Later messages with the same ordering key may be waiting for this one to move.
                 transaction.on_commit(lambda pk=pk: ordering_release(message_id=pk))
-        transaction.on_commit(
-            lambda: [
-                latency_observe(
-                    to_state=to_state,
-                    from_state=row["state"],
-                    channel=row["channel"],
-                    priority=row["priority"],
-                    accepted_at=row["accepted_at"] or row["created_at"],
-                    at=now,
-                )
-                for row in applicable.values()
-            ]
-        )
+        if applicable:
+            # Counted once committed: a rolled-back transition never happened.
+            transaction.on_commit(
+                lambda: [
+                    latency_observe(
+                        to_state=to_state,
+                        from_state=row["state"],
+                        channel=row["channel"],
+                        priority=row["priority"],
+                        accepted_at=row["accepted_at"] or row["created_at"],
+                        at=now,
+                    )
+                    for row in applicable.values()
+                ]
+            )
     for row in rows:
         _log_transition(
             message_id=row["pk"],
@@ -235,236 +198,24 @@ def messages_transition(*, to_state: str, source: str, changes: dict[Any, tuple[
             source=source,
             detail=changes[row["pk"]][0],
         )
-    if len(rows) < len(changes):
-        logger.warning("bulk transition to %s: %d message(s) no longer exist", to_state, len(changes) - len(rows))
-    return set(applicable)
+    return {row["pk"] for row in rows}, set(applicable)
 
 
 # --- create -------------------------------------------------------------------------------------
-class IdempotencyConflict(Exception):
-    """The idempotency key was used before with a different payload (HTTP 422)."""
-
-    def __init__(self, message: Message):
-        super().__init__("idempotency key already used with a different payload")
-        self.message = message
-
-
-class IdempotencyInFlight(Exception):
-    """Another request with this idempotency key is still being processed (HTTP 409)."""
-
-
-@dataclass(frozen=True)
-class CreateOutcome:
-    message: Message
-    created: bool
-
-
-def request_fingerprint(fields: dict[str, Any]) -> str:
-    """A stable hash of the request as the client sent it (minus the key), for replay checks."""
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def idempotency_lock_id(client_id: int, key: str) -> int:
-    """The PostgreSQL advisory lock id of (client, key): one per key, for single and batch requests."""
-    digest = hashlib.sha256(f"idem:{client_id}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
-
-
-def _lock_idempotency_key(client_id: int, key: str) -> None:
-    """Hold a transaction-scoped lock on (client, key), or raise IdempotencyInFlight.
-
-    PostgreSQL only; on SQLite writers are serialised anyway and the unique constraint decides.
-    """
-    if connection.vendor != "postgresql":
-        return
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [idempotency_lock_id(client_id, key)])
-        if not cursor.fetchone()[0]:
-            raise IdempotencyInFlight()
-
-
-def _existing_for_key(client: ApiClient, key: str, fingerprint: str) -> CreateOutcome | None:
-    existing = Message.objects.filter(client=client, idempotency_key=key).first()
-    if existing is None:
-        return None
-    if existing.request_fingerprint != fingerprint:
-        raise IdempotencyConflict(existing)
-    return CreateOutcome(existing, created=False)
-
-
 def message_create(
     *, client: ApiClient, fields: dict[str, Any], idempotency_key: str | None, source: str = EventSource.API
 ) -> CreateOutcome:
-    """Accept one validated message: store it, then enqueue its dispatch once the row is committed.
-
-    `fields` is the serializer's validated data without the idempotency key. The same key and
-    payload returns the stored message (created=False); another payload raises IdempotencyConflict.
-    """
-    fingerprint = request_fingerprint(fields)
-    try:
-        with transaction.atomic():
-            if idempotency_key:
-                _lock_idempotency_key(client.pk, idempotency_key)
-                outcome = _existing_for_key(client, idempotency_key, fingerprint)
-                if outcome is not None:
-                    return outcome
-            message = _insert_message(client, fields, idempotency_key, fingerprint, source)
-    except IntegrityError:
-        # Only the (client, idempotency_key) constraint can collide here: a concurrent twin won.
-        if not idempotency_key:
-            raise
-        outcome = _existing_for_key(client, idempotency_key, fingerprint)
-        if outcome is None:
-            raise IdempotencyInFlight() from None
-        return outcome
-    return CreateOutcome(message, created=True)
+    """Accept one validated message: a batch of one through messaging.ingest (stored, then
+    published once committed). `fields` is the serializer's validated data without the key. The
+    same key and payload returns the stored message (created=False); another payload raises
+    IdempotencyConflict, a request with the key still in flight IdempotencyInFlight."""
+    [result] = messages_create_many(client=client, items=[BatchItem(fields, idempotency_key)], source=source)
+    if isinstance(result, (IdempotencyConflict, IdempotencyInFlight)):
+        raise result
+    return result
 
 
-def message_deadline(fields: dict[str, Any], now: datetime) -> datetime:
-    """The expires_at of a message accepted at `now`: the sender's, else its policy's TTL."""
-    if fields.get("expires_at"):
-        return fields["expires_at"]
-    if fields.get("ttl_seconds"):
-        return now + timedelta(seconds=fields["ttl_seconds"])
-    policy = retry_policy_for(fields.get("priority", "transactional"), fields.get("category", ""))
-    return now + timedelta(seconds=policy.ttl_seconds)
-
-
-def message_columns(*, fields: dict[str, Any], key: str | None, fingerprint: str, now: datetime) -> dict[str, Any]:
-    """A newly accepted message's columns but its client and ordering (message_create and the
-    batch ingest store the same row)."""
-    return {
-        "channel": fields["channel"],
-        "to": fields["to"],
-        "body": fields["body"],
-        "subject": fields.get("subject", ""),
-        "priority": fields.get("priority", "transactional"),
-        "category": fields.get("category", ""),
-        "idempotency_key": key,
-        "request_fingerprint": fingerprint,
-        "expires_at": message_deadline(fields, now),
-        "deadline_from_sender": bool(fields.get("expires_at") or fields.get("ttl_seconds")),
-        "fallback_channels": fields.get("fallback_channels", []),
-        "fallback_to": fields.get("fallback_to", {}),
-        "metadata": fields.get("metadata", {}),
-        "state": MessageState.ACCEPTED,
-        "created_at": now,
-        "accepted_at": now,
-        "enqueued_at": now,
-    }
-
-
-def _insert_message(
-    client: ApiClient, fields: dict[str, Any], key: str | None, fingerprint: str, source: str
-) -> Message:
-    ordering_key = fields.get("ordering_key") or None
-    # The number first (it waits for a concurrent request with the same key), then the clock, so
-    # the acceptance times of one key's messages run in sequence order too.
-    sequence = sequence_next(client_id=client.pk, key=ordering_key) if ordering_key else None
-    now = timezone.now()
-    message = Message.objects.create(
-        client=client,
-        **message_columns(fields=fields, key=key, fingerprint=fingerprint, now=now),
-        ordering_key=ordering_key,
-        sequence=sequence,
-        ordering_mode=ordering_mode_for(requested=fields.get("ordering_mode"), category=fields.get("category", ""))
-        if ordering_key
-        else "",
-    )
-    MessageEvent.objects.create(
-        message=message, created_at=now, source=source, from_state="", to_state=MessageState.ACCEPTED
-    )
-    message_accepted_log(message=message, source=source)
-    if message.sequence is not None and ordering_hold(message, now=now):
-        return message  # published by its predecessor's next move, not now: no task spent on waiting
-    transaction.on_commit(lambda: messages_publish(messages=[(message.id, message.channel, message.priority)]))
-    return message
-
-
-def message_accepted_log(*, message: Message, source: str) -> None:
-    """The one log line of an acceptance (recipient masked), for single and batch requests alike."""
-    to = masked(message.to)
-    logger.info(
-        "message %s accepted: %s to %s",
-        message.id,
-        message.channel,
-        to,
-        extra={
-            "event": "transition",
-            "message_id": str(message.id),
-            "channel": message.channel,
-            "priority": message.priority,
-            "from_state": "",
-            "to_state": MessageState.ACCEPTED,
-            "applied": True,
-            "source": source,
-            "to": to,
-        },
-    )
-
-
-# --- enqueue and cancel ---------------------------------------------------------------------------
-def message_publish(*, message_id: Any, channel: str, priority: str, countdown: float | None = None) -> bool:
-    """Send the dispatch task to the message's queue. A broker failure is logged, not raised:
-
-    the row is the queue of record and the sweeper enqueues it again, so nothing is lost.
-    """
-    try:
-        current_app.send_task(
-            DISPATCH_TASK,
-            args=[str(message_id)],
-            # A header, not an argument: a worker of the previous release ignores it (messaging.queue_progress).
-            headers={"published_at": time.time()},
-            queue=queue_name(channel, priority),
-            countdown=countdown,
-            retry=False,
-        )
-    except Exception:  # any publish failure is safe: the message stays accepted in the database
-        logger.warning("could not enqueue message %s; the sweeper will", message_id, exc_info=True)
-        return False
-    return True
-
-
-def messages_publish(*, messages: Iterable[tuple[Any, str, str]]) -> int:
-    """Publish triggers for many accepted messages, given as (id, channel, priority).
-
-    Bulk messages go as batch tasks of BULK_BATCH_SIZE ids per channel (one task moves many
-    messages: the per-task cost of Celery is what bounds a campaign otherwise); the others get
-    one task each, as message_publish. Failures are logged, not raised (the sweeper publishes
-    later). Returns how many tasks were published.
-    """
-    size = messaging_setting("BULK_BATCH_SIZE")
-    bulk: dict[str, list[str]] = {}
-    published = 0
-    for message_id, channel, priority in messages:
-        if priority == Priority.BULK:
-            bulk.setdefault(channel, []).append(str(message_id))
-        else:
-            published += message_publish(message_id=message_id, channel=channel, priority=priority)
-    for channel, ids in bulk.items():
-        for start in range(0, len(ids), size):
-            published += _publish_batch(channel, ids[start : start + size])
-    return published
-
-
-def _publish_batch(channel: str, message_ids: list[str]) -> bool:
-    try:
-        current_app.send_task(
-            DISPATCH_BATCH_TASK,
-            args=[message_ids],
-            headers={"published_at": time.time()},
-            queue=queue_name(channel, Priority.BULK),
-            retry=False,
-        )
-    except Exception:  # as in message_publish: the rows are committed, the sweeper publishes them
-        logger.warning(
-            "could not enqueue a batch of %d bulk messages; the sweeper will", len(message_ids), exc_info=True
-        )
-        return False
-    return True
-
-
+# --- cancel ---------------------------------------------------------------------------
 class NotCancellable(Exception):
     """The message was already handed to a worker or a provider (HTTP 409)."""
 
@@ -473,7 +224,6 @@ def message_cancel(*, message: Message, source: str = EventSource.API, actor: st
     """Cancel a message that no worker has started to send, or close one given up on before it
     was ever dispatched (it will not be replayed); otherwise raise NotCancellable."""
     now = timezone.now()
-    not_leased = Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now)
     never_dispatched = Q(state=MessageState.ACCEPTED) | Q(dispatched_at__isnull=True)
     applied = message_transition(
         message_id=message.pk,
@@ -481,7 +231,7 @@ def message_cancel(*, message: Message, source: str = EventSource.API, actor: st
         source=source,
         detail=f"cancelled by {actor}",
         fields={"next_attempt_at": None},
-        extra_filter=not_leased & never_dispatched,
+        extra_filter=unleased(now) & never_dispatched,
     )
     message.refresh_from_db()
     if not applied:

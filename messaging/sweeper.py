@@ -10,12 +10,12 @@ from django.db.models import Q
 from django.utils import timezone
 
 from messaging.conf import messaging_setting
-from messaging.dispatch import unleased
-from messaging.models import ErrorType, EventSource, Message
+from messaging.models import ErrorType, EventSource, Message, unleased
+from messaging.publish import messages_publish
 from messaging.queue_progress import MOVING_SECONDS, SLACK_SECONDS, queues_consumed
 from messaging.routing import Channel, queue_name
 from messaging.rows import rows_update_in_key_order
-from messaging.services import message_transition, messages_publish
+from messaging.services import message_transition
 from messaging.states import MessageState
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def messages_sweep(*, now: datetime | None = None) -> SweepReport:
 
 def _expire_overdue(now: datetime, batch: int) -> int:
     # Ordered by the deadline so that the read stops at `now` in message_accepted_expiry.
-    overdue = Message.objects.filter(state=MessageState.ACCEPTED, expires_at__lte=now).filter(unleased(now))
+    overdue = Message.objects.filter(state=MessageState.ACCEPTED, expires_at__lte=now).unleased(now)
     expired = 0
     for message_id in overdue.order_by("expires_at").values_list("pk", flat=True)[:batch]:
         expired += message_transition(
@@ -59,10 +59,9 @@ def _expire_overdue(now: datetime, batch: int) -> int:
 
 def _enqueue_due(now: datetime, priority: str, stale_after: timedelta, batch: int) -> int:
     """Accepted, not being sent, due, and with no task published recently (or none at all)."""
-    due = Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now)
     candidates = (
         Message.objects.filter(state=MessageState.ACCEPTED, priority=priority)
-        .filter(unleased(now))
+        .unleased(now)
         # A message waiting for an earlier one with its ordering key is released by that one's
         # move; published here only if that one moved and the release was lost (or to look again
         # at a dead or not-yet-delivered predecessor, once per stale period).
@@ -76,7 +75,7 @@ def _enqueue_due(now: datetime, priority: str, stale_after: timedelta, batch: in
     reads = (
         never_published.filter(next_attempt_at__isnull=True).order_by("created_at"),
         never_published.filter(next_attempt_at__lte=now).order_by("next_attempt_at"),
-        candidates.filter(due, enqueued_at__lt=_stale_before(now, priority, stale_after)).order_by("enqueued_at"),
+        candidates.due(now).filter(enqueued_at__lt=_stale_before(now, priority, stale_after)).order_by("enqueued_at"),
     )
     rows: list[tuple[str, str]] = []
     for read in reads:
@@ -86,7 +85,7 @@ def _enqueue_due(now: datetime, priority: str, stale_after: timedelta, batch: in
         return 0
     # Mark first, then publish: a crash in between leaves them for the next sweep, not lost. A
     # message claimed in between is not marked; its task is published anyway and claims nothing.
-    marked = candidates.filter(due).filter(Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=now - stale_after))
+    marked = candidates.due(now).filter(Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=now - stale_after))
     rows_update_in_key_order(marked.filter(pk__any=[pk for pk, _ in rows]), enqueued_at=now)
     messages_publish(messages=[(message_id, channel, priority) for message_id, channel in rows])
     return len(rows)

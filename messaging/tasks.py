@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from celery import Task, shared_task
 
-from messaging.bulk import messages_dispatch_batch
-from messaging.dispatch import message_dispatch
+from messaging.dispatch import messages_dispatch
 from messaging.locks import cluster_lock
 from messaging.queue_progress import queue_consumed
 from messaging.sweeper import messages_sweep
@@ -13,17 +12,18 @@ from messaging.sweeper import messages_sweep
 
 @shared_task(bind=True, name="messaging.dispatch", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def dispatch(self: Task, message_id: str) -> None:
-    """Send one message. An unexpected error leaves it `accepted`; the sweeper tries again."""
+    """Send one message (a batch of one: messaging.dispatch). An unexpected error leaves it
+    `accepted`; the sweeper tries again."""
     _record_consumed(self)
-    message_dispatch(message_id=message_id)
+    messages_dispatch(message_ids=[message_id])
 
 
 @shared_task(bind=True, name="messaging.dispatch_batch", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def dispatch_batch(self: Task, message_ids: list[str]) -> None:
-    """Send a batch of bulk messages (messaging.bulk); as with dispatch, an unexpected error
-    leaves the unsent ones `accepted` and the sweeper publishes them again."""
+    """Send a batch of bulk messages through the same core; as with dispatch, an unexpected
+    error leaves the unsent ones `accepted` and the sweeper publishes them again."""
     _record_consumed(self)
-    messages_dispatch_batch(message_ids=message_ids)
+    messages_dispatch(message_ids=message_ids)
 
 
 def _record_consumed(task: Task) -> None:

@@ -57,10 +57,10 @@ def test_a_permanent_provider_error_is_an_outcome_not_a_sentry_error(sentry, san
 def test_a_bug_in_a_task_is_reported_without_personal_data(sentry, monkeypatch, make_message):
     message = make_message(to=RECIPIENT, body=BODY)
 
-    def broken(*, message_id):
+    def broken(*, message_ids):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr("messaging.tasks.message_dispatch", broken)
+    monkeypatch.setattr("messaging.tasks.messages_dispatch", broken)
     dispatch.apply(args=[str(message.pk)])
     sentry_sdk.flush(timeout=2)
     [event] = error_events()

@@ -1,5 +1,5 @@
-"""The bulk send path in-process against the sandbox over real HTTP: a batch claimed, sent
-concurrently and recorded in a few statements, with the single path's guarantees."""
+"""The send path with a batch (a campaign's) in-process against the sandbox over real HTTP: claimed,
+sent concurrently and recorded in a few statements, with the guarantees of a message sent alone."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 from django.db import DatabaseError
 from django.utils import timezone
 
-from messaging import bulk
-from messaging.bulk import messages_dispatch_batch
+from messaging import dispatch
+from messaging.dispatch import messages_dispatch
 from messaging.models import AttemptOutcome, DeadLetter, DispatchAttempt, Message, MessageEvent
-from messaging.services import messages_publish
+from messaging.publish import messages_publish
 from providers.guards import circuit_breaker, reset_guards
 from providers.twilio import TwilioProvider
 
@@ -34,7 +34,7 @@ def handed_back(monkeypatch):
     """Messages the batch gave back to the per-message task (the broker is not needed here)."""
     published: list[str] = []
     monkeypatch.setattr(
-        "messaging.bulk.message_publish", lambda *, message_id, channel, priority: published.append(str(message_id))
+        "messaging.dispatch.message_publish", lambda *, message_id, channel, priority: published.append(str(message_id))
     )
     return published
 
@@ -42,14 +42,14 @@ def handed_back(monkeypatch):
 @pytest.fixture
 def leases(monkeypatch) -> list:
     """The lease of every claim the test's batches make."""
-    noted, claim = [], bulk._claim
+    noted, claim = [], dispatch._claim
 
     def claim_and_note_the_lease(message_ids):
         lease, *claimed = claim(message_ids)
         noted.append(lease)
         return lease, *claimed
 
-    monkeypatch.setattr(bulk, "_claim", claim_and_note_the_lease)
+    monkeypatch.setattr(dispatch, "_claim", claim_and_note_the_lease)
     return noted
 
 
@@ -75,7 +75,7 @@ def test_a_batch_is_sent_once_each_and_recorded_in_a_few_statements(
     # attempts' outcomes, the transition (lock, update, events), and the savepoints of the two
     # transactions: 13 for 60 messages or 6,000; nothing more to release in a healthy batch
     with django_assert_max_num_queries(13):
-        assert messages_dispatch_batch(message_ids=ids(messages)) == 60
+        assert messages_dispatch(message_ids=ids(messages)) == 60
     rows = Message.objects.filter(pk__in=ids(messages))
     assert Counter(rows.values_list("state", flat=True)) == {"dispatched": 60}
     assert not rows.filter(lease_expires_at__isnull=False).exists()
@@ -95,8 +95,8 @@ def test_a_batch_is_sent_once_each_and_recorded_in_a_few_statements(
 
 def test_a_second_task_for_the_same_ids_sends_nothing(sandbox, make_message):
     messages = campaign(make_message, 5)
-    messages_dispatch_batch(message_ids=ids(messages))
-    assert messages_dispatch_batch(message_ids=ids(messages)) == 0
+    messages_dispatch(message_ids=ids(messages))
+    assert messages_dispatch(message_ids=ids(messages)) == 0
     assert len(sandbox.requests(provider="twilio")) == 5
 
 
@@ -117,7 +117,7 @@ def test_batches_sharing_messages_at_once_send_each_once_without_a_deadlock(sand
     def run(batch: list[str]) -> None:
         try:
             start.wait(timeout=10)
-            claimed.append(messages_dispatch_batch(message_ids=batch))
+            claimed.append(messages_dispatch(message_ids=batch))
         except BaseException as exc:  # a deadlock surfaces here as OperationalError
             errors.append(exc)
         finally:
@@ -138,7 +138,7 @@ def test_batches_sharing_messages_at_once_send_each_once_without_a_deadlock(sand
 def test_leased_and_not_yet_due_messages_are_left_alone(sandbox, make_message):
     leased = campaign(make_message, 2, lease_expires_at=timezone.now() + timedelta(seconds=30))
     later = make_message(priority="bulk", next_attempt_at=timezone.now() + timedelta(seconds=30))
-    assert messages_dispatch_batch(message_ids=ids(leased) + [str(later.pk)]) == 0
+    assert messages_dispatch(message_ids=ids(leased) + [str(later.pk)]) == 0
     assert sandbox.requests() == []
 
 
@@ -152,12 +152,37 @@ def test_messages_needing_more_than_a_send_go_back_to_the_per_message_task(sandb
         message=lost, number=1, provider="twilio", started_at=timezone.now(), outcome=AttemptOutcome.IN_PROGRESS
     )
     special = [expired, unknown, ordered, lost]
-    messages_dispatch_batch(message_ids=ids(plain + special))
+    messages_dispatch(message_ids=ids(plain + special))
     assert sorted(handed_back) == sorted(ids(special))
     assert {r["message_id"] for r in sandbox.requests()} == set(ids(plain))
     for message in Message.objects.filter(pk__in=ids(special)):
         # Unleased and marked published: the per-message task claims it, the sweeper does not double it.
         assert message.state == "accepted" and message.lease_expires_at is None and message.enqueued_at
+
+
+def test_a_message_needing_more_than_a_send_claimed_alone_is_settled_by_the_same_core(
+    sandbox, make_message, handed_back
+):
+    # A batch of one (a critical message's task, or a campaign's straggler) settles it in place.
+    expired = make_message(priority="bulk", expires_at=timezone.now() - timedelta(seconds=1))
+    assert messages_dispatch(message_ids=ids([expired])) == 1
+    lost = make_message(priority="bulk")
+    DispatchAttempt.objects.create(
+        message=lost, number=1, provider="twilio", started_at=timezone.now(), outcome=AttemptOutcome.IN_PROGRESS
+    )
+    Message.objects.filter(pk=lost.pk).update(attempt_count=1)
+    messages_dispatch(message_ids=ids([lost]))
+    assert handed_back == []
+    expired.refresh_from_db()
+    lost.refresh_from_db()
+    assert expired.state == "expired" and sandbox.requests(message_id=str(expired.pk)) == []
+    # never sent before: looked up (nothing there), then sent once
+    assert lost.state == "dispatched" and hops(lost) == [
+        ("twilio", "worker_lost"),
+        ("twilio", "not_found_at_provider"),
+        ("twilio", "accepted"),
+    ]
+    assert len(sandbox.requests(message_id=str(lost.pk))) == 1
 
 
 def test_a_claim_that_fails_midway_leaves_the_batch_as_it_was_for_the_sweeper(
@@ -173,9 +198,9 @@ def test_a_claim_that_fails_midway_leaves_the_batch_as_it_was_for_the_sweeper(
     def failing_copy(*args, **kwargs):
         raise DatabaseError("COPY failed")
 
-    monkeypatch.setattr(bulk, "rows_insert", failing_copy)
+    monkeypatch.setattr("messaging.outcomes.rows_insert", failing_copy)
     with pytest.raises(DatabaseError):
-        messages_dispatch_batch(message_ids=ids([*plain, special]))
+        messages_dispatch(message_ids=ids([*plain, special]))
     assert handed_back == [] and sandbox.requests() == []
     assert not DispatchAttempt.objects.filter(message__in=[*plain, special]).exists()
     for message in Message.objects.filter(pk__in=published_at):
@@ -186,7 +211,7 @@ def test_a_claim_that_fails_midway_leaves_the_batch_as_it_was_for_the_sweeper(
 def test_transient_errors_move_the_batch_to_the_next_provider(sandbox, make_message):
     sandbox.faults("twilio", error_rate=1.0)
     messages = campaign(make_message, 20)
-    messages_dispatch_batch(message_ids=ids(messages))
+    messages_dispatch(message_ids=ids(messages))
     for message in Message.objects.filter(pk__in=ids(messages)):
         assert message.state == "dispatched" and message.provider == "vonage"
         assert hops(message) == [("twilio", "transient_error"), ("vonage", "accepted")]
@@ -199,7 +224,7 @@ def test_an_open_circuit_is_skipped_without_a_call(sandbox, make_message):
     for _ in range(10):
         breaker.record(breaker.allow(priority="bulk"), failed=True, duration_s=0.01)
     messages = campaign(make_message, 5)
-    messages_dispatch_batch(message_ids=ids(messages))
+    messages_dispatch(message_ids=ids(messages))
     assert sandbox.requests(provider="twilio") == []
     for message in Message.objects.filter(pk__in=ids(messages)):
         assert hops(message) == [("twilio", "skipped"), ("vonage", "accepted")]
@@ -210,7 +235,7 @@ def test_when_every_provider_fails_each_message_waits_for_its_retry(sandbox, mak
     sandbox.faults("vonage", outage=True)
     messages = campaign(make_message, 4)
     before = timezone.now()
-    messages_dispatch_batch(message_ids=ids(messages))
+    messages_dispatch(message_ids=ids(messages))
     for message in Message.objects.filter(pk__in=ids(messages)):
         assert message.state == "accepted" and message.failed_rounds == 1
         assert message.lease_expires_at is None and message.next_attempt_at >= before
@@ -221,7 +246,7 @@ def test_when_every_provider_fails_each_message_waits_for_its_retry(sandbox, mak
 def test_a_permanent_refusal_fails_that_message_only(sandbox, make_message):
     good = campaign(make_message, 3)
     bad = make_message(priority="bulk", to="+1234")  # the provider refuses it with 21211
-    messages_dispatch_batch(message_ids=ids(good + [bad]))
+    messages_dispatch(message_ids=ids(good + [bad]))
     bad.refresh_from_db()
     assert bad.state == "failed" and bad.last_error_code == "21211"
     assert DeadLetter.objects.filter(message=bad).exists()
@@ -231,7 +256,7 @@ def test_a_permanent_refusal_fails_that_message_only(sandbox, make_message):
 def test_a_timeout_after_the_request_left_is_never_resent_blindly(sandbox, make_message):
     sandbox.faults("twilio", timeout_rate=1.0, timeout_hold_ms=4000)
     messages = campaign(make_message, 3)
-    messages_dispatch_batch(message_ids=ids(messages))
+    messages_dispatch(message_ids=ids(messages))
     for message in Message.objects.filter(pk__in=ids(messages)):
         assert message.state == "accepted" and message.needs_provider_lookup
         assert hops(message) == [("twilio", "ambiguous")]  # not moved on to vonage
@@ -249,7 +274,7 @@ def test_a_bug_in_one_send_leaves_that_message_to_be_looked_up_and_the_rest_go(s
         return await real_send(self, request)
 
     monkeypatch.setattr(TwilioProvider, "send_async", send)
-    messages_dispatch_batch(message_ids=ids(messages))
+    messages_dispatch(message_ids=ids(messages))
     message = Message.objects.get(pk=broken)
     assert message.state == "accepted" and message.lease_expires_at is None
     assert hops(message) == [("twilio", "in_progress")]  # its next claim looks it up first
@@ -259,15 +284,15 @@ def test_a_bug_in_one_send_leaves_that_message_to_be_looked_up_and_the_rest_go(s
 def test_a_receipt_that_overtook_the_batch_keeps_its_state_and_gets_the_reference(sandbox, make_message, monkeypatch):
     messages = campaign(make_message, 3)
     overtaken = messages[0]
-    real_record = bulk._record
+    real_record = dispatch._record
 
     def record(calling, released):
         # Its receipt lands between the provider's answer and our write.
         Message.objects.filter(pk=overtaken.pk).update(state="delivered", delivered_at=timezone.now())
         real_record(calling, released)
 
-    monkeypatch.setattr(bulk, "_record", record)
-    messages_dispatch_batch(message_ids=ids(messages))
+    monkeypatch.setattr(dispatch, "_record", record)
+    messages_dispatch(message_ids=ids(messages))
     overtaken.refresh_from_db()
     assert overtaken.state == "delivered" and overtaken.provider_message_id and overtaken.dispatched_at
     assert overtaken.lease_expires_at is None
@@ -280,7 +305,7 @@ def test_bulk_messages_are_published_as_batch_tasks_and_the_rest_one_by_one(monk
     settings.CONDUCTOR = {**settings.CONDUCTOR, "BULK_BATCH_SIZE": 2}
     sent: list[tuple[str, list, str]] = []
     monkeypatch.setattr(
-        "messaging.services.current_app.send_task",
+        "messaging.publish.current_app.send_task",
         lambda name, args, queue, **kwargs: sent.append((name, args[0], queue)),
     )
     published = messages_publish(
@@ -309,7 +334,7 @@ def test_messages_for_a_rate_limited_provider_go_one_slot_at_a_time(sandbox, mak
     settings.CONDUCTOR_PROVIDERS = providers
     reset_guards()
     messages = campaign(make_message, 5)
-    messages_dispatch_batch(message_ids=ids(messages))
+    messages_dispatch(message_ids=ids(messages))
     # a round of them at once would arrive bunched: the per-message path waits for each slot
     assert sorted(handed_back) == sorted(ids(messages)) and sandbox.requests() == []
     assert not Message.objects.filter(pk__in=ids(messages), lease_expires_at__isnull=False).exists()
@@ -325,7 +350,7 @@ def test_a_call_that_outlives_its_budget_is_ambiguous_before_the_lease_ends(
 
     monkeypatch.setattr(TwilioProvider, "send_async", hang)
     [message] = campaign(make_message, 1)
-    messages_dispatch_batch(message_ids=ids([message]))
+    messages_dispatch(message_ids=ids([message]))
     message.refresh_from_db()
     # given up and recorded inside the lease (2 s): nobody else could have claimed it meanwhile
     # (the call's budget ends a quarter of the lease before it)
@@ -350,7 +375,7 @@ def test_a_round_of_more_waves_than_its_budget_holds_still_ends_inside_the_lease
 
     monkeypatch.setattr(TwilioProvider, "send_async", hang)
     messages = campaign(make_message, 3)
-    messages_dispatch_batch(message_ids=ids(messages))
+    messages_dispatch(message_ids=ids(messages))
     assert len(made) == 1
     attempts = DispatchAttempt.objects.filter(message__in=messages, provider="twilio")
     assert sorted(attempts.values_list("outcome", flat=True)) == ["ambiguous", "transient_error", "transient_error"]

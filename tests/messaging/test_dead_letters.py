@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from messaging.dispatch import message_dispatch
+from messaging.dispatch import messages_dispatch
 from messaging.models import DeadLetter, DispatchAttempt, ErrorType, EventSource, Message
 from messaging.receipts import receipt_record
 from messaging.services import message_cancel, message_transition
@@ -27,7 +27,7 @@ def single_provider_routes(settings):
 
 def test_a_permanent_refusal_parks_the_message_with_its_payload_and_attempt(sandbox, make_message):
     message = make_message(to="+1234", category="otp", metadata={"user": 7})  # the sandbox refuses it: 21211
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     dead_letter = DeadLetter.objects.get(message=message)
     assert (dead_letter.state, dead_letter.error_type, dead_letter.error_code) == (
         "failed",
@@ -51,7 +51,7 @@ def test_exhausted_retries_park_every_attempt_and_the_final_error(sandbox, make_
     message = make_message(failed_rounds=4)  # critical allows 6 rounds
     for _ in range(2):
         Message.objects.filter(pk=message.pk).update(next_attempt_at=None)
-        message_dispatch(message_id=str(message.pk))
+        messages_dispatch(message_ids=[str(message.pk)])
     dead_letter = DeadLetter.objects.get(message=message)
     assert dead_letter.state == "dead_lettered" and dead_letter.error_type == "provider_5xx"
     assert "6 rounds of attempts failed" in dead_letter.error_message
@@ -63,7 +63,7 @@ def test_a_message_that_kept_killing_its_worker_is_parked_with_an_unknown_outcom
     message = make_message()
     for number in (1, 2, 3):
         DispatchAttempt.objects.create(message=message, number=number, provider="twilio", started_at=timezone.now())
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     dead_letter = DeadLetter.objects.get(message=message)
     assert dead_letter.error_type == "worker_lost" and dead_letter.unknown_outcome
     assert [a["outcome"] for a in dead_letter.attempts] == ["worker_lost"] * 3
@@ -85,14 +85,14 @@ def test_expiry_parks_the_message_keeping_the_last_provider_error(make_message):
 
 def test_a_worker_that_finds_the_deadline_passed_parks_it_too(sandbox, make_message):
     message = make_message(expires_at=timezone.now() - timedelta(seconds=1))
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     assert DeadLetter.objects.get(message=message).error_type == "expired"
     assert sandbox.requests() == []
 
 
 def test_an_unknown_outcome_at_smtp_is_parked_for_an_operator(make_message):
     message = make_message(channel="email", to="ada@example.com", subject="hi", needs_provider_lookup=True)
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     dead_letter = DeadLetter.objects.get(message=message)
     assert dead_letter.error_code == "no_lookup" and dead_letter.unknown_outcome
 

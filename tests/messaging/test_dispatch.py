@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from messaging.dispatch import message_dispatch
+from messaging.dispatch import messages_dispatch
 from messaging.models import AttemptOutcome, DispatchAttempt, Message
 from providers.registry import reset_provider_cache
 
@@ -30,7 +30,7 @@ def outcomes(message):
 
 def test_a_send_is_recorded_as_an_attempt_and_dispatches_the_message(sandbox, make_message):
     message = make_message()
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     message.refresh_from_db()
     assert message.state == "dispatched" and message.provider == "twilio"
     assert message.lease_expires_at is None and message.next_attempt_at is None
@@ -43,19 +43,19 @@ def test_a_send_is_recorded_as_an_attempt_and_dispatches_the_message(sandbox, ma
 
 def test_a_leased_message_is_not_sent_by_a_second_task(sandbox, make_message):
     message = make_message(lease_expires_at=timezone.now() + timedelta(seconds=30))
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     assert sandbox.requests() == [] and not message.attempts.exists()
 
 
 def test_a_retry_that_is_not_due_yet_is_not_sent_early(sandbox, make_message):
     message = make_message(next_attempt_at=timezone.now() + timedelta(seconds=30))
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     assert sandbox.requests() == []
 
 
 def test_a_message_past_its_deadline_expires_without_reaching_the_provider(sandbox, make_message):
     message = make_message(expires_at=timezone.now() - timedelta(seconds=1))
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     message.refresh_from_db()
     assert message.state == "expired" and message.last_error_type == "expired"
     assert sandbox.requests() == []
@@ -63,7 +63,7 @@ def test_a_message_past_its_deadline_expires_without_reaching_the_provider(sandb
 
 def test_a_permanent_rejection_fails_at_once(sandbox, make_message):
     message = make_message(to="+1234")  # the provider refuses it with 21211
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     message.refresh_from_db()
     assert message.state == "failed"
     assert (message.last_error_type, message.last_error_code) == ("invalid_recipient", "21211")
@@ -74,7 +74,7 @@ def test_a_5xx_schedules_a_jittered_retry_within_the_cap(sandbox, make_message):
     sandbox.faults(error_rate=1.0)
     message = make_message()
     before = timezone.now()
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     message.refresh_from_db()
     assert message.state == "accepted" and message.attempt_count == 1
     assert message.last_error_type == "provider_5xx"
@@ -87,7 +87,7 @@ def test_a_429_honours_retry_after(sandbox, make_message):
     sandbox.faults(rate_429=1.0)
     message = make_message()
     before = timezone.now()
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     message.refresh_from_db()
     assert message.last_error_type == "rate_limited"
     assert message.next_attempt_at >= before + timedelta(seconds=1)  # the sandbox says Retry-After: 1
@@ -100,7 +100,7 @@ def test_retry_delays_beyond_a_minute_are_left_to_the_sweeper(sandbox, make_mess
     }
     sandbox.faults(error_rate=1.0)
     message = make_message(priority="bulk", category="slow", expires_at=timezone.now() + timedelta(days=30))
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     message.refresh_from_db()
     assert message.next_attempt_at > timezone.now() + timedelta(seconds=60)
     assert message.enqueued_at is None  # no countdown over 60 s: the sweeper enqueues it when due
@@ -114,7 +114,7 @@ def test_retries_stop_at_the_deadline(sandbox, make_message, settings):
     sandbox.faults(error_rate=1.0)
     deadline = timezone.now() + timedelta(seconds=20)
     message = make_message(category="slow", expires_at=deadline)
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     message.refresh_from_db()
     assert message.next_attempt_at == deadline
 
@@ -122,7 +122,7 @@ def test_retries_stop_at_the_deadline(sandbox, make_message, settings):
 def test_exhausted_retries_dead_letter_the_message_with_its_last_error(sandbox, make_message):
     sandbox.faults(outage=True)
     message = make_message(failed_rounds=5)  # critical allows 6
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     message.refresh_from_db()
     assert message.state == "dead_lettered" and message.failed_rounds == 6
     assert message.last_error_type == "provider_5xx" and "6 rounds of attempts failed" in message.last_error_message
@@ -132,7 +132,7 @@ def test_a_message_that_keeps_killing_its_worker_is_dead_lettered_not_looped(san
     message = make_message()
     for number in (1, 2, 3):  # three workers died mid-send
         DispatchAttempt.objects.create(message=message, number=number, provider="twilio", started_at=timezone.now())
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     message.refresh_from_db()
     assert message.state == "dead_lettered" and message.last_error_type == "worker_lost"
     assert outcomes(message) == ["worker_lost"] * 3
@@ -141,13 +141,13 @@ def test_a_message_that_keeps_killing_its_worker_is_dead_lettered_not_looped(san
 
 def test_a_lost_attempt_is_looked_up_and_not_resent_when_the_provider_has_it(sandbox, make_message):
     message = make_message()
-    message_dispatch(message_id=str(message.pk))  # accepted by the provider...
+    messages_dispatch(message_ids=[str(message.pk)])  # accepted by the provider...
     message.refresh_from_db()
     sid = message.provider_message_id
     # ...but pretend the worker died before recording it.
     Message.objects.filter(pk=message.pk).update(state="accepted", provider_message_id="", dispatched_at=None)
     DispatchAttempt.objects.filter(message=message).update(outcome=AttemptOutcome.IN_PROGRESS, provider_message_id="")
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     message.refresh_from_db()
     assert message.state == "dispatched" and message.provider_message_id == sid
     assert outcomes(message) == ["worker_lost", "found_at_provider"]
@@ -156,9 +156,9 @@ def test_a_lost_attempt_is_looked_up_and_not_resent_when_the_provider_has_it(san
 
 def test_a_look_up_ignores_a_provider_message_that_belongs_to_another_message(sandbox, make_message):
     first = make_message()
-    message_dispatch(message_id=str(first.pk))
+    messages_dispatch(message_ids=[str(first.pk)])
     twin = make_message(needs_provider_lookup=True)  # same recipient and body, never sent
-    message_dispatch(message_id=str(twin.pk))
+    messages_dispatch(message_ids=[str(twin.pk)])
     twin.refresh_from_db()
     first.refresh_from_db()
     assert twin.provider_message_id != first.provider_message_id
@@ -181,14 +181,14 @@ def test_an_empty_look_up_is_not_trusted_until_the_providers_records_settle(sand
         outcome=AttemptOutcome.AMBIGUOUS,
     )
     Message.objects.filter(pk=message.pk).update(attempt_count=1)
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     message.refresh_from_db()
     assert message.state == "accepted" and message.needs_provider_lookup
     assert message.last_error_code == "lookup_unsettled"
     assert sandbox.requests() == []  # not resent while the look-up could still be catching up
     DispatchAttempt.objects.filter(message=message).update(ended_at=timezone.now() - timedelta(seconds=61))
     Message.objects.filter(pk=message.pk).update(next_attempt_at=None)
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     message.refresh_from_db()
     assert message.state == "dispatched" and len(sandbox.requests()) == 1
 
@@ -196,7 +196,7 @@ def test_an_empty_look_up_is_not_trusted_until_the_providers_records_settle(sand
 def test_an_unknown_outcome_at_a_provider_without_look_up_is_dead_lettered_not_resent(make_message, settings):
     settings.CONDUCTOR = {**settings.CONDUCTOR, "ROUTES": {**settings.CONDUCTOR["ROUTES"], "email": ["smtp"]}}
     message = make_message(channel="email", to="ada@example.com", subject="hi", needs_provider_lookup=True)
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     message.refresh_from_db()
     assert message.state == "dead_lettered" and message.last_error_code == "no_lookup"
     assert "cannot be asked" in message.last_error_message
@@ -205,7 +205,7 @@ def test_an_unknown_outcome_at_a_provider_without_look_up_is_dead_lettered_not_r
 def test_a_look_up_that_fails_leaves_the_outcome_unknown_and_sends_nothing(sandbox, make_message):
     sandbox.faults("twilio", outage=True)  # the provider cannot be asked either
     message = make_message(needs_provider_lookup=True)
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     message.refresh_from_db()
     assert message.state == "accepted" and message.needs_provider_lookup and message.next_attempt_at
     assert outcomes(message) == ["ambiguous"]
@@ -213,12 +213,14 @@ def test_a_look_up_that_fails_leaves_the_outcome_unknown_and_sends_nothing(sandb
 
 
 def test_a_retry_is_not_scheduled_for_a_message_a_receipt_moved_on_during_the_call(make_message):
-    from messaging.outcomes import schedule_retry
+    from messaging.outcomes import message_schedule_retry
     from providers.types import AmbiguousProviderError
 
     # The worker timed out waiting for the provider while the provider's receipt already arrived.
     message = make_message(state="delivered", lease_expires_at=timezone.now() + timedelta(seconds=30))
-    schedule_retry(message, AmbiguousProviderError("timed out", error_type="provider_timeout"), ambiguous=True)
+    message_schedule_retry(
+        message=message, error=AmbiguousProviderError("timed out", error_type="provider_timeout"), ambiguous=True
+    )
     message.refresh_from_db()
     assert message.state == "delivered" and message.lease_expires_at is None
     assert message.next_attempt_at is None and message.last_error_type == "" and not message.needs_provider_lookup
@@ -237,8 +239,25 @@ def test_with_the_shared_state_redis_unreachable_sends_go_on(sandbox, make_messa
     reset_provider_cache()
     try:
         message = make_message()
-        message_dispatch(message_id=str(message.pk))
+        messages_dispatch(message_ids=[str(message.pk)])
         message.refresh_from_db()
         assert message.state == "dispatched"  # circuit and rate limit fail open, never block a send
     finally:
         reset_shared_redis()
+
+
+# Statements one critical message costs from claim to dispatched (savepoints included: the tests
+# run inside a transaction). The urgent path's latency is a benchmark target: no extra round trips.
+CRITICAL_SEND_STATEMENTS = 12
+
+
+def test_one_critical_message_costs_a_fixed_number_of_statements(sandbox, make_message):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    message = make_message(priority="critical")
+    with CaptureQueriesContext(connection) as queries:
+        messages_dispatch(message_ids=[str(message.pk)])
+    message.refresh_from_db()
+    assert message.state == "dispatched"
+    assert len(queries) == CRITICAL_SEND_STATEMENTS, "\n".join(q["sql"][:120] for q in queries)

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from messaging.dispatch import message_dispatch
+from messaging.dispatch import messages_dispatch
 from providers.guards import circuit_breaker, rate_limiter, reset_guards
 
 pytestmark = pytest.mark.django_db
@@ -26,7 +26,7 @@ def hops(message):
 
 
 def dispatch(message):
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     message.refresh_from_db()
     return message
 

@@ -20,18 +20,18 @@ from messaging.api.serializers import (
     message_create_validate,
     message_renderer,
 )
-from messaging.ingest import BatchItem, messages_create_many
-from messaging.models import ApiClient, Message, MessageEvent
-from messaging.routing import queue_name
-from messaging.services import (
-    DISPATCH_BATCH_TASK,
+from messaging.ingest import (
+    BatchItem,
     CreateOutcome,
     IdempotencyConflict,
     idempotency_lock_id,
-    message_create,
-    message_transition,
+    messages_create_many,
     request_fingerprint,
 )
+from messaging.models import ApiClient, Message, MessageEvent
+from messaging.publish import DISPATCH_BATCH_TASK
+from messaging.routing import queue_name
+from messaging.services import message_create, message_transition
 from tests.messaging.test_api import BAD_INPUTS
 
 pytestmark = pytest.mark.django_db
@@ -74,7 +74,8 @@ def published_one_by_one(monkeypatch) -> list[str]:
         sent.append(str(message_id))
         return True
 
-    monkeypatch.setattr("messaging.services.message_publish", publish)
+    monkeypatch.setattr("messaging.publish.message_publish", publish)
+    monkeypatch.setattr("messaging.ingest.message_publish", publish)
     return sent
 
 
@@ -112,7 +113,7 @@ def test_bulk_items_go_to_the_broker_as_batch_tasks(api, monkeypatch, settings, 
     settings.CONDUCTOR = {**settings.CONDUCTOR, "BULK_BATCH_SIZE": 100}
     sent: list[tuple[str, list, str]] = []
     broker = SimpleNamespace(send_task=lambda name, args, queue, **options: sent.append((name, args, queue)))
-    monkeypatch.setattr("messaging.services.current_app", broker)
+    monkeypatch.setattr("messaging.publish.current_app", broker)
     with django_capture_on_commit_callbacks(execute=True):
         body = post_batch(api, campaign(250) + [{**BULK, "priority": "critical"}])
     ids = [r["message"]["id"] for r in body["results"]]
@@ -218,7 +219,6 @@ def test_a_twin_stored_between_the_lookup_and_the_insert_is_replayed(client_key,
     """A writer that did not take our lock (SQLite has none) stores a key first: the bulk INSERT
     fails on the unique key, and the keyed items are settled one by one."""
     monkeypatch.setattr("messaging.ingest.messages_publish", lambda *, messages: None)
-    monkeypatch.setattr("messaging.services.messages_publish", lambda *, messages: None)
     client = client_key[0]
     fields = message_create_validate(BULK)[0]
     twin: list[Message] = []
@@ -345,7 +345,7 @@ def test_a_batch_item_is_stored_as_message_create_stores_it(client_key, other_ap
 
 
 def test_each_accepted_message_is_logged_once_with_the_recipient_masked(api, published, caplog):
-    caplog.set_level("INFO", logger="messaging.services")
+    caplog.set_level("INFO", logger="messaging.ingest")
     body = post_batch(api, campaign(3))
     lines = [r for r in caplog.records if getattr(r, "event", None) == "transition" and r.to_state == "accepted"]
     assert [r.message_id for r in lines] == [r["message"]["id"] for r in body["results"]]

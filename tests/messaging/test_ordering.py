@@ -11,7 +11,7 @@ import pytest
 from django.db import connection, transaction
 from django.utils import timezone
 
-from messaging.dispatch import message_dispatch
+from messaging.dispatch import messages_dispatch
 from messaging.models import Message
 from messaging.ordering import ordering_blocker, ordering_wait, sequence_next
 from messaging.services import message_cancel, message_create, message_transition
@@ -32,7 +32,9 @@ def published(monkeypatch):
         return True
 
     # The sweeper publishes through messages_publish, which calls this one for non-bulk messages.
-    monkeypatch.setattr("messaging.services.message_publish", publish)
+    monkeypatch.setattr("messaging.publish.message_publish", publish)
+    monkeypatch.setattr("messaging.ordering.message_publish", publish)
+    monkeypatch.setattr("messaging.ingest.message_publish", publish)
     return sent
 
 
@@ -104,25 +106,25 @@ def test_a_later_message_waits_without_a_worker_and_is_released_when_the_earlier
 ):
     client = client_key[0]
     first, second, third = create(client), create(client), create(client)
-    message_dispatch(message_id=str(second.pk))
+    messages_dispatch(message_ids=[str(second.pk)])
     second.refresh_from_db()
     assert second.state == "accepted" and second.waiting_for_id == first.pk and second.waiting_since
     assert second.lease_expires_at is None and not second.attempts.exists()
     assert sandbox.requests() == []
-    message_dispatch(message_id=str(third.pk))
+    messages_dispatch(message_ids=[str(third.pk)])
     third.refresh_from_db()
     assert third.waiting_for_id == second.pk  # the closest earlier one
 
     with django_capture_on_commit_callbacks(execute=True):
-        message_dispatch(message_id=str(first.pk))
+        messages_dispatch(message_ids=[str(first.pk)])
     assert Message.objects.get(pk=first.pk).state == "dispatched"
     assert published == [str(second.pk)]  # released: only the one waiting for it
     with django_capture_on_commit_callbacks(execute=True):
-        message_dispatch(message_id=str(second.pk))
+        messages_dispatch(message_ids=[str(second.pk)])
     second.refresh_from_db()
     assert second.state == "dispatched" and second.waiting_for_id is None
     assert published[-1] == str(third.pk)
-    message_dispatch(message_id=str(third.pk))
+    messages_dispatch(message_ids=[str(third.pk)])
     assert [r["message_id"] for r in sandbox.requests()] == [str(first.pk), str(second.pk), str(third.pk)]
 
 
@@ -221,7 +223,7 @@ def test_the_api_shows_sequence_and_what_a_message_waits_for(api, client_key, si
     assert second.status_code == 201, second.json()
     second = second.json()
     assert (first["sequence"], second["sequence"], second["ordering_mode"]) == (1, 2, "delivered")
-    message_dispatch(message_id=second["id"])
+    messages_dispatch(message_ids=[second["id"]])
     shown = api.get(f"/api/v1/messages/{second['id']}/").json()
     assert shown["waiting_for"] == first["id"] and shown["waiting_since"]
     plain = api.post("/api/v1/messages/", SMS, format="json").json()

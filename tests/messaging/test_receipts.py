@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from messaging.models import AttemptOutcome, DispatchAttempt, Message, Receipt
-from messaging.outcomes import record_accepted
+from messaging.outcomes import message_record_dispatched
 from messaging.receipts import receipt_record
 from providers.types import ReceiptEvent, SendResult
 
@@ -77,7 +77,13 @@ def test_delivered_before_our_dispatched_write_is_applied_and_the_worker_keeps_t
     message.refresh_from_db()
     assert message.state == "delivered" and message.provider_message_id == "SM-early"
     # The worker's own "dispatched" write is refused, never applied backwards; it keeps the reference.
-    record_accepted(message, attempt, SendResult("SM-early", "queued"), time.monotonic(), AttemptOutcome.ACCEPTED)
+    message_record_dispatched(
+        message=message,
+        attempt=attempt,
+        result=SendResult("SM-early", "queued"),
+        started=time.monotonic(),
+        outcome=AttemptOutcome.ACCEPTED,
+    )
     message.refresh_from_db()
     assert message.state == "delivered" and message.dispatched_at and message.lease_expires_at is None
     assert message.events.filter(to_state="dispatched", applied=False).exists()

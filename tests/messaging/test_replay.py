@@ -9,7 +9,7 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from messaging.dispatch import message_dispatch
+from messaging.dispatch import messages_dispatch
 from messaging.lookup import send_request
 from messaging.models import AttemptOutcome, DeadLetter, DispatchAttempt, EventSource, Message, MessageEvent, Receipt
 from messaging.replay import SkipReason, dead_letters_replay, replay_deadline
@@ -187,7 +187,7 @@ def twilio_only(settings):
 def test_a_replayed_message_is_sent_with_its_new_token(sandbox, park, twilio_only):
     dead_letter = park(body="replay me", priority="bulk")
     replay(dead_letter)
-    message_dispatch(message_id=str(dead_letter.message_id))
+    messages_dispatch(message_ids=[str(dead_letter.message_id)])
     message = Message.objects.get(pk=dead_letter.message_id)
     assert message.state == "dispatched"
     [sent] = sandbox.requests(message_id=str(message.pk))
@@ -209,7 +209,7 @@ def test_replaying_an_unknown_outcome_asks_the_provider_first_and_does_not_resen
     replay(dead_letter)
     message = Message.objects.get(pk=dead_letter.message_id)
     assert message.needs_provider_lookup
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     message.refresh_from_db()
     assert message.state == "dispatched"
     last = DispatchAttempt.objects.filter(message=message).latest("number")
@@ -221,7 +221,7 @@ def test_replaying_an_unknown_outcome_asks_the_provider_first_and_does_not_resen
 def test_replaying_an_unknown_outcome_the_provider_never_saw_sends_it(sandbox, park, twilio_only):
     dead_letter = park(body="never arrived", priority="bulk", error_type="worker_lost", outcome="worker_lost")
     replay(dead_letter)
-    message_dispatch(message_id=str(dead_letter.message_id))
+    messages_dispatch(message_ids=[str(dead_letter.message_id)])
     attempts = DispatchAttempt.objects.filter(message_id=dead_letter.message_id).order_by("number")
     assert [a.outcome for a in attempts][-2:] == ["not_found_at_provider", "accepted"]
     [sent] = sandbox.requests(message_id=str(dead_letter.message_id))

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from messaging.bulk import _send_loop
+from messaging.send_loop import send_loop
 from providers.types import (
     AmbiguousProviderError,
     PermanentProviderError,
@@ -41,11 +41,11 @@ class ProviderContract:
 
     @pytest.fixture(params=["send", "send_async"])
     def send(self, request):
-        """Each send test runs through send() (the per-message path) and send_async() (the bulk
-        path, on the bulk path's own loop): both must sort errors the same way."""
+        """Each send test runs through send() and send_async() (the send path's, on its own loop,
+        messaging.send_loop): both must sort errors the same way."""
         if request.param == "send":
             return lambda provider, send_request: provider.send(send_request)
-        return lambda provider, send_request: _send_loop().run(provider.send_async(send_request))
+        return lambda provider, send_request: send_loop().run(provider.send_async(send_request))
 
     def test_send_is_accepted_and_attributed(self, provider, sandbox, recipient, send):
         request = send_request(recipient)

@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from messaging.dispatch import message_dispatch
+from messaging.dispatch import messages_dispatch
 from messaging.models import Message, MessageEvent, Receipt
 from reconciliation.polling import receipts_poll_overdue
 
@@ -23,7 +23,7 @@ def twilio_first(settings):
 def dispatched(make_message, *, ago: timedelta, **fields) -> Message:
     """A message really sent to the sandbox, its dispatch moved `ago` into the past."""
     message = make_message(**fields)
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     message.refresh_from_db()
     assert message.state == "dispatched", message.last_error_message
     Message.objects.filter(pk=message.pk).update(dispatched_at=timezone.now() - ago)

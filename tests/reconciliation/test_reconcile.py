@@ -11,7 +11,7 @@ from django.conf import settings as django_settings
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
-from messaging.dispatch import message_dispatch
+from messaging.dispatch import messages_dispatch
 from messaging.locks import cluster_lock_id
 from messaging.models import Message, Receipt
 from messaging.receipts import receipt_record
@@ -29,7 +29,7 @@ def twilio_first(settings):
 
 def send(make_message, **fields) -> Message:
     message = make_message(**fields)
-    message_dispatch(message_id=str(message.pk))
+    messages_dispatch(message_ids=[str(message.pk)])
     message.refresh_from_db()
     return message
 

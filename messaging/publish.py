@@ -1,0 +1,78 @@
+"""Publishing dispatch triggers: the row is the queue of record, a task only says "look at it now"."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from celery import current_app
+
+from messaging.conf import messaging_setting
+from messaging.routing import Priority, queue_name
+
+logger = logging.getLogger(__name__)
+
+DISPATCH_TASK = "messaging.dispatch"
+DISPATCH_BATCH_TASK = "messaging.dispatch_batch"
+
+
+def message_publish(*, message_id: Any, channel: str, priority: str, countdown: float | None = None) -> bool:
+    """Send the dispatch task to the message's queue. A broker failure is logged, not raised:
+
+    the row is the queue of record and the sweeper enqueues it again, so nothing is lost.
+    """
+    try:
+        current_app.send_task(
+            DISPATCH_TASK,
+            args=[str(message_id)],
+            # A header, not an argument: a worker of the previous release ignores it (messaging.queue_progress).
+            headers={"published_at": time.time()},
+            queue=queue_name(channel, priority),
+            countdown=countdown,
+            retry=False,
+        )
+    except Exception:  # any publish failure is safe: the message stays accepted in the database
+        logger.warning("could not enqueue message %s; the sweeper will", message_id, exc_info=True)
+        return False
+    return True
+
+
+def messages_publish(*, messages: Iterable[tuple[Any, str, str]]) -> int:
+    """Publish triggers for many accepted messages, given as (id, channel, priority).
+
+    Bulk messages go as batch tasks of BULK_BATCH_SIZE ids per channel (one task moves many
+    messages: the per-task cost of Celery is what bounds a campaign otherwise); the others get
+    one task each, as message_publish. Failures are logged, not raised (the sweeper publishes
+    later). Returns how many tasks were published.
+    """
+    size = messaging_setting("BULK_BATCH_SIZE")
+    bulk: dict[str, list[str]] = {}
+    published = 0
+    for message_id, channel, priority in messages:
+        if priority == Priority.BULK:
+            bulk.setdefault(channel, []).append(str(message_id))
+        else:
+            published += message_publish(message_id=message_id, channel=channel, priority=priority)
+    for channel, ids in bulk.items():
+        for start in range(0, len(ids), size):
+            published += _publish_batch(channel, ids[start : start + size])
+    return published
+
+
+def _publish_batch(channel: str, message_ids: list[str]) -> bool:
+    try:
+        current_app.send_task(
+            DISPATCH_BATCH_TASK,
+            args=[message_ids],
+            headers={"published_at": time.time()},
+            queue=queue_name(channel, Priority.BULK),
+            retry=False,
+        )
+    except Exception:  # as in message_publish: the rows are committed, the sweeper publishes them
+        logger.warning(
+            "could not enqueue a batch of %d bulk messages; the sweeper will", len(message_ids), exc_info=True
+        )
+        return False
+    return True
