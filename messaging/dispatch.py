@@ -491,7 +491,7 @@ def _record(calling: list[_Send], released: set[Any]) -> None:
         if send.bug is not None:
             # Left as a message whose task raised is left: accepted, the attempt in progress (its
             # outcome is unknown), looked up at the provider by its next claim.
-            logger.error("message %s: bulk send raised", send.message.pk, exc_info=send.bug)
+            logger.error("message %s: the provider adapter raised", send.message.pk, exc_info=send.bug)
             send.settled = True
             continue
         assert send.error is not None and send.attempt is not None
