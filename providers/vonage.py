@@ -298,7 +298,15 @@ def _vonage_time(moment: datetime) -> str:
 
 
 def _webhook_params(request: HttpRequest) -> dict[str, Any]:
-    """A DLR's parameters: Vonage posts a form or JSON, or sends them as a GET query string."""
+    """A DLR's parameters: Vonage posts a form or JSON, or sends them as a GET query string.
+    Read once per request (verify() and parse() both need them), kept on the request."""
+    cached = getattr(request, "_vonage_params", None)
+    if cached is None:
+        cached = request._vonage_params = _read_webhook_params(request)
+    return cached
+
+
+def _read_webhook_params(request: HttpRequest) -> dict[str, Any]:
     if request.content_type == "application/json":
         try:
             payload = json.loads(request.body or b"{}")
