@@ -18,6 +18,7 @@ counted, and changes nothing. A receipt for a message we have not yet recorded a
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -28,6 +29,7 @@ from typing import Any
 from anymail.signals import AnymailTrackingEvent, tracking
 from celery import current_app
 from django.db import IntegrityError, transaction
+from django.db.models.constants import OnConflict
 from django.dispatch import receiver
 from django.utils import timezone
 
@@ -95,12 +97,78 @@ def _receipt_row(event: ReceiptEvent, source: str, now: datetime) -> Receipt:
 
 def receipts_store(*, events: list[ReceiptEvent], source: str = EventSource.WEBHOOK) -> None:
     """Store receipts to be applied (a repeat of a stored event is ignored) and trigger the
-    applier once they are committed. One INSERT however many."""
+    applier once they are committed; returns once they are. Outside a transaction (a webhook),
+    the receipts of the process's concurrent requests are written together (_GROUP_COMMIT)."""
     if not events:
         return
     now = timezone.now()
-    Receipt.objects.bulk_create([_receipt_row(event, source, now) for event in events], ignore_conflicts=True)
-    transaction.on_commit(receipts_apply_soon)
+    rows = [_receipt_row(event, source, now) for event in events]
+    if transaction.get_connection().in_atomic_block:
+        _insert(rows)
+        transaction.on_commit(receipts_apply_soon)
+        return
+    _GROUP_COMMIT.write(rows)
+    receipts_apply_soon()
+
+
+def _insert(rows: list[Receipt]) -> None:
+    # bulk_create(ignore_conflicts=True) without its transaction: in autocommit one INSERT is one
+    # round trip, where BEGIN, INSERT, COMMIT are three.
+    fields = [f for f in Receipt._meta.concrete_fields if not f.primary_key]
+    Receipt.objects._insert(rows, fields=fields, on_conflict=OnConflict.IGNORE)
+
+
+class _GroupCommit:
+    """One INSERT (and one commit) for the receipts of every request thread of this process that
+    came while the previous one was written: a database commit per receipt is what bounded intake.
+
+    No thread of its own: the first thread to find no write under way writes everything pending
+    (its own rows among them) and wakes the others; it then hands the next write to a thread still
+    waiting, so no request waits longer than two writes. A failed write fails each of its requests.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._pending: list[tuple[list[Receipt], _Written]] = []
+        self._writing = False
+
+    def write(self, rows: list[Receipt]) -> None:
+        written = _Written()
+        with self._condition:
+            self._pending.append((rows, written))
+            while not written.done and self._writing:
+                self._condition.wait()
+            if written.done:
+                written.raise_if_failed()
+                return
+            self._writing = True
+            batch, self._pending = self._pending, []
+        error: BaseException | None = None
+        try:
+            _insert([row for rows_, _ in batch for row in rows_])
+        except BaseException as exc:  # handed to every request of the batch, each answers 5xx
+            error = exc
+        with self._condition:
+            for _, each in batch:
+                each.done, each.error = True, error
+            self._writing = False
+            self._condition.notify_all()
+        written.raise_if_failed()
+
+
+class _Written:
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error: BaseException | None = None
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+_GROUP_COMMIT = _GroupCommit()
 
 
 def receipt_record(*, event: ReceiptEvent, source: str = EventSource.WEBHOOK) -> tuple[Receipt, bool]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timedelta
 
 import pytest
-from django.db import connection
+from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -220,3 +221,55 @@ def test_reconciliation_rematches_a_receipt_whose_send_is_known_now(message):
     sent(message, sid="SM-late")
     assert receipts_rematch(receipt_ids=[receipt.pk]) == 1
     assert Message.objects.get(pk=message.pk).state == "delivered"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_webhooks_share_writes_and_each_returns_once_its_receipt_is_stored(make_message):
+    # As gunicorn's threads do: each stores its receipt outside a transaction and must find it
+    # committed when receipts_store returns; the writes are shared while one is under way.
+    inserts: list[int] = []
+    original = receipts_module._insert
+
+    def counting_insert(rows):
+        inserts.append(len(rows))
+        time.sleep(0.02)  # a slow disk: the other threads' receipts gather meanwhile
+        original(rows)
+
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(16)
+
+    def webhook(n: int) -> None:
+        try:
+            barrier.wait()
+            receipts_store(events=[event(None, "delivered", "delivered", sid=f"SM-{n}")])
+            assert Receipt.objects.filter(event_id=f"SM-{n}:delivered").exists()
+        except BaseException as exc:  # reported below, from the test's own thread
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    receipts_module._insert = counting_insert
+    try:
+        threads = [threading.Thread(target=webhook, args=(n,)) for n in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+    finally:
+        receipts_module._insert = original
+    assert not errors, errors
+    assert Receipt.objects.count() == 16 and sum(inserts) == 16
+    assert len(inserts) < 16, f"every receipt written alone: {inserts}"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_shared_write_fails_every_webhook_in_it(monkeypatch):
+    def broken(rows):
+        raise RuntimeError("database gone")
+
+    monkeypatch.setattr(receipts_module, "_insert", broken)
+    with pytest.raises(RuntimeError, match="database gone"):
+        receipts_store(events=[event(None, "delivered", "delivered")])
+    monkeypatch.undo()
+    receipts_store(events=[event(None, "delivered", "delivered")])  # the next write is not stuck
+    assert Receipt.objects.count() == 1
