@@ -107,8 +107,7 @@ def receipts_store(*, events: list[ReceiptEvent], source: str = EventSource.WEBH
         _insert(rows)
         transaction.on_commit(receipts_apply_soon)
         return
-    _GROUP_COMMIT.write(rows)
-    receipts_apply_soon()
+    _GROUP_COMMIT.write(rows)  # the writer triggers the applier, once for everything it wrote
 
 
 def _insert(rows: list[Receipt]) -> None:
@@ -148,6 +147,8 @@ class _GroupCommit:
             _insert([row for rows_, _ in batch for row in rows_])
         except BaseException as exc:  # handed to every request of the batch, each answers 5xx
             error = exc
+        else:
+            receipts_apply_soon()
         with self._condition:
             for _, each in batch:
                 each.done, each.error = True, error
