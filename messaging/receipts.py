@@ -29,13 +29,12 @@ from typing import Any
 from anymail.signals import AnymailTrackingEvent, tracking
 from celery import current_app
 from django.db import IntegrityError, transaction
-from django.db.models.constants import OnConflict
 from django.dispatch import receiver
 from django.utils import timezone
 
 from messaging.conf import messaging_setting
 from messaging.models import AttemptOutcome, DispatchAttempt, ErrorType, EventSource, Message, Receipt, UnmatchedReason
-from messaging.rows import rows_update
+from messaging.rows import rows_insert_ignoring_conflicts, rows_update
 from messaging.services import messages_transition
 from messaging.states import MessageState
 from providers.mailgun import AnymailProvider
@@ -111,10 +110,9 @@ def receipts_store(*, events: list[ReceiptEvent], source: str = EventSource.WEBH
 
 
 def _insert(rows: list[Receipt]) -> None:
-    # bulk_create(ignore_conflicts=True) without its transaction: in autocommit one INSERT is one
-    # round trip, where BEGIN, INSERT, COMMIT are three.
-    fields = [f for f in Receipt._meta.concrete_fields if not f.primary_key]
-    Receipt.objects._insert(rows, fields=fields, on_conflict=OnConflict.IGNORE)
+    # Without a transaction of its own: in autocommit one INSERT is one round trip, where
+    # BEGIN, INSERT, COMMIT are three.
+    rows_insert_ignoring_conflicts(Receipt, rows)
 
 
 class _GroupCommit:
