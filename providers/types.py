@@ -107,6 +107,16 @@ class StatusResult:
     state: str | None  # our MessageState, or None when the status says nothing new
 
 
+# The longest value each text field of a receipt may have (the receipt table's columns,
+# messaging.models.Receipt): a webhook with a longer one is refused (400 naming the field).
+RECEIPT_FIELD_MAX_LENGTHS: dict[str, int] = {
+    "provider_message_id": 128,
+    "provider_status": 64,
+    "error_code": 64,
+    "event_id": 200,  # last: often made of the two above, which name the cause better
+}
+
+
 @dataclass(frozen=True)
 class ReceiptEvent:
     """A provider's status report, normalised."""

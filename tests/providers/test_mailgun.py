@@ -84,7 +84,7 @@ class TestMailgunContract(ProviderContract):
     @pytest.fixture
     def signed_webhook(self):
         def build(valid: bool):
-            body = mailgun_body(message_id="m-1", key=None if valid else "not-the-signing-key")
+            body = mailgun_body(message_id=str(uuid.uuid4()), key=None if valid else "not-the-signing-key")
             return RequestFactory().post(TRACKING_URL, data=json.dumps(body), content_type="application/json")
 
         return build
@@ -198,11 +198,12 @@ def test_the_event_map_covers_anymails_tracking_event_types():
     ],
 )
 def test_mailgun_events_map_through_anymail(mailgun_event, extra, provider_status, state):
-    body = mailgun_body(event=mailgun_event, message_id="m-9", id="evt-1", **extra)
+    ours = str(uuid.uuid4())
+    body = mailgun_body(event=mailgun_event, message_id=ours, id="evt-1", **extra)
     request = RequestFactory().post(TRACKING_URL, data=json.dumps(body), content_type="application/json")
     [event] = get_provider("mailgun").parse_webhook(request)
     assert (event.provider_status, event.state) == (provider_status, state)
-    assert event.event_id == "evt-1" and event.message_id == "m-9" and event.payload == body
+    assert event.event_id == "evt-1" and event.message_id == ours and event.payload == body
     assert event.provider_message_id == "<20240101.ABC@mg.example.com>"
 
 
