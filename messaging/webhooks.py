@@ -10,7 +10,7 @@ from django.views.decorators.http import require_http_methods
 
 from messaging.receipts import receipt_record
 from providers.registry import PROVIDER_CLASSES, get_provider
-from providers.types import WebhookSignatureError
+from providers.types import WebhookSignatureError, WebhookStateUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,9 @@ def provider_webhook(request: HttpRequest, provider_name: str) -> HttpResponse:
     except ValueError as exc:
         logger.warning("unreadable %s webhook: %s", provider_name, exc)
         return JsonResponse({"detail": str(exc)}, status=400)
+    except WebhookStateUnavailable as exc:  # replay checks cannot run (Redis): the provider retries
+        logger.error("refused %s webhook for now: %s", provider_name, exc)
+        return JsonResponse({"detail": "cannot check for replays now; retry later"}, status=503)
     for event in events:
         receipt_record(event=event)
     return HttpResponse(status=204)

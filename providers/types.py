@@ -83,6 +83,16 @@ class WebhookSignatureError(Exception):
     """A receipt webhook whose signature is missing or wrong: refuse it and change nothing."""
 
 
+class WebhookReplayError(WebhookSignatureError):
+    """A rightly signed receipt webhook that is stale, dated ahead, or whose one-time token was seen
+    before: a replay (refuse it, 403, change nothing)."""
+
+
+class WebhookStateUnavailable(Exception):
+    """The shared state that tells a replayed webhook from a new one (Redis) did not answer: refuse
+    with a 503 so that the provider retries, rather than take a webhook that may be a replay."""
+
+
 @dataclass(frozen=True)
 class SendRequest:
     message_id: str

@@ -269,6 +269,9 @@ CONDUCTOR_PROVIDERS = {
         "API_KEY": env_str("MAILGUN_API_KEY", "sandbox-mailgun-api-key"),
         "DOMAIN": env_str("MAILGUN_DOMAIN", "mg.example.com"),
         "WEBHOOK_SIGNING_KEY": env_str("MAILGUN_WEBHOOK_SIGNING_KEY", "sandbox-mailgun-signing-key"),
+        # Mailgun signs a timestamp and a one-time token, not the body: older (or as far ahead) is
+        # refused, and a token is taken once within this window.
+        "WEBHOOK_MAX_AGE_SECONDS": env_float("MAILGUN_WEBHOOK_MAX_AGE_SECONDS", 300.0),
         "BASE_URL": env_str("MAILGUN_BASE_URL", SANDBOX_URL),
         "FROM_EMAIL": env_str("MAILGUN_FROM_EMAIL", "Conductor <no-reply@mg.example.com>"),
         "TIMEOUT_SECONDS": env_float("MAILGUN_TIMEOUT_SECONDS", 10.0),

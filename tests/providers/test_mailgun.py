@@ -203,7 +203,8 @@ def test_mailgun_events_map_through_anymail(mailgun_event, extra, provider_statu
     request = RequestFactory().post(TRACKING_URL, data=json.dumps(body), content_type="application/json")
     [event] = get_provider("mailgun").parse_webhook(request)
     assert (event.provider_status, event.state) == (provider_status, state)
-    assert event.event_id == "evt-1" and event.message_id == ours and event.payload == body
+    assert event.event_id == "evt-1" and event.message_id == ours
+    assert event.payload == {"event-data": body["event-data"]}  # the signature is never kept
     assert event.provider_message_id == "<20240101.ABC@mg.example.com>"
 
 
@@ -235,7 +236,8 @@ def test_a_signed_sandbox_webhook_moves_the_message(client, sent_email):
     assert message.state == "delivered"
     [receipt] = Receipt.objects.filter(message=message)
     assert (receipt.provider, receipt.provider_status, receipt.mapped_state) == ("mailgun", "delivered", "delivered")
-    assert receipt.event_id == body["event-data"]["id"] and receipt.payload == body and receipt.applied
+    assert receipt.event_id == body["event-data"]["id"] and receipt.applied
+    assert receipt.payload == {"event-data": body["event-data"]}  # the signature is never kept
 
 
 def test_a_badly_signed_webhook_is_refused_and_changes_nothing(client, sent_email):
@@ -250,10 +252,12 @@ def test_a_badly_signed_webhook_is_refused_and_changes_nothing(client, sent_emai
 
 
 def test_the_same_event_posted_ten_times_is_one_receipt_and_one_change(client, sent_email):
+    # The same signature again is a replay (403); Mailgun signs each delivery afresh.
     message, body = sent_email
-    for _ in range(10):
-        response = client.post(TRACKING_URL, data=json.dumps(body), content_type="application/json")
-        assert response.status_code == 200
+    codes = [
+        client.post(TRACKING_URL, data=json.dumps(body), content_type="application/json").status_code for _ in range(10)
+    ]
+    assert codes == [200] + [403] * 9
     assert Receipt.objects.filter(message=message).count() == 1
     assert MessageEvent.objects.filter(message=message, to_state="delivered").count() == 1
     message.refresh_from_db()
