@@ -57,9 +57,12 @@ class _ThisProcess:
                 yield family
 
 
-def _counted(name: str, documentation: str, rows, labels: list[str]) -> GaugeMetricFamily:
-    """A gauge of row counts grouped by `labels` (one GROUP BY query); an empty label reads "none"."""
-    family = GaugeMetricFamily(name, documentation, labels=labels)
+def _counted(
+    name: str, documentation: str, rows, labels: list[str], label_names: dict[str, str] | None = None
+) -> GaugeMetricFamily:
+    """A gauge of row counts grouped by the fields `labels` (one GROUP BY query), each exported
+    under its name in `label_names` if it has one; an empty label reads "none"."""
+    family = GaugeMetricFamily(name, documentation, labels=[(label_names or {}).get(label, label) for label in labels])
     # COUNT(*) rather than COUNT(id): an index on the labels then answers without the table.
     for row in rows.values(*labels).annotate(n=Count("*")).order_by():
         family.add_metric([row[label] or "none" for label in labels], row["n"])
@@ -113,8 +116,16 @@ class StateCollector:
         )
         yield _counted(
             "conductor_receipts_unmatched",
-            "Provider receipts that name no message we know.",
-            Receipt.objects.filter(message__isnull=True),
+            "Provider receipts that changed nothing because they match no send of ours, by why "
+            "(no_message, no_attempt, id_mismatch, never_dispatched).",
+            Receipt.objects.exclude(unmatched_reason=""),
+            ["provider", "unmatched_reason"],
+            {"unmatched_reason": "reason"},
+        )
+        yield _counted(
+            "conductor_receipts_pending",
+            "Provider receipts stored and not yet applied to their messages.",
+            Receipt.objects.filter(processed_at__isnull=True),
             ["provider"],
         )
         yield delivery_rate_family()

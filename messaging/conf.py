@@ -37,6 +37,13 @@ DEFAULTS: dict[str, Any] = {
     "METADATA_MAX_BYTES": 16384,
     # Dead letters one API call replays at most; the response says how many matching remain.
     "REPLAY_API_MAX_ITEMS": 1000,
+    # Receipts applied per batch (one transaction, a few statements per receipt state).
+    "RECEIPT_APPLY_BATCH_SIZE": 1000,
+    # A receipt for a message not yet recorded as dispatched (it overtook our own write) waits
+    # this long for that write; then it is kept as unmatched (never_dispatched).
+    "RECEIPT_HOLD_SECONDS": 600.0,
+    # The sweeper publishes the receipt applier when a receipt has been due this long unapplied.
+    "RECEIPT_SWEEP_AFTER_SECONDS": 5.0,
     # A dispatched message with no final receipt this long after dispatch is polled at its provider.
     "RECEIPT_TIMEOUT_SECONDS": {"sms": 600.0, "whatsapp": 600.0, "email": 600.0},
     # Messages with an ordering_key wait for the earlier ones with the same key. When an earlier

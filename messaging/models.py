@@ -354,13 +354,28 @@ class DeadLetter(models.Model):
         return self.replayed_at is None
 
 
+class UnmatchedReason(models.TextChoices):
+    """Why a stored receipt changed nothing: it does not stand for a send we made."""
+
+    NO_MESSAGE = "no_message"  # it names no message we know
+    NO_ATTEMPT = "no_attempt"  # the message was never handed to that provider
+    ID_MISMATCH = "id_mismatch"  # that provider gave the message another id
+    NEVER_DISPATCHED = "never_dispatched"  # the message stayed accepted for the whole hold
+
+
 class Receipt(models.Model):
-    """A status report from a provider, kept whether or not it changed the message."""
+    """A status report from a provider, kept whether or not it changed the message.
+
+    Stored by the webhook before it answers and applied to messages later, in batches
+    (messaging.receipts): a row with no `processed_at` is still to be applied, from `due_at` on.
+    """
 
     provider = models.CharField(max_length=32)
     # Deduplicates re-sent callbacks; synthesised from message id and status where the provider has none.
     event_id = models.CharField(max_length=200)
+    # Set when the receipt is applied and matches a send of ours; `message_ref` is what it claimed.
     message = models.ForeignKey(Message, on_delete=models.CASCADE, null=True, blank=True, related_name="receipts")
+    message_ref = models.UUIDField(null=True, blank=True)
     provider_message_id = models.CharField(max_length=128, blank=True, default="")
     provider_status = models.CharField(max_length=64)
     mapped_state = models.CharField(max_length=16, blank=True, default="")
@@ -368,6 +383,11 @@ class Receipt(models.Model):
     applied = models.BooleanField(default=False)
     source = models.CharField(max_length=16, default="webhook")
     received_at = models.DateTimeField()
+    due_at = models.DateTimeField(null=True, blank=True)
+    processed_at = models.DateTimeField(null=True, blank=True)
+    # Times it waited for its message to be dispatched (a receipt can overtake our own write).
+    deferrals = models.PositiveSmallIntegerField(default=0)
+    unmatched_reason = models.CharField(max_length=16, blank=True, default="", choices=UnmatchedReason.choices)
     payload = models.JSONField(default=dict)
 
     class Meta:
@@ -377,6 +397,10 @@ class Receipt(models.Model):
         indexes = [
             models.Index(fields=["provider", "provider_message_id"], name="receipt_provider_ref"),
             models.Index(fields=["message", "received_at"], name="receipt_message_time"),
+            # The apply batches read only the pending rows: a small index however many are kept.
+            models.Index(
+                fields=["due_at", "id"], name="receipt_pending", condition=models.Q(processed_at__isnull=True)
+            ),
         ]
 
     def __str__(self) -> str:

@@ -1,113 +1,473 @@
-"""Store provider receipts once each and apply them to messages through the transition service
-(from our receipt webhook view, anymail's tracking signal, polling and reconciliation)."""
+"""Provider receipts: stored as they come (webhook, anymail's tracking signal, polling), applied
+to messages later in batches, off the request path.
+
+A webhook answers as soon as its receipt is stored (one INSERT): a campaign's receipts come in
+thousands a second and the provider gives up on a receiver that is slow. The batch then takes
+the pending rows (FOR UPDATE SKIP LOCKED, so several appliers never take one twice), matches
+each to a send of ours, ranks each message's receipts so that out-of-order ones still only move
+it forward, and applies them with a few statements per batch in the transaction that marks them
+processed. A batch killed half-way rolls back whole: its receipts are still pending, and the
+next trigger or the sweeper applies them.
+
+A receipt changes a message only if that message was handed to that provider (an attempt with
+it, under the id the provider gave where it gave one): anything else is kept as unmatched,
+counted, and changes nothing. A receipt for a message we have not yet recorded as dispatched
+(receipts overtake our own write) waits for that write, up to RECEIPT_HOLD_SECONDS.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from anymail.signals import AnymailTrackingEvent, tracking
+from celery import current_app
 from django.db import IntegrityError, transaction
+from django.db.models.constants import OnConflict
 from django.dispatch import receiver
 from django.utils import timezone
 
-from messaging.models import ErrorType, EventSource, Message, Receipt
-from messaging.services import message_transition
+from messaging.conf import messaging_setting
+from messaging.models import AttemptOutcome, DispatchAttempt, ErrorType, EventSource, Message, Receipt, UnmatchedReason
+from messaging.rows import rows_update
+from messaging.services import messages_transition
 from messaging.states import MessageState
 from providers.mailgun import AnymailProvider
+from providers.redis_state import shared_redis
 from providers.types import ReceiptEvent
 
 logger = logging.getLogger(__name__)
 
+APPLY_TASK = "messaging.apply_receipts"
+RECEIPTS_QUEUE = "receipts"
+# Set while an apply task is published and not yet looking: the webhooks of a busy second
+# publish one task between them, not one each.
+_PUBLISHED_KEY = "conductor:receipts:apply-published"
+_PUBLISHED_TTL_S = 30  # a task lost with its key set costs at most this (the sweeper looks too)
+# How far along the lifecycle each receipt state is: a message's receipts are applied in this
+# order whatever order they came in (a late `sent` after `delivered` then changes nothing).
+RANK = {
+    MessageState.DISPATCHED: 1,
+    MessageState.DELIVERED: 2,
+    MessageState.UNDELIVERED: 2,
+    MessageState.FAILED: 2,
+    MessageState.READ: 3,
+}
+_DEFER_MAX_S = 60.0
 
-def _find_message(event: ReceiptEvent) -> Message | None:
-    if event.message_id:
+
+@dataclass
+class ApplyReport:
+    taken: int = 0
+    applied: int = 0
+    kept: int = 0  # matched, but moved nothing (a repeat, or behind the message's state)
+    deferred: int = 0
+    unmatched: Counter = field(default_factory=Counter)
+
+    def add(self, other: ApplyReport) -> None:
+        self.taken += other.taken
+        self.applied += other.applied
+        self.kept += other.kept
+        self.deferred += other.deferred
+        self.unmatched.update(other.unmatched)
+
+
+# --- storing ------------------------------------------------------------------------------------
+def _receipt_row(event: ReceiptEvent, source: str, now: datetime) -> Receipt:
+    return Receipt(
+        provider=event.provider,
+        event_id=event.event_id,
+        message_ref=_uuid_or_none(event.message_id),
+        provider_message_id=event.provider_message_id,
+        provider_status=event.provider_status,
+        mapped_state=event.state or "",
+        error_code=event.error_code,
+        source=source,
+        received_at=now,
+        due_at=now,
+        payload=event.payload,
+    )
+
+
+def receipts_store(*, events: list[ReceiptEvent], source: str = EventSource.WEBHOOK) -> None:
+    """Store receipts to be applied (a repeat of a stored event is ignored) and trigger the
+    applier once they are committed; returns once they are. Outside a transaction (a webhook),
+    the receipts of the process's concurrent requests are written together (_GROUP_COMMIT)."""
+    if not events:
+        return
+    now = timezone.now()
+    rows = [_receipt_row(event, source, now) for event in events]
+    if transaction.get_connection().in_atomic_block:
+        _insert(rows)
+        transaction.on_commit(receipts_apply_soon)
+        return
+    _GROUP_COMMIT.write(rows)  # the writer triggers the applier, once for everything it wrote
+
+
+def _insert(rows: list[Receipt]) -> None:
+    # bulk_create(ignore_conflicts=True) without its transaction: in autocommit one INSERT is one
+    # round trip, where BEGIN, INSERT, COMMIT are three.
+    fields = [f for f in Receipt._meta.concrete_fields if not f.primary_key]
+    Receipt.objects._insert(rows, fields=fields, on_conflict=OnConflict.IGNORE)
+
+
+class _GroupCommit:
+    """One INSERT (and one commit) for the receipts of every request thread of this process that
+    came while the previous one was written: a database commit per receipt is what bounded intake.
+
+    No thread of its own: the first thread to find no write under way writes everything pending
+    (its own rows among them) and wakes the others; it then hands the next write to a thread still
+    waiting, so no request waits longer than two writes. A failed write fails each of its requests.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._pending: list[tuple[list[Receipt], _Written]] = []
+        self._writing = False
+
+    def write(self, rows: list[Receipt]) -> None:
+        written = _Written()
+        with self._condition:
+            self._pending.append((rows, written))
+            while not written.done and self._writing:
+                self._condition.wait()
+            if written.done:
+                written.raise_if_failed()
+                return
+            self._writing = True
+            batch, self._pending = self._pending, []
+        error: BaseException | None = None
         try:
-            message = Message.objects.filter(pk=uuid.UUID(event.message_id)).first()
-        except ValueError:
-            message = None
-        if message is not None:
-            return message
-    if event.provider_message_id:
-        return Message.objects.filter(provider=event.provider, provider_message_id=event.provider_message_id).first()
-    return None
+            _insert([row for rows_, _ in batch for row in rows_])
+        except BaseException as exc:  # handed to every request of the batch, each answers 5xx
+            error = exc
+        else:
+            receipts_apply_soon()
+        with self._condition:
+            for _, each in batch:
+                each.done, each.error = True, error
+            self._writing = False
+            self._condition.notify_all()
+        written.raise_if_failed()
+
+
+class _Written:
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error: BaseException | None = None
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+_GROUP_COMMIT = _GroupCommit()
 
 
 def receipt_record(*, event: ReceiptEvent, source: str = EventSource.WEBHOOK) -> tuple[Receipt, bool]:
-    """Store the receipt (deduplicated on the provider's event id) and apply it.
+    """Store one receipt and apply it now (a status look-up, which waits for the answer anyway).
 
-    Returns the receipt and whether it was new. A receipt for a message we do not know is kept
-    unmatched; one that arrives before our own "dispatched" write is applied all the same.
+    Returns the receipt as applied and whether it was new; a repeat is not applied again.
     """
-    message = _find_message(event)
     try:
         with transaction.atomic():
-            receipt = Receipt.objects.create(
-                provider=event.provider,
-                event_id=event.event_id,
-                message=message,
-                provider_message_id=event.provider_message_id,
-                provider_status=event.provider_status,
-                mapped_state=event.state or "",
-                error_code=event.error_code,
-                source=source,
-                received_at=timezone.now(),
-                payload=event.payload,
-            )
+            receipt = _receipt_row(event, source, timezone.now())
+            receipt.save(force_insert=True)
     except IntegrityError:
         logger.info("duplicate %s receipt %s ignored", event.provider, event.event_id)
         return Receipt.objects.get(provider=event.provider, event_id=event.event_id), False
-    if message is None:
-        logger.warning(
-            "unmatched %s receipt for %s (%s)", event.provider, event.provider_message_id, event.provider_status
-        )
-        return receipt, True
-    receipt_apply(receipt=receipt, message=message, source=source)
+    receipts_apply_batch(receipt_ids=[receipt.pk])
+    receipt.refresh_from_db()
     return receipt, True
 
 
-def receipt_apply(*, receipt: Receipt, message: Message, source: str) -> bool:
-    """Apply a stored receipt to its message (linking it first if it was unmatched).
+def _uuid_or_none(value: str | None) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value) if value else None
+    except ValueError:
+        return None
 
-    Returns whether the message's state moved. The transition service decides: a receipt that
-    would move a message backwards is kept, not applied.
-    """
-    if receipt.message_id is None:
-        Receipt.objects.filter(pk=receipt.pk).update(message=message)
-        receipt.message = message
-    state = receipt.mapped_state
-    if not state or state == message.state:
+
+# --- triggering ---------------------------------------------------------------------------------
+def receipts_apply_soon() -> None:
+    """Publish the apply task unless one is published and has not started looking yet. A
+    failure is logged, not raised: the receipt is stored and the sweeper triggers the applier."""
+    try:
+        if not shared_redis().set(_PUBLISHED_KEY, 1, nx=True, ex=_PUBLISHED_TTL_S):
+            return
+    except Exception:  # Redis down: publish anyway (a task too many costs one empty query)
+        logger.info("receipt trigger: Redis unavailable, publishing without coalescing")
+    _publish()
+
+
+def _publish() -> bool:
+    try:
+        current_app.send_task(APPLY_TASK, queue=RECEIPTS_QUEUE, retry=False)
+    except Exception:
+        logger.warning("could not publish the receipt applier; the sweeper will", exc_info=True)
         return False
-    fields = {}
-    if not message.provider_message_id:
+    return True
+
+
+def receipts_apply_pending(*, budget_s: float = 10.0) -> ApplyReport:
+    """The apply task's work: batches until no receipt is due, or the budget is spent (then the
+    task publishes itself again, so a worker shared with sends is not held for ever)."""
+    report = ApplyReport()
+    size = messaging_setting("RECEIPT_APPLY_BATCH_SIZE")
+    began = time.monotonic()
+    while True:
+        try:
+            # Before each look: a receipt committed after it publishes a new task.
+            shared_redis().delete(_PUBLISHED_KEY)
+        except Exception:
+            pass
+        batch = receipts_apply_batch(limit=size)
+        report.add(batch)
+        if batch.taken < size:
+            return report
+        if time.monotonic() - began > budget_s:
+            _publish()
+            return report
+
+
+def receipts_due_waiting(*, now: datetime, older_than: timedelta) -> bool:
+    """Whether a receipt due this long has not been applied: its trigger was lost (the sweeper asks)."""
+    return Receipt.objects.filter(processed_at__isnull=True, due_at__lte=now - older_than).exists()
+
+
+def receipts_sweep(*, now: datetime) -> bool:
+    """The sweeper's part: publish the applier for receipts whose trigger was lost (a broker or
+    Redis outage, a worker killed mid-batch). Returns whether it did."""
+    if receipts_due_waiting(now=now, older_than=timedelta(seconds=messaging_setting("RECEIPT_SWEEP_AFTER_SECONDS"))):
+        return _publish()
+    return False
+
+
+# --- applying -----------------------------------------------------------------------------------
+def receipts_apply_batch(
+    *, limit: int = 1000, receipt_ids: list[int] | None = None, now: datetime | None = None
+) -> ApplyReport:
+    """Apply up to `limit` due receipts (or the pending ones of `receipt_ids`) in one transaction."""
+    now = now or timezone.now()
+    report = ApplyReport()
+    with transaction.atomic():
+        pending = Receipt.objects.filter(processed_at__isnull=True)
+        pending = pending.filter(pk__in=receipt_ids) if receipt_ids is not None else pending.filter(due_at__lte=now)
+        receipts = list(
+            pending.select_for_update(skip_locked=True)
+            .order_by("due_at", "id")
+            .only(
+                "id",
+                "provider",
+                "message_ref",
+                "provider_message_id",
+                "provider_status",
+                "mapped_state",
+                "error_code",
+                "source",
+                "received_at",
+                "deferrals",
+            )[:limit]
+        )
+        report.taken = len(receipts)
+        if not receipts:
+            return report
+        messages = _messages_named(receipts)
+        sends = _sends_by_message(list(messages.values()))
+        outcome: dict[int, dict[str, Any]] = {}
+        by_message: dict[Any, list[Receipt]] = defaultdict(list)
+        hold = timedelta(seconds=messaging_setting("RECEIPT_HOLD_SECONDS"))
+        for receipt in receipts:
+            message = _message_of(receipt, messages)
+            reason = _unmatched_reason(receipt, message, sends)
+            if reason:
+                report.unmatched[str(reason)] += 1
+                outcome[receipt.pk] = _processed(receipt, now, reason=reason)
+            elif message["state"] == MessageState.ACCEPTED:
+                if now - receipt.received_at > hold:
+                    report.unmatched[str(UnmatchedReason.NEVER_DISPATCHED)] += 1
+                    outcome[receipt.pk] = _processed(receipt, now, reason=UnmatchedReason.NEVER_DISPATCHED)
+                else:
+                    report.deferred += 1
+                    outcome[receipt.pk] = _deferred(receipt, now)
+            else:
+                by_message[message["pk"]].append(receipt)
+                outcome[receipt.pk] = _processed(receipt, now, message_id=message["pk"])
+        applied = _apply_ranked(by_message, messages)
+        for receipt_id in applied:
+            outcome[receipt_id]["applied"] = True
+        report.applied = len(applied)
+        report.kept = sum(len(group) for group in by_message.values()) - len(applied)
+        rows_update(Receipt.objects.all(), outcome)
+    if report.unmatched:
+        logger.warning("receipts unmatched (changed nothing): %s", dict(report.unmatched))
+    return report
+
+
+def _messages_named(receipts: list[Receipt]) -> dict[Any, dict[str, Any]]:
+    """The messages the receipts name, by our id and by (provider, provider's id), locked in key
+    order (every writer of many messages locks in that order) with the columns matching needs."""
+    refs = {receipt.message_ref for receipt in receipts if receipt.message_ref}
+    by_provider: dict[str, set[str]] = defaultdict(set)
+    for receipt in receipts:
+        if not receipt.message_ref and receipt.provider_message_id:
+            by_provider[receipt.provider].add(receipt.provider_message_id)
+    ids = set(Message.objects.filter(pk__any=list(refs)).values_list("pk", flat=True)) if refs else set()
+    for provider, provider_ids in by_provider.items():
+        ids |= set(
+            Message.objects.filter(provider=provider, provider_message_id__in=provider_ids).values_list("pk", flat=True)
+        )
+    if not ids:
+        return {}
+    rows = (
+        Message.objects.select_for_update()
+        .filter(pk__any=list(ids))
+        .order_by("pk")
+        .values("pk", "state", "provider", "provider_message_id")
+    )
+    messages: dict[Any, dict[str, Any]] = {}
+    for row in rows:
+        messages[row["pk"]] = row
+        if row["provider_message_id"]:
+            messages[(row["provider"], row["provider_message_id"])] = row
+    return messages
+
+
+def _message_of(receipt: Receipt, messages: dict[Any, dict[str, Any]]) -> dict[str, Any] | None:
+    if receipt.message_ref:
+        return messages.get(receipt.message_ref)
+    return messages.get((receipt.provider, receipt.provider_message_id))
+
+
+def _sends_by_message(messages: list[dict[str, Any]]) -> dict[Any, dict[str, set[str]]]:
+    """Per message, the providers it was handed to, each with the ids they gave ("" while unknown)."""
+    ids = list({row["pk"] for row in messages})
+    sends: dict[Any, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    if not ids:
+        return sends
+    attempts = (
+        DispatchAttempt.objects.filter(message_id__any=ids)
+        .exclude(outcome=AttemptOutcome.SKIPPED)
+        .values_list("message_id", "provider", "provider_message_id")
+    )
+    for message_id, provider, provider_message_id in attempts:
+        sends[message_id][provider].add(provider_message_id)
+    for row in messages:
+        if row["provider_message_id"]:
+            sends[row["pk"]][row["provider"]].add(row["provider_message_id"])
+    return sends
+
+
+def _unmatched_reason(
+    receipt: Receipt, message: dict[str, Any] | None, sends: dict[Any, dict[str, set[str]]]
+) -> str | None:
+    if message is None:
+        return UnmatchedReason.NO_MESSAGE
+    given = sends.get(message["pk"], {}).get(receipt.provider)
+    if not given:
+        return UnmatchedReason.NO_ATTEMPT
+    known = given - {""}
+    if receipt.provider_message_id and known and receipt.provider_message_id not in known:
+        return UnmatchedReason.ID_MISMATCH
+    return None
+
+
+def _processed(receipt: Receipt, now: datetime, *, message_id: Any = None, reason: str = "") -> dict[str, Any]:
+    # The same fields as _deferred's: rows_update writes every row's in one statement.
+    return {
+        "processed_at": now,
+        "message": message_id,
+        "unmatched_reason": reason,
+        "applied": False,
+        "due_at": now,
+        "deferrals": receipt.deferrals,
+    }
+
+
+def _deferred(receipt: Receipt, now: datetime) -> dict[str, Any]:
+    wait = min(2.0**receipt.deferrals, _DEFER_MAX_S)
+    return {
+        "processed_at": None,
+        "message": None,
+        "unmatched_reason": "",
+        "applied": False,
+        "due_at": now + timedelta(seconds=wait),
+        "deferrals": receipt.deferrals + 1,
+    }
+
+
+def _apply_ranked(by_message: dict[Any, list[Receipt]], messages: dict[Any, dict[str, Any]]) -> set[int]:
+    """Apply each message's receipts in rank order, one round per receipt a message has: each
+    round is one transition call per target state. Returns the ids of the receipts applied."""
+    queues = {
+        pk: sorted((r for r in group if r.mapped_state), key=lambda r: (RANK.get(r.mapped_state, 0), r.pk))
+        for pk, group in by_message.items()
+    }
+    state = {pk: messages[pk]["state"] for pk in queues}
+    applied: set[int] = set()
+    while True:
+        rounds: dict[tuple[str, str, frozenset[str]], dict[Any, tuple[str, dict[str, Any]]]] = defaultdict(dict)
+        chosen: dict[Any, Receipt] = {}
+        for pk, queue in queues.items():
+            while queue and queue[0].mapped_state == state[pk]:
+                queue.pop(0)  # a repeat of where the message stands (`sent` when dispatched): nothing to do
+            if not queue:
+                continue
+            receipt = queue.pop(0)
+            fields = _fields(receipt, messages[pk])
+            rounds[(receipt.mapped_state, receipt.source, frozenset(fields))][pk] = (_detail(receipt), fields)
+            chosen[pk] = receipt
+        if not rounds:
+            return applied
+        for (to_state, source, _), changes in rounds.items():
+            for pk in messages_transition(to_state=to_state, source=source, changes=changes):
+                state[pk] = to_state
+                applied.add(chosen[pk].pk)
+
+
+def _fields(receipt: Receipt, message: dict[str, Any]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    if not message["provider_message_id"] and receipt.provider_message_id:
         fields = {"provider": receipt.provider, "provider_message_id": receipt.provider_message_id}
-    if state == MessageState.FAILED:
+    if receipt.mapped_state == MessageState.FAILED:
         # The provider took it, then gave up for good: the dead letter says so.
         fields |= {
             "last_error_type": ErrorType.REJECTED,
             "last_error_code": receipt.error_code,
             "last_error_message": f"{receipt.provider} reported {receipt.provider_status} after accepting it",
         }
-    applied = message_transition(
-        message_id=message.pk,
-        to_state=state,
-        source=source,
-        detail=f"{receipt.provider} receipt: {receipt.provider_status}"
-        + (f" (error {receipt.error_code})" if receipt.error_code else ""),
-        fields=fields,
+    return fields
+
+
+def _detail(receipt: Receipt) -> str:
+    return f"{receipt.provider} receipt: {receipt.provider_status}" + (
+        f" (error {receipt.error_code})" if receipt.error_code else ""
     )
-    if applied:
-        Receipt.objects.filter(pk=receipt.pk).update(applied=True)
-        receipt.applied = True
-    return applied
+
+
+def receipts_rematch(*, receipt_ids: list[int]) -> int:
+    """Look again at receipts that matched no message (reconciliation: its send may have been
+    recorded since); returns how many now matched one."""
+    Receipt.objects.filter(pk__in=receipt_ids, unmatched_reason=UnmatchedReason.NO_MESSAGE).update(
+        processed_at=None, unmatched_reason="", due_at=timezone.now()
+    )
+    report = receipts_apply_batch(receipt_ids=receipt_ids, limit=len(receipt_ids) or 1)
+    return report.taken - sum(report.unmatched.values()) - report.deferred
 
 
 @receiver(tracking, dispatch_uid="messaging.receipts.record_tracking_event")
 def record_tracking_event(sender: type, event: AnymailTrackingEvent, esp_name: str, **kwargs: Any) -> None:
-    """anymail's tracking webhooks (signature already checked by anymail) -> stored, applied receipts."""
+    """anymail's tracking webhooks (signature already checked by anymail) -> stored receipts."""
     provider = AnymailProvider.for_esp(esp_name)
     if provider is None:
         logger.warning("tracking event from %s ignored: no Conductor provider for that ESP", esp_name)
         return
-    receipt_record(event=provider.receipt_event(event), source=EventSource.WEBHOOK)
+    receipts_store(events=[provider.receipt_event(event)])

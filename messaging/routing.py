@@ -92,3 +92,8 @@ def message_route(*, channel: str, to: str, fallback_channels: list[str], fallba
         if address:
             hops += [Hop(fallback, address, provider) for provider in routes.get(fallback, [])]
     return hops
+
+
+def routed_providers() -> frozenset[str]:
+    """The providers some route sends through: the only ones whose receipts we take."""
+    return frozenset(provider for providers in messaging_setting("ROUTES").values() for provider in providers)

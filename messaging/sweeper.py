@@ -13,6 +13,7 @@ from messaging.conf import messaging_setting
 from messaging.models import ErrorType, EventSource, Message, unleased
 from messaging.publish import messages_publish
 from messaging.queue_progress import MOVING_SECONDS, SLACK_SECONDS, queues_consumed
+from messaging.receipts import receipts_sweep
 from messaging.routing import Channel, queue_name
 from messaging.rows import rows_update_in_key_order
 from messaging.services import message_transition
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 class SweepReport:
     expired: int = 0
     enqueued: int = 0
+    receipts_triggered: bool = False
 
 
 def messages_sweep(*, now: datetime | None = None) -> SweepReport:
@@ -36,8 +38,14 @@ def messages_sweep(*, now: datetime | None = None) -> SweepReport:
     report.expired = _expire_overdue(now, batch)
     for priority, stale_seconds in messaging_setting("SWEEP_STALE_AFTER_SECONDS").items():
         report.enqueued += _enqueue_due(now, priority, timedelta(seconds=stale_seconds), batch)
-    if report.expired or report.enqueued:
-        logger.info("sweep: %d expired, %d enqueued", report.expired, report.enqueued)
+    report.receipts_triggered = receipts_sweep(now=now)
+    if report.expired or report.enqueued or report.receipts_triggered:
+        logger.info(
+            "sweep: %d expired, %d enqueued%s",
+            report.expired,
+            report.enqueued,
+            ", receipt applier published" if report.receipts_triggered else "",
+        )
     return report
 
 

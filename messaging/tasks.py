@@ -7,6 +7,7 @@ from celery import Task, shared_task
 from messaging.dispatch import messages_dispatch
 from messaging.locks import cluster_lock
 from messaging.queue_progress import queue_consumed
+from messaging.receipts import APPLY_TASK, receipts_apply_pending
 from messaging.sweeper import messages_sweep
 
 
@@ -45,3 +46,10 @@ def sweep() -> None:
     with cluster_lock("conductor:sweep") as acquired:
         if acquired:
             messages_sweep()
+
+
+@shared_task(name=APPLY_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def apply_receipts() -> None:
+    """Apply stored receipts in batches until none is due. A worker killed mid-batch rolls its
+    batch back; the receipts stay pending for the next trigger or the sweeper."""
+    receipts_apply_pending()

@@ -1,4 +1,4 @@
-"""Provider receipt webhooks: verify the signature, parse, store and apply (anymail's flow)."""
+"""Provider receipt webhooks: verify the signature, parse, store, answer; applied later in batches."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
 
-from messaging.receipts import receipt_record
-from providers.registry import PROVIDER_CLASSES, get_provider
+from messaging.receipts import receipts_store
+from messaging.routing import routed_providers
+from providers.registry import get_provider
 from providers.types import WebhookSignatureError, WebhookStateUnavailable
 
 logger = logging.getLogger(__name__)
@@ -18,10 +19,11 @@ logger = logging.getLogger(__name__)
 @csrf_exempt
 @require_http_methods(["GET", "POST"])  # Vonage can be set to deliver receipts as GET
 def provider_webhook(request: HttpRequest, provider_name: str) -> HttpResponse:
-    """403 on a bad or missing signature (nothing changes); 400 on a payload we cannot read;
-    a 5xx for anything else so that the provider retries."""
-    if provider_name not in PROVIDER_CLASSES:
-        return JsonResponse({"detail": f"unknown provider {provider_name!r}"}, status=404)
+    """404 for a provider no route sends through; 403 on a bad or missing signature and 400 on a
+    payload we cannot read (nothing stored either way); 204 once stored; a 5xx for anything else
+    (the database down) so that the provider retries."""
+    if provider_name not in routed_providers():
+        return JsonResponse({"detail": f"no configured route sends through {provider_name!r}"}, status=404)
     provider = get_provider(provider_name)
     try:
         events = provider.parse_webhook(request)
@@ -34,6 +36,5 @@ def provider_webhook(request: HttpRequest, provider_name: str) -> HttpResponse:
     except WebhookStateUnavailable as exc:  # replay checks cannot run (Redis): the provider retries
         logger.error("refused %s webhook for now: %s", provider_name, exc)
         return JsonResponse({"detail": "cannot check for replays now; retry later"}, status=503)
-    for event in events:
-        receipt_record(event=event)
+    receipts_store(events=events)
     return HttpResponse(status=204)

@@ -18,8 +18,8 @@ from datetime import UTC, date, datetime, timedelta
 from django.utils import timezone
 
 from messaging.locks import cluster_lock
-from messaging.models import EventSource, Message, Receipt
-from messaging.receipts import receipt_apply
+from messaging.models import Message, Receipt, UnmatchedReason
+from messaging.receipts import receipts_rematch
 from messaging.states import MessageState
 from reconciliation.conf import reconciliation_setting
 from reconciliation.models import ReconciliationRun, RunStatus
@@ -163,15 +163,13 @@ def _check_at_provider(run: ReconciliationRun, message: Message, mismatches: Cou
 
 def _rematch_receipts(start: datetime, end: datetime) -> tuple[int, int]:
     """Receipts received in the window that named no message: match them now if we can."""
-    unmatched = list(Receipt.objects.filter(message__isnull=True, received_at__gte=start, received_at__lt=end))
-    rematched = 0
-    for receipt in unmatched:
-        if not receipt.provider_message_id:
-            continue  # nothing to match it by
-        message = Message.objects.filter(
-            provider=receipt.provider, provider_message_id=receipt.provider_message_id
-        ).first()
-        if message is not None:
-            receipt_apply(receipt=receipt, message=message, source=EventSource.POLL)
-            rematched += 1
+    unmatched = list(
+        Receipt.objects.filter(
+            unmatched_reason=UnmatchedReason.NO_MESSAGE, received_at__gte=start, received_at__lt=end
+        ).values_list("pk", flat=True)
+    )
+    batch = reconciliation_setting("RECONCILE_BATCH_SIZE")
+    rematched = sum(
+        receipts_rematch(receipt_ids=unmatched[offset : offset + batch]) for offset in range(0, len(unmatched), batch)
+    )
     return len(unmatched), rematched

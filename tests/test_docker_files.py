@@ -27,7 +27,7 @@ METRICS_DOC = ROOT / "docs" / "metrics.md"
 MULTIPROC_DIR = "/var/run/conductor-metrics"
 METRICS_VOLUME = "metrics"
 # Processes that record event metrics: they must share the multiprocess directory.
-METRIC_WRITERS = {"migrate", "web", "worker_urgent", "worker_maintenance", "worker_bulk", "beat"}
+METRIC_WRITERS = {"migrate", "web", "worker_urgent", "worker_maintenance", "worker_receipts", "worker_bulk", "beat"}
 
 # What web:8000/metrics exports (messaging/metrics.py and the scrape-time collectors behind the
 # /metrics view): family -> (type, labels). Histograms are exposed as _bucket/_sum/_count series.
@@ -43,7 +43,8 @@ WEB_METRICS_ENDPOINT: dict[str, tuple[str, frozenset[str]]] = {
     "conductor_circuit_state": ("gauge", frozenset({"provider", "state"})),
     "conductor_messages_delivery_unknown": ("gauge", frozenset({"channel", "provider"})),
     "conductor_alerts_open": ("gauge", frozenset({"kind", "channel", "provider", "severity"})),
-    "conductor_receipts_unmatched": ("gauge", frozenset({"provider"})),
+    "conductor_receipts_unmatched": ("gauge", frozenset({"provider", "reason"})),
+    "conductor_receipts_pending": ("gauge", frozenset({"provider"})),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 

@@ -150,12 +150,15 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CONDUCTOR_CHANNELS = ("sms", "whatsapp", "email")
 CONDUCTOR_PRIORITIES = ("critical", "transactional", "bulk")
 MAINTENANCE_QUEUE = "maintenance"
+# Stored provider receipts applied to messages in batches (messaging.receipts), on a worker of
+# their own: a long reconciliation run on the maintenance worker must not hold them up.
+RECEIPTS_QUEUE = "receipts"
 _exchange = Exchange("conductor", type="direct")
 CELERY_TASK_QUEUES = [
     Queue(f"{channel}.{priority}", _exchange, routing_key=f"{channel}.{priority}")
     for channel in CONDUCTOR_CHANNELS
     for priority in CONDUCTOR_PRIORITIES
-] + [Queue(MAINTENANCE_QUEUE, _exchange, routing_key=MAINTENANCE_QUEUE)]
+] + [Queue(name, _exchange, routing_key=name) for name in (MAINTENANCE_QUEUE, RECEIPTS_QUEUE)]
 CELERY_TASK_DEFAULT_QUEUE = MAINTENANCE_QUEUE
 CELERY_TASK_DEFAULT_EXCHANGE = "conductor"
 CELERY_TASK_DEFAULT_ROUTING_KEY = MAINTENANCE_QUEUE

@@ -8,6 +8,7 @@ import pytest
 from twilio.request_validator import RequestValidator
 
 from messaging.models import Receipt
+from messaging.receipts import receipts_apply_batch
 from providers.conf import provider_config, providers_setting
 from tests.providers.test_vonage import dlr, signed
 
@@ -33,6 +34,8 @@ def test_twilio_the_same_signed_callback_ten_times_applies_once(client, dispatch
     message = dispatched("twilio", "SM42")
     codes = [twilio_callback(client, message).status_code for _ in range(10)]
     assert codes == [204] * 10
+    assert Receipt.objects.get().processed_at is None  # stored, applied off the request path
+    assert receipts_apply_batch().applied == 1
     message.refresh_from_db()
     assert message.state == "delivered"
     assert Receipt.objects.count() == 1 and message.events.filter(to_state="delivered").count() == 1
@@ -53,6 +56,8 @@ def test_vonage_the_same_signed_receipt_ten_times_applies_once(client, dispatche
     )
     codes = [client.post("/webhooks/vonage/", data=params).status_code for _ in range(10)]
     assert codes == [204] * 10
+    assert Receipt.objects.get().processed_at is None  # stored, applied off the request path
+    assert receipts_apply_batch().applied == 1
     message.refresh_from_db()
     assert message.state == "delivered"
     assert Receipt.objects.count() == 1 and message.events.filter(to_state="delivered").count() == 1

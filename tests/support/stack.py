@@ -127,9 +127,12 @@ class Stack:
             self.start_worker()
         return self
 
-    def start_worker(self, concurrency: int = 4, env: dict[str, str] | None = None) -> ManagedProcess:
-        """A worker consuming every queue; `env` overrides settings for it alone (e.g. routes)."""
-        worker = self._spawn_worker(concurrency, env)
+    def start_worker(
+        self, concurrency: int = 4, env: dict[str, str] | None = None, queues: str | None = None
+    ) -> ManagedProcess:
+        """A worker consuming every queue (or `queues`, comma-separated); `env` overrides settings
+        for it alone (e.g. routes)."""
+        worker = self._spawn_worker(concurrency, env, queues)
         self._wait_ready(worker)
         return worker
 
@@ -142,7 +145,7 @@ class Stack:
         wait_until(lambda: " ready." in worker.log_text(), 60, what=f"{worker.name} ready")
         self.workers.append(worker)
 
-    def _spawn_worker(self, concurrency: int, env: dict[str, str] | None) -> ManagedProcess:
+    def _spawn_worker(self, concurrency: int, env: dict[str, str] | None, queues: str | None = None) -> ManagedProcess:
         self._worker_seq += 1
         name = f"worker{self._worker_seq}"
         worker = self._spawn(
@@ -162,6 +165,7 @@ class Stack:
                 str(concurrency),
                 "--without-gossip",
                 "--without-mingle",
+                *(["-Q", queues] if queues else []),
             ],
             env,
         )
@@ -210,6 +214,13 @@ class Stack:
         response = requests.post(
             f"{self.sandbox_url}/_sandbox/faults", json={"provider": provider, **faults}, timeout=5
         )
+        response.raise_for_status()
+        return response.json()
+
+    def sandbox_callback_summary(self) -> dict[str, Any]:
+        """The sandbox's callback counters per provider and in total (scheduled, posted_ok,
+        given_up, pending...) and the callbacks' latency."""
+        response = requests.get(f"{self.sandbox_url}/_sandbox/callbacks/summary", timeout=10)
         response.raise_for_status()
         return response.json()
 
