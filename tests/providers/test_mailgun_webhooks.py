@@ -13,6 +13,7 @@ import pytest
 from django.test import Client
 
 from messaging.models import Message, Receipt
+from messaging.receipts import receipts_apply_batch
 from providers.redis_state import reset_shared_redis
 from providers.registry import reset_provider_cache
 from tests.support.signed_receipts import (
@@ -54,16 +55,25 @@ def client() -> Client:
 
 @pytest.fixture
 def email(make_message) -> Message:
-    return make_message(channel="email", to="ada@example.com", state="dispatched", provider="mailgun")
+    return make_message(
+        channel="email",
+        to="ada@example.com",
+        state="dispatched",
+        provider="mailgun",
+        provider_message_id="<20240101.42@mg.example.com>",
+    )
 
 
 def delivered(email: Message, /, **data) -> dict:
-    return mailgun_event(message_id=str(email.pk), **data)
+    """The event of `email` (our id in its variables, Mailgun's in its headers), with `data` over it."""
+    headers = {"message-id": email.provider_message_id.strip("<>")}
+    return mailgun_event(message_id=str(email.pk), **{"message": {"headers": headers}, **data})
 
 
 def test_a_signed_webhook_is_taken_and_its_signature_not_kept(client, door, email):
     body = mailgun_body(delivered(email))
     assert door.post(client, body) == door.ok
+    receipts_apply_batch()
     email.refresh_from_db()
     [receipt] = Receipt.objects.all()
     assert email.state == "delivered" and receipt.applied
@@ -88,6 +98,7 @@ def test_a_token_is_taken_once_whichever_door_it_comes_through(client, door, sec
     assert second.post(client, replay) == 403
     assert second.post(client, body) == 403
     assert Receipt.objects.count() == 1
+    receipts_apply_batch()
     assert Message.objects.get(pk=email.pk).state == "delivered"
 
 
@@ -142,7 +153,7 @@ def test_a_webhook_that_failed_after_its_check_can_be_retried(client, email, mon
 
     body = mailgun_body(delivered(email))
     with monkeypatch.context() as patch:
-        patch.setattr(messaging.receipts, "receipt_record", down)
+        patch.setattr(messaging.receipts, "receipts_store", down)
         assert ANYMAIL.post(client, body) == 500
     assert ANYMAIL.post(client, body) == 200
     assert Receipt.objects.count() == 1
