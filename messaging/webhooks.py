@@ -11,7 +11,7 @@ from django.views.decorators.http import require_http_methods
 from messaging.receipts import receipts_store
 from messaging.routing import routed_providers
 from providers.registry import get_provider
-from providers.types import WebhookSignatureError
+from providers.types import WebhookSignatureError, WebhookStateUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -33,5 +33,8 @@ def provider_webhook(request: HttpRequest, provider_name: str) -> HttpResponse:
     except ValueError as exc:
         logger.warning("unreadable %s webhook: %s", provider_name, exc)
         return JsonResponse({"detail": str(exc)}, status=400)
+    except WebhookStateUnavailable as exc:  # replay checks cannot run (Redis): the provider retries
+        logger.error("refused %s webhook for now: %s", provider_name, exc)
+        return JsonResponse({"detail": "cannot check for replays now; retry later"}, status=503)
     receipts_store(events=events)
     return HttpResponse(status=204)

@@ -4,6 +4,9 @@ an adapter supplies only the provider-specific hooks (its vocabulary is in provi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -13,6 +16,7 @@ from django.http import HttpRequest
 
 from providers.classify import TRANSPORT_ERRORS, classify_transport
 from providers.types import (
+    RECEIPT_FIELD_MAX_LENGTHS,
     AmbiguousProviderError,
     ErrorType,
     ProviderError,
@@ -170,9 +174,10 @@ class Provider(ABC):
     # --- the webhook flow ---------------------------------------------------------------------
     @final
     def parse_webhook(self, request: HttpRequest) -> list[ReceiptEvent]:
-        """The request's receipts, only once its signature is verified (raise WebhookSignatureError)."""
+        """The request's receipts, only once its signature is verified (raise WebhookSignatureError),
+        each one storable as it is (ValueError naming the field otherwise)."""
         self.verify(request)
-        return self.parse(request)
+        return [receipt_checked(event) for event in self.parse(request)]
 
     @abstractmethod
     def verify(self, request: HttpRequest) -> None:
@@ -199,3 +204,51 @@ class Provider(ABC):
 
     def map_status(self, provider_status: str) -> str | None:
         return self.status_map.get(provider_status)
+
+
+def receipt_checked(event: ReceiptEvent) -> ReceiptEvent:
+    """The event if it can be stored as it is, with its payload made storable; ValueError naming the
+    field if not (a receipt table column is shorter, an id is not text, our message id no UUID).
+
+    A payload is kept as sent except for what PostgreSQL's jsonb cannot hold: NUL characters and
+    lone surrogates (from JSON escapes) become U+FFFD, NaN and infinities (Python's JSON reads them)
+    become text, so a receipt never fails to store for them.
+    """
+    for name, limit in RECEIPT_FIELD_MAX_LENGTHS.items():
+        value = getattr(event, name)
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be text, not {type(value).__name__}")
+        if len(value) > limit:
+            raise ValueError(f"{name} is {len(value)} characters long; at most {limit} are stored")
+        if value != _storable_text(value):
+            raise ValueError(f"{name} contains characters that cannot be stored (NUL or a lone surrogate)")
+    if event.message_id is not None:
+        if not isinstance(event.message_id, str):
+            raise ValueError(f"message_id must be text, not {type(event.message_id).__name__}")
+        try:
+            uuid.UUID(event.message_id)
+        except ValueError:
+            raise ValueError(f"message_id {event.message_id[:64]!r} is not a Conductor message id (a UUID)") from None
+    if not isinstance(event.payload, dict):
+        raise ValueError(f"payload must be an object, not {type(event.payload).__name__}")
+    payload = _storable(event.payload)
+    return event if payload == event.payload else dataclasses.replace(event, payload=payload)
+
+
+def _storable(value: Any) -> Any:
+    """JSON data with every string as PostgreSQL's jsonb can hold it."""
+    if isinstance(value, str):
+        return _storable_text(value)
+    if isinstance(value, dict):
+        return {_storable_text(str(key)): _storable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_storable(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _storable_text(text: str) -> str:
+    if text.isascii() and "\x00" not in text:
+        return text
+    return text.replace("\x00", "\ufffd").encode("utf-8", "surrogatepass").decode("utf-8", "replace")

@@ -1,16 +1,17 @@
 """System checks of the providers layer's settings: each provider's entry against its class's
-settings schema, circuit breaker blocks, send concurrency; and the type check every layer runs over
-its own CONDUCTOR keys."""
+settings schema, circuit breaker blocks, send concurrency, webhook replay windows, no sandbox secret
+outside the sandbox; and the type check every layer runs over its own CONDUCTOR keys."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from django.conf import settings
 from django.core.checks import Error, register
 
 from providers.base import REQUIRED
-from providers.conf import DEFAULTS, providers_setting
+from providers.conf import DEFAULTS, SANDBOX_SECRETS, providers_setting
 from providers.guards import CIRCUIT_FIELDS, circuit_settings
 from providers.registry import PROVIDER_CLASSES, provider_class
 
@@ -18,7 +19,12 @@ from providers.registry import PROVIDER_CLASSES, provider_class
 @register()
 def check_providers_settings(app_configs=None, **kwargs) -> list[Error]:
     type_errors = setting_type_errors(getattr(settings, "CONDUCTOR", {}), DEFAULTS)
-    return _check_provider_entries() + (type_errors or _check_circuit_settings())
+    return (
+        _check_provider_entries()
+        + (type_errors or _check_circuit_settings())
+        + _check_webhook_windows()
+        + _check_sandbox_secrets()
+    )
 
 
 def setting_type_errors(configured: dict[str, Any], defaults: dict[str, Any]) -> list[Error]:
@@ -93,4 +99,48 @@ def _check_circuit_settings() -> list[Error]:
             circuit_settings(name)
         except (TypeError, ValueError) as exc:
             errors.append(Error(f"Circuit breaker settings for {name!r} cannot work: {exc}", id="conductor.E010"))
+    return errors
+
+
+def _check_webhook_windows() -> list[Error]:
+    """conductor.E022: a webhook replay window (WEBHOOK_MAX_AGE_SECONDS) that is not a positive
+    number would refuse every webhook, or none."""
+    errors: list[Error] = []
+    for name, conf in getattr(settings, "CONDUCTOR_PROVIDERS", {}).items():
+        if name not in PROVIDER_CLASSES or "WEBHOOK_MAX_AGE_SECONDS" not in conf:
+            continue
+        value = conf["WEBHOOK_MAX_AGE_SECONDS"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            errors.append(
+                Error(
+                    f"CONDUCTOR_PROVIDERS[{name!r}]['WEBHOOK_MAX_AGE_SECONDS'] is {value!r}; "
+                    "it must be a number of seconds > 0.",
+                    id="conductor.E022",
+                )
+            )
+    return errors
+
+
+def _check_sandbox_secrets() -> list[Error]:
+    """conductor.E023: a provider whose BASE_URL is not the sandbox's (settings.SANDBOX_URL) but
+    which still has one of the sandbox's secrets (public, in this repository): anyone could sign
+    its receipts, so start-up stops (manage.py check, migrate) naming the setting."""
+    sandbox = str(getattr(settings, "SANDBOX_URL", "") or "").rstrip("/")
+    errors: list[Error] = []
+    for name, conf in getattr(settings, "CONDUCTOR_PROVIDERS", {}).items():
+        base_url = str(conf.get("BASE_URL") or "").rstrip("/")
+        if sandbox and base_url == sandbox:
+            continue
+        where = repr(base_url) if base_url else f"empty (the real {name})"
+        for key, default in SANDBOX_SECRETS.get(name, {}).items():
+            if conf.get(key) == default:
+                errors.append(
+                    Error(
+                        f"CONDUCTOR_PROVIDERS[{name!r}][{key!r}] is still the sandbox's default, but the "
+                        f"provider's BASE_URL is {where}, not the sandbox ({sandbox!r}).",
+                        hint=f"Set {name.upper()}_{key} to the provider's own secret (or point {name.upper()}_BASE_URL "
+                        "at the sandbox).",
+                        id="conductor.E023",
+                    )
+                )
     return errors

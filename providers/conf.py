@@ -19,6 +19,16 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# The secrets every provider entry defaults to, which the sandbox checks and signs with. They are
+# public (in this repository): a provider pointed anywhere but the sandbox must not keep them, or
+# anyone could sign its receipts (conductor.E023). conductor_project.settings uses these values.
+SANDBOX_SECRETS: dict[str, dict[str, str]] = {
+    "twilio": {"AUTH_TOKEN": "sandbox-twilio-auth-token"},
+    "vonage": {"API_SECRET": "sandbox-vonage-secret", "SIGNATURE_SECRET": "sandbox-vonage-signature-secret"},
+    "mailgun": {"API_KEY": "sandbox-mailgun-api-key", "WEBHOOK_SIGNING_KEY": "sandbox-mailgun-signing-key"},
+}
+
+
 def providers_setting(name: str) -> Any:
     """A setting of this layer: the project's CONDUCTOR[name] over the default."""
     if name not in DEFAULTS:

@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 import requests
 from anymail.exceptions import (
+    AnymailConfigurationError,
     AnymailInvalidAddress,
     AnymailRecipientsRefused,
     AnymailRequestsAPIError,
@@ -21,10 +22,11 @@ from anymail.signals import AnymailTrackingEvent, EventType
 from anymail.webhooks.base import AnymailCoreWebhookView
 from anymail.webhooks.mailgun import MailgunTrackingWebhookView
 from django.core.mail import get_connection
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from providers.base import REQUIRED, Provider
+from providers.base import REQUIRED, Provider, receipt_checked
 from providers.classify import classify_status, classify_transport
+from providers.conf import provider_config
 from providers.types import (
     AmbiguousProviderError,
     ErrorType,
@@ -35,14 +37,23 @@ from providers.types import (
     SendRequest,
     SendResult,
     StatusResult,
+    WebhookReplayError,
     WebhookSignatureError,
+    WebhookStateUnavailable,
 )
+from providers.webhook_replay import webhook_token_claim, webhook_token_release
 
 logger = logging.getLogger(__name__)
 
 # Our message id and send token travel as anymail metadata (Mailgun: custom variables `v:…`).
 MESSAGE_ID_VAR = "conductor_message_id"
 TOKEN_VAR = "conductor_token"
+# What anymail's parsing of an event raises when the event is not shaped as documented (it reads
+# the ESP's JSON without checking types): such a webhook is unreadable (400), not our error (500).
+UNREADABLE_EVENT_ERRORS = (AttributeError, LookupError, TypeError, ValueError, OverflowError, AnymailConfigurationError)
+# The signature material of Mailgun's webhooks, never stored: the JSON format's `signature` object
+# (timestamp, token, signature, parent-signature); the legacy form's `signature` and `token`.
+SIGNATURE_FIELDS = frozenset({"signature", "token"})
 
 
 class AnymailProvider(Provider):
@@ -160,31 +171,144 @@ class AnymailProvider(Provider):
     def parse(self, request: HttpRequest) -> list[ReceiptEvent]:
         try:
             events = self.webhook.parse_events(request)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"unreadable {self.esp_name} tracking webhook: {exc!r}") from exc
-        return [self.receipt_event(event) for event in events]
+            return [self.receipt_event(event) for event in events]
+        except UNREADABLE_EVENT_ERRORS as exc:
+            raise ValueError(f"unreadable {self.esp_name} tracking webhook: {exc}") from exc
 
     @classmethod
     def receipt_event(cls, event: AnymailTrackingEvent) -> ReceiptEvent:
-        """Our receipt for one of anymail's normalised tracking events."""
+        """Our receipt for one of anymail's normalised tracking events (ValueError naming what is
+        wrong with it: the tracking signal's receiver stores exactly this)."""
         event_id = cls.event_id(event)
         if not event_id:
             raise ValueError(f"{cls.esp_name} tracking event without an id")
         metadata = event.metadata or {}
-        return ReceiptEvent(
-            provider=cls.name,
-            event_id=event_id,
-            provider_message_id=event.message_id or "",
-            provider_status=event.event_type,
-            state=cls.status_map.get(event.event_type),
-            message_id=metadata.get(MESSAGE_ID_VAR) or None,
-            error_code=event.reject_reason or "",
-            payload=_plain(event.esp_event),
+        if not isinstance(metadata, dict):
+            raise ValueError(f"{cls.esp_name} event's custom variables are not an object")
+        if not isinstance(event.message_id or "", str):
+            raise ValueError(f"{cls.esp_name} event's message-id is not text")
+        return receipt_checked(
+            ReceiptEvent(
+                provider=cls.name,
+                event_id=event_id,
+                provider_message_id=event.message_id or "",
+                provider_status=event.event_type,
+                state=cls.status_map.get(event.event_type),
+                message_id=metadata.get(MESSAGE_ID_VAR) or None,
+                error_code=event.reject_reason or "",
+                payload=cls.stored_payload(event.esp_event),
+            )
         )
 
     @classmethod
     def event_id(cls, event: AnymailTrackingEvent) -> str:
         return event.event_id or ""
+
+    @classmethod
+    def stored_payload(cls, esp_event: Any) -> dict[str, Any]:
+        """The raw event as kept with the receipt: JSON-storable, without signature material."""
+        return _plain(esp_event)
+
+
+class MailgunTrackingView(MailgunTrackingWebhookView):
+    """anymail's Mailgun tracking webhook (signature checked by anymail, events sent on its
+    `tracking` signal), with what it lacks for Mailgun's scheme, whose signature covers a timestamp
+    and a token but not the body:
+
+    - replay protection: a signature older than WEBHOOK_MAX_AGE_SECONDS, or dated as far ahead, or
+      whose token was taken before, is refused with 403 (nothing stored); tokens are kept in
+      Redis, and while Redis does not answer every webhook is refused with 503 (Mailgun retries);
+    - a webhook whose signature block or event is not shaped as documented gets 400 (anymail's
+      parsing would raise a 500, which Mailgun retries for hours).
+
+    Served at /webhooks/anymail/mailgun/tracking/ in place of anymail's own view, and used by
+    MailgunProvider's verify() and parse() for /webhooks/mailgun/. A bad signature stays anymail's
+    400 (SuspiciousOperation).
+    """
+
+    # Seconds a signature stays acceptable either way of our clock (an as_view() keyword, like
+    # anymail's webhook_signing_key); None: the mailgun provider's WEBHOOK_MAX_AGE_SECONDS.
+    max_age_seconds: float | None = None
+
+    def __init__(self, **kwargs: Any):
+        # Unless given, both from the mailgun provider's settings, as its adapter's own view: one
+        # source for the key that the start-up checks see (not ANYMAIL's copy of it).
+        if "webhook_signing_key" not in kwargs or kwargs.get("max_age_seconds") is None:
+            config = provider_config("mailgun")
+            kwargs.setdefault("webhook_signing_key", config["WEBHOOK_SIGNING_KEY"])
+            if kwargs.get("max_age_seconds") is None:
+                kwargs["max_age_seconds"] = MailgunProvider.setting_of(config, "WEBHOOK_MAX_AGE_SECONDS")
+        super().__init__(**kwargs)
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        try:
+            return super().post(request, *args, **kwargs)
+        except WebhookReplayError as exc:
+            logger.warning("refused Mailgun webhook: %s", exc)
+            return JsonResponse({"detail": "stale or replayed signature"}, status=403)
+        except WebhookStateUnavailable as exc:
+            logger.error("refused Mailgun webhook for now: %s", exc)
+            return JsonResponse({"detail": "cannot check for replays now; retry later"}, status=503)
+        except UnreadableWebhook as exc:
+            logger.warning("unreadable Mailgun webhook: %s", exc)
+            return JsonResponse({"detail": f"unreadable Mailgun tracking webhook: {exc}"}, status=400)
+        except BaseException:
+            self.release(request)  # not taken: Mailgun's retry must not look like a replay
+            raise
+
+    def run_validators(self, request: HttpRequest) -> None:
+        """anymail's checks (basic auth if set, the signature), then the replay checks: only a
+        rightly signed token is ever claimed, so a forger cannot spend Mailgun's. A JSON body that
+        is not an object is unreadable (UnreadableWebhook), not a bad signature."""
+        if request.content_type == "application/json":
+            try:
+                body = json.loads(request.body.decode("utf-8"))
+            except ValueError as exc:  # UnicodeDecodeError too
+                raise UnreadableWebhook(f"body is not JSON: {exc}") from exc
+            if not isinstance(body, dict):
+                raise UnreadableWebhook(f"body is a JSON {type(body).__name__}, not an object")
+        try:
+            super().run_validators(request)
+        except AnymailWebhookValidationFailure:
+            raise
+        except (AttributeError, LookupError, TypeError, ValueError) as exc:
+            # anymail reads the signature block without checking its shape (a list, a non-ASCII token).
+            raise AnymailWebhookValidationFailure(f"Mailgun webhook with an unreadable signature: {exc}") from exc
+        timestamp, token = _signature_timestamp_and_token(request)
+        request._conductor_webhook_claim = webhook_token_claim(  # type: ignore[attr-defined]
+            provider="mailgun", token=token, timestamp=timestamp, max_age_seconds=self.max_age_seconds
+        )
+
+    def parse_events(self, request: HttpRequest) -> list[AnymailTrackingEvent]:
+        """anymail's events, each one checked to make a storable receipt (UnreadableWebhook if not:
+        its token is released then, so that Mailgun's retry is not taken for a replay)."""
+        try:
+            events = super().parse_events(request)
+            for event in events:
+                MailgunProvider.receipt_event(event)  # what the tracking signal's receiver stores
+        except UNREADABLE_EVENT_ERRORS as exc:
+            self.release(request)
+            raise UnreadableWebhook(str(exc)) from exc
+        return events
+
+    @staticmethod
+    def release(request: HttpRequest) -> None:
+        key = getattr(request, "_conductor_webhook_claim", None)
+        if key is not None:
+            webhook_token_release(key)
+            request._conductor_webhook_claim = None  # type: ignore[attr-defined]
+
+
+class UnreadableWebhook(ValueError):
+    """A rightly signed webhook whose event cannot be made into a receipt."""
+
+
+def _signature_timestamp_and_token(request: HttpRequest) -> tuple[Any, Any]:
+    """The timestamp and token anymail has just checked the signature of (read as anymail reads them)."""
+    if request.content_type == "application/json":
+        block = json.loads(request.body.decode("utf-8"))["signature"]
+        return block["timestamp"], block["token"]
+    return request.POST["timestamp"], request.POST["token"]  # the legacy form: last values, as anymail
 
 
 class MailgunProvider(AnymailProvider):
@@ -193,7 +317,7 @@ class MailgunProvider(AnymailProvider):
     name = "mailgun"
     esp_name = "Mailgun"
     backend = "anymail.backends.mailgun.EmailBackend"
-    webhook_view = MailgunTrackingWebhookView
+    webhook_view = MailgunTrackingView
     API_ORIGIN = "https://api.mailgun.net"
     # Events API pages followed per look-up (300 events each) before we call the answer unknown.
     MAX_EVENT_PAGES = 20
@@ -214,6 +338,9 @@ class MailgunProvider(AnymailProvider):
         "WEBHOOK_SIGNING_KEY": REQUIRED,
         "FROM_EMAIL": REQUIRED,
         "BASE_URL": "",  # empty: Mailgun itself
+        # A tracking webhook signed longer ago than this (or dated as far ahead) is refused, and
+        # each signature token is taken once within it (Mailgun signs timestamp + token only).
+        "WEBHOOK_MAX_AGE_SECONDS": 300.0,
     }
 
     def __init__(self, config: dict[str, Any]):
@@ -237,7 +364,10 @@ class MailgunProvider(AnymailProvider):
         }
 
     def webhook_options(self) -> dict[str, Any]:
-        return {"webhook_signing_key": self.config["WEBHOOK_SIGNING_KEY"]}
+        return {
+            "webhook_signing_key": self.config["WEBHOOK_SIGNING_KEY"],
+            "max_age_seconds": self.setting("WEBHOOK_MAX_AGE_SECONDS"),
+        }
 
     def is_invalid_recipient(self, response: requests.Response) -> bool:
         # Mailgun answers 400 {"message": "to parameter is not a valid address. please check documentation"}.
@@ -255,7 +385,16 @@ class MailgunProvider(AnymailProvider):
         # of the webhook; Mailgun's own event id is the same in every retry and in the Events API,
         # so a receipt is stored once however it reaches us.
         esp_event = event.esp_event if isinstance(event.esp_event, dict) else {}
-        return str(esp_event.get("event-data", {}).get("id") or event.event_id or "")
+        event_id = esp_event.get("event-data", {}).get("id") or event.event_id or ""
+        if not isinstance(event_id, str):
+            raise ValueError(f"Mailgun event id is {type(event_id).__name__}, not text")
+        return event_id
+
+    @classmethod
+    def stored_payload(cls, esp_event: Any) -> dict[str, Any]:
+        # The signature, the token (and with them the timestamp they sign) would let whoever
+        # reads a receipt replay it within the replay window: never kept, never shown.
+        return {key: value for key, value in _plain(esp_event).items() if key not in SIGNATURE_FIELDS}
 
     # --- look-ups (Events API) ----------------------------------------------------------------
     def fetch_status(self, provider_message_id: str) -> StatusResult:

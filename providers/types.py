@@ -83,6 +83,16 @@ class WebhookSignatureError(Exception):
     """A receipt webhook whose signature is missing or wrong: refuse it and change nothing."""
 
 
+class WebhookReplayError(WebhookSignatureError):
+    """A rightly signed receipt webhook that is stale, dated ahead, or whose one-time token was seen
+    before: a replay (refuse it, 403, change nothing)."""
+
+
+class WebhookStateUnavailable(Exception):
+    """The shared state that tells a replayed webhook from a new one (Redis) did not answer: refuse
+    with a 503 so that the provider retries, rather than take a webhook that may be a replay."""
+
+
 @dataclass(frozen=True)
 class SendRequest:
     message_id: str
@@ -105,6 +115,16 @@ class StatusResult:
     provider_message_id: str
     provider_status: str
     state: str | None  # our MessageState, or None when the status says nothing new
+
+
+# The longest value each text field of a receipt may have (the receipt table's columns,
+# messaging.models.Receipt): a webhook with a longer one is refused (400 naming the field).
+RECEIPT_FIELD_MAX_LENGTHS: dict[str, int] = {
+    "provider_message_id": 128,
+    "provider_status": 64,
+    "error_code": 64,
+    "event_id": 200,  # last: often made of the two above, which name the cause better
+}
 
 
 @dataclass(frozen=True)

@@ -250,7 +250,9 @@ class VonageProvider(Provider):
     # --- receipts -----------------------------------------------------------------------------
     def verify(self, request: HttpRequest) -> None:
         payload = _webhook_params(request)
-        if not payload.get("sig") or not self._signature_valid(payload):
+        sig = payload.get("sig")
+        # A sig that is not ASCII text is no signature of ours (and hmac.compare_digest raises on it).
+        if not isinstance(sig, str) or not sig or not sig.isascii() or not self._signature_valid(payload):
             raise WebhookSignatureError("Vonage receipt without a valid sig for our signature secret")
 
     def parse(self, request: HttpRequest) -> list[ReceiptEvent]:
@@ -258,8 +260,15 @@ class VonageProvider(Provider):
         message_id, status = payload.get("messageId"), payload.get("status")
         if not message_id or not status:
             raise ValueError("Vonage delivery receipt without messageId or status")
+        if not isinstance(message_id, str) or not isinstance(status, str):
+            raise ValueError("Vonage delivery receipt whose messageId or status is not text")
         client_ref = payload.get("client-ref") or ""
-        err_code = str(payload.get("err-code") or "")
+        if not isinstance(client_ref, str):
+            raise ValueError("Vonage delivery receipt whose client-ref is not text")
+        err_code = payload.get("err-code") or ""
+        if not isinstance(err_code, (str, int)) or isinstance(err_code, bool):
+            raise ValueError("Vonage delivery receipt whose err-code is not text")
+        err_code = str(err_code)
         return [
             ReceiptEvent(
                 provider=self.name,
@@ -268,9 +277,11 @@ class VonageProvider(Provider):
                 provider_message_id=message_id,
                 provider_status=status,
                 state=self.map_status(status),
+                # client-ref is our send token "<message id>.<generation>" (the base checks the id).
                 message_id=client_ref.rpartition(".")[0] or None,
                 error_code="" if err_code == "0" else err_code,
-                payload=payload,
+                # The signature is not kept: whoever reads a receipt could post it again.
+                payload={key: value for key, value in payload.items() if key != "sig"},
             )
         ]
 

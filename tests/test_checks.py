@@ -1,7 +1,12 @@
 """System checks reject Conductor settings that cannot work, naming the key (each layer checks its
 own keys; the wiring rejects keys no layer owns)."""
 
+import io
+
+import pytest
 from django.core.checks import run_checks
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
 from django.test import override_settings
 
 
@@ -113,3 +118,66 @@ def test_optional_provider_keys_may_be_left_out():
         del providers["smtp"][key]
     with override_settings(CONDUCTOR_PROVIDERS=providers):
         assert check_conductor_settings() == []
+
+
+@pytest.mark.parametrize("value", [0, -5.0, "300", None, True, float("inf")])
+def test_the_mailgun_webhook_window_must_be_a_positive_number(value):
+    with override_settings(CONDUCTOR_PROVIDERS=_providers_with("mailgun", WEBHOOK_MAX_AGE_SECONDS=value)):
+        [error] = check_conductor_settings()
+    assert error.id == "conductor.E022" and "'WEBHOOK_MAX_AGE_SECONDS'" in error.msg
+
+
+def test_the_mailgun_webhook_window_can_be_set():
+    with override_settings(CONDUCTOR_PROVIDERS=_providers_with("mailgun", WEBHOOK_MAX_AGE_SECONDS=60)):
+        assert check_conductor_settings() == []
+
+
+# A provider pointed anywhere but the sandbox must not keep the sandbox's (public) secrets.
+SANDBOX_SECRET_SETTINGS = {
+    "twilio": ["AUTH_TOKEN"],
+    "vonage": ["API_SECRET", "SIGNATURE_SECRET"],
+    "mailgun": ["API_KEY", "WEBHOOK_SIGNING_KEY"],
+}
+REAL_BASE_URLS = {"twilio": "https://api.twilio.com", "vonage": "", "mailgun": "https://api.eu.mailgun.net"}
+
+
+@pytest.mark.parametrize("provider", sorted(SANDBOX_SECRET_SETTINGS))
+def test_sandbox_secrets_outside_the_sandbox_stop_start_up_naming_each_setting(provider):
+    with override_settings(CONDUCTOR_PROVIDERS=_providers_with(provider, BASE_URL=REAL_BASE_URLS[provider])):
+        errors = check_conductor_settings()
+    assert ids(errors) == ["conductor.E023"] * len(SANDBOX_SECRET_SETTINGS[provider])
+    for error, key in zip(errors, SANDBOX_SECRET_SETTINGS[provider], strict=True):
+        assert f"CONDUCTOR_PROVIDERS[{provider!r}][{key!r}] is still the sandbox's default" in error.msg
+        assert f"{provider.upper()}_{key}" in error.hint
+
+
+def test_real_secrets_outside_the_sandbox_pass():
+    providers = _providers_with("vonage", BASE_URL="", API_SECRET="real-secret", SIGNATURE_SECRET="real-signing")
+    with override_settings(CONDUCTOR_PROVIDERS=providers):
+        assert check_conductor_settings() == []
+
+
+def test_the_sandbox_is_recognised_by_its_url_with_or_without_a_slash(settings):
+    providers = _providers_with("twilio", BASE_URL=settings.SANDBOX_URL + "/")
+    with override_settings(CONDUCTOR_PROVIDERS=providers):
+        assert check_conductor_settings() == []
+    with override_settings(SANDBOX_URL="http://sandbox.internal:8025"):
+        assert "conductor.E023" in ids(check_conductor_settings())
+
+
+def test_the_sandbox_secrets_are_the_shipped_defaults(settings):
+    from providers.conf import SANDBOX_SECRETS
+
+    for provider, keys in SANDBOX_SECRET_SETTINGS.items():
+        assert sorted(SANDBOX_SECRETS[provider]) == sorted(keys)
+        assert {key: settings.CONDUCTOR_PROVIDERS[provider][key] for key in keys} == SANDBOX_SECRETS[provider]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("command", [("check",), ("check", "--deploy"), ("migrate", "--check")])
+def test_check_and_migrate_refuse_to_start_with_a_sandbox_secret(command):
+    providers = _providers_with("twilio", BASE_URL="https://api.twilio.com")
+    with override_settings(CONDUCTOR_PROVIDERS=providers), pytest.raises(SystemCheckError, match="conductor.E023"):
+        # migrate runs the checks itself (call_command skips them unless told not to); check is them.
+        options = {"skip_checks": False} if command[0] == "migrate" else {}
+        call_command(*command, **options, stdout=io.StringIO(), stderr=io.StringIO())

@@ -14,6 +14,7 @@ from celery.schedules import crontab
 from kombu import Exchange, Queue
 
 from conductor_project.env import env_bool, env_clock, env_float, env_int, env_json, env_list, env_str
+from providers.conf import SANDBOX_SECRETS
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 VAR_DIR = Path(env_str("CONDUCTOR_VAR_DIR", str(BASE_DIR / "var")))
@@ -239,7 +240,7 @@ CONDUCTOR = {
 CONDUCTOR_PROVIDERS = {
     "twilio": {
         "ACCOUNT_SID": env_str("TWILIO_ACCOUNT_SID", "AC00000000000000000000000000000000"),
-        "AUTH_TOKEN": env_str("TWILIO_AUTH_TOKEN", "sandbox-twilio-auth-token"),
+        "AUTH_TOKEN": env_str("TWILIO_AUTH_TOKEN", SANDBOX_SECRETS["twilio"]["AUTH_TOKEN"]),
         "FROM_NUMBER": env_str("TWILIO_FROM_NUMBER", "+15005550006"),
         "WHATSAPP_FROM": env_str("TWILIO_WHATSAPP_FROM", "whatsapp:+14155238886"),
         "BASE_URL": env_str("TWILIO_BASE_URL", SANDBOX_URL),
@@ -254,9 +255,9 @@ CONDUCTOR_PROVIDERS = {
     },
     "vonage": {
         "API_KEY": env_str("VONAGE_API_KEY", "sandboxkey"),
-        "API_SECRET": env_str("VONAGE_API_SECRET", "sandbox-vonage-secret"),
+        "API_SECRET": env_str("VONAGE_API_SECRET", SANDBOX_SECRETS["vonage"]["API_SECRET"]),
         # Signs delivery receipts (Vonage dashboard: "signature secret"); receipts are refused unsigned.
-        "SIGNATURE_SECRET": env_str("VONAGE_SIGNATURE_SECRET", "sandbox-vonage-signature-secret"),
+        "SIGNATURE_SECRET": env_str("VONAGE_SIGNATURE_SECRET", SANDBOX_SECRETS["vonage"]["SIGNATURE_SECRET"]),
         "SIGNATURE_METHOD": env_str("VONAGE_SIGNATURE_METHOD", "sha256"),
         "FROM": env_str("VONAGE_FROM", "Conductor"),
         "BASE_URL": env_str("VONAGE_BASE_URL", SANDBOX_URL),
@@ -269,9 +270,14 @@ CONDUCTOR_PROVIDERS = {
         "RECEIPT_HORIZON_SECONDS": env_float("VONAGE_RECEIPT_HORIZON_SECONDS", 72 * 3600.0),
     },
     "mailgun": {
-        "API_KEY": env_str("MAILGUN_API_KEY", "sandbox-mailgun-api-key"),
+        "API_KEY": env_str("MAILGUN_API_KEY", SANDBOX_SECRETS["mailgun"]["API_KEY"]),
         "DOMAIN": env_str("MAILGUN_DOMAIN", "mg.example.com"),
-        "WEBHOOK_SIGNING_KEY": env_str("MAILGUN_WEBHOOK_SIGNING_KEY", "sandbox-mailgun-signing-key"),
+        "WEBHOOK_SIGNING_KEY": env_str(
+            "MAILGUN_WEBHOOK_SIGNING_KEY", SANDBOX_SECRETS["mailgun"]["WEBHOOK_SIGNING_KEY"]
+        ),
+        # Mailgun signs a timestamp and a one-time token, not the body: older (or as far ahead) is
+        # refused, and a token is taken once within this window.
+        "WEBHOOK_MAX_AGE_SECONDS": env_float("MAILGUN_WEBHOOK_MAX_AGE_SECONDS", 300.0),
         "BASE_URL": env_str("MAILGUN_BASE_URL", SANDBOX_URL),
         "FROM_EMAIL": env_str("MAILGUN_FROM_EMAIL", "Conductor <no-reply@mg.example.com>"),
         "TIMEOUT_SECONDS": env_float("MAILGUN_TIMEOUT_SECONDS", 10.0),

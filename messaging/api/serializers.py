@@ -258,18 +258,36 @@ class EventSerializer(serializers.ModelSerializer):
 
 
 class ReceiptSerializer(serializers.ModelSerializer):
+    """What a client sees of a receipt: these fields only, never the provider's raw payload (it holds
+    the provider's account details and, before they were stripped, signatures); operators see the
+    payload in the admin."""
+
     class Meta:
         model = Receipt
         fields = [
             "received_at",
             "provider",
+            "provider_message_id",
             "provider_status",
             "mapped_state",
             "error_code",
             "applied",
             "source",
-            "payload",
         ]
+        extra_kwargs = {
+            "received_at": {"help_text": "When Conductor received (or, for a poll, looked up) this status."},
+            "provider": {"help_text": "The provider that reported it, e.g. twilio, vonage, mailgun."},
+            "provider_message_id": {
+                "help_text": "The provider's id of the message (Twilio SID, Vonage message id, Mailgun Message-Id)."
+            },
+            "provider_status": {
+                "help_text": "The status in the provider's words, e.g. delivered, undelivered, opened."
+            },
+            "mapped_state": {"help_text": "The message state it means (empty: it says nothing about delivery)."},
+            "error_code": {"help_text": "The provider's error code, if it gave one."},
+            "applied": {"help_text": "Whether it moved the message's state (a late or repeated one does not)."},
+            "source": {"help_text": "How it came: webhook (the provider's callback) or poll (a status look-up)."},
+        }
 
 
 class MessageSerializer(serializers.ModelSerializer):

@@ -145,6 +145,56 @@ def test_detail_has_attempts_events_and_receipts(api):
     assert [e["to_state"] for e in body["events"]] == ["accepted"]
 
 
+RECEIPT_FIELDS = [
+    "received_at",
+    "provider",
+    "provider_message_id",
+    "provider_status",
+    "mapped_state",
+    "error_code",
+    "applied",
+    "source",
+]
+
+
+def test_a_receipt_is_shown_as_its_documented_fields_never_its_payload(api):
+    from messaging.receipts import receipt_record
+    from providers.types import ReceiptEvent
+
+    message_id = post(api, GOOD).json()["id"]
+    Message.objects.filter(pk=message_id).update(state="dispatched", provider="twilio", provider_message_id="SM9")
+    payload = {"MessageSid": "SM9", "MessageStatus": "undelivered", "ErrorCode": "30003", "AccountSid": "AC1"}
+    event = ReceiptEvent(
+        provider="twilio",
+        event_id="SM9:undelivered",
+        provider_message_id="SM9",
+        provider_status="undelivered",
+        state="undelivered",
+        message_id=message_id,
+        error_code="30003",
+        payload=payload,
+    )
+    receipt_record(event=event)
+    [receipt] = api.get(f"{URL}{message_id}/").json()["receipts"]
+    assert list(receipt) == RECEIPT_FIELDS
+    assert {key: receipt[key] for key in RECEIPT_FIELDS[1:]} == {
+        "provider": "twilio",
+        "provider_message_id": "SM9",
+        "provider_status": "undelivered",
+        "mapped_state": "undelivered",
+        "error_code": "30003",
+        "applied": True,
+        "source": "webhook",
+    }
+
+
+def test_the_schema_documents_each_receipt_field(api):
+    schema = api.get("/api/schema/", HTTP_ACCEPT="application/json").json()
+    receipt = schema["components"]["schemas"]["Receipt"]["properties"]
+    assert list(receipt) == RECEIPT_FIELDS
+    assert all(field.get("description") for field in receipt.values()), receipt
+
+
 def test_list_filters_and_cursor_pagination(api):
     for i in range(7):
         post(api, {**GOOD, "priority": "bulk" if i % 2 else "critical", "category": f"c{i % 3}"})

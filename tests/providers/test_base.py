@@ -121,3 +121,84 @@ def test_settings_are_read_through_the_declared_schema():
         provider.setting("REGIONS")
     with pytest.raises(KeyError, match="has no 'API_KEY'"):
         Echo({}).setting("API_KEY")
+
+
+# --- every receipt a webhook yields is storable as it is ------------------------------------------
+def receipt(**fields):
+    from providers.types import ReceiptEvent
+
+    values = {
+        "provider": "echo",
+        "event_id": "SM1:delivered",
+        "provider_message_id": "SM1",
+        "provider_status": "delivered",
+        "state": "delivered",
+        "message_id": "0b7c1d2e-3f40-4a5b-8c6d-7e8f9a0b1c2d",
+        "payload": {"MessageStatus": "delivered"},
+    }
+    return ReceiptEvent(**{**values, **fields})
+
+
+def test_the_receipt_limits_are_the_receipt_tables_columns():
+    from messaging.models import Receipt
+    from providers.types import RECEIPT_FIELD_MAX_LENGTHS
+
+    assert RECEIPT_FIELD_MAX_LENGTHS == {
+        name: Receipt._meta.get_field(name).max_length for name in RECEIPT_FIELD_MAX_LENGTHS
+    }
+
+
+@pytest.mark.parametrize(
+    ("field", "limit"), [("provider_message_id", 128), ("provider_status", 64), ("error_code", 64), ("event_id", 200)]
+)
+def test_a_field_longer_than_its_column_is_refused_naming_it(field, limit):
+    from providers.base import receipt_checked
+
+    assert receipt_checked(receipt(**{field: "x" * limit})).payload == {"MessageStatus": "delivered"}
+    with pytest.raises(ValueError, match=f"^{field} is {limit + 1} characters long"):
+        receipt_checked(receipt(**{field: "x" * (limit + 1)}))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"provider_message_id": ["SM1"]},
+        {"provider_status": 3},
+        {"event_id": None},
+        {"error_code": "bad\x00code"},
+        {"provider_message_id": "SM\ud800"},
+        {"message_id": "m-1"},
+        {"message_id": 42},
+        {"message_id": ""},
+        {"payload": ["not", "an", "object"]},
+    ],
+)
+def test_odd_fields_are_refused_naming_the_field(fields):
+    from providers.base import receipt_checked
+
+    [name] = fields
+    with pytest.raises(ValueError, match=f"^{name}"):
+        receipt_checked(receipt(**fields))
+
+
+def test_a_payload_is_kept_as_sent_except_what_postgresql_cannot_store():
+    from providers.base import receipt_checked
+
+    odd = {"a\x00": "b\x00", "list": ["\ud800x", 1.5, float("nan")], "deep": {"inf": float("-inf"), "ok": "é"}}
+    checked = receipt_checked(receipt(payload=odd)).payload
+    assert checked == {
+        "a\ufffd": "b\ufffd",
+        "list": ["\ufffd\ufffd\ufffdx", 1.5, "nan"],
+        "deep": {"inf": "-inf", "ok": "é"},
+    }
+    fine = receipt()
+    assert receipt_checked(fine) is fine
+
+
+def test_the_webhook_flow_checks_every_receipt_it_parses():
+    class Long(Echo):
+        def parse(self, request):
+            return [receipt(provider_message_id="x" * 129)]
+
+    with pytest.raises(ValueError, match="provider_message_id"):
+        Long({"API_KEY": "k", "TIMEOUT_SECONDS": 1}).parse_webhook("signed")

@@ -34,7 +34,8 @@ class TestTwilioContract(ProviderContract):
         token = settings.CONDUCTOR_PROVIDERS["twilio"]["AUTH_TOKEN"]
 
         def build(valid: bool):
-            path = "/webhooks/twilio/?" + urlencode({"message_id": "m-1", "token": "m-1.1"})
+            ours = "0b7c1d2e-3f40-4a5b-8c6d-7e8f9a0b1c2d"
+            path = "/webhooks/twilio/?" + urlencode({"message_id": ours, "token": f"{ours}.1"})
             params = {"MessageSid": "SM123", "MessageStatus": "delivered", "To": "+14155552671"}
             url = providers_setting("PUBLIC_URL").rstrip("/") + path
             signature = RequestValidator(token if valid else "wrong").compute_signature(url, params)

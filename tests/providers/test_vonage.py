@@ -32,6 +32,7 @@ from tests.support.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.timeout(30)
 RECIPIENT = "+14155552671"
+OURS = "0b7c1d2e-3f40-4a5b-8c6d-7e8f9a0b1c2d"  # a Conductor message id, as client-ref carries it
 
 
 def dlr(**overrides: str) -> dict[str, str]:
@@ -46,7 +47,7 @@ def dlr(**overrides: str) -> dict[str, str]:
         "scts": "2501011200",
         "err-code": "0",
         "api-key": "sandboxkey",
-        "client-ref": "m-1.1",
+        "client-ref": f"{OURS}.1",
         "message-timestamp": "2025-01-01 12:00:00",
         "timestamp": str(int(time.time())),
         "nonce": str(uuid.uuid4()),
@@ -118,9 +119,9 @@ def test_receipt_signature_is_checked_for_every_body_kind(kind: str) -> None:
 @pytest.mark.parametrize("method", ["md5hash", "md5", "sha1", "sha256", "sha512"])
 def test_every_vonage_signature_method_verifies(method: str) -> None:
     provider = VonageProvider({**provider_config("vonage"), "SIGNATURE_METHOD": method})
-    params = dlr(**{"client-ref": "m=1&x.2"})  # & and = in values are part of Vonage's scheme
+    params = dlr(**{"to": "Shop&Co=1"})  # & and = in values are part of Vonage's scheme
     [event] = provider.parse_webhook(as_request(signed(params, secret(), method)))
-    assert event.message_id == "m=1&x"
+    assert event.message_id == OURS and event.payload["to"] == "Shop&Co=1"
     other = "sha256" if method != "sha256" else "sha1"
     with pytest.raises(WebhookSignatureError):
         provider.parse_webhook(as_request(signed(params, secret(), other)))
@@ -148,10 +149,10 @@ def test_dlr_status_map(status: str, state: str | None) -> None:
 
 def test_a_resent_dlr_is_the_same_event_and_attributed_by_client_ref() -> None:
     provider = get_provider("vonage")
-    first = provider.parse_webhook(as_request(signed(dlr(**{"client-ref": "1234-abcd.3"}), secret())))[0]
-    again = provider.parse_webhook(as_request(signed(dlr(**{"client-ref": "1234-abcd.3"}), secret()), "json"))[0]
+    first = provider.parse_webhook(as_request(signed(dlr(**{"client-ref": f"{OURS}.3"}), secret())))[0]
+    again = provider.parse_webhook(as_request(signed(dlr(**{"client-ref": f"{OURS}.3"}), secret()), "json"))[0]
     assert first.event_id == again.event_id == "aaaaaaaa-bbbb-cccc-dddd-0123456789ab:delivered"
-    assert first.message_id == "1234-abcd"
+    assert first.message_id == OURS
     later = provider.parse_webhook(as_request(signed(dlr(status="failed"), secret())))[0]
     assert later.event_id != first.event_id
 
