@@ -25,7 +25,12 @@ def key(live):
 
 def campaign(count: int, start: int = 0) -> list[dict]:
     return [
-        {"channel": "sms", "to": f"+1628{start + i:07d}", "body": f"Sale ends tonight ({i})", "priority": "bulk"}
+        {
+            "channel": "sms",
+            "to": f"+1415{5550000 + start + i:07d}",
+            "body": f"Sale ends tonight ({i})",
+            "priority": "bulk",
+        }
         for i in range(count)
     ]
 
