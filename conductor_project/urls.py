@@ -5,7 +5,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from conductor_project import views
-from messaging.webhooks import provider_webhook
+from messaging.webhooks import provider_webhook, routed_only
 from providers.mailgun import MailgunTrackingView
 from reconciliation.views import dashboard, dashboard_data_view
 
@@ -13,7 +13,11 @@ urlpatterns = [
     path("api/v1/", include("messaging.api.urls")),
     # anymail's tracking webhooks (Mailgun and any ESP anymail supports), signature-checked by anymail;
     # Mailgun's through anymail's view with replay protection (its signature leaves the body out).
-    path("webhooks/anymail/mailgun/tracking/", MailgunTrackingView.as_view(), name="mailgun-tracking-webhook"),
+    path(
+        "webhooks/anymail/mailgun/tracking/",
+        routed_only("mailgun", MailgunTrackingView.as_view()),
+        name="mailgun-tracking-webhook",
+    ),
     path("webhooks/anymail/", include("anymail.urls")),
     path("webhooks/<str:provider_name>/", provider_webhook, name="provider-webhook"),
     path("healthz", views.healthz, name="healthz"),

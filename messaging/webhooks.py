@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -38,3 +41,17 @@ def provider_webhook(request: HttpRequest, provider_name: str) -> HttpResponse:
         return JsonResponse({"detail": "cannot check for replays now; retry later"}, status=503)
     receipts_store(events=events)
     return HttpResponse(status=204)
+
+
+def routed_only(provider_name: str, view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """`view` (anymail's tracking view for an ESP) answering 404 while no route sends through
+    `provider_name`, as provider_webhook does: we take no receipts from a provider we do not use."""
+
+    @csrf_exempt
+    @wraps(view)
+    def guarded(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if provider_name not in routed_providers():
+            return JsonResponse({"detail": f"no configured route sends through {provider_name!r}"}, status=404)
+        return view(request, *args, **kwargs)
+
+    return guarded
