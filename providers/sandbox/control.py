@@ -41,9 +41,23 @@ async def list_requests(request: web.Request) -> web.Response:
 
 
 async def list_callbacks(request: web.Request) -> web.Response:
-    callbacks = request.app[STATE_KEY].callbacks
-    pending = request.app[RECEIPTS_KEY].pending_count
-    return web.json_response({"count": len(callbacks), "pending": pending, "callbacks": callbacks})
+    """The newest finished callbacks (at most CALLBACK_LOG_LIMIT), oldest first, with the counters."""
+    callbacks = [record.as_dict() for record in request.app[STATE_KEY].callbacks]
+    receipts = request.app[RECEIPTS_KEY]
+    return web.json_response(
+        {
+            "count": len(callbacks),
+            "pending": receipts.pending_count,
+            "summary": receipts.summary(),
+            "callbacks": callbacks,
+        }
+    )
+
+
+async def callbacks_summary(request: web.Request) -> web.Response:
+    """Counters per provider and in total, cheap at any volume: scheduled, posted_ok, attempts,
+    failed_attempts, given_up, pending (scheduled = posted_ok + given_up + pending)."""
+    return web.json_response(request.app[RECEIPTS_KEY].summary())
 
 
 async def get_faults(request: web.Request) -> web.Response:
@@ -75,7 +89,8 @@ async def reset(request: web.Request) -> web.Response:
     seed = payload.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         return _bad_request("seed must be an integer", "seed")
-    # Cancel first: a receipt that fires after the reset would leak into the next test.
+    # Cancel first: a receipt that fires after the reset would leak into the next test. It zeroes
+    # the callback counters too.
     request.app[RECEIPTS_KEY].cancel_all()
     request.app[STATE_KEY].reset(seed, reseed="seed" in payload)
     return web.json_response({"ok": True})
@@ -106,6 +121,7 @@ async def healthz(request: web.Request) -> web.Response:
 def register(app: web.Application) -> None:
     app.router.add_get("/_sandbox/requests", list_requests)
     app.router.add_get("/_sandbox/callbacks", list_callbacks)
+    app.router.add_get("/_sandbox/callbacks/summary", callbacks_summary)
     app.router.add_get("/_sandbox/faults", get_faults)
     app.router.add_post("/_sandbox/faults", set_faults)
     app.router.add_post("/_sandbox/reset", reset)

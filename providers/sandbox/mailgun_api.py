@@ -17,7 +17,8 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from providers.sandbox.receipts import RECEIPTS_KEY
+from providers.sandbox.receipts import RECEIPTS_KEY, Encoded
+from providers.sandbox.retries import FINAL_ONLY, MAILGUN
 from providers.sandbox.state import (
     CONFIG_KEY,
     DELIVERY_RECEIPT,
@@ -27,6 +28,7 @@ from providers.sandbox.state import (
     FAULT_OUTAGE,
     FAULT_RATE_429,
     STATE_KEY,
+    SandboxConfig,
     StoredMessage,
     utcnow,
 )
@@ -47,6 +49,7 @@ REFUSALS = {
     FAULT_ERROR: (500, "Internal Server Error"),
 }
 VARIABLES_HEADER = "h:X-Mailgun-Variables"
+JSON_HEADERS = {"Content-Type": "application/json"}
 # Query parameters of GET /events that the sandbox understands; anything else is refused (400), so
 # an adapter relying on a filter the emulation ignores fails here instead of in production.
 EVENT_FILTERS = ("event", "message-id", "recipient", "to", "from", "subject", "severity", "tags", "user-variables")
@@ -203,6 +206,8 @@ def event_data(message: StoredMessage, name: str, at: datetime, extra: dict[str,
         "user-variables": message.extra.get("user_variables", {}),
         **extra,
     }
+    if name == "accepted":
+        data["method"] = "HTTP"  # accepted through the HTTP API, not SMTP
     if name == "delivered":
         data["delivery-status"] = {"code": 250, "message": "OK", "description": "", "attempt-no": 1, "tls": True}
     if name == "opened":
@@ -211,25 +216,52 @@ def event_data(message: StoredMessage, name: str, at: datetime, extra: dict[str,
     return data
 
 
-def _schedule_receipts(request: web.Request, message: StoredMessage) -> None:
-    """Queue one signed tracking webhook per outcome event; their content is already decided."""
-    assert message.callback_url and message.final_at
-    signing_key = request.app[CONFIG_KEY].mailgun_webhook_signing_key
-    now = utcnow()
-    for name, at, extra in timeline(message)[1:]:  # Mailgun posts no webhook for `accepted`
+class TrackingWebhooks:
+    """Mailgun's webhook wire format: the event as JSON, signed afresh for every attempt."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self.signing_key = config.mailgun_webhook_signing_key
+
+    def encode(self, message: StoredMessage, name: str) -> Encoded:
+        at, extra = next((at, extra) for event, at, extra in timeline(message) if event == name)
         timestamp, token = str(int(time.time())), secrets.token_hex(25)  # Mailgun's tokens are 50 chars
         body = {
-            "signature": {"timestamp": timestamp, "token": token, "signature": sign(signing_key, timestamp, token)},
+            "signature": {
+                "timestamp": timestamp,
+                "token": token,
+                "signature": sign(self.signing_key, timestamp, token),
+            },
             "event-data": event_data(message, name, at, extra),
         }
-        request.app[RECEIPTS_KEY].schedule(
-            delay_s=max(0.0, (at - now).total_seconds()),
-            url=message.callback_url,
-            provider=PROVIDER,
-            provider_message_id=message.provider_message_id,
-            status=name,
-            json=body,
-        )
+        return json.dumps(body).encode(), JSON_HEADERS
+
+
+CALLBACKS_KEY = web.AppKey("sandbox_mailgun_callbacks", TrackingWebhooks)
+
+
+def _schedule_receipts(request: web.Request, message: StoredMessage, delivery: str) -> None:
+    """Queue the message's tracking webhooks, one per event, at the events' times.
+
+    realistic: `accepted` at once, then the outcome's events (none for a dropped message or a
+    lost receipt); final_only: the outcome's events only, as the sandbox always did."""
+    assert message.callback_url
+    faults = request.app[STATE_KEY].faults[PROVIDER]
+    events = timeline(message)
+    if faults.callback_mode == "final_only":
+        events = events[1:] if delivery == DELIVERY_RECEIPT else []
+        policy = FINAL_ONLY
+    else:
+        events = events if delivery == DELIVERY_RECEIPT else events[:1]
+        policy = MAILGUN
+    now = utcnow()
+    request.app[RECEIPTS_KEY].schedule(
+        provider=PROVIDER,
+        url=message.callback_url,
+        message=message,
+        steps=[(name, max(0.0, (at - now).total_seconds())) for name, at, _ in events],
+        encode=request.app[CALLBACKS_KEY].encode,
+        policy=policy,
+    )
 
 
 # --- sending ----------------------------------------------------------------------------------
@@ -297,8 +329,7 @@ async def send_message(request: web.Request) -> web.Response:
         provider_message_id=message.provider_message_id,
         fault=outcome.fault,
     )
-    if outcome.delivery == DELIVERY_RECEIPT:
-        _schedule_receipts(request, message)
+    _schedule_receipts(request, message, outcome.delivery)
     await asyncio.sleep(outcome.response_delay_s)
     return web.json_response({"id": message.provider_message_id, "message": "Queued. Thank you."})
 
@@ -415,6 +446,7 @@ async def list_events(request: web.Request) -> web.Response:
 
 def register(app: web.Application) -> None:
     """Add the Mailgun routes; the same paths as api.mailgun.net under the sandbox's URL."""
+    app[CALLBACKS_KEY] = TrackingWebhooks(app[CONFIG_KEY])
     app.router.add_post(f"{BASE}/messages", send_message)
     app.router.add_get(f"{BASE}/events", list_events)
     app.router.add_get(f"{BASE}/events/{{page}}", list_events)

@@ -1,134 +1,316 @@
-"""Delayed receipt callbacks: one asyncio task per pending receipt, one shared HTTP session."""
+"""Receipt callbacks: timed, posted in order per message, retried per provider, counted.
+
+One shared HTTP session with keep-alive connections and a fixed pool of workers posts every
+callback; timers are the event loop's own. A message's callbacks form a chain: the next one is
+armed only once the previous one is posted, given up or waiting for a later retry, so they arrive
+in order while retries hours apart (Mailgun's, Vonage's) run on their own, as the providers' do.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote_plus
 
 import aiohttp
 from aiohttp import web
 
-from providers.sandbox.state import SandboxState, utcnow
+from providers.sandbox.retries import CLIENT_ERROR, CONNECT, READ, SERVER_ERROR, RetryPolicy
+from providers.sandbox.state import PROVIDERS, SandboxState
 
 logger = logging.getLogger(__name__)
 
-# Pauses between attempts: a receiver that is briefly down (a restarting web process) still gets
-# its receipt, while a dead one is given up on within two seconds.
-RETRY_BACKOFF_S = (0.2, 0.5, 1.0)
-# Per-attempt limit, so a hung receiver cannot pin a task forever.
-ATTEMPT_TIMEOUT_S = 5.0
+# Callbacks in flight at once: enough for a few thousand a second to a receiver answering in
+# tens of milliseconds, few enough not to swamp one.
+WORKERS = 256
+# Intermediate callbacks (Twilio's `sent`, Vonage's `accepted`) come shortly after acceptance:
+# spread evenly before the final one, but at most this far apart.
+INTERMEDIATE_STEP_MAX_S = 1.0
+# Log a given-up callback for the first one, then every this many (a dead receiver gives up
+# thousands and the log would drown).
+GIVE_UP_LOG_EVERY = 1000
+
+# (body, headers) of one attempt; built per attempt so that nothing heavy waits in memory.
+Encoded = tuple[bytes, dict[str, str]]
+Encoder = Callable[[Any, str], Encoded]
+
+
+@functools.lru_cache(maxsize=256)
+def _quoted_name(name: str) -> str:
+    return quote_plus(name)
+
+
+def form_body(params: dict[str, str]) -> bytes:
+    """`urlencode(params)`, several times faster: most values (ids, statuses, digits) need no quoting."""
+    return "&".join(
+        f"{_quoted_name(name)}={value if value.isascii() and value.isalnum() else quote_plus(value)}"
+        for name, value in params.items()
+    ).encode()
+
+
+COUNTER_NAMES = ("scheduled", "posted_ok", "attempts", "failed_attempts", "given_up", "pending")
+
+
+class Callback:
+    """One callback to post (a status of one message); alive until it succeeds or is given up."""
+
+    __slots__ = (
+        "provider",
+        "url",
+        "message",
+        "status",
+        "encode",
+        "policy",
+        "due",
+        "attempts",
+        "first_attempt_at",
+        "next",
+        "handle",
+        "epoch",
+    )
+
+    def __init__(
+        self, provider: str, url: str, message: Any, status: str, encode: Encoder, policy: RetryPolicy, due: float
+    ) -> None:
+        self.provider, self.url, self.message, self.status = provider, url, message, status
+        self.encode, self.policy, self.due = encode, policy, due
+        self.attempts = 0
+        self.first_attempt_at = 0.0
+        self.next: Callback | None = None
+        self.handle: asyncio.TimerHandle | None = None
+        self.epoch = 0
+
+
+class CallbackRecord:
+    """What became of one callback, kept small: hundreds of thousands fit in the log."""
+
+    __slots__ = ("provider", "provider_message_id", "status", "url", "status_code", "attempts", "ok", "error", "at")
+
+    def __init__(self, callback: Callback, status_code: int | None, ok: bool, error: str | None) -> None:
+        self.provider, self.status, self.url = callback.provider, callback.status, callback.url
+        self.provider_message_id: str = callback.message.provider_message_id
+        self.status_code, self.attempts, self.ok, self.error = status_code, callback.attempts, ok, error
+        self.at = time.time()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "provider_message_id": self.provider_message_id,
+            "status": self.status,
+            "url": self.url,
+            "status_code": self.status_code,
+            "attempts": self.attempts,
+            "ok": self.ok,
+            "error": self.error,
+            "sent_at": datetime.fromtimestamp(self.at, UTC).isoformat(),
+        }
 
 
 class ReceiptScheduler:
-    """Sends provider receipts after a delay, retries a few times, and logs the result in state."""
+    """Posts the callbacks the provider emulations plan, and counts what became of them."""
 
     def __init__(self, state: SandboxState) -> None:
         self._state = state
         self._session: aiohttp.ClientSession | None = None
-        self._pending: set[asyncio.Task[None]] = set()
+        self._ready: asyncio.Queue[Callback] = asyncio.Queue()
+        self._workers: list[asyncio.Task[None]] = []
+        self._waiting: set[Callback] = set()  # armed timers, cancelled by reset
+        self._epoch = 0
+        self.counters = {name: dict.fromkeys(COUNTER_NAMES, 0) for name in PROVIDERS}
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=ATTEMPT_TIMEOUT_S),
-            # Hundreds of receipts can fall due together; let them share keep-alive connections.
-            connector=aiohttp.TCPConnector(limit=200),
+            # Keep-alive connections shared by every callback; as many as there are workers.
+            connector=aiohttp.TCPConnector(limit=WORKERS),
+            timeout=aiohttp.ClientTimeout(total=None),  # each attempt sets its provider's timeouts
         )
+        self._start_workers()
 
     async def close(self) -> None:
-        self.cancel_all()
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+        self._drop_pending()
+        workers, self._workers = self._workers, []
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     @property
     def pending_count(self) -> int:
-        return len(self._pending)
+        return sum(counts["pending"] for counts in self.counters.values())
 
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Counters per provider and in total: scheduled = posted_ok + given_up + pending."""
+        total = {name: sum(counts[name] for counts in self.counters.values()) for name in COUNTER_NAMES}
+        return {"total": total, **{provider: dict(counts) for provider, counts in self.counters.items()}}
+
+    # --- planning ---------------------------------------------------------------------------------
     def schedule(
         self,
         *,
-        delay_s: float,
-        url: str,
         provider: str,
-        provider_message_id: str,
-        status: str,
-        data: dict[str, str] | None = None,
-        json: Any = None,
-        headers: dict[str, str] | None = None,
+        url: str,
+        message: Any,
+        steps: Sequence[tuple[str, float]],
+        encode: Encoder,
+        policy: RetryPolicy,
     ) -> None:
-        """POST `data` (form) or `json` to `url` after `delay_s`; the caller builds the wire format."""
-        task = asyncio.get_running_loop().create_task(
-            self._deliver(
-                delay_s=delay_s,
-                url=url,
-                data=data,
-                json=json,
-                headers=headers or {},
-                record={"provider": provider, "provider_message_id": provider_message_id, "status": status},
-            )
-        )
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        """Post one callback per (status, delay in seconds from now), in that order."""
+        if not steps:
+            return
+        now = asyncio.get_running_loop().time()
+        chain = [Callback(provider, url, message, status, encode, policy, now + delay) for status, delay in steps]
+        for earlier, later in zip(chain, chain[1:], strict=False):
+            earlier.next = later
+        counts = self.counters[provider]
+        counts["scheduled"] += len(chain)
+        counts["pending"] += len(chain)
+        self._arm(chain[0], chain[0].due)
 
     def cancel_all(self) -> int:
-        """Cancel every receipt not yet delivered (used by reset); returns how many were pending."""
-        count = len(self._pending)
-        for task in list(self._pending):
-            task.cancel()
-        return count
+        """Drop every callback not yet finished and zero the counters (reset); returns how many."""
+        pending = self._drop_pending()
+        # Workers may be mid-post: replace them so that no callback of before the reset lands after it.
+        for worker in self._workers:
+            worker.cancel()
+        self._start_workers()
+        return pending
 
-    async def _deliver(
-        self,
-        *,
-        delay_s: float,
-        url: str,
-        data: dict[str, str] | None,
-        json: Any,
-        headers: dict[str, str],
-        record: dict[str, Any],
-    ) -> None:
-        await asyncio.sleep(delay_s)
-        assert self._session is not None, "ReceiptScheduler.start() was not awaited"
-        status_code: int | None = None
-        error: str | None = None
-        attempts = 0
-        for backoff in (*RETRY_BACKOFF_S, None):
-            attempts += 1
+    def _drop_pending(self) -> int:
+        pending = self.pending_count
+        self._epoch += 1
+        for callback in self._waiting:
+            if callback.handle is not None:
+                callback.handle.cancel()
+        self._waiting.clear()
+        self._ready = asyncio.Queue()
+        self.counters = {name: dict.fromkeys(COUNTER_NAMES, 0) for name in PROVIDERS}
+        return pending
+
+    def _start_workers(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._workers = [loop.create_task(self._work(self._ready)) for _ in range(WORKERS)]
+
+    def _arm(self, callback: Callback, at: float) -> None:
+        callback.epoch = self._epoch
+        callback.handle = asyncio.get_running_loop().call_at(at, self._fire, callback)
+        self._waiting.add(callback)
+
+    def _fire(self, callback: Callback) -> None:
+        self._waiting.discard(callback)
+        callback.handle = None
+        if callback.epoch == self._epoch:
+            self._ready.put_nowait(callback)
+
+    # --- posting ----------------------------------------------------------------------------------
+    async def _work(self, ready: asyncio.Queue[Callback]) -> None:
+        while True:
+            callback = await ready.get()
+            if callback.epoch != self._epoch:
+                continue
             try:
-                async with self._session.post(url, data=data, json=json, headers=headers) as response:
-                    await response.read()
-                    status_code = response.status
-                if 200 <= status_code < 300:
-                    error = None
-                    break
-                error = f"HTTP {status_code}"
-            # Only network failures are expected here; anything else is a sandbox bug and should show.
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                status_code, error = None, f"{type(exc).__name__}: {exc}"
-            if backoff is not None:
-                await asyncio.sleep(backoff)
-        if error:
-            logger.warning(
-                "receipt for %s to %s given up after %d attempts: %s",
-                record["provider_message_id"],
-                url,
-                attempts,
-                error,
-            )
-        self._state.callbacks.append(
-            {
-                **record,
-                "url": url,
-                "status_code": status_code,
-                "attempts": attempts,
-                "ok": error is None,
-                "error": error,
-                "sent_at": utcnow().isoformat(),
-            }
+                settled = await self._attempt(callback)
+            except Exception as exc:  # a sandbox bug (an encoder's): show it, count it, keep working
+                logger.exception("%s callback %s could not be posted", callback.provider, callback.status)
+                self._give_up(callback, None, f"sandbox error: {exc!r}")
+                settled = True
+            if settled and callback.next is not None:
+                # Posted, given up or waiting for a later retry: the message's next callback may follow.
+                later, callback.next = callback.next, None
+                self._arm(later, max(later.due, asyncio.get_running_loop().time()))
+
+    async def _attempt(self, callback: Callback) -> bool:
+        """One POST; False only when an immediate retry follows (the message's next callback waits)."""
+        assert self._session is not None, "ReceiptScheduler.start() was not awaited"
+        loop = asyncio.get_running_loop()
+        policy = callback.policy
+        callback.attempts += 1
+        now = loop.time()
+        if callback.attempts == 1:
+            callback.first_attempt_at = now
+        elapsed = now - callback.first_attempt_at
+        body, headers = callback.encode(callback.message, callback.status)
+        total = policy.remaining_s(elapsed) or policy.attempt_timeout_s
+        read = policy.read_timeout_s
+        timeout = aiohttp.ClientTimeout(
+            total=total,
+            sock_connect=policy.connect_timeout_s,
+            # One timer less per callback when the total bounds the read anyway (Twilio's 15 s both).
+            sock_read=None if read is None or (total is not None and read >= total) else read,
         )
+        code: int | None = None
+        kind: str | None = None
+        error: str | None = None
+        try:
+            async with self._session.post(
+                callback.url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+            ) as response:
+                code = response.status
+                await response.read()
+        # Only network failures are expected here; anything else is a sandbox bug and should show.
+        except aiohttp.ConnectionTimeoutError as exc:
+            kind, error = CONNECT, f"{type(exc).__name__}: {exc}"
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            kind, error = READ, f"{type(exc).__name__}: {exc}"
+        except aiohttp.ClientError as exc:  # refused, reset, disconnected before an answer
+            kind, error = CONNECT, f"{type(exc).__name__}: {exc}"
+        counts = self.counters[callback.provider]
+        counts["attempts"] += 1
+        if code is not None and 200 <= code < 300:
+            counts["posted_ok"] += 1
+            counts["pending"] -= 1
+            self._state.callbacks.append(CallbackRecord(callback, code, True, None))
+        else:
+            counts["failed_attempts"] += 1
+            if code is not None:
+                kind, error = (SERVER_ERROR if code >= 500 else CLIENT_ERROR), f"HTTP {code}"
+            assert kind is not None
+            spent = loop.time() - callback.first_attempt_at  # Twilio's `tt` counts this attempt too
+            delay = policy.retry_delay(
+                attempt=callback.attempts, kind=kind, code=code, status=callback.status, elapsed_s=spent
+            )
+            if delay is None:
+                self._give_up(callback, code, error)
+            else:
+                scale = self._state.faults[callback.provider].callback_retry_scale if policy.scaled else 1.0
+                self._arm(callback, loop.time() + delay * scale)
+                return delay * scale > 0
+        return True
+
+    def _give_up(self, callback: Callback, code: int | None, error: str | None) -> None:
+        counts = self.counters[callback.provider]
+        counts["given_up"] += 1
+        counts["pending"] -= 1
+        self._state.callbacks.append(CallbackRecord(callback, code, False, error))
+        if counts["given_up"] % GIVE_UP_LOG_EVERY == 1:
+            logger.warning(
+                "%s callback %s for %s to %s given up after %d attempts: %s (%d %s callbacks given up so far)",
+                callback.provider,
+                callback.status,
+                callback.message.provider_message_id,
+                callback.url,
+                callback.attempts,
+                error,
+                counts["given_up"],
+                callback.provider,
+            )
+
+
+def spaced_steps(
+    statuses: Sequence[str], *, delay_s: float, max_step_s: float = INTERMEDIATE_STEP_MAX_S
+) -> list[tuple[str, float]]:
+    """Delays for a sequence of statuses ending at `delay_s`: the earlier ones evenly before it,
+    at most `max_step_s` apart (an intermediate status comes shortly after acceptance)."""
+    if not statuses:
+        return []
+    step = min(delay_s / len(statuses), max_step_s)
+    return [*((status, step * (i + 1)) for i, status in enumerate(statuses[:-1])), (statuses[-1], delay_s)]
 
 
 RECEIPTS_KEY = web.AppKey("sandbox_receipts", ReceiptScheduler)

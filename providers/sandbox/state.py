@@ -15,6 +15,11 @@ from typing import Any
 from aiohttp import web
 
 PROVIDERS = ("twilio", "vonage", "mailgun")
+# realistic: every callback the provider documents, retried on its schedule (docs/sandbox.md);
+# final_only: one callback with the final status, retried at once a few times (the old sandbox).
+CALLBACK_MODES = ("realistic", "final_only")
+# Outcomes of callbacks kept for GET /_sandbox/callbacks (the newest); counters cover them all.
+CALLBACK_LOG_LIMIT = 100_000
 # Logged requests between two gc.freeze() calls (see record_request).
 GC_FREEZE_EVERY = 10_000
 RECEIPT_STATUSES = ("delivered", "undelivered", "failed", "read")
@@ -83,6 +88,11 @@ class FaultSettings:
     # Like a real account's throughput cap: sends beyond this many in any one second get a 429
     # (0: no cap). Shows whether our own rate limiter keeps a campaign under the provider's.
     max_per_second: float = 0
+    callback_mode: str = "realistic"
+    # Multiplies the provider's real pauses between callback retries (providers.sandbox.retries):
+    # at 0.01 Vonage's first retries come after 0.05, 0.1, 0.2 ... s and Mailgun's after 3, 6, 9 s,
+    # so a receiver down for a few seconds still gets them; 1 is the providers' real time.
+    callback_retry_scale: float = 0.01
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,6 +120,10 @@ def _validate(name: str, value: Any) -> None:
         raise FaultValidationError("outage must be true or false", name)
     if name == "receipt_status" and value not in RECEIPT_STATUSES:
         raise FaultValidationError(f"receipt_status must be one of {', '.join(RECEIPT_STATUSES)}", name)
+    if name == "callback_mode" and value not in CALLBACK_MODES:
+        raise FaultValidationError(f"callback_mode must be one of {', '.join(CALLBACK_MODES)}", name)
+    if name == "callback_retry_scale" and not (is_number and 0 <= value <= 1):
+        raise FaultValidationError("callback_retry_scale must be a number between 0 and 1", name)
 
 
 @dataclass(frozen=True)
@@ -178,7 +192,8 @@ class SandboxState:
         self.requests: list[dict[str, Any]] = []
         self.requests_by_message_id: dict[str, list[dict[str, Any]]] = {}
         self.messages: dict[str, StoredMessage] = {}
-        self.callbacks: list[dict[str, Any]] = []
+        # Outcome of each finished callback (providers.sandbox.receipts.CallbackRecord), newest last.
+        self.callbacks: collections.deque[Any] = collections.deque(maxlen=CALLBACK_LOG_LIMIT)
         # Overrides SandboxConfig.public_url (POST /_sandbox/config): where account-level
         # webhooks (Mailgun's) go. Not cleared by reset, like a provider's dashboard setting.
         self.public_url: str | None = None

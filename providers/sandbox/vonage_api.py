@@ -15,7 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
-from providers.sandbox.receipts import RECEIPTS_KEY
+from providers.sandbox.receipts import RECEIPTS_KEY, Encoded, form_body, spaced_steps
+from providers.sandbox.retries import FINAL_ONLY, VONAGE
 from providers.sandbox.state import (
     CONFIG_KEY,
     DELIVERY_RECEIPT,
@@ -52,6 +53,10 @@ RECEIPTS = {
 ERROR_DESCRIPTIONS = {"0": "Delivered", "9": "Illegal Number", "12": "Destination unreachable"}
 # What a message not yet final shows in the Reports API.
 PENDING_STATUS = "accepted"
+# Intermediate DLR statuses (the carrier has it, not yet final):
+# https://api.support.vonage.com/hc/en-us/articles/115007053127
+INTERMEDIATE_STATUSES = frozenset({"accepted", "buffered"})
+FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 # --- wire helpers ----------------------------------------------------------------------------------
@@ -170,42 +175,76 @@ def _invalid(params: dict[str, str]) -> tuple[str, str] | None:
     return None
 
 
-def _receipt_params(message: StoredMessage, config: SandboxConfig) -> dict[str, str]:
-    """A signed delivery receipt, as Vonage posts it to the message's callback."""
-    assert message.final_status and message.final_at
-    status, err_code = RECEIPTS[message.final_status]
-    params = {
-        "msisdn": message.to,
-        "to": message.from_,
-        "network-code": NETWORK,
-        "messageId": message.provider_message_id,
-        "price": MESSAGE_PRICE,
-        "status": status,
-        "scts": message.final_at.strftime("%y%m%d%H%M"),
-        "err-code": err_code,
-        "api-key": config.vonage_api_key,
-        "message-timestamp": message.final_at.strftime("%Y-%m-%d %H:%M:%S"),
-        "timestamp": str(int(message.final_at.timestamp())),
-        "nonce": str(uuid.uuid4()),
-    }
-    if message.extra.get("client_ref"):
-        params["client-ref"] = message.extra["client_ref"]
-    params["sig"] = signature(params, config.vonage_signature_secret, config.vonage_signature_method)
-    return params
+class DeliveryReceipts:
+    """Vonage's delivery receipt (DLR) wire format, signed with the account's signature secret."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self.config = config
+
+    def params(self, message: StoredMessage, status: str) -> dict[str, str]:
+        """A signed DLR with Vonage `status`; the same for every attempt (its nonce is the callback's)."""
+        config = self.config
+        intermediate = status in INTERMEDIATE_STATUSES
+        at = message.created_at if intermediate or message.final_at is None else message.final_at
+        err_code = "0" if intermediate or message.final_status is None else RECEIPTS[message.final_status][1]
+        params = {
+            "msisdn": message.to,
+            "to": message.from_,
+            "network-code": NETWORK,
+            "messageId": message.provider_message_id,
+            "price": MESSAGE_PRICE,
+            "status": status,
+            "scts": at.strftime("%y%m%d%H%M"),
+            "err-code": err_code,
+            "api-key": config.vonage_api_key,
+            "message-timestamp": at.strftime("%Y-%m-%d %H:%M:%S"),
+            "timestamp": str(int(at.timestamp())),
+            "nonce": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{message.provider_message_id}/{status}")),
+        }
+        if message.extra.get("client_ref"):
+            params["client-ref"] = message.extra["client_ref"]
+        params["sig"] = signature(params, config.vonage_signature_secret, config.vonage_signature_method)
+        return params
+
+    def encode(self, message: StoredMessage, status: str) -> Encoded:
+        return form_body(self.params(message, status)), FORM_HEADERS
 
 
-def _schedule_receipt(request: web.Request, message: StoredMessage) -> None:
-    # Built now: its content is already decided; only its delivery waits.
-    assert message.callback_url and message.final_status and message.final_at
-    params = _receipt_params(message, request.app[CONFIG_KEY])
+CALLBACKS_KEY = web.AppKey("sandbox_vonage_callbacks", DeliveryReceipts)
+
+
+def callback_statuses(final_status: str) -> list[str]:
+    """The DLRs Vonage posts for a message the sandbox ends in `final_status`, in Vonage's words:
+    an intermediate `accepted` once the carrier takes it, then the final one; a message the
+    carrier rejects up front gets only `rejected`."""
+    status = RECEIPTS[final_status][0]
+    return [status] if status == "rejected" else ["accepted", status]
+
+
+def _schedule_callbacks(request: web.Request, message: StoredMessage, delivery: str) -> None:
+    assert message.callback_url
+    faults = request.app[STATE_KEY].faults[PROVIDER]
+    now = utcnow()
+    if faults.callback_mode == "final_only":
+        if delivery != DELIVERY_RECEIPT or message.final_status is None or message.final_at is None:
+            return
+        final = RECEIPTS[message.final_status][0]
+        steps = [(final, max(0.0, (message.final_at - now).total_seconds()))]
+        policy = FINAL_ONLY
+    else:
+        final_at = message.final_at or message.created_at + timedelta(milliseconds=faults.receipt_delay_ms)
+        statuses = callback_statuses(message.final_status or "delivered")
+        steps = spaced_steps(statuses, delay_s=max(0.0, (final_at - now).total_seconds()))
+        if delivery != DELIVERY_RECEIPT:  # dropped, or its receipt lost: only the intermediate DLR
+            steps = [step for step in steps if step[0] in INTERMEDIATE_STATUSES]
+        policy = VONAGE
     request.app[RECEIPTS_KEY].schedule(
-        delay_s=max(0.0, (message.final_at - utcnow()).total_seconds()),
-        url=message.callback_url,
         provider=PROVIDER,
-        provider_message_id=message.provider_message_id,
-        status=params["status"],
-        data=params,
-        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        url=message.callback_url,
+        message=message,
+        steps=steps,
+        encode=request.app[CALLBACKS_KEY].encode,
+        policy=policy,
     )
 
 
@@ -272,8 +311,8 @@ async def send_sms(request: web.Request) -> web.Response:
         provider_message_id=message.provider_message_id,
         fault=outcome.fault,
     )
-    if outcome.delivery == DELIVERY_RECEIPT and message.callback_url:
-        _schedule_receipt(request, message)
+    if message.callback_url:
+        _schedule_callbacks(request, message, outcome.delivery)
     accepted = {
         "to": digits,
         "message-id": message.provider_message_id,
@@ -441,5 +480,6 @@ async def list_records(request: web.Request) -> web.Response:
 
 def register(app: web.Application) -> None:
     """Add the Vonage routes at the real API's paths (rest.nexmo.com and api.nexmo.com share the sandbox)."""
+    app[CALLBACKS_KEY] = DeliveryReceipts(app[CONFIG_KEY])
     app.router.add_post(SMS_PATH, send_sms)
     app.router.add_get(RECORDS_PATH, list_records)

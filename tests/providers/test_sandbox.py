@@ -16,6 +16,7 @@ from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
 from providers.sandbox.app import BackgroundSandbox, SandboxConfig, start_background
+from tests.support.processes import free_port
 from tests.support.webhook_receiver import WebhookReceiver
 
 ACCOUNT_SID = "AC" + "5" * 32
@@ -178,58 +179,187 @@ def test_missing_fields_are_refused(sandbox: BackgroundSandbox, data: dict[str, 
     assert response.json()["code"] == code and response.json()["status"] == 400
 
 
-# --- status callbacks -----------------------------------------------------------------------------
-def test_status_callback_is_signed_and_attributed(
+# --- status callbacks ---------------------------------------------------------------------------------
+def statuses(calls: list[dict[str, Any]]) -> list[str]:
+    return [call["params"]["MessageStatus"] for call in calls]
+
+
+def signed_by_twilio(receiver: Receiver, call: dict[str, Any]) -> bool:
+    return RequestValidator(AUTH_TOKEN).validate(
+        receiver.base + call["path"], call["params"], call["headers"]["X-Twilio-Signature"]
+    )
+
+
+def callbacks(sandbox: BackgroundSandbox) -> dict[str, Any]:
+    return requests.get(f"{sandbox.url}/_sandbox/callbacks", timeout=5).json()
+
+
+def summary(sandbox: BackgroundSandbox) -> dict[str, Any]:
+    return requests.get(f"{sandbox.url}/_sandbox/callbacks/summary", timeout=5).json()
+
+
+def settled(sandbox: BackgroundSandbox) -> dict[str, Any]:
+    """The counters once nothing is pending (they must add up at every moment)."""
+    counts = wait_for(lambda: (found := summary(sandbox))["total"]["pending"] == 0 and found)
+    for name in ("total", "twilio", "vonage", "mailgun"):
+        c = counts[name]
+        assert c["scheduled"] == c["posted_ok"] + c["given_up"] + c["pending"], (name, c)
+        assert c["attempts"] == c["posted_ok"] + c["failed_attempts"], (name, c)
+    return counts
+
+
+def test_sms_gets_sent_then_delivered_each_signed_and_attributed(
     sandbox: BackgroundSandbox, client: Client, receiver: Receiver
 ) -> None:
     set_faults(sandbox, receipt_delay_ms=50)
     sid = send(client, receiver, "m-cb").sid
-    [call] = wait_for(lambda: receiver.calls_for("m-cb"))
+    calls = wait_for(lambda: len(receiver.calls_for("m-cb")) == 2 and receiver.calls_for("m-cb"))
 
-    url = receiver.base + call["path"]
-    assert RequestValidator(AUTH_TOKEN).validate(url, call["params"], call["headers"]["X-Twilio-Signature"])
+    assert statuses(calls) == ["sent", "delivered"] and calls[0]["at"] <= calls[1]["at"]
+    assert all(signed_by_twilio(receiver, call) for call in calls)
+    url = receiver.base + calls[1]["path"]
     assert parse_qs(urlsplit(url).query) == {"message_id": ["m-cb"], "token": ["token-m-cb"]}
-    assert call["headers"]["Content-Type"] == "application/x-www-form-urlencoded"
-    assert call["params"] == {
-        "MessageSid": sid,
-        "SmsSid": sid,
+    assert calls[1]["headers"]["Content-Type"] == "application/x-www-form-urlencoded"
+    common = {"MessageSid": sid, "SmsSid": sid, "AccountSid": ACCOUNT_SID, "From": FROM, "To": "+15551230001"}
+    assert calls[0]["params"] == {**common, "SmsStatus": "sent", "MessageStatus": "sent", "ApiVersion": "2010-04-01"}
+    delivered = calls[1]["params"]
+    assert delivered == {
+        **common,
         "SmsStatus": "delivered",
         "MessageStatus": "delivered",
-        "AccountSid": ACCOUNT_SID,
-        "From": FROM,
-        "To": "+15551230001",
         "ApiVersion": "2010-04-01",
+        "RawDlrDoneDate": delivered["RawDlrDoneDate"],
     }
+    assert len(delivered["RawDlrDoneDate"]) == 10 and delivered["RawDlrDoneDate"].isdigit()  # YYMMDDhhmm
+    tokens = [call["headers"]["I-Twilio-Idempotency-Token"] for call in calls]
+    assert len(set(tokens)) == 2
     assert client.messages(sid).fetch().status == "delivered"
-    callbacks = wait_for(lambda: requests.get(f"{sandbox.url}/_sandbox/callbacks", timeout=5).json()["callbacks"])
-    assert (callbacks[0]["ok"], callbacks[0]["attempts"], callbacks[0]["status_code"]) == (True, 1, 200)
+    logged = wait_for(lambda: len(callbacks(sandbox)["callbacks"]) == 2 and callbacks(sandbox)["callbacks"])
+    assert [(c["status"], c["ok"], c["attempts"], c["status_code"]) for c in logged] == [
+        ("sent", True, 1, 200),
+        ("delivered", True, 1, 200),
+    ]
+
+
+def test_final_only_posts_the_final_status_alone(
+    sandbox: BackgroundSandbox, client: Client, receiver: Receiver
+) -> None:
+    set_faults(sandbox, receipt_delay_ms=0, callback_mode="final_only")
+    send(client, receiver, "m-final-only")
+    send(client, receiver, "m-final-only-sentinel")  # after it: once the sentinel is in, so is all of it
+    wait_for(lambda: receiver.calls_for("m-final-only-sentinel"))
+    [call] = receiver.calls_for("m-final-only")
+    assert call["params"]["MessageStatus"] == "delivered" and signed_by_twilio(receiver, call)
 
 
 def test_whatsapp_read_receipt(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
     set_faults(sandbox, receipt_delay_ms=0, receipt_status="read")
     sid = send(client, receiver, "m-wa", to="whatsapp:+15551230003").sid
-    [call] = wait_for(lambda: receiver.calls_for("m-wa"))
-    assert call["params"]["MessageStatus"] == "read" and "ErrorCode" not in call["params"]
+    calls = wait_for(lambda: len(receiver.calls_for("m-wa")) == 3 and receiver.calls_for("m-wa"))
+    assert statuses(calls) == ["sent", "delivered", "read"]
+    assert all(signed_by_twilio(receiver, call) and "ErrorCode" not in call["params"] for call in calls)
+    assert all("RawDlrDoneDate" not in call["params"] for call in calls)  # an SMS carrier's receipt
     assert client.messages(sid).fetch().status == "read"
     assert logged(sandbox, message_id="m-wa")[0]["channel"] == "whatsapp"
+
+
+def test_an_sms_is_never_read(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
+    set_faults(sandbox, receipt_delay_ms=0, receipt_status="read")
+    sid = send(client, receiver, "m-sms-read").sid
+    send(client, receiver, "m-sms-read-sentinel")
+    wait_for(lambda: len(receiver.calls_for("m-sms-read-sentinel")) == 2)
+    assert statuses(receiver.calls_for("m-sms-read")) == ["sent", "delivered"]
+    assert client.messages(sid).fetch().status == "delivered"
 
 
 def test_undelivered_receipt_carries_error_code(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
     set_faults(sandbox, receipt_delay_ms=0, receipt_status="undelivered")
     sid = send(client, receiver, "m-undel").sid
-    [call] = wait_for(lambda: receiver.calls_for("m-undel"))
-    assert (call["params"]["MessageStatus"], call["params"]["ErrorCode"]) == ("undelivered", "30003")
+    sent, undelivered = wait_for(lambda: len(receiver.calls_for("m-undel")) == 2 and receiver.calls_for("m-undel"))
+    assert "ErrorCode" not in sent["params"]
+    assert (undelivered["params"]["MessageStatus"], undelivered["params"]["ErrorCode"]) == ("undelivered", "30003")
     assert client.messages(sid).fetch().error_code == 30003
 
 
-def test_failing_callback_is_retried(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
+def test_a_message_that_could_not_be_sent_gets_failed_alone(
+    sandbox: BackgroundSandbox, client: Client, receiver: Receiver
+) -> None:
+    set_faults(sandbox, receipt_delay_ms=0, receipt_status="failed")
+    send(client, receiver, "m-failed")
+    set_faults(sandbox, receipt_status="delivered")
+    send(client, receiver, "m-failed-sentinel")
+    wait_for(lambda: len(receiver.calls_for("m-failed-sentinel")) == 2)
+    [call] = receiver.calls_for("m-failed")
+    assert (call["params"]["MessageStatus"], call["params"]["ErrorCode"]) == ("failed", "30008")
+
+
+def test_each_messages_callbacks_arrive_in_order(sandbox: BackgroundSandbox, receiver: Receiver) -> None:
+    # Every callback of 60 WhatsApp messages falls due at once: each message's still come in order.
+    set_faults(sandbox, receipt_delay_ms=0, receipt_status="read")
+    ids = [f"m-order-{i}" for i in range(60)]
+    for message_id in ids:
+        data = {"To": "whatsapp:+15551230004", "From": FROM, "Body": "x", "StatusCallback": receiver.url(message_id)}
+        assert raw_send(sandbox, data).status_code == 201
+    wait_for(lambda: all(len(receiver.calls_for(i)) == 3 for i in ids), timeout=15)
+    assert all(statuses(receiver.calls_for(i)) == ["sent", "delivered", "read"] for i in ids)
+    assert settled(sandbox)["twilio"] == {
+        "scheduled": 180,
+        "posted_ok": 180,
+        "attempts": 180,
+        "failed_attempts": 0,
+        "given_up": 0,
+        "pending": 0,
+    }
+
+
+def test_a_5xx_answer_is_not_retried_by_default(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
+    # Twilio's default retry policy (rp=ct) retries a failed connection only.
     set_faults(sandbox, receipt_delay_ms=0)
+    with receiver.lock:
+        receiver.answers = [500]
+    send(client, receiver, "m-500")
+    wait_for(lambda: len(receiver.calls_for("m-500")) == 2)
+    counts = settled(sandbox)["twilio"]
+    assert [c["status"] for c in receiver.calls_for("m-500")] == [500, 200]  # `sent` lost, `delivered` came
+    assert (counts["scheduled"], counts["posted_ok"], counts["failed_attempts"], counts["given_up"]) == (2, 1, 1, 1)
+    [lost] = [c for c in callbacks(sandbox)["callbacks"] if not c["ok"]]
+    assert (lost["status"], lost["attempts"], lost["status_code"], lost["error"]) == ("sent", 1, 500, "HTTP 500")
+
+
+def test_a_refused_connection_is_retried_once_by_default(sandbox: BackgroundSandbox, client: Client) -> None:
+    set_faults(sandbox, receipt_delay_ms=0)
+    url = f"http://127.0.0.1:{free_port()}/webhooks/twilio/?message_id=m-down&token=t"
+    client.messages.create(to="+15551230001", from_=FROM, body="x", status_callback=url)
+    counts = settled(sandbox)["twilio"]
+    assert (counts["scheduled"], counts["attempts"], counts["given_up"]) == (2, 4, 2)  # rc=1: two tries each
+    assert {(c["attempts"], c["ok"]) for c in callbacks(sandbox)["callbacks"]} == {(2, False)}
+
+
+def test_connection_overrides_retry_a_5xx_with_the_same_signed_callback(
+    sandbox: BackgroundSandbox, client: Client, receiver: Receiver
+) -> None:
+    set_faults(sandbox, receipt_delay_ms=0)
+    with receiver.lock:
+        receiver.answers = [500, 503]
+    url = receiver.url("m-rc") + "#rc=3&rp=all&ct=1000"
+    client.messages.create(to="+15551230001", from_=FROM, body="x", status_callback=url)
+    calls = wait_for(lambda: len(receiver.calls_for("m-rc")) == 4 and receiver.calls_for("m-rc"))
+    assert [c["status"] for c in calls] == [500, 503, 200, 200]
+    assert statuses(calls) == ["sent", "sent", "sent", "delivered"]  # the next waits for the retries
+    assert all(signed_by_twilio(receiver, call) for call in calls)  # signed without the fragment
+    assert len({call["headers"]["I-Twilio-Idempotency-Token"] for call in calls[:3]}) == 1
+    assert settled(sandbox)["twilio"]["given_up"] == 0
+    assert [c["attempts"] for c in callbacks(sandbox)["callbacks"]] == [3, 1]
+
+
+def test_final_only_keeps_the_old_quick_retries(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
+    set_faults(sandbox, receipt_delay_ms=0, callback_mode="final_only")
     with receiver.lock:
         receiver.answers = [500, 503]
     send(client, receiver, "m-retry")
     calls = wait_for(lambda: len(receiver.calls_for("m-retry")) == 3 and receiver.calls_for("m-retry"))
     assert [c["status"] for c in calls] == [500, 503, 200]
-    cb = wait_for(lambda: requests.get(f"{sandbox.url}/_sandbox/callbacks", timeout=5).json()["callbacks"])[0]
+    cb = wait_for(lambda: callbacks(sandbox)["callbacks"])[0]
     assert (cb["ok"], cb["attempts"]) == (True, 3)
 
 
@@ -280,41 +410,59 @@ def test_timeout_is_accepted_but_unanswered(sandbox: BackgroundSandbox, receiver
     assert entry["provider_message_id"].startswith("SM")
 
 
-def test_drop_sends_no_receipt_and_stays_sent(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
+def test_drop_sends_only_sent_and_stays_sent(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
     set_faults(sandbox, drop_rate=1.0, receipt_delay_ms=100)
     dropped = send(client, receiver, "m-drop").sid
     # A sentinel sent afterwards with the same delay: once its receipt is in, the dropped one's
     # would have been too, so no fixed sleep is needed.
     set_faults(sandbox, drop_rate=0)
     send(client, receiver, "m-drop-sentinel")
-    wait_for(lambda: receiver.calls_for("m-drop-sentinel"))
-    assert receiver.calls_for("m-drop") == []
+    wait_for(lambda: len(receiver.calls_for("m-drop-sentinel")) == 2)
+    assert statuses(receiver.calls_for("m-drop")) == ["sent"]
     assert client.messages(dropped).fetch().status == "sent"
     assert logged(sandbox, message_id="m-drop")[0]["fault"] == "drop"
 
 
-def test_receipt_loss_sends_no_receipt_but_is_delivered(
+def test_receipt_loss_loses_the_final_status_but_is_delivered(
     sandbox: BackgroundSandbox, client: Client, receiver: Receiver
 ) -> None:
     set_faults(sandbox, receipt_loss_rate=1.0, receipt_delay_ms=100)
     lost = send(client, receiver, "m-lost").sid
     set_faults(sandbox, receipt_loss_rate=0)
     send(client, receiver, "m-lost-sentinel")
-    wait_for(lambda: receiver.calls_for("m-lost-sentinel"))
-    assert receiver.calls_for("m-lost") == []
+    wait_for(lambda: len(receiver.calls_for("m-lost-sentinel")) == 2)
+    assert statuses(receiver.calls_for("m-lost")) == ["sent"]
     assert client.messages(lost).fetch().status == "delivered"
     assert logged(sandbox, message_id="m-lost")[0]["fault"] == "receipt_loss"
 
 
-def test_reset_cancels_pending_receipts(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
+def test_receipt_loss_in_final_only_sends_nothing(
+    sandbox: BackgroundSandbox, client: Client, receiver: Receiver
+) -> None:
+    set_faults(sandbox, receipt_loss_rate=1.0, receipt_delay_ms=100, callback_mode="final_only")
+    send(client, receiver, "m-lost-final")
+    set_faults(sandbox, receipt_loss_rate=0)
+    send(client, receiver, "m-lost-final-sentinel")
+    wait_for(lambda: receiver.calls_for("m-lost-final-sentinel"))
+    assert receiver.calls_for("m-lost-final") == []
+
+
+def test_reset_cancels_pending_receipts_and_zeroes_the_counters(
+    sandbox: BackgroundSandbox, client: Client, receiver: Receiver
+) -> None:
     set_faults(sandbox, receipt_delay_ms=500)
     send(client, receiver, "m-cancelled")
+    assert summary(sandbox)["total"]["pending"] == 2
     assert requests.post(f"{sandbox.url}/_sandbox/reset", timeout=5).json() == {"ok": True}
+    assert summary(sandbox)["total"] == dict.fromkeys(
+        ("scheduled", "posted_ok", "attempts", "failed_attempts", "given_up", "pending"), 0
+    )
     set_faults(sandbox, receipt_delay_ms=500)
     send(client, receiver, "m-reset-sentinel")  # due after the cancelled one would have been
-    wait_for(lambda: receiver.calls_for("m-reset-sentinel"))
+    wait_for(lambda: len(receiver.calls_for("m-reset-sentinel")) == 2)
     assert receiver.calls_for("m-cancelled") == []
     assert logged(sandbox, message_id="m-cancelled") == []
+    assert settled(sandbox)["twilio"]["posted_ok"] == 2
 
 
 # --- control API --------------------------------------------------------------------------------------
@@ -334,6 +482,8 @@ def test_fault_settings_defaults_and_partial_update(sandbox: BackgroundSandbox) 
         "receipt_delay_ms": 200,
         "receipt_status": "delivered",
         "max_per_second": 0,
+        "callback_mode": "realistic",
+        "callback_retry_scale": 0.01,
     }
     set_faults(sandbox, error_rate=0.3, latency_ms=50)
     updated = set_faults(sandbox, outage=True)
@@ -349,6 +499,9 @@ def test_fault_settings_defaults_and_partial_update(sandbox: BackgroundSandbox) 
         ({"provider": "twilio", "receipt_status": "lost"}, "receipt_status"),
         ({"provider": "twilio", "outage": 1}, "outage"),
         ({"provider": "twilio", "eror_rate": 0.1}, "eror_rate"),
+        ({"provider": "twilio", "callback_mode": "all"}, "callback_mode"),
+        ({"provider": "twilio", "callback_retry_scale": 2}, "callback_retry_scale"),
+        ({"provider": "twilio", "callback_retry_scale": -0.1}, "callback_retry_scale"),
         ({"error_rate": 0.1}, "provider"),
         ({"provider": "sinch"}, "provider"),
     ],

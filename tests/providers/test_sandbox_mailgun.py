@@ -236,11 +236,26 @@ def test_latency_delays_the_answer(mg: Mailgun):
     assert time.monotonic() - started >= 0.3
 
 
-def test_a_drop_sends_no_webhook_and_stays_accepted(mg: Mailgun, receiver: JsonReceiver):
+def names(calls: list[dict[str, Any]]) -> list[str]:
+    return [call["body"]["event-data"]["event"] for call in calls]
+
+
+def summary(mg: Mailgun) -> dict[str, Any]:
+    return mg.session.get(f"{mg.url}/_sandbox/callbacks/summary", timeout=5).json()
+
+
+def settled(mg: Mailgun) -> dict[str, int]:
+    counts = wait_for(lambda: (found := summary(mg))["total"]["pending"] == 0 and found)["mailgun"]
+    assert counts["scheduled"] == counts["posted_ok"] + counts["given_up"]
+    assert counts["attempts"] == counts["posted_ok"] + counts["failed_attempts"]
+    return counts
+
+
+def test_a_drop_sends_only_accepted_and_stays_accepted(mg: Mailgun, receiver: JsonReceiver):
     mg.faults(drop_rate=1.0, receipt_delay_ms=0)
     provider_message_id = mg.send(message_id="m-drop").json()["id"]
-    time.sleep(0.3)  # a webhook, if any, would have come by now (delay 0)
-    assert receiver.events_for("m-drop") == []
+    assert settled(mg)["posted_ok"] == 1
+    assert names(receiver.events_for("m-drop")) == ["accepted"]
     items = mg.events(**{"message-id": provider_message_id}).json()["items"]
     assert [e["event"] for e in items] == ["accepted"]
 
@@ -251,49 +266,114 @@ def test_a_lost_receipt_still_shows_in_the_events_api(mg: Mailgun, receiver: Jso
     assert wait_for(lambda: len(mg.events(**{"message-id": provider_message_id}).json()["items"]) == 2)
     events = mg.events(**{"message-id": provider_message_id, "ascending": "yes"}).json()["items"]
     assert [e["event"] for e in events] == ["accepted", "delivered"]
-    assert receiver.events_for("m-lost") == []
+    assert settled(mg)["posted_ok"] == 1
+    assert names(receiver.events_for("m-lost")) == ["accepted"]
 
 
 # --- signed webhooks ----------------------------------------------------------------------------
-def test_a_signed_delivered_webhook_arrives_after_the_receipt_delay(mg: Mailgun, receiver: JsonReceiver):
+def test_accepted_at_once_then_a_signed_delivered_webhook_after_the_receipt_delay(mg: Mailgun, receiver: JsonReceiver):
     mg.faults(receipt_delay_ms=300)
     sent_at = time.monotonic()
     provider_message_id = mg.send(message_id="m-hook", **{"o:tag": "welcome"}).json()["id"]
-    time.sleep(0.1)
-    assert receiver.events_for("m-hook") == []  # not before the delay
-    [call] = wait_for(lambda: receiver.events_for("m-hook"))
-    assert time.monotonic() - sent_at >= 0.3
-    assert call["path"] == TRACKING_PATH and call["content_type"] == "application/json"
-    body = call["body"]
-    assert signature_ok(body) and not signature_ok(body, key="another-key")
-    assert len(body["signature"]["token"]) == 50
-    data = body["event-data"]
-    assert data["event"] == "delivered" and data["id"]
-    assert data["recipient"] == "ada@example.com" and data["tags"] == ["welcome"]
-    assert f"<{data['message']['headers']['message-id']}>" == provider_message_id
-    assert data["user-variables"] == {"conductor_message_id": "m-hook", "conductor_token": "m-hook.1"}
-    assert abs(data["timestamp"] - time.time()) < 5
+    [accepted] = wait_for(lambda: receiver.events_for("m-hook"))
+    assert names([accepted]) == ["accepted"] and accepted["body"]["event-data"]["method"] == "HTTP"
+    calls = wait_for(lambda: len(receiver.events_for("m-hook")) == 2 and receiver.events_for("m-hook"))
+    assert names(calls) == ["accepted", "delivered"]
+    assert calls[1]["at"] - sent_at >= 0.3
+    for call in calls:
+        assert call["path"] == TRACKING_PATH and call["content_type"] == "application/json"
+        body = call["body"]
+        assert signature_ok(body) and not signature_ok(body, key="another-key")
+        assert len(body["signature"]["token"]) == 50
+        data = body["event-data"]
+        assert data["id"] and data["recipient"] == "ada@example.com" and data["tags"] == ["welcome"]
+        assert f"<{data['message']['headers']['message-id']}>" == provider_message_id
+        assert data["user-variables"] == {"conductor_message_id": "m-hook", "conductor_token": "m-hook.1"}
+        assert abs(data["timestamp"] - time.time()) < 5
+    # The same event ids as the Events API's.
+    items = mg.events(**{"message-id": provider_message_id, "ascending": "yes"}).json()["items"]
+    assert [item["id"] for item in items] == [call["body"]["event-data"]["id"] for call in calls]
 
 
 @pytest.mark.parametrize(
     ("receipt_status", "events"),
     [
-        ("delivered", ["delivered"]),
-        ("read", ["delivered", "opened"]),
-        ("undelivered", ["failed"]),
-        ("failed", ["rejected"]),
+        ("delivered", ["accepted", "delivered"]),
+        ("read", ["accepted", "delivered", "opened"]),
+        ("undelivered", ["accepted", "failed"]),
+        ("failed", ["accepted", "rejected"]),
     ],
 )
-def test_each_receipt_status_becomes_mailgun_events(mg: Mailgun, receiver: JsonReceiver, receipt_status, events):
+def test_each_receipt_status_becomes_mailgun_events_in_order(
+    mg: Mailgun, receiver: JsonReceiver, receipt_status, events
+):
     mg.faults(receipt_delay_ms=0, receipt_status=receipt_status)
     message_id = f"m-{receipt_status}"
     mg.send(message_id=message_id)
     calls = wait_for(lambda: len(receiver.events_for(message_id)) == len(events) and receiver.events_for(message_id))
-    received = sorted(calls, key=lambda c: c["body"]["event-data"]["timestamp"])
-    assert [c["body"]["event-data"]["event"] for c in received] == events
-    assert all(signature_ok(c["body"]) for c in received)
+    assert names(calls) == events  # in arrival order
+    assert all(signature_ok(c["body"]) for c in calls)
     if receipt_status == "undelivered":
-        assert received[0]["body"]["event-data"]["severity"] == "permanent"
+        assert calls[-1]["body"]["event-data"]["severity"] == "permanent"
+
+
+@pytest.mark.parametrize(
+    ("receipt_status", "events"), [("delivered", ["delivered"]), ("read", ["delivered", "opened"])]
+)
+def test_final_only_posts_the_outcome_events_alone(mg: Mailgun, receiver: JsonReceiver, receipt_status, events):
+    mg.faults(receipt_delay_ms=0, receipt_status=receipt_status, callback_mode="final_only")
+    mg.send(message_id="m-final-only")
+    counts = settled(mg)
+    assert names(receiver.events_for("m-final-only")) == events
+    assert (counts["scheduled"], counts["posted_ok"]) == (len(events), len(events))
+
+
+def test_a_failing_webhook_is_retried_on_the_scaled_schedule(mg: Mailgun, receiver: JsonReceiver):
+    # Mailgun retries after 5 min, then 10 min; at a scale of 0.001 that is 0.3 s, then 0.6 s.
+    mg.faults(receipt_delay_ms=3000, callback_retry_scale=0.001)
+    with receiver.lock:
+        receiver.answers = [500, 502]
+    mg.send(message_id="m-retry")
+    calls = wait_for(lambda: len(receiver.events_for("m-retry")) == 4 and receiver.events_for("m-retry"), timeout=10)
+    assert names(calls) == ["accepted", "accepted", "accepted", "delivered"]
+    assert [call["status"] for call in calls] == [500, 502, 200, 200]
+    assert calls[1]["at"] - calls[0]["at"] >= 0.3 * 0.9 and calls[2]["at"] - calls[1]["at"] >= 0.6 * 0.9
+    # One event, signed afresh for each attempt.
+    assert len({call["body"]["event-data"]["id"] for call in calls[:3]}) == 1
+    assert len({call["body"]["signature"]["token"] for call in calls[:3]}) == 3
+    assert all(signature_ok(call["body"]) for call in calls)
+    counts = settled(mg)
+    assert (counts["posted_ok"], counts["failed_attempts"], counts["given_up"]) == (2, 2, 0)
+
+
+def test_406_stops_the_retries(mg: Mailgun, receiver: JsonReceiver):
+    mg.faults(receipt_delay_ms=0, callback_retry_scale=0.001)
+    with receiver.lock:
+        receiver.answers = [406]
+    mg.send(message_id="m-406")
+    counts = settled(mg)
+    calls = receiver.events_for("m-406")
+    assert [(c["body"]["event-data"]["event"], c["status"]) for c in calls] == [("accepted", 406), ("delivered", 200)]
+    assert (counts["attempts"], counts["posted_ok"], counts["given_up"]) == (2, 1, 1)
+    [refused] = [
+        c for c in mg.session.get(f"{mg.url}/_sandbox/callbacks", timeout=5).json()["callbacks"] if not c["ok"]
+    ]
+    assert (refused["status"], refused["status_code"], refused["attempts"]) == ("accepted", 406, 1)
+
+
+def test_the_delivery_notification_is_not_retried(mg: Mailgun, receiver: JsonReceiver):
+    # Mailgun retries "Webhooks other than the delivery notification".
+    mg.faults(receipt_delay_ms=1000, callback_retry_scale=0.001)
+    mg.send(message_id="m-delivered-once")
+    wait_for(lambda: receiver.events_for("m-delivered-once"))  # accepted, answered 200
+    with receiver.lock:
+        receiver.answers = [503]
+    counts = settled(mg)
+    assert [(c["body"]["event-data"]["event"], c["status"]) for c in receiver.events_for("m-delivered-once")] == [
+        ("accepted", 200),
+        ("delivered", 503),
+    ]
+    assert (counts["posted_ok"], counts["given_up"]) == (1, 1)
 
 
 # --- Events API ---------------------------------------------------------------------------------

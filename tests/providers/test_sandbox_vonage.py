@@ -16,6 +16,7 @@ from vonage_http_client import Auth
 
 from providers.sandbox import vonage_api
 from providers.sandbox.app import BackgroundSandbox, SandboxConfig, start_background
+from tests.support.processes import free_port
 from tests.support.webhook_receiver import WebhookReceiver
 
 API_KEY = "abcd1234"
@@ -224,86 +225,174 @@ def test_timeout_is_accepted_but_unanswered(sandbox: BackgroundSandbox) -> None:
     assert row["client_ref"] == "m-timeout.1"
 
 
-def test_drop_sends_no_receipt_and_the_record_stays_accepted(sandbox: BackgroundSandbox, receiver: Receiver) -> None:
+def test_drop_sends_only_the_intermediate_receipt_and_the_record_stays_accepted(
+    sandbox: BackgroundSandbox, receiver: Receiver
+) -> None:
     set_faults(sandbox, drop_rate=1.0, receipt_delay_ms=50)
     dropped = sms(sandbox, "m-drop.1", receiver=receiver).json()["messages"][0]["message-id"]
-    # A sentinel sent afterwards with the same delay: once its receipt is in, the dropped one's
+    # A sentinel sent afterwards with the same delay: once its receipts are in, the dropped one's
     # would have been too, so no fixed sleep is needed.
     set_faults(sandbox, drop_rate=0)
     sms(sandbox, "m-drop-sentinel.1", receiver=receiver)
-    wait_for(lambda: receiver.calls_for("m-drop-sentinel.1"))
-    assert receiver.calls_for("m-drop.1") == []
+    wait_for(lambda: len(receiver.calls_for("m-drop-sentinel.1")) == 2)
+    assert dlr_statuses(receiver.calls_for("m-drop.1")) == ["accepted"]
     [row] = records(sandbox, id=dropped).json()["records"]
     assert (row["status"], row["date_finalized"]) == ("accepted", None)
     assert logged(sandbox, message_id="m-drop")[0]["fault"] == "drop"
 
 
-def test_receipt_loss_sends_no_receipt_but_is_delivered(sandbox: BackgroundSandbox, receiver: Receiver) -> None:
+def test_receipt_loss_loses_the_final_receipt_but_is_delivered(sandbox: BackgroundSandbox, receiver: Receiver) -> None:
     set_faults(sandbox, receipt_loss_rate=1.0, receipt_delay_ms=50)
     lost = sms(sandbox, "m-lost.1", receiver=receiver).json()["messages"][0]["message-id"]
     set_faults(sandbox, receipt_loss_rate=0)
     sms(sandbox, "m-lost-sentinel.1", receiver=receiver)
-    wait_for(lambda: receiver.calls_for("m-lost-sentinel.1"))
-    assert receiver.calls_for("m-lost.1") == []
+    wait_for(lambda: len(receiver.calls_for("m-lost-sentinel.1")) == 2)
+    assert dlr_statuses(receiver.calls_for("m-lost.1")) == ["accepted"]
     [row] = records(sandbox, id=lost).json()["records"]
     assert (row["status"], row["error_code"]) == ("delivered", "0")
 
 
 # --- signed delivery receipts ------------------------------------------------------------------------
-def test_the_receipt_is_a_signed_form_post_to_the_callback(sandbox: BackgroundSandbox, receiver: Receiver) -> None:
+def dlr_statuses(calls: list[dict[str, Any]]) -> list[str]:
+    return [call["params"]["status"] for call in calls]
+
+
+def signed(params: dict[str, str], secret: str = SIGNATURE_SECRET) -> bool:
+    """Verified by the official SDK, independently of the sandbox's own signer."""
+    return Auth(api_key=API_KEY, signature_secret=secret, signature_method="sha256").check_signature(dict(params))
+
+
+def summary(sandbox: BackgroundSandbox) -> dict[str, Any]:
+    return requests.get(f"{sandbox.url}/_sandbox/callbacks/summary", timeout=5).json()
+
+
+def settled(sandbox: BackgroundSandbox) -> dict[str, int]:
+    counts = wait_for(lambda: (found := summary(sandbox))["total"]["pending"] == 0 and found)["vonage"]
+    assert counts["scheduled"] == counts["posted_ok"] + counts["given_up"]
+    assert counts["attempts"] == counts["posted_ok"] + counts["failed_attempts"]
+    return counts
+
+
+def test_an_intermediate_then_a_final_receipt_each_a_signed_form_post(
+    sandbox: BackgroundSandbox, receiver: Receiver
+) -> None:
     set_faults(sandbox, receipt_delay_ms=50)
     sent = sms(sandbox, "m-dlr.2", receiver=receiver).json()["messages"][0]
-    [call] = wait_for(lambda: receiver.calls_for("m-dlr.2"))
-    params = call["params"]
-    assert call["path"] == "/webhooks/vonage/"
-    assert call["headers"]["Content-Type"] == "application/x-www-form-urlencoded"
-    assert set(params) == {
-        "msisdn",
-        "to",
-        "network-code",
-        "messageId",
-        "price",
-        "status",
-        "scts",
-        "err-code",
-        "api-key",
-        "client-ref",
-        "message-timestamp",
-        "timestamp",
-        "nonce",
-        "sig",
+    calls = wait_for(lambda: len(receiver.calls_for("m-dlr.2")) == 2 and receiver.calls_for("m-dlr.2"))
+    assert dlr_statuses(calls) == ["accepted", "delivered"] and calls[0]["at"] <= calls[1]["at"]
+    for call in calls:
+        params = call["params"]
+        assert call["path"] == "/webhooks/vonage/"
+        assert call["headers"]["Content-Type"] == "application/x-www-form-urlencoded"
+        assert set(params) == {
+            "msisdn",
+            "to",
+            "network-code",
+            "messageId",
+            "price",
+            "status",
+            "scts",
+            "err-code",
+            "api-key",
+            "client-ref",
+            "message-timestamp",
+            "timestamp",
+            "nonce",
+            "sig",
+        }
+        assert (params["messageId"], params["msisdn"], params["to"]) == (sent["message-id"], RECIPIENT, "Conductor")
+        assert (params["err-code"], params["api-key"]) == ("0", API_KEY)
+        assert abs(int(params["timestamp"]) - time.time()) < 60
+        assert signed(params) and not signed(params, secret="wrong")
+    assert calls[0]["params"]["nonce"] != calls[1]["params"]["nonce"]
+    assert settled(sandbox) == {
+        "scheduled": 2,
+        "posted_ok": 2,
+        "attempts": 2,
+        "failed_attempts": 0,
+        "given_up": 0,
+        "pending": 0,
     }
-    assert (params["messageId"], params["msisdn"], params["to"]) == (sent["message-id"], RECIPIENT, "Conductor")
-    assert (params["status"], params["err-code"], params["api-key"]) == ("delivered", "0", API_KEY)
-    assert abs(int(params["timestamp"]) - time.time()) < 60
-    # Verified by the official SDK, independently of the sandbox's own signer.
-    verifier = Auth(api_key=API_KEY, signature_secret=SIGNATURE_SECRET, signature_method="sha256")
-    assert verifier.check_signature(dict(params))
-    assert not Auth(api_key=API_KEY, signature_secret="wrong", signature_method="sha256").check_signature(dict(params))
-    callbacks = requests.get(f"{sandbox.url}/_sandbox/callbacks", timeout=5).json()["callbacks"]
-    assert [(c["provider"], c["status"], c["ok"]) for c in callbacks] == [("vonage", "delivered", True)]
+    logged_callbacks = requests.get(f"{sandbox.url}/_sandbox/callbacks", timeout=5).json()["callbacks"]
+    assert [(c["provider"], c["status"], c["ok"]) for c in logged_callbacks] == [
+        ("vonage", "accepted", True),
+        ("vonage", "delivered", True),
+    ]
+
+
+def test_final_only_posts_the_final_receipt_alone(sandbox: BackgroundSandbox, receiver: Receiver) -> None:
+    set_faults(sandbox, receipt_delay_ms=0, callback_mode="final_only")
+    sms(sandbox, "m-final-only.1", receiver=receiver)
+    sms(sandbox, "m-final-only-sentinel.1", receiver=receiver)
+    wait_for(lambda: receiver.calls_for("m-final-only-sentinel.1"))
+    [call] = receiver.calls_for("m-final-only.1")
+    assert call["params"]["status"] == "delivered" and signed(call["params"])
 
 
 @pytest.mark.parametrize(
-    ("receipt_status", "status", "err_code"), [("undelivered", "failed", "12"), ("failed", "rejected", "9")]
+    ("receipt_status", "sequence", "err_code"),
+    [("undelivered", ["accepted", "failed"], "12"), ("failed", ["rejected"], "9")],
 )
 def test_unsuccessful_receipts_carry_vonage_statuses(
-    sandbox: BackgroundSandbox, receiver: Receiver, receipt_status: str, status: str, err_code: str
+    sandbox: BackgroundSandbox, receiver: Receiver, receipt_status: str, sequence: list[str], err_code: str
 ) -> None:
     set_faults(sandbox, receipt_delay_ms=0, receipt_status=receipt_status)
     token = f"m-{receipt_status}.1"
     message_id = sms(sandbox, token, receiver=receiver).json()["messages"][0]["message-id"]
-    [call] = wait_for(lambda: receiver.calls_for(token))
-    assert (call["params"]["status"], call["params"]["err-code"]) == (status, err_code)
+    calls = wait_for(lambda: len(receiver.calls_for(token)) == len(sequence) and receiver.calls_for(token))
+    assert dlr_statuses(calls) == sequence and calls[-1]["params"]["err-code"] == err_code
     [row] = records(sandbox, id=message_id).json()["records"]
-    assert (row["status"], row["error_code"]) == (status, err_code)
+    assert (row["status"], row["error_code"]) == (sequence[-1], err_code)
+
+
+def test_a_5xx_is_retried_on_the_scaled_backoff_with_the_same_signed_receipt(
+    sandbox: BackgroundSandbox, receiver: Receiver
+) -> None:
+    # Vonage waits 5 s, then 10 s, 20 s ...; at a scale of 0.02 that is 0.1 s, 0.2 s.
+    # `accepted` falls due at 0.75 s and `delivered` at 1.5 s, after the retries.
+    set_faults(sandbox, receipt_delay_ms=1500, callback_retry_scale=0.02)
+    with receiver.lock:
+        receiver.answers = [500, 503]
+    sms(sandbox, "m-5xx.1", receiver=receiver)
+    calls = wait_for(lambda: len(receiver.calls_for("m-5xx.1")) == 4 and receiver.calls_for("m-5xx.1"))
+    assert dlr_statuses(calls) == ["accepted", "accepted", "accepted", "delivered"]
+    assert [call["status"] for call in calls] == [500, 503, 200, 200]
+    assert calls[1]["at"] - calls[0]["at"] >= 0.1 * 0.9 and calls[2]["at"] - calls[1]["at"] >= 0.2 * 0.9
+    assert len({call["params"]["nonce"] for call in calls[:3]}) == 1 and all(signed(c["params"]) for c in calls)
+    counts = settled(sandbox)
+    assert (counts["posted_ok"], counts["failed_attempts"], counts["given_up"]) == (2, 2, 0)
+
+
+def test_a_receiver_that_is_down_for_a_while_gets_every_receipt(sandbox: BackgroundSandbox) -> None:
+    # Nothing listens on the port until 0.6 s after the send; the backoff (0.05, 0.1, 0.2, 0.4 s
+    # at the default scale of 0.01) brings both receipts once it is up.
+    port = free_port()
+    set_faults(sandbox, receipt_delay_ms=0)
+    sms(sandbox, "m-down.1", callback=f"http://127.0.0.1:{port}/webhooks/vonage/")
+    wait_for(lambda: summary(sandbox)["vonage"]["failed_attempts"] >= 2)
+    time.sleep(0.6)  # the outage itself
+    with Receiver(port=port) as late:
+        calls = wait_for(lambda: len(late.calls_for("m-down.1")) == 2 and late.calls_for("m-down.1"), timeout=10)
+        counts = settled(sandbox)
+    assert sorted(dlr_statuses(calls)) == ["accepted", "delivered"]
+    assert (counts["posted_ok"], counts["given_up"]) == (2, 0) and counts["failed_attempts"] >= 2
+
+
+def test_another_4xx_is_not_retried(sandbox: BackgroundSandbox, receiver: Receiver) -> None:
+    set_faults(sandbox, receipt_delay_ms=0, receipt_status="failed")  # a single `rejected` receipt
+    with receiver.lock:
+        receiver.answers = [403]
+    sms(sandbox, "m-403.1", receiver=receiver)
+    counts = settled(sandbox)
+    assert [c["status"] for c in receiver.calls_for("m-403.1")] == [403]
+    assert (counts["attempts"], counts["given_up"]) == (1, 1)
 
 
 def test_md5hash_is_vonages_default_signature_method(receiver: Receiver) -> None:
     with start_background(config("md5hash")) as other:
         set_faults(other, receipt_delay_ms=0)
         sms(other, "m-md5.1", receiver=receiver)
-        [call] = wait_for(lambda: receiver.calls_for("m-md5.1"))
+        call = wait_for(lambda: len(receiver.calls_for("m-md5.1")) == 2 and receiver.calls_for("m-md5.1"))[-1]
     params = call["params"]
     # Vonage's recipe: MD5 of "&key=value" for each sorted parameter but sig, then the secret.
     text = "".join(f"&{key}={params[key]}" for key in sorted(params) if key != "sig")

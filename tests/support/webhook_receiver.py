@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -12,9 +13,10 @@ from urllib.parse import parse_qs
 
 class WebhookReceiver:
     """Records each POST (path, headers, form params or JSON body) and answers `default_status`,
-    or the status codes queued in `answers` first (to test a provider's callback retries)."""
+    or the status codes queued in `answers` first (to test a provider's callback retries).
+    `port` 0 takes a free one; a given port lets a test bring a receiver up where one was down."""
 
-    def __init__(self, default_status: int = 200) -> None:
+    def __init__(self, default_status: int = 200, port: int = 0) -> None:
         self.calls: list[dict[str, Any]] = []
         self.answers: list[int] = []
         self.lock = threading.Lock()
@@ -35,6 +37,7 @@ class WebhookReceiver:
                             "params": {k: v[0] for k, v in parse_qs(raw.decode()).items()},
                             "body": json.loads(raw) if content_type.startswith("application/json") else None,
                             "status": status,
+                            "at": time.monotonic(),
                         }
                     )
                 receiver.arrived.set()
@@ -45,7 +48,7 @@ class WebhookReceiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
 
