@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -122,6 +123,8 @@ class ReceiptScheduler:
         self._waiting: set[Callback] = set()  # armed timers, cancelled by reset
         self._epoch = 0
         self.counters = {name: dict.fromkeys(COUNTER_NAMES, 0) for name in PROVIDERS}
+        # How long each answered POST took, as a provider sees the receiver (4 bytes each).
+        self._latencies_ms = array("f")
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -145,10 +148,15 @@ class ReceiptScheduler:
     def pending_count(self) -> int:
         return sum(counts["pending"] for counts in self.counters.values())
 
-    def summary(self) -> dict[str, dict[str, int]]:
-        """Counters per provider and in total: scheduled = posted_ok + given_up + pending."""
+    def summary(self) -> dict[str, Any]:
+        """Counters per provider and in total (scheduled = posted_ok + given_up + pending), and the
+        answered POSTs' latency in ms (p50, p95, p99, max, count) since the last reset."""
         total = {name: sum(counts[name] for counts in self.counters.values()) for name in COUNTER_NAMES}
-        return {"total": total, **{provider: dict(counts) for provider, counts in self.counters.items()}}
+        return {
+            "total": total,
+            **{provider: dict(counts) for provider, counts in self.counters.items()},
+            "latency_ms": _latency_summary(self._latencies_ms),
+        }
 
     # --- planning ---------------------------------------------------------------------------------
     def schedule(
@@ -191,6 +199,7 @@ class ReceiptScheduler:
         self._waiting.clear()
         self._ready = asyncio.Queue()
         self.counters = {name: dict.fromkeys(COUNTER_NAMES, 0) for name in PROVIDERS}
+        self._latencies_ms = array("f")
         return pending
 
     def _start_workers(self) -> None:
@@ -247,12 +256,14 @@ class ReceiptScheduler:
         code: int | None = None
         kind: str | None = None
         error: str | None = None
+        began = loop.time()
         try:
             async with self._session.post(
                 callback.url, data=body, headers=headers, timeout=timeout, allow_redirects=False
             ) as response:
                 code = response.status
                 await response.read()
+            self._latencies_ms.append((loop.time() - began) * 1000)
         # Only network failures are expected here; anything else is a sandbox bug and should show.
         except aiohttp.ConnectionTimeoutError as exc:
             kind, error = CONNECT, f"{type(exc).__name__}: {exc}"
@@ -314,3 +325,14 @@ def spaced_steps(
 
 
 RECEIPTS_KEY = web.AppKey("sandbox_receipts", ReceiptScheduler)
+
+
+def _latency_summary(latencies: array) -> dict[str, float]:
+    ordered = sorted(latencies)
+    if not ordered:
+        return {"count": 0}
+
+    def at(share: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(share * len(ordered)))], 2)
+
+    return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "max": round(ordered[-1], 2), "count": len(ordered)}

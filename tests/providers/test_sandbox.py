@@ -234,6 +234,9 @@ def test_sms_gets_sent_then_delivered_each_signed_and_attributed(
     tokens = [call["headers"]["I-Twilio-Idempotency-Token"] for call in calls]
     assert len(set(tokens)) == 2
     assert client.messages(sid).fetch().status == "delivered"
+    # Each answered POST is timed, as a provider would see the receiver.
+    latency = summary(sandbox)["latency_ms"]
+    assert latency["count"] == 2 and 0 < latency["p50"] <= latency["max"] < 5000
     logged = wait_for(lambda: len(callbacks(sandbox)["callbacks"]) == 2 and callbacks(sandbox)["callbacks"])
     assert [(c["status"], c["ok"], c["attempts"], c["status_code"]) for c in logged] == [
         ("sent", True, 1, 200),
