@@ -4,7 +4,8 @@ Issue 9's (a), (c) and (d), on the real stack at production timings (bench/_supp
 own database (conductor_bench_bulk, dropped and created again):
 
  1. start the private Redis, the sandbox (Twilio at 50 ms per send; receipts turned off with
-    receipt_loss_rate 1.0, so the web process is not also taking a receipt per message), gunicorn
+    callback_mode final_only and receipt_loss_rate 1.0, so the web process takes no callback:
+    bench/lifecycle.py is the run with receipts on), gunicorn
     and beat, but no workers;
  2. ingest the campaign: --messages bulk SMS to distinct numbers through POST
     /api/v1/messages/batch/ (1,000 per request, --clients threads); its tasks wait in the broker;
@@ -209,10 +210,10 @@ def measure(key: str, opts: Options, label: str = "bulk") -> Result:
     try:
         stack.start(workers=0)
         stack.sandbox_reset()
-        stack.sandbox_faults(provider="twilio", latency_ms=50, receipt_loss_rate=1.0)
+        stack.sandbox_faults(provider="twilio", latency_ms=50, receipt_loss_rate=1.0, callback_mode="final_only")
         print(
             f"[{label}] stack up (logs {stack.log_dir}); sandbox Twilio 50 ms per send, receipts off "
-            "(receipt_loss_rate 1.0: no delivery callbacks to the web)",
+            "(final_only callbacks, receipt_loss_rate 1.0: no callbacks to the web)",
             flush=True,
         )
         print(f"[{label}] ingesting {opts.messages:,} bulk SMS, {opts.clients} clients x 1,000 per batch", flush=True)

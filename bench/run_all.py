@@ -6,8 +6,10 @@ gathers them into one markdown table (benchmark, figure, value, baseline, ratio/
 with the date, the machine (cores, memory, load) and the git commit, followed by each script's
 own output.
 
-  full (make bench):        ingest 200,000; bulk_throughput 50,000 and 200,000; scaling 50k/100k/200k
-  --quick (make bench-quick): ingest 5,000; bulk_throughput 3,000; scaling 2,000/4,000/8,000, smaller baselines
+  full (make bench):        lifecycle 200,000 (the headline); ingest 200,000; bulk_throughput 50,000
+                            and 200,000; scaling 50k/100k/200k
+  --quick (make bench-quick): lifecycle 5,000; ingest 5,000; bulk_throughput 3,000; scaling
+                            2,000/4,000/8,000, smaller baselines
 
 Run: .venv/bin/python bench/run_all.py [--quick] [--output bench/results.md]
 """
@@ -29,12 +31,14 @@ from pathlib import Path
 from _support import BENCH_DIR, ROOT, TABLE_HEADER, Figure, figure_row
 
 FULL = [
+    ("lifecycle", ["lifecycle.py", "--messages", "200000"]),
     ("ingest", ["ingest.py", "--messages", "200000"]),
     ("bulk_throughput 50k", ["bulk_throughput.py", "--messages", "50000"]),
     ("bulk_throughput 200k", ["bulk_throughput.py", "--messages", "200000"]),
     ("scaling", ["scaling.py", "--base", "50000"]),
 ]
 QUICK = [
+    ("lifecycle", ["lifecycle.py", "--messages", "5000", "--baseline-tasks", "3000"]),
     ("ingest", ["ingest.py", "--messages", "5000", "--baseline-rows", "5000"]),
     ("bulk_throughput", ["bulk_throughput.py", "--messages", "3000", "--baseline-tasks", "3000"]),
     # More than one batch (BULK_BATCH_SIZE 500) per step: a single batch is dispatched in one write, its
@@ -128,7 +132,8 @@ def main() -> None:
         f"{load_before[2]:.2f} (1/5/15 min)",
         f"- commit: {git_commit()}",
         f"- command: `{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`",
-        "- sandbox: Twilio at 50 ms per send; receipts off in the bulk runs (receipt_loss_rate 1.0)",
+        "- sandbox: Twilio at 50 ms per send; receipts on in lifecycle (Twilio's `sent` then `delivered`), "
+        "off in the bulk runs (final_only callbacks, receipt_loss_rate 1.0)",
         "",
         TABLE_HEADER,
         *(figure_row(f) for f in figures),
