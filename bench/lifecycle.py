@@ -236,7 +236,7 @@ def figures(result: Result) -> list[Figure]:
     )
     ratio = result.throughput / rate if rate else 0.0
     callbacks = result.callbacks.get("total", {})
-    posted, given_up = callbacks.get("ok", 0), callbacks.get("given_up", 0)
+    posted, given_up = callbacks.get("posted_ok", 0), callbacks.get("given_up", 0)
     every_receipt = posted == result.receipts_stored == result.receipts_processed and not given_up
     web = result.webhook_ms
     crit = result.critical_ms
