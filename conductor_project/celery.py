@@ -1,15 +1,32 @@
 """The Celery app; configuration comes from Django settings under the CELERY_ namespace."""
 
 import os
+import sys
 
 from celery import Celery
-from celery.signals import task_postrun, task_prerun
+from celery.signals import beat_init, task_postrun, task_prerun, worker_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "conductor_project.settings.base")
 
 app = Celery("conductor")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+@worker_init.connect
+@beat_init.connect
+def _refuse_to_start_on_errors(sender=None, **_) -> None:
+    """A worker or beat with settings `manage.py check` refuses does not start either (a
+    SystemExit: Celery logs any other exception from a signal handler and goes on)."""
+    from django.core.management.base import SystemCheckError
+
+    from conductor_project.checks import refuse_to_start_on_errors
+
+    try:
+        refuse_to_start_on_errors("Celery")
+    except SystemCheckError as exc:
+        print(exc, file=sys.stderr, flush=True)
+        raise SystemExit(1) from exc
 
 
 @task_prerun.connect

@@ -23,3 +23,16 @@ def check_conductor_keys(app_configs=None, **kwargs) -> list[Error]:
         )
         for name in sorted(set(getattr(settings, "CONDUCTOR", {})) - KNOWN_KEYS)
     ]
+
+
+def refuse_to_start_on_errors(process: str) -> None:
+    """Run the system checks as `manage.py check` does and stop this process (gunicorn, a Celery
+    worker or beat, which Django does not check) on any error: a deployment that would take
+    forged receipts (conductor.E023) or misread its settings must not start and look healthy."""
+    from django.core.checks import run_checks
+    from django.core.management.base import SystemCheckError
+
+    errors = [message for message in run_checks() if message.is_serious()]
+    if errors:
+        listed = "\n".join(f"  {message}" for message in errors)
+        raise SystemCheckError(f"{process} refuses to start; `manage.py check` explains:\n{listed}")

@@ -21,7 +21,10 @@ from django.http import HttpResponse, JsonResponse
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "conductor_project.settings.base")
 django_application = get_wsgi_application()
 
-from messaging.webhooks import provider_webhook  # noqa: E402  (needs the apps loaded above)
+from conductor_project.checks import refuse_to_start_on_errors  # noqa: E402  (needs the apps loaded above)
+from messaging.webhooks import provider_webhook  # noqa: E402
+
+refuse_to_start_on_errors("the web process")
 
 logger = logging.getLogger("conductor_project.wsgi")
 _RECEIPT_WEBHOOK = re.compile(r"/webhooks/(?P<provider>[a-z0-9_]+)/")

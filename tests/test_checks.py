@@ -2,6 +2,9 @@
 own keys; the wiring rejects keys no layer owns)."""
 
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 from django.core.checks import run_checks
@@ -181,3 +184,25 @@ def test_check_and_migrate_refuse_to_start_with_a_sandbox_secret(command):
         # migrate runs the checks itself (call_command skips them unless told not to); check is them.
         options = {"skip_checks": False} if command[0] == "migrate" else {}
         call_command(*command, **options, stdout=io.StringIO(), stderr=io.StringIO())
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-c", "import conductor_project.wsgi"],  # what gunicorn imports in each web process
+        ["-m", "celery", "-A", "conductor_project", "worker", "-c", "1", "-Q", "nothing", "--without-mingle"],
+        ["-m", "celery", "-A", "conductor_project", "beat", "-S", "celery.beat:PersistentScheduler", "-s", "{tmp}/s"],
+    ],
+    ids=["web", "worker", "beat"],
+)
+def test_web_workers_and_beat_refuse_to_start_with_a_real_provider_and_a_sandbox_secret(command, tmp_path):
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "conductor_project.settings.base",
+        "TWILIO_BASE_URL": "https://api.twilio.com",
+        "CELERY_BROKER_URL": "redis://127.0.0.1:6379/13",
+    }
+    command = [part.replace("{tmp}", str(tmp_path)) for part in command]
+    done = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "conductor.E023" in done.stderr and "TWILIO_AUTH_TOKEN" in done.stderr
