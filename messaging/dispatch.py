@@ -524,7 +524,6 @@ def _record_accepted(accepted: list[_Send]) -> None:
             "latency_ms": int((send.ended - send.started) * 1000),
             "provider_message_id": send.result.provider_message_id,
         }
-    rows_update(DispatchAttempt.objects.all(), attempts)
     references = {
         send.message.pk: {
             "provider": send.hop.provider,
@@ -533,17 +532,22 @@ def _record_accepted(accepted: list[_Send]) -> None:
         }
         for send in accepted
     }
-    applied = messages_transition(
-        to_state=MessageState.DISPATCHED,
-        source=EventSource.WORKER,
-        changes={
-            send.message.pk: (
-                accepted_detail(send.hop.provider, send.result),
-                {**RELEASE, **references[send.message.pk]},
-            )
-            for send in accepted
-        },
-    )
+    # One transaction: a worker killed between the two writes left an accepted attempt on a message
+    # still `accepted`, which the next claim sent again (it looks up only unknown outcomes). The
+    # messages first, as every writer of many locks them before their attempts.
+    with transaction.atomic():
+        applied = messages_transition(
+            to_state=MessageState.DISPATCHED,
+            source=EventSource.WORKER,
+            changes={
+                send.message.pk: (
+                    accepted_detail(send.hop.provider, send.result),
+                    {**RELEASE, **references[send.message.pk]},
+                )
+                for send in accepted
+            },
+        )
+        rows_update(DispatchAttempt.objects.all(), attempts)
     for send in accepted:
         assert send.attempt is not None
         fields = attempts[send.attempt.pk]

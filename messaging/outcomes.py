@@ -10,6 +10,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
+from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -135,20 +136,24 @@ def _last_error(exc: ProviderError) -> dict[str, str]:
 def message_record_dispatched(
     *, message: Message, attempt: DispatchAttempt, result: SendResult, started: float, outcome: str
 ) -> None:
-    """The provider has it (accepted now, or found by a look-up): the attempt and the transition."""
-    attempt_finish(attempt=attempt, started=started, outcome=outcome, provider_message_id=result.provider_message_id)
+    """The provider has it (accepted now, or found by a look-up): the transition and the attempt,
+    in one transaction (messaging.dispatch._record_accepted says why)."""
     reference = {
         "provider": attempt.provider,
         "provider_message_id": result.provider_message_id,
         "needs_provider_lookup": False,
     }
-    applied = message_transition(
-        message_id=message.pk,
-        to_state=MessageState.DISPATCHED,
-        source=EventSource.WORKER,
-        detail=accepted_detail(attempt.provider, result),
-        fields={**RELEASE, **reference},
-    )
+    with transaction.atomic():
+        applied = message_transition(
+            message_id=message.pk,
+            to_state=MessageState.DISPATCHED,
+            source=EventSource.WORKER,
+            detail=accepted_detail(attempt.provider, result),
+            fields={**RELEASE, **reference},
+        )
+        attempt_finish(
+            attempt=attempt, started=started, outcome=outcome, provider_message_id=result.provider_message_id
+        )
     if not applied:
         message_record_dispatched_after_receipt(message=message, reference=reference)
 
