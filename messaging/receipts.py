@@ -28,7 +28,7 @@ from typing import Any
 
 from anymail.signals import AnymailTrackingEvent, tracking
 from celery import current_app
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.dispatch import receiver
 from django.utils import timezone
 
@@ -119,40 +119,60 @@ class _GroupCommit:
     """One INSERT (and one commit) for the receipts of every request thread of this process that
     came while the previous one was written: a database commit per receipt is what bounded intake.
 
-    No thread of its own: the first thread to find no write under way writes everything pending
-    (its own rows among them) and wakes the others; it then hands the next write to a thread still
-    waiting, so no request waits longer than two writes. A failed write fails each of its requests.
+    A writer thread of its own, with the process's one connection for receipts: request threads
+    only wait for their rows to be written, so gunicorn can run many threads (each waiting request
+    is one more row in the next write) without a database connection per thread. A failed write
+    fails each of its requests (they answer 5xx and the provider retries) and drops the connection,
+    so the next write reconnects (a restarted PostgreSQL).
     """
 
     def __init__(self) -> None:
         self._condition = threading.Condition()
         self._pending: list[tuple[list[Receipt], _Written]] = []
-        self._writing = False
+        self._writer: threading.Thread | None = None
 
     def write(self, rows: list[Receipt]) -> None:
         written = _Written()
         with self._condition:
+            if self._writer is None or not self._writer.is_alive():
+                # Started here, not at import: gunicorn forks its workers after importing the app.
+                self._writer = threading.Thread(target=self._write_forever, name="receipt-writer", daemon=True)
+                self._writer.start()
             self._pending.append((rows, written))
-            while not written.done and self._writing:
-                self._condition.wait()
-            if written.done:
-                written.raise_if_failed()
-                return
-            self._writing = True
-            batch, self._pending = self._pending, []
-        error: BaseException | None = None
-        try:
-            _insert([row for rows_, _ in batch for row in rows_])
-        except BaseException as exc:  # handed to every request of the batch, each answers 5xx
-            error = exc
-        else:
-            receipts_apply_soon()
-        with self._condition:
-            for _, each in batch:
-                each.done, each.error = True, error
-            self._writing = False
             self._condition.notify_all()
+            while not written.done:
+                self._condition.wait()
         written.raise_if_failed()
+
+    def _write_forever(self) -> None:
+        while True:
+            with self._condition:
+                while not self._pending:
+                    if not self._condition.wait(timeout=_WRITER_IDLE_CLOSE_S):
+                        _close_quietly()  # idle: no connection held between bursts
+                batch, self._pending = self._pending, []
+            error: BaseException | None = None
+            try:
+                _insert([row for rows, _ in batch for row in rows])
+            except BaseException as exc:  # handed to every request of the batch, each answers 5xx
+                error = exc
+                _close_quietly()
+            else:
+                receipts_apply_soon()
+            with self._condition:
+                for _, each in batch:
+                    each.done, each.error = True, error
+                self._condition.notify_all()
+
+
+_WRITER_IDLE_CLOSE_S = 1.0
+
+
+def _close_quietly() -> None:
+    try:
+        connection.close()
+    except Exception:  # a broken connection may fail to close: it is dropped either way
+        pass
 
 
 class _Written:

@@ -101,7 +101,7 @@ class Stack:
                 "-k",
                 "gthread",
                 "--threads",
-                "8",
+                "32",  # as the Procfile: receipt webhooks wait on a shared write, many at once
                 "--graceful-timeout",
                 "2",
             ],
