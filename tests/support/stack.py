@@ -102,6 +102,10 @@ class Stack:
                 "gthread",
                 "--threads",
                 "32",  # as the Procfile: receipt webhooks wait on a shared write, many at once
+                # As the Procfile: a burst of new connections (a provider's callbacks) would
+                # otherwise all be accepted by the one worker that wakes first.
+                "--worker-connections",
+                "128",
                 "--graceful-timeout",
                 "2",
             ],
