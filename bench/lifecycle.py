@@ -40,7 +40,6 @@ from _support import (
     Figure,
     fresh_database,
     noop_baseline,
-    percentile,
     post_batches,
     print_figures,
     production_stack,
@@ -51,7 +50,7 @@ from _support import (
     wait_for,
     write_json,
 )
-from bulk_throughput import CriticalSender, ratio_verdict
+from bulk_throughput import CriticalSender, critical_latency_ms, ratio_verdict
 
 DATABASE = "conductor_bench_lifecycle"
 CAMPAIGN = "bench-lifecycle"
@@ -199,18 +198,8 @@ def measure(key: str, opts: Options) -> Result:
             result.receipts_rate = counts["stored"] / (received["last"] - received["first"]).total_seconds()
         result.webhook_ms = summary.get("latency_ms", {})
 
-        critical = Message.objects.filter(id__in=sender.ids)
-        latencies = [
-            (d - a).total_seconds() * 1000
-            for a, d in critical.filter(dispatched_at__isnull=False).values_list("accepted_at", "dispatched_at")
-        ]
-        result.critical_sent, result.critical_dispatched = len(sender.ids), len(latencies)
-        result.critical_ms = {
-            "p50": percentile(latencies, 0.50),
-            "p95": percentile(latencies, 0.95),
-            "p99": percentile(latencies, 0.99),
-            "max": max(latencies, default=float("nan")),
-        }
+        result.critical_sent = len(sender.ids)
+        result.critical_dispatched, result.critical_ms = critical_latency_ms(sender.ids)
         after = noop_baseline(stack, opts.baseline_tasks, 1, opts.concurrency)
         result.baseline_after = asdict(after)
         print(f"baseline after the run: {after.describe()}", flush=True)
