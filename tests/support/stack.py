@@ -105,7 +105,7 @@ class Stack:
                 # As the Procfile: a burst of new connections (a provider's callbacks) would
                 # otherwise all be accepted by the one worker that wakes first.
                 "--worker-connections",
-                "128",
+                "200",
                 "--graceful-timeout",
                 "2",
             ],
