@@ -331,28 +331,29 @@ def receipts_apply_batch(
 
 
 def _messages_named(receipts: list[Receipt]) -> dict[Any, dict[str, Any]]:
-    """The messages the receipts name, by our id and by (provider, provider's id), locked in key
-    order (every writer of many messages locks in that order) with the columns matching needs."""
+    """The messages the receipts name, by our id and by (provider, provider's id), with the
+    columns matching needs. Those past `accepted` are locked in key order (as every writer of many
+    messages locks); an `accepted` one is left unlocked: its receipts only wait, and a worker is
+    probably about to record it dispatched, which a lock held for the whole batch would stall."""
     refs = {receipt.message_ref for receipt in receipts if receipt.message_ref}
     by_provider: dict[str, set[str]] = defaultdict(set)
     for receipt in receipts:
         if not receipt.message_ref and receipt.provider_message_id:
             by_provider[receipt.provider].add(receipt.provider_message_id)
-    ids = set(Message.objects.filter(pk__any=list(refs)).values_list("pk", flat=True)) if refs else set()
+    columns = ("pk", "state", "provider", "provider_message_id")
+    found = list(Message.objects.filter(pk__any=list(refs)).values(*columns)) if refs else []
     for provider, provider_ids in by_provider.items():
-        ids |= set(
-            Message.objects.filter(provider=provider, provider_message_id__in=provider_ids).values_list("pk", flat=True)
+        found += Message.objects.filter(provider=provider, provider_message_id__in=provider_ids).values(*columns)
+    rows = {row["pk"]: row for row in found}
+    sent = sorted(pk for pk, row in rows.items() if row["state"] != MessageState.ACCEPTED)
+    if sent:
+        # Read again under the lock: the state may have moved since the first read.
+        rows.update(
+            (row["pk"], row)
+            for row in Message.objects.select_for_update().filter(pk__any=sent).order_by("pk").values(*columns)
         )
-    if not ids:
-        return {}
-    rows = (
-        Message.objects.select_for_update()
-        .filter(pk__any=list(ids))
-        .order_by("pk")
-        .values("pk", "state", "provider", "provider_message_id")
-    )
     messages: dict[Any, dict[str, Any]] = {}
-    for row in rows:
+    for row in rows.values():
         messages[row["pk"]] = row
         if row["provider_message_id"]:
             messages[(row["provider"], row["provider_message_id"])] = row

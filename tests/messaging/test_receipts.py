@@ -273,3 +273,24 @@ def test_a_failed_shared_write_fails_every_webhook_in_it(monkeypatch):
     monkeypatch.undo()
     receipts_store(events=[event(None, "delivered", "delivered")])  # the next write is not stuck
     assert Receipt.objects.count() == 1
+
+
+def test_the_sweeper_publishes_the_applier_for_a_receipt_whose_trigger_was_lost(message, monkeypatch):
+    from messaging.sweeper import messages_sweep
+
+    published: list[bool] = []
+    monkeypatch.setattr(receipts_module, "_publish", lambda: published.append(True) or True)
+    sent(message)
+    receipts_store(events=[event(message.pk, "delivered", "delivered")])  # in a transaction: no trigger ran
+    assert not messages_sweep(now=timezone.now()).receipts_triggered  # not waiting long enough yet
+    assert messages_sweep(now=timezone.now() + timedelta(seconds=10)).receipts_triggered and published == [True]
+
+
+def test_a_receipt_batch_leaves_a_message_still_being_sent_unlocked(message):
+    # Its receipt only waits; a worker recording it dispatched must not wait for the batch.
+    DispatchAttempt.objects.create(message=message, number=1, provider="twilio", started_at=timezone.now())
+    receipts_store(events=[event(message.pk, "sent", "dispatched")])
+    with CaptureQueriesContext(connection) as queries:
+        assert receipts_apply_batch().deferred == 1
+    locking = [q["sql"] for q in queries if "FOR UPDATE" in q["sql"] and "messaging_message" in q["sql"]]
+    assert not locking, locking
