@@ -206,6 +206,9 @@ class SandboxState:
         self.requests_by_message_id.clear()
         self.messages.clear()
         self.callbacks.clear()
+        # The capacity window too: sends before the reset must not count against the next test's
+        # first second (a reset sandbox is a fresh account).
+        self._recent_sends.clear()
         if reseed:
             self.rng.seed(seed)
 

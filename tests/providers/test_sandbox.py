@@ -552,3 +552,14 @@ def test_max_per_second_answers_429_beyond_the_providers_capacity(sandbox: Backg
         except TwilioRestException as exc:
             codes.append(exc.status)
     assert codes.count(201) == 5 and codes.count(429) == 3
+
+
+def test_reset_empties_the_capacity_window(sandbox: BackgroundSandbox, client: Client) -> None:
+    set_faults(sandbox, max_per_second=2)
+    for _ in range(2):
+        client.messages.create(to="+14155552671", from_="+15005550006", body="before the reset")
+    requests.post(f"{sandbox.url}/_sandbox/reset", json={}, timeout=5).raise_for_status()
+    set_faults(sandbox, max_per_second=2)
+    # Within the same second: the sends before the reset must not make these 429.
+    for _ in range(2):
+        client.messages.create(to="+14155552671", from_="+15005550006", body="after the reset")
