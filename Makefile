@@ -33,7 +33,8 @@ run: venv
 	$(BIN)/python manage.py demo_setup
 	# Every process writes its event metrics here and /metrics sums them: start each run empty.
 	rm -rf var/prometheus && mkdir -p var/prometheus
-	PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/var/prometheus PATH="$(BIN):$$PATH" $(BIN)/honcho -f Procfile start
+	# Providers post receipts to the intake server (Procfile: intake), not to the web.
+	CONDUCTOR_RECEIPTS_URL=$${CONDUCTOR_RECEIPTS_URL:-http://127.0.0.1:8001} PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/var/prometheus PATH="$(BIN):$$PATH" $(BIN)/honcho -f Procfile start
 
 demo: venv
 	$(BIN)/python manage.py send_demo_campaign

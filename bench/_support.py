@@ -103,6 +103,7 @@ def production_stack(database: str):
     stack = Stack(database)
     stack.env["DJANGO_SETTINGS_MODULE"] = "conductor_project.settings.base"
     stack.env["CONDUCTOR_SWEEP_INTERVAL_SECONDS"] = "5"
+    stack.intake_processes = 2  # as the Procfile
     for name in ("CONDUCTOR_ANOMALY_INTERVAL_SECONDS", "CONDUCTOR_CIRCUIT_OPEN_SECONDS"):
         stack.env.pop(name, None)
     return stack

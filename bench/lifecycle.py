@@ -5,7 +5,8 @@ database (conductor_bench_lifecycle, dropped and created again):
 
  1. start the private Redis, the sandbox (Twilio at 50 ms per send, calling back as Twilio does:
     `sent`, then `delivered`, each signed, retried as documented: docs/sandbox.md), gunicorn as
-    the Procfile (2 processes x 8 threads) and beat;
+    the Procfile (2 processes x 32 threads: the API), the receipt intake (`manage.py
+    receipt_intake`, where the callbacks go) and beat;
  2. baseline: raw Celery no-op tasks/s on the same broker with the bulk worker's count, pool and
     concurrency (bench/noop_app.py), measured again after the run; the ratio is against the higher;
  3. start the workers as the Procfile: urgent (-c 2), maintenance (-c 1), receipts (-c 1), bulk

@@ -1,4 +1,5 @@
-"""The project as an app, only so that its wiring check (conductor_project.checks) is registered."""
+"""The project as an app, so that its wiring check (conductor_project.checks) is registered and its
+commands (receipt_intake) found."""
 
 from django.apps import AppConfig
 

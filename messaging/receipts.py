@@ -17,11 +17,15 @@ counted, and changes nothing. A receipt for a message we have not yet recorded a
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import threading
 import time
 import uuid
+import weakref
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -109,6 +113,56 @@ def receipts_store(*, events: list[ReceiptEvent], source: str = EventSource.WEBH
     _GROUP_COMMIT.write(rows)  # the writer triggers the applier, once for everything it wrote
 
 
+async def receipts_store_async(*, events: list[ReceiptEvent], source: str = EventSource.WEBHOOK) -> None:
+    """receipts_store for an event loop (the receipt intake server): the rows join the process's
+    next group commit and the caller's coroutine resumes once they are written, the loop free
+    meanwhile. Raises what the write raised."""
+    if not events:
+        return
+    now = timezone.now()
+    rows = [_receipt_row(event, source, now) for event in events]
+    loop = asyncio.get_running_loop()
+    written: asyncio.Future[None] = loop.create_future()
+    settler = _SETTLERS.get(loop)
+    if settler is None:
+        settler = _SETTLERS[loop] = _LoopSettler(loop)
+    _GROUP_COMMIT.submit(rows, functools.partial(settler.settle, written))
+    await written
+
+
+class _LoopSettler:
+    """Hands the writer thread's results to an event loop's waiting receipts, one wake-up of the
+    loop per write however many receipts it carried (a wake-up each cost the writer a fifth of
+    its time at campaign scale)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._ready: list[tuple[asyncio.Future[None], BaseException | None]] = []
+
+    def settle(self, written: asyncio.Future[None], error: BaseException | None) -> None:
+        """From the writer thread."""
+        with self._lock:
+            self._ready.append((written, error))
+            if len(self._ready) > 1:
+                return  # a wake-up is on its way and will take this one too
+        self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+        for written, error in ready:
+            if written.done():  # the request was cancelled (client gone): nothing to tell
+                continue
+            if error is None:
+                written.set_result(None)
+            else:
+                written.set_exception(error)
+
+
+_SETTLERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopSettler] = weakref.WeakKeyDictionary()
+
+
 def _insert(rows: list[Receipt]) -> None:
     # Without a transaction of its own: in autocommit one INSERT is one round trip, where
     # BEGIN, INSERT, COMMIT are three.
@@ -130,19 +184,29 @@ class _GroupCommit:
         self._condition = threading.Condition()
         self._pending: list[tuple[list[Receipt], _Written]] = []
         self._writer: threading.Thread | None = None
+        self._trigger = _ApplyTrigger()
 
     def write(self, rows: list[Receipt]) -> None:
+        """Returns once `rows` are written (raises what the write raised)."""
         written = _Written()
         with self._condition:
-            if self._writer is None or not self._writer.is_alive():
-                # Started here, not at import: gunicorn forks its workers after importing the app.
-                self._writer = threading.Thread(target=self._write_forever, name="receipt-writer", daemon=True)
-                self._writer.start()
-            self._pending.append((rows, written))
-            self._condition.notify_all()
+            self._enqueue(rows, written)
             while not written.done:
                 self._condition.wait()
         written.raise_if_failed()
+
+    def submit(self, rows: list[Receipt], on_written: Callable[[BaseException | None], None]) -> None:
+        """Returns at once; the writer thread calls `on_written(error or None)` once `rows` are written."""
+        with self._condition:
+            self._enqueue(rows, _Written(on_written))
+
+    def _enqueue(self, rows: list[Receipt], written: _Written) -> None:
+        if self._writer is None or not self._writer.is_alive():
+            # Started here, not at import: gunicorn forks its workers after importing the app.
+            self._writer = threading.Thread(target=self._write_forever, name="receipt-writer", daemon=True)
+            self._writer.start()
+        self._pending.append((rows, written))
+        self._condition.notify_all()
 
     def _write_forever(self) -> None:
         while True:
@@ -158,14 +222,43 @@ class _GroupCommit:
                 error = exc
                 _close_quietly()
             else:
-                receipts_apply_soon()
+                self._trigger.pull()
             with self._condition:
                 for _, each in batch:
                     each.done, each.error = True, error
                 self._condition.notify_all()
+            for _, each in batch:
+                if each.on_written is not None:
+                    each.on_written(error)
 
 
 _WRITER_IDLE_CLOSE_S = 1.0
+
+
+class _ApplyTrigger:
+    """receipts_apply_soon() from a thread of its own, once per run of writes: the writer never
+    waits on Redis between two INSERTs (a third of its time at campaign scale, counting the wait
+    for the GIL after each answer). Every write pulls after its commit, and a pull always leads
+    to a trigger that starts after it, so no stored receipt goes untriggered."""
+
+    def __init__(self) -> None:
+        self._pulled = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def pull(self) -> None:
+        self._pulled.set()
+        if self._thread is None or not self._thread.is_alive():
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._run, name="receipt-trigger", daemon=True)
+                    self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._pulled.wait()
+            self._pulled.clear()
+            receipts_apply_soon()  # logs its failures; the sweeper is the safety net
 
 
 def _close_quietly() -> None:
@@ -176,11 +269,12 @@ def _close_quietly() -> None:
 
 
 class _Written:
-    __slots__ = ("done", "error")
+    __slots__ = ("done", "error", "on_written")
 
-    def __init__(self) -> None:
+    def __init__(self, on_written: Callable[[BaseException | None], None] | None = None) -> None:
         self.done = False
         self.error: BaseException | None = None
+        self.on_written = on_written
 
     def raise_if_failed(self) -> None:
         if self.error is not None:

@@ -14,31 +14,49 @@ from django.views.decorators.http import require_http_methods
 from messaging.receipts import receipts_store
 from messaging.routing import routed_providers
 from providers.registry import get_provider
-from providers.types import WebhookSignatureError, WebhookStateUnavailable
+from providers.types import ReceiptEvent, WebhookSignatureError, WebhookStateUnavailable
 
 logger = logging.getLogger(__name__)
+
+
+class WebhookRefused(Exception):
+    """A receipt webhook we answer with an error and store nothing of: `status` and `detail` say why."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def webhook_events(request: HttpRequest, provider_name: str) -> list[ReceiptEvent]:
+    """The receipts of a provider's webhook, verified; WebhookRefused with 404 for a provider no
+    route sends through, 403 on a bad or missing signature, 400 on a payload we cannot read and
+    503 when the replay checks cannot run (the provider retries). Shared by the Django view and
+    the receipt intake server, which answer the same way."""
+    if provider_name not in routed_providers():
+        raise WebhookRefused(404, f"no configured route sends through {provider_name!r}")
+    provider = get_provider(provider_name)
+    try:
+        return provider.parse_webhook(request)
+    except WebhookSignatureError as exc:
+        logger.warning("refused %s webhook: %s", provider_name, exc)
+        raise WebhookRefused(403, "invalid signature") from exc
+    except ValueError as exc:
+        logger.warning("unreadable %s webhook: %s", provider_name, exc)
+        raise WebhookRefused(400, str(exc)) from exc
+    except WebhookStateUnavailable as exc:  # replay checks cannot run (Redis): the provider retries
+        logger.error("refused %s webhook for now: %s", provider_name, exc)
+        raise WebhookRefused(503, "cannot check for replays now; retry later") from exc
 
 
 @csrf_exempt
 @require_http_methods(["GET", "POST"])  # Vonage can be set to deliver receipts as GET
 def provider_webhook(request: HttpRequest, provider_name: str) -> HttpResponse:
-    """404 for a provider no route sends through; 403 on a bad or missing signature and 400 on a
-    payload we cannot read (nothing stored either way); 204 once stored; a 5xx for anything else
-    (the database down) so that the provider retries."""
-    if provider_name not in routed_providers():
-        return JsonResponse({"detail": f"no configured route sends through {provider_name!r}"}, status=404)
-    provider = get_provider(provider_name)
+    """An error as webhook_events says (nothing stored); 204 once stored; a 5xx for anything
+    else (the database down) so that the provider retries."""
     try:
-        events = provider.parse_webhook(request)
-    except WebhookSignatureError as exc:
-        logger.warning("refused %s webhook: %s", provider_name, exc)
-        return JsonResponse({"detail": "invalid signature"}, status=403)
-    except ValueError as exc:
-        logger.warning("unreadable %s webhook: %s", provider_name, exc)
-        return JsonResponse({"detail": str(exc)}, status=400)
-    except WebhookStateUnavailable as exc:  # replay checks cannot run (Redis): the provider retries
-        logger.error("refused %s webhook for now: %s", provider_name, exc)
-        return JsonResponse({"detail": "cannot check for replays now; retry later"}, status=503)
+        events = webhook_events(request, provider_name)
+    except WebhookRefused as refused:
+        return JsonResponse({"detail": refused.detail}, status=refused.status)
     receipts_store(events=events)
     return HttpResponse(status=204)
 

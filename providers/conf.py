@@ -11,6 +11,9 @@ from django.core.exceptions import ImproperlyConfigured
 DEFAULTS: dict[str, Any] = {
     # Where providers post receipts (their status callback URLs are built from it).
     "PUBLIC_URL": "http://127.0.0.1:8000",
+    # Where providers post receipts when the receipt intake server (manage.py receipt_intake) takes
+    # them at a base URL of its own; empty: PUBLIC_URL, the web answers them.
+    "RECEIPTS_URL": "",
     # Provider calls in flight at once per worker process (the bulk path's round), and so the
     # keep-alive connections an adapter pools.
     "BULK_SEND_CONCURRENCY": 100,
@@ -34,6 +37,19 @@ def providers_setting(name: str) -> Any:
     if name not in DEFAULTS:
         raise KeyError(f"unknown providers setting {name!r}")
     return getattr(settings, "CONDUCTOR", {}).get(name, DEFAULTS[name])
+
+
+def receipts_base_url() -> str:
+    """The base URL providers post receipts to (no trailing slash): RECEIPTS_URL, else PUBLIC_URL."""
+    return (providers_setting("RECEIPTS_URL") or providers_setting("PUBLIC_URL")).rstrip("/")
+
+
+def receipt_base_urls() -> tuple[str, ...]:
+    """Every base URL a receipt may have been posted to (a signature over the URL is checked
+    against each): the receipts URL first, then the web's, where they differ."""
+    public = providers_setting("PUBLIC_URL").rstrip("/")
+    receipts = receipts_base_url()
+    return (receipts,) if receipts == public else (receipts, public)
 
 
 def provider_config(name: str) -> dict[str, Any]:

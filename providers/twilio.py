@@ -22,7 +22,7 @@ from twilio.rest import Client
 
 from providers.base import REQUIRED, Provider
 from providers.classify import classify_status
-from providers.conf import providers_setting
+from providers.conf import providers_setting, receipt_base_urls, receipts_base_url
 from providers.types import (
     AmbiguousProviderError,
     ErrorType,
@@ -175,7 +175,7 @@ class TwilioProvider(Provider):
     def status_callback_url(self, request: SendRequest) -> str:
         # Our id and token travel in the callback URL: Twilio's only client-reference field.
         query = urlencode({"message_id": request.message_id, "token": request.token})
-        return f"{providers_setting('PUBLIC_URL').rstrip('/')}/webhooks/twilio/?{query}"
+        return f"{receipts_base_url()}/webhooks/twilio/?{query}"
 
     def transmit(self, prepared: dict[str, str]) -> SendResult:
         message = self.client.messages.create(
@@ -259,8 +259,12 @@ class TwilioProvider(Provider):
     def verify(self, request: HttpRequest) -> None:
         # The SDK's validator compares in constant time.
         signature = request.headers.get("X-Twilio-Signature", "")
-        url = providers_setting("PUBLIC_URL").rstrip("/") + request.get_full_path()
-        if not signature or not self.validator.validate(url, request.POST, signature):
+        path = request.get_full_path()
+        # Signed over the URL Twilio posted to: the receipt intake's, or the web's (a callback URL
+        # given before the intake had a base URL of its own, or a deployment that serves both at one).
+        if not signature or not any(
+            self.validator.validate(base + path, request.POST, signature) for base in receipt_base_urls()
+        ):
             raise WebhookSignatureError("X-Twilio-Signature missing or not valid for this URL and body")
 
     def parse(self, request: HttpRequest) -> list[ReceiptEvent]:

@@ -20,7 +20,7 @@ from vonage_sms import PartialFailureError, Sms, SmsError, SmsMessage
 
 from providers.base import REQUIRED, Provider
 from providers.classify import classify_status, classify_transport
-from providers.conf import providers_setting
+from providers.conf import receipts_base_url
 from providers.http import never_connected
 from providers.types import (
     AmbiguousProviderError,
@@ -144,7 +144,7 @@ class VonageProvider(Provider):
         method = config["SIGNATURE_METHOD"]
         if method not in SIGNATURE_METHODS:
             raise ImproperlyConfigured(f"VONAGE SIGNATURE_METHOD must be one of {', '.join(sorted(SIGNATURE_METHODS))}")
-        self.callback_url = providers_setting("PUBLIC_URL").rstrip("/") + "/webhooks/vonage/"
+        self.callback_url = receipts_base_url() + "/webhooks/vonage/"
         if len(self.callback_url) > CALLBACK_MAX_LENGTH:
             raise ImproperlyConfigured(f"Vonage takes a callback URL of at most {CALLBACK_MAX_LENGTH} characters")
         # An empty BASE_URL means Vonage itself; otherwise both hosts (rest.nexmo.com for SMS,

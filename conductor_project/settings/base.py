@@ -213,6 +213,7 @@ SANDBOX_URL = env_str("CONDUCTOR_SANDBOX_URL", "http://127.0.0.1:8025")
 # reconciliation/conf.py; each app's checks validate its own, conductor_project.checks rejects unknown keys.
 CONDUCTOR = {
     "PUBLIC_URL": env_str("CONDUCTOR_PUBLIC_URL", "http://127.0.0.1:8000"),
+    "RECEIPTS_URL": env_str("CONDUCTOR_RECEIPTS_URL", ""),
     # Providers tried in order per channel, e.g. CONDUCTOR_ROUTE_SMS=vonage,twilio.
     "ROUTES": {
         "sms": env_list("CONDUCTOR_ROUTE_SMS", ["twilio", "vonage"]),

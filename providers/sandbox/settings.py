@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from providers.conf import provider_config, providers_setting
+from providers.conf import provider_config, receipts_base_url
 from providers.sandbox.state import SandboxConfig
 
 
@@ -19,5 +19,5 @@ def sandbox_config_from_settings(seed: int | None = None) -> SandboxConfig:
         mailgun_api_key=mailgun["API_KEY"],
         mailgun_domain=mailgun["DOMAIN"],
         mailgun_webhook_signing_key=mailgun["WEBHOOK_SIGNING_KEY"],
-        public_url=providers_setting("PUBLIC_URL"),
+        public_url=receipts_base_url(),  # where account-level webhooks (Mailgun's) post
     )

@@ -1,5 +1,6 @@
-"""Forged, replayed and malformed receipts over real HTTP against the running stack (gunicorn with
-two processes, its own Redis): refused with 403 (a bad or reused signature; anymail's own view
+"""Forged, replayed and malformed receipts over real HTTP against the running stack, posted to
+either receiver of receipts (gunicorn with two processes, and the receipt intake server), its own
+Redis: refused with 403 (a bad or reused signature; anymail's own view
 answers a bad signature with 400), 400 (unreadable), 503 (Redis down), never a 500; none of them
 changes anything; and what is stored or shown of a receipt carries no signature material."""
 
@@ -45,6 +46,13 @@ RECEIPT_FIELDS = {
 @pytest.fixture
 def key(live, client_key) -> str:
     return client_key[1]
+
+
+@pytest.fixture(params=["web", "intake"])
+def receiver(request, live) -> str:
+    """Where the receipt is posted: the web (gunicorn, Django's view) or the receipt intake server
+    (asyncio, at CONDUCTOR_RECEIPTS_URL); both must answer and store alike."""
+    return live.web_url if request.param == "web" else live.receipts_url
 
 
 @pytest.fixture
@@ -117,17 +125,17 @@ def test_a_real_email_through_the_sandbox_is_delivered_and_keeps_no_signature(li
     assert shown["delivered"]["applied"]
 
 
-def test_signed_receipts_of_each_provider_keep_and_show_no_signature(live, key, dispatched):
+def test_signed_receipts_of_each_provider_keep_and_show_no_signature(live, receiver, key, dispatched):
     twilio, vonage, mailgun = dispatched("twilio"), dispatched("vonage"), dispatched("mailgun", "email")
 
-    path, form, headers = twilio_callback(live.web_url, message_id=str(twilio.pk), sid=twilio.provider_message_id)
-    assert requests.post(live.web_url + path, data=form, headers=headers, timeout=10).status_code == 204
+    path, form, headers = twilio_callback(receiver, message_id=str(twilio.pk), sid=twilio.provider_message_id)
+    assert requests.post(receiver + path, data=form, headers=headers, timeout=10).status_code == 204
 
     params = vonage_signed(vonage_dlr(message_id=str(vonage.pk), provider_message_id=vonage.provider_message_id))
-    assert requests.post(live.web_url + VONAGE_PATH, data=params, timeout=10).status_code == 204
+    assert requests.post(receiver + VONAGE_PATH, data=params, timeout=10).status_code == 204
 
     body = mailgun_body(mailgun_event_for(mailgun))
-    assert post_json(live.web_url + MAILGUN_TRACKING_PATH, body).status_code == 200
+    assert post_json(receiver + MAILGUN_TRACKING_PATH, body).status_code == 200
 
     for message in (twilio, vonage, mailgun):
         applied(message)
@@ -137,24 +145,24 @@ def test_signed_receipts_of_each_provider_keep_and_show_no_signature(live, key, 
 
 
 # --- forged signatures ----------------------------------------------------------------------------
-def test_a_forged_twilio_callback_is_403_and_changes_nothing(live, dispatched):
+def test_a_forged_twilio_callback_is_403_and_changes_nothing(live, receiver, dispatched):
     message = dispatched("twilio")
     path, form, headers = twilio_callback(
-        live.web_url, message_id=str(message.pk), sid=message.provider_message_id, auth_token="not-ours"
+        receiver, message_id=str(message.pk), sid=message.provider_message_id, auth_token="not-ours"
     )
-    assert requests.post(live.web_url + path, data=form, headers=headers, timeout=10).status_code == 403
-    assert requests.post(live.web_url + path, data=form, timeout=10).status_code == 403  # unsigned
+    assert requests.post(receiver + path, data=form, headers=headers, timeout=10).status_code == 403
+    assert requests.post(receiver + path, data=form, timeout=10).status_code == 403  # unsigned
     # Signed for another URL (the signature covers our message id in the query): refused too.
     other = path.replace(str(message.pk), str(uuid.uuid4()))
-    assert requests.post(live.web_url + other, data=form, headers=headers, timeout=10).status_code == 403
+    assert requests.post(receiver + other, data=form, headers=headers, timeout=10).status_code == 403
     assert Message.objects.get(pk=message.pk).state == "dispatched" and not Receipt.objects.exists()
 
 
 @pytest.mark.parametrize("sig", ["0" * 64, "é" * 64, "\u2603", ""], ids=["wrong", "non-ascii", "snowman", "empty"])
-def test_a_bad_or_non_ascii_vonage_sig_is_403_never_500(live, dispatched, sig):
+def test_a_bad_or_non_ascii_vonage_sig_is_403_never_500(live, receiver, dispatched, sig):
     message = dispatched("vonage")
     params = {**vonage_dlr(message_id=str(message.pk), provider_message_id=message.provider_message_id), "sig": sig}
-    url = live.web_url + VONAGE_PATH
+    url = receiver + VONAGE_PATH
     answers = [
         requests.post(url, data=params, timeout=10).status_code,
         requests.get(url + "?" + urlencode(params), timeout=10).status_code,
@@ -167,27 +175,33 @@ def test_a_bad_or_non_ascii_vonage_sig_is_403_never_500(live, dispatched, sig):
 
 # --- Mailgun: replays -----------------------------------------------------------------------------
 def test_a_mailgun_token_is_taken_once_by_every_web_process(live, dispatched):
-    # gunicorn runs two processes: the tokens they have seen are shared through Redis. The
+    # gunicorn runs two processes, and the intake is a third: the tokens they have seen are shared through Redis. The
     # signature leaves the body out, so a replay may carry any event: all but one are refused.
     message = dispatched("mailgun", "email")
     body = mailgun_body(mailgun_event_for(message))
     failed = {**body, "event-data": mailgun_event_for(message, event="failed", severity="permanent")}
-    urls = [live.web_url + MAILGUN_TRACKING_PATH, live.web_url + MAILGUN_PROVIDER_PATH]
-    attempts = [(urls[n % 2], body if n % 3 else failed) for n in range(16)]
+    urls = [
+        base + path
+        for base in (live.web_url, live.receipts_url)
+        for path in (MAILGUN_TRACKING_PATH, MAILGUN_PROVIDER_PATH)
+    ]
+    attempts = [(urls[n % 4], body if n % 3 else failed) for n in range(16)]
     with ThreadPoolExecutor(16) as pool:
         codes = list(pool.map(lambda attempt: post_json(*attempt).status_code, attempts))
     assert sum(code in (200, 204) for code in codes) == 1 and codes.count(403) == 15, codes
     assert Receipt.objects.filter(provider="mailgun").count() == 1
     # Later, whichever door: still refused.
-    assert post_json(urls[0], body).status_code == 403 and post_json(urls[1], failed).status_code == 403
+    assert (
+        all(post_json(url, body).status_code == 403 for url in urls) and post_json(urls[3], failed).status_code == 403
+    )
 
 
 @pytest.mark.parametrize(("age", "case"), [(301, "stale"), (3600, "an hour old"), (-301, "ahead")])
-def test_a_mailgun_signature_outside_five_minutes_is_403(live, dispatched, age, case):
+def test_a_mailgun_signature_outside_five_minutes_is_403(live, receiver, dispatched, age, case):
     message = dispatched("mailgun", "email")
     for path in (MAILGUN_TRACKING_PATH, MAILGUN_PROVIDER_PATH):
         body = mailgun_body(mailgun_event_for(message), timestamp=str(int(time.time() - age)))
-        assert post_json(live.web_url + path, body).status_code == 403, (path, case)
+        assert post_json(receiver + path, body).status_code == 403, (path, case)
     assert Message.objects.get(pk=message.pk).state == "dispatched" and not Receipt.objects.exists()
 
 
@@ -272,11 +286,11 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
-def test_a_malformed_receipt_is_400_naming_what_is_wrong(live, dispatched, case):
+def test_a_malformed_receipt_is_400_naming_what_is_wrong(live, receiver, dispatched, case):
     build, field = MALFORMED[case]
     message = dispatched(case.split("-")[0], "email" if case.startswith("mailgun") else "sms")
-    kind, path, payload = build(message, live.web_url)
-    url = live.web_url + path
+    kind, path, payload = build(message, receiver)
+    url = receiver + path
     if kind == "raw":
         response = requests.post(url, data=payload, headers={"Content-Type": "application/json"}, timeout=10)
     elif kind == "json":

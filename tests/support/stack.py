@@ -19,11 +19,15 @@ class Stack:
     def __init__(self, database_name: str):
         self.log_dir = Path(tempfile.mkdtemp(prefix="conductor-stack-"))
         self.web_port, self.sandbox_port, self.redis_port = free_port(), free_port(), free_port()
+        self.intake_port = free_port()
         # A Redis of the stack's own, so a test can restart it (which empties it) without
         # touching anything else on the machine.
         self.broker_url = f"redis://127.0.0.1:{self.redis_port}/0"
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/1"
         self.web_url = f"http://127.0.0.1:{self.web_port}"
+        # The receipt intake server: where the sandbox posts receipts, as providers do in production.
+        self.receipts_url = f"http://127.0.0.1:{self.intake_port}"
+        self.intake_processes = 1  # the Procfile runs 2 (one per core); tests need no more than 1
         # Every process of the stack writes its event metrics here; the web's /metrics sums them.
         self.metrics_dir = self.log_dir / "prometheus"
         self.metrics_dir.mkdir()
@@ -35,6 +39,7 @@ class Stack:
             "CELERY_BROKER_URL": self.broker_url,
             "REDIS_URL": self.redis_url,
             "CONDUCTOR_PUBLIC_URL": self.web_url,
+            "CONDUCTOR_RECEIPTS_URL": self.receipts_url,
             "CONDUCTOR_SANDBOX_URL": self.sandbox_url,
             "CELERY_BEAT_SCHEDULER": "celery.beat:PersistentScheduler",
             "CONDUCTOR_SWEEP_INTERVAL_SECONDS": "1",
@@ -110,6 +115,8 @@ class Stack:
                 "2",
             ],
         )
+        intake = [PYTHON, "manage.py", "receipt_intake", "--port", str(self.intake_port)]
+        self.intake = self._spawn("intake", [*intake, "--processes", str(self.intake_processes)])
         self.beat = self._spawn(
             "beat",
             [
@@ -127,6 +134,9 @@ class Stack:
         )
         wait_until(lambda: http_ok(f"{self.sandbox_url}/_sandbox/healthz"), 30, what="sandbox")
         wait_until(lambda: http_ok(f"{self.web_url}/healthz"), 30, what="web")
+        wait_until(
+            lambda: self.intake.log_text().count("listening") == self.intake_processes, 30, what="receipt intake"
+        )
         for _ in range(workers):
             self.start_worker()
         return self
