@@ -26,7 +26,7 @@ from pathlib import Path
 from _support import Figure, cpu_s, fresh_database, percentile, print_figures, stop_on_sigterm, write_json
 
 DATABASE = "conductor_bench_intake"
-BROKER_DB = 13  # the apply trigger publishes here; nobody consumes, flushed at the end
+BROKER_DB = 9  # the apply trigger publishes here; nobody consumes, flushed at the end (tests use 12-15)
 
 
 def signed_callbacks(base_url: str, count: int) -> list[tuple[str, dict[str, str], dict[str, str]]]:
