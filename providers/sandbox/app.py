@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from providers.sandbox import control, mailgun_api, twilio_api, vonage_api
+from providers.sandbox.poster import CallbackProcess, callback_encoders
 from providers.sandbox.receipts import RECEIPTS_KEY, ReceiptScheduler
 from providers.sandbox.state import CONFIG_KEY, STATE_KEY, SandboxConfig, SandboxState
 
@@ -25,10 +26,14 @@ def build_app(config: SandboxConfig) -> web.Application:
     state = SandboxState(config.seed)
     app[CONFIG_KEY] = config
     app[STATE_KEY] = state
-    app[RECEIPTS_KEY] = ReceiptScheduler(state)
+    if config.callback_process:
+        app[RECEIPTS_KEY] = CallbackProcess(config)
+    else:
+        app[RECEIPTS_KEY] = ReceiptScheduler(callback_encoders(config))
 
     async def receipts_lifecycle(app: web.Application) -> AsyncIterator[None]:
-        # The client session must be created on the loop that serves the app.
+        # Started with the app, stopped with it (the callback process too, when there is one);
+        # a client session must be created on the loop that serves the app.
         await app[RECEIPTS_KEY].start()
         yield
         await app[RECEIPTS_KEY].close()

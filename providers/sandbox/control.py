@@ -42,13 +42,13 @@ async def list_requests(request: web.Request) -> web.Response:
 
 async def list_callbacks(request: web.Request) -> web.Response:
     """The newest finished callbacks (at most CALLBACK_LOG_LIMIT), oldest first, with the counters."""
-    callbacks = [record.as_dict() for record in request.app[STATE_KEY].callbacks]
-    receipts = request.app[RECEIPTS_KEY]
+    report = await request.app[RECEIPTS_KEY].report(records=True)
+    summary, callbacks = report["summary"], report["callbacks"]
     return web.json_response(
         {
             "count": len(callbacks),
-            "pending": receipts.pending_count,
-            "summary": receipts.summary(),
+            "pending": summary["total"]["pending"],
+            "summary": summary,
             "callbacks": callbacks,
         }
     )
@@ -56,8 +56,10 @@ async def list_callbacks(request: web.Request) -> web.Response:
 
 async def callbacks_summary(request: web.Request) -> web.Response:
     """Counters per provider and in total, cheap at any volume: scheduled, posted_ok, attempts,
-    failed_attempts, given_up, pending (scheduled = posted_ok + given_up + pending)."""
-    return web.json_response(request.app[RECEIPTS_KEY].summary())
+    failed_attempts, given_up, pending (scheduled = posted_ok + given_up + pending); the
+    callbacks' latency; the pid of the process posting them."""
+    report = await request.app[RECEIPTS_KEY].report(records=False)
+    return web.json_response(report["summary"])
 
 
 async def get_faults(request: web.Request) -> web.Response:
@@ -78,6 +80,7 @@ async def set_faults(request: web.Request) -> web.Response:
         state.faults[provider] = state.faults[provider].updated(changes)
     except FaultValidationError as exc:
         return _bad_request(str(exc), exc.field)
+    request.app[RECEIPTS_KEY].faults_changed(state.faults)
     return web.json_response(state.faults[provider].as_dict())
 
 
@@ -89,10 +92,13 @@ async def reset(request: web.Request) -> web.Response:
     seed = payload.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         return _bad_request("seed must be an integer", "seed")
-    # Cancel first: a receipt that fires after the reset would leak into the next test. It zeroes
-    # the callback counters too.
-    request.app[RECEIPTS_KEY].cancel_all()
-    request.app[STATE_KEY].reset(seed, reseed="seed" in payload)
+    state, receipts = request.app[STATE_KEY], request.app[RECEIPTS_KEY]
+    state.reset(seed, reseed="seed" in payload)
+    receipts.faults_changed(state.faults)
+    # Answered once every callback planned before is cancelled (in the callback process too): a
+    # receipt that fires after the reset would leak into the next test. It zeroes the callback
+    # counters and log too.
+    await receipts.reset()
     return web.json_response({"ok": True})
 
 

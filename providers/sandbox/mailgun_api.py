@@ -236,9 +236,6 @@ class TrackingWebhooks:
         return json.dumps(body).encode(), JSON_HEADERS
 
 
-CALLBACKS_KEY = web.AppKey("sandbox_mailgun_callbacks", TrackingWebhooks)
-
-
 def _schedule_receipts(request: web.Request, message: StoredMessage, delivery: str) -> None:
     """Queue the message's tracking webhooks, one per event, at the events' times.
 
@@ -259,7 +256,6 @@ def _schedule_receipts(request: web.Request, message: StoredMessage, delivery: s
         url=message.callback_url,
         message=message,
         steps=[(name, max(0.0, (at - now).total_seconds())) for name, at, _ in events],
-        encode=request.app[CALLBACKS_KEY].encode,
         policy=policy,
     )
 
@@ -446,7 +442,6 @@ async def list_events(request: web.Request) -> web.Response:
 
 def register(app: web.Application) -> None:
     """Add the Mailgun routes; the same paths as api.mailgun.net under the sandbox's URL."""
-    app[CALLBACKS_KEY] = TrackingWebhooks(app[CONFIG_KEY])
     app.router.add_post(f"{BASE}/messages", send_message)
     app.router.add_get(f"{BASE}/events", list_events)
     app.router.add_get(f"{BASE}/events/{{page}}", list_events)

@@ -1,28 +1,40 @@
 """Receipt callbacks: timed, posted in order per message, retried per provider, counted.
 
-One shared HTTP session with keep-alive connections and a fixed pool of workers posts every
-callback; timers are the event loop's own. A message's callbacks form a chain: the next one is
-armed only once the previous one is posted, given up or waiting for a later retry, so they arrive
-in order while retries hours apart (Mailgun's, Vonage's) run on their own, as the providers' do.
+`ReceiptScheduler` posts them, in the sandbox's callback process (providers.sandbox.poster) or,
+when so configured, in the sandbox's own. One shared HTTP session with keep-alive connections
+and a fixed pool of workers posts every callback; timers are the event loop's own. A message's
+callbacks form a chain: the next one is armed only once the previous one is posted, given up or
+waiting for a later retry, so they arrive in order while retries hours apart (Mailgun's,
+Vonage's) run on their own, as the providers' do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
+import os
 import time
 from array import array
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Callable, Container, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
 from urllib.parse import quote_plus
 
 import aiohttp
 from aiohttp import web
 
-from providers.sandbox.retries import CLIENT_ERROR, CONNECT, READ, SERVER_ERROR, RetryPolicy
-from providers.sandbox.state import PROVIDERS, SandboxState
+from providers.sandbox.retries import CLIENT_ERROR, CONNECT, FINAL_ONLY, READ, SERVER_ERROR, RetryPolicy
+from providers.sandbox.state import (
+    CALLBACK_LOG_LIMIT,
+    DELIVERY_RECEIPT,
+    PROVIDERS,
+    STATE_KEY,
+    FaultSettings,
+    StoredMessage,
+    utcnow,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,17 +124,50 @@ class CallbackRecord:
         }
 
 
+class Receipts(Protocol):
+    """What the sandbox's routes ask of whatever posts its callbacks (in this process or a child)."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def schedule(
+        self,
+        *,
+        provider: str,
+        url: str,
+        message: StoredMessage,
+        steps: Sequence[tuple[str, float]],
+        policy: RetryPolicy,
+    ) -> None:
+        """Post one callback per (status, delay in seconds from now), in that order."""
+
+    def faults_changed(self, faults: Mapping[str, FaultSettings]) -> None:
+        """Take the current fault settings (callback_retry_scale applies to the next retry armed)."""
+
+    async def reset(self) -> None:
+        """Drop every callback not yet finished, the log and the counters; once it returns, no
+        callback scheduled before it is posted."""
+
+    async def report(self, *, records: bool) -> dict[str, Any]:
+        """{"summary": ReceiptScheduler.summary(), "callbacks": the log as dicts, if `records`}."""
+        ...
+
+
 class ReceiptScheduler:
     """Posts the callbacks the provider emulations plan, and counts what became of them."""
 
-    def __init__(self, state: SandboxState) -> None:
-        self._state = state
+    def __init__(self, encoders: Mapping[str, Encoder]) -> None:
+        self._encoders = encoders
+        self._scales = {name: FaultSettings().callback_retry_scale for name in PROVIDERS}
         self._session: aiohttp.ClientSession | None = None
         self._ready: asyncio.Queue[Callback] = asyncio.Queue()
         self._workers: list[asyncio.Task[None]] = []
         self._waiting: set[Callback] = set()  # armed timers, cancelled by reset
         self._epoch = 0
         self.counters = {name: dict.fromkeys(COUNTER_NAMES, 0) for name in PROVIDERS}
+        # What became of each finished callback (CallbackRecord), newest last.
+        self.records: collections.deque[CallbackRecord] = collections.deque(maxlen=CALLBACK_LOG_LIMIT)
         # How long each answered POST took, as a provider sees the receiver (4 bytes each).
         self._latencies_ms = array("f")
 
@@ -149,14 +194,31 @@ class ReceiptScheduler:
         return sum(counts["pending"] for counts in self.counters.values())
 
     def summary(self) -> dict[str, Any]:
-        """Counters per provider and in total (scheduled = posted_ok + given_up + pending), and the
-        answered POSTs' latency in ms (p50, p95, p99, max, count) since the last reset."""
+        """Counters per provider and in total (scheduled = posted_ok + given_up + pending), the
+        answered POSTs' latency in ms (p50, p95, p99, max, count) since the last reset, and the
+        pid of the process that posts them."""
         total = {name: sum(counts[name] for counts in self.counters.values()) for name in COUNTER_NAMES}
         return {
             "total": total,
             **{provider: dict(counts) for provider, counts in self.counters.items()},
             "latency_ms": _latency_summary(self._latencies_ms),
+            "poster_pid": os.getpid(),
         }
+
+    async def report(self, *, records: bool) -> dict[str, Any]:
+        report: dict[str, Any] = {"summary": self.summary()}
+        if records:
+            report["callbacks"] = [record.as_dict() for record in self.records]
+        return report
+
+    def faults_changed(self, faults: Mapping[str, FaultSettings]) -> None:
+        self._scales = {name: settings.callback_retry_scale for name, settings in faults.items()}
+
+    async def reset(self) -> None:
+        old_workers = self.cancel_all()
+        # A worker cancelled mid-post stops once it next runs: wait for that, so that nothing of
+        # before the reset is written after it.
+        await asyncio.gather(*old_workers, return_exceptions=True)
 
     # --- planning ---------------------------------------------------------------------------------
     def schedule(
@@ -164,15 +226,17 @@ class ReceiptScheduler:
         *,
         provider: str,
         url: str,
-        message: Any,
+        message: StoredMessage,
         steps: Sequence[tuple[str, float]],
-        encode: Encoder,
         policy: RetryPolicy,
+        since: float | None = None,
     ) -> None:
-        """Post one callback per (status, delay in seconds from now), in that order."""
+        """Post one callback per (status, delay in seconds from `since`, a time.monotonic() that
+        defaults to now), in that order."""
         if not steps:
             return
-        now = asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time() if since is None else since  # the loop's clock is monotonic
+        encode = self._encoders[provider]
         chain = [Callback(provider, url, message, status, encode, policy, now + delay) for status, delay in steps]
         for earlier, later in zip(chain, chain[1:], strict=False):
             earlier.next = later
@@ -181,14 +245,16 @@ class ReceiptScheduler:
         counts["pending"] += len(chain)
         self._arm(chain[0], chain[0].due)
 
-    def cancel_all(self) -> int:
-        """Drop every callback not yet finished and zero the counters (reset); returns how many."""
-        pending = self._drop_pending()
+    def cancel_all(self) -> list[asyncio.Task[None]]:
+        """Drop every callback not yet finished, the log and the counters; returns the workers it
+        cancelled (they stop once they next run)."""
+        self._drop_pending()
         # Workers may be mid-post: replace them so that no callback of before the reset lands after it.
-        for worker in self._workers:
+        old_workers = self._workers
+        for worker in old_workers:
             worker.cancel()
         self._start_workers()
-        return pending
+        return old_workers
 
     def _drop_pending(self) -> int:
         pending = self.pending_count
@@ -199,6 +265,7 @@ class ReceiptScheduler:
         self._waiting.clear()
         self._ready = asyncio.Queue()
         self.counters = {name: dict.fromkeys(COUNTER_NAMES, 0) for name in PROVIDERS}
+        self.records.clear()
         self._latencies_ms = array("f")
         return pending
 
@@ -276,7 +343,7 @@ class ReceiptScheduler:
         if code is not None and 200 <= code < 300:
             counts["posted_ok"] += 1
             counts["pending"] -= 1
-            self._state.callbacks.append(CallbackRecord(callback, code, True, None))
+            self.records.append(CallbackRecord(callback, code, True, None))
         else:
             counts["failed_attempts"] += 1
             if code is not None:
@@ -289,7 +356,7 @@ class ReceiptScheduler:
             if delay is None:
                 self._give_up(callback, code, error)
             else:
-                scale = self._state.faults[callback.provider].callback_retry_scale if policy.scaled else 1.0
+                scale = self._scales[callback.provider] if policy.scaled else 1.0
                 self._arm(callback, loop.time() + delay * scale)
                 return delay * scale > 0
         return True
@@ -298,7 +365,7 @@ class ReceiptScheduler:
         counts = self.counters[callback.provider]
         counts["given_up"] += 1
         counts["pending"] -= 1
-        self._state.callbacks.append(CallbackRecord(callback, code, False, error))
+        self.records.append(CallbackRecord(callback, code, False, error))
         if counts["given_up"] % GIVE_UP_LOG_EVERY == 1:
             logger.warning(
                 "%s callback %s for %s to %s given up after %d attempts: %s (%d %s callbacks given up so far)",
@@ -324,7 +391,39 @@ def spaced_steps(
     return [*((status, step * (i + 1)) for i, status in enumerate(statuses[:-1])), (statuses[-1], delay_s)]
 
 
-RECEIPTS_KEY = web.AppKey("sandbox_receipts", ReceiptScheduler)
+def schedule_status_callbacks(
+    app: web.Application,
+    *,
+    provider: str,
+    message: StoredMessage,
+    delivery: str,
+    url: str,
+    statuses: Sequence[str],
+    final_only_status: str | None,
+    intermediate: Container[str],
+    policy: RetryPolicy,
+) -> None:
+    """Queue a message's status callbacks as Twilio and Vonage post them.
+
+    realistic: `statuses` (the final one last) spaced before the final status's time, only the
+    `intermediate` ones for a dropped message or a lost receipt, retried per `policy`;
+    final_only: `final_only_status` alone at that time, retried per FINAL_ONLY."""
+    faults = app[STATE_KEY].faults[provider]
+    now = utcnow()
+    if faults.callback_mode == "final_only":
+        if delivery != DELIVERY_RECEIPT or message.final_at is None or final_only_status is None:
+            return
+        steps = [(final_only_status, max(0.0, (message.final_at - now).total_seconds()))]
+        policy = FINAL_ONLY
+    else:
+        final_at = message.final_at or message.created_at + timedelta(milliseconds=faults.receipt_delay_ms)
+        steps = spaced_steps(statuses, delay_s=max(0.0, (final_at - now).total_seconds()))
+        if delivery != DELIVERY_RECEIPT:
+            steps = [step for step in steps if step[0] in intermediate]
+    app[RECEIPTS_KEY].schedule(provider=provider, url=url, message=message, steps=steps, policy=policy)
+
+
+RECEIPTS_KEY = web.AppKey("sandbox_receipts", Receipts)
 
 
 def _latency_summary(latencies: array) -> dict[str, float]:

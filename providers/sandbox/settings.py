@@ -6,7 +6,7 @@ from providers.conf import provider_config, receipts_base_url
 from providers.sandbox.state import SandboxConfig
 
 
-def sandbox_config_from_settings(seed: int | None = None) -> SandboxConfig:
+def sandbox_config_from_settings(seed: int | None = None, *, callback_process: bool = True) -> SandboxConfig:
     twilio, vonage, mailgun = provider_config("twilio"), provider_config("vonage"), provider_config("mailgun")
     return SandboxConfig(
         twilio_account_sid=twilio["ACCOUNT_SID"],
@@ -20,4 +20,5 @@ def sandbox_config_from_settings(seed: int | None = None) -> SandboxConfig:
         mailgun_domain=mailgun["DOMAIN"],
         mailgun_webhook_signing_key=mailgun["WEBHOOK_SIGNING_KEY"],
         public_url=receipts_base_url(),  # where account-level webhooks (Mailgun's) post
+        callback_process=callback_process,
     )

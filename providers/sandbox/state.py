@@ -18,7 +18,8 @@ PROVIDERS = ("twilio", "vonage", "mailgun")
 # realistic: every callback the provider documents, retried on its schedule (docs/sandbox.md);
 # final_only: one callback with the final status, retried at once a few times (the old sandbox).
 CALLBACK_MODES = ("realistic", "final_only")
-# Outcomes of callbacks kept for GET /_sandbox/callbacks (the newest); counters cover them all.
+# Outcomes of callbacks kept for GET /_sandbox/callbacks (the newest; by the process posting
+# them, providers.sandbox.receipts); counters cover them all.
 CALLBACK_LOG_LIMIT = 100_000
 # Logged requests between two gc.freeze() calls (see record_request).
 GC_FREEZE_EVERY = 10_000
@@ -60,6 +61,9 @@ class SandboxConfig:
     mailgun_webhook_signing_key: str = "sandbox-mailgun-signing-key"
     # Where providers configured per account, not per message (Mailgun), post their webhooks.
     public_url: str = "http://127.0.0.1:8000"
+    # Post receipt callbacks from a child process (providers.sandbox.poster), so that their
+    # load does not slow the API's answers; False: from the sandbox's own event loop.
+    callback_process: bool = True
 
 
 class FaultValidationError(ValueError):
@@ -192,8 +196,6 @@ class SandboxState:
         self.requests: list[dict[str, Any]] = []
         self.requests_by_message_id: dict[str, list[dict[str, Any]]] = {}
         self.messages: dict[str, StoredMessage] = {}
-        # Outcome of each finished callback (providers.sandbox.receipts.CallbackRecord), newest last.
-        self.callbacks: collections.deque[Any] = collections.deque(maxlen=CALLBACK_LOG_LIMIT)
         # Overrides SandboxConfig.public_url (POST /_sandbox/config): where account-level
         # webhooks (Mailgun's) go. Not cleared by reset, like a provider's dashboard setting.
         self.public_url: str | None = None
@@ -205,7 +207,6 @@ class SandboxState:
         self.requests.clear()
         self.requests_by_message_id.clear()
         self.messages.clear()
-        self.callbacks.clear()
         # The capacity window too: sends before the reset must not count against the next test's
         # first second (a reset sandbox is a fresh account).
         self._recent_sends.clear()

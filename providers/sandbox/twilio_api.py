@@ -17,11 +17,10 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from aiohttp import web
 from twilio.request_validator import RequestValidator
 
-from providers.sandbox.receipts import RECEIPTS_KEY, Encoded, form_body, spaced_steps
-from providers.sandbox.retries import FINAL_ONLY, twilio_policy
+from providers.sandbox.receipts import Encoded, form_body, schedule_status_callbacks
+from providers.sandbox.retries import twilio_policy
 from providers.sandbox.state import (
     CONFIG_KEY,
-    DELIVERY_RECEIPT,
     FAULT_AUTH,
     FAULT_INVALID,
     FAULT_OUTAGE,
@@ -46,6 +45,8 @@ RECEIPT_ERRORS = {
 # Statuses that carry the carrier's delivery receipt time (RawDlrDoneDate, SMS only):
 # https://www.twilio.com/en-us/changelog/addition-of-rawdlrdonedate-to-delivered-and-undelivered-status-webhooks
 DLR_STATUSES = frozenset({"delivered", "undelivered"})
+# Callbacks that still come for a dropped message or a lost receipt: a carrier had it.
+INTERMEDIATE_STATUSES = frozenset({"sent"})
 # Refusals the fault settings inject: (HTTP status, Twilio code, message).
 REFUSALS = {
     FAULT_OUTAGE: (503, 20503, "Service Unavailable"),
@@ -193,9 +194,6 @@ class StatusCallbacks:
         return form_body(params), headers
 
 
-CALLBACKS_KEY = web.AppKey("sandbox_twilio_callbacks", StatusCallbacks)
-
-
 def callback_statuses(final_status: str, channel: str) -> list[str]:
     """The status callbacks Twilio posts for a message that ends in `final_status`, in order:
     none for the initial `queued`; `sent` once a carrier has it (not for a message that could not
@@ -205,33 +203,6 @@ def callback_statuses(final_status: str, channel: str) -> list[str]:
     if final_status == "read" and channel == "whatsapp":
         return ["sent", "delivered", "read"]
     return ["sent", final_status]
-
-
-def _schedule_callbacks(request: web.Request, message: StoredMessage, delivery: str) -> None:
-    """Queue the message's status callbacks; their content follows from the message."""
-    assert message.callback_url
-    faults = request.app[STATE_KEY].faults[PROVIDER]
-    now = utcnow()
-    if faults.callback_mode == "final_only":
-        if delivery != DELIVERY_RECEIPT or message.final_status is None or message.final_at is None:
-            return
-        steps = [(message.final_status, max(0.0, (message.final_at - now).total_seconds()))]
-        policy = FINAL_ONLY
-    else:
-        final_at = message.final_at or message.created_at + timedelta(milliseconds=faults.receipt_delay_ms)
-        statuses = callback_statuses(message.final_status or "delivered", message.channel)
-        steps = spaced_steps(statuses, delay_s=max(0.0, (final_at - now).total_seconds()))
-        if delivery != DELIVERY_RECEIPT:  # dropped, or its receipt lost: only `sent` comes
-            steps = [step for step in steps if step[0] == "sent"]
-        policy = twilio_policy(urlsplit(message.callback_url).fragment)
-    request.app[RECEIPTS_KEY].schedule(
-        provider=PROVIDER,
-        url=message.callback_url.partition("#")[0],
-        message=message,
-        steps=steps,
-        encode=request.app[CALLBACKS_KEY].encode,
-        policy=policy,
-    )
 
 
 async def create_message(request: web.Request) -> web.Response:
@@ -293,7 +264,17 @@ async def create_message(request: web.Request) -> web.Response:
     if state.faults[PROVIDER].callback_mode == "realistic" and channel == "sms" and message.final_status == "read":
         message.final_status = "delivered"  # read receipts are WhatsApp's; an SMS ends delivered
     if message.callback_url:
-        _schedule_callbacks(request, message, outcome.delivery)
+        schedule_status_callbacks(
+            request.app,
+            provider=PROVIDER,
+            message=message,
+            delivery=outcome.delivery,
+            url=message.callback_url.partition("#")[0],
+            statuses=callback_statuses(message.final_status or "delivered", message.channel),
+            final_only_status=message.final_status,
+            intermediate=INTERMEDIATE_STATUSES,
+            policy=twilio_policy(urlsplit(message.callback_url).fragment),
+        )
     payload = resource(message, account_sid, status="queued")
     await asyncio.sleep(outcome.response_delay_s)
     return web.json_response(payload, status=201)
@@ -404,7 +385,6 @@ async def list_messages(request: web.Request) -> web.Response:
 
 def register(app: web.Application) -> None:
     """Add the Twilio routes; sibling emulations (vonage_api, mailgun_api) follow the same shape."""
-    app[CALLBACKS_KEY] = StatusCallbacks(app[CONFIG_KEY])
     app.router.add_post(f"{BASE}/Messages.json", create_message)
     app.router.add_get(f"{BASE}/Messages.json", list_messages)
     app.router.add_get(f"{BASE}/Messages/{{sid}}.json", fetch_message)

@@ -15,11 +15,10 @@ from typing import Any
 
 from aiohttp import web
 
-from providers.sandbox.receipts import RECEIPTS_KEY, Encoded, form_body, spaced_steps
-from providers.sandbox.retries import FINAL_ONLY, VONAGE
+from providers.sandbox.receipts import Encoded, form_body, schedule_status_callbacks
+from providers.sandbox.retries import VONAGE
 from providers.sandbox.state import (
     CONFIG_KEY,
-    DELIVERY_RECEIPT,
     FAULT_AUTH,
     FAULT_INVALID,
     FAULT_OUTAGE,
@@ -210,42 +209,12 @@ class DeliveryReceipts:
         return form_body(self.params(message, status)), FORM_HEADERS
 
 
-CALLBACKS_KEY = web.AppKey("sandbox_vonage_callbacks", DeliveryReceipts)
-
-
 def callback_statuses(final_status: str) -> list[str]:
     """The DLRs Vonage posts for a message the sandbox ends in `final_status`, in Vonage's words:
     an intermediate `accepted` once the carrier takes it, then the final one; a message the
     carrier rejects up front gets only `rejected`."""
     status = RECEIPTS[final_status][0]
     return [status] if status == "rejected" else ["accepted", status]
-
-
-def _schedule_callbacks(request: web.Request, message: StoredMessage, delivery: str) -> None:
-    assert message.callback_url
-    faults = request.app[STATE_KEY].faults[PROVIDER]
-    now = utcnow()
-    if faults.callback_mode == "final_only":
-        if delivery != DELIVERY_RECEIPT or message.final_status is None or message.final_at is None:
-            return
-        final = RECEIPTS[message.final_status][0]
-        steps = [(final, max(0.0, (message.final_at - now).total_seconds()))]
-        policy = FINAL_ONLY
-    else:
-        final_at = message.final_at or message.created_at + timedelta(milliseconds=faults.receipt_delay_ms)
-        statuses = callback_statuses(message.final_status or "delivered")
-        steps = spaced_steps(statuses, delay_s=max(0.0, (final_at - now).total_seconds()))
-        if delivery != DELIVERY_RECEIPT:  # dropped, or its receipt lost: only the intermediate DLR
-            steps = [step for step in steps if step[0] in INTERMEDIATE_STATUSES]
-        policy = VONAGE
-    request.app[RECEIPTS_KEY].schedule(
-        provider=PROVIDER,
-        url=message.callback_url,
-        message=message,
-        steps=steps,
-        encode=request.app[CALLBACKS_KEY].encode,
-        policy=policy,
-    )
 
 
 async def send_sms(request: web.Request) -> web.Response:
@@ -312,7 +281,17 @@ async def send_sms(request: web.Request) -> web.Response:
         fault=outcome.fault,
     )
     if message.callback_url:
-        _schedule_callbacks(request, message, outcome.delivery)
+        schedule_status_callbacks(
+            request.app,
+            provider=PROVIDER,
+            message=message,
+            delivery=outcome.delivery,
+            url=message.callback_url,
+            statuses=callback_statuses(message.final_status or "delivered"),
+            final_only_status=RECEIPTS[message.final_status][0] if message.final_status else None,
+            intermediate=INTERMEDIATE_STATUSES,
+            policy=VONAGE,
+        )
     accepted = {
         "to": digits,
         "message-id": message.provider_message_id,
@@ -480,6 +459,5 @@ async def list_records(request: web.Request) -> web.Response:
 
 def register(app: web.Application) -> None:
     """Add the Vonage routes at the real API's paths (rest.nexmo.com and api.nexmo.com share the sandbox)."""
-    app[CALLBACKS_KEY] = DeliveryReceipts(app[CONFIG_KEY])
     app.router.add_post(SMS_PATH, send_sms)
     app.router.add_get(RECORDS_PATH, list_records)

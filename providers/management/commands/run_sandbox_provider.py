@@ -34,10 +34,18 @@ class Command(BaseCommand):
             help="Seed the fault dice so a run is reproducible (default: unseeded). "
             'POST /_sandbox/reset {"seed": N} reseeds at runtime.',
         )
+        parser.add_argument(
+            "--in-process-callbacks",
+            action="store_true",
+            help="Post receipt callbacks from the sandbox's own process instead of a child process "
+            "(slower answers under callback load; for debugging).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
-            config = sandbox_config_from_settings(seed=options["seed"])
+            config = sandbox_config_from_settings(
+                seed=options["seed"], callback_process=not options["in_process_callbacks"]
+            )
         except (ImproperlyConfigured, KeyError) as exc:
             raise CommandError(f"Cannot configure the sandbox provider: {exc}") from exc
         try:
