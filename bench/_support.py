@@ -37,6 +37,9 @@ URGENT_QUEUES = (
 )
 MAINTENANCE_QUEUES = "maintenance"
 BULK_QUEUES = "sms.bulk,whatsapp.bulk,email.bulk"
+# The Procfile's bulk worker runs at this niceness: on a shared box, a campaign yields the CPU to
+# critical sends (BULK_NICE=0 in the environment: as before).
+BULK_NICE = int(os.environ.get("BULK_NICE", "10"))
 
 
 # --- bootstrap ------------------------------------------------------------------------------------
@@ -109,12 +112,14 @@ def production_stack(database: str):
     return stack
 
 
-def start_queue_worker(stack, name: str, queues: str, concurrency: int, timeout_s: float = 90.0):
-    """A Conductor worker on `queues` only (Stack.start_worker takes every queue); returns
-    (process, time.time() when it logged ready). Stopped by stack.stop()."""
+def start_queue_worker(stack, name: str, queues: str, concurrency: int, timeout_s: float = 90.0, nice: int = 0):
+    """A Conductor worker on `queues` only (Stack.start_worker takes every queue), at niceness
+    `nice` (the Procfile's bulk worker: 10); returns (process, time.time() when it logged ready).
+    Stopped by stack.stop()."""
     from tests.support.processes import PYTHON, wait_until
 
-    cmd = [PYTHON, "-m", "celery", "-A", "conductor_project", "worker", "-l", "info", "-n", f"{name}@%h"]
+    cmd = ["nice", "-n", str(nice)] if nice else []
+    cmd += [PYTHON, "-m", "celery", "-A", "conductor_project", "worker", "-l", "info", "-n", f"{name}@%h"]
     cmd += ["-c", str(concurrency), "-Q", queues, "--without-gossip", "--without-mingle"]
     worker = stack._spawn(name, cmd)
     wait_until(lambda: " ready." in worker.log_text() or not worker.alive(), timeout_s, 0.05, what=f"{name} ready")

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from _support import (
+    BULK_NICE,
     BULK_QUEUES,
     MAINTENANCE_QUEUES,
     URGENT_QUEUES,
@@ -136,7 +137,7 @@ def measure(key: str, opts: Options) -> Result:
         start_queue_worker(stack, "urgent", URGENT_QUEUES, opts.urgent_concurrency)
         start_queue_worker(stack, "maintenance", MAINTENANCE_QUEUES, 1)
         start_queue_worker(stack, "receipts", RECEIPTS_QUEUES, 1)
-        bulk, _ = start_queue_worker(stack, "bulk1", BULK_QUEUES, opts.concurrency)
+        bulk, _ = start_queue_worker(stack, "bulk1", BULK_QUEUES, opts.concurrency, nice=BULK_NICE)
         sender = CriticalSender(stack, key, opts.critical_rate)
         sender.start()
         print(
