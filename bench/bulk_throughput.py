@@ -42,6 +42,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from _support import (
+    BULK_NICE,
     BULK_QUEUES,
     DONE_STATES,
     FAILED_STATES,
@@ -253,7 +254,7 @@ def measure(key: str, opts: Options, label: str = "bulk") -> Result:
         start_queue_worker(stack, "maintenance", MAINTENANCE_QUEUES, 1)
         bulk, ready_at = [], None
         for n in range(opts.bulk_workers):
-            worker, ready = start_queue_worker(stack, f"bulk{n + 1}", BULK_QUEUES, opts.concurrency)
+            worker, ready = start_queue_worker(stack, f"bulk{n + 1}", BULK_QUEUES, opts.concurrency, nice=BULK_NICE)
             bulk.append(worker)
             ready_at = ready_at or ready
         rss = {"start": sum(rss_mb(w.pid) for w in bulk)}
