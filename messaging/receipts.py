@@ -229,7 +229,10 @@ class _GroupCommit:
                 self._condition.notify_all()
             for _, each in batch:
                 if each.on_written is not None:
-                    each.on_written(error)
+                    try:
+                        each.on_written(error)
+                    except Exception:  # e.g. its event loop closed meanwhile: the writer goes on
+                        logger.exception("could not hand a receipt write's result back")
 
 
 _WRITER_IDLE_CLOSE_S = 1.0

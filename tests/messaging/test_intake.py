@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -186,3 +187,32 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().rpartition(")")[2].split()[0] != "Z"  # a zombie has stopped
+
+
+def test_a_waiter_whose_loop_has_closed_does_not_stop_the_writer():
+    """A webhook's loop gone before its write ends (a server shutting down): the writer thread
+    goes on, and the next receipts are written."""
+    from messaging.receipts import _GROUP_COMMIT, receipts_store
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    done = threading.Event()
+    _GROUP_COMMIT.submit([], lambda error: loop.call_soon_threadsafe(print))  # raises: loop closed
+    _GROUP_COMMIT.submit([], lambda error: done.set())
+    assert done.wait(5)
+    receipts_store(events=[_event("SM-after")])
+    assert Receipt.objects.filter(provider_message_id="SM-after").exists()
+
+
+def _event(sid: str):
+    from providers.types import ReceiptEvent
+
+    return ReceiptEvent(
+        provider="twilio",
+        event_id=f"{sid}:delivered",
+        provider_message_id=sid,
+        provider_status="delivered",
+        state="delivered",
+        message_id=None,
+        payload={},
+    )
