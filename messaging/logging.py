@@ -1,5 +1,6 @@
-"""Log helpers: recipients are masked so logs never hold a full phone number or address, and
-records logged inside a Celery task carry its id (the JSON formatter is configured in settings)."""
+"""Log helpers: recipients are masked so logs never hold a full phone number or address, URLs lose
+their secrets, and records logged inside a Celery task carry its id (the JSON formatter is
+configured in settings)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import re
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -35,6 +37,17 @@ def scrubbed(text: str) -> str:
     """Free text (a provider's error message, a transition detail) with recipients masked."""
     text = _EMAIL.sub(lambda m: masked(m.group()), text)
     return _PHONE.sub(lambda m: masked(m.group()), text)
+
+
+def redacted_url(url: str) -> str:
+    """A URL with only its scheme and host (and port): 'https://hooks.slack.com/…'. Webhook URLs
+    (Slack's, most chat tools') carry their secret in the path or the query."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    rest = "/…" if parts.path.strip("/") or parts.query or parts.fragment else ""
+    return f"{parts.scheme}://{host}{rest}" if parts.scheme else "…"
 
 
 class CeleryTaskFilter(logging.Filter):
