@@ -85,17 +85,18 @@ def _sandbox_providers() -> list[Error]:
 
 
 def _loopback_urls() -> list[Error]:
-    """conductor.E042: providers are given these URLs for their receipts; a loopback (or unspecified)
-    host is this machine, which no provider can reach: every receipt would be lost."""
+    """conductor.E042: providers are given these URLs for their receipts; a host only this machine
+    or a private network can reach (loopback, a private address, a single-label name such as
+    compose's "web") means every receipt is lost."""
     configured = getattr(settings, "CONDUCTOR", {})
     errors: list[Error] = []
     for key, env in (("PUBLIC_URL", "CONDUCTOR_PUBLIC_URL"), ("RECEIPTS_URL", "CONDUCTOR_RECEIPTS_URL")):
         url = configured.get(key, PROVIDERS_DEFAULTS[key])
-        if url and is_loopback_url(url):
+        if url and is_unreachable_from_outside(url):
             errors.append(
                 Error(
-                    f"CONDUCTOR[{key!r}] is {url!r}, this machine, in production mode: providers post receipts "
-                    "there and cannot reach it.",
+                    f"CONDUCTOR[{key!r}] is {url!r}, which only this machine or its private network can reach, "
+                    "in production mode: providers post receipts there.",
                     hint=f"Set {env} to the public https:// base URL that reaches this service.",
                     id="conductor.E042",
                 )
@@ -103,15 +104,17 @@ def _loopback_urls() -> list[Error]:
     return errors
 
 
-def is_loopback_url(url: str) -> bool:
-    host = (urlsplit(url).hostname or "").lower()
+def is_unreachable_from_outside(url: str) -> bool:
+    """Whether a provider on the internet cannot reach the URL's host: loopback, unspecified,
+    private or link-local addresses, localhost, and single-label names (an internal DNS name)."""
+    host = (urlsplit(url).hostname or "").lower().rstrip(".")
     if not host or host == "localhost" or host.endswith(".localhost"):
         return True
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return False
-    return address.is_loopback or address.is_unspecified
+        return "." not in host
+    return address.is_loopback or address.is_unspecified or address.is_private or address.is_link_local
 
 
 def _secret_key() -> list[Error]:

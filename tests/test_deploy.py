@@ -110,6 +110,11 @@ UNSAFE = {
         ["MAILGUN_WEBHOOK_SIGNING_KEY"],
     ),
     "public-url-on-loopback": ({"CONDUCTOR_PUBLIC_URL": None}, "conductor.E042", ["CONDUCTOR_PUBLIC_URL"]),
+    "public-url-internal-to-compose": (
+        {"CONDUCTOR_PUBLIC_URL": "http://web:8000"},
+        "conductor.E042",
+        ["CONDUCTOR_PUBLIC_URL"],
+    ),
     "receipts-url-on-loopback": (
         {"CONDUCTOR_RECEIPTS_URL": "http://localhost:8001"},
         "conductor.E042",
@@ -131,6 +136,28 @@ def test_each_unsafe_production_setting_is_an_error_naming_it(case, tmp_path):
     assert error_id in done.stderr, done.stderr
     for name in names:
         assert name in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "unreachable"),
+    [
+        ("http://127.0.0.1:8000", True),
+        ("http://localhost:8001", True),
+        ("http://[::1]:8000", True),
+        ("http://0.0.0.0:8000", True),
+        ("http://10.0.3.7:8000", True),
+        ("http://192.168.1.20", True),
+        ("http://web:8000", True),
+        ("https://conductor.example.com", False),
+        ("https://receipts.conductor.example.com:8443/base", False),
+        ("http://203.0.113.9:8000", True),  # documentation range: private by Python's reckoning
+        ("http://8.8.8.8", False),
+    ],
+)
+def test_receipt_urls_providers_cannot_reach(url, unreachable):
+    from conductor_project.checks import is_unreachable_from_outside
+
+    assert is_unreachable_from_outside(url) is unreachable
 
 
 def test_sandbox_mode_keeps_the_zero_configuration_defaults():
