@@ -5,23 +5,40 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help venv run test test-fast lint demo services browser migrate clean vendor-uplot bench bench-quick
+.PHONY: help venv lock audit run test test-fast lint demo services browser migrate clean vendor-uplot bench bench-quick
 
 help:
 	@echo "make run    - create .venv, install, migrate, start web :8000, workers, beat, sandbox :8025, Flower :5555"
 	@echo "make demo   - send a demo campaign through the running stack and show its progress"
 	@echo "make test   - create .venv if missing and run the whole suite (PostgreSQL and Redis on 127.0.0.1;"
 	@echo "              installs Debian's chromium and chromium-driver for the dashboard's browser test)"
+	@echo "make lock   - re-resolve requirements*.txt in a throw-away venv and write constraints.txt"
+	@echo "make audit  - check every locked version against PyPI's vulnerability database (pip-audit)"
 	@echo "make bench  - issue 9's benchmarks (ingest, bulk 50k/200k, scaling; hours) into bench/results.md"
 	@echo "make bench-quick - the same with small counts (a smoke run, minutes)"
 
-$(STAMP): requirements.txt requirements-dev.txt
+# constraints.txt locks every transitive version (make lock writes it): each install gets the same code.
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 11) else "Conductor needs Python 3.11+: install python3.11 or run make PYTHON=/path/to/python3.11")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -c constraints.txt
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# After changing requirements*.txt: resolve them afresh in a throw-away venv and lock what was installed.
+LOCK_VENV := /tmp/conductor-lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	{ sed -n '/^#/p' constraints.txt; $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf $(LOCK_VENV)
+
+# Known vulnerabilities in every locked version (PyPI's advisory database; needs the network).
+AUDIT_VENV := /tmp/conductor-audit-venv
+audit:
+	test -x $(AUDIT_VENV)/bin/pip-audit || { $(PYTHON) -m venv $(AUDIT_VENV) && $(AUDIT_VENV)/bin/python -m pip install --quiet pip-audit; }
+	$(AUDIT_VENV)/bin/pip-audit --no-deps --disable-pip --requirement constraints.txt
 
 migrate: venv
 	$(BIN)/python manage.py migrate --noinput

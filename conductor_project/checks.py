@@ -1,13 +1,24 @@
-"""The check only the wiring can make: every key of settings.CONDUCTOR belongs to one layer's schema."""
+"""The checks only the wiring can make: every key of settings.CONDUCTOR belongs to one layer's
+schema, and in production mode nothing still points at the sandbox or at this machine."""
 
 from __future__ import annotations
+
+import ipaddress
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.checks import Error, register
 
 from messaging.conf import DEFAULTS as MESSAGING_DEFAULTS
+from messaging.routing import routed_providers
 from providers.conf import DEFAULTS as PROVIDERS_DEFAULTS
+from providers.conf import SANDBOX_SECRETS
 from reconciliation.conf import DEFAULTS as RECONCILIATION_DEFAULTS
+
+MODES = ("sandbox", "production")
+# Secret keys shipped in this repository (settings' fallback, docker/compose.yml's old default):
+# anyone could forge sessions and password-reset links with them.
+PUBLIC_SECRET_KEYS = frozenset({"change-me-in-production", "changeme", "secret"})
 
 KNOWN_KEYS = frozenset(PROVIDERS_DEFAULTS) | frozenset(MESSAGING_DEFAULTS) | frozenset(RECONCILIATION_DEFAULTS)
 
@@ -23,6 +34,115 @@ def check_conductor_keys(app_configs=None, **kwargs) -> list[Error]:
         )
         for name in sorted(set(getattr(settings, "CONDUCTOR", {})) - KNOWN_KEYS)
     ]
+
+
+@register()
+def check_production_mode(app_configs=None, **kwargs) -> list[Error]:
+    """CONDUCTOR_MODE=production refuses what would make a deployment send nothing, or take forged
+    receipts, while looking healthy: a routed provider at the sandbox (it accepts every message and
+    reports it delivered), receipt URLs on loopback (no provider can reach them), a public or weak
+    SECRET_KEY, DEBUG. Not deployment-only (`check --deploy`): the web, workers, beat and the
+    receipt intake run these checks and refuse to start (refuse_to_start_on_errors)."""
+    mode = getattr(settings, "CONDUCTOR_MODE", "sandbox")
+    if mode not in MODES:
+        return [Error(f"CONDUCTOR_MODE is {mode!r}.", hint=f"Use one of: {', '.join(MODES)}.", id="conductor.E040")]
+    if mode != "production":
+        return []
+    return _sandbox_providers() + _loopback_urls() + _secret_key() + _debug()
+
+
+def _sandbox_providers() -> list[Error]:
+    """conductor.E041: a routed provider whose BASE_URL is the sandbox's; conductor.E045: each of
+    its secrets still the sandbox's (outside the sandbox, conductor.E023 names those)."""
+    sandbox = str(getattr(settings, "SANDBOX_URL", "") or "").rstrip("/")
+    errors: list[Error] = []
+    providers = getattr(settings, "CONDUCTOR_PROVIDERS", {})
+    for name in sorted(routed_providers()):
+        conf = providers.get(name, {})
+        if "BASE_URL" not in conf or str(conf["BASE_URL"] or "").rstrip("/") != sandbox:
+            continue
+        env = name.upper()
+        errors.append(
+            Error(
+                f"CONDUCTOR_PROVIDERS[{name!r}]['BASE_URL'] is the sandbox ({sandbox!r}) in production mode: "
+                f"{name} is routed to, and the sandbox accepts every message and reports it delivered.",
+                hint=f"Set {env}_BASE_URL to the real {name} API (and its credentials), or take {name} out of "
+                "the routes (CONDUCTOR_ROUTE_SMS, CONDUCTOR_ROUTE_WHATSAPP, CONDUCTOR_ROUTE_EMAIL).",
+                id="conductor.E041",
+            )
+        )
+        for key, default in SANDBOX_SECRETS.get(name, {}).items():
+            if conf.get(key) == default:
+                errors.append(
+                    Error(
+                        f"CONDUCTOR_PROVIDERS[{name!r}][{key!r}] is still the sandbox's default (public, in "
+                        "this repository) in production mode.",
+                        hint=f"Set {env}_{key} to the provider's own secret.",
+                        id="conductor.E045",
+                    )
+                )
+    return errors
+
+
+def _loopback_urls() -> list[Error]:
+    """conductor.E042: providers are given these URLs for their receipts; a host only this machine
+    or a private network can reach (loopback, a private address, a single-label name such as
+    compose's "web") means every receipt is lost."""
+    configured = getattr(settings, "CONDUCTOR", {})
+    errors: list[Error] = []
+    for key, env in (("PUBLIC_URL", "CONDUCTOR_PUBLIC_URL"), ("RECEIPTS_URL", "CONDUCTOR_RECEIPTS_URL")):
+        url = configured.get(key, PROVIDERS_DEFAULTS[key])
+        if url and is_unreachable_from_outside(url):
+            errors.append(
+                Error(
+                    f"CONDUCTOR[{key!r}] is {url!r}, which only this machine or its private network can reach, "
+                    "in production mode: providers post receipts there.",
+                    hint=f"Set {env} to the public https:// base URL that reaches this service.",
+                    id="conductor.E042",
+                )
+            )
+    return errors
+
+
+def is_unreachable_from_outside(url: str) -> bool:
+    """Whether a provider on the internet cannot reach the URL's host: loopback, unspecified,
+    private or link-local addresses, localhost, and single-label names (an internal DNS name)."""
+    host = (urlsplit(url).hostname or "").lower().rstrip(".")
+    if not host or host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return "." not in host
+    return address.is_loopback or address.is_unspecified or address.is_private or address.is_link_local
+
+
+def _secret_key() -> list[Error]:
+    """conductor.E043: the fallback key (settings.DEV_SECRET_KEY), one shipped in this repository,
+    or a weak one by Django's own measure (security.W009: under 50 characters or 5 distinct)."""
+    key = str(getattr(settings, "SECRET_KEY", "") or "")
+    fallback = getattr(settings, "DEV_SECRET_KEY", None)
+    if key in (fallback, *PUBLIC_SECRET_KEYS) or key.startswith("django-insecure-"):
+        problem = "not set (the development fallback is used)" if key == fallback else "a public default"
+    elif len(key) < 50 or len(set(key)) < 5:
+        problem = "weak (under 50 characters, or under 5 distinct ones)"
+    else:
+        return []
+    return [
+        Error(
+            f"SECRET_KEY is {problem} in production mode: sessions and password-reset links could be forged.",
+            hint="Set SECRET_KEY to a long random value, e.g. "
+            'python -c "import secrets; print(secrets.token_urlsafe(50))".',
+            id="conductor.E043",
+        )
+    ]
+
+
+def _debug() -> list[Error]:
+    """conductor.E044: DEBUG shows settings and tracebacks to anyone and keeps every query in memory."""
+    if not getattr(settings, "DEBUG", False):
+        return []
+    return [Error("DEBUG is on in production mode.", hint="Unset DEBUG (or set DEBUG=0).", id="conductor.E044")]
 
 
 def refuse_to_start_on_errors(process: str) -> None:

@@ -8,11 +8,16 @@ Two kinds, chosen by what can be correct with many processes:
   at scrape time from where it lives: PostgreSQL, the broker, Redis. A gauge kept in process
   memory would disagree between processes and go stale when one dies; the source cannot.
 A source that does not answer leaves its families out and sets conductor_scrape_error{source}.
+The database's families (six GROUP BY queries, one over every message) are kept for
+METRICS_CACHE_SECONDS per process: Prometheus scrapes every 15 s, and two scrapers, or a scraper
+retrying, must not double the load on the database.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections import defaultdict
 from datetime import timedelta
 
@@ -69,13 +74,40 @@ def _counted(
     return family
 
 
+class _DatabaseFamiliesCache:
+    """The database's families as last read, and when (time.monotonic), for METRICS_CACHE_SECONDS."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._read_at: float | None = None
+        self._families: list[GaugeMetricFamily] = []
+
+    def get(self, read) -> list[GaugeMetricFamily]:
+        """The cached families while fresh, else read() now (not cached if it raises)."""
+        max_age = float(getattr(settings, "METRICS_CACHE_SECONDS", 0) or 0)
+        with self._lock:  # one reader at a time: concurrent scrapes wait for it rather than query too
+            now = time.monotonic()
+            if max_age <= 0 or self._read_at is None or now - self._read_at >= max_age:
+                self._families = list(read())
+                self._read_at = now
+            return self._families
+
+    def clear(self) -> None:
+        with self._lock:
+            self._read_at = None
+            self._families = []
+
+
+database_families_cache = _DatabaseFamiliesCache()
+
+
 class StateCollector:
     def collect(self):
         errors = GaugeMetricFamily(
             "conductor_scrape_error", "1 when a source did not answer this scrape.", labels=["source"]
         )
         for source, families in (
-            ("database", self._database),
+            ("database", lambda: database_families_cache.get(self._database)),
             ("broker", self._broker),
             ("redis", self._circuits),
         ):

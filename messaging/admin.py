@@ -139,7 +139,8 @@ class MessageAdmin(ReplayPermissionMixin, admin.ModelAdmin):
         waiting = " (waiting)" if message.waiting_for_id and message.state == MessageState.ACCEPTED else ""
         return f"{message.ordering_key} #{message.sequence}{waiting}"
 
-    @admin.action(description="Cancel selected messages (only those not yet dispatched)")
+    # A state change: only for staff allowed to change messages (view-only staff do not see it).
+    @admin.action(description="Cancel selected messages (only those not yet dispatched)", permissions=["change"])
     def cancel_selected(self, request, queryset) -> None:
         cancelled = refused = 0
         for message in queryset:

@@ -1,40 +1,20 @@
-"""Log helpers: recipients are masked so logs never hold a full phone number or address, and
-records logged inside a Celery task carry its id (the JSON formatter is configured in settings)."""
+"""Log helpers: recipients are masked so logs never hold a full phone number or address, URLs lose
+their secrets, and records logged inside a Celery task carry its id (the JSON formatter is
+configured in settings)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from datetime import UTC, datetime
 from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
+# Defined in the lowest layer so providers' own log lines can use them too.
+from providers.redact import masked, redacted_url, scrubbed
 
-def masked(recipient: str) -> str:
-    """'+14155550123' -> '+1415*****23'; 'alice@example.com' -> 'a***@example.com'."""
-    if not recipient:
-        return ""
-    if "@" in recipient:
-        local, _, domain = recipient.partition("@")
-        return f"{local[:1]}***@{domain}"
-    keep_head, keep_tail = 5, 2
-    if len(recipient) <= keep_head + keep_tail:
-        return recipient[:2] + "*" * max(0, len(recipient) - 2)
-    return recipient[:keep_head] + "*" * (len(recipient) - keep_head - keep_tail) + recipient[-keep_tail:]
-
-
-# A phone number (E.164, or a bare run of 10-15 digits a provider echoes back) or an email
-# address inside free text; dates, codes and counts stay readable.
-_PHONE = re.compile(r"\+\d{7,15}\b|\b\d{10,15}\b")
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-
-
-def scrubbed(text: str) -> str:
-    """Free text (a provider's error message, a transition detail) with recipients masked."""
-    text = _EMAIL.sub(lambda m: masked(m.group()), text)
-    return _PHONE.sub(lambda m: masked(m.group()), text)
+__all__ = ["CeleryTaskFilter", "FastJsonFormatter", "masked", "redacted_url", "scrubbed"]
 
 
 class CeleryTaskFilter(logging.Filter):

@@ -15,7 +15,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from messaging.conf import messaging_setting
-from messaging.logging import masked
+from messaging.logging import masked, scrubbed
 from messaging.metrics import attempt_count, latency_observe
 from messaging.models import AttemptOutcome, DispatchAttempt, EventSource, Message
 from messaging.publish import message_publish
@@ -214,7 +214,10 @@ def message_schedule_retry(
         Message.objects.filter(pk=message.pk).update(lease_expires_at=None)
         logger.info("message %s moved on during its attempt; no retry", message.pk)
         return
-    logger.info("message %s: %s (%s); next attempt in %.1fs", message.pk, error.error_type, error, countdown)
+    # The provider's error text may quote the recipient: masked (kept whole on the row).
+    logger.info(
+        "message %s: %s (%s); next attempt in %.1fs", message.pk, error.error_type, scrubbed(str(error)), countdown
+    )
     if publish_now:
         message_publish(message_id=message.pk, channel=message.channel, priority=message.priority, countdown=countdown)
 

@@ -11,6 +11,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
 
+from messaging.logging import scrubbed
 from messaging.receipts import receipts_store
 from messaging.routing import routed_providers
 from providers.registry import get_provider
@@ -41,7 +42,7 @@ def webhook_events(request: HttpRequest, provider_name: str) -> list[ReceiptEven
         logger.warning("refused %s webhook: %s", provider_name, exc)
         raise WebhookRefused(403, "invalid signature") from exc
     except ValueError as exc:
-        logger.warning("unreadable %s webhook: %s", provider_name, exc)
+        logger.warning("unreadable %s webhook: %s", provider_name, scrubbed(str(exc)))  # it may quote the payload
         raise WebhookRefused(400, str(exc)) from exc
     except WebhookStateUnavailable as exc:  # replay checks cannot run (Redis): the provider retries
         logger.error("refused %s webhook for now: %s", provider_name, exc)

@@ -27,6 +27,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from providers.base import REQUIRED, Provider, receipt_checked
 from providers.classify import classify_status, classify_transport
 from providers.conf import provider_config
+from providers.redact import scrubbed
 from providers.types import (
     AmbiguousProviderError,
     ErrorType,
@@ -250,7 +251,7 @@ class MailgunTrackingView(MailgunTrackingWebhookView):
             logger.error("refused Mailgun webhook for now: %s", exc)
             return JsonResponse({"detail": "cannot check for replays now; retry later"}, status=503)
         except UnreadableWebhook as exc:
-            logger.warning("unreadable Mailgun webhook: %s", exc)
+            logger.warning("unreadable Mailgun webhook: %s", scrubbed(str(exc)))  # it may quote the payload
             return JsonResponse({"detail": f"unreadable Mailgun tracking webhook: {exc}"}, status=400)
         except BaseException:
             self.release(request)  # not taken: Mailgun's retry must not look like a replay

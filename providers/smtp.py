@@ -52,6 +52,7 @@ from django.http import HttpRequest
 from providers.base import REQUIRED, Provider
 from providers.classify import classify_transport
 from providers.http import never_connected
+from providers.redact import scrubbed
 from providers.types import (
     AmbiguousProviderError,
     ErrorType,
@@ -151,7 +152,10 @@ class SmtpProvider(Provider):
             raise error from exc
         # The relay's reply usually names its queue id: the operator's handle into its logs.
         logger.info(
-            "message %s accepted by the SMTP relay as %s: %s", prepared.message_id, prepared.smtp_message_id, reply
+            "message %s accepted by the SMTP relay as %s: %s",
+            prepared.message_id,
+            prepared.smtp_message_id,
+            scrubbed(str(reply)),  # some relays quote the recipient
         )
         return SendResult(provider_message_id=prepared.smtp_message_id, provider_status=RELAY_ACCEPTED)
 

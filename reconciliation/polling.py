@@ -18,6 +18,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from messaging.conf import messaging_setting
+from messaging.logging import scrubbed
 from messaging.models import EventSource, Message
 from messaging.receipts import receipt_record
 from messaging.states import MessageState
@@ -116,7 +117,7 @@ def provider_status(message: Message) -> StatusResult | None:
     try:
         return get_provider(message.provider).fetch_status(message.provider_message_id)
     except ProviderError as exc:
-        logger.info("status look-up of message %s at %s failed: %s", message.pk, message.provider, exc)
+        logger.info("status look-up of message %s at %s failed: %s", message.pk, message.provider, scrubbed(str(exc)))
         return None
 
 

@@ -9,6 +9,7 @@ import requests
 from celery import shared_task
 from django.utils import timezone
 
+from messaging.logging import redacted_url
 from reconciliation.alerts import POST_ALERT_TASK, anomalies_detect
 from reconciliation.buckets import buckets_purge
 from reconciliation.conf import reconciliation_setting
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 class AlertWebhookError(Exception):
-    """The alert endpoint answered with a server error: worth another try."""
+    """The alert endpoint answered with a server error, or did not answer: worth another try."""
 
 
 @shared_task(name="reconciliation.purge_dead_letters", ignore_result=True)
@@ -60,7 +61,7 @@ def reconcile() -> None:
     name=POST_ALERT_TASK,
     ignore_result=True,
     acks_late=True,
-    autoretry_for=(requests.ConnectionError, requests.Timeout, AlertWebhookError),
+    autoretry_for=(AlertWebhookError,),  # connection errors and timeouts become one (URL redacted)
     retry_backoff=2,
     retry_backoff_max=60,  # no countdown beyond the broker's re-delivery horizon (SPEC §4)
     max_retries=8,
@@ -70,8 +71,14 @@ def post_alert(payload: dict) -> None:
     url = reconciliation_setting("ALERT_WEBHOOK_URL")
     if not url:
         return
-    response = requests.post(url, json=payload, timeout=5, headers={"User-Agent": "conductor-alerts"})
+    # Only the scheme and host are ever logged: a Slack-style URL's path is its secret, and
+    # requests' own error messages (which Celery logs on each retry) quote the path.
+    shown = redacted_url(url)
+    try:
+        response = requests.post(url, json=payload, timeout=5, headers={"User-Agent": "conductor-alerts"})
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise AlertWebhookError(f"{shown} did not answer ({type(exc).__name__})") from None
     if response.status_code >= 500:
-        raise AlertWebhookError(f"{url} answered {response.status_code}")
+        raise AlertWebhookError(f"{shown} answered {response.status_code}")
     if response.status_code >= 400:
-        logger.error("alert webhook %s refused alert %s: %s", url, payload.get("id"), response.status_code)
+        logger.error("alert webhook %s refused alert %s: %s", shown, payload.get("id"), response.status_code)

@@ -191,8 +191,8 @@ def test_flower_is_not_in_multiprocess_mode(services):
     flower, web = services["flower"], services["web"]
     assert "PROMETHEUS_MULTIPROC_DIR" not in _environment(flower)
     assert all(target != MULTIPROC_DIR for _, target, _ in _mounts(flower))
-    # Otherwise the same settings as every other process (broker, database, secret key).
-    assert set(_environment(flower)) == set(_environment(web)) - {"PROMETHEUS_MULTIPROC_DIR"}
+    # Otherwise the same settings as every other process (broker, database, secret key), and its login.
+    assert set(_environment(flower)) == set(_environment(web)) - {"PROMETHEUS_MULTIPROC_DIR"} | {"FLOWER_BASIC_AUTH"}
 
 
 def test_migrate_empties_the_metrics_directory_before_migrating(services):
@@ -219,13 +219,36 @@ def test_image_makes_the_metrics_directory_writable_for_its_user():
     assert re.search(rf"chown[^&]* {user.group(1)} [^&]*{re.escape(MULTIPROC_DIR)}", before_user)
 
 
+# --- compose: what is exposed, and with which secrets -------------------------------------------
+
+
+def test_unauthenticated_or_operator_surfaces_answer_on_this_host_only(services):
+    # Flower can revoke tasks, the sandbox's control API injects faults: neither on every interface.
+    assert _ports(services["flower"]) == {"127.0.0.1:5555:5555"}
+    assert _ports(services["sandbox"]) == {"127.0.0.1:8025:8025"}
+
+
+def test_flower_asks_for_a_login_from_the_environment(services):
+    basic_auth = _environment(services["flower"]).get("FLOWER_BASIC_AUTH", "")
+    assert re.fullmatch(r"\$\{FLOWER_BASIC_AUTH:\?[^}]+\}", basic_auth), basic_auth  # required, no default
+
+
+def test_no_weak_secret_key_and_no_wildcard_host_by_default(services):
+    for name, service in _app_services(services).items():
+        env = _environment(service)
+        assert re.fullmatch(r"\$\{SECRET_KEY:\?[^}]+\}", env["SECRET_KEY"]), name  # required, no default
+        hosts = re.fullmatch(r"\$\{ALLOWED_HOSTS:-([^}]*)\}", str(env["ALLOWED_HOSTS"]))
+        assert hosts and "*" not in hosts.group(1) and "web" in hosts.group(1).split(","), name
+        assert env["CONDUCTOR_MODE"] == "${CONDUCTOR_MODE:-sandbox}", name  # sandbox mode, explicitly
+
+
 # --- compose: Prometheus and Grafana -----------------------------------------------------------
 
 
 def test_prometheus_scrapes_web_metrics_every_15s(services):
     prometheus = services["prometheus"]
     assert prometheus["image"].startswith("prom/prometheus")
-    assert "9090:9090" in _ports(prometheus)
+    assert _ports(prometheus) == {"127.0.0.1:9090:9090"}  # no authentication: this host only
     config_mounts = [m for m in _mounts(prometheus) if m[1] == "/etc/prometheus/prometheus.yml"]
     assert config_mounts and config_mounts[0][2], "prometheus.yml mounted read-only"
     assert _host_path(config_mounts[0][0]) == PROMETHEUS_CONFIG

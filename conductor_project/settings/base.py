@@ -19,9 +19,35 @@ from providers.conf import SANDBOX_SECRETS
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 VAR_DIR = Path(env_str("CONDUCTOR_VAR_DIR", str(BASE_DIR / "var")))
 
+# "sandbox" (the default: `make run` works with no configuration, every provider is the bundled
+# emulator) or "production": then start-up refuses settings that would send nothing or take
+# forged receipts while looking healthy (conductor_project/checks.py).
+CONDUCTOR_MODE = env_str("CONDUCTOR_MODE", "sandbox")
 DEBUG = env_bool("DEBUG", False)
-SECRET_KEY = env_str("SECRET_KEY") or "insecure-dev-only-key-set-SECRET_KEY-in-production"
+# The fallback starts with "django-insecure-" so that `check --deploy` warns (security.W009) and
+# production mode refuses it (conductor.E043).
+DEV_SECRET_KEY = "django-insecure-dev-only-key-set-SECRET_KEY-in-production"
+SECRET_KEY = env_str("SECRET_KEY") or DEV_SECRET_KEY
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
+
+# --- HTTPS ----------------------------------------------------------------------------------
+# Behind a TLS-terminating proxy that sets X-Forwarded-Proto (and strips it from clients):
+# requests it forwarded over HTTPS count as secure (CSRF's origin check, secure cookies, redirects).
+if env_bool("CONDUCTOR_BEHIND_TLS_PROXY", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# The admin's and dashboard's public origins, e.g. https://conductor.example.com (CSRF checks the
+# Origin header of every form post against them).
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+_PRODUCTION = CONDUCTOR_MODE == "production"
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", _PRODUCTION)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", _PRODUCTION)
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+# Probes and Prometheus call these over plain HTTP from inside the network: never redirected.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+# HSTS is sticky in browsers (a wrong value locks users out for that long): 0 (off) unless set.
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -372,6 +398,8 @@ LOGGING = {
         "twilio": {"level": "WARNING"},
         "twilio.http_client": {"level": "WARNING"},
         "django.db.backends": {"level": "INFO"},
+        # urllib3 logs each request's path at DEBUG: an alert webhook's secret, a provider's ids.
+        "urllib3": {"level": "INFO"},
         # Two lines per task at INFO drown the transitions; Flower shows tasks.
         "celery.app.trace": {"level": env_str("CELERY_TASK_LOG_LEVEL", "WARNING")},
         "celery.worker.strategy": {"level": env_str("CELERY_TASK_LOG_LEVEL", "WARNING")},
@@ -387,6 +415,11 @@ logging.logMultiprocessing = False
 # prometheus-client reads this variable itself, from the environment of every process, before
 # any metric exists; here it only tells /metrics to sum the directory (conductor_project/metrics.py).
 PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR") or None
+# When set, /metrics answers only requests with "Authorization: Bearer <this token>" (401 otherwise).
+METRICS_TOKEN = env_str("CONDUCTOR_METRICS_TOKEN") or None
+# The database-derived families of /metrics (six GROUP BY queries) are read at most this often per
+# web process; a scrape in between gets the same numbers. 0: every scrape reads them.
+METRICS_CACHE_SECONDS = env_float("CONDUCTOR_METRICS_CACHE_SECONDS", 15.0)
 
 SENTRY_DSN = env_str("SENTRY_DSN")
 if SENTRY_DSN:

@@ -26,3 +26,5 @@ for _provider in ("twilio", "vonage", "mailgun", "smtp"):
     if _provider != "smtp":  # the sandbox's records never lag
         CONDUCTOR_PROVIDERS[_provider]["LOOKUP_SETTLE_SECONDS"] = 0.0
 ANYMAIL = {**ANYMAIL, "REQUESTS_TIMEOUT": 3.0}
+# Tests change the database between two scrapes and expect the second to show it.
+METRICS_CACHE_SECONDS = 0.0

@@ -122,6 +122,18 @@ def test_the_cancel_action_records_who_cancelled(staff, make_message):
     assert message.state == "cancelled" and event.source == "admin" and event.detail == "cancelled by ops"
 
 
+def test_staff_who_may_only_view_messages_cannot_cancel_them(client, make_message):
+    user = User.objects.create_user("looker", password="pw-for-tests", is_staff=True)
+    user.user_permissions.add(*Permission.objects.filter(codename__in=["view_message", "view_deadletter"]))
+    client.force_login(user)
+    message = make_message()
+    page = client.get(changelist("message")).content.decode()
+    assert str(message.pk) in page and "cancel_selected" not in page
+    client.post(changelist("message"), {"action": "cancel_selected", ACTION_CHECKBOX: [message.pk]})
+    message.refresh_from_db()
+    assert message.state == "accepted" and not message.events.filter(source="admin").exists()
+
+
 def test_staff_without_the_replay_permission_cannot_replay(viewer, park):
     dead_letter = park(priority="bulk")
     page = viewer.get(changelist("deadletter")).content.decode()

@@ -1,4 +1,8 @@
-"""Recipients are masked in logs."""
+"""Recipients are masked in logs, and URLs lose their secrets."""
+
+import logging
+
+import pytest
 
 from messaging.logging import masked
 
@@ -61,3 +65,30 @@ def test_the_fast_json_formatter_writes_what_python_json_logger_writes():
     fast, library = FastJsonFormatter(**config), JsonFormatter(**config)
     for record in _records():
         assert fast.format(record) == library.format(record)
+
+
+def test_urls_keep_only_their_scheme_and_host():
+    from messaging.logging import redacted_url
+
+    assert redacted_url("https://hooks.slack.com/services/T0/B0/s3cr3t") == "https://hooks.slack.com/…"
+    assert redacted_url("http://alerts.internal:9000/hook?token=s3cr3t") == "http://alerts.internal:9000/…"
+    assert redacted_url("https://alerts.example.com") == "https://alerts.example.com"
+    assert redacted_url("not a url s3cr3t") == "…"
+
+
+@pytest.mark.django_db
+def test_a_retry_logs_the_providers_error_text_with_the_recipient_masked(make_message, caplog):
+    from messaging.outcomes import message_schedule_retry
+    from providers.types import TransientProviderError
+
+    message = make_message(to="+14155552671")
+    error = TransientProviderError(
+        "Twilio 503: could not reach +14155552671 (alice@example.com)", error_type="provider_5xx"
+    )
+    with caplog.at_level(logging.DEBUG):
+        # Over a minute ahead: the sweeper publishes it, nothing goes to the broker here.
+        message_schedule_retry(message=message, error=error, ambiguous=False, at_least_s=3600)
+    message.refresh_from_db()
+    assert message.next_attempt_at is not None and "+14155552671" in message.last_error_message  # kept on the row
+    assert "next attempt in" in caplog.text and "+1415*****71" in caplog.text and "a***@example.com" in caplog.text
+    assert "+14155552671" not in caplog.text and "alice@" not in caplog.text

@@ -280,3 +280,13 @@ def test_fetch_status_reports_the_relay_only(provider):
     status = provider.fetch_status("<m.1@conductor>")
     assert status.provider_status == "accepted-by-relay" and status.state is None
     assert SmtpProvider.has_receipts is False and SmtpProvider.channels == {"email"}
+
+
+def test_the_relays_reply_is_logged_with_the_recipient_masked(provider, smtp_server, recipient, caplog):
+    import logging
+
+    smtp_server.fail("DATA", "250 2.0.0 Ok: queued as Q7 for <alice@example.com>")  # some relays say
+    with caplog.at_level(logging.INFO, logger="providers.smtp"):
+        provider.send(email_request(recipient))
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name == "providers.smtp")  # not the test relay's
+    assert "queued as Q7 for <a***@example.com>" in ours and "alice@" not in ours

@@ -95,6 +95,30 @@ def test_the_webhook_receives_the_alert_as_json_and_a_5xx_is_retried(settings):
     assert body["observed"] == pytest.approx(0.80, abs=0.01) and body["resolved_at"] is None
 
 
+def test_the_webhook_urls_secret_path_never_reaches_the_logs(settings, caplog):
+    import socket
+
+    now = timezone.now()
+    store(now, drop_last=3)
+    anomalies_detect(now=now)
+    payload = alert_payload(Alert.objects.get(kind="receipt_rate_drop"), "opened")
+    secret = "T000/B000/s3cr3tT0k3n"
+    with WebhookReceiver(default_status=404) as receiver, caplog.at_level(logging.DEBUG):
+        settings.CONDUCTOR = {**settings.CONDUCTOR, "ALERT_WEBHOOK_URL": f"{receiver.base}/services/{secret}"}
+        post_alert.apply(args=[payload])  # refused: logged, not retried
+        assert [call["path"] for call in receiver.calls] == [f"/services/{secret}"]
+    assert f"alert webhook {receiver.base}/… refused alert" in caplog.text
+
+    with socket.socket() as probe:  # a port nothing listens on: connection refused, retried
+        probe.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    settings.CONDUCTOR = {**settings.CONDUCTOR, "ALERT_WEBHOOK_URL": f"{down}/services/{secret}?token={secret}"}
+    with caplog.at_level(logging.DEBUG):
+        result = post_alert.apply(args=[payload])
+    assert str(result.result) == f"{down}/… did not answer (ConnectionError)"
+    assert "s3cr3t" not in caplog.text and "/services/" not in caplog.text
+
+
 def test_opening_an_alert_queues_its_webhook_post_on_the_broker(settings, django_capture_on_commit_callbacks):
     import base64
     import json
