@@ -1,9 +1,10 @@
-"""Health, readiness and Prometheus metrics endpoints."""
+"""Health, readiness and Prometheus metrics endpoints, and the 404 answer."""
 
 from __future__ import annotations
 
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.defaults import page_not_found
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from conductor_project.celery import app
@@ -37,3 +38,11 @@ def readyz(request: HttpRequest) -> JsonResponse:
 def metrics(request: HttpRequest) -> HttpResponse:
     """Prometheus exposition: every process's events and the current state (conductor_project/metrics.py)."""
     return HttpResponse(generate_latest(metrics_registry()), content_type=CONTENT_TYPE_LATEST)
+
+
+def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """404 for a URL that matches no route: JSON under /api/ (what the API's clients parse, e.g. a
+    message id that is not a UUID), Django's page elsewhere."""
+    if request.path.startswith("/api/"):
+        return JsonResponse({"detail": "Not found."}, status=404)
+    return page_not_found(request, exception)
