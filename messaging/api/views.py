@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import django_filters
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import DatabaseError
+from django_filters.fields import IsoDateTimeField
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, status
@@ -60,13 +62,31 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
+class UtcIsoDateTimeField(IsoDateTimeField):
+    """An ISO 8601 time in UTC: PostgreSQL refuses a UTC offset past 15:59 (ISO 8601 allows any),
+    and one that leaves the calendar (year 1 at +05:00) is out of range: both a 400, not a 500."""
+
+    def clean(self, value: Any) -> datetime | None:
+        cleaned = super().clean(value)
+        if cleaned is None:
+            return None
+        try:
+            return cleaned.astimezone(UTC)
+        except OverflowError:
+            raise DjangoValidationError("This time is out of range.", code="overflow") from None
+
+
+class UtcIsoDateTimeFilter(django_filters.IsoDateTimeFilter):
+    field_class = UtcIsoDateTimeField
+
+
 class MessageFilter(django_filters.FilterSet):
     state = django_filters.ChoiceFilter(choices=MessageState.choices)
     channel = django_filters.ChoiceFilter(choices=Channel.choices)
     priority = django_filters.ChoiceFilter(choices=Priority.choices)
     category = django_filters.CharFilter()
-    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    created_after = UtcIsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = UtcIsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
 
     class Meta:
         model = Message

@@ -165,6 +165,14 @@ def test_a_path_that_is_not_a_uuid_is_a_json_404(api):
     assert response.status_code == 404 and response.json() == {"detail": "Not found."}
 
 
+def test_a_list_filter_time_with_any_iso_offset_is_answered_not_a_500(api):
+    """Found by the fuzz test: PostgreSQL refuses a UTC offset past 15:59, which ISO 8601 allows."""
+    response = api.get(URL, {"created_before": "0035-05-02T23:04:18.224-20:14"})
+    assert response.status_code == 200 and response.json()["results"] == [], response.content
+    response = api.get(URL, {"created_after": "0001-01-01T00:00:00+05:00"})  # before year 1 in UTC
+    assert response.status_code == 400 and "created_after" in response.json(), response.content
+
+
 # --- the schema says what the API answers -------------------------------------------------------
 @pytest.fixture
 def schema(api):
