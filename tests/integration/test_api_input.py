@@ -53,12 +53,12 @@ BAD = [
 ]
 
 
-def test_each_bad_input_is_400_naming_the_field_and_nothing_is_stored(api):
-    for data, headers, field in BAD:
-        response = api(data, headers=headers)
-        assert response.status_code == 400, (field, response.status_code, response.text[:300])
-        assert response.headers["Content-Type"] == "application/json"
-        assert field in response.json(), (field, response.text[:300])
+@pytest.mark.parametrize("data,headers,field", BAD, ids=[f"{f}-{i}" for i, (_, _, f) in enumerate(BAD)])
+def test_each_bad_input_is_400_naming_the_field_and_nothing_is_stored(api, data, headers, field):
+    response = api(data, headers=headers)
+    assert response.status_code == 400, (field, response.status_code, response.text[:300])
+    assert response.headers["Content-Type"] == "application/json"
+    assert field in response.json(), (field, response.text[:300])
     assert stored() == (0, 0)
 
 
