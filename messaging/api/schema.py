@@ -41,6 +41,10 @@ TOO_LARGE = OpenApiResponse(
     "longest body); nothing stored.",
 )
 UNSUPPORTED_MEDIA_TYPE = OpenApiResponse(response=ErrorSerializer, description="The body is not application/json.")
+URI_TOO_LONG = OpenApiResponse(
+    description="The request line (the URL with its query) is over the web server's limit "
+    "(gunicorn's limit_request_line, 4,094 bytes): answered by gunicorn, not as JSON."
+)
 DATABASE_DOWN = OpenApiResponse(
     response=ErrorSerializer,
     description="The database is unavailable; nothing was stored. Retry after Retry-After seconds "
@@ -51,7 +55,8 @@ DATABASE_DOWN = OpenApiResponse(
 class ConductorAutoSchema(AutoSchema):
     """drf-spectacular's AutoSchema, plus the error answers each operation can give: 401 (with a
     key required), 400, 413 and 415 (with a request body), 400 and 404 (list filters and cursor),
-    404 (an object in the path), 503 (database down). An operation's own @extend_schema wins."""
+    404 (an object in the path), 414 (gunicorn's URL limit), 503 (database down). An operation's
+    own @extend_schema wins."""
 
     def _get_response_bodies(self, direction: str = "response") -> dict[str, Any]:
         responses = super()._get_response_bodies(direction)
@@ -72,5 +77,6 @@ class ConductorAutoSchema(AutoSchema):
             errors[404] = NOT_FOUND
         if self.get_auth():
             errors[401] = UNAUTHENTICATED
+        errors[414] = URI_TOO_LONG
         errors[503] = DATABASE_DOWN
         return errors

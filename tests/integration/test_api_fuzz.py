@@ -27,6 +27,16 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 EXAMPLES = {GenerationMode.POSITIVE: 150, GenerationMode.NEGATIVE: 100}
 
 
+ADDRESSES = {"sms": "+14155552671", "whatsapp": "whatsapp:+14155552671", "email": "ada@example.com"}
+
+
+def addressed(body) -> None:
+    """A recipient that fits the channel: the schema cannot say which goes with which, and without
+    it nearly every valid message is refused (400) before it reaches the code that stores it."""
+    if isinstance(body, dict) and body.get("channel") in ADDRESSES:
+        body["to"] = ADDRESSES[body["channel"]]
+
+
 def fuzz(operation, mode: GenerationMode, examples: int, send, record) -> None:
     """Send `examples` cases of one operation, generated in one mode, with a fixed seed."""
 
@@ -42,7 +52,7 @@ def fuzz(operation, mode: GenerationMode, examples: int, send, record) -> None:
     @given(case=operation.as_strategy(generation_mode=mode))
     def run(case) -> None:
         try:
-            send(case)
+            send(case, mode)
         except (Exception, FailureGroup) as exc:  # every failure is collected, then reported together
             record(f"{mode.value} {operation.label}: {str(exc)[:600]}")
         else:
@@ -59,8 +69,10 @@ def test_the_api_answers_only_what_its_schema_documents(live, client_key):
     statuses: Counter[int] = Counter()
     failures: list[str] = []
 
-    def send(case) -> None:
+    def send(case, mode: GenerationMode) -> None:
         cases[case.operation.label] += 1
+        if mode is GenerationMode.POSITIVE and case.operation.label == "POST /api/v1/messages/":
+            addressed(case.body)
         response = case.call(base_url=live.web_url, session=session, headers=auth)
         statuses[response.status_code] += 1
         case.validate_response(response, checks=CHECKS, headers=auth)
