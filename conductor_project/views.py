@@ -1,4 +1,4 @@
-"""Health, readiness and Prometheus metrics endpoints."""
+"""Health, readiness and Prometheus metrics endpoints, and the 404 answer."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hmac
 from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.defaults import page_not_found
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from conductor_project.celery import app
@@ -51,3 +52,11 @@ def metrics(request: HttpRequest) -> HttpResponse:
 def _bearer_matches(request: HttpRequest, token: str) -> bool:
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
+
+
+def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """404 for a URL that matches no route: JSON under /api/ (what the API's clients parse, e.g. a
+    message id that is not a UUID), Django's page elsewhere."""
+    if request.path.startswith("/api/"):
+        return JsonResponse({"detail": "Not found."}, status=404)
+    return page_not_found(request, exception)

@@ -35,6 +35,14 @@ DEFAULTS: dict[str, Any] = {
     # Longest body per channel: Twilio's 1,600 characters for SMS, WhatsApp's 4,096.
     "BODY_MAX_LENGTH": {"sms": 1600, "whatsapp": 4096, "email": 262144},
     "METADATA_MAX_BYTES": 16384,
+    # The largest API request body in bytes; 0: a full batch at the longest body of any channel
+    # (messaging.api.parsers.api_max_request_bytes). Past it: 413.
+    "API_MAX_REQUEST_BYTES": 0,
+    # Deepest JSON nesting a request may have (metadata included): deeper is a 400 naming the field,
+    # not a RecursionError somewhere downstream.
+    "JSON_MAX_DEPTH": 64,
+    # The longest ttl_seconds: 366 days (timedelta overflows past ~2.7e9 days; no message waits a year).
+    "TTL_MAX_SECONDS": 366 * 24 * 3600,
     # Dead letters one API call replays at most; the response says how many matching remain.
     "REPLAY_API_MAX_ITEMS": 1000,
     # Receipts applied per batch (one transaction, a few statements per receipt state).

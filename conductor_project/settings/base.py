@@ -341,8 +341,8 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["messaging.api.authentication.IsApiClient"],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PARSER_CLASSES": ["messaging.api.parsers.ApiJSONParser"],
+    "DEFAULT_SCHEMA_CLASS": "messaging.api.schema.ConductorAutoSchema",
     "EXCEPTION_HANDLER": "messaging.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": None,
 }

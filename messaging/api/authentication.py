@@ -32,8 +32,9 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         header = authentication.get_authorization_header(request).decode("latin-1")
         if not header:
             return None
-        scheme, _, raw_key = header.partition(" ")
-        if scheme != self.keyword or not raw_key.strip():
+        scheme, _, raw_key = header.strip().partition(" ")
+        # Auth schemes are case-insensitive (RFC 7235 section 2.1): "bearer <key>" is as good.
+        if scheme.lower() != self.keyword.lower() or not raw_key.strip():
             raise exceptions.AuthenticationFailed("Use 'Authorization: Bearer <API key>'.")
         key = api_key_active(key_hash=hash_api_key(raw_key.strip()))
         if key is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Callable
 from datetime import datetime, tzinfo
@@ -11,8 +12,9 @@ from typing import Any
 import phonenumbers
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.core.validators import validate_email
+from django.core.validators import RegexValidator, validate_email
 from django.utils import timezone
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import ISO_8601, serializers
 from rest_framework.settings import api_settings
 
@@ -33,6 +35,26 @@ from messaging.selectors import DeadLetterCriteria
 from messaging.states import DEAD_LETTER_STATE_CHOICES, MessageState
 
 PHONE_CHANNELS = {Channel.SMS, Channel.WHATSAPP}
+
+# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators: str.splitlines()
+# breaks a line at each of them, so in a subject they split the email header (SMTP then refuses the
+# message), and in a category or key they break the log lines and metric labels that carry them.
+_NO_CONTROL = r"\A[^\x00-\x1f\x7f-\x9f\u2028\u2029]*\Z"
+_NO_CONTROL_BUT_TAB = r"\A[^\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]*\Z"  # a subject may hold a tab
+no_control_characters = RegexValidator(
+    _NO_CONTROL, "Control characters and line breaks are not allowed here.", code="control_characters"
+)
+no_line_breaks = RegexValidator(
+    _NO_CONTROL_BUT_TAB, "Line breaks and control characters are not allowed in a subject.", code="line_breaks"
+)
+NO_CONTROL_SCHEMA_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f\u2028\u2029]*$"  # _NO_CONTROL as ECMA-262
+_HAS_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_HAS_CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+# What the schema says of a phone number: E.164 (the API also takes it formatted, e.g. +1 (415) 555-2671,
+# or with WhatsApp's "whatsapp:" prefix, and answers it as E.164).
+E164_PATTERN = r"^(whatsapp:)?\+[1-9][0-9]{1,14}$"
+IDEMPOTENCY_KEY_MAX_LENGTH = 255
+BIGINT_MAX = 2**63 - 1
 
 
 def normalize_recipient(channel: str, value: str) -> str:
@@ -69,15 +91,47 @@ class StrictSerializer(serializers.Serializer):
         return super().to_internal_value(data)
 
 
+@extend_schema_field(
+    {
+        "type": "string",
+        "maxLength": 320,
+        "anyOf": [{"pattern": E164_PATTERN}, {"format": "email"}],
+        "description": "sms and whatsapp: a phone number in E.164 (e.g. +14155552671); email: an address.",
+    }
+)
+class RecipientField(serializers.CharField):
+    """A recipient: what the schema says of it (checked against the channel in validate())."""
+
+
+@extend_schema_field(
+    {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": max(messaging_setting("BODY_MAX_LENGTH").values()),
+        "description": "At most BODY_MAX_LENGTH characters for the channel: by default sms 1,600, "
+        "whatsapp 4,096, email 262,144. No NUL character.",
+    }
+)
+class BodyField(serializers.CharField):
+    """The body: its limit depends on the channel (checked in validate()); the schema gives the largest."""
+
+
 class MessageCreateSerializer(StrictSerializer):
     channel = serializers.ChoiceField(choices=Channel.choices)
-    to = serializers.CharField(max_length=320)
-    body = serializers.CharField(trim_whitespace=False)
-    subject = serializers.CharField(required=False, allow_blank=True, max_length=998)
+    to = RecipientField(max_length=320)
+    body = BodyField(trim_whitespace=False)
+    subject = serializers.CharField(required=False, allow_blank=True, max_length=998, validators=[no_line_breaks])
     priority = serializers.ChoiceField(choices=Priority.choices, default=Priority.TRANSACTIONAL)
-    category = serializers.CharField(required=False, allow_blank=True, max_length=100)
-    idempotency_key = serializers.CharField(required=False, max_length=255)
-    ordering_key = serializers.CharField(required=False, max_length=255)
+    category = serializers.CharField(
+        required=False, allow_blank=True, max_length=100, validators=[no_control_characters]
+    )
+    idempotency_key = serializers.CharField(
+        required=False,
+        max_length=IDEMPOTENCY_KEY_MAX_LENGTH,
+        validators=[no_control_characters],
+        help_text="Or the Idempotency-Key header (the same value if both are given).",
+    )
+    ordering_key = serializers.CharField(required=False, max_length=255, validators=[no_control_characters])
     ordering_mode = serializers.ChoiceField(
         choices=OrderingMode.choices,
         required=False,
@@ -85,10 +139,16 @@ class MessageCreateSerializer(StrictSerializer):
         "or, stricter, delivered (or ORDERING_RECEIPT_TIMEOUT_SECONDS passed).",
     )
     expires_at = serializers.DateTimeField(required=False)
-    ttl_seconds = serializers.IntegerField(required=False, min_value=1)
+    ttl_seconds = serializers.IntegerField(
+        required=False, min_value=1, max_value=messaging_setting("TTL_MAX_SECONDS"), help_text="Or expires_at."
+    )
     fallback_channels = serializers.ListField(child=serializers.ChoiceField(choices=Channel.choices), required=False)
-    fallback_to = serializers.DictField(child=serializers.CharField(max_length=320), required=False)
-    metadata = serializers.DictField(required=False)
+    fallback_to = serializers.DictField(child=RecipientField(max_length=320), required=False)
+    metadata = serializers.DictField(
+        required=False,
+        help_text="Any JSON object: at most METADATA_MAX_BYTES (16,384) bytes of JSON, JSON_MAX_DEPTH (64) "
+        "levels deep in the request; no NUL character or unpaired surrogate in its text.",
+    )
 
     def validate(self, attrs):
         errors: dict[str, list[str]] = {}
@@ -112,7 +172,10 @@ class MessageCreateSerializer(StrictSerializer):
             errors["expires_at"] = ["This deadline is already in the past."]
         self._validate_fallback(attrs, errors)
         metadata = attrs.get("metadata", {})
-        if len(json.dumps(metadata)) > messaging_setting("METADATA_MAX_BYTES"):
+        unstorable = unstorable_json_text(metadata)
+        if unstorable is not None:
+            errors["metadata"] = [unstorable]
+        elif len(json.dumps(metadata)) > messaging_setting("METADATA_MAX_BYTES"):
             errors["metadata"] = [f"Metadata is limited to {messaging_setting('METADATA_MAX_BYTES')} bytes of JSON."]
         if errors:
             raise serializers.ValidationError(errors)
@@ -137,6 +200,28 @@ class MessageCreateSerializer(StrictSerializer):
         attrs["fallback_to"] = addresses
 
 
+def unstorable_json_text(value: Any) -> str | None:
+    """Why PostgreSQL's jsonb would refuse this JSON (a NUL or an unpaired surrogate in a key or a
+    string), or None. Iterative: the parser bounds the depth, this must not recurse either."""
+    pending = [value]
+    while pending:
+        node = pending.pop()
+        if type(node) is dict:
+            for key, item in node.items():
+                if not _is_storable_text(key):
+                    return f"The key {_shown(key)} holds a NUL character or an unpaired surrogate."
+                pending.append(item)
+        elif type(node) is list:
+            pending.extend(node)
+        elif type(node) is str and not _is_storable_text(node):
+            return f"The text {_shown(node)} holds a NUL character or an unpaired surrogate."
+    return None
+
+
+def _shown(text: str) -> str:
+    return ascii(text[:40])
+
+
 # MessageCreateSerializer costs ~0.5 ms an item (DRF deep-copies its fields for every instance),
 # most of a batch's time. The common item (strings, a ttl, metadata) is checked directly below;
 # an item it does not accept whole goes to the serializer, so every error still comes from there.
@@ -152,6 +237,7 @@ _FAST_TEXT = {
     name: (_DECLARED[name].max_length, _DECLARED[name].allow_blank)
     for name in ("subject", "category", "idempotency_key", "ordering_key")
 }
+_TTL_MAX = _DECLARED["ttl_seconds"].max_value
 
 
 def message_create_validate(data: Any) -> tuple[dict[str, Any], None] | tuple[None, dict[str, Any]]:
@@ -193,19 +279,21 @@ def _fast_validated(data: Any) -> dict[str, Any] | None:
     for name, (max_length, allow_blank) in _FAST_TEXT.items():
         if name in data:
             value = _fast_text(data[name], max_length, allow_blank=allow_blank)
-            if value is None:
+            if value is None or (_HAS_CONTROL_BUT_TAB if name == "subject" else _HAS_CONTROL).search(value):
                 return None
             fields[name] = value
     if "ttl_seconds" in data:
         ttl = data["ttl_seconds"]
-        if type(ttl) is not int or ttl < 1:
+        if type(ttl) is not int or ttl < 1 or ttl > _TTL_MAX:
             return None
         fields["ttl_seconds"] = ttl
     if "metadata" in data:
         if type(data["metadata"]) is not dict:
             return None
         metadata = {str(key): value for key, value in data["metadata"].items()}
-        if len(json.dumps(metadata)) > messaging_setting("METADATA_MAX_BYTES"):
+        if unstorable_json_text(metadata) is not None or len(json.dumps(metadata)) > messaging_setting(
+            "METADATA_MAX_BYTES"
+        ):
             return None
         fields["metadata"] = metadata
     fields["fallback_to"] = {}  # MessageCreateSerializer._validate_fallback always sets it
@@ -236,13 +324,38 @@ def _is_storable_text(value: str) -> bool:
 
 
 class BatchSerializer(StrictSerializer):
-    messages = serializers.ListField(child=serializers.JSONField(), allow_empty=False)
+    # Any JSON per item, null included: each item is checked on its own (a bad one is its own 400).
+    messages = serializers.ListField(
+        child=serializers.JSONField(allow_null=True),
+        allow_empty=False,
+        min_length=1,  # as allow_empty, for the schema
+        max_length=messaging_setting("BATCH_MAX_ITEMS"),
+        error_messages={"max_length": "A batch holds at most {max_length} messages."},
+        help_text="1 to BATCH_MAX_ITEMS (1,000) messages, each as for POST /api/v1/messages/.",
+    )
 
     def validate_messages(self, items):
         limit = messaging_setting("BATCH_MAX_ITEMS")
         if len(items) > limit:
             raise serializers.ValidationError(f"A batch holds at most {limit} messages; this one has {len(items)}.")
         return items
+
+
+class BatchItemResultSerializer(serializers.Serializer):
+    index = serializers.IntegerField(help_text="The item's position in the request's messages.")
+    status = serializers.IntegerField(
+        help_text="As for a single POST: 201 accepted, 200 replayed, 400 bad input, 409 key in flight, "
+        "422 key reused with another payload, 503 database unavailable."
+    )
+    message = serializers.DictField(required=False, help_text="With 200 and 201: the message.")
+    errors = serializers.DictField(required=False, help_text="With 4xx and 503: what is wrong, per field.")
+
+
+class BatchResultSerializer(serializers.Serializer):
+    created = serializers.IntegerField()
+    replayed = serializers.IntegerField()
+    failed = serializers.IntegerField()
+    results = BatchItemResultSerializer(many=True, help_text="One per item, in the request's order.")
 
 
 class AttemptSerializer(serializers.ModelSerializer):
@@ -499,7 +612,9 @@ class DeadLetterReplaySerializer(StrictSerializer, DeadLetterFilterSerializer):
 def parse_dead_letter_id(value: str) -> int | uuid.UUID:
     """A dead-letter id is a number, a message id a UUID: either names a dead letter."""
     value = str(value).strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
+        if int(value) > BIGINT_MAX:  # not an id PostgreSQL could hold: not a dead letter's
+            raise ValueError(f"{value[:40]!r} is larger than any dead-letter id.")
         return int(value)
     try:
         return uuid.UUID(value)

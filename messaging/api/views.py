@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import django_filters
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import DatabaseError
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from django_filters.fields import IsoDateTimeField
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, status
 from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from messaging.api.errors import database_unavailable
+from messaging.api.schema import CancelConflictSerializer
 from messaging.api.serializers import (
+    IDEMPOTENCY_KEY_MAX_LENGTH,
+    NO_CONTROL_SCHEMA_PATTERN,
+    BatchResultSerializer,
     BatchSerializer,
     DeadLetterDetailSerializer,
     DeadLetterListQuerySerializer,
@@ -27,6 +36,7 @@ from messaging.api.serializers import (
     dead_letter_criteria,
     message_create_validate,
     message_renderer,
+    no_control_characters,
 )
 from messaging.conf import messaging_setting
 from messaging.ingest import BatchItem, ItemResult, messages_create_many
@@ -49,6 +59,25 @@ from messaging.services import (
 from messaging.states import MessageState
 
 REPLAYED_HEADER = "Idempotent-Replayed"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+class UtcIsoDateTimeField(IsoDateTimeField):
+    """An ISO 8601 time in UTC: PostgreSQL refuses a UTC offset past 15:59 (ISO 8601 allows any),
+    and one that leaves the calendar (year 1 at +05:00) is out of range: both a 400, not a 500."""
+
+    def clean(self, value: Any) -> datetime | None:
+        cleaned = super().clean(value)
+        if cleaned is None:
+            return None
+        try:
+            return cleaned.astimezone(UTC)
+        except OverflowError:
+            raise DjangoValidationError("This time is out of range.", code="overflow") from None
+
+
+class UtcIsoDateTimeFilter(django_filters.IsoDateTimeFilter):
+    field_class = UtcIsoDateTimeField
 
 
 class MessageFilter(django_filters.FilterSet):
@@ -56,8 +85,8 @@ class MessageFilter(django_filters.FilterSet):
     channel = django_filters.ChoiceFilter(choices=Channel.choices)
     priority = django_filters.ChoiceFilter(choices=Priority.choices)
     category = django_filters.CharFilter()
-    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    created_after = UtcIsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = UtcIsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
 
     class Meta:
         model = Message
@@ -77,8 +106,26 @@ Answer = tuple[int, dict[str, Any], dict[str, str]]  # HTTP status, body, header
 DATABASE_DOWN = {"detail": "The database is unavailable; this item was not stored."}
 
 
+def _header_key_errors(header_key: str | None) -> list[str]:
+    """Why the Idempotency-Key header cannot be a key (the body's idempotency_key is held to the same)."""
+    if not header_key:
+        return []
+    if len(header_key) > IDEMPOTENCY_KEY_MAX_LENGTH:
+        limit = IDEMPOTENCY_KEY_MAX_LENGTH
+        return [f"Ensure this header has no more than {limit} characters (it has {len(header_key)})."]
+    try:
+        no_control_characters(header_key)
+    except DjangoValidationError as exc:
+        return list(exc.messages)
+    return []
+
+
 def _create_one(client: ApiClient, data: Any, header_key: str | None) -> Answer:
     """Validate and accept one message."""
+    header_key = header_key.strip() if header_key else header_key
+    header_errors = _header_key_errors(header_key)
+    if header_errors:
+        return status.HTTP_400_BAD_REQUEST, {IDEMPOTENCY_HEADER: header_errors}, {}
     fields, errors = message_create_validate(data)
     if errors is not None:
         return status.HTTP_400_BAD_REQUEST, errors, {}
@@ -126,16 +173,30 @@ class MessageListCreateView(generics.ListAPIView):
 
     @extend_schema(
         request=MessageCreateSerializer,
-        responses={201: MessageSerializer, 200: MessageSerializer},
-        parameters=[OpenApiParameter("Idempotency-Key", str, OpenApiParameter.HEADER, required=False)],
+        responses={
+            201: MessageSerializer,
+            200: OpenApiResponse(MessageSerializer, description="A replay: the same key and payload as before."),
+            409: OpenApiResponse(OpenApiTypes.OBJECT, description="A request with this key is still in flight."),
+            422: OpenApiResponse(OpenApiTypes.OBJECT, description="This key was used with a different payload."),
+        },
+        parameters=[
+            OpenApiParameter(
+                IDEMPOTENCY_HEADER,
+                {"type": "string", "maxLength": IDEMPOTENCY_KEY_MAX_LENGTH, "pattern": NO_CONTROL_SCHEMA_PATTERN},
+                OpenApiParameter.HEADER,
+                required=False,
+                description="A key of the client's choosing: the same key and payload again is answered 200 "
+                "with the same message, never stored twice. Kept at least 24 h.",
+            )
+        ],
     )
     def post(self, request: Request) -> Response:
-        code, body, headers = _create_one(request.auth, request.data, request.headers.get("Idempotency-Key"))
+        code, body, headers = _create_one(request.auth, request.data, request.headers.get(IDEMPOTENCY_HEADER))
         return Response(body, status=code, headers=headers)
 
 
 class MessageBatchView(APIView):
-    @extend_schema(request=BatchSerializer, responses={200: dict})
+    @extend_schema(request=BatchSerializer, responses={200: BatchResultSerializer})
     def post(self, request: Request) -> Response:
         """Each item is accepted or refused on its own; results keep the request's order."""
         batch = BatchSerializer(data=request.data)
@@ -151,7 +212,9 @@ class MessageBatchView(APIView):
             valid.append(BatchItem(fields=fields, idempotency_key=fields.pop("idempotency_key", None)))
         try:
             outcomes = iter(messages_create_many(client=request.auth, items=valid))
-        except DatabaseError:  # the batch is one transaction: none of its items was stored
+        except DatabaseError as exc:  # the batch is one transaction: none of its items was stored
+            if not database_unavailable(exc):
+                raise  # a refused value is a bug to see (500), not an outage to retry for ever
             outcomes = None
         render = message_renderer()
         results = []
@@ -183,7 +246,7 @@ class MessageCancelView(generics.GenericAPIView):
     def get_queryset(self):
         return messages_for_client(client=self.request.auth)
 
-    @extend_schema(request=None, responses={200: MessageSerializer, 409: dict})
+    @extend_schema(request=None, responses={200: MessageSerializer, 409: CancelConflictSerializer})
     def post(self, request: Request, pk: str) -> Response:
         message = self.get_object()
         try:
