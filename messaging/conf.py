@@ -35,9 +35,11 @@ DEFAULTS: dict[str, Any] = {
     # Longest body per channel: Twilio's 1,600 characters for SMS, WhatsApp's 4,096.
     "BODY_MAX_LENGTH": {"sms": 1600, "whatsapp": 4096, "email": 262144},
     "METADATA_MAX_BYTES": 16384,
-    # The largest API request body in bytes; 0: a full batch at the longest body of any channel
-    # (messaging.api.parsers.api_max_request_bytes). Past it: 413.
-    "API_MAX_REQUEST_BYTES": 0,
+    # The largest API request body in bytes (past it: a JSON 413 naming the limit). A web thread
+    # holds the request and its parsed objects in memory, so not a full batch at the longest body
+    # (1,000 emails of 262,144 characters: ~1 GB): 64 MiB takes 1,000 messages of ~60 KB each.
+    # 0: a full batch at the longest body (messaging.api.parsers.api_max_request_bytes).
+    "API_MAX_REQUEST_BYTES": 64 * 1024 * 1024,
     # Deepest JSON nesting a request may have (metadata included): deeper is a 400 naming the field,
     # not a RecursionError somewhere downstream.
     "JSON_MAX_DEPTH": 64,

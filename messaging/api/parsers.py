@@ -22,8 +22,9 @@ REQUEST_OVERHEAD_BYTES = 64 * 1024
 
 
 def api_max_request_bytes() -> int:
-    """The largest request body the API reads: API_MAX_REQUEST_BYTES, by default a full batch
-    (BATCH_MAX_ITEMS) of messages at the longest body of any channel plus the largest metadata."""
+    """The largest request body the API reads: API_MAX_REQUEST_BYTES (64 MiB by default), or with
+    0 a full batch (BATCH_MAX_ITEMS) of messages at the longest body of any channel plus the
+    largest metadata."""
     configured = messaging_setting("API_MAX_REQUEST_BYTES")
     if configured:
         return int(configured)
@@ -38,8 +39,8 @@ class RequestTooLarge(exceptions.APIException):
 
     def __init__(self, limit: int):
         super().__init__(
-            f"The request body is over the API's limit of {limit} bytes (API_MAX_REQUEST_BYTES: a full batch "
-            f"at each channel's longest body); split it into smaller batches."
+            f"The request body is over the API's limit of {limit} bytes (API_MAX_REQUEST_BYTES); "
+            f"split it into smaller batches."
         )
         self.limit = limit
 

@@ -37,8 +37,7 @@ NOT_FOUND = OpenApiResponse(
 )
 TOO_LARGE = OpenApiResponse(
     response=RequestTooLargeSerializer,
-    description="The request body is over API_MAX_REQUEST_BYTES (by default a full batch at each channel's "
-    "longest body); nothing stored.",
+    description="The request body is over API_MAX_REQUEST_BYTES (64 MiB by default); nothing stored.",
 )
 UNSUPPORTED_MEDIA_TYPE = OpenApiResponse(response=ErrorSerializer, description="The body is not application/json.")
 URI_TOO_LONG = OpenApiResponse(

@@ -139,7 +139,9 @@ def test_a_batch_of_1000_emails_with_3_kb_bodies_is_accepted(api):
     assert response.json()["created"] == 1000 and Message.objects.count() == 1000
 
 
-def test_the_default_request_limit_fits_a_full_batch_at_the_longest_body():
+def test_the_default_request_limit_is_64_mib_and_0_fits_a_full_batch_at_the_longest_body(settings):
+    assert api_max_request_bytes() == 64 * 1024 * 1024
+    settings.CONDUCTOR = {**settings.CONDUCTOR, "API_MAX_REQUEST_BYTES": 0}
     assert api_max_request_bytes() >= 1000 * (262144 * 4 + 16384)
 
 
