@@ -126,3 +126,18 @@ def test_the_api_rate_setting_is_the_default_and_none_turns_it_off(api, client_k
     assert [api.get(URL).status_code for _ in range(3)] == [200, 200, 429]
     limit(client_key[0], api_rate="none")
     assert [api.get(URL).status_code for _ in range(3)] == [200, 200, 200]
+
+
+def test_with_redis_unreachable_the_rate_and_the_quota_fail_open(api, client_key, settings):
+    from providers.redis_state import reset_shared_redis
+    from tests.support.processes import free_port
+
+    limit(client_key[0], api_rate="1/min", sms_daily_quota=1)
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    settings.CACHES = {**settings.CACHES, "throttle": {**settings.CACHES["throttle"], "LOCATION": dead}}
+    settings.REDIS_URL = dead
+    reset_shared_redis()
+    try:
+        assert [post(api, numbers(1, start=i)[0]).status_code for i in range(3)] == [201, 201, 201]
+    finally:
+        reset_shared_redis()
