@@ -474,6 +474,12 @@ def add_arguments(parser: argparse.ArgumentParser, messages_default: int | None 
         "--stall", type=float, default=defaults.stall_s, help="give up after this many s without progress"
     )
     parser.add_argument("--json", metavar="PATH", help="also write the figures and raw numbers as JSON")
+    parser.add_argument(
+        "--database",
+        default=DATABASE,
+        help="the bench's own database, dropped and created again (default %(default)s; another name "
+        "when someone else may be running this bench on the same PostgreSQL)",
+    )
 
 
 def options_from(args: argparse.Namespace, messages: int) -> Options:
@@ -496,6 +502,8 @@ def main() -> None:
     add_arguments(parser)
     args = parser.parse_args()
     opts = options_from(args, args.messages)
+    global DATABASE
+    DATABASE = args.database
     key = fresh_database(DATABASE)
     result = measure(key, opts)
     figs = figures(result)

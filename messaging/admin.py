@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+from django import forms
 from django.contrib import admin
 from django.contrib import messages as flash
 from django.core.serializers.json import DjangoJSONEncoder
@@ -18,6 +19,7 @@ from django.utils.html import format_html, format_html_join
 from messaging.dead_letters import ATTEMPT_FIELDS
 from messaging.models import ApiClient, ApiKey, DeadLetter, DispatchAttempt, EventSource, Message, MessageEvent, Receipt
 from messaging.replay import SkipReason, dead_letters_replay
+from messaging.routing import Priority
 from messaging.services import NotCancellable, message_cancel
 from messaging.states import MessageState
 
@@ -287,9 +289,38 @@ class ApiKeyInline(admin.TabularInline):
         return False  # keys are created by `manage.py create_api_key` so the raw key is shown once
 
 
+class ApiClientForm(forms.ModelForm):
+    """Priorities as checkboxes (none ticked: the ALLOWED_PRIORITIES setting)."""
+
+    allowed_priorities = forms.MultipleChoiceField(
+        choices=Priority.choices,
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text=ApiClient._meta.get_field("allowed_priorities").help_text,
+    )
+
+    class Meta:
+        model = ApiClient
+        fields = "__all__"
+
+
 @admin.register(ApiClient)
 class ApiClientAdmin(admin.ModelAdmin):
-    list_display = ["name", "created_at"]
+    form = ApiClientForm
+    list_display = ["name", "api_rate", "sms_daily_quota", "whatsapp_daily_quota", "email_daily_quota", "created_at"]
+    fieldsets = [
+        (None, {"fields": ["name"]}),
+        (
+            "Limits (blank: the settings' defaults)",
+            {
+                "fields": [
+                    "api_rate",
+                    ("sms_daily_quota", "whatsapp_daily_quota", "email_daily_quota"),
+                    "allowed_priorities",
+                ]
+            },
+        ),
+    ]
     inlines = [ApiKeyInline]
 
 

@@ -6,9 +6,10 @@ import os
 
 from django.conf import settings
 from django.core.checks import Error, Warning, register
+from django.core.exceptions import ValidationError
 
 from messaging.conf import DEFAULTS
-from messaging.models import OrderingMode
+from messaging.models import OrderingMode, validate_api_rate, validate_priorities
 from messaging.routing import POLICY_FIELDS, Channel, Priority, ReplayDeadline
 from providers.checks import setting_type_errors
 from providers.registry import PROVIDER_CLASSES, provider_class
@@ -77,6 +78,7 @@ def check_messaging_settings(app_configs=None, **kwargs) -> list[Error]:
                 )
             )
     errors += _check_receipt_settings(configured)
+    errors += _check_limit_settings(configured)
     errors += _check_ordering_settings(configured)
     lease = configured.get("DISPATCH_LEASE_SECONDS", DEFAULTS["DISPATCH_LEASE_SECONDS"])
     for name, conf in getattr(settings, "CONDUCTOR_PROVIDERS", {}).items():
@@ -115,6 +117,44 @@ def _check_ordering_settings(configured: dict) -> list[Error]:
             )
     if configured.get("ORDERING_RECEIPT_TIMEOUT_SECONDS", 1.0) <= 0:
         errors.append(Error("CONDUCTOR['ORDERING_RECEIPT_TIMEOUT_SECONDS'] must be positive.", id="conductor.E017"))
+    return errors
+
+
+def _check_limit_settings(configured: dict) -> list[Error]:
+    errors = []
+    rate = configured.get("API_RATE", DEFAULTS["API_RATE"])
+    try:
+        validate_api_rate(rate)
+    except ValidationError:
+        errors.append(
+            Error(
+                f"CONDUCTOR['API_RATE'] is {rate!r}.",
+                hint="Write e.g. 100/s or 3000/min, or 'none' for no limit.",
+                id="conductor.E050",
+            )
+        )
+    for channel, quota in configured.get("DAILY_QUOTA", {}).items():
+        if channel not in Channel.values or not isinstance(quota, int) or isinstance(quota, bool) or quota < 0:
+            errors.append(
+                Error(
+                    f"CONDUCTOR['DAILY_QUOTA'][{channel!r}] = {quota!r} cannot work.",
+                    hint=f"Channels: {', '.join(Channel.values)}; quotas are whole numbers of messages, 0 or more.",
+                    id="conductor.E051",
+                )
+            )
+    ratio = configured.get("QUOTA_WARNING_RATIO", DEFAULTS["QUOTA_WARNING_RATIO"])
+    if not 0 < ratio <= 1:
+        errors.append(Error("CONDUCTOR['QUOTA_WARNING_RATIO'] must be above 0 and at most 1.", id="conductor.E052"))
+    try:
+        validate_priorities(configured.get("ALLOWED_PRIORITIES", DEFAULTS["ALLOWED_PRIORITIES"]))
+    except ValidationError:
+        errors.append(
+            Error(
+                "CONDUCTOR['ALLOWED_PRIORITIES'] names an unknown priority.",
+                hint=f"Known: {', '.join(Priority.values)}.",
+                id="conductor.E053",
+            )
+        )
     return errors
 
 

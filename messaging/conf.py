@@ -67,6 +67,20 @@ DEFAULTS: dict[str, Any] = {
     "CATEGORY_ORDERING": {},
     # In "delivered" mode, how long to wait for the earlier message's receipt before going on.
     "ORDERING_RECEIPT_TIMEOUT_SECONDS": 300.0,
+    # Per-client limits (issue 20); an ApiClient's own field, when set, wins over these.
+    # API requests per client, as DRF writes a rate ("100/s", "3000/min"); "none": no limit. A batch
+    # request counts once: 100 batches a second is 100,000 messages a second, above any ingest.
+    "API_RATE": "100/s",
+    # Messages accepted per client and channel per UTC day, e.g. {"sms": 100000}; a channel not
+    # named has no quota.
+    "DAILY_QUOTA": {},
+    # The share of a daily quota after which a warning is logged and counted (once a day).
+    "QUOTA_WARNING_RATIO": 0.8,
+    # The priorities a client may send; a client's allowed_priorities narrows (or widens) it.
+    "ALLOWED_PRIORITIES": ["critical", "transactional", "bulk"],
+    # Bulk work is shared fairly between clients (messaging.fair): a bulk task claims the next
+    # batch of due messages of its channel, an equal share per client with due work.
+    "BULK_FAIR_SHARING": True,
 }
 
 

@@ -1,7 +1,8 @@
 """The send path, one core for a critical message and a campaign batch: claim, send, record.
 
-Every dispatch task, `messaging.dispatch` with one id or `messaging.dispatch_batch` with up to
-BULK_BATCH_SIZE, runs `messages_dispatch`: the claimable messages are locked in key order and
+Every dispatch task, `messaging.dispatch` with one id, `messaging.dispatch_batch` with up to
+BULK_BATCH_SIZE or `messaging.dispatch_bulk` with the next fair batch of a channel (messaging.fair),
+runs `messages_dispatch`: the claimable messages are locked in key order and
 leased in one transaction, which also writes the first round's in-progress attempt rows (a worker
 killed mid-call leaves them behind, and the next claim looks those messages up at the provider
 before any resend); then, round by round along each message's route, the round's provider calls
@@ -37,6 +38,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from messaging.conf import messaging_setting
+from messaging.fair import bulk_pick_fair, fair_sharing
 from messaging.lookup import message_resolve_unknown_outcome, send_request
 from messaging.models import AttemptOutcome, DispatchAttempt, ErrorType, EventSource, Message
 from messaging.ordering import ordering_wait
@@ -103,10 +105,12 @@ class _Send:
         return self.hops[self.index]
 
 
-def messages_dispatch(*, message_ids: list[str]) -> int:
+def messages_dispatch(*, message_ids: list[str] | None = None, fair_channel: str | None = None) -> int:
     """Send these messages; ids already claimed, sent or moved on are skipped (a duplicate or
-    early task finds nothing to claim). Returns how many messages this call claimed."""
-    lease, claimed, sends, first_round, unstarted = _claim(message_ids)
+    early task finds nothing to claim). With `fair_channel` instead of ids: the next batch of the
+    channel's bulk messages, shared fairly between clients (messaging.fair). Returns how many
+    messages this call claimed."""
+    lease, claimed, sends, first_round, unstarted = _claim(message_ids, fair_channel)
     leased = [send.message for send in sends + unstarted]
     released: set[Any] = set()  # messages whose lease a final write has already given up
     try:
@@ -128,7 +132,9 @@ def messages_dispatch(*, message_ids: list[str]) -> int:
     return len(claimed)
 
 
-def _claim(message_ids: list[str]) -> tuple[datetime, list[Message], list[_Send], list[_Send], list[_Send]]:
+def _claim(
+    message_ids: list[str] | None, fair_channel: str | None = None
+) -> tuple[datetime, list[Message], list[_Send], list[_Send], list[_Send]]:
     """Lock the batch's rows (one order for every claimer), keep the claimable ones, lease them,
     and start the first round of the plain sends: its attempt rows and counters go in with the
     lease, one transaction and one write of each row for what used to be three (bench/README.md,
@@ -142,13 +148,20 @@ def _claim(message_ids: list[str]) -> tuple[datetime, list[Message], list[_Send]
     all of them (117 ms measured, for 100 rows). The claimable test (Message.is_claimable, the
     same definition as Message.objects.claimable) runs here instead, on locked rows, so nothing
     can change them in between. The lease value names this claim; a few random microseconds
-    keep it unique.
+    keep it unique. A fair claim (fair_channel) picks its ids in the same transaction, locked
+    (messaging.fair.bulk_pick_fair; its own SQL asks for the state, through message_bulk_fair).
     """
     now = timezone.now()
     lease = now + timedelta(
         seconds=messaging_setting("DISPATCH_LEASE_SECONDS"), microseconds=random.randrange(1, 1_000_000)
     )
     with transaction.atomic():
+        if fair_channel is not None:
+            if not fair_sharing(fair_channel):  # settings changed since it was published: the sweeper's
+                return lease, [], [], [], []
+            message_ids = bulk_pick_fair(channel=fair_channel, size=messaging_setting("BULK_BATCH_SIZE"), now=now)
+            if not message_ids:
+                return lease, [], [], [], []
         rows = list(
             Message.objects.select_for_update()
             .filter(pk__any=message_ids)
@@ -173,7 +186,13 @@ def _claim(message_ids: list[str]) -> tuple[datetime, list[Message], list[_Send]
             },
         )
         if handed_back:  # never leased: published again once this commits
-            Message.objects.filter(pk__any=[m.pk for m in handed_back]).update(enqueued_at=timezone.now())
+            fields: dict[str, Any] = {"enqueued_at": timezone.now()}
+            if fair_channel is not None:
+                # Only a lost attempt brings a message here (the fair pick leaves out every other
+                # reason): it will be looked up anyway (_record_lost_attempts). Marked now, the next
+                # fair claims leave it to its own task instead of handing it back again.
+                fields["needs_provider_lookup"] = True
+            Message.objects.filter(pk__any=[m.pk for m in handed_back]).update(**fields)
     for message in handed_back:
         message_publish(message_id=message.pk, channel=message.channel, priority=message.priority)
     return lease, claimed, sends, first_round, unstarted

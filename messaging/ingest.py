@@ -17,6 +17,16 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Model
 from django.utils import timezone
 
+from messaging.limits import (
+    PriorityNotAllowed,
+    QuotaExceeded,
+    QuotaGrant,
+    client_allowed_priorities,
+    client_daily_quota,
+    quota_give_back,
+    quota_retry_after,
+    quota_take,
+)
 from messaging.logging import masked
 from messaging.models import ApiClient, EventSource, Message, MessageEvent
 from messaging.ordering import ordering_hold, ordering_mode_for, sequence_next
@@ -175,7 +185,7 @@ class BatchItem:
 
 
 # Per item: the stored (or replayed) message, or why it was refused.
-ItemResult = CreateOutcome | IdempotencyConflict | IdempotencyInFlight
+ItemResult = CreateOutcome | IdempotencyConflict | IdempotencyInFlight | PriorityNotAllowed | QuotaExceeded
 
 
 def messages_create_many(
@@ -192,23 +202,88 @@ def messages_create_many(
     if not items:
         return []
     results: list[ItemResult | None] = [None] * len(items)
+    admitted = _within_limits(client, items, results)
+    grants = _quota_take(client, items, admitted, results)
+    admitted = [index for index in admitted if results[index] is None]
     # Ordering-key items are accepted one by one (_accept_alone): a sequence number comes from the key's
     # counter row and the message may wait for its predecessor. They are rare in bulk traffic.
     # Items sharing an idempotency key with one of them go the same way, to keep the key in order.
-    ordered_keys = {item.idempotency_key for item in items if item.fields.get("ordering_key")} - {None}
+    ordered_keys = {items[index].idempotency_key for index in admitted if items[index].fields.get("ordering_key")}
+    ordered_keys -= {None}
     alone = [
         index
-        for index, item in enumerate(items)
-        if item.fields.get("ordering_key") or item.idempotency_key in ordered_keys
+        for index in admitted
+        if items[index].fields.get("ordering_key") or items[index].idempotency_key in ordered_keys
     ]
-    together = sorted(set(range(len(items))) - set(alone))
-    with transaction.atomic():
-        stored = _accept_together(client, items, together, results, source)
-        for index in alone:
-            results[index] = _accept_alone(client, items[index], source)
-        if stored:
-            transaction.on_commit(lambda: messages_publish(messages=[(m.id, m.channel, m.priority) for m in stored]))
+    together = sorted(set(admitted) - set(alone))
+    try:
+        with transaction.atomic():
+            stored = _accept_together(client, items, together, results, source)
+            for index in alone:
+                results[index] = _accept_alone(client, items[index], source)
+            if stored:
+                transaction.on_commit(
+                    lambda: messages_publish(messages=[(m.id, m.channel, m.priority) for m in stored])
+                )
+    except BaseException:
+        for grant in grants.values():
+            quota_give_back(grant=grant, count=grant.granted)  # nothing was stored
+        raise
+    created: dict[str, int] = {}
+    for index in admitted:
+        result = results[index]
+        if isinstance(result, CreateOutcome) and result.created:
+            created[result.message.channel] = created.get(result.message.channel, 0) + 1
+    for channel, grant in grants.items():
+        quota_give_back(grant=grant, count=grant.granted - created.get(channel, 0))  # replays, conflicts
     return results
+
+
+def _within_limits(client: ApiClient, items: Sequence[BatchItem], results: list[ItemResult | None]) -> list[int]:
+    """The indexes of the items whose priority the client may send; the others refused."""
+    allowed = client_allowed_priorities(client=client)
+    admitted = []
+    for index, item in enumerate(items):
+        priority = item.fields.get("priority", "transactional")
+        if priority in allowed:
+            admitted.append(index)
+        else:
+            results[index] = PriorityNotAllowed(priority, allowed)
+    return admitted
+
+
+def _quota_take(
+    client: ApiClient, items: Sequence[BatchItem], admitted: list[int], results: list[ItemResult | None]
+) -> dict[str, QuotaGrant]:
+    """Take the daily quota of the admitted items, one counter increment per channel; the items
+    past what fits (in request order) are refused, unless their idempotency key names a stored
+    message (a retried request replays what it stored, whatever the quota says now)."""
+    by_channel: dict[str, list[int]] = {}
+    for index in admitted:
+        by_channel.setdefault(items[index].fields["channel"], []).append(index)
+    now = timezone.now()
+    grants = {}
+    for channel, indexes in by_channel.items():
+        grant = quota_take(client=client, channel=channel, count=len(indexes), now=now)
+        grants[channel] = grant
+        over = indexes[grant.granted :]
+        if not over:
+            continue
+        keys = {items[index].idempotency_key for index in over} - {None}
+        stored = (
+            set(
+                Message.objects.filter(client=client, idempotency_key__in=keys).values_list(
+                    "idempotency_key", flat=True
+                )
+            )
+            if keys
+            else set()
+        )
+        quota = client_daily_quota(client=client, channel=channel) or 0
+        for index in over:
+            if items[index].idempotency_key not in stored:
+                results[index] = QuotaExceeded(channel, quota, quota_retry_after(now))
+    return grants
 
 
 def _accept_together(

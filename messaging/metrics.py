@@ -83,3 +83,21 @@ def attempt_count(*, channel: str, provider: str, outcome: str, error_type: str 
     PROVIDER_ATTEMPTS.labels(channel=channel, provider=provider, outcome=outcome).inc()
     if error_type:
         PROVIDER_ERRORS.labels(channel=channel, provider=provider, error_type=error_type).inc()
+
+
+# Per-client limits (messaging.limits); client names are few (one per API client), not per message.
+QUOTA_WARNINGS = Counter(
+    "conductor_quota_warnings",
+    "Clients that crossed QUOTA_WARNING_RATIO of a daily quota (once per client, channel and day).",
+    ["client", "channel"],
+)
+QUOTA_REFUSED = Counter(
+    "conductor_quota_refused",
+    "Messages refused because the client's daily quota for the channel was spent.",
+    ["client", "channel"],
+)
+API_THROTTLED = Counter(
+    "conductor_api_throttled",
+    "API requests refused with 429 because the client exceeded its request rate.",
+    ["client"],
+)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
+from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 from django.db.models import Q
@@ -14,11 +16,51 @@ from messaging.states import MessageState
 from providers.types import ERROR_TYPE_MEANINGS, ErrorType  # noqa: F401  (the vocabulary of its error fields)
 
 
+def validate_api_rate(value: str) -> None:
+    """A rate as DRF's SimpleRateThrottle parses it (<count>/<s|m|h|d...>), or 'none'."""
+    if value in ("", "none"):
+        return
+    count, _, period = value.partition("/")
+    if not (count.isdigit() and int(count) > 0 and period[:1] in ("s", "m", "h", "d")):
+        raise ValidationError(f"{value!r} is not a rate: write e.g. 100/s, 3000/min, 'none'.")
+
+
+def validate_priorities(value: Any) -> None:
+    if not isinstance(value, list) or not set(value) <= set(Priority.values):
+        raise ValidationError(f"Give a list of priorities among {', '.join(Priority.values)}.")
+
+
 class ApiClient(models.Model):
     """A sender holding API keys; it sees and replays only its own messages."""
 
     name = models.CharField(max_length=100, unique=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Per-client limits (issue 20); blank: the settings' default (messaging.conf: API_RATE,
+    # DAILY_QUOTA, ALLOWED_PRIORITIES). Read through messaging.limits, never directly.
+    api_rate = models.CharField(
+        max_length=32,
+        blank=True,
+        default="",
+        validators=[validate_api_rate],
+        help_text="API requests allowed, as DRF writes a rate: 100/s, 3000/min, 'none' for no limit. "
+        "Blank: the API_RATE setting.",
+    )
+    sms_daily_quota = models.PositiveIntegerField(
+        null=True, blank=True, help_text="SMS messages accepted per UTC day. Blank: the DAILY_QUOTA setting."
+    )
+    whatsapp_daily_quota = models.PositiveIntegerField(
+        null=True, blank=True, help_text="WhatsApp messages accepted per UTC day. Blank: the DAILY_QUOTA setting."
+    )
+    email_daily_quota = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Emails accepted per UTC day. Blank: the DAILY_QUOTA setting."
+    )
+    allowed_priorities = models.JSONField(
+        default=list,
+        blank=True,
+        validators=[validate_priorities],
+        help_text='Priorities this client may send, e.g. ["transactional", "bulk"]. '
+        "Empty: the ALLOWED_PRIORITIES setting.",
+    )
 
     def __str__(self) -> str:
         return self.name
@@ -191,6 +233,13 @@ class Message(models.Model):
                 fields=["expires_at"],
                 condition=Q(state="accepted", expires_at__isnull=False),
                 name="message_accepted_expiry",
+            ),
+            # The fair bulk claim (messaging.fair): which clients have bulk work on a channel (a
+            # loose index scan), then each client's oldest, a share per client.
+            models.Index(
+                fields=["channel", "client", "created_at"],
+                condition=Q(state="accepted", priority="bulk", sequence__isnull=True),
+                name="message_bulk_fair",
             ),
             models.Index(fields=["provider", "provider_message_id"], name="message_provider_ref"),
             # Receipt polling, reconciliation and the anomaly buckets read messages by dispatch time.

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from celery import current_app
 
 from messaging.conf import messaging_setting
+from messaging.fair import fair_sharing
 from messaging.routing import Priority, queue_name
 
 logger = logging.getLogger(__name__)
 
 DISPATCH_TASK = "messaging.dispatch"
 DISPATCH_BATCH_TASK = "messaging.dispatch_batch"
+# The channel's next fair batch (messaging.fair): one per BULK_BATCH_SIZE bulk messages published.
+DISPATCH_BULK_TASK = "messaging.dispatch_bulk"
 
 
 def message_publish(*, message_id: Any, channel: str, priority: str, countdown: float | None = None) -> bool:
@@ -39,33 +42,38 @@ def message_publish(*, message_id: Any, channel: str, priority: str, countdown: 
     return True
 
 
-def messages_publish(*, messages: Iterable[tuple[Any, str, str]]) -> int:
+def messages_publish(*, messages: Iterable[tuple[Any, str, str]], alone: Collection[Any] = ()) -> int:
     """Publish triggers for many accepted messages, given as (id, channel, priority).
 
-    Bulk messages go as batch tasks of BULK_BATCH_SIZE ids per channel (one task moves many
-    messages: the per-task cost of Celery is what bounds a campaign otherwise); the others get
-    one task each, as message_publish. Failures are logged, not raised (the sweeper publishes
-    later). Returns how many tasks were published.
+    Bulk messages go as one batch task per BULK_BATCH_SIZE messages per channel (one task moves
+    many messages: the per-task cost of Celery is what bounds a campaign otherwise): a fair task
+    that claims the channel's next batch, shared between clients, when it runs (messaging.fair),
+    or, where the channel does not share fairly, a task with the ids. The others get one task
+    each, as message_publish, and so do the ids in `alone` whatever their priority: a bulk
+    message a fair batch would not take (an ordering key, a look-up; the sweeper says which).
+    Failures are logged, not raised (the sweeper publishes later). Returns how many tasks were
+    published.
     """
     size = messaging_setting("BULK_BATCH_SIZE")
     bulk: dict[str, list[str]] = {}
     published = 0
     for message_id, channel, priority in messages:
-        if priority == Priority.BULK:
+        if priority == Priority.BULK and message_id not in alone:
             bulk.setdefault(channel, []).append(str(message_id))
         else:
             published += message_publish(message_id=message_id, channel=channel, priority=priority)
     for channel, ids in bulk.items():
+        fair = fair_sharing(channel)
         for start in range(0, len(ids), size):
-            published += _publish_batch(channel, ids[start : start + size])
+            published += _publish_batch(channel, ids[start : start + size], fair=fair)
     return published
 
 
-def _publish_batch(channel: str, message_ids: list[str]) -> bool:
+def _publish_batch(channel: str, message_ids: list[str], *, fair: bool) -> bool:
     try:
         current_app.send_task(
-            DISPATCH_BATCH_TASK,
-            args=[message_ids],
+            DISPATCH_BULK_TASK if fair else DISPATCH_BATCH_TASK,
+            args=[channel] if fair else [message_ids],
             headers={"published_at": time.time()},
             queue=queue_name(channel, Priority.BULK),
             retry=False,

@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from messaging.dead_letters import dead_letter_park
 from messaging.ingest import BatchItem, CreateOutcome, IdempotencyConflict, IdempotencyInFlight, messages_create_many
+from messaging.limits import PriorityNotAllowed, QuotaExceeded
 from messaging.logging import scrubbed
 from messaging.metrics import latency_observe
 from messaging.models import ApiClient, ApiKey, EventSource, Message, MessageEvent, unleased
@@ -210,9 +211,10 @@ def message_create(
     """Accept one validated message: a batch of one through messaging.ingest (stored, then
     published once committed). `fields` is the serializer's validated data without the key. The
     same key and payload returns the stored message (created=False); another payload raises
-    IdempotencyConflict, a request with the key still in flight IdempotencyInFlight."""
+    IdempotencyConflict, a request with the key still in flight IdempotencyInFlight; a priority the
+    client may not send PriorityNotAllowed, a spent daily quota QuotaExceeded (messaging.limits)."""
     [result] = messages_create_many(client=client, items=[BatchItem(fields, idempotency_key)], source=source)
-    if isinstance(result, (IdempotencyConflict, IdempotencyInFlight)):
+    if isinstance(result, (IdempotencyConflict, IdempotencyInFlight, PriorityNotAllowed, QuotaExceeded)):
         raise result
     return result
 

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from django.db.models import Q
+from django.db.models import BooleanField, ExpressionWrapper, Q
 from django.utils import timezone
 
 from messaging.conf import messaging_setting
@@ -65,6 +65,18 @@ def _expire_overdue(now: datetime, batch: int) -> int:
     return expired
 
 
+def _alone() -> ExpressionWrapper:
+    """Messages that go by a task of their own, never in a fair bulk batch (messaging.fair): an
+    ordering key (it may wait for an earlier message), an outcome to look up at the provider
+    first, a worker-loss budget spent (messaging.dispatch settles these alone)."""
+    return ExpressionWrapper(
+        Q(sequence__isnull=False)
+        | Q(needs_provider_lookup=True)
+        | Q(worker_loss_count__gte=messaging_setting("MAX_WORKER_LOSSES")),
+        output_field=BooleanField(),
+    )
+
+
 def _enqueue_due(now: datetime, priority: str, stale_after: timedelta, batch: int) -> int:
     """Accepted, not being sent, due, and with no task published recently (or none at all)."""
     candidates = (
@@ -85,17 +97,20 @@ def _enqueue_due(now: datetime, priority: str, stale_after: timedelta, batch: in
         never_published.filter(next_attempt_at__lte=now).order_by("next_attempt_at"),
         candidates.due(now).filter(enqueued_at__lt=_stale_before(now, priority, stale_after)).order_by("enqueued_at"),
     )
-    rows: list[tuple[str, str]] = []
+    rows: list[tuple[str, str, bool]] = []
     for read in reads:
         if len(rows) < batch:
-            rows += read.values_list("pk", "channel")[: batch - len(rows)]
+            rows += read.values_list("pk", "channel", _alone())[: batch - len(rows)]
     if not rows:
         return 0
     # Mark first, then publish: a crash in between leaves them for the next sweep, not lost. A
     # message claimed in between is not marked; its task is published anyway and claims nothing.
     marked = candidates.due(now).filter(Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=now - stale_after))
-    rows_update_in_key_order(marked.filter(pk__any=[pk for pk, _ in rows]), enqueued_at=now)
-    messages_publish(messages=[(message_id, channel, priority) for message_id, channel in rows])
+    rows_update_in_key_order(marked.filter(pk__any=[pk for pk, _, _ in rows]), enqueued_at=now)
+    # A bulk message that a fair batch would not take (messaging.fair) gets a task of its own.
+    messages_publish(
+        messages=[(pk, channel, priority) for pk, channel, _ in rows], alone={pk for pk, _, alone in rows if alone}
+    )
     return len(rows)
 
 

@@ -27,6 +27,14 @@ def dispatch_batch(self: Task, message_ids: list[str]) -> None:
     messages_dispatch(message_ids=message_ids)
 
 
+@shared_task(bind=True, name="messaging.dispatch_bulk", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def dispatch_bulk(self: Task, channel: str) -> None:
+    """Send the channel's next batch of bulk messages, shared fairly between clients
+    (messaging.fair); as with dispatch_batch, an unexpected error leaves them `accepted`."""
+    _record_consumed(self)
+    messages_dispatch(fair_channel=channel)
+
+
 def _record_consumed(task: Task) -> None:
     """Raise the watermark of the queue this task came from (our exchange routes by the queue's
     name) to its publish time. A worker reads message headers into the request; an eager run

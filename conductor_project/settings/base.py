@@ -140,6 +140,18 @@ STORAGES = {
 
 # --- Redis and Celery -----------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+# The API's per-client request counts (messaging.api.throttling) are shared by every web process:
+# Redis, not the per-process local memory cache. Short timeouts: a Redis that does not answer is
+# treated as unreachable and the throttle fails open.
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "throttle": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "conductor",
+        "OPTIONS": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5},
+    },
+}
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND = None
@@ -344,6 +356,8 @@ REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": ["messaging.api.parsers.ApiJSONParser"],
     "DEFAULT_SCHEMA_CLASS": "messaging.api.schema.ConductorAutoSchema",
     "EXCEPTION_HANDLER": "messaging.api.errors.exception_handler",
+    # Per client, at its own rate (ApiClient.api_rate, else CONDUCTOR["API_RATE"]): 429 + Retry-After.
+    "DEFAULT_THROTTLE_CLASSES": ["messaging.api.throttling.ClientRateThrottle"],
     "UNAUTHENTICATED_USER": None,
 }
 SPECTACULAR_SETTINGS = {

@@ -40,6 +40,7 @@ from messaging.api.serializers import (
 )
 from messaging.conf import messaging_setting
 from messaging.ingest import BatchItem, ItemResult, messages_create_many
+from messaging.limits import PriorityNotAllowed, QuotaExceeded
 from messaging.models import ApiClient, EventSource, Message
 from messaging.replay import dead_letters_replay
 from messaging.routing import Channel, Priority
@@ -135,7 +136,7 @@ def _create_one(client: ApiClient, data: Any, header_key: str | None) -> Answer:
     key = header_key or body_key
     try:
         result: ItemResult = message_create(client=client, fields=fields, idempotency_key=key)
-    except (IdempotencyConflict, IdempotencyInFlight) as exc:
+    except (IdempotencyConflict, IdempotencyInFlight, PriorityNotAllowed, QuotaExceeded) as exc:
         result = exc
     return _answer(result, lambda message: MessageSerializer(message).data)
 
@@ -150,6 +151,14 @@ def _answer(result: ItemResult, render: Callable[[Message], dict[str, Any]]) -> 
                 "message_id": str(result.message.pk),
             },
             {},
+        )
+    if isinstance(result, PriorityNotAllowed):
+        return status.HTTP_403_FORBIDDEN, {"priority": [str(result)]}, {}
+    if isinstance(result, QuotaExceeded):
+        return (
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            {"channel": [str(result)]},
+            {"Retry-After": str(result.retry_after_s)},
         )
     if isinstance(result, IdempotencyInFlight):
         return (

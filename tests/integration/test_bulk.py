@@ -1,4 +1,4 @@
-"""Bulk campaigns through the real stack: batch API -> dispatch_batch tasks -> concurrent sends ->
+"""Bulk campaigns through the real stack: batch API -> dispatch_bulk tasks -> concurrent sends ->
 receipts, with provider faults and a worker killed mid-batch. Nothing lost, nothing doubled."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def test_a_campaign_with_errors_and_timeouts_is_delivered_once_each_in_batches(l
     unknown = DispatchAttempt.objects.filter(message_id__in=ids, outcome__in=UNKNOWN_OUTCOMES).count()
     assert unknown >= faults.count("timeout")
     log = "\n".join(worker.log_text() for worker in live.workers)
-    assert '"task_name": "messaging.dispatch_batch"' in log  # sent by the bulk path, not one task each
+    assert '"task_name": "messaging.dispatch_bulk"' in log  # sent by the (fair) bulk path, not one task each
 
 
 def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(live, key):

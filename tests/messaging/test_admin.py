@@ -183,3 +183,27 @@ def test_staff_see_alerts_and_reconciliation_runs_and_others_do_not(staff, clien
         staff.logout()
         assert client.get(url).status_code == 302
         staff.force_login(User.objects.get(username="ops"))
+
+
+def test_staff_set_a_clients_limits_in_the_admin(staff, client_key):
+    api_client = client_key[0]
+    page = staff.get(change("apiclient", api_client.pk))
+    assert page.status_code == 200 and b"sms_daily_quota" in page.content and b"allowed_priorities" in page.content
+    form = {
+        "name": api_client.name,
+        "api_rate": "20/s",
+        "sms_daily_quota": "100000",
+        "whatsapp_daily_quota": "",
+        "email_daily_quota": "",
+        "allowed_priorities": ["transactional", "bulk"],
+        "keys-TOTAL_FORMS": "0",
+        "keys-INITIAL_FORMS": "0",
+    }
+    response = staff.post(change("apiclient", api_client.pk), form)
+    assert response.status_code == 302, response.content[:2000]
+    api_client.refresh_from_db()
+    assert (api_client.api_rate, api_client.sms_daily_quota, api_client.whatsapp_daily_quota) == ("20/s", 100000, None)
+    assert api_client.allowed_priorities == ["transactional", "bulk"]
+    # A rate DRF could not read is refused with the field named.
+    refused = staff.post(change("apiclient", api_client.pk), {**form, "api_rate": "fast"})
+    assert refused.status_code == 200 and b"is not a rate" in refused.content

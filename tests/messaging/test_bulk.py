@@ -44,8 +44,8 @@ def leases(monkeypatch) -> list:
     """The lease of every claim the test's batches make."""
     noted, claim = [], dispatch._claim
 
-    def claim_and_note_the_lease(message_ids):
-        lease, *claimed = claim(message_ids)
+    def claim_and_note_the_lease(message_ids, fair_channel=None):
+        lease, *claimed = claim(message_ids, fair_channel)
         noted.append(lease)
         return lease, *claimed
 
@@ -301,8 +301,28 @@ def test_a_receipt_that_overtook_the_batch_keeps_its_state_and_gets_the_referenc
     assert Message.objects.filter(pk__in=ids(messages[1:]), state="dispatched").count() == 2
 
 
-def test_bulk_messages_are_published_as_batch_tasks_and_the_rest_one_by_one(monkeypatch, settings):
+def test_bulk_messages_are_published_as_fair_batch_tasks_naming_their_channel(monkeypatch, settings):
     settings.CONDUCTOR = {**settings.CONDUCTOR, "BULK_BATCH_SIZE": 2}
+    sent: list[tuple[str, list, str]] = []
+    monkeypatch.setattr(
+        "messaging.publish.current_app.send_task",
+        lambda name, args, queue, **kwargs: sent.append((name, args, queue)),
+    )
+    messages = [("a", "sms", "bulk"), ("b", "sms", "bulk"), ("c", "sms", "bulk"), ("d", "email", "bulk")]
+    assert messages_publish(messages=[*messages, ("e", "sms", "critical")]) == 4
+    # As many tasks as batches of work; which messages each takes is decided when it runs (messaging.fair).
+    assert sorted(sent) == sorted(
+        [
+            ("messaging.dispatch", ["e"], "sms.critical"),
+            ("messaging.dispatch_bulk", ["sms"], "sms.bulk"),
+            ("messaging.dispatch_bulk", ["sms"], "sms.bulk"),
+            ("messaging.dispatch_bulk", ["email"], "email.bulk"),
+        ]
+    )
+
+
+def test_without_fair_sharing_bulk_messages_are_published_as_batches_of_ids(monkeypatch, settings):
+    settings.CONDUCTOR = {**settings.CONDUCTOR, "BULK_BATCH_SIZE": 2, "BULK_FAIR_SHARING": False}
     sent: list[tuple[str, list, str]] = []
     monkeypatch.setattr(
         "messaging.publish.current_app.send_task",
