@@ -44,6 +44,15 @@ URI_TOO_LONG = OpenApiResponse(
     description="The request line (the URL with its query) is over the web server's limit "
     "(gunicorn's limit_request_line, 4,094 bytes): answered by gunicorn, not as JSON."
 )
+THROTTLED = OpenApiResponse(
+    response=ErrorSerializer,
+    description="Over the client's request rate (api_rate), or for a message its channel's daily quota "
+    "(naming `channel`); nothing stored. Retry after Retry-After seconds.",
+)
+PRIORITY_NOT_ALLOWED = OpenApiResponse(
+    response=OpenApiTypes.OBJECT,
+    description='A priority this client may not send (allowed_priorities), named: {"priority": ["…"]}; nothing stored.',
+)
 DATABASE_DOWN = OpenApiResponse(
     response=ErrorSerializer,
     description="The database is unavailable; nothing was stored. Retry after Retry-After seconds "
@@ -53,8 +62,9 @@ DATABASE_DOWN = OpenApiResponse(
 
 class ConductorAutoSchema(AutoSchema):
     """drf-spectacular's AutoSchema, plus the error answers each operation can give: 401 (with a
-    key required), 400, 413 and 415 (with a request body), 400 and 404 (list filters and cursor),
-    404 (an object in the path), 414 (gunicorn's URL limit), 503 (database down). An operation's
+    key required; 429 with it), 400, 413 and 415 (with a request body), 400 and 404 (list filters
+    and cursor), 403 (creating a message: a priority not allowed), 404 (an object in the path), 414
+    (gunicorn's URL limit), 503 (database down). An operation's
     own @extend_schema wins."""
 
     def _get_response_bodies(self, direction: str = "response") -> dict[str, Any]:
@@ -76,6 +86,9 @@ class ConductorAutoSchema(AutoSchema):
             errors[404] = NOT_FOUND
         if self.get_auth():
             errors[401] = UNAUTHENTICATED
+            errors[429] = THROTTLED
+        if self.method == "POST" and self.path.rstrip("/").endswith("/messages"):
+            errors[403] = PRIORITY_NOT_ALLOWED
         errors[414] = URI_TOO_LONG
         errors[503] = DATABASE_DOWN
         return errors
