@@ -81,6 +81,22 @@ DEFAULTS: dict[str, Any] = {
     # Bulk work is shared fairly between clients (messaging.fair): a bulk task claims the next
     # batch of due messages of its channel, an equal share per client with due work.
     "BULK_FAIR_SHARING": True,
+    # Status callbacks to clients (issue 21, messaging.callbacks, docs/callbacks.md).
+    # One request's limit: connect, send and read the answer.
+    "CALLBACK_TIMEOUT_SECONDS": 10.0,
+    # A callback is retried (full-jitter exponential backoff from BASE, each wait at most MAX)
+    # until it is this old; then it is a dead letter of its own kind.
+    "CALLBACK_RETRY_WINDOW_SECONDS": 24 * 3600.0,
+    "CALLBACK_BACKOFF_BASE_SECONDS": 5.0,
+    "CALLBACK_BACKOFF_MAX_SECONDS": 3600.0,
+    # Requests in flight at once: per endpoint (one slow endpoint holds no more than this) and in
+    # all, per delivering process.
+    "CALLBACK_CONCURRENCY_PER_ENDPOINT": 16,
+    "CALLBACK_CONCURRENCY": 256,
+    # How long a delivering worker owns a claimed callback; must exceed the timeout.
+    "CALLBACK_LEASE_SECONDS": 60.0,
+    # After a secret is rotated the old one still signs (beside the new) this long.
+    "CALLBACK_SECRET_OVERLAP_SECONDS": 24 * 3600.0,
 }
 
 

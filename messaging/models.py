@@ -103,6 +103,65 @@ class OrderingKey(models.Model):
         return f"{self.client} {self.key}: {self.last_sequence}"
 
 
+class CallbackEvent(models.TextChoices):
+    """What a client's callback endpoint can subscribe to: each state entered, and two events that
+    are not states. The payload's `type` is `message.<value>` (messaging.callbacks)."""
+
+    ACCEPTED = "accepted"
+    DISPATCHED = "dispatched"
+    DELIVERED = "delivered"
+    READ = "read"
+    UNDELIVERED = "undelivered"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    DEAD_LETTERED = "dead_lettered"
+    ATTEMPT_FAILED = "attempt.failed"
+
+
+def validate_callback_events(value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, list) or not set(value) <= set(CallbackEvent.values):
+        raise ValidationError(f"Give a list of events among {', '.join(CallbackEvent.values)}.")
+
+
+class CallbackEndpoint(models.Model):
+    """A client's URL for status callbacks (issue 21): the events it wants, signed with its secrets.
+
+    A message naming its own `callback_url` is reported to the client's endpoint with that URL
+    (registered on first use, `per_message`), and to no other endpoint of the client.
+    """
+
+    client = models.ForeignKey(ApiClient, on_delete=models.CASCADE, related_name="callback_endpoints")
+    url = models.URLField(max_length=2000)
+    description = models.CharField(max_length=200, blank=True, default="")
+    # Empty: every event.
+    events = models.JSONField(default=list, blank=True, validators=[validate_callback_events])
+    enabled = models.BooleanField(default=True)
+    # Registered for a message's own callback_url rather than through the endpoints API.
+    per_message = models.BooleanField(default=False)
+    # Standard Webhooks secrets ("whsec_" + base64), newest first: [{"secret", "created_at",
+    # "expires_at"}]; every one not expired signs, so a rotation has an overlap. HMAC needs the
+    # secret itself: stored as given, unlike API keys (docs/callbacks.md says so).
+    secrets = models.JSONField(default=list)
+    # The first failure of the current run of failures (cleared by a success): past
+    # CALLBACK_DISABLE_AFTER_SECONDS the endpoint is disabled and an alert raised (reconciliation).
+    failing_since = models.DateTimeField(null=True, blank=True)
+    disabled_at = models.DateTimeField(null=True, blank=True)
+    disabled_reason = models.CharField(max_length=200, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["client", "url"], name="callback_endpoint_unique_url_per_client"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.client}: {self.url}"
+
+
 # A countdown task may fire a little before next_attempt_at by the database's clock.
 EARLY_TOLERANCE = timedelta(seconds=1)
 
@@ -165,6 +224,14 @@ class Message(models.Model):
     fallback_channels = models.JSONField(default=list, blank=True)
     fallback_to = models.JSONField(default=dict, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
+    # Status callbacks (issue 21): the endpoint of the message's own callback_url (None: the
+    # client's endpoints), the events it asked for (None: the endpoint's), and the number of the
+    # message's last event; each callback carries the next one (messaging.callbacks).
+    callback_endpoint = models.ForeignKey(
+        CallbackEndpoint, on_delete=models.SET_NULL, null=True, blank=True, db_index=False, related_name="+"
+    )
+    callback_events = models.JSONField(null=True, blank=True, validators=[validate_callback_events])
+    event_sequence = models.PositiveIntegerField(default=0)
 
     state = models.CharField(max_length=16, choices=MessageState.choices, default=MessageState.ACCEPTED)
     # The database is the queue of record: attempts, next-attempt time and the lease live here.
@@ -454,3 +521,60 @@ class Receipt(models.Model):
 
     def __str__(self) -> str:
         return f"{self.provider} {self.provider_status} for {self.provider_message_id}"
+
+
+class CallbackState(models.TextChoices):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD_LETTERED = "dead_lettered"
+
+
+class Callback(models.Model):
+    """The outbox: one status callback to send to one endpoint, written in the transaction of the
+    event it reports, so that a crash between the two cannot lose it.
+
+    Sent by messaging.callbacks with retries; per message and endpoint in `sequence` order (a
+    callback waits while an earlier one of its message to its endpoint is pending). `webhook_id`
+    is the Standard Webhooks `webhook-id`, the same on every retry so receivers can de-duplicate.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    webhook_id = models.CharField(max_length=40, unique=True)
+    endpoint = models.ForeignKey(CallbackEndpoint, on_delete=models.CASCADE, related_name="callbacks")
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="callbacks", db_index=False)
+    event = models.CharField(max_length=16, choices=CallbackEvent.choices)
+    # The message's event number (Message.event_sequence) and when the event happened.
+    sequence = models.PositiveIntegerField()
+    occurred_at = models.DateTimeField()
+    payload = models.JSONField(encoder=DjangoJSONEncoder)
+    state = models.CharField(max_length=16, choices=CallbackState.choices, default=CallbackState.PENDING)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    # Each attempt: {"at", "status" (HTTP status or null), "error", "latency_ms"}.
+    attempt_log = models.JSONField(default=list, encoder=DjangoJSONEncoder)
+    next_attempt_at = models.DateTimeField()
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField()
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    dead_lettered_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True, default="")
+
+    class Meta:
+        constraints = [
+            # Also the index that finds a message's callbacks and an earlier pending one.
+            models.UniqueConstraint(
+                fields=["message", "endpoint", "sequence"], name="callback_unique_sequence_per_endpoint"
+            ),
+        ]
+        indexes = [
+            # What is due, per endpoint and overall: small however many delivered rows are kept.
+            models.Index(
+                fields=["endpoint", "next_attempt_at"],
+                condition=Q(state="pending"),
+                name="callback_pending_endpoint",
+            ),
+            models.Index(fields=["next_attempt_at"], condition=Q(state="pending"), name="callback_pending"),
+            models.Index(fields=["created_at"], name="callback_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"callback {self.webhook_id}: message.{self.event} #{self.sequence} for {self.message_id}"
