@@ -1,6 +1,8 @@
-"""Staff-only admin: messages with their timelines, dead letters to inspect and replay, clients and keys.
+"""Staff-only admin: messages with their timelines, dead letters to inspect and replay, clients and keys,
+clients' callback endpoints and the callbacks sent to them.
 
-Everything is read-only: state changes go through the services (cancel, replay), never row edits.
+Everything is read-only: state changes go through the services (cancel, replay, enable, disable,
+rotate), never row edits.
 """
 
 from __future__ import annotations
@@ -14,10 +16,29 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
+from messaging.callbacks.endpoints import (
+    callback_endpoint_disable,
+    callback_endpoint_enable,
+    callback_endpoint_rotate_secret,
+    secrets_active,
+)
 from messaging.dead_letters import ATTEMPT_FIELDS
-from messaging.models import ApiClient, ApiKey, DeadLetter, DispatchAttempt, EventSource, Message, MessageEvent, Receipt
+from messaging.models import (
+    ApiClient,
+    ApiKey,
+    Callback,
+    CallbackEndpoint,
+    DeadLetter,
+    DeadLetterKind,
+    DispatchAttempt,
+    EventSource,
+    Message,
+    MessageEvent,
+    Receipt,
+)
 from messaging.replay import SkipReason, dead_letters_replay
 from messaging.routing import Priority
 from messaging.services import NotCancellable, message_cancel
@@ -71,9 +92,16 @@ class ReceiptInline(ReadOnlyInline):
     readonly_fields = fields
 
 
+class CallbackInline(ReadOnlyInline):
+    model = Callback
+    fields = ["event", "sequence", "endpoint", "state", "attempts", "last_error", "delivered_at", "webhook_id"]
+    readonly_fields = fields
+    ordering = ["sequence", "endpoint"]
+
+
 class DeadLetterInline(ReadOnlyInline):
     model = DeadLetter
-    fields = ["link", "send_generation", "state", "error_type", "created_at", "replayed_at", "replayed_by"]
+    fields = ["link", "kind", "send_generation", "state", "error_type", "created_at", "replayed_at", "replayed_by"]
     readonly_fields = fields
 
     @admin.display(description="dead letter")
@@ -122,7 +150,7 @@ class MessageAdmin(ReplayPermissionMixin, admin.ModelAdmin):
     list_filter = ["state", "channel", "priority", "provider", "category", "created_at"]
     search_fields = ["=id", "=idempotency_key", "=provider_message_id", "=ordering_key"]
     date_hierarchy = "created_at"
-    inlines = [AttemptInline, EventInline, ReceiptInline, DeadLetterInline]
+    inlines = [AttemptInline, EventInline, ReceiptInline, CallbackInline, DeadLetterInline]
     actions = ["cancel_selected", "replay_selected"]
     list_select_related = ["client"]
 
@@ -159,7 +187,9 @@ class MessageAdmin(ReplayPermissionMixin, admin.ModelAdmin):
 
     @admin.action(description="Replay selected messages' dead letters", permissions=["replay"])
     def replay_selected(self, request, queryset) -> None:
-        selection = DeadLetter.objects.filter(message__in=queryset, replayed_at__isnull=True).order_by("created_at")
+        selection = DeadLetter.objects.filter(
+            message__in=queryset, kind=DeadLetterKind.MESSAGE, replayed_at__isnull=True
+        ).order_by("created_at")
         not_parked = queryset.count() - selection.count()
         if not_parked:
             self.message_user(
@@ -192,6 +222,7 @@ class DeadLetterAdmin(ReplayPermissionMixin, ReadOnlyAdmin):
 
     list_display = [
         "id",
+        "kind",
         "message_link",
         "client",
         "channel",
@@ -205,6 +236,7 @@ class DeadLetterAdmin(ReplayPermissionMixin, ReadOnlyAdmin):
     ]
     list_filter = [
         timestamp_status_filter("replayed_at", "parked", "replayed"),
+        "kind",
         "channel",
         "provider",
         "error_type",
@@ -218,7 +250,9 @@ class DeadLetterAdmin(ReplayPermissionMixin, ReadOnlyAdmin):
     list_select_related = ["client"]
     actions = ["replay_selected", "replay_selected_forced"]
     fields = [
+        "kind",
         "message_link",
+        "callback_link",
         "client",
         "send_generation",
         "state",
@@ -246,19 +280,29 @@ class DeadLetterAdmin(ReplayPermissionMixin, ReadOnlyAdmin):
         url = reverse("admin:messaging_message_change", args=[dead_letter.message_id])
         return format_html('<a href="{}">{}</a>', url, dead_letter.message_id)
 
+    @admin.display(description="callback")
+    def callback_link(self, dead_letter: DeadLetter) -> str:
+        if dead_letter.callback_id is None:
+            return "–"
+        url = reverse("admin:messaging_callback_change", args=[dead_letter.callback_id])
+        return format_html('<a href="{}">#{}</a>', url, dead_letter.callback_id)
+
     @admin.display(description="status")
     def status(self, dead_letter: DeadLetter) -> str:
         if dead_letter.is_parked:
             return "parked"
         return f"replayed by {dead_letter.replayed_by} ({dead_letter.replayed_via})"
 
-    @admin.display(description="message as accepted")
+    @admin.display(description="payload (the message as accepted, or the callback's body)")
     def payload_pretty(self, dead_letter: DeadLetter) -> str:
         return format_html("<pre>{}</pre>", json.dumps(dead_letter.payload, indent=2, cls=DjangoJSONEncoder))
 
     @admin.display(description="attempts")
     def attempts_table(self, dead_letter: DeadLetter) -> str:
-        columns = [name for name in ATTEMPT_FIELDS if name != "error_message"]
+        if dead_letter.kind == DeadLetterKind.CALLBACK:
+            columns = list(CALLBACK_ATTEMPT_FIELDS)
+        else:
+            columns = [name for name in ATTEMPT_FIELDS if name != "error_message"]
         head = format_html_join("", "<th>{}</th>", ((name.replace("_", " "),) for name in columns))
         rows = format_html_join(
             "",
@@ -277,6 +321,148 @@ class DeadLetterAdmin(ReplayPermissionMixin, ReadOnlyAdmin):
     @admin.action(description="Replay selected dead letters, even past their deadline", permissions=["replay"])
     def replay_selected_forced(self, request, queryset) -> None:
         _replay(self, request, queryset.filter(replayed_at__isnull=True).order_by("created_at", "pk"), force=True)
+
+
+CALLBACK_ATTEMPT_FIELDS = ("at", "status", "error", "latency_ms")
+
+
+def attempt_log_table(attempts: list[dict]) -> str:
+    head = format_html_join("", "<th>{}</th>", ((name.replace("_", " "),) for name in CALLBACK_ATTEMPT_FIELDS))
+    rows = format_html_join(
+        "",
+        "<tr>{}</tr>",
+        (
+            (format_html_join("", "<td>{}</td>", ((attempt.get(name, ""),) for name in CALLBACK_ATTEMPT_FIELDS)),)
+            for attempt in attempts
+        ),
+    )
+    return format_html("<table><thead><tr>{}</tr></thead><tbody>{}</tbody></table>", head, rows)
+
+
+@admin.register(CallbackEndpoint)
+class CallbackEndpointAdmin(ReadOnlyAdmin):
+    """Clients' endpoints: changed through the services (the actions here, or the client's API)."""
+
+    list_display = ["id", "client", "url", "enabled", "per_message", "events", "failing_since", "disabled_at"]
+    list_filter = ["enabled", "per_message", "client"]
+    search_fields = ["url", "=client__name"]
+    list_select_related = ["client"]
+    actions = ["enable_selected", "disable_selected", "rotate_secret_selected"]
+    fields = [
+        "client",
+        "url",
+        "description",
+        "events",
+        "enabled",
+        "per_message",
+        "failing_since",
+        "disabled_at",
+        "disabled_reason",
+        "secrets_summary",
+        "created_at",
+        "updated_at",
+    ]
+    readonly_fields = fields
+
+    def has_manage_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("messaging.change_callbackendpoint")
+
+    @admin.display(description="secrets")
+    def secrets_summary(self, endpoint: CallbackEndpoint) -> str:
+        """When each signing secret was made and ends; never the secret (the client reads it by API)."""
+        active = secrets_active(endpoint.secrets, now=timezone.now())
+        return format_html_join(
+            "",
+            "<div>{}… created {}, {}</div>",
+            (
+                (s["secret"][:9], s["created_at"], f"ends {s['expires_at']}" if s["expires_at"] else "current")
+                for s in active
+            ),
+        )
+
+    @admin.action(
+        description="Enable selected endpoints (their parked callbacks stay dead letters)", permissions=["manage"]
+    )
+    def enable_selected(self, request, queryset) -> None:
+        enabled = sum(callback_endpoint_enable(endpoint_id=pk) for pk in queryset.values_list("pk", flat=True))
+        self.message_user(request, f"Enabled {enabled}. Replay their callback dead letters to send what was parked.")
+
+    @admin.action(
+        description="Disable selected endpoints (pending callbacks become dead letters)", permissions=["manage"]
+    )
+    def disable_selected(self, request, queryset) -> None:
+        now = timezone.now()
+        reason = f"disabled by {request.user.get_username()} (admin)"
+        results = [
+            callback_endpoint_disable(endpoint_id=pk, reason=reason, now=now)
+            for pk in queryset.values_list("pk", flat=True)
+        ]
+        done = [parked for parked in results if parked is not None]
+        self.message_user(request, f"Disabled {len(done)}; {sum(done)} pending callbacks parked as dead letters.")
+
+    @admin.action(description="Rotate the signing secret of selected endpoints", permissions=["manage"])
+    def rotate_secret_selected(self, request, queryset) -> None:
+        for pk in queryset.values_list("pk", flat=True):
+            callback_endpoint_rotate_secret(endpoint_id=pk)
+        self.message_user(
+            request,
+            f"Rotated {queryset.count()}: the old secrets sign beside the new ones for the overlap "
+            "(CALLBACK_SECRET_OVERLAP_SECONDS); clients read the new one at /api/v1/callback-endpoints/<id>/secret/.",
+        )
+
+
+@admin.register(Callback)
+class CallbackAdmin(ReadOnlyAdmin):
+    """The outbox of status callbacks: look, never edit (dead ones are replayed from the dead letters)."""
+
+    list_display = [
+        "webhook_id",
+        "message_link",
+        "endpoint",
+        "event",
+        "sequence",
+        "state",
+        "attempts",
+        "next_attempt_at",
+        "created_at",
+        "delivered_at",
+    ]
+    list_filter = ["state", "event", "endpoint"]
+    search_fields = ["=webhook_id", "=message__id"]
+    list_select_related = ["endpoint__client"]
+    fields = [
+        "webhook_id",
+        "message_link",
+        "endpoint",
+        "event",
+        "sequence",
+        "occurred_at",
+        "state",
+        "attempts",
+        "next_attempt_at",
+        "lease_expires_at",
+        "created_at",
+        "retry_from",
+        "delivered_at",
+        "dead_lettered_at",
+        "last_error",
+        "payload_pretty",
+        "attempt_log_table",
+    ]
+    readonly_fields = fields
+
+    @admin.display(description="message", ordering="message")
+    def message_link(self, callback: Callback) -> str:
+        url = reverse("admin:messaging_message_change", args=[callback.message_id])
+        return format_html('<a href="{}">{}</a>', url, callback.message_id)
+
+    @admin.display(description="body")
+    def payload_pretty(self, callback: Callback) -> str:
+        return format_html("<pre>{}</pre>", json.dumps(callback.payload, indent=2, cls=DjangoJSONEncoder))
+
+    @admin.display(description="attempts")
+    def attempt_log_table(self, callback: Callback) -> str:
+        return attempt_log_table(callback.attempt_log)
 
 
 class ApiKeyInline(admin.TabularInline):

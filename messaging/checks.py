@@ -80,6 +80,7 @@ def check_messaging_settings(app_configs=None, **kwargs) -> list[Error]:
     errors += _check_receipt_settings(configured)
     errors += _check_limit_settings(configured)
     errors += _check_ordering_settings(configured)
+    errors += _check_callback_settings(configured)
     lease = configured.get("DISPATCH_LEASE_SECONDS", DEFAULTS["DISPATCH_LEASE_SECONDS"])
     for name, conf in getattr(settings, "CONDUCTOR_PROVIDERS", {}).items():
         timeout = conf.get("TIMEOUT_SECONDS", 0)
@@ -117,6 +118,45 @@ def _check_ordering_settings(configured: dict) -> list[Error]:
             )
     if configured.get("ORDERING_RECEIPT_TIMEOUT_SECONDS", 1.0) <= 0:
         errors.append(Error("CONDUCTOR['ORDERING_RECEIPT_TIMEOUT_SECONDS'] must be positive.", id="conductor.E017"))
+    return errors
+
+
+CALLBACK_SECONDS_KEYS = (
+    "CALLBACK_TIMEOUT_SECONDS",
+    "CALLBACK_RETRY_WINDOW_SECONDS",
+    "CALLBACK_BACKOFF_BASE_SECONDS",
+    "CALLBACK_BACKOFF_MAX_SECONDS",
+    "CALLBACK_LEASE_SECONDS",
+    "CALLBACK_SECRET_OVERLAP_SECONDS",
+)
+
+
+def _check_callback_settings(configured: dict) -> list[Error]:
+    """Status callbacks' times must be positive, and a lease must outlast a request (conductor.E060-E062)."""
+    values = {name: configured.get(name, DEFAULTS[name]) for name in CALLBACK_SECONDS_KEYS}
+    errors = [
+        Error(f"CONDUCTOR[{name!r}] is {value!r}; it must be above 0 (seconds).", id="conductor.E060")
+        for name, value in values.items()
+        if value <= 0
+    ]
+    if errors:
+        return errors
+    if values["CALLBACK_LEASE_SECONDS"] <= values["CALLBACK_TIMEOUT_SECONDS"]:
+        errors.append(
+            Error(
+                f"CALLBACK_LEASE_SECONDS ({values['CALLBACK_LEASE_SECONDS']}) must be above "
+                f"CALLBACK_TIMEOUT_SECONDS ({values['CALLBACK_TIMEOUT_SECONDS']}).",
+                hint="Otherwise a callback still in flight could be claimed and sent again by another worker.",
+                id="conductor.E061",
+            )
+        )
+    if values["CALLBACK_BACKOFF_BASE_SECONDS"] > values["CALLBACK_BACKOFF_MAX_SECONDS"]:
+        errors.append(
+            Error(
+                "CALLBACK_BACKOFF_BASE_SECONDS must not be above CALLBACK_BACKOFF_MAX_SECONDS.",
+                id="conductor.E062",
+            )
+        )
     return errors
 
 

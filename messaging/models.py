@@ -419,12 +419,26 @@ class MessageEvent(models.Model):
         return f"{self.message_id}: {self.from_state} {verb} {self.to_state}"
 
 
+class DeadLetterKind(models.TextChoices):
+    MESSAGE = "message"  # the message itself was given up on
+    CALLBACK = "callback"  # a status callback to its client was given up on (issue 21)
+
+
 class DeadLetter(models.Model):
     """A message given up on before it reached its recipient: retries spent, refused for good,
     past its deadline, or its worker kept dying. Parked by the transition service when the message
     enters failed, expired or dead_lettered, with everything an operator needs to decide and to
-    replay; kept for the retention of its priority and category (reconciliation.retention)."""
+    replay; kept for the retention of its priority and category (reconciliation.retention).
 
+    Of kind `callback`: a status callback to the client given up on (messaging.callbacks.dead_letters);
+    `payload` is the callback's body, `attempts` its attempt log, `state` its message's state then,
+    and the message's channel, priority and category (the retention and filters of messages apply).
+    """
+
+    kind = models.CharField(max_length=16, choices=DeadLetterKind.choices, default=DeadLetterKind.MESSAGE)
+    callback = models.ForeignKey(
+        "Callback", on_delete=models.CASCADE, null=True, blank=True, related_name="dead_letters"
+    )
     message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="dead_letters")
     client = models.ForeignKey(ApiClient, on_delete=models.CASCADE, related_name="dead_letters")
     send_generation = models.PositiveIntegerField(help_text="The send generation that was given up on.")
@@ -452,7 +466,21 @@ class DeadLetter(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["message", "send_generation"], name="dead_letter_once_per_generation"),
+            models.UniqueConstraint(
+                fields=["message", "send_generation"],
+                condition=Q(kind="message"),
+                name="dead_letter_once_per_generation",
+            ),
+            # A callback is parked again only after a replay of it.
+            models.UniqueConstraint(
+                fields=["callback"],
+                condition=Q(kind="callback", replayed_at__isnull=True),
+                name="dead_letter_callback_once_parked",
+            ),
+            models.CheckConstraint(
+                condition=Q(kind="message", callback__isnull=True) | Q(kind="callback", callback__isnull=False),
+                name="dead_letter_kind_callback",
+            ),
         ]
         indexes = [
             models.Index(fields=["client", "-created_at"], name="dead_letter_client_created"),
@@ -462,6 +490,8 @@ class DeadLetter(models.Model):
         permissions = [("replay_deadletter", "Can replay dead letters")]
 
     def __str__(self) -> str:
+        if self.kind == DeadLetterKind.CALLBACK:
+            return f"dead letter {self.pk}: callback {self.callback_id} of {self.message_id} ({self.error_type})"
         return f"dead letter {self.pk}: {self.channel} {self.message_id} ({self.error_type})"
 
     @property
@@ -554,6 +584,9 @@ class Callback(models.Model):
     next_attempt_at = models.DateTimeField()
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField()
+    # Retries stop CALLBACK_RETRY_WINDOW_SECONDS after this, or after created_at when None: a
+    # replay (messaging.replay) sets it to the replay's time, so the replayed one gets a full window.
+    retry_from = models.DateTimeField(null=True, blank=True)
     delivered_at = models.DateTimeField(null=True, blank=True)
     dead_lettered_at = models.DateTimeField(null=True, blank=True)
     last_error = models.CharField(max_length=500, blank=True, default="")

@@ -4,6 +4,10 @@ A replay moves the message back to `accepted` with a new send generation (a new 
 idempotency token), a fresh retry budget and the deadline its policy allows, and publishes it on
 commit. Each dead letter is claimed by a conditional UPDATE in the same transaction as the
 message's transition, so two replays racing over the same dead letters send each message once.
+
+A dead letter of kind `callback` (a status callback given up on) is replayed the same way: its
+callback is pending again with no attempts, due now, with a fresh retry window (`retry_from`)
+and the same webhook-id (receivers de-duplicate on it), and delivery is kicked on commit.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from django.db import transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
-from messaging.models import UNKNOWN_OUTCOMES, DeadLetter, Receipt
+from messaging.callbacks.trigger import callbacks_kick
+from messaging.models import UNKNOWN_OUTCOMES, Callback, CallbackState, DeadLetter, DeadLetterKind, Receipt
 from messaging.publish import message_publish
 from messaging.routing import ReplayDeadline, RetryPolicy, retry_policy_for
 from messaging.services import message_transition
@@ -39,6 +44,7 @@ class SkipReason:
     ARRIVED = "provider_reported_delivery"  # a receipt says the given-up send arrived after all: force to resend
     ALREADY_REPLAYED = "already_replayed"  # another replay took it first
     MOVED_ON = "message_moved_on"  # the message is no longer in the state it was parked in
+    ENDPOINT_DISABLED = "endpoint_disabled"  # a callback's endpoint is disabled: enable it, then replay
 
 
 @dataclass
@@ -48,8 +54,10 @@ class ReplayReport:
     selected: int = 0
     replayed: int = 0
     skipped: Counter = field(default_factory=Counter)
+    replayed_by_kind: Counter = field(default_factory=Counter)  # DeadLetterKind -> replayed
     dead_letter_ids: list[int] = field(default_factory=list)  # every one handled
     message_ids: list[str] = field(default_factory=list)  # the messages replayed (or, dry, that would be)
+    callback_ids: list[int] = field(default_factory=list)  # the callbacks replayed (or would be)
 
     def as_dict(self) -> dict:
         return {
@@ -57,9 +65,11 @@ class ReplayReport:
             "dry_run": self.dry_run,
             "selected": self.selected,
             "replayed": self.replayed,
+            "replayed_by_kind": {kind: self.replayed_by_kind[kind] for kind in DeadLetterKind.values},
             "skipped": dict(self.skipped),
             "dead_letter_ids": self.dead_letter_ids,
             "message_ids": self.message_ids,
+            "callback_ids": self.callback_ids,
         }
 
 
@@ -118,17 +128,26 @@ def dead_letters_replay(
     for start in range(0, len(ids), CHUNK_SIZE):
         chunk = list(
             DeadLetter.objects.filter(pk__in=ids[start : start + CHUNK_SIZE])
-            .select_related("message")
+            .select_related("message", "callback__endpoint")
             .order_by("created_at", "pk")
         )
-        arrived = _messages_with_delivery_receipts([d.message_id for d in chunk])
+        arrived = _messages_with_delivery_receipts([d.message_id for d in chunk if d.kind == DeadLetterKind.MESSAGE])
         for dead_letter in chunk:
             report.selected += 1
             report.dead_letter_ids.append(dead_letter.pk)
-            skipped = _replay_one(dead_letter, report, actor, via, force, dry_run, dead_letter.message_id in arrived)
+            if dead_letter.kind == DeadLetterKind.CALLBACK:
+                skipped = _replay_callback(dead_letter, report, actor, via, dry_run)
+            else:
+                skipped = _replay_one(
+                    dead_letter, report, actor, via, force, dry_run, dead_letter.message_id in arrived
+                )
             if skipped is None:
                 report.replayed += 1
-                report.message_ids.append(str(dead_letter.message_id))
+                report.replayed_by_kind[dead_letter.kind] += 1
+                if dead_letter.kind == DeadLetterKind.CALLBACK:
+                    report.callback_ids.append(dead_letter.callback_id)
+                else:
+                    report.message_ids.append(str(dead_letter.message_id))
             else:
                 report.skipped[skipped] += 1
             if progress is not None:
@@ -211,4 +230,51 @@ def _replay_one(
         transaction.on_commit(
             lambda: message_publish(message_id=message.pk, channel=message.channel, priority=message.priority)
         )
+    return None
+
+
+def _replay_callback(dead_letter: DeadLetter, report: ReplayReport, actor: str, via: str, dry_run: bool) -> str | None:
+    """Make a dead callback pending again; the reason it was skipped, or None. `force` does not
+    apply: nothing about a callback expires, and a disabled endpoint must be enabled first."""
+    if dead_letter.replayed_at is not None:
+        return SkipReason.ALREADY_REPLAYED
+    callback = dead_letter.callback
+    if callback.state != CallbackState.DEAD_LETTERED:
+        return SkipReason.MOVED_ON
+    if not callback.endpoint.enabled:
+        return SkipReason.ENDPOINT_DISABLED
+    if dry_run:
+        return None
+    now = timezone.now()
+    with transaction.atomic():
+        claimed = DeadLetter.objects.filter(pk=dead_letter.pk, replayed_at__isnull=True).update(
+            replayed_at=now, replayed_by=actor[:150], replayed_via=via, replay_id=report.replay_id
+        )
+        if not claimed:
+            return SkipReason.ALREADY_REPLAYED
+        # The same webhook_id and sequence; the attempt log is kept (the history of both rounds).
+        revived = Callback.objects.filter(
+            pk=callback.pk, state=CallbackState.DEAD_LETTERED, endpoint__enabled=True
+        ).update(
+            state=CallbackState.PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            retry_from=now,
+            lease_expires_at=None,
+            dead_lettered_at=None,
+            last_error="",
+        )
+        if not revived:
+            transaction.set_rollback(True)  # give the claim back: nothing happened
+            return SkipReason.MOVED_ON
+        transaction.on_commit(callbacks_kick)
+    logger.info(
+        "callback %s (%s #%d of %s) replayed by %s via %s",
+        callback.webhook_id,
+        callback.event,
+        callback.sequence,
+        callback.message_id,
+        actor,
+        via,
+    )
     return None

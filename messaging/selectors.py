@@ -8,7 +8,16 @@ from datetime import datetime
 
 from django.db.models import Prefetch, Q, QuerySet
 
-from messaging.models import ApiClient, ApiKey, DeadLetter, DispatchAttempt, Message, MessageEvent
+from messaging.models import (
+    ApiClient,
+    ApiKey,
+    Callback,
+    CallbackEndpoint,
+    DeadLetter,
+    DispatchAttempt,
+    Message,
+    MessageEvent,
+)
 
 
 def messages_for_client(*, client: ApiClient) -> QuerySet[Message]:
@@ -20,7 +29,12 @@ def message_detail_for_client(*, client: ApiClient) -> QuerySet[Message]:
         Prefetch("attempts", queryset=DispatchAttempt.objects.order_by("number", "id")),
         Prefetch("events", queryset=MessageEvent.objects.order_by("created_at", "id")),
         "receipts",
+        Prefetch("callbacks", queryset=Callback.objects.select_related("endpoint").order_by("sequence", "endpoint_id")),
     )
+
+
+def callback_endpoints_for_client(*, client: ApiClient) -> QuerySet[CallbackEndpoint]:
+    return CallbackEndpoint.objects.filter(client=client)
 
 
 def api_key_active(*, key_hash: str) -> ApiKey | None:
@@ -46,13 +60,15 @@ class DeadLetterCriteria:
     priorities: tuple[str, ...] = ()
     states: tuple[str, ...] = ()
     ids: tuple[int | uuid.UUID, ...] = ()
+    kinds: tuple[str, ...] = ()  # DeadLetterKind: message, callback
+    endpoints: tuple[int, ...] = ()  # callback dead letters of these callback endpoints
     parked: bool | None = None  # True: not replayed yet; False: replayed; None: both
 
     def narrows(self) -> bool:
         """Whether anything but the client and the parked flag was given (an empty replay filter
         would replay a whole queue: callers ask for an explicit "all" instead)."""
         narrowing = (self.since, self.until, self.channels, self.providers, self.error_types, self.categories)
-        return any((*narrowing, self.priorities, self.states, self.ids, self.client_names))
+        return any((*narrowing, self.priorities, self.states, self.ids, self.client_names, self.kinds, self.endpoints))
 
 
 def dead_letters_matching(*, criteria: DeadLetterCriteria) -> QuerySet[DeadLetter]:
@@ -72,6 +88,8 @@ def dead_letters_matching(*, criteria: DeadLetterCriteria) -> QuerySet[DeadLette
         ("category", criteria.categories),
         ("priority", criteria.priorities),
         ("state", criteria.states),
+        ("kind", criteria.kinds),
+        ("callback__endpoint_id", criteria.endpoints),
     ):
         if values:
             rows = rows.filter(**{f"{column}__in": values})
@@ -85,4 +103,4 @@ def dead_letters_matching(*, criteria: DeadLetterCriteria) -> QuerySet[DeadLette
 
 
 def dead_letter_detail_for_client(*, client: ApiClient) -> QuerySet[DeadLetter]:
-    return DeadLetter.objects.filter(client=client)
+    return DeadLetter.objects.filter(client=client).select_related("callback__endpoint")

@@ -17,7 +17,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from providers.registry import PROVIDER_CLASSES, provider_class
-from reconciliation.anomalies import Finding, detect, recovered
+from reconciliation.anomalies import AlertKind, Finding, detect, recovered
 from reconciliation.buckets import buckets_refresh, series_by_route
 from reconciliation.conf import detector_settings, reconciliation_setting
 from reconciliation.models import Alert
@@ -125,10 +125,13 @@ def alert_payload(alert: Alert, event: str) -> dict[str, Any]:
         "window_end": alert.window_end.isoformat(),
         "opened_at": alert.opened_at.isoformat(),
         "resolved_at": alert.resolved_at.isoformat() if alert.resolved_at else None,
+        "detail": alert.detail,
     }
 
 
 def alert_summary(alert: Alert) -> str:
+    if alert.kind == AlertKind.CALLBACK_ENDPOINT_DISABLED:
+        return f"callback endpoint disabled: {alert.detail}"
     what = f"{alert.kind} ({alert.error_type})" if alert.error_type else alert.kind
     if alert.kind == "latency_rise":
         change = f"{alert.observed:.0f} ms against {alert.baseline:.0f} ms"

@@ -35,6 +35,9 @@ class AlertKind(models.TextChoices):
     DELIVERY_RATE_DROP = "delivery_rate_drop"  # fewer sends are reported delivered
     ERROR_RATE_RISE = "error_rate_rise"  # more provider calls fail with one error type
     LATENCY_RISE = "latency_rise"  # provider calls take longer
+    # Not the detector's: a client's callback endpoint failed too long and was disabled
+    # (reconciliation.callbacks); channel "callback", provider "endpoint:<id>".
+    CALLBACK_ENDPOINT_DISABLED = "callback_endpoint_disabled"
 
 
 DROP_KINDS = (AlertKind.RECEIPT_RATE_DROP, AlertKind.DELIVERY_RATE_DROP)

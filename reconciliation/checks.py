@@ -1,4 +1,5 @@
-"""System checks of the reconciliation layer's settings: the anomaly detector's overrides."""
+"""System checks of the reconciliation layer's settings: the anomaly detector's overrides, the
+callback endpoints' auto-disable delay."""
 
 from __future__ import annotations
 
@@ -14,7 +15,17 @@ def check_reconciliation_settings(app_configs=None, **kwargs) -> list[Error]:
     type_errors = setting_type_errors(getattr(settings, "CONDUCTOR", {}), DEFAULTS)
     if type_errors:
         return type_errors
-    return [
+    errors = [
         Error(f"CONDUCTOR['ANOMALY']: {problem}.", hint="See reconciliation/anomalies.py.", id="conductor.E013")
         for problem in detector_settings_problems(reconciliation_setting("ANOMALY"))
     ]
+    disable_after = reconciliation_setting("CALLBACK_DISABLE_AFTER_SECONDS")
+    if disable_after <= 0:
+        errors.append(
+            Error(
+                f"CONDUCTOR['CALLBACK_DISABLE_AFTER_SECONDS'] is {disable_after!r}; it must be above 0 (seconds).",
+                hint="How long a client's callback endpoint may fail before it is disabled.",
+                id="conductor.E063",
+            )
+        )
+    return errors

@@ -1,9 +1,11 @@
-"""The operations dashboard's data: five series over a window, plus circuits, alerts, the last run.
+"""The operations dashboard's data: five series over a window, plus circuits, alerts, the last run
+and the status callbacks' backlog.
 
 Everything is read from small aggregate tables, never by scanning messages, so the answer stays
 fast however many messages there are: delivery buckets (minute rows for 15 min and 1 h, their
 hour roll-ups for 24 h and 7 d), queue-depth slots (same two sizes) and dead letters counted
-per step on their indexed parked time.
+per step on their indexed parked time; the callback backlog from the pending callbacks' partial
+index (small however many callbacks were delivered).
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Count
+from django.db.models import Count, Min, Q
 from django.db.models.functions import Trunc
 from django.utils import timezone
 
-from messaging.models import DeadLetter
+from messaging.models import Callback, CallbackEndpoint, CallbackState, DeadLetter, DeadLetterKind
 from providers.guards import circuit_breaker
 from reconciliation import histograms
 from reconciliation.alerts import alert_payload
@@ -80,6 +82,7 @@ def dashboard_data(*, window: str = "1h", priority: str = "", now: datetime | No
         "circuits": _circuits(),
         "alerts": _open_alerts(),
         "last_reconciliation": _last_reconciliation(),
+        "callbacks": callback_backlog(now=now),
     }
 
 
@@ -165,7 +168,9 @@ def _dead_letter_series(times, index, step) -> dict[str, list[int]]:
     size = len(times)
     kind = "minute" if step == 60 else "hour"
     counts = (
-        DeadLetter.objects.filter(created_at__gte=times[0], created_at__lt=times[-1] + timedelta(seconds=step))
+        DeadLetter.objects.filter(
+            kind=DeadLetterKind.MESSAGE, created_at__gte=times[0], created_at__lt=times[-1] + timedelta(seconds=step)
+        )
         .annotate(slot=Trunc("created_at", kind))
         .values("slot", "channel")
         .annotate(n=Count("pk"))
@@ -222,4 +227,62 @@ def _last_reconciliation() -> dict[str, Any] | None:
         "updated": run.updated,
         "still_unknown": run.still_unknown,
         "mismatches": run.mismatches,
+    }
+
+
+# Endpoints listed in the backlog and among the disabled: the ones most behind.
+BACKLOG_TOP = 10
+
+
+def callback_backlog(*, now: datetime) -> dict[str, Any]:
+    """Pending callbacks (all, and per endpoint for the 10 most behind: how many, how many due, the
+    oldest one's age and how long the oldest due one has waited), dead callbacks still parked,
+    and the disabled endpoints."""
+    pending = Callback.objects.filter(state=CallbackState.PENDING)
+    per_endpoint = list(
+        pending.values("endpoint_id")
+        .annotate(
+            pending=Count("pk"),
+            due=Count("pk", filter=Q(next_attempt_at__lte=now)),
+            oldest=Min("created_at"),
+            oldest_due=Min("next_attempt_at", filter=Q(next_attempt_at__lte=now)),
+        )
+        .order_by("oldest")[:BACKLOG_TOP]
+    )
+    endpoints = CallbackEndpoint.objects.select_related("client").in_bulk([row["endpoint_id"] for row in per_endpoint])
+    disabled = CallbackEndpoint.objects.filter(enabled=False)
+    return {
+        "pending": pending.count(),
+        "dead": DeadLetter.objects.filter(kind=DeadLetterKind.CALLBACK, replayed_at__isnull=True).count(),
+        "endpoints": [_backlog_row(row, endpoints.get(row["endpoint_id"]), now) for row in per_endpoint],
+        "disabled_count": disabled.count(),
+        "disabled": [
+            {
+                "endpoint_id": endpoint.pk,
+                "client": endpoint.client.name,
+                "url": endpoint.url,
+                "disabled_at": _iso(endpoint.disabled_at),
+                "disabled_reason": endpoint.disabled_reason,
+            }
+            for endpoint in disabled.select_related("client").order_by("-disabled_at", "-pk")[:BACKLOG_TOP]
+        ],
+    }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def _backlog_row(row: dict[str, Any], endpoint: CallbackEndpoint | None, now: datetime) -> dict[str, Any]:
+    oldest_due = row["oldest_due"]
+    return {
+        "endpoint_id": row["endpoint_id"],
+        "client": endpoint.client.name if endpoint else "",
+        "url": endpoint.url if endpoint else "",
+        "enabled": endpoint.enabled if endpoint else False,
+        "failing_since": _iso(endpoint.failing_since) if endpoint else None,
+        "pending": row["pending"],
+        "due": row["due"],
+        "oldest_age_seconds": max(0.0, (now - row["oldest"]).total_seconds()),
+        "oldest_due_wait_seconds": max(0.0, (now - oldest_due).total_seconds()) if oldest_due else None,
     }

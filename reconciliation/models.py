@@ -68,7 +68,9 @@ class AlertSeverity(models.TextChoices):
 
 
 class Alert(models.Model):
-    """A delivery anomaly: opened by the detector, resolved by it when the rate recovers."""
+    """A delivery anomaly: opened by the detector, resolved by it when the rate recovers. Or a
+    client's callback endpoint disabled after failing too long (reconciliation.callbacks), resolved
+    once it is enabled again or deleted."""
 
     kind = models.CharField(max_length=32)  # reconciliation.anomalies.AlertKind
     error_type = models.CharField(max_length=32, blank=True, default="")
@@ -86,6 +88,7 @@ class Alert(models.Model):
     last_seen_at = models.DateTimeField()
     resolved_at = models.DateTimeField(null=True, blank=True)
     recovered_rate = models.FloatField(null=True, blank=True)
+    detail = models.TextField(blank=True, default="", help_text="What happened, in words (callback endpoints).")
 
     class Meta:
         constraints = [

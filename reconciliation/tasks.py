@@ -12,6 +12,7 @@ from django.utils import timezone
 from messaging.logging import redacted_url
 from reconciliation.alerts import POST_ALERT_TASK, anomalies_detect
 from reconciliation.buckets import buckets_purge
+from reconciliation.callbacks import callback_endpoints_disable_failing
 from reconciliation.conf import reconciliation_setting
 from reconciliation.polling import receipts_poll_overdue
 from reconciliation.queues import queue_depth_purge, queue_depth_sample
@@ -49,6 +50,12 @@ def detect_anomalies() -> int:
 def sample_queues() -> None:
     """Queue depths for the dashboard's chart (the broker keeps no history)."""
     queue_depth_sample()
+
+
+@shared_task(name="reconciliation.disable_failing_callback_endpoints", ignore_result=True)
+def disable_failing_callback_endpoints() -> int:
+    """Disable clients' callback endpoints failing too long, with an alert (every minute)."""
+    return len(callback_endpoints_disable_failing().disabled)
 
 
 @shared_task(name="reconciliation.reconcile", ignore_result=True)

@@ -206,6 +206,7 @@ DLQ_PURGE_INTERVAL_SECONDS = env_float("CONDUCTOR_DLQ_PURGE_INTERVAL_SECONDS", 3
 RECEIPT_POLL_INTERVAL_SECONDS = env_float("CONDUCTOR_RECEIPT_POLL_INTERVAL_SECONDS", 60.0)
 ANOMALY_INTERVAL_SECONDS = env_float("CONDUCTOR_ANOMALY_INTERVAL_SECONDS", 60.0)
 QUEUE_SAMPLE_INTERVAL_SECONDS = env_float("CONDUCTOR_QUEUE_SAMPLE_INTERVAL_SECONDS", 15.0)
+CALLBACK_ENDPOINT_CHECK_INTERVAL_SECONDS = env_float("CONDUCTOR_CALLBACK_ENDPOINT_CHECK_INTERVAL_SECONDS", 60.0)
 RECONCILE_HOUR, RECONCILE_MINUTE = env_clock("CONDUCTOR_RECONCILE_AT", "02:00")
 CELERY_BEAT_SCHEDULE = {
     "messaging.sweep": {
@@ -236,6 +237,12 @@ CELERY_BEAT_SCHEDULE = {
         "task": "reconciliation.sample_queues",
         "schedule": QUEUE_SAMPLE_INTERVAL_SECONDS,
         "options": {"queue": MAINTENANCE_QUEUE, "expires": QUEUE_SAMPLE_INTERVAL_SECONDS},
+    },
+    # Clients' callback endpoints failing for longer than CALLBACK_DISABLE_AFTER_SECONDS disabled, with an alert.
+    "reconciliation.disable_failing_callback_endpoints": {
+        "task": "reconciliation.disable_failing_callback_endpoints",
+        "schedule": CALLBACK_ENDPOINT_CHECK_INTERVAL_SECONDS,
+        "options": {"queue": MAINTENANCE_QUEUE, "expires": CALLBACK_ENDPOINT_CHECK_INTERVAL_SECONDS},
     },
     # The previous day reconciled against receipts and the providers' status (UTC).
     "reconciliation.reconcile": {
@@ -275,6 +282,7 @@ CONDUCTOR = {
     # Detector overrides as JSON, e.g. CONDUCTOR_ANOMALY='{"min_samples": 50, "windows_seconds": [300, 3600]}'.
     "ANOMALY": env_json("CONDUCTOR_ANOMALY", {}),
     "ALERT_WEBHOOK_URL": env_str("ALERT_WEBHOOK_URL"),
+    "CALLBACK_DISABLE_AFTER_SECONDS": env_float("CONDUCTOR_CALLBACK_DISABLE_AFTER_SECONDS", 86400.0),
 }
 CONDUCTOR_PROVIDERS = {
     "twilio": {
@@ -378,6 +386,9 @@ SPECTACULAR_SETTINGS = {
         "EventSourceEnum": "messaging.models.EventSource",
         "ErrorTypeEnum": "messaging.models.ErrorType",
         "OrderingModeEnum": "messaging.models.OrderingMode",
+        "CallbackEventEnum": "messaging.models.CallbackEvent",
+        "CallbackStateEnum": "messaging.models.CallbackState",
+        "DeadLetterKindEnum": "messaging.models.DeadLetterKind",
     },
 }
 

@@ -22,7 +22,9 @@ from messaging.conf import messaging_setting
 from messaging.dead_letters import ATTEMPT_FIELDS
 from messaging.models import (
     ApiClient,
+    Callback,
     DeadLetter,
+    DeadLetterKind,
     DispatchAttempt,
     ErrorType,
     Message,
@@ -525,13 +527,54 @@ def _fast_datetime(field: serializers.DateTimeField, tz: tzinfo | None) -> Calla
     return convert
 
 
+class CallbackAttemptSerializer(serializers.Serializer):
+    at = serializers.DateTimeField(required=False, help_text="When the request was sent.")
+    status = serializers.IntegerField(
+        required=False, allow_null=True, help_text="The endpoint's HTTP status; null: no answer."
+    )
+    error = serializers.CharField(required=False, allow_blank=True, help_text="What went wrong, if anything.")
+    latency_ms = serializers.FloatField(required=False, allow_null=True)
+
+
+class MessageCallbackSerializer(serializers.ModelSerializer):
+    """A status callback of the message to one of the client's endpoints, with its attempts."""
+
+    endpoint_id = serializers.IntegerField(read_only=True)
+    endpoint_url = serializers.CharField(source="endpoint.url", read_only=True)
+    attempt_log = CallbackAttemptSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = Callback
+        fields = [
+            "webhook_id",
+            "event",
+            "sequence",
+            "occurred_at",
+            "endpoint_id",
+            "endpoint_url",
+            "state",
+            "attempts",
+            "attempt_log",
+            "next_attempt_at",
+            "delivered_at",
+            "dead_lettered_at",
+            "last_error",
+        ]
+        extra_kwargs = {
+            "webhook_id": {"help_text": "The webhook-id header: the same on every retry (de-duplicate on it)."},
+            "sequence": {"help_text": "The message's event number: callbacks are sent in this order."},
+            "attempts": {"help_text": "Attempts since it was written (or replayed)."},
+        }
+
+
 class MessageDetailSerializer(MessageSerializer):
     attempts = AttemptSerializer(many=True, read_only=True)
     events = EventSerializer(many=True, read_only=True)
     receipts = ReceiptSerializer(many=True, read_only=True)
+    callbacks = MessageCallbackSerializer(many=True, read_only=True)
 
     class Meta(MessageSerializer.Meta):
-        fields = MessageSerializer.Meta.fields + ["attempts", "events", "receipts"]
+        fields = MessageSerializer.Meta.fields + ["attempts", "events", "receipts", "callbacks"]
 
 
 # --- dead letters ---------------------------------------------------------------------------------
@@ -546,6 +589,14 @@ class DeadLetterFilterSerializer(serializers.Serializer):
     provider = serializers.CharField(required=False, max_length=32)
     created_after = serializers.DateTimeField(required=False, help_text="Parked at or after this time.")
     created_before = serializers.DateTimeField(required=False, help_text="Parked before this time.")
+    kind = serializers.ChoiceField(
+        choices=DeadLetterKind.choices,
+        required=False,
+        help_text="message: messages given up on; callback: status callbacks to your endpoints given up on.",
+    )
+    endpoint = serializers.IntegerField(
+        required=False, min_value=1, max_value=BIGINT_MAX, help_text="Callback dead letters of this endpoint."
+    )
 
 
 def dead_letter_criteria(data: dict[str, Any], *, client: ApiClient | None, parked: bool | None) -> DeadLetterCriteria:
@@ -565,6 +616,8 @@ def dead_letter_criteria(data: dict[str, Any], *, client: ApiClient | None, park
         priorities=one("priority"),
         states=one("state"),
         ids=tuple(data.get("ids", ())),
+        kinds=one("kind"),
+        endpoints=(data["endpoint"],) if "endpoint" in data else (),
         parked=parked,
     )
 
@@ -622,16 +675,30 @@ def parse_dead_letter_id(value: str) -> int | uuid.UUID:
         raise ValueError(f"{value!r} is neither a dead-letter id (a number) nor a message id (a UUID).") from None
 
 
+class DeadLetterCallbackSerializer(serializers.ModelSerializer):
+    endpoint_id = serializers.IntegerField(read_only=True)
+    endpoint_url = serializers.CharField(source="endpoint.url", read_only=True)
+
+    class Meta:
+        model = Callback
+        fields = ["id", "webhook_id", "event", "sequence", "endpoint_id", "endpoint_url", "state"]
+
+
 class DeadLetterSerializer(serializers.ModelSerializer):
     message_id = serializers.UUIDField(read_only=True)
     status = serializers.SerializerMethodField()
     error = serializers.SerializerMethodField()
+    callback = DeadLetterCallbackSerializer(
+        read_only=True, allow_null=True, help_text="Of kind callback: the callback given up on; else null."
+    )
 
     class Meta:
         model = DeadLetter
         fields = [
             "id",
+            "kind",
             "message_id",
+            "callback",
             "status",
             "state",
             "channel",
@@ -667,7 +734,11 @@ class ReplayResultSerializer(serializers.Serializer):
     matched = serializers.IntegerField(help_text="Parked dead letters matching the filter.")
     selected = serializers.IntegerField(help_text="Of those, how many this call handled (limit).")
     replayed = serializers.IntegerField(help_text="Replayed, or with dry_run, would be.")
+    replayed_by_kind = serializers.DictField(
+        child=serializers.IntegerField(), help_text="Of those, per kind: message and callback."
+    )
     skipped = serializers.DictField(child=serializers.IntegerField())
     remaining = serializers.IntegerField(help_text="Matching parked dead letters left for another call.")
     dead_letter_ids = serializers.ListField(child=serializers.IntegerField(), help_text="Every one handled.")
     message_ids = serializers.ListField(child=serializers.UUIDField(), help_text="The messages replayed.")
+    callback_ids = serializers.ListField(child=serializers.IntegerField(), help_text="The callbacks replayed.")

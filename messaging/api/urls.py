@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from messaging.api import views
+from messaging.api import callback_views, views
 
 urlpatterns = [
     path("messages/", views.MessageListCreateView.as_view(), name="message-list"),
@@ -12,4 +12,24 @@ urlpatterns = [
     path("dead-letters/", views.DeadLetterListView.as_view(), name="dead-letter-list"),
     path("dead-letters/replay/", views.DeadLetterReplayView.as_view(), name="dead-letter-replay"),
     path("dead-letters/<int:pk>/", views.DeadLetterDetailView.as_view(), name="dead-letter-detail"),
+    path(
+        "callback-endpoints/",
+        callback_views.CallbackEndpointListCreateView.as_view(),
+        name="callback-endpoint-list",
+    ),
+    path(
+        "callback-endpoints/<int:pk>/",
+        callback_views.CallbackEndpointDetailView.as_view(),
+        name="callback-endpoint-detail",
+    ),
+    path(
+        "callback-endpoints/<int:pk>/secret/",
+        callback_views.CallbackEndpointSecretView.as_view(),
+        name="callback-endpoint-secret",
+    ),
+    path(
+        "callback-endpoints/<int:pk>/rotate-secret/",
+        callback_views.CallbackEndpointRotateSecretView.as_view(),
+        name="callback-endpoint-rotate-secret",
+    ),
 ]

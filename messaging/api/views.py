@@ -279,7 +279,7 @@ class DeadLetterListView(generics.ListAPIView):
         status_filter = query.validated_data.get("status")
         parked = None if status_filter is None else status_filter == "parked"
         criteria = dead_letter_criteria(query.validated_data, client=self.request.auth, parked=parked)
-        return dead_letters_matching(criteria=criteria)
+        return dead_letters_matching(criteria=criteria).select_related("callback__endpoint")
 
     @extend_schema(parameters=[DeadLetterListQuerySerializer])
     def get(self, request: Request, *args, **kwargs) -> Response:

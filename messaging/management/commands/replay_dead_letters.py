@@ -17,7 +17,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from messaging.api.serializers import parse_dead_letter_id
-from messaging.models import ERROR_TYPE_MEANINGS, ApiClient, DeadLetter, ErrorType, EventSource
+from messaging.models import ERROR_TYPE_MEANINGS, ApiClient, DeadLetter, DeadLetterKind, ErrorType, EventSource
 from messaging.replay import SkipReason, dead_letters_replay
 from messaging.routing import Channel, Priority
 from messaging.selectors import DeadLetterCriteria, dead_letters_matching
@@ -61,10 +61,15 @@ set by its sender, or whose policy keeps it (critical by default), is skipped on
 has passed unless --force. A send whose outcome was unknown is looked up at its provider before
 it is sent again. Two replays running at once never send a message twice.
 
+Status callbacks given up on are dead letters of kind "callback" (--kind callback): a replay makes
+the callback pending again with a fresh retry window and the same webhook-id; one whose endpoint
+is disabled is skipped (enable the endpoint first).
+
 Examples:
   manage.py replay_dead_letters --since 2h --channel sms --error-type provider_timeout --dry-run
   manage.py replay_dead_letters --id 1842 --id 3f0c6a52-4d1e-4c8a-9a53-0d2b1c1c9e11
-  manage.py replay_dead_letters --provider twilio --since 2026-11-30T08:00Z --until 2026-11-30T09:30Z --yes"""
+  manage.py replay_dead_letters --provider twilio --since 2026-11-30T08:00Z --until 2026-11-30T09:30Z --yes
+  manage.py replay_dead_letters --kind callback --endpoint 12 --since 1d"""
 
     def create_parser(self, prog_name, subcommand, **kwargs):
         meanings = "\n".join(f"  {name:<18} {ERROR_TYPE_MEANINGS[name]}" for name in ErrorType.values)
@@ -85,6 +90,12 @@ Examples:
         parser.add_argument("--priority", action="append", choices=Priority.values, default=[])
         parser.add_argument("--state", action="append", choices=sorted(DEAD_LETTER_STATES), default=[])
         parser.add_argument("--client", action="append", default=[], help="Only this API client's (its name).")
+        parser.add_argument(
+            "--kind", action="append", choices=DeadLetterKind.values, default=[], help="Messages or status callbacks."
+        )
+        parser.add_argument(
+            "--endpoint", action="append", type=int, default=[], metavar="ID", help="Callbacks to this endpoint (id)."
+        )
         parser.add_argument(
             "--id",
             action="append",
@@ -169,6 +180,8 @@ Examples:
             states=tuple(options["state"]),
             client_names=tuple(options["client"]),
             ids=ids,
+            kinds=tuple(options["kind"]),
+            endpoints=tuple(options["endpoint"]),
             parked=True,
         )
 
@@ -178,8 +191,13 @@ Examples:
             return
         limited = f", the oldest {selected} selected (--limit)" if selected < matched else ""
         self.stdout.write(f"Matched {matched} parked dead letter{'s' if matched != 1 else ''}{limited}.")
-        rows = list(selection.values("channel", "error_type", "provider"))
-        for label, key in (("channel", "channel"), ("error type", "error_type"), ("provider", "provider")):
+        rows = list(selection.values("kind", "channel", "error_type", "provider"))
+        for label, key in (
+            ("kind", "kind"),
+            ("channel", "channel"),
+            ("error type", "error_type"),
+            ("provider", "provider"),
+        ):
             counts = Counter(row[key] or "none" for row in rows)
             self.stdout.write(f"  by {label}: " + ", ".join(f"{name} {n}" for name, n in counts.most_common()))
         if show <= 0:
@@ -220,17 +238,26 @@ Examples:
                 + ". Nothing was changed."
             )
         elif report.selected:
+            kinds = ", ".join(f"{n} {kind}s" for kind, n in sorted(report.replayed_by_kind.items()) if n)
             self.stdout.write(
-                self.style.SUCCESS(f"Replayed {report.replayed} of {report.selected} (replay {report.replay_id}).")
+                self.style.SUCCESS(
+                    f"Replayed {report.replayed} of {report.selected}"
+                    + (f" ({kinds})" if kinds else "")
+                    + f" (replay {report.replay_id})."
+                )
             )
             if skipped:
                 self.stdout.write(f"Skipped: {skipped}.")
-            if report.replayed:
+            if report.replayed_by_kind[DeadLetterKind.MESSAGE]:
                 self.stdout.write(
                     "Their messages are accepted again and queued; follow them in the admin or with "
                     "GET /api/v1/messages/<id>/."
                 )
+            if report.replayed_by_kind[DeadLetterKind.CALLBACK]:
+                self.stdout.write("The callbacks are pending again, with the same webhook-id; delivery was kicked.")
         if report.skipped.get(SkipReason.PAST_DEADLINE) or report.skipped.get(SkipReason.ARRIVED):
             self.stdout.write("Add --force to send the skipped ones anyway.")
+        if report.skipped.get(SkipReason.ENDPOINT_DISABLED):
+            self.stdout.write("Enable the skipped callbacks' endpoints first (admin or API), then replay them.")
         if report.selected < matched:
             self.stdout.write(f"{matched - report.selected} more match; run again for them.")

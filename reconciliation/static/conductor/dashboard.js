@@ -112,9 +112,34 @@
         cell(a.kind + (a.error_type ? " (" + a.error_type + ")" : "")),
         cell(a.channel + " / " + a.provider),
         cell(a.severity),
-        cell(a.observed.toFixed(3) + " / " + a.baseline.toFixed(3)),
+        cell(a.detail ? a.detail : a.observed.toFixed(3) + " / " + a.baseline.toFixed(3)),
       ]),
       5
+    );
+    const cb = d.callbacks;
+    document.getElementById("callbacks-summary").textContent =
+      `${cb.pending} pending, ${cb.dead} dead (parked), ${cb.disabled_count} endpoints disabled.`;
+    fillTable(
+      "callback-backlog",
+      cb.endpoints.map((e) => [
+        cell("#" + e.endpoint_id + " " + e.url + (e.enabled ? "" : " (disabled)") + (e.failing_since ? " · failing" : "")),
+        cell(e.client),
+        cell(count(e.pending)),
+        cell(count(e.due)),
+        cell(seconds(e.oldest_age_seconds)),
+        cell(seconds(e.oldest_due_wait_seconds)),
+      ]),
+      6
+    );
+    fillTable(
+      "callback-disabled",
+      cb.disabled.map((e) => [
+        cell("#" + e.endpoint_id + " " + e.url),
+        cell(e.client),
+        cell(e.disabled_at ? new Date(e.disabled_at).toLocaleString() : "–"),
+        cell(e.disabled_reason),
+      ]),
+      4
     );
     const run = d.last_reconciliation;
     document.getElementById("reconciliation").textContent = run
