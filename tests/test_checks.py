@@ -206,3 +206,20 @@ def test_web_workers_and_beat_refuse_to_start_with_a_real_provider_and_a_sandbox
     done = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "conductor.E023" in done.stderr and "TWILIO_AUTH_TOKEN" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "conductor, expected",
+    [
+        ({"CALLBACK_TIMEOUT_SECONDS": 0.0}, ["conductor.E060"]),
+        ({"CALLBACK_SECRET_OVERLAP_SECONDS": -1.0}, ["conductor.E060"]),
+        ({"CALLBACK_TIMEOUT_SECONDS": 30.0, "CALLBACK_LEASE_SECONDS": 30.0}, ["conductor.E061"]),
+        ({"CALLBACK_BACKOFF_BASE_SECONDS": 60.0, "CALLBACK_BACKOFF_MAX_SECONDS": 10.0}, ["conductor.E062"]),
+        ({"CALLBACK_DISABLE_AFTER_SECONDS": 0.0}, ["conductor.E063"]),
+        ({"CALLBACK_RETRY_WINDOW_SECONDS": "1d"}, ["conductor.E021"]),
+        ({"CALLBACK_CONCURRENCY_PER_ENDPOINT": 0}, ["conductor.E018"]),
+    ],
+)
+def test_callback_settings_that_cannot_work_are_errors(conductor, expected):
+    with override_settings(CONDUCTOR=conductor):
+        assert ids(check_conductor_settings()) == expected
