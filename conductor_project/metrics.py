@@ -130,8 +130,8 @@ class StateCollector:
         )
         yield _counted(
             "conductor_dead_letters",
-            "Parked dead letters (given up on, not replayed) by channel and error type.",
-            DeadLetter.objects.filter(replayed_at__isnull=True),
+            "Parked dead letters of messages (given up on, not replayed) by channel and error type.",
+            DeadLetter.objects.filter(kind="message", replayed_at__isnull=True),
             ["channel", "error_type"],
         )
         yield _counted(

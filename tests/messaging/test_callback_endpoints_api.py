@@ -200,3 +200,30 @@ def test_the_signature_is_plain_hmac_sha256_as_the_receivers_guide_shows(client_
     key = base64.b64decode(secret.removeprefix("whsec_"))
     mine = hmac.new(key, f"{msg_id}.{int(now.timestamp())}.".encode() + body, hashlib.sha256).digest()
     assert signed == "v1," + base64.b64encode(mine).decode()
+
+
+def test_the_receivers_guide_verifies_what_the_library_signs(client_key):
+    """The plain-Python verifier printed in docs/callbacks.md, run as printed."""
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "callbacks.md").read_text()
+    section = guide[guide.index("## Verifying a callback") :]
+    code = section[
+        section.index("```python\n") + len("```python\n") : section.index("```\n", section.index("```python"))
+    ]
+    namespace: dict = {}
+    exec(compile(code, "docs/callbacks.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    verify = namespace["verify"]
+
+    endpoint = endpoint_make(client_key[0])
+    secret = endpoint.secrets[0]["secret"]
+    body = b'{"type":"message.delivered","data":{"sequence":3}}'
+    now = timezone.now()
+    headers = sign_as_sent(endpoint, body, "msg_guide", now)
+    assert verify(secret, headers, body)
+    assert not verify(secret, headers, body.replace(b"3", b"4"))  # tampered body
+    assert not verify(secret, {**headers, "webhook-id": "msg_other"}, body)
+    stale = sign_as_sent(endpoint, body, "msg_guide", now - timedelta(minutes=10))
+    assert not verify(secret, stale, body)  # too old
+    other, _ = endpoint_make(client_key[0], url="https://hooks.example.com/other").secrets[0]["secret"], None
+    assert not verify(other, headers, body)
