@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('reconciliation', '0004_receipt_moves_to_messaging'),
+        ("reconciliation", "0004_receipt_moves_to_messaging"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='alert',
-            name='detail',
-            field=models.TextField(blank=True, default='', help_text='What happened, in words (callback endpoints).'),
+            model_name="alert",
+            name="detail",
+            field=models.TextField(blank=True, default="", help_text="What happened, in words (callback endpoints)."),
         ),
     ]
