@@ -225,5 +225,5 @@ def test_the_receivers_guide_verifies_what_the_library_signs(client_key):
     assert not verify(secret, {**headers, "webhook-id": "msg_other"}, body)
     stale = sign_as_sent(endpoint, body, "msg_guide", now - timedelta(minutes=10))
     assert not verify(secret, stale, body)  # too old
-    other, _ = endpoint_make(client_key[0], url="https://hooks.example.com/other").secrets[0]["secret"], None
+    other = endpoint_make(client_key[0], url="https://hooks.example.com/other").secrets[0]["secret"]
     assert not verify(other, headers, body)
