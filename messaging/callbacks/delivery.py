@@ -31,6 +31,7 @@ import logging
 import queue
 import time
 from collections import Counter, defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -141,7 +142,8 @@ def callbacks_deliver(*, budget_s: float = BUDGET_S) -> DeliveryReport:
 # Due, unleased heads of their (message, endpoint) sequence, at endpoints not left out, ranked
 # per endpoint; the first `rank <= free` of each, oldest due first, up to `limit`, locked (SKIP
 # LOCKED: deliverers never wait for each other) and leased. The scan reads the pending index in
-# next_attempt_at order and stops after `scan` heads.
+# next_attempt_at order and stops after `scan` heads; the picked ids are then looked up by key
+# (= ANY(ARRAY(...)): a join would let the planner read the whole table, delivered rows and all).
 _CLAIM_SQL = """
 WITH busy(endpoint_id, n) AS (
     SELECT * FROM unnest(%(busy_ids)s::bigint[], %(busy_counts)s::int[])
@@ -168,12 +170,13 @@ ranked AS (
     FROM candidates LEFT JOIN busy USING (endpoint_id)
 ),
 picked AS (
-    SELECT c.id FROM {callback} c JOIN ranked ON ranked.id = c.id
-    WHERE ranked.rank <= ranked.free
+    SELECT c.id FROM {callback} c
+    WHERE c.id = ANY(ARRAY(
+            SELECT ranked.id FROM ranked WHERE ranked.rank <= ranked.free
+            ORDER BY ranked.next_attempt_at LIMIT %(limit)s
+          ))
       AND c.state = 'pending' AND (c.lease_expires_at IS NULL OR c.lease_expires_at < %(now)s)
-    ORDER BY ranked.next_attempt_at
-    LIMIT %(limit)s
-    FOR UPDATE OF c SKIP LOCKED
+    FOR UPDATE SKIP LOCKED
 )
 UPDATE {callback} c SET lease_expires_at = %(lease)s
 FROM picked, {endpoint} ep
@@ -229,6 +232,7 @@ class _Deliverer:
         self.permits: dict[int, tuple[Permit, float]] = {}  # closed-state permits, with when
         self.paused: dict[int, float] = {}  # endpoint -> monotonic time it may be claimed again
         self.breakers: dict[int, CircuitBreaker] = {}
+        self.successes_told: dict[int, float] = {}  # endpoint -> when its successes were last recorded
         self.secrets: dict[str, list[dict[str, Any]]] = {}
         self.report = DeliveryReport()
 
@@ -310,7 +314,7 @@ class _Deliverer:
             "per_endpoint": self.per_endpoint,
             "limit": free,
             # Enough heads that every endpoint with free slots among the oldest shows up.
-            "scan": min(max(free * 4, 200), 5000),
+            "scan": min(max(free * 2, 64), 2000),
         }
         with connection.cursor() as cursor:
             cursor.execute(_sql(_CLAIM_SQL), params)
@@ -486,7 +490,9 @@ class _Deliverer:
                 circuit[callback.endpoint_id].append((callback.permit, verdict.endpoint_failing, answer.latency_s))
             by_endpoint[callback.endpoint_id].append((answer.started_at, outcome == DELIVERED))
         failing = self._failing_changes(by_endpoint)
-        with transaction.atomic():
+        # One statement in autocommit while all goes well; with callbacks given up on, their
+        # attempts and their parking commit together.
+        with transaction.atomic() if give_up else nullcontext():
             with connection.cursor() as cursor:
                 cursor.execute(_sql(_RECORD_SQL), [json.dumps(rows)])
                 if failing:
@@ -518,9 +524,17 @@ class _Deliverer:
         pauses: dict[int, float] = {}
         now = time.time()
         for endpoint_id, outcomes in circuit.items():
+            failures = any(failed for _, failed, _ in outcomes)
+            # Successes alone are told once per PERMIT_REUSE_S: a window of them is what a healthy
+            # endpoint's circuit holds already, and each told one is a script run in Redis.
+            if not failures and now - self.successes_told.get(endpoint_id, 0.0) < PERMIT_REUSE_S:
+                continue
+            self.successes_told[endpoint_id] = now
             breaker = self._breaker(endpoint_id)
             breaker.record_many(outcomes)
-            if any(failed for _, failed, _ in outcomes) and breaker.state() == OPEN:
+            if any(permit.trial and not failed for permit, failed, _ in outcomes):
+                self.paused.pop(endpoint_id, None)  # the next trial (or all, once it closed) now
+            if failures and breaker.state() == OPEN:
                 self.permits.pop(endpoint_id, None)
                 reopens = self._reopens_at(endpoint_id, now)
                 pauses[endpoint_id] = reopens
@@ -530,8 +544,11 @@ class _Deliverer:
         endpoints_pause(pauses)
 
     def _due_within(self, seconds: float) -> bool:
-        """Whether a callback this deliverer could claim comes due within `seconds`."""
-        return callbacks_due_within(now=timezone.now(), seconds=seconds, left_out=sorted(self.paused))
+        """Whether a callback this deliverer could claim comes due within `seconds` (at an
+        endpoint not held back, or held back for less than that)."""
+        until = time.monotonic() + seconds
+        left_out = sorted(endpoint for endpoint, paused_until in self.paused.items() if paused_until > until)
+        return callbacks_due_within(now=timezone.now(), seconds=seconds, left_out=left_out)
 
 
 def _error_text(answer: CallbackResponse, verdict: Verdict) -> str:

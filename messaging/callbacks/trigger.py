@@ -92,14 +92,15 @@ def endpoints_pause(pauses: dict[int, float]) -> None:
         logger.info("callback pause not stored: Redis unavailable")
 
 
-def endpoints_paused(now: float | None = None) -> list[int]:
-    """Endpoints held back now (an empty list when Redis does not answer: their circuits say no)."""
+def endpoints_paused(now: float | None = None, *, beyond: float | None = None) -> list[int]:
+    """Endpoints held back now, or (`beyond`, unix seconds) still then; an empty list when Redis
+    does not answer (their circuits say no)."""
     now = time.time() if now is None else now
     try:
         client = shared_redis()
         pipe = client.pipeline(transaction=False)
         pipe.zremrangebyscore(PAUSED_KEY, "-inf", now)
-        pipe.zrange(PAUSED_KEY, 0, -1)
+        pipe.zrangebyscore(PAUSED_KEY, f"({max(now, beyond or now)}", "+inf")
         _, members = pipe.execute()
     except Exception:
         return []
@@ -128,7 +129,9 @@ def callbacks_due_within(*, now: datetime, seconds: float = 0.0, left_out: list[
     """Whether a callback comes due within `seconds` that a deliverer could claim (a lost kick,
     a retry whose time came, a lease a dead worker left), at an endpoint neither in `left_out` nor
     held back by its circuit."""
-    excluded = sorted({*(left_out or []), *endpoints_paused(now.timestamp())})
+    # An endpoint whose pause ends within `seconds` counts: its callbacks come due then.
+    paused = endpoints_paused(now.timestamp(), beyond=now.timestamp() + seconds)
+    excluded = sorted({*(left_out or []), *paused})
     params = {"now": now, "until": now + timedelta(seconds=seconds), "left_out": excluded}
     with connection.cursor() as cursor:
         cursor.execute(_DUE_SQL.format(callback=Callback._meta.db_table), params)

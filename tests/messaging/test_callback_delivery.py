@@ -14,6 +14,7 @@ from collections import defaultdict
 from datetime import timedelta
 
 import pytest
+import redis
 from django.conf import settings
 from django.utils import timezone
 
@@ -249,6 +250,33 @@ def test_a_dead_endpoint_opens_its_circuit_and_costs_a_healthy_one_nothing(recei
     assert dead.failing_since is not None and good.failing_since is None
 
 
+def test_an_endpoint_back_after_an_outage_gets_its_callbacks_once_the_circuit_half_opens(
+    receivers, endpoint_for, outbox, monkeypatch, broker
+):
+    quick = CircuitSettings(open_seconds=1.0, minimum_calls=10, window_size=20, trial_timeout_seconds=5.0)
+    monkeypatch.setattr(delivery, "endpoint_circuit_settings", lambda timeout_s: quick)
+    receiver = receivers(faults={"status": 503})
+    endpoint = endpoint_for(receiver.url(), receiver.secrets[0])
+    rows = [row for _ in range(40) for row in outbox(endpoint, events=["delivered"])]
+
+    # The circuit opens after 10 failures; then a trial each time it half-opens (every second),
+    # which fails and opens it again. The deliverer hands over after 3 s (its budget).
+    callbacks_deliver(budget_s=3)
+    assert endpoint_circuit(endpoint.pk).state() in (OPEN, "half_open")
+    assert len(receiver.records()) < 30
+
+    receiver.faults(status=200)
+    time.sleep(1.2)
+    callbacks_deliver(budget_s=30)  # trials first (one at a time), then the rest once it closed
+
+    assert Callback.objects.filter(pk__in=[r.pk for r in rows], state="delivered").count() == 40
+    assert endpoint_circuit(endpoint.pk).state() == "closed"
+    endpoint.refresh_from_db()
+    assert endpoint.failing_since is None
+    # Held-back callbacks were not attempts: each delivered one was sent once more than it failed.
+    assert sum(Callback.objects.get(pk=r.pk).attempts for r in rows) == len(receiver.records())
+
+
 def test_a_success_clears_failing_since(receivers, endpoint_for, outbox):
     receiver = receivers(faults={"fail_first": 1, "fail_first_status": 500})
     endpoint = endpoint_for(receiver.url(), receiver.secrets[0])
@@ -275,13 +303,23 @@ def test_the_retry_window_ends_in_a_dead_letter(receivers, endpoint_for, outbox,
     assert row.attempts == len(receiver.records())
 
 
-def test_the_sweeper_kicks_once_for_due_callbacks(endpoint_for, outbox):
+@pytest.fixture
+def broker():
+    """The test broker's database, emptied after the test: the tasks it publishes are not for later tests' workers."""
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+def test_the_sweeper_kicks_once_for_due_callbacks(endpoint_for, outbox, broker):
     endpoint = endpoint_for("http://127.0.0.1:9/never", new_secret())
     assert not callbacks_sweep(now=timezone.now())  # nothing due
     outbox(endpoint, events=["accepted", "delivered"])
     assert callbacks_sweep(now=timezone.now())
     assert shared_redis().ttl(RUNNING_KEY) > 0
     assert not callbacks_kick()  # one is queued: the flag holds further kicks off
+    assert broker.llen("callbacks") == 1
     # A leased callback and the one behind it are no reason to kick.
     shared_redis().delete(RUNNING_KEY)
     Callback.objects.filter(sequence=1).update(lease_expires_at=timezone.now() + timedelta(seconds=30))
@@ -299,7 +337,7 @@ def _worker(tmp_path, name: str, env: dict[str, str]) -> ManagedProcess:
 
 @pytest.mark.django_db(transaction=True)
 def test_a_worker_killed_mid_delivery_loses_nothing_and_resends_with_the_same_webhook_id(
-    receivers, endpoint_for, outbox, tmp_path
+    receivers, endpoint_for, outbox, tmp_path, broker
 ):
     import os
 
