@@ -17,6 +17,7 @@ import pytest
 import redis
 from django.conf import settings
 from django.utils import timezone
+from prometheus_client.parser import text_string_to_metric_families
 
 from messaging.callbacks import delivery
 from messaging.callbacks.delivery import callbacks_deliver, endpoint_circuit
@@ -26,6 +27,7 @@ from messaging.callbacks.trigger import (
     callbacks_due_within,
     callbacks_kick,
     callbacks_sweep,
+    endpoints_pause,
     endpoints_paused,
 )
 from messaging.models import Callback, CallbackEndpoint
@@ -385,3 +387,44 @@ def test_a_worker_killed_mid_delivery_loses_nothing_and_resends_with_the_same_we
     assert all(len(per_id[webhook_id]) >= 2 for webhook_id in in_flight)  # the same id, again
     for row in Callback.objects.filter(webhook_id__in=in_flight):
         assert row.attempts == 1  # the attempt the dead worker made was never recorded
+
+
+def test_metrics_show_attempts_by_outcome_and_reason_and_the_backlog_per_endpoint(
+    receivers, endpoint_for, outbox, client
+):
+    def scrape() -> dict[str, dict[tuple, float]]:
+        text = client.get("/metrics").content.decode()
+        return {
+            family.name: {tuple(sorted(s.labels.items())) + (s.name,): s.value for s in family.samples}
+            for family in text_string_to_metric_families(text)
+        }
+
+    receiver = receivers(faults={"fail_first": 1, "fail_first_status": 429})
+    behind = endpoint_for("http://127.0.0.1:9/never", new_secret())
+    waiting = outbox(behind, events=["accepted", "delivered"])
+    Callback.objects.filter(pk__in=[row.pk for row in waiting]).update(
+        next_attempt_at=timezone.now() - timedelta(minutes=5)
+    )
+    endpoint_circuit(behind.pk).reset()
+    endpoints_pause({behind.pk: time.time() + 60})  # its circuit is open: not sent now
+    before = scrape()
+    good = endpoint_for(receiver.url(), receiver.secrets[0])
+    outbox(good, events=["delivered"])
+
+    callbacks_deliver(budget_s=30)
+
+    after = scrape()
+
+    def grew(family: str, **labels) -> float:
+        key = (*sorted(labels.items()), family + ("_total" if family.endswith(("sent", "failed")) else ""))
+        return after.get(family, {}).get(key, 0.0) - before.get(family, {}).get(key, 0.0)
+
+    assert grew("conductor_callbacks_sent", outcome="delivered") == 1
+    assert grew("conductor_callbacks_sent", outcome="retry") == 1
+    assert grew("conductor_callbacks_failed", reason="http_429") == 1
+    assert after["conductor_callback_latency_seconds"][("conductor_callback_latency_seconds_count",)] >= 1
+    assert after["conductor_callback_request_seconds"][("conductor_callback_request_seconds_count",)] >= 2
+    ages = after["conductor_callback_backlog_age_seconds"]
+    assert 299 < ages[(("endpoint", str(behind.pk)), "conductor_callback_backlog_age_seconds")] < 400
+    assert (("endpoint", str(good.pk)), "conductor_callback_backlog_age_seconds") not in ages  # none left
+    assert after["conductor_callbacks_pending"][("conductor_callbacks_pending",)] == 2
