@@ -8,7 +8,7 @@ Two kinds, chosen by what can be correct with many processes:
   at scrape time from where it lives: PostgreSQL, the broker, Redis. A gauge kept in process
   memory would disagree between processes and go stale when one dies; the source cannot.
 A source that does not answer leaves its families out and sets conductor_scrape_error{source}.
-The database's families (six GROUP BY queries, one over every message) are kept for
+The database's families (eight queries, one over every message) are kept for
 METRICS_CACHE_SECONDS per process: Prometheus scrapes every 15 s, and two scrapers, or a scraper
 retrying, must not double the load on the database.
 """
@@ -28,6 +28,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from messaging.callbacks.selectors import callbacks_backlog_by_endpoint, callbacks_pending_count
 from messaging.models import DeadLetter, Message, Receipt
 from providers.guards import circuit_breaker
 from reconciliation.anomalies import cohort_end
@@ -161,6 +162,7 @@ class StateCollector:
             ["provider"],
         )
         yield delivery_rate_family()
+        yield from callback_backlog_families()
 
     def _broker(self):
         family = GaugeMetricFamily(
@@ -188,6 +190,29 @@ class StateCollector:
             failing_open.add_metric([provider], 1 if snapshot.get("failing_open") else 0)
         yield family
         yield failing_open
+
+
+# Endpoints shown in conductor_callback_backlog_age_seconds: those waiting longest (bounded series).
+CALLBACK_BACKLOG_ENDPOINTS = 20
+
+
+def callback_backlog_families() -> list[GaugeMetricFamily]:
+    """How long the oldest due callback of each of the most behind endpoints has waited, and how
+    many callbacks are pending in all."""
+    now = timezone.now()
+    age = GaugeMetricFamily(
+        "conductor_callback_backlog_age_seconds",
+        f"Seconds the oldest due, undelivered callback of an endpoint has waited (the "
+        f"{CALLBACK_BACKLOG_ENDPOINTS} endpoints furthest behind; labelled by endpoint id).",
+        labels=["endpoint"],
+    )
+    for backlog in callbacks_backlog_by_endpoint(now=now, limit=CALLBACK_BACKLOG_ENDPOINTS):
+        age.add_metric([str(backlog.endpoint_id)], max(0.0, (now - backlog.oldest_due_at).total_seconds()))
+    pending = GaugeMetricFamily(
+        "conductor_callbacks_pending", "Status callbacks not yet delivered nor given up on (due or waiting to retry)."
+    )
+    pending.add_metric([], callbacks_pending_count())
+    return [age, pending]
 
 
 def delivery_rate_family() -> GaugeMetricFamily:

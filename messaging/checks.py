@@ -96,6 +96,46 @@ def check_messaging_settings(app_configs=None, **kwargs) -> list[Error]:
     return errors
 
 
+def _check_callback_settings(configured: dict) -> list[Error]:
+    """Status callback delivery (messaging.callbacks.delivery) must be able to work as set."""
+
+    def value(name: str) -> float:
+        return configured.get(name, DEFAULTS[name])
+
+    errors = []
+    timeout, lease = value("CALLBACK_TIMEOUT_SECONDS"), value("CALLBACK_LEASE_SECONDS")
+    if timeout <= 0 or lease < 2 * timeout:
+        errors.append(
+            Error(
+                f"CALLBACK_LEASE_SECONDS ({lease}) must be at least twice CALLBACK_TIMEOUT_SECONDS ({timeout}), "
+                "which must be positive.",
+                hint="Otherwise a callback still in flight could be taken for a dead worker's and sent twice at once.",
+                id="conductor.E070",
+            )
+        )
+    concurrency, per_endpoint = value("CALLBACK_CONCURRENCY"), value("CALLBACK_CONCURRENCY_PER_ENDPOINT")
+    if not 1 <= per_endpoint <= concurrency:
+        errors.append(
+            Error(
+                f"CALLBACK_CONCURRENCY_PER_ENDPOINT ({per_endpoint}) must be at least 1 and at most "
+                f"CALLBACK_CONCURRENCY ({concurrency}).",
+                id="conductor.E071",
+            )
+        )
+    base, maximum = value("CALLBACK_BACKOFF_BASE_SECONDS"), value("CALLBACK_BACKOFF_MAX_SECONDS")
+    if not 0 < base <= maximum:
+        errors.append(
+            Error(
+                f"CALLBACK_BACKOFF_BASE_SECONDS ({base}) must be above 0 and at most "
+                f"CALLBACK_BACKOFF_MAX_SECONDS ({maximum}).",
+                id="conductor.E072",
+            )
+        )
+    if value("CALLBACK_RETRY_WINDOW_SECONDS") <= 0:
+        errors.append(Error("CONDUCTOR['CALLBACK_RETRY_WINDOW_SECONDS'] must be positive.", id="conductor.E073"))
+    return errors
+
+
 def _check_ordering_settings(configured: dict) -> list[Error]:
     errors = []
     policy = configured.get("ORDERING_DEAD_PREDECESSOR", DEFAULTS["ORDERING_DEAD_PREDECESSOR"])

@@ -101,3 +101,46 @@ API_THROTTLED = Counter(
     "API requests refused with 429 because the client exceeded its request rate.",
     ["client"],
 )
+
+
+# Status callbacks to clients (messaging.callbacks.delivery). No endpoint label: endpoints are as
+# many as the clients' callback URLs; the backlog per endpoint is read at scrape time instead.
+CALLBACKS_SENT = Counter(
+    "conductor_callbacks_sent",
+    "Callback attempts that ended, by outcome (delivered, retry: tried again later, dead_lettered: given up).",
+    ["outcome"],
+)
+CALLBACKS_FAILED = Counter(
+    "conductor_callbacks_failed",
+    "Callback attempts that failed, by reason (timeout, connection, http_5xx, http_4xx, http_429, http_3xx), "
+    "and callbacks held back unattempted because their endpoint's circuit was open (circuit_open).",
+    ["reason"],
+)
+CALLBACK_LATENCY = Histogram(
+    "conductor_callback_latency_seconds",
+    "From the event a callback reports to the client's endpoint accepting it (retries included).",
+    buckets=LATENCY_BUCKETS_SECONDS,
+)
+CALLBACK_REQUEST_SECONDS = Histogram(
+    "conductor_callback_request_seconds",
+    "One callback request: from sending it to the endpoint's answer (or the timeout).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+_CALLBACK_OUTCOMES = {"delivered": "delivered", "retry": "retry", "final": "dead_lettered"}
+
+
+def callback_attempt_observe(*, outcome: str, reason: str, latency_s: float) -> None:
+    """One callback attempt ended (outcome: delivered, retry or final; reason: why it failed)."""
+    CALLBACKS_SENT.labels(outcome=_CALLBACK_OUTCOMES[outcome]).inc()
+    if reason:
+        CALLBACKS_FAILED.labels(reason=reason).inc()
+    CALLBACK_REQUEST_SECONDS.observe(latency_s)
+
+
+def callback_delivered_observe(*, occurred_at: datetime, at: datetime) -> None:
+    CALLBACK_LATENCY.observe(max(0.0, (at - occurred_at).total_seconds()))
+
+
+def callbacks_held_observe(count: int) -> None:
+    """Callbacks claimed while their endpoint's circuit was open: back to wait, not attempted."""
+    CALLBACKS_FAILED.labels(reason="circuit_open").inc(count)

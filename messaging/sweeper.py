@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from django.db.models import BooleanField, ExpressionWrapper, Q
 from django.utils import timezone
 
+from messaging.callbacks.trigger import callbacks_sweep
 from messaging.conf import messaging_setting
 from messaging.models import ErrorType, EventSource, Message, unleased
 from messaging.publish import messages_publish
@@ -27,6 +28,7 @@ class SweepReport:
     expired: int = 0
     enqueued: int = 0
     receipts_triggered: bool = False
+    callbacks_triggered: bool = False
 
 
 def messages_sweep(*, now: datetime | None = None) -> SweepReport:
@@ -39,12 +41,14 @@ def messages_sweep(*, now: datetime | None = None) -> SweepReport:
     for priority, stale_seconds in messaging_setting("SWEEP_STALE_AFTER_SECONDS").items():
         report.enqueued += _enqueue_due(now, priority, timedelta(seconds=stale_seconds), batch)
     report.receipts_triggered = receipts_sweep(now=now)
-    if report.expired or report.enqueued or report.receipts_triggered:
+    report.callbacks_triggered = callbacks_sweep(now=now)
+    if report.expired or report.enqueued or report.receipts_triggered or report.callbacks_triggered:
         logger.info(
-            "sweep: %d expired, %d enqueued%s",
+            "sweep: %d expired, %d enqueued%s%s",
             report.expired,
             report.enqueued,
             ", receipt applier published" if report.receipts_triggered else "",
+            ", callback deliverer published" if report.callbacks_triggered else "",
         )
     return report
 

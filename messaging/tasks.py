@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from celery import Task, shared_task
 
+from messaging.callbacks.delivery import callbacks_deliver
+from messaging.callbacks.trigger import DELIVER_TASK
 from messaging.dispatch import messages_dispatch
 from messaging.locks import cluster_lock
 from messaging.queue_progress import queue_consumed
@@ -61,3 +63,11 @@ def apply_receipts() -> None:
     """Apply stored receipts in batches until none is due. A worker killed mid-batch rolls its
     batch back; the receipts stay pending for the next trigger or the sweeper."""
     receipts_apply_pending()
+
+
+@shared_task(name=DELIVER_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def deliver_callbacks() -> None:
+    """Deliver due status callbacks until none is due soon (messaging.callbacks.delivery). A
+    worker killed mid-delivery leaves its callbacks leased: claimed again once the lease runs
+    out, by the next kick or the sweeper."""
+    callbacks_deliver()

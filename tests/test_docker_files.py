@@ -27,7 +27,16 @@ METRICS_DOC = ROOT / "docs" / "metrics.md"
 MULTIPROC_DIR = "/var/run/conductor-metrics"
 METRICS_VOLUME = "metrics"
 # Processes that record event metrics: they must share the multiprocess directory.
-METRIC_WRITERS = {"migrate", "web", "worker_urgent", "worker_maintenance", "worker_receipts", "worker_bulk", "beat"}
+METRIC_WRITERS = {
+    "migrate",
+    "web",
+    "worker_urgent",
+    "worker_maintenance",
+    "worker_receipts",
+    "worker_callbacks",
+    "worker_bulk",
+    "beat",
+}
 
 # What web:8000/metrics exports (messaging/metrics.py and the scrape-time collectors behind the
 # /metrics view): family -> (type, labels). Histograms are exposed as _bucket/_sum/_count series.
@@ -45,6 +54,12 @@ WEB_METRICS_ENDPOINT: dict[str, tuple[str, frozenset[str]]] = {
     "conductor_alerts_open": ("gauge", frozenset({"kind", "channel", "provider", "severity"})),
     "conductor_receipts_unmatched": ("gauge", frozenset({"provider", "reason"})),
     "conductor_receipts_pending": ("gauge", frozenset({"provider"})),
+    "conductor_callbacks_sent_total": ("counter", frozenset({"outcome"})),
+    "conductor_callbacks_failed_total": ("counter", frozenset({"reason"})),
+    "conductor_callback_latency_seconds": ("histogram", frozenset()),
+    "conductor_callback_request_seconds": ("histogram", frozenset()),
+    "conductor_callback_backlog_age_seconds": ("gauge", frozenset({"endpoint"})),
+    "conductor_callbacks_pending": ("gauge", frozenset()),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 

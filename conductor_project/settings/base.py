@@ -191,12 +191,16 @@ MAINTENANCE_QUEUE = "maintenance"
 # Stored provider receipts applied to messages in batches (messaging.receipts), on a worker of
 # their own: a long reconciliation run on the maintenance worker must not hold them up.
 RECEIPTS_QUEUE = "receipts"
+# Status callbacks to clients (messaging.callbacks): a worker of their own too, so that a client
+# endpoint's timeouts never hold up sends, receipts or the sweeper.
+CALLBACKS_QUEUE = "callbacks"
 _exchange = Exchange("conductor", type="direct")
 CELERY_TASK_QUEUES = [
     Queue(f"{channel}.{priority}", _exchange, routing_key=f"{channel}.{priority}")
     for channel in CONDUCTOR_CHANNELS
     for priority in CONDUCTOR_PRIORITIES
-] + [Queue(name, _exchange, routing_key=name) for name in (MAINTENANCE_QUEUE, RECEIPTS_QUEUE)]
+] + [Queue(name, _exchange, routing_key=name) for name in (MAINTENANCE_QUEUE, RECEIPTS_QUEUE, CALLBACKS_QUEUE)]
+CELERY_TASK_ROUTES = {"messaging.deliver_callbacks": {"queue": CALLBACKS_QUEUE}}
 CELERY_TASK_DEFAULT_QUEUE = MAINTENANCE_QUEUE
 CELERY_TASK_DEFAULT_EXCHANGE = "conductor"
 CELERY_TASK_DEFAULT_ROUTING_KEY = MAINTENANCE_QUEUE
@@ -276,6 +280,11 @@ CONDUCTOR = {
         "failure_rate_threshold": env_float("CONDUCTOR_CIRCUIT_FAILURE_RATE_THRESHOLD", 0.5),
     },
     "MAX_WORKER_LOSSES": env_int("CONDUCTOR_MAX_WORKER_LOSSES", 3),
+    # Status callbacks to clients: one request's limit, and requests in flight per delivering
+    # process, in all and per endpoint (messaging/conf.py).
+    "CALLBACK_TIMEOUT_SECONDS": env_float("CONDUCTOR_CALLBACK_TIMEOUT_SECONDS", 10.0),
+    "CALLBACK_CONCURRENCY": env_int("CONDUCTOR_CALLBACK_CONCURRENCY", 256),
+    "CALLBACK_CONCURRENCY_PER_ENDPOINT": env_int("CONDUCTOR_CALLBACK_CONCURRENCY_PER_ENDPOINT", 16),
     "RECEIPT_TIMEOUT_SECONDS": {
         channel: env_float("CONDUCTOR_RECEIPT_TIMEOUT_SECONDS", 600.0) for channel in ("sms", "whatsapp", "email")
     },

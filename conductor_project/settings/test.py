@@ -13,12 +13,19 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 CONDUCTOR = {**CONDUCTOR}
 CONDUCTOR_PROVIDERS = {name: {**conf} for name, conf in CONDUCTOR_PROVIDERS.items()}
 
+_CALLBACK_TIMEOUT_SECONDS = float(os.environ.get("CONDUCTOR_CALLBACK_TIMEOUT_SECONDS", "1.0"))
 # Short timings: a lost worker is noticed in seconds, retries of the "fast_retry" category are quick.
 CONDUCTOR.update(
     {
         "DISPATCH_LEASE_SECONDS": 8.0,
         "SWEEP_STALE_AFTER_SECONDS": {"critical": 3.0, "transactional": 5.0, "bulk": 10.0},
         "CATEGORY_POLICIES": {"fast_retry": {"base_seconds": 0.2, "cap_seconds": 2.0}},
+        # Status callbacks: a hung receiver is given up on in a second and retried within two;
+        # a deliverer's lost lease is claimed again after four.
+        "CALLBACK_TIMEOUT_SECONDS": _CALLBACK_TIMEOUT_SECONDS,
+        "CALLBACK_LEASE_SECONDS": max(4.0, 2 * _CALLBACK_TIMEOUT_SECONDS),
+        "CALLBACK_BACKOFF_BASE_SECONDS": 0.2,
+        "CALLBACK_BACKOFF_MAX_SECONDS": 2.0,
     }
 )
 for _provider in ("twilio", "vonage", "mailgun", "smtp"):
