@@ -96,46 +96,6 @@ def check_messaging_settings(app_configs=None, **kwargs) -> list[Error]:
     return errors
 
 
-def _check_callback_settings(configured: dict) -> list[Error]:
-    """Status callback delivery (messaging.callbacks.delivery) must be able to work as set."""
-
-    def value(name: str) -> float:
-        return configured.get(name, DEFAULTS[name])
-
-    errors = []
-    timeout, lease = value("CALLBACK_TIMEOUT_SECONDS"), value("CALLBACK_LEASE_SECONDS")
-    if timeout <= 0 or lease < 2 * timeout:
-        errors.append(
-            Error(
-                f"CALLBACK_LEASE_SECONDS ({lease}) must be at least twice CALLBACK_TIMEOUT_SECONDS ({timeout}), "
-                "which must be positive.",
-                hint="Otherwise a callback still in flight could be taken for a dead worker's and sent twice at once.",
-                id="conductor.E070",
-            )
-        )
-    concurrency, per_endpoint = value("CALLBACK_CONCURRENCY"), value("CALLBACK_CONCURRENCY_PER_ENDPOINT")
-    if not 1 <= per_endpoint <= concurrency:
-        errors.append(
-            Error(
-                f"CALLBACK_CONCURRENCY_PER_ENDPOINT ({per_endpoint}) must be at least 1 and at most "
-                f"CALLBACK_CONCURRENCY ({concurrency}).",
-                id="conductor.E071",
-            )
-        )
-    base, maximum = value("CALLBACK_BACKOFF_BASE_SECONDS"), value("CALLBACK_BACKOFF_MAX_SECONDS")
-    if not 0 < base <= maximum:
-        errors.append(
-            Error(
-                f"CALLBACK_BACKOFF_BASE_SECONDS ({base}) must be above 0 and at most "
-                f"CALLBACK_BACKOFF_MAX_SECONDS ({maximum}).",
-                id="conductor.E072",
-            )
-        )
-    if value("CALLBACK_RETRY_WINDOW_SECONDS") <= 0:
-        errors.append(Error("CONDUCTOR['CALLBACK_RETRY_WINDOW_SECONDS'] must be positive.", id="conductor.E073"))
-    return errors
-
-
 def _check_ordering_settings(configured: dict) -> list[Error]:
     errors = []
     policy = configured.get("ORDERING_DEAD_PREDECESSOR", DEFAULTS["ORDERING_DEAD_PREDECESSOR"])
@@ -172,7 +132,9 @@ CALLBACK_SECONDS_KEYS = (
 
 
 def _check_callback_settings(configured: dict) -> list[Error]:
-    """Status callbacks' times must be positive, and a lease must outlast a request (conductor.E060-E062)."""
+    """Status callback delivery (messaging.callbacks) must be able to work as set: times positive
+    (conductor.E060), a lease outlasting two requests (E061), backoff base within its maximum (E062),
+    per-endpoint concurrency within the total (E071)."""
     values = {name: configured.get(name, DEFAULTS[name]) for name in CALLBACK_SECONDS_KEYS}
     errors = [
         Error(f"CONDUCTOR[{name!r}] is {value!r}; it must be above 0 (seconds).", id="conductor.E060")
@@ -181,12 +143,12 @@ def _check_callback_settings(configured: dict) -> list[Error]:
     ]
     if errors:
         return errors
-    if values["CALLBACK_LEASE_SECONDS"] <= values["CALLBACK_TIMEOUT_SECONDS"]:
+    timeout, lease = values["CALLBACK_TIMEOUT_SECONDS"], values["CALLBACK_LEASE_SECONDS"]
+    if lease < 2 * timeout:
         errors.append(
             Error(
-                f"CALLBACK_LEASE_SECONDS ({values['CALLBACK_LEASE_SECONDS']}) must be above "
-                f"CALLBACK_TIMEOUT_SECONDS ({values['CALLBACK_TIMEOUT_SECONDS']}).",
-                hint="Otherwise a callback still in flight could be claimed and sent again by another worker.",
+                f"CALLBACK_LEASE_SECONDS ({lease}) must be at least twice CALLBACK_TIMEOUT_SECONDS ({timeout}).",
+                hint="Otherwise a callback still in flight could be taken for a dead worker's and sent twice at once.",
                 id="conductor.E061",
             )
         )
@@ -195,6 +157,21 @@ def _check_callback_settings(configured: dict) -> list[Error]:
             Error(
                 "CALLBACK_BACKOFF_BASE_SECONDS must not be above CALLBACK_BACKOFF_MAX_SECONDS.",
                 id="conductor.E062",
+            )
+        )
+    concurrency = configured.get("CALLBACK_CONCURRENCY", DEFAULTS["CALLBACK_CONCURRENCY"])
+    per_endpoint = configured.get("CALLBACK_CONCURRENCY_PER_ENDPOINT", DEFAULTS["CALLBACK_CONCURRENCY_PER_ENDPOINT"])
+    if (
+        isinstance(concurrency, int)
+        and isinstance(per_endpoint, int)
+        and 1 <= per_endpoint
+        and per_endpoint > concurrency
+    ):
+        errors.append(
+            Error(
+                f"CALLBACK_CONCURRENCY_PER_ENDPOINT ({per_endpoint}) must be at most "
+                f"CALLBACK_CONCURRENCY ({concurrency}).",
+                id="conductor.E071",
             )
         )
     return errors
