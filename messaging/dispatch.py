@@ -45,7 +45,7 @@ from messaging.ordering import ordering_wait
 from messaging.outcomes import (
     RELEASE,
     accepted_detail,
-    attempt_finish,
+    attempt_finish_failed,
     attempt_report,
     attempts_start,
     error_fields,
@@ -617,14 +617,14 @@ def _settle_error(
     move on to the next hop with, or None when the message is settled for now."""
     finished = {"attempt": attempt, "started": started, "ended": ended, **error_fields(error)}
     if isinstance(error, TransientProviderError):
-        attempt_finish(outcome=AttemptOutcome.TRANSIENT_ERROR, **finished)
+        attempt_finish_failed(outcome=AttemptOutcome.TRANSIENT_ERROR, **finished)
         if error.retry_after:
             rate_limiter(hop.provider).penalize(error.retry_after)  # slow it down for every worker
         return error
     if isinstance(error, AmbiguousProviderError):
-        attempt_finish(outcome=AttemptOutcome.AMBIGUOUS, **finished)
+        attempt_finish_failed(outcome=AttemptOutcome.AMBIGUOUS, **finished)
         message_schedule_retry(message=message, error=error, ambiguous=True)  # stays with this provider until looked up
         return None
-    attempt_finish(outcome=AttemptOutcome.PERMANENT_ERROR, **finished)
+    attempt_finish_failed(outcome=AttemptOutcome.PERMANENT_ERROR, **finished)
     message_record_failed(message=message, error=error)
     return None

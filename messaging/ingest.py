@@ -17,6 +17,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Model
 from django.utils import timezone
 
+from messaging.callbacks.outbox import Occurrence, callback_endpoints_for_urls, callback_routes, callbacks_write
 from messaging.limits import (
     PriorityNotAllowed,
     QuotaExceeded,
@@ -28,7 +29,7 @@ from messaging.limits import (
     quota_take,
 )
 from messaging.logging import masked
-from messaging.models import ApiClient, EventSource, Message, MessageEvent
+from messaging.models import ApiClient, CallbackEvent, EventSource, Message, MessageEvent
 from messaging.ordering import ordering_hold, ordering_mode_for, sequence_next
 from messaging.publish import message_publish, messages_publish
 from messaging.routing import retry_policy_for
@@ -117,6 +118,8 @@ def message_columns(*, fields: dict[str, Any], key: str | None, fingerprint: str
         "fallback_channels": fields.get("fallback_channels", []),
         "fallback_to": fields.get("fallback_to", {}),
         "metadata": fields.get("metadata", {}),
+        "callback_events": fields.get("callback_events"),
+        "event_sequence": 1,  # its first event, `accepted`
         "state": MessageState.ACCEPTED,
         "created_at": now,
         "accepted_at": now,
@@ -131,10 +134,13 @@ def _insert_message(
     # The number first (it waits for a concurrent request with the same key), then the clock, so
     # the acceptance times of one key's messages run in sequence order too.
     sequence = sequence_next(client_id=client.pk, key=ordering_key) if ordering_key else None
+    callback_url = fields.get("callback_url")
+    endpoints = callback_endpoints_for_urls(client_id=client.pk, urls=[callback_url] if callback_url else [])
     now = timezone.now()
     message = Message.objects.create(
         client=client,
         **message_columns(fields=fields, key=key, fingerprint=fingerprint, now=now),
+        callback_endpoint_id=endpoints.get(callback_url),
         ordering_key=ordering_key,
         sequence=sequence,
         ordering_mode=ordering_mode_for(requested=fields.get("ordering_mode"), category=fields.get("category", ""))
@@ -144,6 +150,7 @@ def _insert_message(
     MessageEvent.objects.create(
         message=message, created_at=now, source=source, from_state="", to_state=MessageState.ACCEPTED
     )
+    callbacks_accepted([message])
     message_accepted_log(message=message, source=source)
     if message.sequence is not None and ordering_hold(message, now=now):
         return message  # published by its predecessor's next move, not now: no task spent on waiting
@@ -311,6 +318,7 @@ def _accept_together(
             results[index] = CreateOutcome(first, created=False)
         else:
             results[index] = IdempotencyConflict(first)
+    _resolve_callback_urls(client, [(message, items[index].fields) for index, message in new])
     try:
         # A savepoint only when a key can collide: without keys no constraint can fail on a new row.
         with transaction.atomic(savepoint=bool(keys)):
@@ -424,6 +432,47 @@ def _defaults(model: type[Model]) -> tuple[tuple[str, Any, bool], ...]:
     )
 
 
+def _resolve_callback_urls(client: ApiClient, new: list[tuple[Message, dict[str, Any]]]) -> None:
+    """Point each new message naming a callback_url at the client's endpoint for it (registered
+    on first use): one query for the batch's URLs, another when some are new."""
+    urls = {fields["callback_url"] for _, fields in new if fields.get("callback_url")}
+    if not urls:
+        return
+    endpoints = callback_endpoints_for_urls(client_id=client.pk, urls=urls)
+    for message, fields in new:
+        if fields.get("callback_url"):
+            message.callback_endpoint_id = endpoints[fields["callback_url"]]
+
+
+def callbacks_accepted(messages: list[Message]) -> None:
+    """The callbacks of new messages' first event, `accepted` (numbered 1 by message_columns): one
+    query for their client's endpoints and any they named, and nothing more if there are none."""
+    routes = callback_routes(
+        client_ids={message.client_id for message in messages},
+        endpoint_ids={message.callback_endpoint_id for message in messages} - {None},
+    )
+    if routes:
+        callbacks_write((_accepted_occurrence(message) for message in messages), routes=routes)
+
+
+def _accepted_occurrence(message: Message) -> Occurrence:
+    return Occurrence(
+        message_id=message.id,
+        client_id=message.client_id,
+        endpoint_id=message.callback_endpoint_id,
+        events=message.callback_events,
+        event=CallbackEvent.ACCEPTED,
+        sequence=message.event_sequence,
+        occurred_at=message.created_at,
+        state=MessageState.ACCEPTED,
+        previous_state=None,
+        channel=message.channel,
+        priority=message.priority,
+        category=message.category,
+        provider=message.provider,
+    )
+
+
 def _insert_rows(messages: list[Message], source: str) -> None:
     if not messages:
         return
@@ -442,3 +491,4 @@ def _insert_rows(messages: list[Message], source: str) -> None:
             for message in messages
         ],
     )
+    callbacks_accepted(messages)

@@ -14,6 +14,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from messaging.callbacks.outbox import callbacks_attempt_failed
 from messaging.conf import messaging_setting
 from messaging.logging import masked, scrubbed
 from messaging.metrics import attempt_count, latency_observe
@@ -92,6 +93,29 @@ def attempt_finish(
     DispatchAttempt.objects.filter(pk=attempt.pk).update(
         outcome=outcome, ended_at=timezone.now(), latency_ms=latency_ms, **fields
     )
+    attempt_report(attempt=attempt, outcome=outcome, latency_ms=latency_ms, fields=fields)
+
+
+def attempt_finish_failed(
+    *, attempt: DispatchAttempt, started: float, outcome: str, ended: float | None = None, **fields: Any
+) -> None:
+    """attempt_finish for a send that ended in an error (transient, ambiguous, permanent), with
+    its `attempt.failed` event for the client's callbacks in the same transaction: the message's
+    event number first (every writer locks the message before its attempts), then the attempt."""
+    latency_ms = int(((time.monotonic() if ended is None else ended) - started) * 1000)
+    now = timezone.now()
+    with transaction.atomic():
+        callbacks_attempt_failed(
+            message_id=attempt.message_id,
+            number=attempt.number,
+            provider=attempt.provider,
+            outcome=outcome,
+            error=fields,
+            at=now,
+        )
+        DispatchAttempt.objects.filter(pk=attempt.pk).update(
+            outcome=outcome, ended_at=now, latency_ms=latency_ms, **fields
+        )
     attempt_report(attempt=attempt, outcome=outcome, latency_ms=latency_ms, fields=fields)
 
 

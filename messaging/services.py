@@ -3,15 +3,20 @@ transition service."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import logging
 import secrets
+import uuid
+from datetime import datetime
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import BooleanField, ExpressionWrapper, Q
 from django.utils import timezone
 
+from messaging.callbacks.outbox import ERROR_EVENTS, Occurrence, callbacks_wanted, callbacks_write, error_summary
 from messaging.dead_letters import dead_letter_park
 from messaging.ingest import BatchItem, CreateOutcome, IdempotencyConflict, IdempotencyInFlight, messages_create_many
 from messaging.limits import PriorityNotAllowed, QuotaExceeded
@@ -112,8 +117,9 @@ def messages_transition(
 
     The only writer of the state column: the rows are locked (in one order for every writer),
     the transition applied with one UPDATE to those in a source state the TRANSITIONS table
-    allows (and matching `extra_filter`), one event per message either way, a few statements in
-    all however many messages. Entering failed, expired or dead_lettered parks a dead letter in
+    allows (and matching `extra_filter`), one event per message either way, and the status
+    callbacks the applied ones owe (messaging.callbacks.outbox), a few statements in all however
+    many messages. Entering failed, expired or dead_lettered parks a dead letter in
     the same transaction. Returns the ids it was applied to.
     """
     found, applied = _transition(to_state=to_state, source=source, changes=changes, extra_filter=extra_filter)
@@ -133,24 +139,24 @@ def _transition(
     sources = ALLOWED_SOURCES[to_state]
     now = timezone.now()
     stamp = {"state": to_state, TIMESTAMP_FIELD[to_state]: now, "updated_at": now}
-    locked = Message.objects.select_for_update().filter(pk__any=list(changes))
-    if extra_filter is not None:
-        # Asked of the locked rows in the same statement, so it costs no round trip of its own.
-        locked = locked.annotate(extra_ok=ExpressionWrapper(extra_filter, output_field=BooleanField()))
-    columns = ["pk", "state", "channel", "priority", "provider", "accepted_at", "created_at", "sequence"]
+    # The callbacks' columns too (messaging.callbacks.outbox): the event number, whose endpoints,
+    # what the payload says.
+    columns = LOCKED_COLUMNS + (ERROR_COLUMNS if to_state in ERROR_EVENTS else ())
     # No savepoint inside a caller's transaction (dispatch records the attempt with it, receipts
     # apply a batch): two round trips less, and a failure here fails the caller's transaction anyway.
     with transaction.atomic(savepoint=False):
-        rows = list(
-            locked.order_by("pk").values(  # one lock order for every writer of a batch: no deadlock between two
-                *columns, *(["extra_ok"] if extra_filter is not None else [])
-            )
-        )
+        rows = _locked_rows(list(changes), columns, extra_filter)
         applicable = {row["pk"]: row for row in rows if row["state"] in sources and row.get("extra_ok", True)}
         # The rows are locked and their states checked: the write names only keys. A state
         # predicate would let PostgreSQL pick the state index, slow while its statistics lag a
         # campaign just accepted (messaging.dispatch._claim).
-        updated = rows_update(Message.objects.all(), {pk: {**stamp, **changes[pk][1]} for pk in applicable})
+        updated = rows_update(
+            Message.objects.all(),
+            {
+                pk: {**stamp, **changes[pk][1], "event_sequence": row["event_sequence"] + 1}
+                for pk, row in applicable.items()
+            },
+        )
         if updated != len(applicable):  # cannot happen under the row locks: refuse to guess
             raise RuntimeError(f"transition matched {updated} of {len(applicable)} locked rows")
         rows_insert(
@@ -167,6 +173,11 @@ def _transition(
                 )
                 for row in rows
             ],
+        )
+        callbacks_write(
+            _occurrence(row, to_state=to_state, fields=changes[pk][1], at=now)
+            for pk, row in applicable.items()
+            if row["callbacks_wanted"] or row["callback_endpoint_id"] is not None
         )
         for pk, row in applicable.items():
             if to_state in DEAD_LETTER_STATES:
@@ -202,6 +213,78 @@ def _transition(
             detail=changes[row["pk"]][0],
         )
     return {row["pk"] for row in rows}, set(applicable)
+
+
+LOCKED_COLUMNS = (
+    *("pk", "state", "channel", "priority", "provider", "accepted_at", "created_at", "sequence"),
+    *("client_id", "category", "event_sequence", "callback_endpoint_id", "callback_events"),
+)
+ERROR_COLUMNS = ("last_error_type", "last_error_code", "last_error_message")
+
+
+def _locked_rows(ids: list[Any], columns: tuple[str, ...], extra_filter: Q | None) -> list[dict[str, Any]]:
+    """The messages' `columns`, their rows locked in key order (one lock order for every writer of
+    a batch: no deadlock between two), with `callbacks_wanted` (outbox.callbacks_wanted) and, with
+    `extra_filter`, whether it holds (`extra_ok`: asked of the locked rows in the same statement,
+    so it costs no round trip of its own)."""
+    if extra_filter is not None:
+        locked = Message.objects.select_for_update().filter(pk__any=ids)
+        locked = locked.annotate(
+            extra_ok=ExpressionWrapper(extra_filter, output_field=BooleanField()), callbacks_wanted=callbacks_wanted()
+        )
+        return list(locked.order_by("pk").values(*columns, "callbacks_wanted", "extra_ok"))
+    names = (*columns, "callbacks_wanted")
+    with connection.cursor() as cursor:
+        cursor.execute(_locked_sql(columns), [_keys_literal(ids)])
+        rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    for row in rows:
+        if isinstance(row["callback_events"], str):  # jsonb comes as text, as the ORM reads it
+            row["callback_events"] = json.loads(row["callback_events"])
+    return rows
+
+
+_ANY_KEY = uuid.UUID(int=0)
+
+
+@functools.cache
+def _locked_sql(columns: tuple[str, ...]) -> str:
+    """_locked_rows' statement, compiled by the ORM once per column set: building it costs ~1 ms of
+    CPU, a third of a one-message transition. Its one parameter is the keys' array literal (the
+    `any` lookup, messaging.rows.AnyOf). Called inside a transaction (select_for_update insists)."""
+    locked = Message.objects.select_for_update().filter(pk__any=[_ANY_KEY])
+    locked = locked.annotate(callbacks_wanted=callbacks_wanted())
+    sql, params = locked.order_by("pk").values(*columns, "callbacks_wanted").query.sql_with_params()
+    if params != (_keys_literal([_ANY_KEY]),):
+        raise RuntimeError(f"the locked read's parameters are not the keys alone: {params}")
+    return sql
+
+
+def _keys_literal(ids: list[Any]) -> str:
+    return "{" + ",".join(map(str, ids)) + "}"
+
+
+def _occurrence(row: dict[str, Any], *, to_state: str, fields: dict[str, Any], at: datetime) -> Occurrence:
+    """The event of a transition applied to a locked row (read before the write), for its callbacks."""
+    error = None
+    if to_state in ERROR_EVENTS:
+        last = {name: fields.get(name, row[name]) for name in ERROR_COLUMNS}
+        error = error_summary(last["last_error_type"], last["last_error_code"], last["last_error_message"])
+    return Occurrence(
+        message_id=row["pk"],
+        client_id=row["client_id"],
+        endpoint_id=row["callback_endpoint_id"],
+        events=row["callback_events"],
+        event=to_state,
+        sequence=row["event_sequence"] + 1,
+        occurred_at=at,
+        state=to_state,
+        previous_state=row["state"],
+        channel=row["channel"],
+        priority=row["priority"],
+        category=row["category"],
+        provider=fields.get("provider", row["provider"]),
+        error=error,
+    )
 
 
 # --- create -------------------------------------------------------------------------------------

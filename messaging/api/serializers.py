@@ -12,7 +12,7 @@ from typing import Any
 import phonenumbers
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.core.validators import RegexValidator, validate_email
+from django.core.validators import RegexValidator, URLValidator, validate_email
 from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import ISO_8601, serializers
@@ -23,6 +23,7 @@ from messaging.dead_letters import ATTEMPT_FIELDS
 from messaging.models import (
     ApiClient,
     Callback,
+    CallbackEvent,
     DeadLetter,
     DeadLetterKind,
     DispatchAttempt,
@@ -56,6 +57,7 @@ _HAS_CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 # or with WhatsApp's "whatsapp:" prefix, and answers it as E.164).
 E164_PATTERN = r"^(whatsapp:)?\+[1-9][0-9]{1,14}$"
 IDEMPOTENCY_KEY_MAX_LENGTH = 255
+CALLBACK_URL_MAX_LENGTH = 2000  # CallbackEndpoint.url
 BIGINT_MAX = 2**63 - 1
 
 
@@ -79,6 +81,27 @@ def normalize_recipient(channel: str, value: str) -> str:
     except DjangoValidationError:
         raise serializers.ValidationError("Not a valid email address.") from None
     return value
+
+
+_url_shape = URLValidator(schemes=["http", "https"])
+
+
+def callback_url_problem(url: str) -> str | None:
+    """Why a status-callback URL cannot be used, or None: an absolute https URL (http too in sandbox
+    mode or with DEBUG, for receivers on a developer's machine)."""
+    try:
+        _url_shape(url)
+    except DjangoValidationError:
+        return "Enter a valid absolute URL (https://...)."
+    if url.split(":", 1)[0].lower() != "https" and not (settings.CONDUCTOR_MODE == "sandbox" or settings.DEBUG):
+        return "Callbacks are only sent to https:// URLs (http is allowed in sandbox mode only)."
+    return None
+
+
+def validate_callback_url(url: str) -> None:
+    problem = callback_url_problem(url)
+    if problem is not None:
+        raise serializers.ValidationError(problem)
 
 
 class StrictSerializer(serializers.Serializer):
@@ -151,6 +174,24 @@ class MessageCreateSerializer(StrictSerializer):
         help_text="Any JSON object: at most METADATA_MAX_BYTES (16,384) bytes of JSON, JSON_MAX_DEPTH (64) "
         "levels deep in the request; no NUL character or unpaired surrogate in its text.",
     )
+    callback_url = serializers.CharField(
+        required=False,
+        max_length=CALLBACK_URL_MAX_LENGTH,
+        validators=[validate_callback_url],
+        help_text="Status callbacks of this message go to this URL (https; http in sandbox mode) and to none "
+        "of the client's endpoints; registered as the client's endpoint for it on first use, signed with "
+        "that endpoint's secret.",
+    )
+    callback_events = serializers.ListField(
+        child=serializers.ChoiceField(choices=CallbackEvent.choices),
+        required=False,
+        allow_empty=False,
+        min_length=1,  # as allow_empty, for the schema
+        help_text="With callback_url: the events to report (default: the endpoint's, all for a new one).",
+    )
+
+    def validate_callback_events(self, events: list[str]) -> list[str]:
+        return list(dict.fromkeys(events))  # each once, in the given order
 
     def validate(self, attrs):
         errors: dict[str, list[str]] = {}
@@ -168,6 +209,8 @@ class MessageCreateSerializer(StrictSerializer):
             ]
         if "ordering_mode" in attrs and not attrs.get("ordering_key"):
             errors["ordering_mode"] = ["Give an ordering_key too: the mode says how to wait for its previous message."]
+        if "callback_events" in attrs and not attrs.get("callback_url"):
+            errors["callback_events"] = ["Give a callback_url too: the events say what to report to it."]
         if "expires_at" in attrs and "ttl_seconds" in attrs:
             errors["ttl_seconds"] = ["Give either expires_at or ttl_seconds, not both."]
         elif "expires_at" in attrs and attrs["expires_at"] <= timezone.now():
@@ -230,7 +273,9 @@ def _shown(text: str) -> str:
 _FAST_FIELDS = frozenset(
     {"channel", "to", "body", "priority", "ttl_seconds", "metadata"}
     | {"subject", "category", "idempotency_key", "ordering_key"}  # _FAST_TEXT
+    | {"callback_url", "callback_events"}
 )
+_CALLBACK_EVENTS = frozenset(CallbackEvent.values)
 _CHANNELS = frozenset(Channel.values)
 _PRIORITIES = frozenset(Priority.values)
 _DECLARED = MessageCreateSerializer._declared_fields
@@ -298,6 +343,18 @@ def _fast_validated(data: Any) -> dict[str, Any] | None:
         ):
             return None
         fields["metadata"] = metadata
+    if "callback_url" in data:
+        url = _fast_text(data["callback_url"], CALLBACK_URL_MAX_LENGTH, allow_blank=False)
+        if url is None or callback_url_problem(url) is not None:
+            return None
+        fields["callback_url"] = url
+    if "callback_events" in data:
+        events = data["callback_events"]
+        if "callback_url" not in fields or type(events) is not list or not events:
+            return None
+        if not all(type(event) is str and event in _CALLBACK_EVENTS for event in events):
+            return None
+        fields["callback_events"] = list(dict.fromkeys(events))
     fields["fallback_to"] = {}  # MessageCreateSerializer._validate_fallback always sets it
     return fields
 
