@@ -3,9 +3,7 @@ disable and enable. The API, the admin and reconciliation's auto-disable all wri
 
 from __future__ import annotations
 
-import base64
 import logging
-import secrets
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -13,15 +11,13 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from messaging.callbacks.dead_letters import callbacks_park
+from messaging.callbacks.signing import new_secret
 from messaging.conf import messaging_setting
 from messaging.logging import redacted_url
 from messaging.models import ApiClient, Callback, CallbackEndpoint, CallbackState
 
 logger = logging.getLogger(__name__)
 
-SECRET_PREFIX = "whsec_"
-# 24 random bytes (192 bits), as Svix's secrets; Standard Webhooks asks for 24 to 64.
-SECRET_BYTES = 24
 # Secrets kept at once: rotating again within the overlap keeps the older ones signing too, but
 # every one is another signature in each request's header; a receiver needs only one.
 MAX_SECRETS = 5
@@ -41,7 +37,7 @@ class EndpointUrlTaken(Exception):
 
 def endpoint_secret_new() -> str:
     """A Standard Webhooks secret: "whsec_" and the base64 of random bytes (the key HMAC uses)."""
-    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
+    return new_secret()
 
 
 def secrets_active(stored: list[dict[str, Any]], *, now: datetime) -> list[dict[str, Any]]:

@@ -14,9 +14,7 @@ once the transaction commits (messaging.callbacks.trigger).
 
 from __future__ import annotations
 
-import base64
 import json
-import secrets
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from django.db.models import BooleanField, Q
 from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
+from messaging.callbacks.signing import new_secret
 from messaging.callbacks.trigger import callbacks_kick
 from messaging.logging import scrubbed
 from messaging.models import Callback, CallbackEndpoint, CallbackEvent, CallbackState, Message
@@ -43,8 +42,6 @@ ERROR_EVENTS = frozenset(
         CallbackEvent.ATTEMPT_FAILED,
     }
 )
-SECRET_PREFIX = "whsec_"
-SECRET_BYTES = 24  # 192 bits, within Standard Webhooks' 24-64 bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +201,7 @@ _NEW_CALLBACK: dict[str, Any] = {
     "delivered_at": None,
     "dead_lettered_at": None,
     "last_error": "",
+    "retry_from": None,
 }
 _CALLBACK_COLUMNS = (
     *("webhook_id", "endpoint_id", "message_id", "event", "sequence", "occurred_at", "payload"),
@@ -278,8 +276,7 @@ _ATTEMPT_COLUMNS = (
 # --- a message's own callback_url ----------------------------------------------------------------
 def secret_new(now: datetime) -> dict[str, Any]:
     """A fresh Standard Webhooks signing secret, as CallbackEndpoint.secrets holds it."""
-    secret = SECRET_PREFIX + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
-    return {"secret": secret, "created_at": iso_utc(now), "expires_at": None}
+    return {"secret": new_secret(), "created_at": iso_utc(now), "expires_at": None}
 
 
 def callback_endpoints_for_urls(*, client_id: int, urls: Iterable[str]) -> dict[str, int]:

@@ -33,7 +33,7 @@ def test_create_answers_the_endpoint_and_its_secret_once_readable_later(api, cli
     assert body["url"] == "https://hooks.example.com/a" and body["events"] == ["delivered", "attempt.failed"]
     assert body["enabled"] is True and body["per_message"] is False and body["failing_since"] is None
     secret = body["secret"]
-    assert secret.startswith("whsec_") and len(base64.b64decode(secret.removeprefix("whsec_"))) == 24
+    assert secret.startswith("whsec_") and len(base64.b64decode(secret.removeprefix("whsec_"))) == 32
     endpoint = CallbackEndpoint.objects.get(pk=body["id"])
     assert endpoint.client == client_key[0] and endpoint.secrets[0]["secret"] == secret
 

@@ -191,7 +191,7 @@ def test_a_messages_callback_url_replaces_the_clients_endpoints(client_key):
     assert message.callback_endpoint_id == own.pk and message.callback_events is None
     assert own.per_message and own.enabled and own.client == client and own.events == []
     [secret] = own.secrets
-    assert secret["secret"].startswith("whsec_") and len(secret["secret"]) == len("whsec_") + 32
+    assert secret["secret"].startswith("whsec_") and len(secret["secret"]) == len("whsec_") + 44  # base64 of 32 bytes
     assert secret["expires_at"] is None
     lifecycle(message)
     assert sent(message, own) == [("accepted", 1), ("dispatched", 2), ("delivered", 3), ("read", 4)]
