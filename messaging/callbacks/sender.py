@@ -1,7 +1,8 @@
 """The process's callback sender: HTTP requests on an asyncio loop in a daemon thread.
 
-One aiohttp session per process, its keep-alive connections pooled across deliveries (a new TCP
-connection per callback would cost each receiver a handshake and us most of our CPU). The
+One HTTP client per process (messaging.callbacks.http: ours, for its CPU cost), its keep-alive
+connections pooled across deliveries (a new TCP connection per callback would cost each receiver
+a handshake and us most of our CPU). The
 deliverer (messaging.callbacks.delivery) hands it batches from its own thread, where the
 database work happens, and gets each answer back through a callable, called on the loop thread.
 Requests are signed on the loop at send time, so webhook-timestamp is when the request left.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -19,14 +21,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
-
+from messaging.callbacks.http import HttpClient, HttpError
 from messaging.callbacks.retries import CONNECTION, TIMEOUT
-from messaging.callbacks.signing import callback_headers
-
-# A receiver's answer is read this far (we only need its status); a longer one closes the
-# connection instead of being read on.
-MAX_ANSWER_BYTES = 64 * 1024
+from messaging.callbacks.signing import USER_AGENT, callback_headers
 
 
 @dataclass(frozen=True)
@@ -50,50 +47,46 @@ class CallbackResponse:
 
 
 class CallbackSender:
-    """An event loop in a daemon thread with one pooled aiohttp session (at most `concurrency`
-    connections open at once: the deliverer keeps requests in flight below that)."""
+    """An event loop in a daemon thread with one pooled HTTP client (at most `concurrency`
+    connections open at once: the deliverer keeps requests in flight below that).
+    `ssl_context` replaces the default (verifying) one: for tests with their own CA."""
 
-    def __init__(self, concurrency: int) -> None:
+    def __init__(self, concurrency: int, *, ssl_context: ssl.SSLContext | None = None) -> None:
         self.concurrency = concurrency
         self.loop = asyncio.new_event_loop()
         self._tasks: set[asyncio.Task[None]] = set()
         threading.Thread(target=self.loop.run_forever, name="callback-sender", daemon=True).start()
-        self.session = asyncio.run_coroutine_threadsafe(self._open(), self.loop).result()
+        self.client = asyncio.run_coroutine_threadsafe(self._open(ssl_context), self.loop).result()
         atexit.register(self.close)
 
     def close(self) -> None:
-        """Close the pooled connections (at exit: a session left open is reported as a leak)."""
-        if self.loop.is_running() and not self.session.closed:
+        """Close the pooled connections."""
+        if self.loop.is_running() and not self.client.closed:
             try:
-                asyncio.run_coroutine_threadsafe(self.session.close(), self.loop).result(timeout=1)
+                asyncio.run_coroutine_threadsafe(self.client.close(), self.loop).result(timeout=1)
             except Exception:  # exiting anyway
                 pass
 
-    async def _open(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=0, keepalive_timeout=30)
-        # No cookies between requests (they go to many clients), no proxy from the environment.
-        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
+    async def _open(self, ssl_context: ssl.SSLContext | None) -> HttpClient:
+        return HttpClient(self.concurrency, user_agent=USER_AGENT, ssl_context=ssl_context)
 
     def submit(
         self, requests: list[CallbackRequest], *, timeout_s: float, answer: Callable[[CallbackResponse], None]
     ) -> None:
         """Start these requests (returns at once); `answer` gets each one's response, on the loop."""
         if requests:
-            self.loop.call_soon_threadsafe(self._start, requests, aiohttp.ClientTimeout(total=timeout_s), answer)
+            self.loop.call_soon_threadsafe(self._start, requests, timeout_s, answer)
 
     def _start(
-        self,
-        requests: list[CallbackRequest],
-        timeout: aiohttp.ClientTimeout,
-        answer: Callable[[CallbackResponse], None],
+        self, requests: list[CallbackRequest], timeout_s: float, answer: Callable[[CallbackResponse], None]
     ) -> None:
         for request in requests:
-            task = self.loop.create_task(self._post(request, timeout, answer))
+            task = self.loop.create_task(self._post(request, timeout_s, answer))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _post(
-        self, request: CallbackRequest, timeout: aiohttp.ClientTimeout, answer: Callable[[CallbackResponse], None]
+        self, request: CallbackRequest, timeout_s: float, answer: Callable[[CallbackResponse], None]
     ) -> None:
         started_at = datetime.now(UTC)
         began = time.perf_counter()
@@ -102,15 +95,12 @@ class CallbackSender:
             headers = callback_headers(
                 webhook_id=request.webhook_id, body=request.body, secrets=request.secrets, now=started_at
             )
-            async with self.session.post(
-                request.url, data=request.body, headers=headers, timeout=timeout, allow_redirects=False
-            ) as response:
-                await _read_answer(response)
-                status, retry_after = response.status, response.headers.get("Retry-After")
-        except TimeoutError:
-            error, detail = TIMEOUT, f"no answer within {timeout.total:g} s"
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            # Refused, reset, DNS, TLS, a malformed answer or URL: the request did not get an answer.
+            response = await self.client.post(request.url, request.body, headers, timeout_s=timeout_s)
+            status, retry_after = response.status, response.headers.get("retry-after")
+        except HttpError as exc:
+            # Refused, reset, DNS, TLS, a malformed answer or URL, or no answer in time.
+            error, detail = (TIMEOUT if exc.timeout else CONNECTION), str(exc)
+        except ValueError as exc:  # no signing secret
             error, detail = CONNECTION, f"{type(exc).__name__}: {exc}"[:300]
         answer(
             CallbackResponse(
@@ -123,17 +113,6 @@ class CallbackSender:
                 latency_s=time.perf_counter() - began,
             )
         )
-
-
-async def _read_answer(response: aiohttp.ClientResponse) -> None:
-    """Read the answer's body (so the connection can be reused), up to MAX_ANSWER_BYTES."""
-    remaining = MAX_ANSWER_BYTES
-    while remaining > 0:
-        chunk = await response.content.read(min(remaining, 16 * 1024))
-        if not chunk:
-            return
-        remaining -= len(chunk)
-    response.close()
 
 
 _sender: tuple[int, CallbackSender] | None = None
