@@ -1,7 +1,8 @@
 """How many status callbacks a second one deliverer process sends to a healthy client endpoint.
 
     python -m bench.callback_delivery [--callbacks 5000] [--endpoints 1] [--per-endpoint 16]
-                                      [--events 4] [--latency-ms 0] [--database conductor_bench_callbacks]
+                                      [--events 4] [--latency-ms 0] [--timeout 10] [--faults JSON]
+                                      [--database conductor_bench_callbacks]
 
 Pre-creates the callbacks (`--events` per message, the outbox's shape) on a fresh database, starts
 the fault-injecting receiver (tests/support/callback_receiver.py, verifying every signature with
@@ -15,6 +16,7 @@ Prints callbacks/s, this process's CPU per callback and what the receiver counte
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import time
@@ -31,6 +33,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=256, help="CALLBACK_CONCURRENCY")
     parser.add_argument("--events", type=int, default=4, help="callbacks per message")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="the receiver's added latency")
+    parser.add_argument("--timeout", type=float, default=10.0, help="CALLBACK_TIMEOUT_SECONDS")
+    parser.add_argument("--faults", default="{}", help='more receiver faults, JSON, e.g. {"error_rate": 0.3}')
     parser.add_argument("--database", default="conductor_bench_callbacks")
     args = parser.parse_args()
     os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -52,12 +56,12 @@ def main() -> None:
         **settings.CONDUCTOR,
         "CALLBACK_CONCURRENCY_PER_ENDPOINT": args.per_endpoint,
         "CALLBACK_CONCURRENCY": args.concurrency,
-        "CALLBACK_TIMEOUT_SECONDS": 10.0,
-        "CALLBACK_LEASE_SECONDS": 60.0,
+        "CALLBACK_TIMEOUT_SECONDS": args.timeout,
+        "CALLBACK_LEASE_SECONDS": max(60.0, 2 * args.timeout),
     }
     shared_redis().flushdb()
     secret = new_secret()
-    receiver = ReceiverProcess(secrets=[secret], faults={"latency_ms": args.latency_ms})
+    receiver = ReceiverProcess(secrets=[secret], faults={"latency_ms": args.latency_ms, **json.loads(args.faults)})
     try:
         receiver.start()
         client = ApiClient.objects.get(name="bench")

@@ -42,6 +42,7 @@ from _support import (
     Figure,
     fresh_database,
     noop_baseline,
+    percentile,
     post_batches,
     print_figures,
     production_stack,
@@ -57,6 +58,7 @@ from bulk_throughput import CriticalSender, critical_latency_ms, ratio_verdict
 DATABASE = "conductor_bench_lifecycle"
 CAMPAIGN = "bench-lifecycle"
 RECEIPTS_QUEUES = "receipts"
+CALLBACKS_QUEUES = "callbacks"
 
 
 @dataclass
@@ -68,6 +70,10 @@ class Options:
     critical_rate: float = 5.0
     baseline_tasks: int = 20_000
     stall_s: float = 300.0
+    # Issue 21: the bench client's endpoint takes a status callback for every event of every
+    # message (a receiver process verifying each signature); off: no endpoint (the callbacks worker
+    # runs either way, as in the Procfile).
+    callbacks: bool = False
 
 
 @dataclass
@@ -92,6 +98,7 @@ class Result:
     critical_dispatched: int = 0
     critical_ms: dict[str, float] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    client_callbacks: dict[str, Any] = field(default_factory=dict)
 
 
 def campaign_states() -> dict[str, int]:
@@ -125,6 +132,7 @@ def measure(key: str, opts: Options) -> Result:
     began = time.monotonic()
     stack = production_stack(DATABASE)
     sender: CriticalSender | None = None
+    receiver = None
     try:
         stack.start(workers=0)
         stack.sandbox_reset()
@@ -137,6 +145,9 @@ def measure(key: str, opts: Options) -> Result:
         start_queue_worker(stack, "urgent", URGENT_QUEUES, opts.urgent_concurrency)
         start_queue_worker(stack, "maintenance", MAINTENANCE_QUEUES, 1)
         start_queue_worker(stack, "receipts", RECEIPTS_QUEUES, 1)
+        start_queue_worker(stack, "callbacks", CALLBACKS_QUEUES, 2)  # as the Procfile's worker_callbacks
+        if opts.callbacks:
+            receiver = client_endpoint(stack)
         bulk, _ = start_queue_worker(stack, "bulk1", BULK_QUEUES, opts.concurrency, nice=BULK_NICE)
         sender = CriticalSender(stack, key, opts.critical_rate)
         sender.start()
@@ -200,6 +211,9 @@ def measure(key: str, opts: Options) -> Result:
             result.receipts_rate = counts["stored"] / (received["last"] - received["first"]).total_seconds()
         result.webhook_ms = summary.get("latency_ms", {})
 
+        if receiver is not None:
+            result.client_callbacks = client_callback_figures(receiver, ingest.first_request)
+            print(f"client callbacks: {result.client_callbacks}", flush=True)
         result.critical_sent = len(sender.ids)
         result.critical_dispatched, result.critical_ms = critical_latency_ms(sender.ids)
         after = noop_baseline(stack, opts.baseline_tasks, 1, opts.concurrency)
@@ -211,14 +225,62 @@ def measure(key: str, opts: Options) -> Result:
     finally:
         if sender is not None:
             sender.stopping.set()
+        if receiver is not None:
+            receiver.stop()
         stop_stack(stack)
     result.elapsed_s = time.monotonic() - began
     return result
 
 
+def client_endpoint(stack):
+    """The bench client's callback endpoint (every event) at a receiver process of its own."""
+    from messaging.callbacks.signing import new_secret
+    from messaging.models import ApiClient, CallbackEndpoint
+    from tests.support.callback_receiver import ReceiverProcess
+
+    secret = new_secret()
+    receiver = ReceiverProcess(secrets=[secret], log_dir=stack.log_dir).start()
+    CallbackEndpoint.objects.create(
+        client=ApiClient.objects.get(name="bench"),
+        url=receiver.url(),
+        secrets=[{"secret": secret, "created_at": datetime.now(UTC).isoformat(), "expires_at": None}],
+    )
+    print(f"client callbacks on: every event to {receiver.url()}", flush=True)
+    return receiver
+
+
+def client_callback_figures(receiver, first_post: float) -> dict[str, Any]:
+    """Wait for every callback to be delivered; what was written, delivered, received, and how late."""
+    from django.db.models import Count, Max
+
+    from messaging.models import Callback
+
+    try:
+        wait_for(lambda: not Callback.objects.filter(state="pending").exists(), 600, "client callbacks delivered")
+    except TimeoutError as exc:
+        print(f"  {exc}", flush=True)
+    counts = dict(Callback.objects.values_list("state").annotate(n=Count("id")))
+    lags = sorted(
+        (delivered - occurred).total_seconds()
+        for occurred, delivered in Callback.objects.filter(state="delivered").values_list("occurred_at", "delivered_at")
+    )
+    last = Callback.objects.aggregate(last=Max("delivered_at"))["last"]
+    summary = receiver.summary()
+    return {
+        "written": sum(counts.values()),
+        "states": counts,
+        "received_distinct": summary["distinct_webhook_ids"],
+        "requests": summary["requests"],
+        "unverified": summary["unverified"],
+        "lag_p50_s": percentile(lags, 0.5) if lags else float("nan"),
+        "lag_p99_s": percentile(lags, 0.99) if lags else float("nan"),
+        "last_delivered_s": (last.timestamp() - first_post) if last else float("nan"),
+    }
+
+
 def figures(result: Result) -> list[Figure]:
     opts = Options(**result.options)
-    name = f"lifecycle, {opts.messages:,} SMS, receipts on"
+    name = f"lifecycle, {opts.messages:,} SMS, receipts on" + (", client callbacks on" if opts.callbacks else "")
     rate = max(result.baseline["rate"], result.baseline_after.get("rate", 0.0))
     base = Baseline(**result.baseline)
     baseline = (
@@ -232,7 +294,28 @@ def figures(result: Result) -> list[Figure]:
     web = result.webhook_ms
     crit = result.critical_ms
     missing = sum(result.not_delivered.values())
+    client = result.client_callbacks
+    callback_rows = (
+        [
+            Figure(
+                name,
+                "client callbacks written / delivered / received (distinct webhook-ids; requests)",
+                f"{client['written']:,} / {client['states'].get('delivered', 0):,} / "
+                f"{client['received_distinct']:,} ({client['requests']:,})",
+                f"event -> delivered p50 {client['lag_p50_s']:.1f} s, p99 {client['lag_p99_s']:.1f} s; "
+                f"last {client['last_delivered_s']:.0f} s after the first POST",
+                "every one, signed",
+                "PASS"
+                if client["written"] == client["states"].get("delivered", 0) == client["received_distinct"]
+                and not client["unverified"]
+                else "FAIL",
+            )
+        ]
+        if client
+        else []
+    )
     return [
+        *callback_rows,
         Figure(
             name,
             f"throughput, first POST -> last delivered ({opts.clients} clients posting while 1 bulk worker "
@@ -289,6 +372,7 @@ def main() -> None:
     parser.add_argument("--critical-rate", type=float, default=defaults.critical_rate, help="default 5 a second")
     parser.add_argument("--baseline-tasks", type=int, default=defaults.baseline_tasks, help="default 20000")
     parser.add_argument("--stall", type=float, default=defaults.stall_s, help="give up after this many s still")
+    parser.add_argument("--callbacks", action="store_true", help="a client callback for every event (issue 21)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures and raw numbers as JSON")
     args = parser.parse_args()
     opts = Options(
@@ -298,6 +382,7 @@ def main() -> None:
         critical_rate=args.critical_rate,
         baseline_tasks=args.baseline_tasks,
         stall_s=args.stall,
+        callbacks=args.callbacks,
     )
     key = fresh_database(DATABASE)
     result = measure(key, opts)

@@ -75,14 +75,20 @@ LINGER_S = 5.0
 # second rather than one per callback. Another deliverer that opens it in between costs at most
 # this second of calls to a failing endpoint.
 PERMIT_REUSE_S = 1.0
+# An endpoint's answers are told its circuit together, this often at most.
+CIRCUIT_TELL_S = 0.25
 # A half-open circuit lets a few trial calls through; the endpoint's other claimed callbacks go
 # back and it is not claimed from again for this long.
 TRIAL_PAUSE_S = 1.0
 PRIORITY = "transactional"  # the circuit's half-open trials are shared by priority; ours is one
-# The endpoint's circuit: the providers' defaults, with a slow call being a timeout (below).
+# The endpoint's circuit: the providers' window, with a slow call being a timeout (below). It opens
+# only for an endpoint failing 9 calls in 10: one failing less is flaky, not dead, and is served by
+# retries with backoff (at 50 %, an endpoint answering 40 % of calls with errors kept its circuit
+# open and got almost nothing: 3 half-open trials all succeed 22 % of the time). A slow endpoint
+# costs other endpoints nothing either way: CALLBACK_CONCURRENCY_PER_ENDPOINT caps what it holds.
 CIRCUIT_WINDOW_SIZE = 20
 CIRCUIT_MINIMUM_CALLS = 10
-CIRCUIT_FAILURE_RATE = 0.5
+CIRCUIT_FAILURE_RATE = 0.9
 # A dead client endpoint is tried again every half a minute (3 trial callbacks each time).
 CIRCUIT_OPEN_SECONDS = 30.0
 
@@ -122,6 +128,11 @@ def endpoint_circuit_settings(timeout_s: float) -> CircuitSettings:
         # An answer as slow as the timeout is an endpoint in trouble even when it came.
         slow_call_seconds=timeout_s,
         open_seconds=CIRCUIT_OPEN_SECONDS,
+        # One trial answered 2xx closes it: the endpoint is reachable again, and the failure rate
+        # over the window decides from there. Three in a row (the providers' default) kept a
+        # reachable endpoint failing 40 % of calls out for minutes after an outage (0.6^3 = 22 %
+        # a round, 30 s a round).
+        half_open_successes_to_close=1,
         # A trial not recorded within the lease belongs to a deliverer that died.
         trial_timeout_seconds=max(timeout_s * 2, 10.0),
     )
@@ -232,7 +243,8 @@ class _Deliverer:
         self.permits: dict[int, tuple[Permit, float]] = {}  # closed-state permits, with when
         self.paused: dict[int, float] = {}  # endpoint -> monotonic time it may be claimed again
         self.breakers: dict[int, CircuitBreaker] = {}
-        self.successes_told: dict[int, float] = {}  # endpoint -> when its successes were last recorded
+        self.successes_told: dict[int, float] = {}  # endpoint -> when its answers were last told its circuit
+        self.untold: dict[int, list[tuple[Permit, bool, float]]] = {}  # answers not yet told
         self.secrets: dict[str, list[dict[str, Any]]] = {}
         self.report = DeliveryReport()
 
@@ -352,6 +364,12 @@ class _Deliverer:
         claimed = self._claim()
         if not claimed:
             return 0
+        again = [c.id for c in claimed if c.id in self.in_flight]
+        if again:
+            # Its lease ran out while our request was still out (a loop starved of CPU for longer
+            # than the lease): the claim renewed the lease, the answer still to come records it.
+            logger.warning("callbacks %s claimed again while in flight: lease too short for this load", again[:10])
+            claimed = [c for c in claimed if c.id not in self.in_flight]
         sendable = self._settle_unsendable(claimed)
         to_send = self._admit(sendable)
         for callback in to_send:
@@ -448,7 +466,10 @@ class _Deliverer:
         circuit: dict[int, list[tuple[Permit, bool, float]]] = defaultdict(list)
         by_endpoint: dict[int, list[tuple[datetime, bool]]] = defaultdict(list)
         for answer in answers:
-            callback = self.in_flight.pop(answer.key)
+            callback = self.in_flight.pop(answer.key, None)
+            if callback is None:  # cannot happen: one answer per request, one request per claim
+                logger.error("callback %s: an answer for a request not in flight, ignored", answer.key)
+                continue
             self.busy[callback.endpoint_id] -= 1
             verdict = classify(status=answer.status, error=answer.error)
             error = _error_text(answer, verdict)
@@ -523,12 +544,19 @@ class _Deliverer:
         whose circuit opened is held back from now on."""
         pauses: dict[int, float] = {}
         now = time.time()
-        for endpoint_id, outcomes in circuit.items():
-            failures = any(failed for _, failed, _ in outcomes)
-            # Successes alone are told once per PERMIT_REUSE_S: a window of them is what a healthy
-            # endpoint's circuit holds already, and each told one is a script run in Redis.
-            if not failures and now - self.successes_told.get(endpoint_id, 0.0) < PERMIT_REUSE_S:
+        for endpoint_id, answered in circuit.items():
+            # Told in bulk, at most every CIRCUIT_TELL_S per endpoint (a trial's answer at once):
+            # one Redis script run per endpoint and period however many answers. Every answer is
+            # told, successes and failures alike: telling only some successes would make a flaky
+            # endpoint look dead to the circuit.
+            untold = self.untold.setdefault(endpoint_id, [])
+            untold.extend(answered)
+            trial = any(permit.trial for permit, _, _ in answered)
+            if not trial and now - self.successes_told.get(endpoint_id, 0.0) < CIRCUIT_TELL_S:
                 continue
+            outcomes = untold[-CIRCUIT_WINDOW_SIZE:]
+            self.untold[endpoint_id] = []
+            failures = any(failed for _, failed, _ in outcomes)
             self.successes_told[endpoint_id] = now
             breaker = self._breaker(endpoint_id)
             breaker.record_many(outcomes)

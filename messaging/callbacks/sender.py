@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import os
 import ssl
 import threading
@@ -24,6 +25,8 @@ from typing import Any
 from messaging.callbacks.http import HttpClient, HttpError
 from messaging.callbacks.retries import CONNECTION, TIMEOUT
 from messaging.callbacks.signing import USER_AGENT, callback_headers
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,17 +105,35 @@ class CallbackSender:
             error, detail = (TIMEOUT if exc.timeout else CONNECTION), str(exc)
         except ValueError as exc:  # no signing secret
             error, detail = CONNECTION, f"{type(exc).__name__}: {exc}"[:300]
-        answer(
-            CallbackResponse(
-                key=request.key,
-                status=status,
-                error=error,
-                detail=detail,
-                retry_after=retry_after,
-                started_at=started_at,
-                latency_s=time.perf_counter() - began,
-            )
-        )
+        except BaseException as exc:
+            # Whatever else ends the request, the deliverer must hear of it: a request it never
+            # hears back from holds its endpoint's slot (and the callback's lease) for good.
+            error, detail = CONNECTION, f"{type(exc).__name__}: {exc}"[:300]
+            logger.warning("callback %s: the request ended in %s", request.key, detail, exc_info=True)
+            if not isinstance(exc, Exception):  # a cancel (the loop closing): told, then let through
+                answer(_response(request, None, error, detail, None, started_at, began))
+                raise
+        answer(_response(request, status, error, detail, retry_after, started_at, began))
+
+
+def _response(
+    request: CallbackRequest,
+    status: int | None,
+    error: str,
+    detail: str,
+    retry_after: str | None,
+    started_at: datetime,
+    began: float,
+) -> CallbackResponse:
+    return CallbackResponse(
+        key=request.key,
+        status=status,
+        error=error,
+        detail=detail,
+        retry_after=retry_after,
+        started_at=started_at,
+        latency_s=time.perf_counter() - began,
+    )
 
 
 _sender: tuple[int, CallbackSender] | None = None

@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from messaging.models import Callback, CallbackState, Message, MessageEvent
+from messaging.models import Callback, CallbackState, MessageEvent
 from messaging.services import api_key_create
 from tests.integration.test_dispatch_flow import post_batch, states
 from tests.support.callback_receiver import ReceiverProcess
@@ -31,7 +31,9 @@ def _expected(ids: list[str]) -> dict[str, list[str]]:
     """Per message, the state changes it went through, in order (the events of applied transitions)."""
     changes: dict[str, list[str]] = defaultdict(list)
     for message_id, to_state in (
-        MessageEvent.objects.filter(message_id__in=ids, applied=True).order_by("id").values_list("message_id", "to_state")
+        MessageEvent.objects.filter(message_id__in=ids, applied=True)
+        .order_by("id")
+        .values_list("message_id", "to_state")
     ):
         changes[str(message_id)].append(to_state)
     return changes
@@ -65,6 +67,20 @@ def _assert_exactly_once_in_order(ids: list[str], records: list[dict]) -> None:
     assert answered == {r["webhook_id"] for r in records}
 
 
+def _diagnose(ids: list[str], receiver: ReceiverProcess) -> None:
+    from django.db.models import Count, Max, Min
+    from django.utils import timezone
+
+    pending = Callback.objects.filter(message_id__in=ids).exclude(state=CallbackState.DELIVERED)
+    print("\nnot delivered:", pending.values("state").annotate(n=Count("id")), "now", timezone.now())
+    print(pending.aggregate(Min("next_attempt_at"), Max("next_attempt_at"), Max("attempts"), Min("lease_expires_at")))
+    for row in pending.order_by("next_attempt_at")[:5].values(
+        "id", "sequence", "attempts", "attempt_log", "lease_expires_at"
+    ):
+        print(row)
+    print(receiver.summary())
+
+
 def _all_delivered(ids: list[str]) -> bool:
     return not Callback.objects.filter(message_id__in=ids).exclude(state=CallbackState.DELIVERED).exists()
 
@@ -80,12 +96,17 @@ def test_every_change_of_2000_messages_reaches_an_endpoint_with_errors_timeouts_
         items = [{"channel": "sms", "to": f"+1202555{i:04d}", "body": f"Notice {i}"} for i in range(2000)]
         started = time.monotonic()
         ids = post_batch(live, key, items[:1000])
-        wait_until(lambda: receiver.summary()["requests"] > 500, 60, interval=0.2, what="callbacks flowing")
+        wait_until(lambda: receiver.summary()["requests"] > 500, 120, interval=0.2, what="callbacks flowing")
+        print(f"\nflowing after {time.monotonic() - started:.0f} s: {receiver.summary()}")
         receiver.outage(60, "refuse")  # connections refused for a minute, mid-run
         outage_began = time.time()
         ids += post_batch(live, key, items[1000:])
         wait_until(lambda: states(ids)["delivered"] == 2000, 300, interval=1, what="every message delivered")
-        wait_until(lambda: _all_delivered(ids), 420, interval=1, what="every callback delivered")
+        try:
+            wait_until(lambda: _all_delivered(ids), 420, interval=1, what="every callback delivered")
+        except TimeoutError:
+            _diagnose(ids, receiver)
+            raise
         elapsed = time.monotonic() - started
         records = receiver.records()
     finally:
