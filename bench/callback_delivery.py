@@ -33,6 +33,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=256, help="CALLBACK_CONCURRENCY")
     parser.add_argument("--events", type=int, default=4, help="callbacks per message")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="the receiver's added latency")
+    parser.add_argument(
+        "--dead-endpoint",
+        choices=["refuse", "hold"],
+        help="another client's endpoint, down for the whole run (connections refused, or held past the timeout), "
+        "with as many callbacks as the healthy ones: the healthy endpoints' lag must not suffer",
+    )
     parser.add_argument("--timeout", type=float, default=10.0, help="CALLBACK_TIMEOUT_SECONDS")
     parser.add_argument("--faults", default="{}", help='more receiver faults, JSON, e.g. {"error_rate": 0.3}')
     parser.add_argument("--database", default="conductor_bench_callbacks")
@@ -58,9 +64,14 @@ def main() -> None:
         "CALLBACK_CONCURRENCY": args.concurrency,
         "CALLBACK_TIMEOUT_SECONDS": args.timeout,
         "CALLBACK_LEASE_SECONDS": max(60.0, 2 * args.timeout),
+        # Production's backoff (the test settings retry within 2 s, which would keep a dead
+        # endpoint's callbacks due all the time).
+        "CALLBACK_BACKOFF_BASE_SECONDS": 5.0,
+        "CALLBACK_BACKOFF_MAX_SECONDS": 3600.0,
     }
     shared_redis().flushdb()
     secret = new_secret()
+    dead_receiver = None
     receiver = ReceiverProcess(secrets=[secret], faults={"latency_ms": args.latency_ms, **json.loads(args.faults)})
     try:
         receiver.start()
@@ -121,6 +132,33 @@ def main() -> None:
                         created_at=now,
                     )
                 )
+        dead_receiver = None
+        if args.dead_endpoint:
+            other = ApiClient.objects.create(name="bench-dead")
+            if args.dead_endpoint == "hold":
+                dead_receiver = ReceiverProcess(secrets=[secret], faults={"timeout_rate": 1.0, "hold_seconds": 600})
+                dead_url = dead_receiver.start().url("/dead")
+            else:
+                dead_url = "http://127.0.0.1:9/dead"  # nothing listens on the discard port: refused
+            dead = CallbackEndpoint.objects.create(
+                client=other,
+                url=dead_url,
+                secrets=[{"secret": secret, "created_at": now.isoformat(), "expires_at": None}],
+            )
+            rows += [
+                Callback(
+                    webhook_id="msg_" + uuid.uuid4().hex,
+                    endpoint=dead,
+                    message=row.message,
+                    event=row.event,
+                    sequence=row.sequence,
+                    occurred_at=row.occurred_at,
+                    payload=row.payload,
+                    next_attempt_at=now,
+                    created_at=now,
+                )
+                for row in list(rows)
+            ]
         rows_insert(Callback, rows)
         with connection.cursor() as cursor:  # as autovacuum would soon: the planner sees the rows
             cursor.execute("ANALYZE messaging_message, messaging_callback")
@@ -137,6 +175,18 @@ def main() -> None:
         elapsed = time.perf_counter() - began
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+        healthy = Callback.objects.filter(endpoint__in=endpoints)
+        lags = sorted(
+            (done - made).total_seconds()
+            for made, done in healthy.filter(state="delivered").values_list("created_at", "delivered_at")
+        )
+        if lags:
+            p50, p99 = lags[len(lags) // 2], lags[min(len(lags) - 1, int(len(lags) * 0.99))]
+            print(
+                f"healthy endpoint(s): {len(lags)} of {healthy.count()} delivered, written -> delivered "
+                f"p50 {p50:.2f} s, p99 {p99:.2f} s, last {lags[-1]:.2f} s"
+                + (f" (beside a dead endpoint: {args.dead_endpoint})" if args.dead_endpoint else "")
+            )
         delivered = Callback.objects.filter(state="delivered").count()
         span = Callback.objects.aggregate(first=Min("delivered_at"), last=Max("delivered_at"))
         sending_s = (span["last"] - span["first"]).total_seconds()
@@ -153,6 +203,8 @@ def main() -> None:
         print(f"receiver CPU {receiver_cpu:.2f} s, {per_request:,.0f} µs per request: {summary}")
     finally:
         receiver.stop()
+        if args.dead_endpoint and dead_receiver is not None:
+            dead_receiver.stop()
 
 
 def _cpu_seconds(pid: int) -> float:
