@@ -22,7 +22,11 @@ applied (target: every one); webhook latency p50/p95/p99 as the sandbox measured
 campaign messages not `delivered` after the drain (target 0); critical accepted -> dispatched p99
 during it (target < 1 s).
 
-Run: .venv/bin/python bench/lifecycle.py [--messages 200000] [--json PATH]
+--callbacks (issue 21): the bench client's endpoint takes a status callback for every event of every
+message, at a receiver process verifying each signature; reported: written / delivered / received
+and how late. Compare with a run without it (the callbacks worker runs in both).
+
+Run: .venv/bin/python bench/lifecycle.py [--messages 200000] [--callbacks] [--json PATH]
 """
 
 from __future__ import annotations
