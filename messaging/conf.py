@@ -93,6 +93,9 @@ DEFAULTS: dict[str, Any] = {
     # all, per delivering process.
     "CALLBACK_CONCURRENCY_PER_ENDPOINT": 16,
     "CALLBACK_CONCURRENCY": 256,
+    # Callbacks to private, loopback and link-local addresses (messaging.callbacks.destinations):
+    # refused unless set (the project's settings set it outside production).
+    "CALLBACK_ALLOW_PRIVATE_NETWORKS": False,
     # How long a delivering worker owns a claimed callback; must exceed the timeout.
     "CALLBACK_LEASE_SECONDS": 60.0,
     # After a secret is rotated the old one still signs (beside the new) this long.

@@ -305,17 +305,22 @@ def _settle_before_sending(send: _Send) -> bool:
 
 def _record_lost_attempts(message: Message, now: datetime) -> None:
     """Close attempts left in progress by a worker that died (we hold the lease, so theirs
-    expired) and count them against the message."""
-    lost = DispatchAttempt.objects.filter(message=message, outcome=AttemptOutcome.IN_PROGRESS).update(
-        outcome=AttemptOutcome.WORKER_LOST, ended_at=now, error_type=ErrorType.WORKER_LOST
-    )
-    if lost:
-        # The dead worker may have reached the provider: look before sending again.
-        Message.objects.filter(pk=message.pk).update(
-            worker_loss_count=F("worker_loss_count") + lost, needs_provider_lookup=True
+    expired) and count them against the message.
+
+    One transaction: an attempt closed as lost is no longer in progress, so if this worker died
+    before the flag was written, the next claim would see neither and send again (seen in the
+    chaos test: a duplicate). The message first, as every writer of both locks it first."""
+    with transaction.atomic():
+        Message.objects.filter(pk=message.pk).update(needs_provider_lookup=True)
+        lost = DispatchAttempt.objects.filter(message=message, outcome=AttemptOutcome.IN_PROGRESS).update(
+            outcome=AttemptOutcome.WORKER_LOST, ended_at=now, error_type=ErrorType.WORKER_LOST
         )
+        if lost:
+            Message.objects.filter(pk=message.pk).update(worker_loss_count=F("worker_loss_count") + lost)
+    # The dead worker may have reached the provider: look before sending again.
+    message.needs_provider_lookup = True
+    if lost:
         message.worker_loss_count += lost
-        message.needs_provider_lookup = True
         logger.warning("message %s: %d attempt(s) lost with their worker", message.pk, lost)
 
 
@@ -622,6 +627,10 @@ def _settle_error(
             rate_limiter(hop.provider).penalize(error.retry_after)  # slow it down for every worker
         return error
     if isinstance(error, AmbiguousProviderError):
+        # The flag before the attempt leaves "in progress": a worker killed between the two writes
+        # must leave one of them saying "look it up", or the next claim sends it again.
+        Message.objects.filter(pk=message.pk).update(needs_provider_lookup=True)
+        message.needs_provider_lookup = True
         attempt_finish_failed(outcome=AttemptOutcome.AMBIGUOUS, **finished)
         message_schedule_retry(message=message, error=error, ambiguous=True)  # stays with this provider until looked up
         return None

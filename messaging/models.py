@@ -606,6 +606,12 @@ class Callback(models.Model):
         indexes = [
             # What is due: small however many delivered rows are kept.
             models.Index(fields=["next_attempt_at"], condition=Q(state="pending"), name="callback_pending"),
+            # The deliverer's claim, endpoint by endpoint (messaging.callbacks.delivery._CLAIM_SQL).
+            models.Index(
+                fields=["endpoint", "next_attempt_at"],
+                condition=Q(state="pending"),
+                name="callback_pending_by_endpoint",
+            ),
             models.Index(fields=["created_at"], name="callback_created"),
         ]
 

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from django.db import connection, transaction
 from django.db.models import BooleanField, ExpressionWrapper, Q
 from django.utils import timezone
 
@@ -54,10 +55,17 @@ def messages_sweep(*, now: datetime | None = None) -> SweepReport:
 
 
 def _expire_overdue(now: datetime, batch: int) -> int:
-    # Ordered by the deadline so that the read stops at `now` in message_accepted_expiry.
+    # Ordered by the deadline so that the read stops at `now` in message_accepted_expiry. Before
+    # autovacuum has analyzed a campaign's new rows the planner takes any index on accepted rows as
+    # returning one, and sorts all it reads (seen: 3,000 rows a sweep); without sorts, only the
+    # index that gives the order is left (as in messaging.fair).
     overdue = Message.objects.filter(state=MessageState.ACCEPTED, expires_at__lte=now).unleased(now)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_sort = off")
+        overdue_ids = list(overdue.order_by("expires_at").values_list("pk", flat=True)[:batch])
+        cursor.execute("SET LOCAL enable_sort = on")  # inside an outer transaction, the rest as before
     expired = 0
-    for message_id in overdue.order_by("expires_at").values_list("pk", flat=True)[:batch]:
+    for message_id in overdue_ids:
         expired += message_transition(
             message_id=message_id,
             to_state=MessageState.EXPIRED,

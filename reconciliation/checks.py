@@ -28,4 +28,13 @@ def check_reconciliation_settings(app_configs=None, **kwargs) -> list[Error]:
                 id="conductor.E063",
             )
         )
+    retention = reconciliation_setting("CALLBACK_RETENTION_SECONDS")
+    if retention <= 0:
+        errors.append(
+            Error(
+                f"CONDUCTOR['CALLBACK_RETENTION_SECONDS'] is {retention!r}; it must be above 0 (seconds).",
+                hint="How long delivered status callbacks are kept (CONDUCTOR_CALLBACK_RETENTION_SECONDS).",
+                id="conductor.E064",
+            )
+        )
     return errors

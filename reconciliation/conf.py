@@ -26,6 +26,9 @@ DEFAULTS: dict[str, Any] = {
     "ALERT_WEBHOOK_URL": None,
     # Dead letters deleted per statement by the retention job, so no delete holds locks for long.
     "DLQ_PURGE_BATCH_SIZE": 1000,
+    # Delivered status callbacks (payload and attempt log) are deleted this long after they were
+    # written; callbacks given up on stay with their dead letter (CASCADE when it is purged).
+    "CALLBACK_RETENTION_SECONDS": 7 * 86400.0,
     # A client's callback endpoint failing without a success for this long is disabled and an
     # alert raised (reconciliation.callbacks, on beat).
     "CALLBACK_DISABLE_AFTER_SECONDS": 24 * 3600.0,

@@ -1,4 +1,5 @@
-"""Dead letter retention: delete dead letters older than their priority's and category's retention.
+"""Retention: dead letters older than their priority's and category's retention, and delivered
+status callbacks older than CALLBACK_RETENTION_SECONDS, are deleted.
 
 The retention is read from the retry policies at run time (a changed setting applies to dead
 letters already parked) and rows go in small batches, each its own statement, so the job never
@@ -11,11 +12,11 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from django.db.models import QuerySet
+from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from messaging.conf import messaging_setting
-from messaging.models import DeadLetter
+from messaging.models import Callback, CallbackState, DeadLetter
 from messaging.routing import Priority, retry_policy_for
 from reconciliation.conf import reconciliation_setting
 
@@ -81,3 +82,38 @@ def _delete_in_batches(rows: QuerySet[DeadLetter], batch_size: int) -> int:
         # Nothing references a dead letter, so this is one DELETE … WHERE id IN (…) per batch.
         deleted, _ = DeadLetter.objects.filter(pk__in=ids).delete()
         removed += deleted
+
+
+def callbacks_purge_expired(
+    *, now: datetime | None = None, batch_size: int | None = None, dry_run: bool = False
+) -> int:
+    """Delete (or, dry, count) the callbacks written before the retention that are done with:
+    delivered or given up on, with no dead letter left that shows them. Three or four a message, each
+    with its payload and attempt log, would soon outweigh the messages. Pending ones are still owed."""
+    now = now or timezone.now()
+    batch_size = batch_size or reconciliation_setting("DLQ_PURGE_BATCH_SIZE")
+    cutoff = now - timedelta(seconds=reconciliation_setting("CALLBACK_RETENTION_SECONDS"))
+    old = _callbacks_done_with(Callback.objects.filter(created_at__lt=cutoff))
+    if dry_run:
+        return old.count()
+    removed = 0
+    after = None  # (created_at, id) of the last row seen: old pending rows are passed once, not re-read
+    while True:
+        page = old.order_by("created_at", "pk")
+        if after is not None:
+            page = page.filter(Q(created_at__gt=after[0]) | Q(created_at=after[0], pk__gt=after[1]))
+        rows = list(page.values_list("created_at", "pk")[:batch_size])
+        if not rows:
+            break
+        deleted, _ = _callbacks_done_with(Callback.objects.filter(pk__in=[pk for _, pk in rows])).delete()
+        removed += deleted
+        after = rows[-1]
+    if removed:
+        logger.info("callback retention: removed %d callbacks written before %s", removed, cutoff.isoformat())
+    return removed
+
+
+def _callbacks_done_with(rows: QuerySet[Callback]) -> QuerySet[Callback]:
+    """Delivered or given up on, and no dead letter left that shows them (its retention decides)."""
+    parked = DeadLetter.objects.filter(callback=OuterRef("pk"))
+    return rows.filter(state__in=[CallbackState.DELIVERED, CallbackState.DEAD_LETTERED]).exclude(Exists(parked))

@@ -17,7 +17,7 @@ from reconciliation.conf import reconciliation_setting
 from reconciliation.polling import receipts_poll_overdue
 from reconciliation.queues import queue_depth_purge, queue_depth_sample
 from reconciliation.reconcile import reconciliation_run
-from reconciliation.retention import dead_letters_purge_expired
+from reconciliation.retention import callbacks_purge_expired, dead_letters_purge_expired
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +28,11 @@ class AlertWebhookError(Exception):
 
 @shared_task(name="reconciliation.purge_dead_letters", ignore_result=True)
 def purge_dead_letters() -> int:
-    """Delete dead letters past their retention, and delivery buckets and queue samples past theirs."""
+    """Delete dead letters past their retention, and delivered callbacks, delivery buckets and queue
+    samples past theirs."""
     buckets_purge(older_than_s=reconciliation_setting("BUCKET_RETENTION_SECONDS"))
     queue_depth_purge(older_than_s=reconciliation_setting("BUCKET_RETENTION_SECONDS"))
+    callbacks_purge_expired()
     return dead_letters_purge_expired().total
 
 

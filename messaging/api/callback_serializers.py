@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from rest_framework import serializers
 
 from messaging.api.serializers import StrictSerializer, no_control_characters
+from messaging.callbacks.destinations import host_problem
 from messaging.models import CallbackEndpoint, CallbackEvent
 
 URL_MAX_LENGTH = CallbackEndpoint._meta.get_field("url").max_length
@@ -24,6 +25,9 @@ class CallbackUrlField(serializers.URLField):
             raise serializers.ValidationError("Give an http or https URL.")
         if parts.username or parts.password:
             raise serializers.ValidationError("No user name or password in the URL: callbacks are signed instead.")
+        problem = host_problem(parts.hostname or "")
+        if problem is not None:
+            raise serializers.ValidationError(problem)
         return url
 
 

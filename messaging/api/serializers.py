@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, tzinfo
 from typing import Any
+from urllib.parse import urlsplit
 
 import phonenumbers
 from django.conf import settings
@@ -18,6 +19,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import ISO_8601, serializers
 from rest_framework.settings import api_settings
 
+from messaging.callbacks.destinations import host_problem
 from messaging.conf import messaging_setting
 from messaging.dead_letters import ATTEMPT_FIELDS
 from messaging.models import (
@@ -95,7 +97,7 @@ def callback_url_problem(url: str) -> str | None:
         return "Enter a valid absolute URL (https://...)."
     if url.split(":", 1)[0].lower() != "https" and not (settings.CONDUCTOR_MODE == "sandbox" or settings.DEBUG):
         return "Callbacks are only sent to https:// URLs (http is allowed in sandbox mode only)."
-    return None
+    return host_problem(urlsplit(url).hostname or "")
 
 
 def validate_callback_url(url: str) -> None:

@@ -9,8 +9,9 @@ process's sender loop (messaging.callbacks.sender), so requests stay in flight w
   go in order), at most the endpoint's free slots each (CALLBACK_CONCURRENCY_PER_ENDPOINT minus
   what this deliverer has in flight there) and the deliverer's free slots in all
   (CALLBACK_CONCURRENCY), oldest due first, locked FOR UPDATE SKIP LOCKED and leased
-  (CALLBACK_LEASE_SECONDS). Endpoints at their limit or held back by an open circuit are left out
-  of the scan, so a slow or dead endpoint's backlog costs the others nothing.
+  (CALLBACK_LEASE_SECONDS). It reads endpoint by endpoint (callback_pending_by_endpoint), and
+  endpoints at their limit or held back by an open circuit are left out before their rows are
+  read, so a slow or dead endpoint's backlog costs the others nothing.
 - Circuit (one per endpoint, providers.circuit in Redis): asked once per endpoint per claim (a
   closed-state permit covers the calls of the next PERMIT_REUSE_S); open: the claimed callbacks
   go back unattempted, due when it half-opens, and the endpoint is left out of claims until then
@@ -66,6 +67,10 @@ BUDGET_S = 60.0
 # Answers gathered this long after the first before they are written together: a few writes a
 # second per deliverer at any rate, and a callback's successor (same message) waits this little.
 GATHER_S = 0.01
+# ...and only for requests sent less than this long ago: a hanging endpoint's stay in flight until
+# the timeout, and waiting for them made every batch of a healthy endpoint's wait the whole GATHER_S
+# (its p99 +60 % beside a dead endpoint, in bench/callback_delivery.py --dead-endpoint hold).
+GATHER_FRESH_S = 0.25
 # With nothing claimable, look again this often (new rows come with a kick, retries come due).
 POLL_S = 0.1
 # Stay (and keep the flag) while a callback comes due within this long: a retry a few seconds
@@ -107,6 +112,7 @@ class Claimed:
     created_at: datetime
     occurred_at: datetime
     permit: Permit | None = None
+    sent_at: float = 0.0  # monotonic, when its request was handed to the sender
 
 
 @dataclass
@@ -150,42 +156,45 @@ def callbacks_deliver(*, budget_s: float = BUDGET_S) -> DeliveryReport:
     return _Deliverer().run(budget_s)
 
 
-# Due, unleased heads of their (message, endpoint) sequence, at endpoints not left out, ranked
-# per endpoint; the first `rank <= free` of each, oldest due first, up to `limit`, locked (SKIP
-# LOCKED: deliverers never wait for each other) and leased. The scan reads the pending index in
-# next_attempt_at order and stops after `scan` heads; the picked ids are then looked up by key
-# (= ANY(ARRAY(...)): a join would let the planner read the whole table, delivered rows and all).
+# Due, unleased heads of their (message, endpoint) sequence, at endpoints not left out: each
+# endpoint with pending callbacks is found by a loose scan of callback_pending_by_endpoint (one
+# probe per endpoint, however long its backlog), its free slots' worth of oldest due heads read
+# from the same index; of those, the oldest due first, up to `limit`, locked (SKIP LOCKED:
+# deliverers never wait for each other) and leased. An endpoint left out (at its limit, circuit
+# open) costs the probe, not a read of its backlog: with one range over every endpoint's due rows,
+# each claim read a dead endpoint's whole backlog beside a healthy one's few rows. The picked ids
+# are then looked up by key (= ANY(ARRAY(...)): a join would let the planner read the whole table).
 _CLAIM_SQL = """
-WITH busy(endpoint_id, n) AS (
+WITH RECURSIVE busy(endpoint_id, n) AS (
     SELECT * FROM unnest(%(busy_ids)s::bigint[], %(busy_counts)s::int[])
 ),
-candidates AS (
-    SELECT c.id, c.endpoint_id, c.next_attempt_at
-    FROM {callback} c
-    WHERE c.state = 'pending' AND c.next_attempt_at <= %(now)s
-      AND (c.lease_expires_at IS NULL OR c.lease_expires_at < %(now)s)
-      AND NOT (c.endpoint_id = ANY(%(left_out)s::bigint[]))
-      AND NOT EXISTS (
-          SELECT 1 FROM {callback} e
-          WHERE e.message_id = c.message_id AND e.endpoint_id = c.endpoint_id
-            AND e.sequence < c.sequence AND e.state = 'pending'
-      )
-    ORDER BY c.next_attempt_at
-    LIMIT %(scan)s
+endpoints(endpoint_id) AS (
+    SELECT min(c.endpoint_id) FROM {callback} c WHERE c.state = 'pending'
+    UNION ALL
+    SELECT (SELECT min(c.endpoint_id) FROM {callback} c WHERE c.state = 'pending' AND c.endpoint_id > e.endpoint_id)
+    FROM endpoints e WHERE e.endpoint_id IS NOT NULL
 ),
-ranked AS (
-    SELECT candidates.id, candidates.next_attempt_at,
-           row_number() OVER (PARTITION BY candidates.endpoint_id ORDER BY candidates.next_attempt_at, candidates.id)
-               AS rank,
-           %(per_endpoint)s - COALESCE(busy.n, 0) AS free
-    FROM candidates LEFT JOIN busy USING (endpoint_id)
+heads AS (
+    SELECT h.id, h.next_attempt_at
+    FROM endpoints e
+    LEFT JOIN busy b ON b.endpoint_id = e.endpoint_id
+    CROSS JOIN LATERAL (
+        SELECT c.id, c.next_attempt_at FROM {callback} c
+        WHERE c.endpoint_id = e.endpoint_id AND c.state = 'pending' AND c.next_attempt_at <= %(now)s
+          AND (c.lease_expires_at IS NULL OR c.lease_expires_at < %(now)s)
+          AND NOT EXISTS (
+              SELECT 1 FROM {callback} p
+              WHERE p.message_id = c.message_id AND p.endpoint_id = c.endpoint_id
+                AND p.sequence < c.sequence AND p.state = 'pending'
+          )
+        ORDER BY c.next_attempt_at
+        LIMIT GREATEST(%(per_endpoint)s - COALESCE(b.n, 0), 0)
+    ) h
+    WHERE e.endpoint_id IS NOT NULL AND NOT (e.endpoint_id = ANY(%(left_out)s::bigint[]))
 ),
 picked AS (
     SELECT c.id FROM {callback} c
-    WHERE c.id = ANY(ARRAY(
-            SELECT ranked.id FROM ranked WHERE ranked.rank <= ranked.free
-            ORDER BY ranked.next_attempt_at LIMIT %(limit)s
-          ))
+    WHERE c.id = ANY(ARRAY(SELECT heads.id FROM heads ORDER BY heads.next_attempt_at LIMIT %(limit)s))
       AND c.state = 'pending' AND (c.lease_expires_at IS NULL OR c.lease_expires_at < %(now)s)
     FOR UPDATE SKIP LOCKED
 )
@@ -243,7 +252,7 @@ class _Deliverer:
         self.permits: dict[int, tuple[Permit, float]] = {}  # closed-state permits, with when
         self.paused: dict[int, float] = {}  # endpoint -> monotonic time it may be claimed again
         self.breakers: dict[int, CircuitBreaker] = {}
-        self.successes_told: dict[int, float] = {}  # endpoint -> when its answers were last told its circuit
+        self.circuit_told_at: dict[int, float] = {}  # endpoint -> when its answers were last told its circuit
         self.untold: dict[int, list[tuple[Permit, bool, float]]] = {}  # answers not yet told
         self.secrets: dict[str, list[dict[str, Any]]] = {}
         self.report = DeliveryReport()
@@ -289,13 +298,16 @@ class _Deliverer:
                 return self.report
 
     def _gather(self, wait_s: float) -> list[CallbackResponse]:
-        """The answers in: waits up to `wait_s` for one, then GATHER_S for more (fewer, larger writes)."""
+        """The answers in: waits up to `wait_s` for one, then up to GATHER_S for those of the other
+        requests sent recently (fewer, larger writes)."""
         try:
             answers = [self.answers.get(timeout=wait_s) if wait_s > 0 else self.answers.get_nowait()]
         except queue.Empty:
             return []
-        deadline = time.monotonic() + GATHER_S
-        while len(answers) < len(self.in_flight):
+        now = time.monotonic()
+        deadline = now + GATHER_S
+        expected = sum(1 for c in self.in_flight.values() if now - c.sent_at < GATHER_FRESH_S)
+        while len(answers) < expected:
             remaining = deadline - time.monotonic()
             try:
                 answers.append(self.answers.get(timeout=remaining) if remaining > 0 else self.answers.get_nowait())
@@ -325,8 +337,6 @@ class _Deliverer:
             "busy_counts": list(busy.values()),
             "per_endpoint": self.per_endpoint,
             "limit": free,
-            # Enough heads that every endpoint with free slots among the oldest shows up.
-            "scan": min(max(free * 2, 64), 2000),
         }
         with connection.cursor() as cursor:
             cursor.execute(_sql(_CLAIM_SQL), params)
@@ -372,7 +382,9 @@ class _Deliverer:
             claimed = [c for c in claimed if c.id not in self.in_flight]
         sendable = self._settle_unsendable(claimed)
         to_send = self._admit(sendable)
+        sent_at = time.monotonic()
         for callback in to_send:
+            callback.sent_at = sent_at
             self.in_flight[callback.id] = callback
             self.busy[callback.endpoint_id] += 1
         self.sender.submit(
@@ -552,12 +564,12 @@ class _Deliverer:
             untold = self.untold.setdefault(endpoint_id, [])
             untold.extend(answered)
             trial = any(permit.trial for permit, _, _ in answered)
-            if not trial and now - self.successes_told.get(endpoint_id, 0.0) < CIRCUIT_TELL_S:
+            if not trial and now - self.circuit_told_at.get(endpoint_id, 0.0) < CIRCUIT_TELL_S:
                 continue
             outcomes = untold[-CIRCUIT_WINDOW_SIZE:]
             self.untold[endpoint_id] = []
             failures = any(failed for _, failed, _ in outcomes)
-            self.successes_told[endpoint_id] = now
+            self.circuit_told_at[endpoint_id] = now
             breaker = self._breaker(endpoint_id)
             breaker.record_many(outcomes)
             if any(permit.trial and not failed for permit, failed, _ in outcomes):

@@ -12,8 +12,10 @@ at most. No redirects (a 3xx is just a status), no cookies, no proxies, no Expec
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
+from collections.abc import Callable
 from functools import lru_cache
 from typing import NamedTuple
 from urllib.parse import urlsplit
@@ -27,12 +29,14 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class HttpError(Exception):
-    """The request got no answer: `timeout` is True when the time ran out, else a connection or
-    protocol failure; the text says what happened."""
+    """The request got no answer: `timeout` is True when the time ran out, `blocked` when the host
+    resolved to an address we may not connect to, else a connection or protocol failure; the text
+    says what happened."""
 
-    def __init__(self, detail: str, *, timeout: bool = False) -> None:
+    def __init__(self, detail: str, *, timeout: bool = False, blocked: bool = False) -> None:
         super().__init__(detail)
         self.timeout = timeout
+        self.blocked = blocked
 
 
 class Answer(NamedTuple):
@@ -56,8 +60,17 @@ class HttpClient:
     flight and `concurrency` connections open (an idle one is closed to make room for a new one).
     Used on one event loop."""
 
-    def __init__(self, concurrency: int, *, user_agent: str, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        concurrency: int,
+        *,
+        user_agent: str,
+        ssl_context: ssl.SSLContext | None = None,
+        address_allowed: Callable[[str], bool] | None = None,
+    ) -> None:
         self.user_agent = user_agent
+        # Asked of every address a host resolves to before a connection is opened (None: any).
+        self.address_allowed = address_allowed
         self.limit = concurrency
         self._slots = asyncio.Semaphore(concurrency)
         self._ssl = ssl_context
@@ -83,6 +96,8 @@ class HttpClient:
                 raise HttpError("answer headers too long") from None
             except _NoAnswer as exc:
                 raise HttpError(f"connection closed before any answer: {exc}") from None
+            except HttpError:
+                raise
             except (OSError, ValueError) as exc:  # refused, reset, DNS, TLS, a malformed answer
                 raise HttpError(f"{type(exc).__name__}: {exc}"[:300]) from None
 
@@ -149,20 +164,41 @@ class HttpClient:
         if self.open_connections >= self.limit:
             self._evict_oldest_idle()
         scheme, host, port = origin
-        if scheme == "https":
-            if self._ssl is None:
-                self._ssl = ssl.create_default_context()  # verifies certificates and host names
-            opened = asyncio.open_connection(host, port, ssl=self._ssl, server_hostname=host, limit=MAX_HEAD_BYTES)
-        else:
-            opened = asyncio.open_connection(host, port, limit=MAX_HEAD_BYTES)
         self.open_connections += 1  # counted from the attempt: a slot is taken while connecting
         try:
+            address = await self._checked_address(host, port)
+            if scheme == "https":
+                if self._ssl is None:
+                    self._ssl = ssl.create_default_context()  # verifies certificates and host names
+                opened = asyncio.open_connection(
+                    address, port, ssl=self._ssl, server_hostname=host, limit=MAX_HEAD_BYTES
+                )
+            else:
+                opened = asyncio.open_connection(address, port, limit=MAX_HEAD_BYTES)
             reader, writer = await opened
         except BaseException:
             self.open_connections -= 1
             raise
         self.connections_made += 1
         return _Conn(reader, writer)
+
+    async def _checked_address(self, host: str, port: int) -> str:
+        """The address to connect to: the host itself when any is allowed, else the first it
+        resolves to, all of them checked (one private answer among public ones refuses the host:
+        a second look-up could pick it). Connecting to the checked address, not the name, leaves a
+        DNS answer that changes in between no way in."""
+        if self.address_allowed is None:
+            return host
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = [info[4][0] for info in infos]
+        refused = [address for address in addresses if not self.address_allowed(address)]
+        if refused or not addresses:
+            raise HttpError(
+                f"{host} resolves to {refused[0] if refused else 'nothing'}: not a public address, "
+                "callbacks are not sent there",
+                blocked=True,
+            )
+        return addresses[0]
 
     def _evict_oldest_idle(self) -> None:
         # Requests in flight are fewer than the limit (the semaphore) and this one has no

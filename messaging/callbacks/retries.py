@@ -3,7 +3,8 @@
 2xx: delivered. Timeouts, connection errors, 5xx, 408, 409 and 429: tried again after a
 full-jitter exponential backoff (a `Retry-After` on 429 and 503 is a floor), until the callback
 is older than CALLBACK_RETRY_WINDOW_SECONDS. Any other answer (the rest of 4xx, 3xx: we follow
-no redirect) is final: the receiver told us it will never take this request.
+no redirect) is final: the receiver told us it will never take this request; so is a host that
+resolves to an address callbacks may not go to (messaging.callbacks.destinations).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ HTTP_4XX = "http_4xx"
 HTTP_429 = "http_429"
 HTTP_3XX = "http_3xx"
 CIRCUIT_OPEN = "circuit_open"
+BLOCKED = "blocked_address"  # the host resolved to an address callbacks may not go to (destinations.py)
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,9 @@ class Verdict:
 
 def classify(*, status: int | None, error: str = "") -> Verdict:
     """The verdict on one attempt: an HTTP status, or no status and the transport error
-    (TIMEOUT or CONNECTION)."""
+    (TIMEOUT, CONNECTION or BLOCKED)."""
+    if status is None and error == BLOCKED:
+        return Verdict(FINAL, BLOCKED)  # the URL's fault, not the endpoint's health: never retried
     if status is None:
         return Verdict(RETRY, TIMEOUT if error == TIMEOUT else CONNECTION, endpoint_failing=True)
     if 200 <= status < 300:

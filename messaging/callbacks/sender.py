@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from messaging.callbacks.destinations import address_allowed, private_networks_allowed
 from messaging.callbacks.http import HttpClient, HttpError
-from messaging.callbacks.retries import CONNECTION, TIMEOUT
+from messaging.callbacks.retries import BLOCKED, CONNECTION, TIMEOUT
 from messaging.callbacks.signing import USER_AGENT, callback_headers
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class CallbackRequest:
 class CallbackResponse:
     key: int
     status: int | None  # None: no answer (error says why)
-    error: str  # "", TIMEOUT or CONNECTION
+    error: str  # "", TIMEOUT, CONNECTION or BLOCKED
     detail: str  # the transport error's text, for the attempt log
     retry_after: str | None
     started_at: datetime
@@ -52,10 +53,14 @@ class CallbackResponse:
 class CallbackSender:
     """An event loop in a daemon thread with one pooled HTTP client (at most `concurrency`
     connections open at once: the deliverer keeps requests in flight below that).
-    `ssl_context` replaces the default (verifying) one: for tests with their own CA."""
+    `ssl_context` replaces the default (verifying) one: for tests with their own CA. With
+    `public_only`, connections go only to public addresses (messaging.callbacks.destinations)."""
 
-    def __init__(self, concurrency: int, *, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, concurrency: int, *, ssl_context: ssl.SSLContext | None = None, public_only: bool = False
+    ) -> None:
         self.concurrency = concurrency
+        self.public_only = public_only
         self.loop = asyncio.new_event_loop()
         self._tasks: set[asyncio.Task[None]] = set()
         threading.Thread(target=self.loop.run_forever, name="callback-sender", daemon=True).start()
@@ -71,7 +76,12 @@ class CallbackSender:
                 pass
 
     async def _open(self, ssl_context: ssl.SSLContext | None) -> HttpClient:
-        return HttpClient(self.concurrency, user_agent=USER_AGENT, ssl_context=ssl_context)
+        return HttpClient(
+            self.concurrency,
+            user_agent=USER_AGENT,
+            ssl_context=ssl_context,
+            address_allowed=address_allowed if self.public_only else None,
+        )
 
     def submit(
         self, requests: list[CallbackRequest], *, timeout_s: float, answer: Callable[[CallbackResponse], None]
@@ -102,7 +112,7 @@ class CallbackSender:
             status, retry_after = response.status, response.headers.get("retry-after")
         except HttpError as exc:
             # Refused, reset, DNS, TLS, a malformed answer or URL, or no answer in time.
-            error, detail = (TIMEOUT if exc.timeout else CONNECTION), str(exc)
+            error, detail = (TIMEOUT if exc.timeout else BLOCKED if exc.blocked else CONNECTION), str(exc)
         except ValueError as exc:  # no signing secret
             error, detail = CONNECTION, f"{type(exc).__name__}: {exc}"[:300]
         except BaseException as exc:
@@ -142,9 +152,15 @@ _sender_lock = threading.Lock()
 
 def callback_sender(concurrency: int) -> CallbackSender:
     """One per process, made after the fork (a prefork child must not inherit its parent's loop),
-    and again if the concurrency setting changed."""
+    and again if the concurrency or private-network setting changed."""
     global _sender
+    public_only = not private_networks_allowed()
     with _sender_lock:
-        if _sender is None or _sender[0] != os.getpid() or _sender[1].concurrency != concurrency:
-            _sender = (os.getpid(), CallbackSender(concurrency))
+        if (
+            _sender is None
+            or _sender[0] != os.getpid()
+            or _sender[1].concurrency != concurrency
+            or _sender[1].public_only != public_only
+        ):
+            _sender = (os.getpid(), CallbackSender(concurrency, public_only=public_only))
         return _sender[1]

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from messaging.models import Message
+from messaging.models import DispatchAttempt, Message, MessageEvent
 from messaging.services import api_key_create
 from tests.integration.test_dispatch_flow import accepted_sends_per_message, post_batch, states
 from tests.support.processes import wait_until
@@ -75,6 +75,27 @@ def test_flaky_providers_killed_workers_and_redis_restarts_lose_and_double_nothi
         f"accepted twice: {len(duplicates)}; in the database: {Message.objects.filter(pk__in=ids).count()}"
     )
     assert Message.objects.filter(pk__in=ids).count() == MESSAGES  # nothing lost
+    for message_id in duplicates:
+        print(_story(live, message_id))
     assert duplicates == {}  # nothing doubled
     assert chaos_log.count("restarted redis") == REDIS_RESTARTS
     assert faults["error"] > 100 and faults["timeout"] > 50  # the faults were really there
+
+
+def _story(live, message_id: str) -> str:
+    """Everything known about one message, in time order: what a doubled send needs to be explained."""
+    lines = [f"message {message_id}:"]
+    for r in live.sandbox_requests(message_id=message_id):
+        lines.append(f"  {r['received_at']} sandbox {r['provider']} {r['status_code']} {r['fault']} {r['token']}")
+    for a in DispatchAttempt.objects.filter(message_id=message_id).order_by("started_at"):
+        lines.append(
+            f"  {a.started_at.isoformat()} attempt #{a.number} g{a.send_generation} {a.provider} {a.outcome} "
+            f"until {a.ended_at and a.ended_at.isoformat()} {a.note} {a.error_type} {a.error_code} "
+            f"{a.error_message[:120]}"
+        )
+    for e in MessageEvent.objects.filter(message_id=message_id).order_by("created_at"):
+        when = e.created_at.isoformat()
+        lines.append(f"  {when} event {e.from_state}->{e.to_state} {e.applied} {e.source} {e.detail}")
+    for log in sorted(live.log_dir.glob("*.log")):
+        lines += [f"  {log.name}: {line.rstrip()[:400]}" for line in log.open(errors="replace") if message_id in line]
+    return "\n".join(lines)

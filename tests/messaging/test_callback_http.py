@@ -567,3 +567,50 @@ def test_the_sender_reports_status_retry_after_and_errors_as_the_deliverer_expec
         assert (answer.status, answer.error) == (None, CONNECTION) and "not http or https" in answer.detail
     finally:
         sender.close()
+
+
+# Destinations (messaging.callbacks.destinations): no callbacks into our own network
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_client_for_public_addresses_only_refuses_a_host_resolving_to_loopback_before_connecting(host):
+    from messaging.callbacks.destinations import address_allowed
+
+    with serving(always(OK)) as server:
+
+        async def scenario() -> None:
+            client = HttpClient(2, user_agent="t", address_allowed=address_allowed)
+            with pytest.raises(HttpError) as refused:
+                await client.post(f"http://{host}:{server.port}/hook", BODY, HEADERS, timeout_s=5)
+            assert refused.value.blocked and not refused.value.timeout
+            assert "not a public address" in str(refused.value)
+            assert client.open_connections == 0 and client.connections_made == 0
+            await client.close()
+
+        run(scenario())
+        assert server.connections == 0  # nothing reached the server
+
+
+@pytest.mark.parametrize(
+    ("address", "allowed"),
+    [
+        ("93.184.215.14", True),
+        ("2606:2800:21f:cb07:6820:80da:af6b:8b2c", True),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("127.0.0.1", False),
+        ("169.254.169.254", False),  # a cloud's metadata service
+        ("100.64.0.1", False),  # carrier-grade NAT
+        ("0.0.0.0", False),
+        ("::1", False),
+        ("fe80::1%eth0", False),
+        ("fd00::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("224.0.0.1", False),
+    ],
+)
+def test_only_public_addresses_are_allowed(address, allowed):
+    from messaging.callbacks.destinations import address_allowed
+
+    assert address_allowed(address) is allowed

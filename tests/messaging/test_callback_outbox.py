@@ -439,6 +439,20 @@ def test_plain_http_is_for_the_sandbox_only(api, settings):
     assert post(api, {**SMS, "callback_url": "https://hooks.example.com/x"}).status_code == 201
 
 
+@pytest.mark.parametrize(
+    "url", ["https://10.0.0.5/x", "https://localhost/x", "https://[::1]:8443/x", "https://169.254.169.254/latest"]
+)
+def test_in_production_a_callback_url_inside_our_network_is_refused_naming_the_field(api, settings, url):
+    settings.CONDUCTOR = {**settings.CONDUCTOR, "CALLBACK_ALLOW_PRIVATE_NETWORKS": False}
+    response = post(api, {**SMS, "callback_url": url})
+    assert response.status_code == 400, response.content
+    assert set(response.json()) == {"callback_url"} and "production" in response.json()["callback_url"][0]
+    endpoint = api.post("/api/v1/callback-endpoints/", {"url": url}, format="json")
+    assert endpoint.status_code == 400 and set(endpoint.json()) == {"url"}, endpoint.content
+    assert post(api, {**SMS, "callback_url": "https://hooks.example.com/x"}).status_code == 201
+    assert not CallbackEndpoint.objects.filter(url=url).exists()
+
+
 def test_the_callback_fields_are_part_of_the_idempotent_request(api):
     first = {**SMS, "idempotency_key": "k1", "callback_url": "https://app.example.com/s"}
     assert post(api, first).status_code == 201

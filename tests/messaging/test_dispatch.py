@@ -154,6 +154,91 @@ def test_a_lost_attempt_is_looked_up_and_not_resent_when_the_provider_has_it(san
     assert len(sandbox.requests(message_id=str(message.pk))) == 1
 
 
+class _Killed(BaseException):
+    """The worker's death (SIGKILL): no `except Exception` catches it, nothing after it runs."""
+
+
+def _dies_at_write(number: int):
+    """An execute wrapper that kills the worker at its `number`-th write (from 0); after that every
+    statement dies too, but savepoints roll back, as the database does for a dead session."""
+    writes, dead = 0, False
+
+    def wrapper(execute, sql, params, many, context):
+        nonlocal writes, dead
+        statement = sql.lstrip().upper()
+        if statement.startswith(("SAVEPOINT", "RELEASE", "ROLLBACK")):
+            return execute(sql, params, many, context)
+        if dead:
+            raise _Killed
+        if statement.startswith(("UPDATE", "INSERT", "COPY", "DELETE", "WITH")):
+            if writes == number:
+                dead = True
+                raise _Killed
+            writes += 1
+        return execute(sql, params, many, context)
+
+    return wrapper
+
+
+def _dispatch_killed_at(message, write: int) -> bool:
+    """One dispatch of the message by a worker killed at its `write`-th write; then its lease runs out.
+    Returns whether the kill landed (False: the dispatch had fewer writes and ended normally)."""
+    from django.db import connection
+
+    try:
+        with connection.execute_wrapper(_dies_at_write(write)):
+            messages_dispatch(message_ids=[str(message.pk)])
+    except _Killed:
+        Message.objects.filter(pk=message.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+        return True
+    return False
+
+
+@pytest.mark.django_db(transaction=True)  # each write commits on its own, as in a worker
+def test_a_worker_killed_at_any_write_after_finding_a_lost_attempt_still_looks_it_up(sandbox, make_message):
+    """Closing the lost attempt and flagging the look-up are one transaction: killed between the
+    two, the next claim saw neither and sent again (the chaos test's duplicate)."""
+    for write in range(20):
+        message = make_message(body=f"code {write}")
+        messages_dispatch(message_ids=[str(message.pk)])  # accepted by the provider...
+        message.refresh_from_db()
+        sid = message.provider_message_id
+        # ...but the worker died before recording it.
+        Message.objects.filter(pk=message.pk).update(state="accepted", provider_message_id="", dispatched_at=None)
+        DispatchAttempt.objects.filter(message=message).update(outcome=AttemptOutcome.IN_PROGRESS)
+        killed = _dispatch_killed_at(message, write)
+        messages_dispatch(message_ids=[str(message.pk)])
+        message.refresh_from_db()
+        assert (message.state, message.provider_message_id) == ("dispatched", sid), (write, outcomes(message))
+        assert len(sandbox.requests(message_id=str(message.pk))) == 1, (write, outcomes(message))
+        if not killed:
+            break
+    assert not killed and write > 2  # every write of the look-up's claim was a kill point
+
+
+@pytest.mark.django_db(transaction=True)  # each write commits on its own, as in a worker
+def test_a_worker_killed_at_any_write_after_an_ambiguous_send_still_looks_it_up(sandbox, make_message, settings):
+    """The look-up flag is written before the ambiguous attempt leaves "in progress"."""
+    providers = {name: dict(conf) for name, conf in settings.CONDUCTOR_PROVIDERS.items()}
+    providers["twilio"]["TIMEOUT_SECONDS"] = 0.3
+    settings.CONDUCTOR_PROVIDERS = providers
+    reset_provider_cache()
+    for write in range(20):
+        sandbox.faults("twilio", timeout_rate=1.0, timeout_hold_ms=1000)
+        message = make_message(body=f"code {write}")
+        killed = _dispatch_killed_at(message, write)
+        sandbox.faults("twilio", timeout_rate=0.0)
+        Message.objects.filter(pk=message.pk).update(next_attempt_at=None)  # its retry is due
+        messages_dispatch(message_ids=[str(message.pk)])
+        message.refresh_from_db()
+        [accepted] = sandbox.requests(message_id=str(message.pk))  # the ambiguous send, and no other
+        assert message.state == "dispatched", (write, outcomes(message))
+        assert message.provider_message_id == accepted["provider_message_id"], (write, outcomes(message))
+        if not killed:
+            break
+    assert not killed and write > 2
+
+
 def test_a_look_up_ignores_a_provider_message_that_belongs_to_another_message(sandbox, make_message):
     first = make_message()
     messages_dispatch(message_ids=[str(first.pk)])

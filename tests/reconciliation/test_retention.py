@@ -99,3 +99,47 @@ def test_the_command_shows_what_it_would_remove_and_removes_it(park, capsys):
     call_command("purge_dead_letters")
     assert "Removed 1 dead letter" in capsys.readouterr().out
     assert list(DeadLetter.objects.values_list("priority", flat=True)) == ["bulk"]
+
+
+def test_callbacks_done_with_are_deleted_after_their_retention_and_owed_or_shown_ones_stay(make_message, settings):
+    from messaging.callbacks.dead_letters import callbacks_park
+    from messaging.models import Callback
+    from reconciliation.retention import callbacks_purge_expired
+    from tests.support.callback_rows import callback_make, endpoint_make
+
+    settings.CONDUCTOR = {**settings.CONDUCTOR, "CALLBACK_RETENTION_SECONDS": 7 * 86400}
+    message = make_message()
+    endpoint = endpoint_make(message.client)
+    now = timezone.now()
+    old, recent = now - 8 * DAY, now - 6 * DAY
+    rows = {}
+    for number, (name, state, written) in enumerate(
+        [
+            ("delivered_old", "delivered", old),
+            ("delivered_recent", "delivered", recent),
+            ("pending_old", "pending", old),  # still owed (a replay gives it a fresh window)
+            ("parked_old", "pending", old),  # given up on below: its dead letter shows it
+            ("parked_purged", "pending", old),  # given up on, its dead letter purged since
+        ],
+        start=1,
+    ):
+        rows[name] = callback_make(message, endpoint, sequence=number, state=state, created_at=written)
+    callbacks_park(callback_ids=[rows["parked_old"].pk, rows["parked_purged"].pk], reason="gone", now=now)
+    DeadLetter.objects.filter(callback=rows["parked_purged"]).delete()
+
+    assert callbacks_purge_expired(now=now, dry_run=True) == 2
+    assert Callback.objects.count() == 5
+    assert callbacks_purge_expired(now=now, batch_size=1) == 2
+    left = set(Callback.objects.values_list("pk", flat=True))
+    assert left == {rows[name].pk for name in ("delivered_recent", "pending_old", "parked_old")}
+    assert DeadLetter.objects.filter(callback=rows["parked_old"]).exists()
+
+
+def test_the_beat_job_also_purges_old_delivered_callbacks(make_message):
+    from messaging.models import Callback
+    from tests.support.callback_rows import callback_make, endpoint_make
+
+    message = make_message()
+    callback_make(message, endpoint_make(message.client), state="delivered", created_at=timezone.now() - 30 * DAY)
+    purge_dead_letters.apply().get()
+    assert not Callback.objects.exists()

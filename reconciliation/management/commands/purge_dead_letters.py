@@ -7,7 +7,8 @@ from datetime import timedelta
 from django.core.management.base import BaseCommand
 from django.utils import timezone
 
-from reconciliation.retention import dead_letters_purge_expired, retention_groups
+from reconciliation.conf import reconciliation_setting
+from reconciliation.retention import callbacks_purge_expired, dead_letters_purge_expired, retention_groups
 
 
 def _span(delta: timedelta) -> str:
@@ -23,7 +24,9 @@ class Command(BaseCommand):
     help = (
         "Delete dead letters older than their retention (per priority, and per category where "
         "CONDUCTOR['CATEGORY_POLICIES'] sets dlq_retention_seconds). Beat runs the same job every hour "
-        "(CONDUCTOR_DLQ_PURGE_INTERVAL_SECONDS). The messages stay; only their parked context goes."
+        "(CONDUCTOR_DLQ_PURGE_INTERVAL_SECONDS). The messages stay; only their parked context goes. "
+        "Status callbacks done with (delivered, or given up on with no dead letter left) go after "
+        "CONDUCTOR_CALLBACK_RETENTION_SECONDS (7 days)."
     )
 
     def add_arguments(self, parser):
@@ -43,3 +46,9 @@ class Command(BaseCommand):
             for (priority, category), n in sorted(report.removed.items())
         )
         self.stdout.write(f"{verb} {report.total} {noun}" + (f": {detail}." if detail else "."))
+        retention = timedelta(seconds=reconciliation_setting("CALLBACK_RETENTION_SECONDS"))
+        callbacks = callbacks_purge_expired(now=now, dry_run=dry_run)
+        self.stdout.write(
+            f"{verb} {callbacks} status callback{'' if callbacks == 1 else 's'} written over {_span(retention)} ago "
+            "(delivered, or given up on with no dead letter left)."
+        )
