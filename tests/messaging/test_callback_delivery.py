@@ -166,9 +166,7 @@ def test_a_400_is_final_and_parked_at_once(receivers, endpoint_for, outbox):
     assert endpoint.failing_since is not None  # refused is not accepted
 
 
-def test_in_production_a_host_inside_our_network_is_final_and_never_reached(
-    receivers, endpoint_for, outbox, settings
-):
+def test_in_production_a_host_inside_our_network_is_final_and_never_reached(receivers, endpoint_for, outbox, settings):
     """SSRF: an endpoint written before the rule, or a name that resolves inside (here, the
     receiver on 127.0.0.1), is refused when the connection is opened; not retried."""
     settings.CONDUCTOR = {**settings.CONDUCTOR, "CALLBACK_ALLOW_PRIVATE_NETWORKS": False}
