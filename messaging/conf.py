@@ -78,6 +78,9 @@ DEFAULTS: dict[str, Any] = {
     "QUOTA_WARNING_RATIO": 0.8,
     # The priorities a client may send; a client's allowed_priorities narrows (or widens) it.
     "ALLOWED_PRIORITIES": ["critical", "transactional", "bulk"],
+    # Categories an opt-out without a scope (STOP, unsubscribe) leaves alone, for clients that set
+    # none of their own (ApiClient.opt_out_exempt_categories), e.g. ["otp"]. Empty: STOP stops all.
+    "OPT_OUT_EXEMPT_CATEGORIES": [],
     # Bulk work is shared fairly between clients (messaging.fair): a bulk task claims the next
     # batch of due messages of its channel, an equal share per client with due work.
     "BULK_FAIR_SHARING": True,

@@ -103,6 +103,29 @@ API_THROTTLED = Counter(
 )
 
 
+# The clients' suppression lists (messaging.suppressions): what was added, and the messages kept
+# from a provider by one (stage: acceptance, or dispatch: before a provider hop).
+SUPPRESSIONS_ADDED = Counter(
+    "conductor_suppressions_added",
+    "Suppressions added to clients' lists, by channel and reason (stop_keyword, hard_bounce, ...).",
+    ["channel", "reason"],
+)
+MESSAGES_SUPPRESSED = Counter(
+    "conductor_messages_suppressed",
+    "Messages (or fallback hops) not handed to any provider because the address is suppressed.",
+    ["channel", "stage"],
+)
+
+
+def suppression_added_count(*, channel: str, reason: str) -> None:
+    SUPPRESSIONS_ADDED.labels(channel=channel, reason=reason).inc()
+
+
+def messages_suppressed_count(*, channel: str, stage: str, count: int = 1) -> None:
+    if count:
+        MESSAGES_SUPPRESSED.labels(channel=channel, stage=stage).inc(count)
+
+
 # Status callbacks to clients (messaging.callbacks.delivery). No endpoint label: endpoints are as
 # many as the clients' callback URLs; the backlog per endpoint is read at scrape time instead.
 CALLBACKS_SENT = Counter(

@@ -54,6 +54,13 @@ class ApiClient(models.Model):
     email_daily_quota = models.PositiveIntegerField(
         null=True, blank=True, help_text="Emails accepted per UTC day. Blank: the DAILY_QUOTA setting."
     )
+    opt_out_exempt_categories = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='Categories an opt-out that names no scope (STOP, unsubscribe) does not stop, e.g. ["otp"]: '
+        "messages the recipient asked for themselves. Empty: the OPT_OUT_EXEMPT_CATEGORIES setting. "
+        "A suppression of an address that cannot receive (hard bounce, invalid number) stops them too.",
+    )
     allowed_priorities = models.JSONField(
         default=list,
         blank=True,
@@ -617,3 +624,54 @@ class Callback(models.Model):
 
     def __str__(self) -> str:
         return f"callback {self.webhook_id}: message.{self.event} #{self.sequence} for {self.message_id}"
+
+
+class SuppressionReason(models.TextChoices):
+    STOP_KEYWORD = "stop_keyword"  # the recipient texted STOP (or a carrier synonym)
+    PROVIDER_REPORTED = "provider_reported"  # a provider refused: opted out there, or not a valid address
+    HARD_BOUNCE = "hard_bounce"  # the mailbox does not exist
+    COMPLAINT = "complaint"  # marked as spam
+    UNSUBSCRIBED = "unsubscribed"  # one-click unsubscribe, or the ESP's unsubscribe event
+    MANUAL = "manual"  # added by the client (API, CSV import) or an operator
+
+
+class Suppression(models.Model):
+    """An address one client's messages must not go to on one channel, in a scope: never handed to
+    any provider while active (messaging.suppressions). Lifting keeps the row, with who and why.
+
+    `scope` "" covers every category except the client's opt-out-exempt ones (unless
+    `covers_exempt`: the address cannot receive at all); a category name covers that category only.
+    """
+
+    client = models.ForeignKey(ApiClient, on_delete=models.CASCADE, related_name="suppressions")
+    channel = models.CharField(max_length=16, choices=Channel.choices)
+    # E.164 for sms and whatsapp, the lower-cased address for email (suppression_address).
+    address = models.CharField(max_length=320)
+    scope = models.CharField(max_length=100, blank=True, default="")
+    reason = models.CharField(max_length=24, choices=SuppressionReason.choices)
+    covers_exempt = models.BooleanField(default=False)
+    source = models.CharField(max_length=200, blank=True, default="")  # what reported it
+    note = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField()
+    lifted_at = models.DateTimeField(null=True, blank=True)
+    lifted_reason = models.CharField(max_length=500, blank=True, default="")
+    lifted_by = models.CharField(max_length=200, blank=True, default="")
+
+    class Meta:
+        constraints = [
+            # Also the index of every look-up: a batch's addresses of one client and channel.
+            models.UniqueConstraint(
+                fields=["client", "channel", "address", "scope"],
+                condition=Q(lifted_at__isnull=True),
+                name="suppression_unique_active",
+            ),
+        ]
+        indexes = [models.Index(fields=["client", "-created_at"], name="suppression_client_created")]
+
+    def __str__(self) -> str:
+        scope = f" ({self.scope})" if self.scope else ""
+        return f"{self.channel} suppression{scope}: {self.reason}"
+
+    @property
+    def active(self) -> bool:
+        return self.lifted_at is None

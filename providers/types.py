@@ -27,6 +27,8 @@ class ErrorType(models.TextChoices):
     WORKER_LOST = "worker_lost"
     EXPIRED = "expired"
     NO_ROUTE = "no_route"
+    OPTED_OUT = "opted_out"
+    SUPPRESSED = "suppressed"
     UNKNOWN = "unknown"
 
 
@@ -42,6 +44,9 @@ ERROR_TYPE_MEANINGS: dict[str, str] = {
     ErrorType.WORKER_LOST: "the worker sending it died repeatedly (CONDUCTOR_MAX_WORKER_LOSSES)",
     ErrorType.EXPIRED: "its deadline passed before it could be sent",
     ErrorType.NO_ROUTE: "no provider is configured for its channel",
+    ErrorType.OPTED_OUT: "the provider says the recipient opted out (e.g. Twilio 21610); the address is now suppressed",
+    ErrorType.SUPPRESSED: "the address is on the client's suppression list: never handed to a provider "
+    "(a replay is refused until the suppression is lifted)",
     ErrorType.UNKNOWN: "none of the above (see the error message)",
 }
 

@@ -280,6 +280,8 @@ CONDUCTOR = {
         "failure_rate_threshold": env_float("CONDUCTOR_CIRCUIT_FAILURE_RATE_THRESHOLD", 0.5),
     },
     "MAX_WORKER_LOSSES": env_int("CONDUCTOR_MAX_WORKER_LOSSES", 3),
+    # Categories a STOP or unsubscribe without a scope leaves alone, for clients without their own list.
+    "OPT_OUT_EXEMPT_CATEGORIES": env_list("CONDUCTOR_OPT_OUT_EXEMPT_CATEGORIES", []),
     # Status callbacks to clients: one request's limit, and requests in flight per delivering
     # process, in all and per endpoint (messaging/conf.py).
     "CALLBACK_TIMEOUT_SECONDS": env_float("CONDUCTOR_CALLBACK_TIMEOUT_SECONDS", 10.0),

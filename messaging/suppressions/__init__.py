@@ -1,0 +1,1 @@
+"""The clients' suppression lists: who must not be sent to, fed by opt-outs, bounces and providers."""
