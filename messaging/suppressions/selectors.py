@@ -19,7 +19,6 @@ from messaging.conf import messaging_setting
 from messaging.models import ApiClient, Suppression
 from messaging.routing import Channel
 
-
 _E164 = re.compile(r"\+[1-9][0-9]{5,14}")
 
 
