@@ -298,12 +298,17 @@ class _Deliverer:
                 return self.report
 
     def _gather(self, wait_s: float) -> list[CallbackResponse]:
-        """The answers in: waits up to `wait_s` for one, then up to GATHER_S for those of the other
-        requests sent recently (fewer, larger writes)."""
+        """The answers in: waits up to `wait_s` for one, takes every one already there, then waits
+        up to GATHER_S for those of the other requests sent recently (fewer, larger writes)."""
         try:
             answers = [self.answers.get(timeout=wait_s) if wait_s > 0 else self.answers.get_nowait()]
         except queue.Empty:
             return []
+        while len(answers) < len(self.in_flight):  # a loop short of CPU finds many waiting
+            try:
+                answers.append(self.answers.get_nowait())
+            except queue.Empty:
+                break
         now = time.monotonic()
         deadline = now + GATHER_S
         expected = sum(1 for c in self.in_flight.values() if now - c.sent_at < GATHER_FRESH_S)
