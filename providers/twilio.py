@@ -293,9 +293,9 @@ class TwilioProvider(Provider):
 
     # --- inbound messages (the number's "A message comes in" webhook) ---------------------------
     def parse_inbound(self, request: HttpRequest) -> InboundMessage:
-        """Twilio's incoming message request: From, To, Body, MessageSid (form fields). A WhatsApp
-        message's From and To carry a `whatsapp:` prefix."""
-        form = request.POST
+        """Twilio's incoming message request: From, To, Body, MessageSid (form fields, or the query
+        of a GET). A WhatsApp message's From and To carry a `whatsapp:` prefix."""
+        form = request.POST if request.method == "POST" else request.GET  # the number may be set to GET
         for name in ("MessageSid", "From", "To"):
             if not form.get(name):
                 raise ValueError(f"Twilio inbound message without {name}")

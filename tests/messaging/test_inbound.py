@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from urllib.parse import urlencode
 
 import pytest
 from django.db import connection
 from django.utils import timezone
+from prometheus_client import REGISTRY
+from twilio.request_validator import RequestValidator
 
 from messaging.models import ApiClient, InboundMessage, Message, Suppression
 from messaging.suppressions.inbound import inbound_attributed_client, inbound_keyword
 from messaging.suppressions.services import suppression_add
+from providers.conf import provider_config, providers_setting
 from tests.support.signed_inbound import TWILIO_INBOUND_PATH, VONAGE_INBOUND_PATH, twilio_inbound, vonage_inbound
 
 NUMBER = "+14155552671"
@@ -176,6 +180,38 @@ def test_twilio_help_is_answered_with_twiml(client, settings):
     )
     assert InboundMessage.objects.get().action == "help_replied"
     assert not Message.objects.exists()  # the reply is in the answer, not a message of its own
+
+
+@pytest.mark.django_db
+def test_twilio_set_to_get_is_verified_over_the_query(client, sent, client_key):
+    sent()
+    params, _ = twilio_inbound("STOP")
+    path = f"{TWILIO_INBOUND_PATH}?{urlencode(params)}"
+    url = providers_setting("PUBLIC_URL").rstrip("/") + path
+    signature = RequestValidator(provider_config("twilio")["AUTH_TOKEN"]).compute_signature(url, {})
+    assert client.get(path, HTTP_X_TWILIO_SIGNATURE=signature).status_code == 200
+    assert active(client_key[0]).exists()
+    assert client.get(path.replace("STOP", "START"), HTTP_X_TWILIO_SIGNATURE=signature).status_code == 403
+
+
+@pytest.mark.django_db
+def test_each_inbound_is_counted_once_by_what_it_did(client, sent):
+    sent()
+
+    def count(action):
+        return (
+            REGISTRY.get_sample_value(
+                "conductor_inbound_messages_total", {"provider": "twilio", "channel": "sms", "action": action}
+            )
+            or 0
+        )
+
+    before = count("suppressed"), count("none")
+    params, headers = twilio_inbound("STOP")
+    for _ in range(3):
+        client.post(TWILIO_INBOUND_PATH, data=params, **headers)
+    post_twilio(client, "hello")
+    assert (count("suppressed"), count("none")) == (before[0] + 1, before[1] + 1)
 
 
 @pytest.mark.django_db
