@@ -266,8 +266,8 @@ def receipt_checked(event: ReceiptEvent) -> ReceiptEvent:
 
 def inbound_checked(message: InboundMessage) -> InboundMessage:
     """The inbound message if it can be stored and read as it is; ValueError naming the field if
-    not (an id or address longer than its column, a value that is not text, characters PostgreSQL
-    cannot hold)."""
+    not (a value that is not text, an id or address empty, longer than its column, or with
+    characters PostgreSQL cannot hold)."""
     for name in ("provider_message_id", "from_", "to", "body"):
         value = getattr(message, name)
         if not isinstance(value, str):
@@ -275,7 +275,7 @@ def inbound_checked(message: InboundMessage) -> InboundMessage:
         limit = INBOUND_FIELD_MAX_LENGTHS.get(name)
         if limit is not None and len(value) > limit:
             raise ValueError(f"{name.rstrip('_')} is {len(value)} characters long; at most {limit} are stored")
-        if value != _storable_text(value):
+        if name != "body" and value != _storable_text(value):  # the body is read, never stored
             raise ValueError(f"{name.rstrip('_')} contains characters that cannot be stored (NUL or a lone surrogate)")
     if not message.provider_message_id:
         raise ValueError("provider_message_id is empty")

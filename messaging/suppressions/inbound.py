@@ -111,7 +111,7 @@ def inbound_receive(*, inbound: Inbound, replies_in_answer: bool, now: datetime 
                 taken.action,
             )
             reply = help_reply if replies_in_answer and taken.action == InboundAction.HELP_REPLIED else ""
-            return InboundOutcome(taken.action, taken.keyword, client, reply, duplicate=True)
+            return InboundOutcome(taken.action, taken.keyword, taken.client, reply, duplicate=True)
         action = _act(inbound, keyword, client, help_reply, replies_in_answer, now)
         if action != InboundAction.NONE:
             InboundMessage.objects.filter(pk=record.pk).update(action=action)
