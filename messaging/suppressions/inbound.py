@@ -9,6 +9,7 @@ webhook changes nothing twice (docs/suppressions.md, "Inbound messages").
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import unicodedata
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from messaging.metrics import inbound_message_count
 from messaging.models import ApiClient, EventSource, InboundAction, InboundMessage, Message, SuppressionReason
 from messaging.routing import Priority
 from messaging.services import message_create
+from messaging.suppressions.selectors import suppression_address
 from messaging.suppressions.services import suppression_add, suppressions_lift_matching
 from providers.types import InboundMessage as Inbound
 
@@ -82,6 +84,8 @@ def inbound_receive(*, inbound: Inbound, replies_in_answer: bool, now: datetime 
     `replies_in_answer`: the provider answers HELP in its webhook's answer (Twilio); otherwise
     the reply is a message sent through Conductor (critical, category help_reply)."""
     now = now or timezone.now()
+    # E.164 as messages hold it (providers send it so; a stray space or prefix would miss the sender).
+    inbound = dataclasses.replace(inbound, from_=suppression_address(inbound.channel, inbound.from_))
     keyword = inbound_keyword(inbound.body)
     client = inbound_attributed_client(channel=inbound.channel, address=inbound.from_)
     help_reply = messaging_setting("SMS_HELP_REPLY") if keyword in HELP_KEYWORDS else ""

@@ -224,6 +224,13 @@ def test_twilio_whatsapp_stop_suppresses_the_whatsapp_address(client, sent, clie
 
 
 @pytest.mark.django_db
+def test_a_sender_number_written_otherwise_is_read_as_e164(client, sent, client_key):
+    sent()
+    assert post_twilio(client, "STOP", sender="+1 (415) 555-2671").status_code == 200
+    assert active(client_key[0]).exists() and InboundMessage.objects.get().sender == NUMBER
+
+
+@pytest.mark.django_db
 def test_a_stop_to_a_number_no_client_sent_to_suppresses_nothing_and_is_answered_200(client, sent):
     sent(to="+14155550000")
     assert post_twilio(client, "STOP").status_code == 200
