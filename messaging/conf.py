@@ -83,7 +83,7 @@ DEFAULTS: dict[str, Any] = {
     "OPT_OUT_EXEMPT_CATEGORIES": [],
     # The answer to an inbound HELP or INFO (messaging.suppressions.inbound): in Twilio's webhook
     # answer (TwiML), or a message sent through Conductor for Vonage. Carriers expect it to name
-    # the sender and how to opt out. Empty: HELP is not answered.
+    # the sender and how to opt out. "" or "none": HELP is not answered (Twilio's own reply stands).
     "SMS_HELP_REPLY": "Conductor notifications. Reply STOP to unsubscribe, START to resubscribe. "
     "Msg&data rates may apply.",
     # Bulk work is shared fairly between clients (messaging.fair): a bulk task claims the next

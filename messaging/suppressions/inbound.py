@@ -54,6 +54,13 @@ def inbound_keyword(body: str) -> str:
     return word if word in STOP_KEYWORDS | START_KEYWORDS | HELP_KEYWORDS else ""
 
 
+def help_reply_text() -> str:
+    """SMS_HELP_REPLY, or "" when HELP is not to be answered ("" or "none": the environment cannot
+    set an empty value, and Twilio answers HELP itself on numbers with its default keyword handling)."""
+    text = messaging_setting("SMS_HELP_REPLY")
+    return "" if text.strip().lower() in ("", "none") else text
+
+
 def inbound_attributed_client(*, channel: str, address: str) -> ApiClient | None:
     """The client of the latest message dispatched to `address` on `channel` (one query on the
     message_recipient_dispatched index), or None if no client ever sent there. One number is
@@ -88,7 +95,7 @@ def inbound_receive(*, inbound: Inbound, replies_in_answer: bool, now: datetime 
     inbound = dataclasses.replace(inbound, from_=suppression_address(inbound.channel, inbound.from_))
     keyword = inbound_keyword(inbound.body)
     client = inbound_attributed_client(channel=inbound.channel, address=inbound.from_)
-    help_reply = messaging_setting("SMS_HELP_REPLY") if keyword in HELP_KEYWORDS else ""
+    help_reply = help_reply_text() if keyword in HELP_KEYWORDS else ""
     with transaction.atomic():
         try:
             with transaction.atomic():

@@ -183,6 +183,18 @@ def test_twilio_help_is_answered_with_twiml(client, settings):
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("setting", ["", "none", " None "])
+def test_help_is_not_answered_when_the_reply_is_turned_off(client, sent, settings, setting):
+    settings.CONDUCTOR = {**settings.CONDUCTOR, "SMS_HELP_REPLY": setting}
+    sent()
+    response = post_twilio(client, "HELP")
+    assert response.status_code == 200 and "<Message>" not in response.content.decode()
+    assert client.post(VONAGE_INBOUND_PATH, data=vonage_inbound("HELP")).status_code == 204
+    assert Message.objects.count() == 1  # only the one sent before: no reply
+    assert set(InboundMessage.objects.values_list("action", flat=True)) == {"none"}
+
+
+@pytest.mark.django_db
 def test_twilio_set_to_get_is_verified_over_the_query(client, sent, client_key):
     sent()
     params, _ = twilio_inbound("STOP")
