@@ -5,7 +5,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from conductor_project import views
-from messaging.webhooks import provider_webhook, routed_only
+from messaging.webhooks import provider_inbound_webhook, provider_webhook, routed_only
 from providers.mailgun import MailgunTrackingView
 from reconciliation.views import dashboard, dashboard_data_view
 
@@ -19,6 +19,8 @@ urlpatterns = [
         name="mailgun-tracking-webhook",
     ),
     path("webhooks/anymail/", include("anymail.urls")),
+    # Inbound messages (STOP, START, HELP): before the receipts' route, which must not take them.
+    path("webhooks/<str:provider_name>/inbound/", provider_inbound_webhook, name="provider-inbound-webhook"),
     path("webhooks/<str:provider_name>/", provider_webhook, name="provider-webhook"),
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),

@@ -81,6 +81,7 @@ def check_messaging_settings(app_configs=None, **kwargs) -> list[Error]:
     errors += _check_limit_settings(configured)
     errors += _check_ordering_settings(configured)
     errors += _check_callback_settings(configured)
+    errors += _check_help_reply(configured)
     lease = configured.get("DISPATCH_LEASE_SECONDS", DEFAULTS["DISPATCH_LEASE_SECONDS"])
     for name, conf in getattr(settings, "CONDUCTOR_PROVIDERS", {}).items():
         timeout = conf.get("TIMEOUT_SECONDS", 0)
@@ -94,6 +95,21 @@ def check_messaging_settings(app_configs=None, **kwargs) -> list[Error]:
                 )
             )
     return errors
+
+
+def _check_help_reply(configured: dict) -> list[Error]:
+    """The HELP answer is one SMS body: longer than an SMS may be, it could never be sent."""
+    reply = configured.get("SMS_HELP_REPLY", DEFAULTS["SMS_HELP_REPLY"])
+    limit = configured.get("BODY_MAX_LENGTH", DEFAULTS["BODY_MAX_LENGTH"]).get("sms", 1600)
+    if len(reply) > limit:
+        return [
+            Error(
+                f"CONDUCTOR['SMS_HELP_REPLY'] is {len(reply)} characters long; an SMS body is at most {limit}.",
+                hint="Shorten it (carriers expect a sentence or two: who sends, how to opt out).",
+                id="conductor.E080",
+            )
+        ]
+    return []
 
 
 def _check_ordering_settings(configured: dict) -> list[Error]:

@@ -81,6 +81,11 @@ DEFAULTS: dict[str, Any] = {
     # Categories an opt-out without a scope (STOP, unsubscribe) leaves alone, for clients that set
     # none of their own (ApiClient.opt_out_exempt_categories), e.g. ["otp"]. Empty: STOP stops all.
     "OPT_OUT_EXEMPT_CATEGORIES": [],
+    # The answer to an inbound HELP or INFO (messaging.suppressions.inbound): in Twilio's webhook
+    # answer (TwiML), or a message sent through Conductor for Vonage. Carriers expect it to name
+    # the sender and how to opt out. "" or "none": HELP is not answered (Twilio's own reply stands).
+    "SMS_HELP_REPLY": "Conductor notifications. Reply STOP to unsubscribe, START to resubscribe. "
+    "Msg&data rates may apply.",
     # Bulk work is shared fairly between clients (messaging.fair): a bulk task claims the next
     # batch of due messages of its channel, an equal share per client with due work.
     "BULK_FAIR_SHARING": True,

@@ -9,7 +9,8 @@ coroutine waits for the process's group commit while the loop takes the next one
 that came during a write is one row more in the next INSERT. Answers are those of the Django view
 (204 stored; 400, 403, 404, 503 refused, nothing stored; 500 when the write failed, so that the
 provider retries). anymail's tracking webhooks (Mailgun's account-level URL) run their Django view
-in a thread, so that every receipt URL works at this base URL too.
+in a thread, and so do inbound message webhooks (/webhooks/<provider>/inbound/), so that every
+webhook URL works at this base URL too.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ EXECUTOR_KEY = web.AppKey("django_executor", ThreadPoolExecutor)
 
 
 def intake_app() -> web.Application:
-    """The intake's aiohttp app: /webhooks/<provider>/, /webhooks/anymail/…, /healthz."""
+    """The intake's aiohttp app: /webhooks/<provider>/, /webhooks/<provider>/inbound/,
+    /webhooks/anymail/…, /healthz."""
     app = web.Application(client_max_size=settings.DATA_UPLOAD_MAX_MEMORY_SIZE or 2_621_440)
     app[DJANGO_KEY] = get_wsgi_application()
     app[EXECUTOR_KEY] = ThreadPoolExecutor(DJANGO_VIEW_THREADS, thread_name_prefix="intake-django")
@@ -137,6 +139,8 @@ def intake_app() -> web.Application:
 
     app.on_cleanup.append(close_executor)
     app.router.add_route("*", "/webhooks/anymail/{rest:.*}", django_view)
+    # Inbound messages (STOP, HELP) are few and answered with a document: Django's view, as on the web.
+    app.router.add_route("*", "/webhooks/{provider:[a-z0-9_]+}/inbound/", django_view)
     app.router.add_get("/webhooks/{provider:[a-z0-9_]+}/", provider_receipts)
     app.router.add_post("/webhooks/{provider:[a-z0-9_]+}/", provider_receipts)
     app.router.add_get("/healthz", healthz)

@@ -117,8 +117,21 @@ MESSAGES_SUPPRESSED = Counter(
 )
 
 
+# Messages recipients sent to our numbers (inbound STOP, START, HELP, other), by what they did
+# (messaging.models.InboundAction: suppressed, lifted, help_replied, unattributed, none, ...).
+INBOUND_MESSAGES = Counter(
+    "conductor_inbound_messages",
+    "Inbound messages taken (retried webhooks once), by provider, channel and action.",
+    ["provider", "channel", "action"],
+)
+
+
 def suppression_added_count(*, channel: str, reason: str) -> None:
     SUPPRESSIONS_ADDED.labels(channel=channel, reason=reason).inc()
+
+
+def inbound_message_count(*, provider: str, channel: str, action: str) -> None:
+    INBOUND_MESSAGES.labels(provider=provider, channel=channel, action=action).inc()
 
 
 def messages_suppressed_count(*, channel: str, stage: str, count: int = 1) -> None:

@@ -316,6 +316,13 @@ class Message(models.Model):
                 name="message_bulk_fair",
             ),
             models.Index(fields=["provider", "provider_message_id"], name="message_provider_ref"),
+            # Who sent last to a number on a channel: the client an inbound STOP belongs to
+            # (messaging.suppressions.inbound). Only dispatched rows; built concurrently (0017).
+            models.Index(
+                fields=["channel", "to", "-dispatched_at"],
+                condition=Q(dispatched_at__isnull=False),
+                name="message_recipient_dispatched",
+            ),
             # Receipt polling, reconciliation and the anomaly buckets read messages by dispatch time.
             models.Index(fields=["dispatched_at"], name="message_dispatched"),
             models.Index(fields=["dispatched_at"], condition=Q(state="dispatched"), name="message_awaiting_receipt"),
@@ -675,3 +682,42 @@ class Suppression(models.Model):
     @property
     def active(self) -> bool:
         return self.lifted_at is None
+
+
+class InboundAction(models.TextChoices):
+    """What an inbound message did (messaging.suppressions.inbound)."""
+
+    SUPPRESSED = "suppressed"  # STOP: a suppression added
+    ALREADY_SUPPRESSED = "already_suppressed"  # STOP: the address was suppressed already
+    LIFTED = "lifted"  # START: the STOP (and provider opt-out) suppressions lifted
+    NOTHING_TO_LIFT = "nothing_to_lift"  # START: none was active
+    HELP_REPLIED = "help_replied"  # HELP: answered with SMS_HELP_REPLY
+    HELP_NOT_SENT = "help_not_sent"  # HELP: the reply could not be accepted (see the log)
+    UNATTRIBUTED = "unattributed"  # a keyword, but no client ever sent to this number on this channel
+    NONE = "none"  # not a keyword: an ordinary message, kept only as this record
+
+
+class InboundMessage(models.Model):
+    """A message a recipient sent to one of our numbers, as taken (no body: only what it did).
+    One row per provider message id, so that a provider's retry of the webhook does nothing twice."""
+
+    provider = models.CharField(max_length=32)
+    provider_message_id = models.CharField(max_length=128)
+    channel = models.CharField(max_length=16, choices=Channel.choices)
+    # The client it was attributed to: the sender of the latest message dispatched to that number.
+    client = models.ForeignKey(
+        ApiClient, null=True, blank=True, on_delete=models.SET_NULL, related_name="inbound_messages"
+    )
+    sender = models.CharField(max_length=64)  # E.164 (a sender id as given otherwise)
+    to = models.CharField(max_length=64)  # our number
+    keyword = models.CharField(max_length=16, blank=True, default="")
+    action = models.CharField(max_length=24, choices=InboundAction.choices)
+    received_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["provider", "provider_message_id"], name="inbound_unique_provider_ref"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.provider} inbound {self.keyword or 'message'}: {self.action}"

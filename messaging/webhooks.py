@@ -1,4 +1,5 @@
-"""Provider receipt webhooks: verify the signature, parse, store, answer; applied later in batches."""
+"""Provider webhooks: receipts (verify the signature, parse, store, answer; applied later in
+batches) and inbound messages (verified the same way; a STOP, START or HELP acted on at once)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,15 @@ from django.views.decorators.http import require_http_methods
 from messaging.logging import scrubbed
 from messaging.receipts import receipts_store
 from messaging.routing import routed_providers
+from messaging.suppressions.inbound import inbound_receive
 from providers.registry import get_provider
-from providers.types import ReceiptEvent, WebhookSignatureError, WebhookStateUnavailable
+from providers.types import (
+    InboundMessage,
+    InboundNotSupported,
+    ReceiptEvent,
+    WebhookSignatureError,
+    WebhookStateUnavailable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +67,42 @@ def provider_webhook(request: HttpRequest, provider_name: str) -> HttpResponse:
     except WebhookRefused as refused:
         return JsonResponse({"detail": refused.detail}, status=refused.status)
     receipts_store(events=events)
+    return HttpResponse(status=204)
+
+
+def inbound_message(request: HttpRequest, provider_name: str) -> InboundMessage:
+    """The verified message of a provider's inbound webhook; WebhookRefused with 404 for a
+    provider no route sends through or that has no inbound webhook, 403 on a bad or missing
+    signature, 400 on a payload we cannot read (nothing changes in any of them)."""
+    if provider_name not in routed_providers():
+        raise WebhookRefused(404, f"no configured route sends through {provider_name!r}")
+    try:
+        return get_provider(provider_name).parse_inbound_webhook(request)
+    except InboundNotSupported as exc:
+        raise WebhookRefused(404, str(exc)) from exc
+    except WebhookSignatureError as exc:
+        logger.warning("refused %s inbound webhook: %s", provider_name, exc)
+        raise WebhookRefused(403, "invalid signature") from exc
+    except ValueError as exc:
+        logger.warning("unreadable %s inbound webhook: %s", provider_name, scrubbed(str(exc)))
+        raise WebhookRefused(400, str(exc)) from exc
+
+
+@csrf_exempt
+@require_http_methods(["GET", "POST"])  # Vonage can be set to deliver inbound messages as GET
+def provider_inbound_webhook(request: HttpRequest, provider_name: str) -> HttpResponse:
+    """An inbound message (a recipient's STOP, START, HELP or other): an error as inbound_message
+    says; acted on, then answered 200 with the provider's reply document (Twilio: TwiML, with
+    the HELP text) or 204. An unattributed keyword is answered 200 too (providers retry errors)."""
+    try:
+        inbound = inbound_message(request, provider_name)
+    except WebhookRefused as refused:
+        return JsonResponse({"detail": refused.detail}, status=refused.status)
+    provider = get_provider(provider_name)
+    outcome = inbound_receive(inbound=inbound, replies_in_answer=provider.replies_in_answer)
+    if provider.replies_in_answer:
+        content_type, body = provider.inbound_answer(outcome.reply)
+        return HttpResponse(body, content_type=content_type)
     return HttpResponse(status=204)
 
 

@@ -16,9 +16,12 @@ from django.http import HttpRequest
 
 from providers.classify import TRANSPORT_ERRORS, classify_transport
 from providers.types import (
+    INBOUND_FIELD_MAX_LENGTHS,
     RECEIPT_FIELD_MAX_LENGTHS,
     AmbiguousProviderError,
     ErrorType,
+    InboundMessage,
+    InboundNotSupported,
     ProviderError,
     ReceiptEvent,
     SendRequest,
@@ -61,7 +64,9 @@ class Provider(ABC):
     Sending: send() and send_async() call prepare(), then transmit() (or transmit_async()), and
     sort any failure with classify_failure(): the adapter's classify_error() for its SDK's errors
     (which carry the provider's answer), then the shared transport rules. Receipts:
-    parse_webhook() calls verify(), then parse().
+    parse_webhook() calls verify(), then parse(). Inbound messages (a recipient's STOP, HELP):
+    parse_inbound_webhook() calls verify(), then parse_inbound(), which adapters taking inbound
+    messages implement.
     """
 
     name: ClassVar[str]
@@ -81,11 +86,14 @@ class Provider(ABC):
     # Whether find_send can tell if an ambiguous send was accepted; without it such a message
     # is dead-lettered for an operator to decide, never resent blindly.
     supports_lookup: ClassVar[bool] = True
+    # Whether a reply to an inbound message goes back in the inbound webhook's answer (Twilio's
+    # TwiML, inbound_answer()); otherwise a reply is a message of its own, sent through Conductor.
+    replies_in_answer: ClassVar[bool] = False
     _has_async_transport: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "parse_webhook" in cls.__dict__ or "send" in cls.__dict__ or "send_async" in cls.__dict__:
+        if any(flow in cls.__dict__ for flow in ("parse_webhook", "parse_inbound_webhook", "send", "send_async")):
             raise TypeError(f"{cls.__name__} overrides a flow the base runs; supply its hooks instead")
         cls.settings_schema = MappingProxyType({**SHARED_SETTINGS, **cls.own_settings})
         cls._has_async_transport = cls.transmit_async is not Provider.transmit_async
@@ -188,6 +196,27 @@ class Provider(ABC):
     def parse(self, request: HttpRequest) -> list[ReceiptEvent]:
         """The verified request's events, normalised (ValueError if unreadable)."""
 
+    # --- inbound messages ---------------------------------------------------------------------
+    @final
+    def parse_inbound_webhook(self, request: HttpRequest) -> InboundMessage:
+        """The message of an inbound webhook, only once its signature is verified (the receipts'
+        verify(): WebhookSignatureError), storable as it is (ValueError naming the field);
+        InboundNotSupported, before anything is read, for a provider that takes none."""
+        if type(self).parse_inbound is Provider.parse_inbound:
+            raise InboundNotSupported(f"provider {self.name!r} has no inbound message webhook")
+        self.verify(request)
+        return inbound_checked(self.parse_inbound(request))
+
+    def parse_inbound(self, request: HttpRequest) -> InboundMessage:
+        """The verified inbound webhook's message, normalised (ValueError if unreadable). Only
+        adapters whose provider forwards the messages recipients send implement it."""
+        raise InboundNotSupported(f"provider {self.name!r} has no inbound message webhook")
+
+    def inbound_answer(self, reply: str) -> tuple[str, str]:
+        """(content type, body) of the inbound webhook's answer that sends `reply` ("": none) back
+        to the sender; only for a provider that replies_in_answer."""
+        raise NotImplementedError(f"provider {self.name!r} takes no reply in its webhook's answer")
+
     # --- look-ups -----------------------------------------------------------------------------
     @abstractmethod
     def fetch_status(self, provider_message_id: str) -> StatusResult:
@@ -233,6 +262,26 @@ def receipt_checked(event: ReceiptEvent) -> ReceiptEvent:
         raise ValueError(f"payload must be an object, not {type(event.payload).__name__}")
     payload = _storable(event.payload)
     return event if payload == event.payload else dataclasses.replace(event, payload=payload)
+
+
+def inbound_checked(message: InboundMessage) -> InboundMessage:
+    """The inbound message if it can be stored and read as it is; ValueError naming the field if
+    not (a value that is not text, an id or address empty, longer than its column, or with
+    characters PostgreSQL cannot hold)."""
+    for name in ("provider_message_id", "from_", "to", "body"):
+        value = getattr(message, name)
+        if not isinstance(value, str):
+            raise ValueError(f"{name.rstrip('_')} must be text, not {type(value).__name__}")
+        limit = INBOUND_FIELD_MAX_LENGTHS.get(name)
+        if limit is not None and len(value) > limit:
+            raise ValueError(f"{name.rstrip('_')} is {len(value)} characters long; at most {limit} are stored")
+        if name != "body" and value != _storable_text(value):  # the body is read, never stored
+            raise ValueError(f"{name.rstrip('_')} contains characters that cannot be stored (NUL or a lone surrogate)")
+    if not message.provider_message_id:
+        raise ValueError("provider_message_id is empty")
+    if not message.from_:
+        raise ValueError("from is empty")
+    return message
 
 
 def _storable(value: Any) -> Any:

@@ -19,6 +19,7 @@ from twilio.http.http_client import TwilioHttpClient
 from twilio.http.response import Response as TwilioResponse
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
+from twilio.twiml.messaging_response import MessagingResponse
 
 from providers.base import REQUIRED, Provider
 from providers.classify import classify_status
@@ -26,6 +27,7 @@ from providers.conf import providers_setting, receipt_base_urls, receipts_base_u
 from providers.types import (
     AmbiguousProviderError,
     ErrorType,
+    InboundMessage,
     ProviderError,
     ReceiptEvent,
     ReportedState,
@@ -125,6 +127,8 @@ class TwilioProvider(Provider):
         **dict.fromkeys((21211, 21214, 21217, 21407, 21408, 21612, 21614, 63003), ErrorType.INVALID_RECIPIENT),
         21610: ErrorType.REJECTED,
     }
+    # An inbound message's reply is TwiML in the webhook's answer.
+    replies_in_answer = True
     # TwilioException other than a REST error, or a ValueError: e.g. a 2xx the SDK could not parse.
     unreadable_errors = (TwilioException, ValueError)
     own_settings = {
@@ -286,3 +290,34 @@ class TwilioProvider(Provider):
                 payload=payload,
             )
         ]
+
+    # --- inbound messages (the number's "A message comes in" webhook) ---------------------------
+    def parse_inbound(self, request: HttpRequest) -> InboundMessage:
+        """Twilio's incoming message request: From, To, Body, MessageSid (form fields, or the query
+        of a GET). A WhatsApp message's From and To carry a `whatsapp:` prefix."""
+        form = request.POST if request.method == "POST" else request.GET  # the number may be set to GET
+        for name in ("MessageSid", "From", "To"):
+            if not form.get(name):
+                raise ValueError(f"Twilio inbound message without {name}")
+        sender, recipient = form["From"].strip(), form["To"].strip()
+        channel = "whatsapp" if sender.lower().startswith("whatsapp:") else "sms"
+        return InboundMessage(
+            provider=self.name,
+            channel=channel,
+            from_=_without_channel_prefix(sender),
+            to=_without_channel_prefix(recipient),
+            body=form.get("Body") or "",  # a picture alone has none
+            provider_message_id=form["MessageSid"],
+        )
+
+    def inbound_answer(self, reply: str) -> tuple[str, str]:
+        """TwiML: a <Message> with the reply, or an empty <Response/> (nothing sent back)."""
+        response = MessagingResponse()
+        if reply:
+            response.message(reply)
+        return "text/xml", str(response)
+
+
+def _without_channel_prefix(address: str) -> str:
+    prefix, colon, rest = address.partition(":")
+    return rest.strip() if colon and prefix.lower() == "whatsapp" else address

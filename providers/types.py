@@ -93,6 +93,10 @@ class WebhookReplayError(WebhookSignatureError):
     before: a replay (refuse it, 403, change nothing)."""
 
 
+class InboundNotSupported(Exception):
+    """The provider has no inbound message webhook here (only Twilio's and Vonage's are taken)."""
+
+
 class WebhookStateUnavailable(Exception):
     """The shared state that tells a replayed webhook from a new one (Redis) did not answer: refuse
     with a 503 so that the provider retries, rather than take a webhook that may be a replay."""
@@ -144,3 +148,25 @@ class ReceiptEvent:
     message_id: str | None = None  # ours, when the provider echoes our reference
     error_code: str = ""
     payload: dict[str, Any] = field(default_factory=dict)
+
+
+# The longest value each field of an inbound message may have (messaging.models.InboundMessage's
+# columns): a webhook with a longer one is refused (400 naming the field).
+INBOUND_FIELD_MAX_LENGTHS: dict[str, int] = {
+    "provider_message_id": 128,
+    "from_": 64,
+    "to": 64,
+}
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    """A message a recipient sent to one of our numbers (an inbound SMS or WhatsApp), normalised:
+    `from_` and `to` in E.164 when they are phone numbers (the channel's prefix dropped)."""
+
+    provider: str
+    channel: str
+    from_: str
+    to: str
+    body: str
+    provider_message_id: str

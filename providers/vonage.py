@@ -25,6 +25,7 @@ from providers.http import never_connected
 from providers.types import (
     AmbiguousProviderError,
     ErrorType,
+    InboundMessage,
     PermanentProviderError,
     ProviderError,
     ReceiptEvent,
@@ -290,6 +291,38 @@ class VonageProvider(Provider):
         if self.signer is not None:
             return self.signer.check_signature(dict(payload))  # it pops `sig`: give it a copy
         return hmac.compare_digest(str(payload["sig"]).lower(), _md5hash(payload, self.config["SIGNATURE_SECRET"]))
+
+    # --- inbound messages (the account's or number's "Inbound SMS" webhook) -----------------------
+    def parse_inbound(self, request: HttpRequest) -> InboundMessage:
+        """Vonage's inbound SMS: msisdn (the sender), to (our virtual number), messageId, text;
+        as a form, JSON or a GET query, signed like receipts. A binary message has no text, and
+        each part of a concatenated one comes alone (its own messageId): neither is a keyword."""
+        payload = _webhook_params(request)
+        values: dict[str, str] = {}
+        for name in ("msisdn", "to", "messageId", "text"):
+            value = payload.get(name)
+            if value is None or value == "":
+                if name == "text":
+                    value = ""
+                else:
+                    raise ValueError(f"Vonage inbound message without {name}")
+            if not isinstance(value, str):
+                raise ValueError(f"Vonage inbound message whose {name} is not text")
+            values[name] = value
+        return InboundMessage(
+            provider=self.name,
+            channel="sms",
+            from_=_e164(values["msisdn"]),
+            to=_e164(values["to"]),
+            body=values["text"],
+            provider_message_id=values["messageId"],
+        )
+
+
+def _e164(number: str) -> str:
+    """Vonage's numbers are E.164 digits without the plus; anything else (a sender id) as it is."""
+    number = number.strip()
+    return f"+{number}" if number.isdigit() else number
 
 
 def _classify_sms_status(status: str, text: str) -> ProviderError:

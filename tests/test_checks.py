@@ -72,6 +72,16 @@ def test_receipt_timeouts_are_checked():
     assert ids(check_conductor_settings()) == ["conductor.E014", "conductor.E014"]
 
 
+@override_settings(CONDUCTOR={"SMS_HELP_REPLY": "x" * 1601})
+def test_a_help_reply_longer_than_an_sms_is_an_error():
+    assert ids(check_conductor_settings()) == ["conductor.E080"]
+
+
+@override_settings(CONDUCTOR={"SMS_HELP_REPLY": 5})
+def test_a_help_reply_must_be_text():
+    assert [error.id for error in check_conductor_settings() if "SMS_HELP_REPLY" in error.msg]
+
+
 @override_settings(CONDUCTOR={"BULK_BATCH_SIZE": 0, "BULK_SEND_CONCURRENCY": "100"})
 def test_bulk_batch_settings_must_be_positive_whole_numbers():
     assert ids(check_conductor_settings()) == ["conductor.E018", "conductor.E018"]

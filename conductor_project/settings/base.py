@@ -14,6 +14,7 @@ from celery.schedules import crontab
 from kombu import Exchange, Queue
 
 from conductor_project.env import env_bool, env_clock, env_float, env_int, env_json, env_list, env_str
+from messaging.conf import DEFAULTS as MESSAGING_DEFAULTS
 from providers.conf import SANDBOX_SECRETS
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
@@ -282,6 +283,8 @@ CONDUCTOR = {
     "MAX_WORKER_LOSSES": env_int("CONDUCTOR_MAX_WORKER_LOSSES", 3),
     # Categories a STOP or unsubscribe without a scope leaves alone, for clients without their own list.
     "OPT_OUT_EXEMPT_CATEGORIES": env_list("CONDUCTOR_OPT_OUT_EXEMPT_CATEGORIES", []),
+    # The answer to an inbound SMS HELP/INFO (messaging/conf.py has the default text).
+    "SMS_HELP_REPLY": env_str("CONDUCTOR_SMS_HELP_REPLY", MESSAGING_DEFAULTS["SMS_HELP_REPLY"]),
     # Status callbacks to clients: one request's limit, and requests in flight per delivering
     # process, in all and per endpoint (messaging/conf.py).
     "CALLBACK_TIMEOUT_SECONDS": env_float("CONDUCTOR_CALLBACK_TIMEOUT_SECONDS", 10.0),

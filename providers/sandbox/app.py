@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from providers.sandbox import control, mailgun_api, twilio_api, vonage_api
+from providers.sandbox import control, inbound, mailgun_api, twilio_api, vonage_api
 from providers.sandbox.poster import CallbackProcess, callback_encoders
 from providers.sandbox.receipts import RECEIPTS_KEY, ReceiptScheduler
 from providers.sandbox.state import CONFIG_KEY, STATE_KEY, SandboxConfig, SandboxState
@@ -40,6 +40,7 @@ def build_app(config: SandboxConfig) -> web.Application:
 
     app.cleanup_ctx.append(receipts_lifecycle)
     control.register(app)
+    inbound.register(app)
     twilio_api.register(app)
     vonage_api.register(app)
     mailgun_api.register(app)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from providers.conf import provider_config, receipts_base_url
+from providers.conf import provider_config, providers_setting, receipts_base_url
 from providers.sandbox.state import SandboxConfig
 
 
@@ -20,5 +20,9 @@ def sandbox_config_from_settings(seed: int | None = None, *, callback_process: b
         mailgun_domain=mailgun["DOMAIN"],
         mailgun_webhook_signing_key=mailgun["WEBHOOK_SIGNING_KEY"],
         public_url=receipts_base_url(),  # where account-level webhooks (Mailgun's) post
+        twilio_from_number=twilio["FROM_NUMBER"],
+        twilio_whatsapp_from=twilio["WHATSAPP_FROM"],
+        vonage_from=vonage["FROM"],
+        inbound_base_url=providers_setting("PUBLIC_URL"),  # inbound messages go to the web
         callback_process=callback_process,
     )

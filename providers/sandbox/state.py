@@ -61,6 +61,12 @@ class SandboxConfig:
     mailgun_webhook_signing_key: str = "sandbox-mailgun-signing-key"
     # Where providers configured per account, not per message (Mailgun), post their webhooks.
     public_url: str = "http://127.0.0.1:8000"
+    # Our numbers, the default "to" of an inbound message (providers.sandbox.inbound).
+    twilio_from_number: str = "+15005550006"
+    twilio_whatsapp_from: str = "whatsapp:+14155238886"
+    vonage_from: str = "Conductor"
+    # Where inbound message webhooks post (the number's webhook URL): Conductor's web.
+    inbound_base_url: str = "http://127.0.0.1:8000"
     # Post receipt callbacks from a child process (providers.sandbox.poster), so that their
     # load does not slow the API's answers; False: from the sandbox's own event loop.
     callback_process: bool = True

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from django.db import connections
+from django.utils import timezone
 
 from messaging import receipts as receipts_module
 from messaging.intake import intake_app
@@ -138,6 +139,23 @@ def test_anymail_tracking_webhooks_run_their_django_view(make_message):
 
     assert serve(scenario) == (200, 403)
     assert Receipt.objects.filter(provider="mailgun").count() == 1
+
+
+def test_inbound_message_webhooks_run_their_django_view(make_message, client_key):
+    from messaging.models import Suppression
+    from tests.support.signed_inbound import TWILIO_INBOUND_PATH, twilio_inbound
+
+    make_message(to="+14155552671", state="dispatched", dispatched_at=timezone.now())
+    form, headers = twilio_inbound("STOP", url=RECEIPTS_URL + TWILIO_INBOUND_PATH)
+    headers = {"X-Twilio-Signature": headers["HTTP_X_TWILIO_SIGNATURE"]}
+
+    async def scenario(session, base):
+        async with session.post(base + TWILIO_INBOUND_PATH, data=form, headers=headers) as response:
+            return response.status, response.headers["Content-Type"], await response.text()
+
+    status, content_type, body = serve(scenario)
+    assert (status, content_type.split(";")[0]) == (200, "text/xml") and "<Response" in body
+    assert Suppression.objects.get(client=client_key[0]).reason == "stop_keyword"
 
 
 def test_processes_share_the_port_and_none_outlives_a_killed_parent(tmp_path, settings):

@@ -9,8 +9,11 @@ import requests
 
 from providers.base import REQUIRED, Provider
 from providers.types import (
+    INBOUND_FIELD_MAX_LENGTHS,
     AmbiguousProviderError,
     ErrorType,
+    InboundMessage,
+    InboundNotSupported,
     PermanentProviderError,
     SendResult,
     TransientProviderError,
@@ -93,7 +96,37 @@ def test_the_webhook_is_verified_before_it_is_parsed_and_never_parsed_if_forged(
     assert provider.seen == ["verify"]
 
 
-@pytest.mark.parametrize("flow", ["send", "send_async", "parse_webhook"])
+def test_an_inbound_webhook_is_verified_before_it_is_parsed_and_refused_by_a_provider_without_one():
+    assert not Echo.replies_in_answer
+    provider = Echo({})
+    with pytest.raises(InboundNotSupported, match="echo"):
+        provider.parse_inbound_webhook("signed")
+    assert provider.seen == []  # refused before anything is read
+
+    class Talkative(Echo):
+        def parse_inbound(self, request):
+            self.seen.append("parse_inbound")
+            return InboundMessage("echo", "sms", "+14155552671", "+15005550006", "STOP", "id-1")
+
+    talkative = Talkative({})
+    assert talkative.parse_inbound_webhook("signed").body == "STOP"
+    assert talkative.seen == ["verify", "parse_inbound"]
+    talkative.seen.clear()
+    with pytest.raises(WebhookSignatureError):
+        talkative.parse_inbound_webhook("forged")
+    assert talkative.seen == ["verify"]
+
+
+def test_the_inbound_limits_are_the_inbound_tables_columns():
+    from messaging.models import InboundMessage as InboundRecord
+
+    columns = {"provider_message_id": "provider_message_id", "from_": "sender", "to": "to"}
+    assert INBOUND_FIELD_MAX_LENGTHS == {
+        name: InboundRecord._meta.get_field(column).max_length for name, column in columns.items()
+    }
+
+
+@pytest.mark.parametrize("flow", ["send", "send_async", "parse_webhook", "parse_inbound_webhook"])
 def test_an_adapter_cannot_replace_a_flow_the_base_runs(flow):
     with pytest.raises(TypeError, match="overrides a flow"):
         type("Rogue", (Echo,), {flow: lambda self, request: None})
