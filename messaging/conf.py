@@ -81,6 +81,10 @@ DEFAULTS: dict[str, Any] = {
     # Categories an opt-out without a scope (STOP, unsubscribe) leaves alone, for clients that set
     # none of their own (ApiClient.opt_out_exempt_categories), e.g. ["otp"]. Empty: STOP stops all.
     "OPT_OUT_EXEMPT_CATEGORIES": [],
+    # Email categories that carry List-Unsubscribe and one-click unsubscribe (RFC 8058) headers,
+    # bulk-priority emails carrying them whatever their category; an unsubscribe from an email of
+    # one of these categories covers that category only (docs/suppressions.md).
+    "LIST_UNSUBSCRIBE_CATEGORIES": ["marketing", "newsletter"],
     # Bulk work is shared fairly between clients (messaging.fair): a bulk task claims the next
     # batch of due messages of its channel, an equal share per client with due work.
     "BULK_FAIR_SHARING": True,

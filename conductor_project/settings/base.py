@@ -282,6 +282,8 @@ CONDUCTOR = {
     "MAX_WORKER_LOSSES": env_int("CONDUCTOR_MAX_WORKER_LOSSES", 3),
     # Categories a STOP or unsubscribe without a scope leaves alone, for clients without their own list.
     "OPT_OUT_EXEMPT_CATEGORIES": env_list("CONDUCTOR_OPT_OUT_EXEMPT_CATEGORIES", []),
+    # Email categories with List-Unsubscribe headers (bulk emails have them whatever their category).
+    "LIST_UNSUBSCRIBE_CATEGORIES": env_list("CONDUCTOR_LIST_UNSUBSCRIBE_CATEGORIES", ["marketing", "newsletter"]),
     # Status callbacks to clients: one request's limit, and requests in flight per delivering
     # process, in all and per endpoint (messaging/conf.py).
     "CALLBACK_TIMEOUT_SECONDS": env_float("CONDUCTOR_CALLBACK_TIMEOUT_SECONDS", 10.0),
