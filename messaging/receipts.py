@@ -425,7 +425,9 @@ def receipts_apply_batch(
         # Bounces, complaints and unsubscribes feed the client's suppression list (whether or not
         # they moved the message), once: in the transaction that marks them processed.
         suppressions_from_events(
-            (pk, receipt.provider, receipt.provider_status) for pk, group in by_message.items() for receipt in group
+            (pk, receipt.provider, receipt.provider_status, receipt.error_code)
+            for pk, group in by_message.items()
+            for receipt in group
         )
         rows_update(Receipt.objects.all(), outcome)
     if report.unmatched:

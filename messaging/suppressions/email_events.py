@@ -18,7 +18,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from anymail.signals import EventType
+from anymail.signals import EventType, RejectReason
 from django.db import transaction
 
 from messaging.models import ApiClient, Message, SuppressionReason
@@ -45,27 +45,44 @@ def _is_esp(provider: str) -> bool:
         return False
 
 
-def suppressing_event(provider: str, provider_status: str) -> str | None:
+# A `bounced` event's reject reason (an email receipt's error_code) -> the suppression it makes.
+# The mailbox is gone or the address unusable: a hard bounce. The ESP refused because of an
+# earlier complaint or unsubscribe of its own: that. Anything else (its policy, repeated
+# temporary failures, Mailgun's `generic`): nothing is known to be wrong with the address.
+BOUNCE_REASONS: dict[str, str] = {
+    "": SuppressionReason.HARD_BOUNCE,  # no reason given: anymail's `bounced` is a hard bounce
+    RejectReason.BOUNCED: SuppressionReason.HARD_BOUNCE,
+    RejectReason.INVALID: SuppressionReason.HARD_BOUNCE,
+    RejectReason.SPAM: SuppressionReason.COMPLAINT,
+    RejectReason.UNSUBSCRIBED: SuppressionReason.UNSUBSCRIBED,
+}
+
+
+def suppressing_event(provider: str, provider_status: str, error_code: str = "") -> str | None:
     """The suppression reason an applied receipt makes, if any (only an anymail ESP's events)."""
     reason = EVENT_REASONS.get(provider_status)
+    if reason == SuppressionReason.HARD_BOUNCE:
+        reason = BOUNCE_REASONS.get(error_code)
     return reason if reason is not None and _is_esp(provider) else None
 
 
-def suppressions_from_events(events: Iterable[tuple[Any, str, str]]) -> int:
-    """Suppress for (message id, provider, provider_status) of matched receipts; returns how many
-    suppressions were new. One query for the messages and one for their clients, only when some
-    event suppresses (a campaign's `delivered` receipts cost nothing here)."""
+def suppressions_from_events(events: Iterable[tuple[Any, str, str, str]]) -> int:
+    """Suppress for (message id, provider, provider_status, error_code) of matched receipts;
+    returns how many suppressions were new. One query for the messages and one for their clients,
+    only when some event suppresses (a campaign's `delivered` receipts cost nothing here)."""
     wanted = [
-        (pk, provider, reason) for pk, provider, status in events if (reason := suppressing_event(provider, status))
+        (pk, provider, status, reason)
+        for pk, provider, status, error_code in events
+        if (reason := suppressing_event(provider, status, error_code))
     ]
     if not wanted:
         return 0
     messages = Message.objects.only("id", "client_id", "channel", "to", "fallback_to", "category", "priority").in_bulk(
-        [pk for pk, _, _ in wanted]
+        [pk for pk, _, _, _ in wanted]
     )
     clients = ApiClient.objects.in_bulk({message.client_id for message in messages.values()})
     created = 0
-    for pk, provider, reason in wanted:
+    for pk, provider, status, reason in wanted:
         message = messages.get(pk)
         if message is None:
             continue
@@ -84,7 +101,7 @@ def suppressions_from_events(events: Iterable[tuple[Any, str, str]]) -> int:
                     address=address,
                     reason=reason,
                     scope=scope,
-                    source=f"{provider} {reason_event(reason)}",
+                    source=f"{provider} {status}",
                     note=f"message {message.pk}",
                 )
         except Exception:
@@ -92,8 +109,3 @@ def suppressions_from_events(events: Iterable[tuple[Any, str, str]]) -> int:
             continue
         created += new
     return created
-
-
-def reason_event(reason: str) -> str:
-    """The anymail event name of a reason (the suppression's source names what reported it)."""
-    return next(event for event, mapped in EVENT_REASONS.items() if mapped == reason)

@@ -120,6 +120,19 @@ def test_a_hard_bounce_suppresses_once_however_often_the_webhook_is_retried(web,
     assert Receipt.objects.filter(message=message).count() == 1
 
 
+def test_a_permanent_failure_not_about_the_address_suppresses_nothing(web, send_email):
+    """anymail's `bounced` with a reject reason other than a bounce (Mailgun's `generic`: its
+    policy, a relay's refusal of the content) says nothing of the mailbox."""
+    message, webhook = send_email(outcome="hard_bounce")
+    body = webhook("failed")
+    body["event-data"]["reason"] = "generic"
+    assert post(web, resigned(body)) == 200
+    receipts_apply_batch()
+    assert active() == []
+    [receipt] = Receipt.objects.filter(message=message)
+    assert (receipt.provider_status, receipt.error_code, receipt.applied) == ("bounced", "other", True)
+
+
 def test_a_complaint_suppresses_every_non_exempt_category(web, send_email):
     message, webhook = send_email(outcome="complained", category="marketing", priority="bulk")
     assert post(web, webhook("delivered")) == 200
@@ -231,7 +244,8 @@ def tampered(token: str) -> list[str]:
         token[:-5],
         "nonsense",
         signing.dumps([other.client_id, other.channel, other.address, other.scope], salt="another.salt"),
-        signing.dumps([1, "sms", "+14155552671", ""], salt="conductor.unsubscribe"),
+        unsubscribe_token(UnsubscribeTarget(1, "sms", "+14155552671", "")),  # ours, but not an email link
+        signing.dumps([1, "email", ADA, ""], salt="conductor.unsubscribe"),  # a timestamped signature
     ]
 
 
