@@ -349,7 +349,6 @@ async def send_message(request: web.Request) -> web.Response:
             "to_header": ", ".join(form.getall("to")),
             "tags": form.getall("o:tag", []),
             "user_variables": variables,
-            "headers": _headers(form),
         },
     )
     feedback = state.faults[PROVIDER].recipient_outcomes.get((to or "").lower())
