@@ -5,6 +5,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from conductor_project import views
+from messaging.suppressions.views import one_click_unsubscribe
 from messaging.webhooks import provider_inbound_webhook, provider_webhook, routed_only
 from providers.mailgun import MailgunTrackingView
 from reconciliation.views import dashboard, dashboard_data_view
@@ -22,6 +23,8 @@ urlpatterns = [
     # Inbound messages (STOP, START, HELP): before the receipts' route, which must not take them.
     path("webhooks/<str:provider_name>/inbound/", provider_inbound_webhook, name="provider-inbound-webhook"),
     path("webhooks/<str:provider_name>/", provider_webhook, name="provider-webhook"),
+    # One-click unsubscribe (RFC 8058) from an email's List-Unsubscribe link: no login, a signed token.
+    path("unsubscribe/<str:token>/", one_click_unsubscribe, name="one-click-unsubscribe"),
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
     path("metrics", views.metrics, name="metrics"),

@@ -86,6 +86,10 @@ DEFAULTS: dict[str, Any] = {
     # the sender and how to opt out. "" or "none": HELP is not answered (Twilio's own reply stands).
     "SMS_HELP_REPLY": "Conductor notifications. Reply STOP to unsubscribe, START to resubscribe. "
     "Msg&data rates may apply.",
+    # Email categories that carry List-Unsubscribe and one-click unsubscribe (RFC 8058) headers,
+    # bulk-priority emails carrying them whatever their category; an unsubscribe from an email of
+    # one of these categories covers that category only (docs/suppressions.md).
+    "LIST_UNSUBSCRIBE_CATEGORIES": ["marketing", "newsletter"],
     # Bulk work is shared fairly between clients (messaging.fair): a bulk task claims the next
     # batch of due messages of its channel, an equal share per client with due work.
     "BULK_FAIR_SHARING": True,

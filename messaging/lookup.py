@@ -17,7 +17,8 @@ from messaging.outcomes import (
     message_record_dispatched,
     message_schedule_retry,
 )
-from messaging.routing import Hop
+from messaging.routing import Channel, Hop
+from messaging.suppressions.unsubscribe import list_unsubscribe_headers
 from providers.base import Provider
 from providers.registry import get_provider
 from providers.types import AmbiguousProviderError, ProviderError, SendRequest, SendResult
@@ -48,10 +49,16 @@ def unknown_send(message: Message, default: Hop) -> tuple[Hop, int]:
 def send_request(
     message: Message, hop: Hop, attempted_since: datetime | None = None, generation: int | None = None
 ) -> SendRequest:
-    """What goes to the provider; a look-up may name an earlier generation's token."""
+    """What goes to the provider; a look-up may name an earlier generation's token. A bulk or list
+    email carries List-Unsubscribe headers (messaging.suppressions.unsubscribe)."""
     subject = message.subject
-    if hop.channel == "email" and not subject:
-        subject = message.body.splitlines()[0][:78] if message.body else "Message"
+    headers: dict[str, str] = {}
+    if hop.channel == Channel.EMAIL:
+        if not subject:
+            subject = message.body.splitlines()[0][:78] if message.body else "Message"
+        headers = list_unsubscribe_headers(
+            client_id=message.client_id, address=hop.to, category=message.category, priority=message.priority
+        )
     return SendRequest(
         message_id=str(message.pk),
         token=message.send_token if generation is None else f"{message.pk}.{generation}",
@@ -60,6 +67,7 @@ def send_request(
         body=message.body,
         subject=subject,
         attempted_since=attempted_since,
+        headers=headers,
     )
 
 

@@ -41,6 +41,7 @@ from messaging.models import AttemptOutcome, DispatchAttempt, ErrorType, EventSo
 from messaging.rows import rows_insert_ignoring_conflicts, rows_update
 from messaging.services import messages_transition
 from messaging.states import MessageState
+from messaging.suppressions.email_events import suppressions_from_events
 from providers.mailgun import AnymailProvider
 from providers.redis_state import shared_redis
 from providers.types import ReceiptEvent
@@ -421,6 +422,13 @@ def receipts_apply_batch(
             outcome[receipt_id]["applied"] = True
         report.applied = len(applied)
         report.kept = sum(len(group) for group in by_message.values()) - len(applied)
+        # Bounces, complaints and unsubscribes feed the client's suppression list (whether or not
+        # they moved the message), once: in the transaction that marks them processed.
+        suppressions_from_events(
+            (pk, receipt.provider, receipt.provider_status, receipt.error_code)
+            for pk, group in by_message.items()
+            for receipt in group
+        )
         rows_update(Receipt.objects.all(), outcome)
     if report.unmatched:
         logger.warning("receipts unmatched (changed nothing): %s", dict(report.unmatched))

@@ -135,6 +135,7 @@ class AnymailProvider(Provider):
             to=[request.to],
             connection=self.connection,
             metadata={MESSAGE_ID_VAR: request.message_id, TOKEN_VAR: request.token},
+            headers=dict(request.headers),  # Mailgun: `h:Name` fields
         )
 
     def transmit(self, prepared: AnymailMessage) -> SendResult:

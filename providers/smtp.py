@@ -165,6 +165,9 @@ class SmtpProvider(Provider):
             "X-Conductor-Message-Id": request.message_id,
             "X-Conductor-Token": request.token,
         }
+        # The caller's extra headers (List-Unsubscribe), never in place of ours.
+        ours = {name.lower() for name in headers}
+        headers |= {name: value for name, value in request.headers.items() if name.lower() not in ours}
         return EmailMessage(
             subject=request.subject,
             body=request.body,

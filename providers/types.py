@@ -111,6 +111,9 @@ class SendRequest:
     body: str
     subject: str = ""
     attempted_since: datetime | None = None  # first attempt of this generation, for look-ups
+    # Extra email headers (List-Unsubscribe, RFC 8058), filled by the layer above; an email
+    # provider sends them as they are, an SMS provider ignores them.
+    headers: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)

@@ -285,6 +285,8 @@ CONDUCTOR = {
     "OPT_OUT_EXEMPT_CATEGORIES": env_list("CONDUCTOR_OPT_OUT_EXEMPT_CATEGORIES", []),
     # The answer to an inbound SMS HELP/INFO (messaging/conf.py has the default text).
     "SMS_HELP_REPLY": env_str("CONDUCTOR_SMS_HELP_REPLY", MESSAGING_DEFAULTS["SMS_HELP_REPLY"]),
+    # Email categories with List-Unsubscribe headers (bulk emails have them whatever their category).
+    "LIST_UNSUBSCRIBE_CATEGORIES": env_list("CONDUCTOR_LIST_UNSUBSCRIBE_CATEGORIES", ["marketing", "newsletter"]),
     # Status callbacks to clients: one request's limit, and requests in flight per delivering
     # process, in all and per endpoint (messaging/conf.py).
     "CALLBACK_TIMEOUT_SECONDS": env_float("CONDUCTOR_CALLBACK_TIMEOUT_SECONDS", 10.0),

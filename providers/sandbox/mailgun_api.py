@@ -77,6 +77,34 @@ OUTCOMES: dict[str, list[tuple[str, dict[str, Any]]]] = {
     ],
     # Mailgun refused to send it at all (e.g. a suppressed address): anymail's `rejected`.
     "failed": [("rejected", {"reject": {"reason": "suppress-complaint", "description": "previously complained"}})],
+    # A recipient's own outcomes (FaultSettings.recipient_outcomes). A soft bounce: a temporary
+    # `failed` (anymail's `deferred`), then Mailgun's retry delivers it.
+    "soft_bounce": [
+        (
+            "failed",
+            {
+                "severity": "temporary",
+                "reason": "generic",
+                "delivery-status": {
+                    "code": 452,
+                    "message": "4.2.2 The email account that you tried to reach is over quota.",
+                    "description": "",
+                    "attempt-no": 1,
+                    "retry-seconds": 600,
+                },
+            },
+        ),
+        ("delivered", {}),
+    ],
+    "complained": [("delivered", {}), ("complained", {})],
+    "unsubscribed": [("delivered", {}), ("unsubscribed", {})],
+}
+# recipient_outcomes' names -> OUTCOMES' (a hard bounce is the `undelivered` outcome).
+FEEDBACK_OUTCOMES = {
+    "hard_bounce": "undelivered",
+    "soft_bounce": "soft_bounce",
+    "complained": "complained",
+    "unsubscribed": "unsubscribed",
 }
 
 
@@ -162,6 +190,11 @@ def _user_variables(form: Any) -> dict[str, Any]:
         variables.update(header)
     variables.update({key[2:]: value for key, value in form.items() if key.startswith("v:")})
     return variables
+
+
+def _headers(form: Any) -> dict[str, str]:
+    """The extra MIME headers of a send: Mailgun's `h:Name` fields (its own X-Mailgun-Variables aside)."""
+    return {key[2:]: value for key, value in form.items() if key.startswith("h:") and key != VARIABLES_HEADER}
 
 
 def _new_message_id(domain: str) -> str:
@@ -318,12 +351,16 @@ async def send_message(request: web.Request) -> web.Response:
             "user_variables": variables,
         },
     )
+    feedback = state.faults[PROVIDER].recipient_outcomes.get((to or "").lower())
+    if feedback and message.final_status is not None:  # a dropped message has no outcome at all
+        message.final_status = FEEDBACK_OUTCOMES[feedback]
     state.record_request(
         **attribution,
         accepted=True,
         status_code=200,
         provider_message_id=message.provider_message_id,
         fault=outcome.fault,
+        headers=_headers(form),
     )
     _schedule_receipts(request, message, outcome.delivery)
     await asyncio.sleep(outcome.response_delay_s)

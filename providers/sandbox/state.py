@@ -24,6 +24,9 @@ CALLBACK_LOG_LIMIT = 100_000
 # Logged requests between two gc.freeze() calls (see record_request).
 GC_FREEZE_EVERY = 10_000
 RECEIPT_STATUSES = ("delivered", "undelivered", "failed", "read")
+# What a recipient does with an email (Mailgun only; FaultSettings.recipient_outcomes): a hard
+# bounce, a soft bounce (then delivered), a spam complaint or an unsubscribe after delivery.
+EMAIL_FEEDBACK = ("hard_bounce", "soft_bounce", "complained", "unsubscribed")
 
 # Values of the request log's `fault` field.
 FAULT_NONE = "none"
@@ -103,6 +106,9 @@ class FaultSettings:
     # at 0.01 Vonage's first retries come after 0.05, 0.1, 0.2 ... s and Mailgun's after 3, 6, 9 s,
     # so a receiver down for a few seconds still gets them; 1 is the providers' real time.
     callback_retry_scale: float = 0.01
+    # Per recipient address (lower case), what becomes of an email to it: one of EMAIL_FEEDBACK,
+    # over receipt_status (Mailgun only), e.g. {"gone@example.com": "hard_bounce"}.
+    recipient_outcomes: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,6 +140,11 @@ def _validate(name: str, value: Any) -> None:
         raise FaultValidationError(f"callback_mode must be one of {', '.join(CALLBACK_MODES)}", name)
     if name == "callback_retry_scale" and not (is_number and 0 <= value <= 1):
         raise FaultValidationError("callback_retry_scale must be a number between 0 and 1", name)
+    if name == "recipient_outcomes" and not (
+        isinstance(value, dict)
+        and all(isinstance(address, str) and outcome in EMAIL_FEEDBACK for address, outcome in value.items())
+    ):
+        raise FaultValidationError(f"recipient_outcomes must map addresses to one of {', '.join(EMAIL_FEEDBACK)}", name)
 
 
 @dataclass(frozen=True)
@@ -281,8 +292,9 @@ class SandboxState:
         status_code: int,
         provider_message_id: str | None,
         fault: str,
+        headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        entry = {
+        entry: dict[str, Any] = {
             "provider": provider,
             "channel": channel,
             "message_id": message_id,
@@ -295,6 +307,8 @@ class SandboxState:
             "provider_message_id": provider_message_id,
             "fault": fault,
         }
+        if headers is not None:  # an email's extra headers, as the provider received them
+            entry["headers"] = headers
         self.requests.append(entry)
         if message_id:
             self.requests_by_message_id.setdefault(message_id, []).append(entry)

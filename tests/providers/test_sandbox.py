@@ -487,6 +487,7 @@ def test_fault_settings_defaults_and_partial_update(sandbox: BackgroundSandbox) 
         "max_per_second": 0,
         "callback_mode": "realistic",
         "callback_retry_scale": 0.01,
+        "recipient_outcomes": {},
     }
     set_faults(sandbox, error_rate=0.3, latency_ms=50)
     updated = set_faults(sandbox, outage=True)
@@ -500,6 +501,8 @@ def test_fault_settings_defaults_and_partial_update(sandbox: BackgroundSandbox) 
         ({"provider": "twilio", "rate_429": "0.1"}, "rate_429"),
         ({"provider": "twilio", "latency_ms": -1}, "latency_ms"),
         ({"provider": "twilio", "receipt_status": "lost"}, "receipt_status"),
+        ({"provider": "mailgun", "recipient_outcomes": {"ada@example.com": "lost"}}, "recipient_outcomes"),
+        ({"provider": "mailgun", "recipient_outcomes": ["ada@example.com"]}, "recipient_outcomes"),
         ({"provider": "twilio", "outage": 1}, "outage"),
         ({"provider": "twilio", "eror_rate": 0.1}, "eror_rate"),
         ({"provider": "twilio", "callback_mode": "all"}, "callback_mode"),

@@ -318,6 +318,39 @@ def test_each_receipt_status_becomes_mailgun_events_in_order(
 
 
 @pytest.mark.parametrize(
+    ("outcome", "events", "severity"),
+    [
+        ("hard_bounce", ["accepted", "failed"], "permanent"),
+        ("soft_bounce", ["accepted", "failed", "delivered"], "temporary"),
+        ("complained", ["accepted", "delivered", "complained"], None),
+        ("unsubscribed", ["accepted", "delivered", "unsubscribed"], None),
+    ],
+)
+def test_a_recipient_outcome_becomes_its_mailgun_events(mg: Mailgun, receiver: JsonReceiver, outcome, events, severity):
+    """recipient_outcomes: per address, over receipt_status; other recipients are left alone."""
+    mg.faults(receipt_delay_ms=0, recipient_outcomes={"gone@example.com": outcome})
+    mg.send(message_id="m-outcome", to="Gone@Example.com")
+    mg.send(message_id="m-other", to="ada@example.com")
+    calls = wait_for(lambda: len(receiver.events_for("m-outcome")) == len(events) and receiver.events_for("m-outcome"))
+    assert names(calls) == events and all(signature_ok(c["body"]) for c in calls)
+    failed = [c["body"]["event-data"] for c in calls if c["body"]["event-data"]["event"] == "failed"]
+    assert [data["severity"] for data in failed] == ([severity] if severity else [])
+    assert names(wait_for(lambda: len(receiver.events_for("m-other")) == 2 and receiver.events_for("m-other"))) == [
+        "accepted",
+        "delivered",
+    ]
+
+
+def test_a_send_logs_its_extra_headers(mg: Mailgun):
+    url = "<https://conductor.example.com/unsubscribe/t/>"
+    mg.send(
+        message_id="m-headers", **{"h:List-Unsubscribe": url, "h:List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+    )
+    [logged] = mg.logged(message_id="m-headers")
+    assert logged["headers"] == {"List-Unsubscribe": url, "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+
+
+@pytest.mark.parametrize(
     ("receipt_status", "events"), [("delivered", ["delivered"]), ("read", ["delivered", "opened"])]
 )
 def test_final_only_posts_the_outcome_events_alone(mg: Mailgun, receiver: JsonReceiver, receipt_status, events):

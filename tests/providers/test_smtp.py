@@ -290,3 +290,23 @@ def test_the_relays_reply_is_logged_with_the_recipient_masked(provider, smtp_ser
         provider.send(email_request(recipient))
     ours = "\n".join(r.getMessage() for r in caplog.records if r.name == "providers.smtp")  # not the test relay's
     assert "queued as Q7 for <a***@example.com>" in ours and "alice@" not in ours
+
+
+def test_extra_headers_reach_the_relay(provider, smtp_server):
+    """List-Unsubscribe (RFC 8058) and the like travel in SendRequest.headers; ours still win."""
+    url = "https://conductor.example.com/unsubscribe/abc:def/"
+    headers = {
+        "List-Unsubscribe": f"<{url}>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        "Message-ID": "<not-ours@example.com>",
+    }
+    request = dataclasses.replace(email_request("ada@example.com"), headers=headers)
+    provider.send(request)
+    [received] = smtp_server.received(message_id=request.message_id)
+    assert received.header("List-Unsubscribe") == f"<{url}>"
+    assert received.header("List-Unsubscribe-Post") == "List-Unsubscribe=One-Click"
+    assert received.message_id == message_id_for(request.token)  # a caller cannot replace our Message-ID
+    plain = email_request("ada@example.com")
+    provider.send(plain)
+    [received] = smtp_server.received(message_id=plain.message_id)
+    assert received.header("List-Unsubscribe") is None
