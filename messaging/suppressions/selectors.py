@@ -110,3 +110,32 @@ def suppression_blocking(*, client_id: int, channel: str, address: str, category
     """One message's check (a replay, a single send): SuppressionIndex for a batch of one."""
     index = SuppressionIndex.load([(client_id, channel, address)])
     return index.blocking(client_id=client_id, channel=channel, address=address, category=category)
+
+
+def suppressions_for_client(
+    *,
+    client: ApiClient,
+    channel: str | None = None,
+    address: str | None = None,
+    reason: str | None = None,
+    scope: str | None = None,
+    active: bool | None = None,
+):
+    """The client's suppressions, lifted ones too unless `active` says; `address` in any form the
+    API takes (compared as stored: E.164, lower-case email)."""
+    rows = Suppression.objects.filter(client=client)
+    if channel is not None:
+        rows = rows.filter(channel=channel)
+    if address is not None:
+        if channel is not None:
+            rows = rows.filter(address=suppression_address(channel, address))
+        else:  # the phone form or the email form, whichever channel it is for
+            forms = {suppression_address(Channel.SMS, address), suppression_address(Channel.EMAIL, address)}
+            rows = rows.filter(address__in=sorted(forms))
+    if reason is not None:
+        rows = rows.filter(reason=reason)
+    if scope is not None:
+        rows = rows.filter(scope=scope)
+    if active is not None:
+        rows = rows.filter(lifted_at__isnull=active)
+    return rows
