@@ -119,6 +119,8 @@ def _replay(modeladmin: admin.ModelAdmin, request: HttpRequest, selection: Query
     hint = ""
     if report.skipped.get(SkipReason.PAST_DEADLINE) or report.skipped.get(SkipReason.ARRIVED):
         hint = " Use the 'even past their deadline' action to send those anyway."
+    if report.skipped.get(SkipReason.SUPPRESSED):
+        hint += " Suppressed addresses are not replayed: lift their suppression (Suppressions) first."
     modeladmin.message_user(
         request,
         f"Replayed {report.replayed} (replay {report.replay_id})."

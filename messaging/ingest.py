@@ -233,8 +233,8 @@ def messages_create_many(
         if items[index].fields.get("ordering_key") or items[index].idempotency_key in ordered_keys
     ]
     together = sorted(set(admitted) - set(alone))
-    # Only the primary (channel, to) decides here: a message whose fallback address is suppressed
-    # is accepted, and dispatch skips that hop. One query for the whole batch.
+    # Only the primary (channel, to) is looked up here, in one query for the whole batch (_blocker:
+    # a message with fallback channels is left to dispatch, which checks every hop).
     suppressions = SuppressionIndex.load(
         (client.pk, items[index].fields["channel"], items[index].fields["to"]) for index in admitted
     )
@@ -265,6 +265,11 @@ def messages_create_many(
 
 
 def _blocker(suppressions: SuppressionIndex, message: Message) -> Blocker | None:
+    """What keeps a new message from being sent at all, or None. A message with fallback channels
+    is accepted even if its own address is suppressed: dispatch checks every hop and sends the
+    first one not suppressed (or fails the message `suppressed` when none is left)."""
+    if message.fallback_channels:
+        return None
     return suppressions.blocking(
         client_id=message.client_id, channel=message.channel, address=message.to, category=message.category
     )
