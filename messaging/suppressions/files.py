@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 
 import phonenumbers
 from django.core.validators import validate_email
-from django.db import transaction
 
 from messaging.models import ApiClient, Suppression, SuppressionReason
 from messaging.routing import Channel
 from messaging.suppressions.selectors import suppression_address
-from messaging.suppressions.services import suppression_add
+from messaging.suppressions.services import SuppressionEntry, suppressions_add_many
 
 IMPORT_MAX_LINES = 10_000  # a client's list in one request; more: split the file (or the command)
 REQUIRED_COLUMNS = ("channel", "address")
@@ -89,7 +88,7 @@ class _Row:
     note: str
 
 
-def _rows(text: str, *, allowed_reasons: frozenset[str], report: ImportReport) -> list[_Row]:
+def _rows(text: str, *, allowed_reasons: frozenset[str], max_lines: int | None, report: ImportReport) -> list[_Row]:
     """The file's valid lines; the bad ones go to report.errors. Raises ImportRefused for the file."""
     reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))  # a BOM from a spreadsheet: not a column name
     try:
@@ -117,8 +116,8 @@ def _rows(text: str, *, allowed_reasons: frozenset[str], report: ImportReport) -
             if not any(value.strip() for value in values):
                 continue  # a blank line (a trailing newline in a spreadsheet's export)
             report.lines += 1
-            if report.lines > IMPORT_MAX_LINES:
-                raise ImportRefused(f"More than {IMPORT_MAX_LINES} lines: split the file.")
+            if max_lines is not None and report.lines > max_lines:
+                raise ImportRefused(f"More than {max_lines} lines: split the file (or use manage.py suppressions).")
             row = _row(line, header, values, allowed_reasons, report)
             if row is not None:
                 rows.append(row)
@@ -172,45 +171,29 @@ def suppressions_import(
     source: str,
     allowed_reasons: Iterable[str] = (SuppressionReason.MANUAL,),
     dry_run: bool = False,
+    max_lines: int | None = IMPORT_MAX_LINES,
     progress: Callable[[int, int], None] | None = None,
 ) -> ImportReport:
     """Add the CSV's suppressions for `client` (header row required; columns channel, address and
     optionally scope, reason, note). A good line is added or counted as already there; a bad one
-    is reported and skipped. `dry_run` counts without writing. `progress(done, total)` is called
-    every 500 lines. Raises ImportRefused when the file as a whole is unusable."""
+    is reported and skipped. `dry_run` counts without writing; more than `max_lines` lines are
+    refused. `progress(done, total)` is called every 2,000 lines. Raises ImportRefused when the file
+    as a whole is unusable."""
     report = ImportReport()
-    rows = _rows(text, allowed_reasons=frozenset(allowed_reasons), report=report)
-    if dry_run:
-        existing = set(
-            Suppression.objects.filter(
-                client=client, lifted_at__isnull=True, address__in={row.address for row in rows}
-            ).values_list("channel", "address", "scope")
+    rows = _rows(text, allowed_reasons=frozenset(allowed_reasons), max_lines=max_lines, report=report)
+    chunk = 2000  # lines stored per transaction: progress to show, and bounded statements
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        new = suppressions_add_many(
+            client=client,
+            entries=[SuppressionEntry(r.channel, r.address, r.reason, r.scope, r.note) for r in part],
+            source=source,
+            dry_run=dry_run,
         )
-        for row in rows:
-            key = (row.channel, row.address, row.scope)
-            if key in existing:
-                report.already += 1
-            else:
-                report.added += 1
-                existing.add(key)
-        return report
-    with transaction.atomic():  # one commit for the file, a savepoint per new line (suppression_add)
-        for done, row in enumerate(rows, start=1):
-            _, created = suppression_add(
-                client=client,
-                channel=row.channel,
-                address=row.address,
-                reason=row.reason,
-                scope=row.scope,
-                source=source,
-                note=row.note,
-            )
-            if created:
-                report.added += 1
-            else:
-                report.already += 1
-            if progress is not None and done % 500 == 0:
-                progress(done, len(rows))
+        report.added += sum(new)
+        report.already += len(new) - sum(new)
+        if progress is not None and len(rows) > chunk:
+            progress(start + len(part), len(rows))
     return report
 
 
