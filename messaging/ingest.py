@@ -41,6 +41,10 @@ from messaging.transitions import messages_transition
 
 logger = logging.getLogger(__name__)
 
+# How a message refused for a suppressed address starts its failure detail (and so its dead
+# letter's reason): what tells acceptance's refusals from dispatch's (reconciliation.dashboard).
+REFUSED_AT_ACCEPTANCE = "refused at acceptance"
+
 
 class IdempotencyConflict(Exception):
     """The idempotency key was used before with a different payload (HTTP 422)."""
@@ -293,7 +297,7 @@ def _fail_suppressed(
             continue
         text = blocker.describe(result.message.channel)
         changes[result.message.id] = (
-            f"refused at acceptance: {text}",
+            f"{REFUSED_AT_ACCEPTANCE}: {text}",
             {"last_error_type": ErrorType.SUPPRESSED, "last_error_code": blocker.reason, "last_error_message": text},
         )
         channels[result.message.channel] = channels.get(result.message.channel, 0) + 1
