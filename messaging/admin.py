@@ -1,5 +1,5 @@
 """Staff-only admin: messages with their timelines, dead letters to inspect and replay, clients and keys,
-clients' callback endpoints and the callbacks sent to them.
+clients' callback endpoints and the callbacks sent to them, clients' suppression lists.
 
 Everything is read-only: state changes go through the services (cancel, replay, enable, disable,
 rotate), never row edits.
@@ -26,6 +26,7 @@ from messaging.callbacks.endpoints import (
     secrets_active,
 )
 from messaging.dead_letters import ATTEMPT_FIELDS
+from messaging.logging import masked
 from messaging.models import (
     ApiClient,
     ApiKey,
@@ -38,11 +39,15 @@ from messaging.models import (
     Message,
     MessageEvent,
     Receipt,
+    Suppression,
 )
 from messaging.replay import SkipReason, dead_letters_replay
 from messaging.routing import Priority
 from messaging.services import NotCancellable, message_cancel
 from messaging.states import MessageState
+from messaging.suppressions.files import address_normalized
+from messaging.suppressions.selectors import suppression_address
+from messaging.suppressions.services import suppression_add, suppression_lift
 
 REPLAY_PERMISSION = "messaging.replay_deadletter"
 
@@ -119,6 +124,8 @@ def _replay(modeladmin: admin.ModelAdmin, request: HttpRequest, selection: Query
     hint = ""
     if report.skipped.get(SkipReason.PAST_DEADLINE) or report.skipped.get(SkipReason.ARRIVED):
         hint = " Use the 'even past their deadline' action to send those anyway."
+    if report.skipped.get(SkipReason.SUPPRESSED):
+        hint += " Suppressed addresses are not replayed: lift their suppression (Suppressions) first."
     modeladmin.message_user(
         request,
         f"Replayed {report.replayed} (replay {report.replay_id})."
@@ -506,8 +513,132 @@ class ApiClientAdmin(admin.ModelAdmin):
                 ]
             },
         ),
+        ("Opt-outs", {"fields": ["opt_out_exempt_categories"]}),
     ]
     inlines = [ApiKeyInline]
+
+
+class SuppressionAddForm(forms.ModelForm):
+    """A suppression added by an operator (stored through suppression_add: the address normalized)."""
+
+    class Meta:
+        model = Suppression
+        fields = ["client", "channel", "address", "scope", "reason", "note"]
+
+    def clean(self):
+        cleaned = super().clean()
+        if cleaned.get("channel") and cleaned.get("address"):
+            try:
+                cleaned["address"] = address_normalized(cleaned["channel"], cleaned["address"])
+            except ValueError as exc:
+                self.add_error("address", str(exc))
+        return cleaned
+
+    def validate_constraints(self, exclude=None) -> None:
+        """An active duplicate is not an error: suppression_add returns the existing one."""
+
+
+class SuppressionActiveFilter(admin.SimpleListFilter):
+    title = "active"
+    parameter_name = "active"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Active"), ("no", "Lifted")]
+
+    def queryset(self, request, queryset):
+        if self.value() in ("yes", "no"):
+            return queryset.filter(lifted_at__isnull=self.value() == "yes")
+        return queryset
+
+
+@admin.register(Suppression)
+class SuppressionAdmin(ReadOnlyAdmin):
+    """Clients' suppression lists. Addresses are personal data: masked in the list, whole on the
+    row's page. Search by an exact address (any form: +1 415 555 2671, Ada@Example.com) or client
+    name. Lifting keeps the row, with who and why; rows are never edited or deleted here."""
+
+    list_display = ["id", "client", "channel", "masked_address", "scope", "reason", "active", "source", "created_at"]
+    list_filter = ["channel", "reason", SuppressionActiveFilter, "client"]
+    list_select_related = ["client"]
+    search_fields = ["=client__name"]
+    search_help_text = "An exact address (any form) or a client's name."
+    actions = ["lift_selected"]
+    fields = [
+        "client",
+        "channel",
+        "address",
+        "scope",
+        "reason",
+        "covers_exempt",
+        "source",
+        "note",
+        "created_at",
+        "lifted_at",
+        "lifted_reason",
+        "lifted_by",
+    ]
+    readonly_fields = fields
+
+    def has_add_permission(self, request) -> bool:
+        return request.user.has_perm("messaging.add_suppression")
+
+    def has_lift_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("messaging.change_suppression")
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        if obj is None:
+            kwargs["form"] = SuppressionAddForm
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def get_readonly_fields(self, request, obj=None):
+        return self.readonly_fields if obj is not None else []
+
+    def get_fields(self, request, obj=None):
+        return self.fields if obj is not None else SuppressionAddForm.Meta.fields
+
+    def save_model(self, request, obj, form, change) -> None:
+        data = form.cleaned_data
+        suppression, _ = suppression_add(
+            client=data["client"],
+            channel=data["channel"],
+            address=data["address"],
+            reason=data["reason"],
+            scope=data.get("scope", ""),
+            note=data.get("note", ""),
+            source=f"admin {request.user.get_username()}",
+        )
+        obj.pk = suppression.pk  # the admin's redirect and log name this row (new or already there)
+
+    def get_search_results(self, request, queryset, search_term):
+        """An address in any form matches its stored form; else the client's name."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        forms_of_it = {suppression_address("sms", term), suppression_address("email", term)}
+        by_address = queryset.filter(address__in=sorted(forms_of_it))
+        by_client = queryset.filter(client__name=term)
+        return by_address | by_client, False
+
+    @admin.display(description="address")
+    def masked_address(self, suppression: Suppression) -> str:
+        return masked(suppression.address)
+
+    @admin.display(description="active", boolean=True)
+    def active(self, suppression: Suppression) -> bool:
+        return suppression.active
+
+    @admin.action(description="Lift selected suppressions (messages to them go out again)", permissions=["lift"])
+    def lift_selected(self, request, queryset) -> None:
+        user = request.user.get_username()
+        lifted = sum(
+            suppression_lift(suppression=row, reason=f"lifted in admin by {user}", by=f"admin {user}")
+            for row in queryset.filter(lifted_at__isnull=True)
+        )
+        self.message_user(
+            request,
+            f"Lifted {lifted}. Replay their dead letters (Dead letters, error type suppressed) to send what "
+            "was refused.",
+        )
 
 
 @admin.register(Receipt)

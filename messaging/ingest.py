@@ -29,14 +29,21 @@ from messaging.limits import (
     quota_take,
 )
 from messaging.logging import masked
-from messaging.models import ApiClient, CallbackEvent, EventSource, Message, MessageEvent
+from messaging.metrics import messages_suppressed_count
+from messaging.models import ApiClient, CallbackEvent, ErrorType, EventSource, Message, MessageEvent
 from messaging.ordering import ordering_hold, ordering_mode_for, sequence_next
 from messaging.publish import message_publish, messages_publish
 from messaging.routing import retry_policy_for
 from messaging.rows import rows_insert
 from messaging.states import MessageState
+from messaging.suppressions.selectors import Blocker, SuppressionIndex
+from messaging.transitions import messages_transition
 
 logger = logging.getLogger(__name__)
+
+# How a message refused for a suppressed address starts its failure detail (and so its dead
+# letter's reason): what tells acceptance's refusals from dispatch's (reconciliation.dashboard).
+REFUSED_AT_ACCEPTANCE = "refused at acceptance"
 
 
 class IdempotencyConflict(Exception):
@@ -128,7 +135,12 @@ def message_columns(*, fields: dict[str, Any], key: str | None, fingerprint: str
 
 
 def _insert_message(
-    client: ApiClient, fields: dict[str, Any], key: str | None, fingerprint: str, source: str
+    client: ApiClient,
+    fields: dict[str, Any],
+    key: str | None,
+    fingerprint: str,
+    source: str,
+    suppressions: SuppressionIndex,
 ) -> Message:
     ordering_key = fields.get("ordering_key") or None
     # The number first (it waits for a concurrent request with the same key), then the clock, so
@@ -152,6 +164,8 @@ def _insert_message(
     )
     callbacks_accepted([message])
     message_accepted_log(message=message, source=source)
+    if _blocker(suppressions, message) is not None:
+        return message  # failed by messages_create_many before commit: never published, never waits
     if message.sequence is not None and ordering_hold(message, now=now):
         return message  # published by its predecessor's next move, not now: no task spent on waiting
     # Its own task, whatever its priority: it waits for its key's turn, which batching cannot hurry.
@@ -223,11 +237,18 @@ def messages_create_many(
         if items[index].fields.get("ordering_key") or items[index].idempotency_key in ordered_keys
     ]
     together = sorted(set(admitted) - set(alone))
+    # Only the primary (channel, to) is looked up here, in one query for the whole batch (_blocker:
+    # a message with fallback channels is left to dispatch, which checks every hop).
+    suppressions = SuppressionIndex.load(
+        (client.pk, items[index].fields["channel"], items[index].fields["to"]) for index in admitted
+    )
     try:
         with transaction.atomic():
-            stored = _accept_together(client, items, together, results, source)
+            stored = _accept_together(client, items, together, results, source, suppressions)
             for index in alone:
-                results[index] = _accept_alone(client, items[index], source)
+                results[index] = _accept_alone(client, items[index], source, suppressions)
+            failed = _fail_suppressed(results, admitted, suppressions, source) if suppressions else set()
+            stored = [message for message in stored if message.id not in failed]
             if stored:
                 transaction.on_commit(
                     lambda: messages_publish(messages=[(m.id, m.channel, m.priority) for m in stored])
@@ -239,11 +260,64 @@ def messages_create_many(
     created: dict[str, int] = {}
     for index in admitted:
         result = results[index]
-        if isinstance(result, CreateOutcome) and result.created:
+        if isinstance(result, CreateOutcome) and result.created and result.message.id not in failed:
             created[result.message.channel] = created.get(result.message.channel, 0) + 1
     for channel, grant in grants.items():
-        quota_give_back(grant=grant, count=grant.granted - created.get(channel, 0))  # replays, conflicts
+        # Replays, conflicts, and suppressed messages (never sent: they spend no quota).
+        quota_give_back(grant=grant, count=grant.granted - created.get(channel, 0))
     return results
+
+
+def _blocker(suppressions: SuppressionIndex, message: Message) -> Blocker | None:
+    """What keeps a new message from being sent at all, or None. A message with fallback channels
+    is accepted even if its own address is suppressed: dispatch checks every hop and sends the
+    first one not suppressed (or fails the message `suppressed` when none is left)."""
+    if message.fallback_channels:
+        return None
+    return suppressions.blocking(
+        client_id=message.client_id, channel=message.channel, address=message.to, category=message.category
+    )
+
+
+def _fail_suppressed(
+    results: list[ItemResult | None], admitted: list[int], suppressions: SuppressionIndex, source: str
+) -> set[uuid.UUID]:
+    """Move the new messages whose address is suppressed from accepted to failed (error type
+    `suppressed`) through the transition service, in the batch's transaction: their events, dead
+    letters and callbacks (accepted, failed) as for any failed message. Their results are re-read
+    (one query) so the answer shows them failed. Returns their ids."""
+    changes: dict[uuid.UUID, tuple[str, dict[str, Any]]] = {}
+    channels: dict[str, int] = {}
+    for index in admitted:
+        result = results[index]
+        if not isinstance(result, CreateOutcome) or not result.created:
+            continue  # a replay answers what was stored then
+        blocker = _blocker(suppressions, result.message)
+        if blocker is None:
+            continue
+        text = blocker.describe(result.message.channel)
+        changes[result.message.id] = (
+            f"{REFUSED_AT_ACCEPTANCE}: {text}",
+            {"last_error_type": ErrorType.SUPPRESSED, "last_error_code": blocker.reason, "last_error_message": text},
+        )
+        channels[result.message.channel] = channels.get(result.message.channel, 0) + 1
+    if not changes:
+        return set()
+    messages_transition(to_state=MessageState.FAILED, source=source, changes=changes)
+    fresh = Message.objects.in_bulk(list(changes))
+    for index in admitted:
+        result = results[index]
+        # A later item with the same key replays it: that answer shows it failed too.
+        if isinstance(result, CreateOutcome) and result.message.id in fresh:
+            fresh[result.message.id].client = result.message.client
+            results[index] = CreateOutcome(fresh[result.message.id], created=result.created)
+    transaction.on_commit(
+        lambda: [
+            messages_suppressed_count(channel=channel, stage="acceptance", count=count)
+            for channel, count in channels.items()
+        ]
+    )
+    return set(changes)
 
 
 def _within_limits(client: ApiClient, items: Sequence[BatchItem], results: list[ItemResult | None]) -> list[int]:
@@ -294,7 +368,12 @@ def _quota_take(
 
 
 def _accept_together(
-    client: ApiClient, items: Sequence[BatchItem], indexes: list[int], results: list[ItemResult | None], source: str
+    client: ApiClient,
+    items: Sequence[BatchItem],
+    indexes: list[int],
+    results: list[ItemResult | None],
+    source: str,
+    suppressions: SuppressionIndex,
 ) -> list[Message]:
     """Store the items at `indexes` with one INSERT each for messages and events; returns the new rows."""
     keys = {items[index].idempotency_key for index in indexes} - {None}
@@ -332,24 +411,26 @@ def _accept_together(
         _insert_rows([message for _, message in new], source)
         for index in indexes:
             if items[index].idempotency_key:
-                results[index] = _accept_alone(client, items[index], source)
+                results[index] = _accept_alone(client, items[index], source, suppressions)
     for index, message in new:
         results[index] = CreateOutcome(message, created=True)
         message_accepted_log(message=message, source=source)
     return [message for _, message in new]
 
 
-def _accept_alone(client: ApiClient, item: BatchItem, source: str) -> ItemResult:
+def _accept_alone(client: ApiClient, item: BatchItem, source: str, suppressions: SuppressionIndex) -> ItemResult:
     """One item in a transaction (a savepoint) of its own: an item with an ordering key (its
     sequence number comes from the key's counter row and it may wait for its predecessor), or a
     keyed item whose key a writer without our lock stored meanwhile."""
     try:
-        return _accept_one(client, item.fields, item.idempotency_key, source)
+        return _accept_one(client, item.fields, item.idempotency_key, source, suppressions)
     except (IdempotencyConflict, IdempotencyInFlight) as exc:
         return exc
 
 
-def _accept_one(client: ApiClient, fields: dict[str, Any], idempotency_key: str | None, source: str) -> CreateOutcome:
+def _accept_one(
+    client: ApiClient, fields: dict[str, Any], idempotency_key: str | None, source: str, suppressions: SuppressionIndex
+) -> CreateOutcome:
     fingerprint = request_fingerprint(fields)
     try:
         with transaction.atomic():
@@ -358,7 +439,7 @@ def _accept_one(client: ApiClient, fields: dict[str, Any], idempotency_key: str 
                 outcome = _existing_for_key(client, idempotency_key, fingerprint)
                 if outcome is not None:
                     return outcome
-            message = _insert_message(client, fields, idempotency_key, fingerprint, source)
+            message = _insert_message(client, fields, idempotency_key, fingerprint, source, suppressions)
     except IntegrityError:
         # Only the (client, idempotency_key) constraint can collide here: a concurrent twin won.
         if not idempotency_key:

@@ -29,6 +29,7 @@ from messaging.publish import message_publish
 from messaging.routing import ReplayDeadline, RetryPolicy, retry_policy_for
 from messaging.services import message_transition
 from messaging.states import MessageState
+from messaging.suppressions.selectors import SuppressionIndex
 from providers.registry import PROVIDER_CLASSES, provider_class
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class SkipReason:
     ALREADY_REPLAYED = "already_replayed"  # another replay took it first
     MOVED_ON = "message_moved_on"  # the message is no longer in the state it was parked in
     ENDPOINT_DISABLED = "endpoint_disabled"  # a callback's endpoint is disabled: enable it, then replay
+    # The address is still on the client's suppression list (every hop's, for a message with
+    # fallback channels): lift the suppression, then replay. `force` does not override it.
+    SUPPRESSED = "suppressed"
 
 
 @dataclass
@@ -132,14 +136,17 @@ def dead_letters_replay(
             .order_by("created_at", "pk")
         )
         arrived = _messages_with_delivery_receipts([d.message_id for d in chunk if d.kind == DeadLetterKind.MESSAGE])
+        suppressions = _suppressions_of([d.message for d in chunk if d.kind == DeadLetterKind.MESSAGE])
         for dead_letter in chunk:
             report.selected += 1
             report.dead_letter_ids.append(dead_letter.pk)
             if dead_letter.kind == DeadLetterKind.CALLBACK:
                 skipped = _replay_callback(dead_letter, report, actor, via, dry_run)
             else:
-                skipped = _replay_one(
-                    dead_letter, report, actor, via, force, dry_run, dead_letter.message_id in arrived
+                skipped = (
+                    SkipReason.SUPPRESSED
+                    if dead_letter.replayed_at is None and _all_hops_suppressed(suppressions, dead_letter.message)
+                    else _replay_one(dead_letter, report, actor, via, force, dry_run, dead_letter.message_id in arrived)
                 )
             if skipped is None:
                 report.replayed += 1
@@ -162,6 +169,31 @@ def dead_letters_replay(
             dict(report.skipped) or "none",
         )
     return report
+
+
+def _hops(message) -> list[tuple[str, str]]:
+    """(channel, address) of the message's own hop and of each fallback channel."""
+    return [(message.channel, message.to)] + [
+        (channel, message.fallback_to.get(channel, "")) for channel in message.fallback_channels
+    ]
+
+
+def _suppressions_of(messages: list) -> SuppressionIndex:
+    """The chunk's suppressions, every hop of every message, in one query."""
+    return SuppressionIndex.load(
+        (message.client_id, channel, address) for message in messages for channel, address in _hops(message) if address
+    )
+
+
+def _all_hops_suppressed(suppressions: SuppressionIndex, message) -> bool:
+    """Whether no hop of the message may be sent now (the replay would only fail it again)."""
+    if not suppressions:
+        return False
+    return all(
+        suppressions.blocking(client_id=message.client_id, channel=channel, address=address, category=message.category)
+        for channel, address in _hops(message)
+        if address
+    )
 
 
 def _messages_with_delivery_receipts(message_ids: list) -> set:

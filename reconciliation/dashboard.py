@@ -20,7 +20,8 @@ from django.db.models import Count, Min, Q
 from django.db.models.functions import Trunc
 from django.utils import timezone
 
-from messaging.models import Callback, CallbackEndpoint, CallbackState, DeadLetter, DeadLetterKind
+from messaging.ingest import REFUSED_AT_ACCEPTANCE
+from messaging.models import Callback, CallbackEndpoint, CallbackState, DeadLetter, DeadLetterKind, ErrorType
 from providers.guards import circuit_breaker
 from reconciliation import histograms
 from reconciliation.alerts import alert_payload
@@ -79,6 +80,7 @@ def dashboard_data(*, window: str = "1h", priority: str = "", now: datetime | No
         **_bucket_series(times, index, step, bucket_seconds, priority, matured_before),
         "queue_depth": _queue_series(times, index, step),
         "dead_letters": _dead_letter_series(times, index, step),
+        "suppressed": _suppressed(times[0], times[-1] + timedelta(seconds=step)),
         "circuits": _circuits(),
         "alerts": _open_alerts(),
         "last_reconciliation": _last_reconciliation(),
@@ -182,6 +184,16 @@ def _dead_letter_series(times, index, step) -> dict[str, list[int]]:
         if i is not None:
             series.setdefault(row["channel"], [0] * size)[i] += row["n"]
     return series
+
+
+def _suppressed(start: datetime, end: datetime) -> dict[str, int]:
+    """Messages refused in the window because their address is suppressed (their dead letters, on
+    the parked-time index), by stage: at acceptance, or at dispatch with no hop left. Hops skipped
+    before a fallback went are in /metrics only (conductor_messages_suppressed_total)."""
+    counts = DeadLetter.objects.filter(
+        kind=DeadLetterKind.MESSAGE, error_type=ErrorType.SUPPRESSED, created_at__gte=start, created_at__lt=end
+    ).aggregate(total=Count("pk"), acceptance=Count("pk", filter=Q(reason__startswith=REFUSED_AT_ACCEPTANCE)))
+    return {"acceptance": counts["acceptance"], "dispatch": counts["total"] - counts["acceptance"]}
 
 
 def _circuits() -> list[dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from messaging.api import callback_views, views
+from messaging.api import callback_views, suppression_views, views
 
 urlpatterns = [
     path("messages/", views.MessageListCreateView.as_view(), name="message-list"),
@@ -32,4 +32,8 @@ urlpatterns = [
         callback_views.CallbackEndpointRotateSecretView.as_view(),
         name="callback-endpoint-rotate-secret",
     ),
+    path("suppressions/", suppression_views.SuppressionListCreateView.as_view(), name="suppression-list"),
+    path("suppressions/import/", suppression_views.SuppressionImportView.as_view(), name="suppression-import"),
+    path("suppressions/<int:pk>/", suppression_views.SuppressionDetailView.as_view(), name="suppression-detail"),
+    path("suppressions/<int:pk>/lift/", suppression_views.SuppressionLiftView.as_view(), name="suppression-lift"),
 ]

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import phonenumbers
+from django.db import connection
 from django.db.models import Q
 
 from messaging.conf import messaging_setting
@@ -68,15 +69,8 @@ class SuppressionIndex:
             wanted[(client_id, channel)].add(suppression_address(channel, address))
         if not wanted:
             return cls({}, {})
-        condition = Q()
-        for (client_id, channel), addresses in wanted.items():
-            condition |= Q(client_id=client_id, channel=channel, address__in=sorted(addresses))
         rows: dict[tuple[int, str, str], list[Blocker]] = defaultdict(list)
-        for pk, client_id, channel, address, reason, scope, covers_exempt in (
-            Suppression.objects.filter(condition, lifted_at__isnull=True)
-            .order_by("pk")
-            .values_list("pk", "client_id", "channel", "address", "reason", "scope", "covers_exempt")
-        ):
+        for pk, client_id, channel, address, reason, scope, covers_exempt in _active_rows(wanted):
             rows[(client_id, channel, address)].append(Blocker(pk, reason, scope, covers_exempt))
         exempt: dict[int, frozenset[str]] = {}
         if rows:  # a second query only when something is suppressed at all
@@ -106,7 +100,70 @@ class SuppressionIndex:
         return None
 
 
+_COLUMNS = ("id", "client_id", "channel", "address", "reason", "scope", "covers_exempt")
+
+
+def _active_rows(wanted: dict[tuple[int, str], set[str]]) -> list[tuple]:
+    """The active suppressions of these addresses per (client id, channel), by id.
+
+    On PostgreSQL one index probe per address (a lateral subquery kept apart by OFFSET 0, so
+    the planner cannot turn it into a scan): ~2-3 ms for 1,000 addresses however long the
+    client's list. `address IN (1,000 values)` scanned every row of the client's channel (7 ms
+    at 40,000 rows, growing with the list) and cost ~5 ms to build and parse besides.
+    """
+    if connection.vendor != "postgresql":
+        condition = Q()
+        for (client_id, channel), addresses in wanted.items():
+            condition |= Q(client_id=client_id, channel=channel, address__in=sorted(addresses))
+        return list(Suppression.objects.filter(condition, lifted_at__isnull=True).order_by("pk").values_list(*_COLUMNS))
+    client_ids, channels, addresses = [], [], []
+    for (client_id, channel), group in wanted.items():
+        for address in sorted(group):
+            client_ids.append(client_id)
+            channels.append(channel)
+            addresses.append(address)
+    table = connection.ops.quote_name(Suppression._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {', '.join('s.' + name for name in _COLUMNS)} "
+            "FROM unnest(%s::bigint[], %s::varchar[], %s::varchar[]) AS w(client_id, channel, address) "
+            f"CROSS JOIN LATERAL (SELECT {', '.join(_COLUMNS)} FROM {table} x WHERE x.client_id = w.client_id "
+            "AND x.channel = w.channel AND x.address = w.address AND x.lifted_at IS NULL OFFSET 0) s ORDER BY s.id",
+            [client_ids, channels, addresses],
+        )
+        return cursor.fetchall()
+
+
 def suppression_blocking(*, client_id: int, channel: str, address: str, category: str) -> Blocker | None:
     """One message's check (a replay, a single send): SuppressionIndex for a batch of one."""
     index = SuppressionIndex.load([(client_id, channel, address)])
     return index.blocking(client_id=client_id, channel=channel, address=address, category=category)
+
+
+def suppressions_for_client(
+    *,
+    client: ApiClient,
+    channel: str | None = None,
+    address: str | None = None,
+    reason: str | None = None,
+    scope: str | None = None,
+    active: bool | None = None,
+):
+    """The client's suppressions, lifted ones too unless `active` says; `address` in any form the
+    API takes (compared as stored: E.164, lower-case email)."""
+    rows = Suppression.objects.filter(client=client)
+    if channel is not None:
+        rows = rows.filter(channel=channel)
+    if address is not None:
+        if channel is not None:
+            rows = rows.filter(address=suppression_address(channel, address))
+        else:  # the phone form or the email form, whichever channel it is for
+            forms = {suppression_address(Channel.SMS, address), suppression_address(Channel.EMAIL, address)}
+            rows = rows.filter(address__in=sorted(forms))
+    if reason is not None:
+        rows = rows.filter(reason=reason)
+    if scope is not None:
+        rows = rows.filter(scope=scope)
+    if active is not None:
+        rows = rows.filter(lifted_at__isnull=active)
+    return rows

@@ -5,7 +5,8 @@ suppression covers and every change is logged the same way (the address masked).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from django.db import IntegrityError, transaction
@@ -73,6 +74,73 @@ def suppression_add(
         extra={"event": "suppression", "client": client.name, "channel": channel, "reason": reason},
     )
     return suppression, True
+
+
+@dataclass(frozen=True)
+class SuppressionEntry:
+    """One suppression to add in bulk (a CSV line): the address already normalized."""
+
+    channel: str
+    address: str
+    reason: str
+    scope: str = ""
+    note: str = ""
+
+
+def suppressions_add_many(
+    *, client: ApiClient, entries: Sequence[SuppressionEntry], source: str, dry_run: bool = False
+) -> list[bool]:
+    """suppression_add for many at once (an import of thousands of lines in a few statements):
+    per entry, whether it is new (False: an active one of the same channel, address and scope
+    exists, or came earlier in `entries`). The same rules; `dry_run` writes nothing."""
+    entries = [
+        SuppressionEntry(e.channel, suppression_address(e.channel, e.address), e.reason, e.scope, e.note)
+        for e in entries
+    ]
+    seen = set(
+        Suppression.objects.filter(
+            client=client, lifted_at__isnull=True, address__in={e.address for e in entries}
+        ).values_list("channel", "address", "scope")
+    )
+    new: list[bool] = []
+    for entry in entries:
+        key = (entry.channel, entry.address, entry.scope)
+        new.append(key not in seen)
+        seen.add(key)
+    fresh = [entry for entry, is_new in zip(entries, new, strict=True) if is_new]
+    if dry_run or not fresh:
+        return new
+    now = timezone.now()
+    # A concurrent writer's row wins (suppression_unique_active): ours is then not stored, as in
+    # suppression_add, where the other is returned.
+    Suppression.objects.bulk_create(
+        [
+            Suppression(
+                client=client,
+                channel=e.channel,
+                address=e.address,
+                scope=e.scope,
+                reason=e.reason,
+                covers_exempt=e.reason in COVERS_EXEMPT_REASONS,
+                source=source[:200],
+                note=e.note,
+                created_at=now,
+            )
+            for e in fresh
+        ],
+        batch_size=1000,
+        ignore_conflicts=True,
+    )
+    for entry in fresh:
+        suppression_added_count(channel=entry.channel, reason=entry.reason)
+    logger.info(
+        "%d suppressions added for %s (%s)",
+        len(fresh),
+        client.name,
+        source or "no source",
+        extra={"event": "suppression", "client": client.name, "count": len(fresh)},
+    )
+    return new
 
 
 def suppression_lift(*, suppression: Suppression, reason: str, by: str = "", now: datetime | None = None) -> bool:

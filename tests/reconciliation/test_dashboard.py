@@ -191,3 +191,17 @@ def test_anonymous_and_non_staff_users_are_sent_to_log_in(client, name):
     client.force_login(User.objects.create_user("outsider", password="pw-for-tests"))
     response = client.get(reverse(name))
     assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+def test_suppressed_messages_are_counted_in_the_window_by_stage(api, client_key, park, monkeypatch):
+    from messaging.suppressions.services import suppression_add
+
+    monkeypatch.setattr("messaging.ingest.messages_publish", lambda **kwargs: None)
+    suppression_add(client=client_key[0], channel="sms", address="+14155552671", reason="stop_keyword")
+    for _ in range(2):
+        api.post("/api/v1/messages/", {"channel": "sms", "to": "+14155552671", "body": "hi"}, format="json")
+    park(error_type="suppressed", state="failed")  # a dispatch-time refusal (no hop left)
+    park(error_type="provider_5xx")  # not a suppression
+    park(error_type="suppressed", state="failed", parked_at=timezone.now() - timedelta(hours=3))  # outside
+    assert dashboard_data(window="1h")["suppressed"] == {"acceptance": 2, "dispatch": 1}
+    assert dashboard_data(window="24h")["suppressed"] == {"acceptance": 2, "dispatch": 2}

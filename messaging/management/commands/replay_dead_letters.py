@@ -257,6 +257,11 @@ Examples:
                 self.stdout.write("The callbacks are pending again, with the same webhook-id; delivery was kicked.")
         if report.skipped.get(SkipReason.PAST_DEADLINE) or report.skipped.get(SkipReason.ARRIVED):
             self.stdout.write("Add --force to send the skipped ones anyway.")
+        if report.skipped.get(SkipReason.SUPPRESSED):
+            self.stdout.write(
+                "Skipped as suppressed: the address is on the client's suppression list (--force does not "
+                "override it). Lift it (`manage.py suppressions`, the admin, or the API), then replay."
+            )
         if report.skipped.get(SkipReason.ENDPOINT_DISABLED):
             self.stdout.write("Enable the skipped callbacks' endpoints first (admin or API), then replay them.")
         if report.selected < matched:

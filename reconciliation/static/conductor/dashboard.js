@@ -141,6 +141,10 @@
       ]),
       4
     );
+    const sup = d.suppressed;
+    document.getElementById("suppressed").textContent =
+      `${count(sup.acceptance + sup.dispatch)} messages refused in the window: ` +
+      `${count(sup.acceptance)} at acceptance, ${count(sup.dispatch)} at dispatch.`;
     const run = d.last_reconciliation;
     document.getElementById("reconciliation").textContent = run
       ? `${run.status} (${run.trigger}), ${new Date(run.started_at).toLocaleString()}: checked ${run.checked}, ` +
