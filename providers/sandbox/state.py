@@ -7,6 +7,7 @@ import collections
 import dataclasses
 import gc
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -35,6 +36,7 @@ FAULT_DROP = "drop"
 FAULT_RECEIPT_LOSS = "receipt_loss"
 FAULT_INVALID = "invalid"
 FAULT_AUTH = "auth"
+FAULT_OPTED_OUT = "opted_out"
 
 # What happens to an accepted message after the response.
 DELIVERY_RECEIPT = "receipt"
@@ -97,6 +99,10 @@ class FaultSettings:
     # at 0.01 Vonage's first retries come after 0.05, 0.1, 0.2 ... s and Mailgun's after 3, 6, 9 s,
     # so a receiver down for a few seconds still gets them; 1 is the providers' real time.
     callback_retry_scale: float = 0.01
+    # Numbers (E.164) that have opted out of this provider's sender, e.g. by texting it STOP: a
+    # send to one is refused with the provider's own answer (Twilio 21610, Vonage status 7).
+    # Set through the faults API (the whole list) or SandboxState.opt_out / opt_in (one number).
+    opted_out: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,6 +134,13 @@ def _validate(name: str, value: Any) -> None:
         raise FaultValidationError(f"callback_mode must be one of {', '.join(CALLBACK_MODES)}", name)
     if name == "callback_retry_scale" and not (is_number and 0 <= value <= 1):
         raise FaultValidationError("callback_retry_scale must be a number between 0 and 1", name)
+    if name == "opted_out" and not (
+        isinstance(value, list) and all(isinstance(number, str) and _E164.fullmatch(number) for number in value)
+    ):
+        raise FaultValidationError("opted_out must be a list of E.164 numbers", name)
+
+
+_E164 = re.compile(r"\+[1-9][0-9]{5,14}")
 
 
 @dataclass(frozen=True)
@@ -212,6 +225,23 @@ class SandboxState:
         self._recent_sends.clear()
         if reseed:
             self.rng.seed(seed)
+
+    # --- opt-outs --------------------------------------------------------------------------
+    def opt_out(self, provider: str, number: str) -> None:
+        """`number` (E.164) opts out of `provider`'s sender, as a recipient's STOP would make it;
+        its sends are refused from now on (an inbound STOP emulation calls this)."""
+        faults = self.faults[provider]
+        if number not in faults.opted_out:
+            self.faults[provider] = faults.updated({"opted_out": [*faults.opted_out, number]})
+
+    def opt_in(self, provider: str, number: str) -> None:
+        """`number` opts back in (START): `provider` sends to it again."""
+        faults = self.faults[provider]
+        if number in faults.opted_out:
+            self.faults[provider] = faults.updated({"opted_out": [n for n in faults.opted_out if n != number]})
+
+    def is_opted_out(self, provider: str, number: str | None) -> bool:
+        return bool(number) and number in self.faults[provider].opted_out
 
     # --- faults ---------------------------------------------------------------------------
     def chance(self, rate: float) -> bool:
