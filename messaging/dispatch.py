@@ -729,24 +729,26 @@ def _route_spent(send: _Send) -> None:
     if open_hops:
         _route_failed(message=message, hops=open_hops, last_error=send.last_error, tried=send.tried)
         return
-    blocker = _first_blocker(send)
-    if blocker is None:  # refused by a provider in this claim, nothing else: _address_refused settles those
+    first = _first_blocker(send)
+    if first is None:  # refused by a provider in this claim, nothing else: _address_refused settles those
         assert send.last_error is not None
         message_record_failed(message=message, error=send.last_error)
         return
-    error = PermanentProviderError(blocker.describe(send.hops[0].channel), error_type=ErrorType.SUPPRESSED)
+    hop, blocker = first
+    error = PermanentProviderError(blocker.describe(hop.channel), error_type=ErrorType.SUPPRESSED)
     message_record_failed(message=message, error=error)
     logger.info("message %s: every hop's address is suppressed; failed, not sent", message.pk)
 
 
-def _first_blocker(send: _Send) -> Blocker | None:
+def _first_blocker(send: _Send) -> tuple[Hop, Blocker] | None:
+    """The first hop kept from the message by the list, and the suppression (its error names it)."""
     message = send.message
     for hop in send.hops:
         blocker = send.suppressions.blocking(
             client_id=message.client_id, channel=hop.channel, address=hop.to, category=message.category
         )
         if blocker is not None:
-            return blocker
+            return hop, blocker
     return None
 
 
