@@ -192,3 +192,26 @@ def test_a_claim_of_many_messages_reads_the_suppressions_once(sandbox, make_mess
         for r in sandbox.requests(provider="twilio")
         if r["to"] in suppressed and r["message_id"] in {str(m.pk) for m in messages if m.client_id == acme.pk}
     ]
+
+
+def test_a_fair_bulk_claim_skips_the_suppressed_and_sends_the_rest(sandbox, make_message, acme):
+    suppression_add(client=acme, channel="sms", address="+14155551001", reason="manual")
+    messages = [make_message(to=f"+1415555{1000 + i:04d}", priority="bulk") for i in range(5)]
+    assert messages_dispatch(fair_channel="sms") == 5
+    states = dict(Message.objects.filter(pk__in=[m.pk for m in messages]).values_list("to", "last_error_type"))
+    assert states["+14155551001"] == "suppressed"
+    assert sorted(r["to"] for r in sandbox.requests()) == sorted(set(states) - {"+14155551001"})
+
+
+def test_a_suppressed_message_does_not_wait_for_a_rate_limited_providers_slot(sandbox, make_message, acme, settings):
+    from providers.guards import reset_guards
+
+    providers = {name: dict(conf) for name, conf in settings.CONDUCTOR_PROVIDERS.items()}
+    providers["twilio"].update(RATE_LIMIT_PER_SECOND=0.1, RATE_LIMIT_BURST=1, RATE_LIMIT_MAX_INLINE_WAIT_SECONDS=0.5)
+    settings.CONDUCTOR_PROVIDERS = providers
+    reset_guards()
+    assert dispatch(make_message(to="+14155550000")).state == "dispatched"  # takes the only slot
+    suppression_add(client=acme, channel="sms", address=NUMBER, reason="stop_keyword")
+    message = dispatch(make_message())  # claimed alone (rate-limited first hop): skipped before any slot
+    assert message.state == "failed" and message.last_error_type == "suppressed"
+    assert len(sandbox.requests()) == 1
