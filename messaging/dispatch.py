@@ -479,8 +479,7 @@ def _round_start(active: list[_Send], *, in_claim: bool) -> list[_Send]:
 def _hop_suppressed(send: _Send, hop: Hop) -> str | None:
     """Why this hop may not be tried for this message (the suppression's reason), or None."""
     message = send.message
-    refused = send.refused.get((hop.channel, suppression_address(hop.channel, hop.to)))
-    if refused is not None:
+    if send.refused and (hop.channel, suppression_address(hop.channel, hop.to)) in send.refused:
         return SuppressionReason.PROVIDER_REPORTED  # what the refusal added (_address_refused)
     blocker = send.suppressions.blocking(
         client_id=message.client_id, channel=hop.channel, address=hop.to, category=message.category
