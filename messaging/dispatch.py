@@ -21,6 +21,15 @@ RATE_LIMIT_MAX_INLINE_WAIT_SECONDS, else it is rescheduled). Claimed among many,
 leased but published again as a task of its own, which claims it alone: its look-up or wait
 would otherwise hold up the batch's round, and a round of rate-limited calls at once would
 arrive bunched; a few dozen a second gain nothing from batching.
+
+No suppressed message is handed to any provider (docs/suppressions.md): the claim reads the
+suppression lists of every hop of every claimed message in one query (SuppressionIndex), and
+every round, the claim's first and each later one, skips a hop whose address is suppressed for
+the message's client and category, as it skips a hop whose circuit is open. A message whose every
+hop is suppressed fails (`suppressed`) and is never retried; since every retry is a claim, a
+suppression added while a message waits stops it there. A provider's refusal of the address
+itself (opted out, cannot receive) adds a suppression, and the message leaves that address: no
+other provider of the same channel and address is tried, another channel's address may be.
 """
 
 from __future__ import annotations
@@ -29,7 +38,8 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -40,7 +50,16 @@ from django.utils import timezone
 from messaging.conf import messaging_setting
 from messaging.fair import bulk_pick_fair, fair_sharing
 from messaging.lookup import message_resolve_unknown_outcome, send_request
-from messaging.models import AttemptOutcome, DispatchAttempt, ErrorType, EventSource, Message
+from messaging.metrics import messages_suppressed_count
+from messaging.models import (
+    ApiClient,
+    AttemptOutcome,
+    DispatchAttempt,
+    ErrorType,
+    EventSource,
+    Message,
+    SuppressionReason,
+)
 from messaging.ordering import ordering_wait
 from messaging.outcomes import (
     RELEASE,
@@ -61,6 +80,8 @@ from messaging.rows import rows_update, rows_update_in_key_order
 from messaging.send_loop import send_loop
 from messaging.services import message_transition, messages_transition
 from messaging.states import MessageState
+from messaging.suppressions.selectors import Blocker, SuppressionIndex, suppression_address
+from messaging.suppressions.services import suppression_add
 from providers.conf import providers_setting
 from providers.guards import circuit_breaker, rate_limiter, seconds_until_half_open
 from providers.ratelimit import wait_for_slot
@@ -77,6 +98,11 @@ logger = logging.getLogger(__name__)
 
 # The three kinds an adapter sorts its failures into; anything else is a bug and propagates.
 SEND_ERRORS = (TransientProviderError, AmbiguousProviderError, PermanentProviderError)
+# A provider's refusals of the address itself, which suppress it for the client: the recipient
+# opted out (covers the client's usual categories, as a STOP), or the address cannot receive
+# (covers every category, the opt-out-exempt ones too).
+ADDRESS_REFUSALS = {ErrorType.OPTED_OUT: False, ErrorType.INVALID_RECIPIENT: True}
+_NO_SUPPRESSIONS = SuppressionIndex({}, {})
 
 
 @dataclass
@@ -88,6 +114,11 @@ class _Send:
     lost: bool = False  # an attempt of it was left in progress by a worker that died
     index: int = 0  # the hop being tried
     last_error: ProviderError | None = None
+    left_for: str = ""  # why the previous hop was left (an error type, or "suppressed"), for the notes
+    suppressions: SuppressionIndex = _NO_SUPPRESSIONS  # the claim's, shared by its messages
+    # (channel, address) a provider refused in this claim (opted out, cannot receive): left for good.
+    refused: dict[tuple[str, str], ProviderError] = field(default_factory=dict)
+    met_suppression: bool = False  # counted in messages_suppressed_count once
     tried: bool = False  # some provider was actually called (the round counts against the budget)
     settled: bool = False
     # This round's call:
@@ -239,14 +270,22 @@ def _separate_plain_sends(messages: list[Message], now: datetime) -> tuple[list[
     )
     alone = len(messages) == 1
     sends, unstarted, handed_back = [], [], []
-    for message in messages:
-        hops = message_route(
+    routes = {
+        message.pk: message_route(
             channel=message.channel,
             to=message.to,
             fallback_channels=message.fallback_channels,
             fallback_to=message.fallback_to,
         )
-        send = _Send(message, hops, lost=message.pk in lost)
+        for message in messages
+    }
+    # One look-up for the whole claim: every hop of every message (its later rounds included).
+    suppressions = SuppressionIndex.load(
+        (message.client_id, hop.channel, hop.to) for message in messages for hop in routes[message.pk]
+    )
+    for message in messages:
+        hops = routes[message.pk]
+        send = _Send(message, hops, lost=message.pk in lost, suppressions=suppressions)
         if not (_needs_settling(send, now) or _rate_limited(hops[0].provider)):
             sends.append(send)
         elif alone:
@@ -368,9 +407,10 @@ def _walk(sends: list[_Send], lease: datetime, calling: list[_Send], released: s
             _hand_back([s.message for s in active], lease)
             released.update(s.message.pk for s in active)
             return
+        _skip_suppressed(active, in_claim=False)  # before a rate limit's slot is waited for
         for send in active:
             if send.index >= len(send.hops):
-                _route_failed(message=send.message, hops=send.hops, last_error=send.last_error, tried=send.tried)
+                _route_spent(send)
                 send.settled = True
                 released.add(send.message.pk)
         active = [s for s in active if not s.settled]
@@ -405,7 +445,11 @@ def _round_start(active: list[_Send], *, in_claim: bool) -> list[_Send]:
     """A round's permits and its attempt rows, before any call: a worker killed mid-call leaves
     its in-progress rows behind, and the next claim looks those messages up before sending again.
     A hop whose circuit is open is recorded as skipped; the message moves on to its next hop.
-    Returns the round's calls. In the claim, the counters are written with the lease."""
+    A hop whose address is suppressed is skipped first, the same way (a message with no hop left
+    is settled by _walk). Returns the round's calls. In the claim, the counters are written with
+    the lease."""
+    _skip_suppressed(active, in_claim=in_claim)
+    active = [s for s in active if s.index < len(s.hops)]
     _circuit_permits(active)
     skipped = [s for s in active if s.permit is None]
     calling = [s for s in active if s.permit is not None]
@@ -419,16 +463,62 @@ def _round_start(active: list[_Send], *, in_claim: bool) -> list[_Send]:
             send.last_error = TransientProviderError(
                 f"{send.hop.provider} circuit open", error_type=ErrorType.CIRCUIT_OPEN
             )
+            send.left_for = ErrorType.CIRCUIT_OPEN
             send.index += 1
     if calling:
         attempts = attempts_start(
-            starts=[(s.message, s.hop, _hop_note(s.hops, s.index, s.last_error)) for s in calling],
+            starts=[(s.message, s.hop, _hop_note(s)) for s in calling],
             counters=not in_claim,
         )
         for send, attempt in zip(calling, attempts, strict=True):
             send.attempt = attempt
             send.tried = True
     return calling
+
+
+def _hop_suppressed(send: _Send, hop: Hop) -> str | None:
+    """Why this hop may not be tried for this message (the suppression's reason), or None."""
+    message = send.message
+    if send.refused and (hop.channel, suppression_address(hop.channel, hop.to)) in send.refused:
+        return SuppressionReason.PROVIDER_REPORTED  # what the refusal added (_address_refused)
+    blocker = send.suppressions.blocking(
+        client_id=message.client_id, channel=hop.channel, address=hop.to, category=message.category
+    )
+    return blocker.reason if blocker is not None else None
+
+
+def _skip_suppressed(active: list[_Send], *, in_claim: bool) -> None:
+    """Move each send past the hops whose address is suppressed, an attempt row (skipped) each.
+    One attempts_start per layer of hops: it counts each message's attempts up once a call."""
+    if not _any_suppressed(active):
+        return
+    while True:
+        layer = []
+        for send in active:
+            if send.index < len(send.hops):
+                reason = _hop_suppressed(send, send.hop)
+                if reason is not None:
+                    layer.append((send, reason))
+        if not layer:
+            return
+        attempts_start(
+            starts=[(s.message, s.hop, f"skipped: suppressed ({reason})") for s, reason in layer],
+            outcome=AttemptOutcome.SKIPPED,
+            counters=not in_claim,
+        )
+        met = [s for s, _ in layer if not (s.met_suppression or s.refused)]
+        for send, _ in layer:
+            send.left_for = ErrorType.SUPPRESSED
+            send.met_suppression = True
+            send.index += 1
+        # Each message that met its client's list: failed for it, or sent on another channel.
+        for channel, count in Counter(s.message.channel for s in met).items():
+            messages_suppressed_count(channel=channel, stage="dispatch", count=count)
+
+
+def _any_suppressed(sends: list[_Send]) -> bool:
+    """Whether any of these may meet a suppressed hop (nearly never in a campaign: no work then)."""
+    return any(send.refused or send.suppressions for send in sends)
 
 
 def _circuit_permits(sends: list[_Send]) -> None:
@@ -519,6 +609,11 @@ def _record(calling: list[_Send], released: set[Any]) -> None:
             send.settled = True
             continue
         assert send.error is not None and send.attempt is not None
+        if isinstance(send.error, PermanentProviderError) and send.error.error_type in ADDRESS_REFUSALS:
+            if _address_refused(send):
+                send.settled = True
+                released.add(send.message.pk)
+            continue
         next_error = _settle_error(
             message=send.message,
             hop=send.hop,
@@ -532,7 +627,42 @@ def _record(calling: list[_Send], released: set[Any]) -> None:
             released.add(send.message.pk)
         else:
             send.last_error = next_error
+            send.left_for = next_error.error_type
             send.index += 1
+
+
+def _address_refused(send: _Send) -> bool:
+    """The provider refused the address itself: the attempt, a suppression of the address for the
+    client (reason provider_reported; one that cannot receive covers the exempt categories too),
+    and the message leaves that address: no other provider of the channel is asked for it. Another
+    channel's hop may still go; with none left the message fails with the provider's error.
+    Returns True when that settled the message."""
+    message, hop, error = send.message, send.hop, send.error
+    assert isinstance(error, PermanentProviderError) and send.attempt is not None
+    attempt_finish_failed(
+        attempt=send.attempt,
+        started=send.started,
+        ended=send.ended,
+        outcome=AttemptOutcome.PERMANENT_ERROR,
+        **error_fields(error),
+    )
+    suppression_add(
+        client=ApiClient.objects.only("id", "name").get(pk=message.client_id),
+        channel=hop.channel,
+        address=hop.to,
+        reason=SuppressionReason.PROVIDER_REPORTED,
+        source=f"{hop.provider} {error.code}".strip(),
+        note=str(error)[:500],
+        covers_exempt=ADDRESS_REFUSALS[error.error_type],
+    )
+    send.refused[(hop.channel, suppression_address(hop.channel, hop.to))] = error
+    send.index += 1
+    if any(_hop_suppressed(send, later) is None for later in send.hops[send.index :]):
+        send.last_error = error
+        send.left_for = error.error_type
+        return False
+    message_record_failed(message=message, error=error)
+    return True
 
 
 def _record_accepted(accepted: list[_Send]) -> None:
@@ -583,11 +713,42 @@ def _record_accepted(accepted: list[_Send]) -> None:
         send.settled = True
 
 
-def _hop_note(hops: list[Hop], index: int, last_error: ProviderError | None) -> str:
+def _hop_note(send: _Send) -> str:
     """Why this hop is tried, for its attempt row."""
-    if index and last_error is not None:
-        return f"fallback after {hops[index - 1].provider} ({last_error.error_type})"
+    if send.index and send.left_for:
+        return f"fallback after {send.hops[send.index - 1].provider} ({send.left_for})"
     return "first choice"
+
+
+def _route_spent(send: _Send) -> None:
+    """No hop left this round: a message whose every hop is suppressed fails for good (`suppressed`,
+    never handed to a provider); the others wait for their retry (_route_failed)."""
+    message = send.message
+    open_hops = [hop for hop in send.hops if _hop_suppressed(send, hop) is None]
+    if open_hops:
+        _route_failed(message=message, hops=open_hops, last_error=send.last_error, tried=send.tried)
+        return
+    first = _first_blocker(send)
+    if first is None:  # refused by a provider in this claim, nothing else: _address_refused settles those
+        assert send.last_error is not None
+        message_record_failed(message=message, error=send.last_error)
+        return
+    hop, blocker = first
+    error = PermanentProviderError(blocker.describe(hop.channel), error_type=ErrorType.SUPPRESSED)
+    message_record_failed(message=message, error=error)
+    logger.info("message %s: every hop's address is suppressed; failed, not sent", message.pk)
+
+
+def _first_blocker(send: _Send) -> tuple[Hop, Blocker] | None:
+    """The first hop kept from the message by the list, and the suppression (its error names it)."""
+    message = send.message
+    for hop in send.hops:
+        blocker = send.suppressions.blocking(
+            client_id=message.client_id, channel=hop.channel, address=hop.to, category=message.category
+        )
+        if blocker is not None:
+            return hop, blocker
+    return None
 
 
 def _route_failed(*, message: Message, hops: list[Hop], last_error: ProviderError | None, tried: bool) -> None:

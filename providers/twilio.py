@@ -121,11 +121,14 @@ class TwilioProvider(Provider):
         "receiving": None,
         "received": None,
     }
-    # Twilio error codes (https://www.twilio.com/docs/api/errors): the recipient itself is wrong,
-    # or has unsubscribed (21610).
+    # Twilio error codes (https://www.twilio.com/docs/api/errors): the recipient itself cannot
+    # receive (the messaging layer suppresses the address for every category), or has
+    # unsubscribed from our sender (21610 "Attempt to send to unsubscribed recipient": suppressed
+    # like a STOP). 21408 (the account may not send to the number's region) is our account's
+    # setting, not the number's: a plain refusal, replayable once the permission is granted.
     error_code_types = {
-        **dict.fromkeys((21211, 21214, 21217, 21407, 21408, 21612, 21614, 63003), ErrorType.INVALID_RECIPIENT),
-        21610: ErrorType.REJECTED,
+        **dict.fromkeys((21211, 21214, 21217, 21407, 21612, 21614, 63003), ErrorType.INVALID_RECIPIENT),
+        21610: ErrorType.OPTED_OUT,
     }
     # An inbound message's reply is TwiML in the webhook's answer.
     replies_in_answer = True

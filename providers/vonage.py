@@ -56,9 +56,14 @@ TRANSIENT_STATUSES = {
 # Invalid Credentials, Partner Account Barred, Partner Quota Violation, Invalid Signature,
 # Signature And API Secret Disallowed.
 ACCOUNT_STATUSES = frozenset({"4", "8", "9", "14", "32"})
-# Invalid Message (unrecognised number prefix), Number Barred, Non-Whitelisted Destination,
-# Number De-activated; "3" (Invalid Parameters) only when its error-text is about the `to` address.
-INVALID_RECIPIENT_STATUSES = frozenset({"6", "7", "29", "33"})
+# Invalid Message (unrecognised number prefix), Number De-activated; "3" (Invalid Parameters) only
+# when its error-text is about the `to` address. "29" (Non-Whitelisted Destination) is a demo
+# account's limit, not the number's: a plain refusal (REJECTED), nothing suppressed.
+INVALID_RECIPIENT_STATUSES = frozenset({"6", "33"})
+# Number Barred: "blacklisted and may not receive them", Vonage's block list, where a recipient's
+# STOP puts the number; the SMS API's one synchronous opt-out answer (an opt-out Vonage learns by
+# Opt-out Assist comes later, as a delivery receipt's err-code 9).
+OPTED_OUT_STATUSES = frozenset({"7"})
 
 
 class _Unanswered(requests.exceptions.RequestException):
@@ -332,6 +337,8 @@ def _classify_sms_status(status: str, text: str) -> ProviderError:
         return TransientProviderError(message, error_type=TRANSIENT_STATUSES[status], code=status)
     if status in ACCOUNT_STATUSES:
         return TransientProviderError(message, error_type=ErrorType.PROVIDER_AUTH, code=status)
+    if status in OPTED_OUT_STATUSES:
+        return PermanentProviderError(message, error_type=ErrorType.OPTED_OUT, code=status)
     if status in INVALID_RECIPIENT_STATUSES or (status == "3" and "to address" in text.lower()):
         return PermanentProviderError(message, error_type=ErrorType.INVALID_RECIPIENT, code=status)
     return PermanentProviderError(message, error_type=ErrorType.REJECTED, code=status)

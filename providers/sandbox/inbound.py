@@ -20,7 +20,7 @@ from aiohttp import web
 from twilio.request_validator import RequestValidator
 
 from providers.sandbox.receipts import form_body
-from providers.sandbox.state import CONFIG_KEY, SandboxConfig
+from providers.sandbox.state import CONFIG_KEY, STATE_KEY, SandboxConfig, SandboxState
 from providers.sandbox.vonage_api import signature as vonage_signature
 
 INBOUND_PROVIDERS = ("twilio", "vonage")
@@ -145,8 +145,9 @@ async def post_inbound(request: web.Request) -> web.Response:
         url, params, headers = inbound_request(payload, request.app[CONFIG_KEY])
     except InboundInvalid as exc:
         return web.json_response({"error": str(exc), "field": exc.field}, status=400)
-    # The place for the sandbox's own opt-out list (Twilio refuses a later send with 21610 after
-    # a STOP): the merger calls it here with (provider, payload["from"], body).
+    # The provider's own opt-out list, as Twilio's Advanced Opt-Out and Vonage's Opt-out Assist
+    # keep one per sender: after a STOP its later sends to the number are refused (21610, status 7).
+    _provider_opt_out(request.app[STATE_KEY], payload)
     timeout = aiohttp.ClientTimeout(total=POST_TIMEOUT_S)
     try:
         async with (
@@ -166,6 +167,23 @@ async def post_inbound(request: web.Request) -> web.Response:
             "params": {key: value for key, value in params.items() if key != "sig"},
         }
     )
+
+
+# The providers' default keywords (Twilio's Advanced Opt-Out; Vonage's Opt-out Assist is alike).
+PROVIDER_STOP_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"})
+PROVIDER_START_WORDS = frozenset({"START", "UNSTOP", "YES"})
+
+
+def _provider_opt_out(state: SandboxState, payload: dict[str, Any]) -> None:
+    if payload.get("channel", "sms") != "sms":
+        return  # the opted-out list refuses SMS only
+    word = str(payload.get("body", "")).strip().rstrip(".!?").strip().upper()
+    number = str(payload.get("from", "")).removeprefix("whatsapp:")
+    provider = payload.get("provider", "twilio")
+    if word in PROVIDER_STOP_WORDS:
+        state.opt_out(provider, number)
+    elif word in PROVIDER_START_WORDS:
+        state.opt_in(provider, number)
 
 
 def register(app: web.Application) -> None:

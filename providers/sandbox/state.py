@@ -7,6 +7,7 @@ import collections
 import dataclasses
 import gc
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -38,6 +39,7 @@ FAULT_DROP = "drop"
 FAULT_RECEIPT_LOSS = "receipt_loss"
 FAULT_INVALID = "invalid"
 FAULT_AUTH = "auth"
+FAULT_OPTED_OUT = "opted_out"
 
 # What happens to an accepted message after the response.
 DELIVERY_RECEIPT = "receipt"
@@ -109,6 +111,10 @@ class FaultSettings:
     # Per recipient address (lower case), what becomes of an email to it: one of EMAIL_FEEDBACK,
     # over receipt_status (Mailgun only), e.g. {"gone@example.com": "hard_bounce"}.
     recipient_outcomes: dict[str, str] = field(default_factory=dict)
+    # Numbers (E.164) that have opted out of this provider's sender, e.g. by texting it STOP: a
+    # send to one is refused with the provider's own answer (Twilio 21610, Vonage status 7).
+    # Set through the faults API (the whole list) or SandboxState.opt_out / opt_in (one number).
+    opted_out: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,6 +151,13 @@ def _validate(name: str, value: Any) -> None:
         and all(isinstance(address, str) and outcome in EMAIL_FEEDBACK for address, outcome in value.items())
     ):
         raise FaultValidationError(f"recipient_outcomes must map addresses to one of {', '.join(EMAIL_FEEDBACK)}", name)
+    if name == "opted_out" and not (
+        isinstance(value, list) and all(isinstance(number, str) and _E164.fullmatch(number) for number in value)
+    ):
+        raise FaultValidationError("opted_out must be a list of E.164 numbers", name)
+
+
+_E164 = re.compile(r"\+[1-9][0-9]{5,14}")
 
 
 @dataclass(frozen=True)
@@ -229,6 +242,23 @@ class SandboxState:
         self._recent_sends.clear()
         if reseed:
             self.rng.seed(seed)
+
+    # --- opt-outs --------------------------------------------------------------------------
+    def opt_out(self, provider: str, number: str) -> None:
+        """`number` (E.164) opts out of `provider`'s sender, as a recipient's STOP would make it;
+        its sends are refused from now on (an inbound STOP emulation calls this)."""
+        faults = self.faults[provider]
+        if number not in faults.opted_out:
+            self.faults[provider] = faults.updated({"opted_out": [*faults.opted_out, number]})
+
+    def opt_in(self, provider: str, number: str) -> None:
+        """`number` opts back in (START): `provider` sends to it again."""
+        faults = self.faults[provider]
+        if number in faults.opted_out:
+            self.faults[provider] = faults.updated({"opted_out": [n for n in faults.opted_out if n != number]})
+
+    def is_opted_out(self, provider: str, number: str | None) -> bool:
+        return bool(number) and number in self.faults[provider].opted_out
 
     # --- faults ---------------------------------------------------------------------------
     def chance(self, rate: float) -> bool:

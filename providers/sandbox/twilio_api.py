@@ -23,6 +23,7 @@ from providers.sandbox.state import (
     CONFIG_KEY,
     FAULT_AUTH,
     FAULT_INVALID,
+    FAULT_OPTED_OUT,
     FAULT_OUTAGE,
     FAULT_RATE_429,
     STATE_KEY,
@@ -232,6 +233,10 @@ async def create_message(request: web.Request) -> web.Response:
     invalid = _invalid(form)
     if invalid is not None:
         return await refuse(twilio_error(400, *invalid), FAULT_INVALID, state.latency_s(PROVIDER))
+    if channel == "sms" and state.is_opted_out(PROVIDER, to):
+        # What Twilio answers once the recipient texted STOP to the sender (error 21610).
+        unsubscribed = twilio_error(400, 21610, "Attempt to send to unsubscribed recipient")
+        return await refuse(unsubscribed, FAULT_OPTED_OUT, state.latency_s(PROVIDER))
 
     outcome = state.draw_send_outcome(PROVIDER)
     if outcome.refusal:

@@ -21,6 +21,7 @@ from providers.sandbox.state import (
     CONFIG_KEY,
     FAULT_AUTH,
     FAULT_INVALID,
+    FAULT_OPTED_OUT,
     FAULT_OUTAGE,
     FAULT_RATE_429,
     STATE_KEY,
@@ -249,6 +250,10 @@ async def send_sms(request: web.Request) -> web.Response:
     invalid = _invalid(params)
     if invalid is not None:
         return await refuse(sms_error(*invalid), FAULT_INVALID, state.latency_s(PROVIDER))
+    if state.is_opted_out(PROVIDER, logged_to):
+        # The SMS API's answer for a number on the block list (a STOP puts it there): status 7.
+        barred = sms_error("7", "Number Barred: the number you are trying to send messages to is barred")
+        return await refuse(barred, FAULT_OPTED_OUT, state.latency_s(PROVIDER))
 
     outcome = state.draw_send_outcome(PROVIDER)
     if outcome.refusal == FAULT_RATE_429:

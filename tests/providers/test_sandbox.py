@@ -488,6 +488,7 @@ def test_fault_settings_defaults_and_partial_update(sandbox: BackgroundSandbox) 
         "callback_mode": "realistic",
         "callback_retry_scale": 0.01,
         "recipient_outcomes": {},
+        "opted_out": [],
     }
     set_faults(sandbox, error_rate=0.3, latency_ms=50)
     updated = set_faults(sandbox, outage=True)
@@ -566,3 +567,45 @@ def test_reset_empties_the_capacity_window(sandbox: BackgroundSandbox, client: C
     # Within the same second: the sends before the reset must not make these 429.
     for _ in range(2):
         client.messages.create(to="+14155552671", from_="+15005550006", body="after the reset")
+
+
+# --- opt-outs -------------------------------------------------------------------------------------
+def test_an_opted_out_number_is_refused_with_21610_and_opts_back_in(sandbox: BackgroundSandbox, client: Client) -> None:
+    from providers.sandbox.state import STATE_KEY
+
+    receiver_url = "http://127.0.0.1:9/cb?message_id={}&token=t"
+    form = {"To": "+15551230009", "From": FROM, "Body": "x"}
+    assert set_faults(sandbox, opted_out=["+15551230009"])["opted_out"] == ["+15551230009"]
+    assert set_faults(sandbox, latency_ms=0)["opted_out"] == ["+15551230009"]  # omitted: kept
+    response = raw_send(sandbox, {**form, "StatusCallback": receiver_url.format("m-stop")})
+    # Twilio's error body: code, message, more_info, status.
+    assert response.status_code == 400
+    assert response.json() == {
+        "code": 21610,
+        "message": "Attempt to send to unsubscribed recipient",
+        "more_info": "https://www.twilio.com/docs/errors/21610",
+        "status": 400,
+    }
+    [entry] = logged(sandbox, message_id="m-stop")
+    assert (entry["accepted"], entry["fault"], entry["status_code"]) == (False, "opted_out", 400)
+    # Another number goes out; WhatsApp to the same number is not an SMS opt-out.
+    assert raw_send(sandbox, {**form, "To": "+15551230008"}).status_code == 201
+    assert raw_send(sandbox, {**form, "To": "whatsapp:+15551230009", "From": "whatsapp:" + FROM}).status_code == 201
+
+    state = sandbox.app[STATE_KEY]
+    state.opt_in("twilio", "+15551230009")
+    assert raw_send(sandbox, form).status_code == 201
+    state.opt_out("twilio", "+15551230009")
+    state.opt_out("twilio", "+15551230009")  # idempotent
+    assert requests.get(f"{sandbox.url}/_sandbox/faults", timeout=5).json()["twilio"]["opted_out"] == ["+15551230009"]
+    assert raw_send(sandbox, form).status_code == 400
+    requests.post(f"{sandbox.url}/_sandbox/reset", json={}, timeout=5)
+    assert requests.get(f"{sandbox.url}/_sandbox/faults", timeout=5).json()["twilio"]["opted_out"] == []
+
+
+@pytest.mark.parametrize("value", ["+15551230009", ["15551230009"], [1], None])
+def test_opted_out_must_be_a_list_of_e164_numbers(sandbox: BackgroundSandbox, value: Any) -> None:
+    response = requests.post(
+        f"{sandbox.url}/_sandbox/faults", json={"provider": "twilio", "opted_out": value}, timeout=5
+    )
+    assert response.status_code == 400 and response.json()["field"] == "opted_out"

@@ -117,3 +117,24 @@ def test_the_bulk_paths_direct_post_is_the_request_the_sdk_makes(settings):
     sdk_set = {"User-Agent", "X-Twilio-Client", "Accept-Charset", "Content-Type", "Accept", "Authorization"}
     assert sdk_set <= set(sdk_headers)
     assert {name: headers.get(name) for name in sdk_set} == {name: sdk_headers[name] for name in sdk_set}
+
+
+@pytest.mark.parametrize("how", ["send", "send_async"])
+def test_an_unsubscribed_recipient_21610_is_opted_out(sandbox, how):
+    """Twilio's refusal of a recipient who texted STOP: permanent, opted_out, code 21610."""
+    from messaging.send_loop import send_loop
+    from providers.types import PermanentProviderError
+
+    sandbox.faults("twilio", opted_out=["+14155552672"])
+    request = send_request("+14155552672")
+    provider = get_provider("twilio")
+    with pytest.raises(PermanentProviderError) as caught:
+        provider.send(request) if how == "send" else send_loop().run(provider.send_async(request))
+    assert (caught.value.error_type, caught.value.code) == ("opted_out", "21610")
+    [logged] = sandbox.requests(message_id=request.message_id)
+    assert (logged["accepted"], logged["fault"]) == (False, "opted_out")
+
+
+def test_a_region_permission_refusal_is_not_an_invalid_recipient():
+    assert TwilioProvider.error_code_types.get(21408) is None  # our account's setting: a plain rejection
+    assert TwilioProvider.error_code_types[21211] == "invalid_recipient"

@@ -247,8 +247,10 @@ def test_an_outage_of_the_reports_api_is_transient(sandbox) -> None:
         (200, {"status": "5", "error-text": "Internal Error"}, TransientProviderError, "provider_5xx", "5"),
         (200, {"status": "4", "error-text": "Bad Credentials"}, TransientProviderError, "provider_auth", "4"),
         (200, {"status": "9", "error-text": "Quota Exceeded"}, TransientProviderError, "provider_auth", "9"),
-        (200, {"status": "7", "error-text": "Number Barred"}, PermanentProviderError, "invalid_recipient", "7"),
-        (200, {"status": "29", "error-text": "Non White-listed"}, PermanentProviderError, "invalid_recipient", "29"),
+        (200, {"status": "7", "error-text": "Number Barred"}, PermanentProviderError, "opted_out", "7"),
+        (200, {"status": "6", "error-text": "Invalid Message"}, PermanentProviderError, "invalid_recipient", "6"),
+        (200, {"status": "33", "error-text": "Number De-activated"}, PermanentProviderError, "invalid_recipient", "33"),
+        (200, {"status": "29", "error-text": "Non White-listed"}, PermanentProviderError, "rejected", "29"),
         (200, {"status": "3", "error-text": "Invalid from param"}, PermanentProviderError, "rejected", "3"),
         (200, {"status": "15", "error-text": "Illegal Sender"}, PermanentProviderError, "rejected", "15"),
         (500, {"title": "Internal Server Error"}, TransientProviderError, "provider_5xx", "500"),
@@ -338,3 +340,15 @@ def canned() -> Iterator[Callable[..., str]]:
     for server in servers:
         server.server.shutdown()
         server.server.server_close()
+
+
+def test_a_barred_number_is_opted_out_and_not_accepted(sandbox) -> None:
+    """Status 7 (Number Barred, where a STOP puts a number) from the sandbox's SMS API."""
+    sandbox.faults("vonage", opted_out=[RECIPIENT])
+    request = send_request(RECIPIENT)
+    with pytest.raises(PermanentProviderError) as caught:
+        get_provider("vonage").send(request)
+    assert (caught.value.error_type, caught.value.code) == ("opted_out", "7")
+    [logged] = sandbox.requests(message_id=request.message_id)
+    assert (logged["accepted"], logged["fault"]) == (False, "opted_out")
+    assert get_provider("vonage").send(send_request("+14155552673")).provider_message_id  # others go out
