@@ -80,7 +80,7 @@ from messaging.rows import rows_update, rows_update_in_key_order
 from messaging.send_loop import send_loop
 from messaging.services import message_transition, messages_transition
 from messaging.states import MessageState
-from messaging.suppressions.selectors import Blocker, SuppressionIndex, suppression_address
+from messaging.suppressions.selectors import Blocker, SuppressionIndex, exempt_categories, suppression_address
 from messaging.suppressions.services import suppression_add
 from providers.conf import providers_setting
 from providers.guards import circuit_breaker, rate_limiter, seconds_until_half_open
@@ -634,8 +634,9 @@ def _record(calling: list[_Send], released: set[Any]) -> None:
 def _address_refused(send: _Send) -> bool:
     """The provider refused the address itself: the attempt, a suppression of the address for the
     client (reason provider_reported; one that cannot receive covers the exempt categories too),
-    and the message leaves that address: no other provider of the channel is asked for it. Another
-    channel's hop may still go; with none left the message fails with the provider's error.
+    and the message leaves that address, unless it is of an exempt category and the address can
+    receive: no other provider of the channel is asked for it. Another channel's hop may still go;
+    with none left the message fails with the provider's error.
     Returns True when that settled the message."""
     message, hop, error = send.message, send.hop, send.error
     assert isinstance(error, PermanentProviderError) and send.attempt is not None
@@ -646,16 +647,22 @@ def _address_refused(send: _Send) -> bool:
         outcome=AttemptOutcome.PERMANENT_ERROR,
         **error_fields(error),
     )
+    client = ApiClient.objects.only("id", "name", "opt_out_exempt_categories").get(pk=message.client_id)
+    covers_exempt = ADDRESS_REFUSALS[error.error_type]
     suppression_add(
-        client=ApiClient.objects.only("id", "name").get(pk=message.client_id),
+        client=client,
         channel=hop.channel,
         address=hop.to,
         reason=SuppressionReason.PROVIDER_REPORTED,
         source=f"{hop.provider} {error.code}".strip(),
         note=str(error)[:500],
-        covers_exempt=ADDRESS_REFUSALS[error.error_type],
+        covers_exempt=covers_exempt,
     )
-    send.refused[(hop.channel, suppression_address(hop.channel, hop.to))] = error
+    # An opt-out leaves the recipient's exempt categories (a code they asked for) to the other
+    # providers of the channel, as the suppression it added does; an address that cannot receive
+    # is left by everything.
+    if covers_exempt or message.category not in exempt_categories(client.opt_out_exempt_categories):
+        send.refused[(hop.channel, suppression_address(hop.channel, hop.to))] = error
     send.index += 1
     if any(_hop_suppressed(send, later) is None for later in send.hops[send.index :]):
         send.last_error = error

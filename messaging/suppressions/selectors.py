@@ -40,6 +40,11 @@ def suppression_address(channel: str, address: str) -> str:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
+def exempt_categories(own: list[str] | None) -> frozenset[str]:
+    """A client's opt-out-exempt categories: its own list, else the OPT_OUT_EXEMPT_CATEGORIES setting."""
+    return frozenset(own) if own else frozenset(messaging_setting("OPT_OUT_EXEMPT_CATEGORIES"))
+
+
 @dataclass(frozen=True)
 class Blocker:
     """The suppression that keeps a message from an address (what its error message names)."""
@@ -74,11 +79,10 @@ class SuppressionIndex:
             rows[(client_id, channel, address)].append(Blocker(pk, reason, scope, covers_exempt))
         exempt: dict[int, frozenset[str]] = {}
         if rows:  # a second query only when something is suppressed at all
-            default = frozenset(messaging_setting("OPT_OUT_EXEMPT_CATEGORIES"))
             for client_id, own in ApiClient.objects.filter(pk__in={key[0] for key in rows}).values_list(
                 "pk", "opt_out_exempt_categories"
             ):
-                exempt[client_id] = frozenset(own) if own else default
+                exempt[client_id] = exempt_categories(own)
         return cls(dict(rows), exempt)
 
     def __bool__(self) -> bool:

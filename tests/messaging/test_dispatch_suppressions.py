@@ -144,6 +144,21 @@ def test_twilio_21610_is_opted_out_suppresses_the_number_and_never_tries_vonage(
     assert len(sandbox.requests()) == 1
 
 
+def test_an_exempt_code_refused_by_twilios_own_opt_out_list_still_goes_through_vonage(sandbox, make_message, acme):
+    """Twilio keeps its own list after a STOP and refuses even a code the recipient asked for;
+    our opt-out leaves the client's exempt categories alone, so the next provider takes it."""
+    acme.opt_out_exempt_categories = ["otp"]
+    acme.save()
+    sandbox.faults("twilio", opted_out=[NUMBER])
+    code = dispatch(make_message(category="otp"))
+    assert code.state == "dispatched" and code.provider == "vonage"
+    assert [(p, o) for p, o, _ in hops(code)] == [("twilio", "permanent_error"), ("vonage", "accepted")]
+    assert Suppression.objects.get(client=acme, channel="sms", address=NUMBER).reason == "provider_reported"
+    promo = dispatch(make_message(category="promo"))  # not exempt: stopped before any provider
+    assert promo.state == "failed" and promo.last_error_type == "suppressed"
+    assert len(sandbox.requests(message_id=str(promo.pk))) == 0
+
+
 def test_after_an_opt_out_the_fallback_channel_still_goes(sandbox, make_message, acme):
     sandbox.faults("twilio", opted_out=[NUMBER])
     message = dispatch(make_message(**EMAIL))
