@@ -23,7 +23,7 @@ from schemathesis.specs.openapi.checks import (
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-# Cases per operation and generation mode: 15 operations x 2 modes x these.
+# Cases per operation and generation mode: 20 operations x 2 modes x these.
 EXAMPLES = {GenerationMode.POSITIVE: 150, GenerationMode.NEGATIVE: 100}
 
 
