@@ -36,6 +36,7 @@ from messaging.models import (
     DeadLetterKind,
     DispatchAttempt,
     EventSource,
+    InboundMessage,
     Message,
     MessageEvent,
     Receipt,
@@ -639,6 +640,22 @@ class SuppressionAdmin(ReadOnlyAdmin):
             f"Lifted {lifted}. Replay their dead letters (Dead letters, error type suppressed) to send what "
             "was refused.",
         )
+
+
+@admin.register(InboundMessage)
+class InboundMessageAdmin(ReadOnlyAdmin):
+    """Messages recipients sent to our numbers (STOP, START, HELP...) and what Conductor did with
+    each: the trail behind a stop_keyword suppression. The sender is masked in the list."""
+
+    list_display = ["id", "received_at", "provider", "channel", "masked_sender", "keyword", "action", "client"]
+    list_filter = ["provider", "channel", "action", "client"]
+    list_select_related = ["client"]
+    search_fields = ["=keyword", "=client__name"]
+    date_hierarchy = "received_at"
+
+    @admin.display(description="sender")
+    def masked_sender(self, inbound: InboundMessage) -> str:
+        return masked(inbound.sender)
 
 
 @admin.register(Receipt)

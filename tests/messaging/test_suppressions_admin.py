@@ -94,3 +94,26 @@ def test_staff_without_the_permission_cannot_lift_and_outsiders_see_nothing(clie
     client.post(reverse(CHANGELIST), {"action": "lift_selected", "_selected_action": [row.pk]})
     row.refresh_from_db()
     assert row.active
+
+
+def test_staff_see_inbound_messages_with_the_sender_masked_and_cannot_edit_them(staff, acme, client):
+    from django.utils import timezone
+
+    from messaging.models import InboundMessage
+
+    inbound = InboundMessage.objects.create(
+        provider="twilio",
+        provider_message_id="SM" + "1" * 32,
+        channel="sms",
+        client=acme,
+        sender=NUMBER,
+        to="+15005550006",
+        keyword="STOP",
+        action="suppressed",
+        received_at=timezone.now(),
+    )
+    page = staff.get(reverse("admin:messaging_inboundmessage_changelist")).content.decode()
+    assert "+1415*****71" in page and NUMBER not in page and "STOP" in page
+    assert staff.get(reverse("admin:messaging_inboundmessage_change", args=[inbound.pk])).status_code == 200
+    assert staff.post(reverse("admin:messaging_inboundmessage_delete", args=[inbound.pk])).status_code == 403
+    assert InboundMessage.objects.filter(pk=inbound.pk).exists()
