@@ -138,8 +138,24 @@ def stack(django_db_setup, django_db_blocker):
         stack.stop()
         print(stack.logs())
         raise
+    STARTED_STACKS.append(stack)
     yield stack
+    STARTED_STACKS.remove(stack)
     stack.stop()
+
+
+# The session's live stack, once a test started it (it stays up for later tests).
+STARTED_STACKS: list = []
+
+
+@pytest.fixture
+def no_stack_workers():
+    """For a test that runs workers of its own on the test database: the live stack's workers, if
+    the session started it, would take its callbacks and messages too (its beat sweeps the same
+    rows every second). They are stopped; the next `live` test starts them again."""
+    for stack in STARTED_STACKS:
+        stack.replace_workers(count=0)
+    yield
 
 
 @pytest.fixture

@@ -355,7 +355,7 @@ def _worker(tmp_path, name: str, env: dict[str, str]) -> ManagedProcess:
 
 @pytest.mark.django_db(transaction=True)
 def test_a_worker_killed_mid_delivery_loses_nothing_and_resends_with_the_same_webhook_id(
-    receivers, endpoint_for, outbox, tmp_path, broker
+    receivers, endpoint_for, outbox, tmp_path, broker, no_stack_workers
 ):
     import os
 
