@@ -68,6 +68,9 @@ def send_request(
         subject=subject,
         attempted_since=attempted_since,
         headers=headers,
+        expires_at=message.expires_at,
+        template=message.template if hop.channel == Channel.WHATSAPP else "",
+        template_variables=message.template_variables if hop.channel == Channel.WHATSAPP else {},
     )
 
 

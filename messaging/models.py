@@ -68,6 +68,15 @@ class ApiClient(models.Model):
         help_text='Priorities this client may send, e.g. ["transactional", "bulk"]. '
         "Empty: the ALLOWED_PRIORITIES setting.",
     )
+    # Issue 23: quiet hours in the recipient's time zone (messaging.quiet_hours); null: the
+    # QUIET_HOURS setting. Read through messaging.quiet_hours, never directly.
+    quiet_hours = models.JSONField(
+        null=True,
+        blank=True,
+        help_text="Local hours in which this client's messages wait, per category, e.g. "
+        '{"default": {"start": "21:00", "end": "08:00"}, "marketing": {"start": "20:00", "end": "09:00"}}. '
+        "Null: the QUIET_HOURS setting.",
+    )
 
     def __str__(self) -> str:
         return self.name
@@ -226,6 +235,15 @@ class Message(models.Model):
     )
     waiting_since = models.DateTimeField(null=True, blank=True)
     expires_at = models.DateTimeField()
+    # When the client asked it to be sent (scheduled send, issue 23): never dispatched before; the
+    # time itself lives on in next_attempt_at until the first claim (null: at once).
+    send_at = models.DateTimeField(null=True, blank=True)
+    # The recipient's IANA time zone for quiet hours, when the client gave it (else from the number).
+    recipient_timezone = models.CharField(max_length=64, blank=True, default="")
+    # A WhatsApp template (Twilio Content SID, HX...) and its variables: sent instead of the body
+    # outside the 24-hour session window (messaging.whatsapp_session).
+    template = models.CharField(max_length=64, blank=True, default="")
+    template_variables = models.JSONField(default=dict, blank=True)
     # The sender gave expires_at or ttl_seconds: a replay never moves that deadline unless forced.
     deadline_from_sender = models.BooleanField(default=False)
     fallback_channels = models.JSONField(default=list, blank=True)

@@ -29,6 +29,7 @@ class ErrorType(models.TextChoices):
     NO_ROUTE = "no_route"
     OPTED_OUT = "opted_out"
     SUPPRESSED = "suppressed"
+    OUTSIDE_SESSION_WINDOW = "outside_session_window"
     UNKNOWN = "unknown"
 
 
@@ -47,6 +48,8 @@ ERROR_TYPE_MEANINGS: dict[str, str] = {
     ErrorType.OPTED_OUT: "the provider says the recipient opted out (e.g. Twilio 21610); the address is now suppressed",
     ErrorType.SUPPRESSED: "the address is on the client's suppression list: never handed to a provider "
     "(a replay is refused until the suppression is lifted)",
+    ErrorType.OUTSIDE_SESSION_WINDOW: "a free-form WhatsApp message outside the 24-hour window the recipient's "
+    "last message opened (Twilio 63016): only an approved template may go; send one, or wait for them to write",
     ErrorType.UNKNOWN: "none of the above (see the error message)",
 }
 
@@ -114,6 +117,12 @@ class SendRequest:
     # Extra email headers (List-Unsubscribe, RFC 8058), filled by the layer above; an email
     # provider sends them as they are, an SMS provider ignores them.
     headers: dict[str, str] = field(default_factory=dict, hash=False)
+    # The message's deadline: an adapter passes the time left to the provider's own expiry field
+    # (Twilio ValidityPeriod, Vonage ttl) so that the provider does not deliver it late either.
+    expires_at: datetime | None = None
+    # A WhatsApp template (Twilio Content SID) and its variables, sent instead of the body.
+    template: str = ""
+    template_variables: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
