@@ -141,6 +141,26 @@ class ReplayPermissionMixin:
         return request.user.has_perm(REPLAY_PERMISSION)
 
 
+class WaitingFilter(admin.SimpleListFilter):
+    """Accepted messages not due yet: scheduled by the client (send_at), or held back (quiet hours,
+    a retry's backoff); what an operator asks before a campaign's time comes."""
+
+    title = "waiting"
+    parameter_name = "waiting"
+
+    def lookups(self, request, model_admin):
+        return [("scheduled", "scheduled (send_at ahead)"), ("held", "held back (quiet hours, backoff)")]
+
+    def queryset(self, request, queryset):
+        now = timezone.now()
+        waiting = queryset.filter(state=MessageState.ACCEPTED)
+        if self.value() == "scheduled":
+            return waiting.filter(send_at__gt=now)
+        if self.value() == "held":
+            return waiting.filter(next_attempt_at__gt=now).exclude(send_at__gt=now)
+        return queryset
+
+
 @admin.register(Message)
 class MessageAdmin(ReplayPermissionMixin, admin.ModelAdmin):
     list_display = [
@@ -155,7 +175,7 @@ class MessageAdmin(ReplayPermissionMixin, admin.ModelAdmin):
         "ordering_position",
         "created_at",
     ]
-    list_filter = ["state", "channel", "priority", "provider", "category", "created_at"]
+    list_filter = ["state", "channel", "priority", "provider", "category", "created_at", WaitingFilter]
     search_fields = ["=id", "=idempotency_key", "=provider_message_id", "=ordering_key"]
     date_hierarchy = "created_at"
     inlines = [AttemptInline, EventInline, ReceiptInline, CallbackInline, DeadLetterInline]
@@ -515,6 +535,7 @@ class ApiClientAdmin(admin.ModelAdmin):
             },
         ),
         ("Opt-outs", {"fields": ["opt_out_exempt_categories"]}),
+        ("Quiet hours (blank: the QUIET_HOURS setting)", {"fields": ["quiet_hours"]}),
     ]
     inlines = [ApiKeyInline]
 

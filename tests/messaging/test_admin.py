@@ -207,3 +207,28 @@ def test_staff_set_a_clients_limits_in_the_admin(staff, client_key):
     # A rate DRF could not read is refused with the field named.
     refused = staff.post(change("apiclient", api_client.pk), {**form, "api_rate": "fast"})
     assert refused.status_code == 200 and b"is not a rate" in refused.content
+
+
+def test_staff_filter_messages_waiting_for_their_time(staff, make_message):
+    """Scheduled (send_at ahead) and held back (quiet hours, backoff) are told apart."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    later = timezone.now() + timedelta(hours=2)
+    scheduled = make_message(send_at=later, next_attempt_at=later, enqueued_at=None, body="scheduled one")
+    held = make_message(next_attempt_at=later, enqueued_at=None, body="held one")
+    due = make_message(body="due one")
+    shown = {}
+    for value in ("scheduled", "held"):
+        response = staff.get(changelist("message"), {"waiting": value})
+        assert response.status_code == 200
+        shown[value] = response.content.decode()
+    assert str(scheduled.pk) in shown["scheduled"] and str(held.pk) not in shown["scheduled"]
+    assert str(held.pk) in shown["held"] and str(scheduled.pk) not in shown["held"]
+    assert str(due.pk) not in shown["scheduled"] + shown["held"]
+
+
+def test_staff_set_a_clients_quiet_hours(staff, client_key):
+    page = staff.get(change("apiclient", client_key[0].pk)).content.decode()
+    assert "Quiet hours" in page and "quiet_hours" in page
