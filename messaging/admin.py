@@ -515,6 +515,7 @@ class ApiClientAdmin(admin.ModelAdmin):
             },
         ),
         ("Opt-outs", {"fields": ["opt_out_exempt_categories"]}),
+        ("Quiet hours (null: the QUIET_HOURS setting; docs/quiet-hours.md)", {"fields": ["quiet_hours"]}),
     ]
     inlines = [ApiKeyInline]
 
