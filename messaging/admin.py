@@ -535,7 +535,7 @@ class ApiClientAdmin(admin.ModelAdmin):
             },
         ),
         ("Opt-outs", {"fields": ["opt_out_exempt_categories"]}),
-        ("Quiet hours (blank: the QUIET_HOURS setting)", {"fields": ["quiet_hours"]}),
+        ("Quiet hours (blank: the QUIET_HOURS setting; docs/quiet-hours.md)", {"fields": ["quiet_hours"]}),
     ]
     inlines = [ApiKeyInline]
 

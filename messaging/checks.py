@@ -10,6 +10,7 @@ from django.core.exceptions import ValidationError
 
 from messaging.conf import DEFAULTS
 from messaging.models import OrderingMode, validate_api_rate, validate_priorities
+from messaging.quiet_hours import QuietHoursError, parse_config, parse_priorities
 from messaging.routing import POLICY_FIELDS, Channel, Priority, ReplayDeadline
 from providers.checks import setting_type_errors
 from providers.registry import PROVIDER_CLASSES, provider_class
@@ -82,6 +83,7 @@ def check_messaging_settings(app_configs=None, **kwargs) -> list[Error]:
     errors += _check_ordering_settings(configured)
     errors += _check_callback_settings(configured)
     errors += _check_help_reply(configured)
+    errors += _check_quiet_hours(configured)
     lease = configured.get("DISPATCH_LEASE_SECONDS", DEFAULTS["DISPATCH_LEASE_SECONDS"])
     for name, conf in getattr(settings, "CONDUCTOR_PROVIDERS", {}).items():
         timeout = conf.get("TIMEOUT_SECONDS", 0)
@@ -110,6 +112,28 @@ def _check_help_reply(configured: dict) -> list[Error]:
             )
         ]
     return []
+
+
+def _check_quiet_hours(configured: dict) -> list[Error]:
+    """Quiet hours (messaging.quiet_hours) that cannot be read would keep none at all: refused."""
+    errors = []
+    try:
+        parse_config(configured.get("QUIET_HOURS", DEFAULTS["QUIET_HOURS"]), "CONDUCTOR['QUIET_HOURS']")
+    except QuietHoursError as exc:
+        errors.append(
+            Error(
+                str(exc),
+                hint='E.g. {"default": {"start": "21:00", "end": "08:00"}, "otp": None}; a window may add '
+                '"exempt_priorities": [] to hold critical messages too.',
+                id="conductor.E090",
+            )
+        )
+    exempt = configured.get("QUIET_HOURS_EXEMPT_PRIORITIES", DEFAULTS["QUIET_HOURS_EXEMPT_PRIORITIES"])
+    try:
+        parse_priorities(exempt, "CONDUCTOR['QUIET_HOURS_EXEMPT_PRIORITIES']")
+    except QuietHoursError as exc:
+        errors.append(Error(str(exc), id="conductor.E091"))
+    return errors
 
 
 def _check_ordering_settings(configured: dict) -> list[Error]:

@@ -93,6 +93,13 @@ DEFAULTS: dict[str, Any] = {
     # Bulk work is shared fairly between clients (messaging.fair): a bulk task claims the next
     # batch of due messages of its channel, an equal share per client with due work.
     "BULK_FAIR_SHARING": True,
+    # Quiet hours (issue 23, messaging.quiet_hours, docs/quiet-hours.md): local windows in the
+    # recipient's time zone in which messages wait, per category with "default" for the rest, e.g.
+    # {"default": {"start": "21:00", "end": "08:00"}, "otp": None}; an ApiClient's own quiet_hours
+    # replaces it for that client. {}: none.
+    "QUIET_HOURS": {},
+    # Priorities quiet hours leave alone, unless a window names its own "exempt_priorities".
+    "QUIET_HOURS_EXEMPT_PRIORITIES": ["critical"],
     # Status callbacks to clients (issue 21, messaging.callbacks, docs/callbacks.md).
     # One request's limit: connect, send and read the answer.
     "CALLBACK_TIMEOUT_SECONDS": 10.0,

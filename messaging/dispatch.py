@@ -30,6 +30,12 @@ hop is suppressed fails (`suppressed`) and is never retried; since every retry i
 suppression added while a message waits stops it there. A provider's refusal of the address
 itself (opted out, cannot receive) adds a suppression, and the message leaves that address: no
 other provider of the same channel and address is tried, another channel's address may be.
+
+Quiet hours (messaging.quiet_hours, docs/quiet-hours.md) are kept at every claim, as at acceptance:
+a message claimed while its recipient is inside the window of its client and category (a retry
+falling into it, a message that waited in a queue) is not leased and costs no attempt; it gets
+next_attempt_at at the window's end and the sweeper publishes it then. The client's own
+configuration comes with the locked rows (a subquery), the zones from tz data: no query a message.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, OuterRef, Subquery
 from django.utils import timezone
 
 from messaging.conf import messaging_setting
@@ -52,6 +58,7 @@ from messaging.fair import bulk_pick_fair, fair_sharing
 from messaging.lookup import message_resolve_unknown_outcome, send_request
 from messaging.metrics import messages_suppressed_count
 from messaging.models import (
+    EARLY_TOLERANCE,
     ApiClient,
     AttemptOutcome,
     DispatchAttempt,
@@ -75,6 +82,7 @@ from messaging.outcomes import (
     message_schedule_retry,
 )
 from messaging.publish import message_publish
+from messaging.quiet_hours import QuietHoursPolicy, deadline_note, quiet_hours_policy
 from messaging.routing import Hop, message_route
 from messaging.rows import rows_update, rows_update_in_key_order
 from messaging.send_loop import send_loop
@@ -198,8 +206,15 @@ def _claim(
             .filter(pk__any=message_ids)
             .order_by("pk")
             .only(*_SEND_FIELDS, "state", "lease_expires_at", "next_attempt_at")
+            # The client's own quiet hours, read with the rows (a subquery, no row of it locked).
+            .annotate(
+                client_quiet_hours=Subquery(
+                    ApiClient.objects.filter(pk=OuterRef("client_id")).values("quiet_hours")[:1]
+                )
+            )
         )
         claimed = [message for message in rows if message.is_claimable(now)]
+        claimed = _hold_for_quiet_hours(claimed, now)
         if not claimed:
             return lease, [], [], [], []
         sends, unstarted, handed_back = _separate_plain_sends(claimed, now)
@@ -227,6 +242,48 @@ def _claim(
     for message in handed_back:
         message_publish(message_id=message.pk, channel=message.channel, priority=message.priority)
     return lease, claimed, sends, first_round, unstarted
+
+
+def _hold_for_quiet_hours(messages: list[Message], now: datetime) -> list[Message]:
+    """The messages that may be sent now; the others, claimed while their recipient is in quiet
+    hours (a retry falling into the window, a message that waited in the queue), wait for the
+    window's end: next_attempt_at, no task (the sweeper publishes them when due), no lease and no
+    attempt spent. Deadlines win: one whose deadline comes first waits all the same and is expired
+    by the sweeper, with a note saying why. A passed deadline is left to the settling (expired).
+    Pure but for the write: the zones come from tz data, the client's configuration with the rows."""
+    held: dict[Any, dict[str, Any]] = {}
+    notes: dict[Any, str] = {}
+    policies: dict[Any, QuietHoursPolicy] = {}
+    default = quiet_hours_policy()
+    for message in messages:
+        own = getattr(message, "client_quiet_hours", None)
+        if own is None:
+            policy = default
+        else:
+            policy = policies.get(message.client_id) or policies.setdefault(message.client_id, quiet_hours_policy(own))
+        if not policy.config or message.expires_at <= now:
+            continue
+        release = policy.release(
+            priority=message.priority,
+            category=message.category,
+            channel=message.channel,
+            to=message.to,
+            timezone_name=message.recipient_timezone,
+            at=now,
+        )
+        # Within the claim's tolerance (a task may fire a moment early): not worth another round trip.
+        if release is None or release - now <= EARLY_TOLERANCE:
+            continue
+        held[message.pk] = {"next_attempt_at": release, "enqueued_at": None}
+        if release > message.expires_at:
+            notes[message.pk] = deadline_note(release=release, expires_at=message.expires_at)
+        logger.info("message %s: quiet hours for its recipient, waits until %s", message.pk, release.isoformat())
+    if not held:
+        return messages
+    rows_update(Message.objects.all(), held)  # the rows are locked by the claim
+    if notes:
+        rows_update(Message.objects.all(), {pk: {"last_error_message": note} for pk, note in notes.items()})
+    return [message for message in messages if message.pk not in held]
 
 
 # What the send path reads of a message (a deferred field would cost a query of its own, not an error).

@@ -33,6 +33,7 @@ from messaging.metrics import messages_suppressed_count
 from messaging.models import ApiClient, CallbackEvent, ErrorType, EventSource, Message, MessageEvent
 from messaging.ordering import ordering_hold, ordering_mode_for, sequence_next
 from messaging.publish import message_publish, messages_publish
+from messaging.quiet_hours import deadline_note, quiet_hours_policy
 from messaging.routing import retry_policy_for
 from messaging.rows import rows_insert
 from messaging.states import MessageState
@@ -108,9 +109,14 @@ def message_deadline(fields: dict[str, Any], now: datetime) -> datetime:
     return now + timedelta(seconds=policy.ttl_seconds)
 
 
-def message_columns(*, fields: dict[str, Any], key: str | None, fingerprint: str, now: datetime) -> dict[str, Any]:
+def message_columns(
+    *, fields: dict[str, Any], key: str | None, fingerprint: str, now: datetime, client: ApiClient | None = None
+) -> dict[str, Any]:
     """A newly accepted message's columns but its client and ordering (the same row one by one
-    and together)."""
+    and together). One due later (quiet hours, a send_at) has next_attempt_at and no enqueued_at:
+    it is not published now, the sweeper publishes it when due."""
+    expires_at = message_deadline(fields, now)
+    due = _due_at(fields=fields, client=client, now=now, expires_at=expires_at)
     return {
         "channel": fields["channel"],
         "to": fields["to"],
@@ -120,7 +126,8 @@ def message_columns(*, fields: dict[str, Any], key: str | None, fingerprint: str
         "category": fields.get("category", ""),
         "idempotency_key": key,
         "request_fingerprint": fingerprint,
-        "expires_at": message_deadline(fields, now),
+        "expires_at": expires_at,
+        "recipient_timezone": fields.get("timezone", ""),
         "deadline_from_sender": bool(fields.get("expires_at") or fields.get("ttl_seconds")),
         "fallback_channels": fields.get("fallback_channels", []),
         "fallback_to": fields.get("fallback_to", {}),
@@ -130,8 +137,42 @@ def message_columns(*, fields: dict[str, Any], key: str | None, fingerprint: str
         "state": MessageState.ACCEPTED,
         "created_at": now,
         "accepted_at": now,
-        "enqueued_at": now,
+        "enqueued_at": None if due.next_attempt_at else now,
+        "next_attempt_at": due.next_attempt_at,
+        "last_error_message": due.note,
     }
+
+
+@dataclass(frozen=True)
+class _Due:
+    next_attempt_at: datetime | None = None  # None: at once
+    note: str = ""  # why it will expire waiting (its deadline falls inside quiet hours)
+
+
+_AT_ONCE = _Due()
+
+
+def _due_at(*, fields: dict[str, Any], client: ApiClient | None, now: datetime, expires_at: datetime) -> _Due:
+    """When a new message may first be sent: its send_at (scheduled sends) or now, moved to the end
+    of the recipient's quiet hours if it falls inside them (messaging.quiet_hours). A message whose
+    deadline comes first still waits: the sweeper expires it, it does not wake anyone."""
+    send_at = fields.get("send_at")
+    start = send_at if send_at is not None and send_at > now else None
+    policy = quiet_hours_policy(client.quiet_hours if client is not None else None)
+    if not policy.config:
+        return _Due(start) if start else _AT_ONCE
+    release = policy.release(
+        priority=fields.get("priority", "transactional"),
+        category=fields.get("category", ""),
+        channel=fields["channel"],
+        to=fields["to"],
+        timezone_name=fields.get("timezone", ""),
+        at=start or now,
+    )
+    if release is None:
+        return _Due(start) if start else _AT_ONCE
+    note = deadline_note(release=release, expires_at=expires_at) if release > expires_at else ""
+    return _Due(release, note)
 
 
 def _insert_message(
@@ -151,7 +192,7 @@ def _insert_message(
     now = timezone.now()
     message = Message.objects.create(
         client=client,
-        **message_columns(fields=fields, key=key, fingerprint=fingerprint, now=now),
+        **message_columns(fields=fields, key=key, fingerprint=fingerprint, now=now, client=client),
         callback_endpoint_id=endpoints.get(callback_url),
         ordering_key=ordering_key,
         sequence=sequence,
@@ -168,6 +209,8 @@ def _insert_message(
         return message  # failed by messages_create_many before commit: never published, never waits
     if message.sequence is not None and ordering_hold(message, now=now):
         return message  # published by its predecessor's next move, not now: no task spent on waiting
+    if message.enqueued_at is None:
+        return message  # due later (quiet hours, send_at): the sweeper publishes it then
     # Its own task, whatever its priority: it waits for its key's turn, which batching cannot hurry.
     transaction.on_commit(
         lambda: message_publish(message_id=message.id, channel=message.channel, priority=message.priority)
@@ -248,7 +291,8 @@ def messages_create_many(
             for index in alone:
                 results[index] = _accept_alone(client, items[index], source, suppressions)
             failed = _fail_suppressed(results, admitted, suppressions, source) if suppressions else set()
-            stored = [message for message in stored if message.id not in failed]
+            # A message due later (quiet hours, send_at) is published by the sweeper when due.
+            stored = [message for message in stored if message.id not in failed and message.enqueued_at is not None]
             if stored:
                 transaction.on_commit(
                     lambda: messages_publish(messages=[(m.id, m.channel, m.priority) for m in stored])
@@ -484,7 +528,7 @@ def _message_row(client: ApiClient, fields: dict[str, Any], key: str | None, fin
         ordering_key=None,
         sequence=None,
         ordering_mode="",
-        **message_columns(fields=fields, key=key, fingerprint=fingerprint, now=now),
+        **message_columns(fields=fields, key=key, fingerprint=fingerprint, now=now, client=client),
     )
     message.client = client  # cached, as create() would: reading it costs no query
     return message

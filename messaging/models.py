@@ -11,6 +11,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 from django.db.models import Q
 
+from messaging.quiet_hours import QuietHoursError, parse_config
 from messaging.routing import Channel, Priority
 from messaging.states import MessageState
 from providers.types import ERROR_TYPE_MEANINGS, ErrorType  # noqa: F401  (the vocabulary of its error fields)
@@ -80,6 +81,25 @@ class ApiClient(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        # Here rather than as a field validator: a validator is part of the field's definition, so a
+        # migration. The admin and full_clean() call it; a configuration that cannot be read would
+        # silently keep no quiet hours at dispatch.
+        super().clean()
+        if self.quiet_hours is not None:
+            try:
+                validate_quiet_hours(self.quiet_hours)
+            except ValidationError as exc:
+                raise ValidationError({"quiet_hours": exc.messages}) from None
+
+
+def validate_quiet_hours(value: Any) -> None:
+    """An ApiClient.quiet_hours value: as the QUIET_HOURS setting (messaging.quiet_hours.parse_config)."""
+    try:
+        parse_config(value)
+    except QuietHoursError as exc:
+        raise ValidationError(str(exc)) from None
 
 
 class ApiKey(models.Model):

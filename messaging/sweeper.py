@@ -15,6 +15,7 @@ from messaging.conf import messaging_setting
 from messaging.models import ErrorType, EventSource, Message, unleased
 from messaging.publish import messages_publish
 from messaging.queue_progress import MOVING_SECONDS, SLACK_SECONDS, queues_consumed
+from messaging.quiet_hours import DEADLINE_IN_QUIET_HOURS
 from messaging.receipts import receipts_sweep
 from messaging.routing import Channel, queue_name
 from messaging.rows import rows_update_in_key_order
@@ -62,15 +63,19 @@ def _expire_overdue(now: datetime, batch: int) -> int:
     overdue = Message.objects.filter(state=MessageState.ACCEPTED, expires_at__lte=now).unleased(now)
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("SET LOCAL enable_sort = off")
-        overdue_ids = list(overdue.order_by("expires_at").values_list("pk", flat=True)[:batch])
+        overdue_rows = list(overdue.order_by("expires_at").values_list("pk", "last_error_message")[:batch])
         cursor.execute("SET LOCAL enable_sort = on")  # inside an outer transaction, the rest as before
     expired = 0
-    for message_id in overdue_ids:
+    for message_id, note in overdue_rows:
+        # A message that waited for its recipient's quiet hours to end (messaging.quiet_hours) says so.
+        in_quiet_hours = note.startswith(DEADLINE_IN_QUIET_HOURS)
         expired += message_transition(
             message_id=message_id,
             to_state=MessageState.EXPIRED,
             source=EventSource.SWEEPER,
-            detail="deadline passed before dispatch",
+            detail=f"deadline passed in quiet hours before dispatch: {note}"
+            if in_quiet_hours
+            else "deadline passed before dispatch",
             fields={"next_attempt_at": None, "enqueued_at": None, "last_error_type": ErrorType.EXPIRED},
             extra_filter=unleased(now),
         )

@@ -233,3 +233,23 @@ def test_web_workers_and_beat_refuse_to_start_with_a_real_provider_and_a_sandbox
 def test_callback_settings_that_cannot_work_are_errors(conductor, expected):
     with override_settings(CONDUCTOR=conductor):
         assert ids(check_conductor_settings()) == expected
+
+
+@pytest.mark.parametrize(
+    "conductor, expected",
+    [
+        ({"QUIET_HOURS": {"default": {"start": "21:00", "end": "08:00"}, "otp": None}}, []),
+        ({"QUIET_HOURS": {"default": {"start": "21:00", "end": "8"}}}, ["conductor.E090"]),
+        ({"QUIET_HOURS": {"default": {"start": "21:00", "end": "21:00"}}}, ["conductor.E090"]),
+        ({"QUIET_HOURS": {"marketing": {"start": "21:00", "end": "08:00", "critical": True}}}, ["conductor.E090"]),
+        (
+            {"QUIET_HOURS": {"default": {"start": "21:00", "end": "08:00", "exempt_priorities": ["vip"]}}},
+            ["conductor.E090"],
+        ),
+        ({"QUIET_HOURS_EXEMPT_PRIORITIES": ["critical", "urgent"]}, ["conductor.E091"]),
+        ({"QUIET_HOURS": []}, ["conductor.E021"]),
+    ],
+)
+def test_quiet_hours_settings_are_checked(conductor, expected):
+    with override_settings(CONDUCTOR=conductor):
+        assert ids(check_conductor_settings()) == expected

@@ -35,6 +35,7 @@ from messaging.models import (
     OrderingMode,
     Receipt,
 )
+from messaging.quiet_hours import valid_time_zone_names
 from messaging.routing import Channel, Priority
 from messaging.selectors import DeadLetterCriteria
 from messaging.states import DEAD_LETTER_STATE_CHOICES, MessageState
@@ -98,6 +99,13 @@ def callback_url_problem(url: str) -> str | None:
     if url.split(":", 1)[0].lower() != "https" and not (settings.CONDUCTOR_MODE == "sandbox" or settings.DEBUG):
         return "Callbacks are only sent to https:// URLs (http is allowed in sandbox mode only)."
     return host_problem(urlsplit(url).hostname or "")
+
+
+def validate_time_zone_name(name: str) -> None:
+    if name and name not in valid_time_zone_names():
+        raise serializers.ValidationError(
+            f"{name!r} is not an IANA time zone name (e.g. Europe/London, America/New_York, Asia/Kolkata)."
+        )
 
 
 def validate_callback_url(url: str) -> None:
@@ -171,6 +179,14 @@ class MessageCreateSerializer(StrictSerializer):
     )
     fallback_channels = serializers.ListField(child=serializers.ChoiceField(choices=Channel.choices), required=False)
     fallback_to = serializers.DictField(child=RecipientField(max_length=320), required=False)
+    timezone = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=64,  # Message.recipient_timezone
+        validators=[validate_time_zone_name],
+        help_text="The recipient's IANA time zone (e.g. Europe/London), for quiet hours (docs/quiet-hours.md). "
+        "Default: the phone number's zone(s), the most conservative when it spans several; none for email.",
+    )
     metadata = serializers.DictField(
         required=False,
         help_text="Any JSON object: at most METADATA_MAX_BYTES (16,384) bytes of JSON, JSON_MAX_DEPTH (64) "
@@ -275,7 +291,7 @@ def _shown(text: str) -> str:
 _FAST_FIELDS = frozenset(
     {"channel", "to", "body", "priority", "ttl_seconds", "metadata"}
     | {"subject", "category", "idempotency_key", "ordering_key"}  # _FAST_TEXT
-    | {"callback_url", "callback_events"}
+    | {"callback_url", "callback_events", "timezone"}
 )
 _CALLBACK_EVENTS = frozenset(CallbackEvent.values)
 _CHANNELS = frozenset(Channel.values)
@@ -345,6 +361,11 @@ def _fast_validated(data: Any) -> dict[str, Any] | None:
         ):
             return None
         fields["metadata"] = metadata
+    if "timezone" in data:
+        name = _fast_text(data["timezone"], _DECLARED["timezone"].max_length, allow_blank=True)
+        if name is None or (name and name not in valid_time_zone_names()):
+            return None
+        fields["timezone"] = name
     if "callback_url" in data:
         url = _fast_text(data["callback_url"], CALLBACK_URL_MAX_LENGTH, allow_blank=False)
         if url is None or callback_url_problem(url) is not None:
@@ -466,6 +487,11 @@ class ReceiptSerializer(serializers.ModelSerializer):
 
 class MessageSerializer(serializers.ModelSerializer):
     last_error = serializers.SerializerMethodField()
+    timezone = serializers.CharField(
+        source="recipient_timezone",
+        read_only=True,
+        help_text="The recipient's time zone as given (empty: from the number) for quiet hours.",
+    )
     waiting_for = serializers.SerializerMethodField(
         help_text="While held back by an earlier message with the same ordering_key: its id."
     )
@@ -488,6 +514,7 @@ class MessageSerializer(serializers.ModelSerializer):
             "waiting_since",
             "state",
             "expires_at",
+            "timezone",
             "fallback_channels",
             "fallback_to",
             "metadata",
