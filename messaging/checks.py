@@ -82,6 +82,7 @@ def check_messaging_settings(app_configs=None, **kwargs) -> list[Error]:
     errors += _check_ordering_settings(configured)
     errors += _check_callback_settings(configured)
     errors += _check_help_reply(configured)
+    errors += _check_whatsapp_session_window(configured)
     lease = configured.get("DISPATCH_LEASE_SECONDS", DEFAULTS["DISPATCH_LEASE_SECONDS"])
     for name, conf in getattr(settings, "CONDUCTOR_PROVIDERS", {}).items():
         timeout = conf.get("TIMEOUT_SECONDS", 0)
@@ -107,6 +108,21 @@ def _check_help_reply(configured: dict) -> list[Error]:
                 f"CONDUCTOR['SMS_HELP_REPLY'] is {len(reply)} characters long; an SMS body is at most {limit}.",
                 hint="Shorten it (carriers expect a sentence or two: who sends, how to opt out).",
                 id="conductor.E080",
+            )
+        ]
+    return []
+
+
+def _check_whatsapp_session_window(configured: dict) -> list[Error]:
+    """The window is a number of hours, 0 (not enforced) to 24: Meta's window is 24 hours, so a
+    longer one here would send free-form messages Twilio then fails with 63016."""
+    hours = configured.get("WHATSAPP_SESSION_WINDOW_HOURS", DEFAULTS["WHATSAPP_SESSION_WINDOW_HOURS"])
+    if isinstance(hours, bool) or not isinstance(hours, (int, float)) or not 0 <= hours <= 24:
+        return [
+            Error(
+                f"CONDUCTOR['WHATSAPP_SESSION_WINDOW_HOURS'] is {hours!r}.",
+                hint="Use a number of hours from 0 (not enforced) to 24 (WhatsApp's window).",
+                id="conductor.E081",
             )
         ]
     return []

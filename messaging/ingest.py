@@ -114,7 +114,9 @@ def message_columns(*, fields: dict[str, Any], key: str | None, fingerprint: str
     return {
         "channel": fields["channel"],
         "to": fields["to"],
-        "body": fields["body"],
+        "body": fields.get("body", ""),  # a template message may have none (docs/whatsapp.md)
+        "template": fields.get("template", ""),
+        "template_variables": fields.get("variables", {}),
         "subject": fields.get("subject", ""),
         "priority": fields.get("priority", "transactional"),
         "category": fields.get("category", ""),

@@ -28,6 +28,10 @@ ORDER = [
 ]
 
 
+# A Twilio Content SID of the shape Twilio gives (the sandbox takes any; Twilio, only its own).
+DEMO_TEMPLATE = "HX" + "0123456789abcdef" * 2
+
+
 class Command(BaseCommand):
     help = (
         "Send a demo campaign (critical OTPs and transactional notices) through the running stack's API, with the "
@@ -73,6 +77,24 @@ class Command(BaseCommand):
                 "idempotency_key": f"demo-{run}-notice-{i}",
             }
             for i in range(count)
+        ] + [
+            # WhatsApp (docs/whatsapp.md): nobody has written to us, so the template goes and the
+            # free-form message fails at once (outside_session_window), never reaching Twilio.
+            {
+                "channel": "whatsapp",
+                "to": "+14155550199",
+                "template": DEMO_TEMPLATE,
+                "variables": {"1": "Ada", "2": "12:30"},
+                "category": f"demo-{run}",
+                "idempotency_key": f"demo-{run}-whatsapp-template",
+            },
+            {
+                "channel": "whatsapp",
+                "to": "+14155550199",
+                "body": "Your table is ready.",
+                "category": f"demo-{run}",
+                "idempotency_key": f"demo-{run}-whatsapp-free-form",
+            },
         ]
         try:
             response = session.post(f"{api_url}/api/v1/messages/batch/", json={"messages": items}, timeout=60)
