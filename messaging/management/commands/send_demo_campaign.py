@@ -28,10 +28,6 @@ ORDER = [
 ]
 
 
-# A Twilio Content SID of the shape Twilio gives (the sandbox takes any; Twilio, only its own).
-DEMO_TEMPLATE = "HX" + "0123456789abcdef" * 2
-
-
 class Command(BaseCommand):
     help = (
         "Send a demo campaign (critical OTPs and transactional notices) through the running stack's API, with the "
@@ -77,25 +73,8 @@ class Command(BaseCommand):
                 "idempotency_key": f"demo-{run}-notice-{i}",
             }
             for i in range(count)
-        ] + [
-            # WhatsApp (docs/whatsapp.md): nobody has written to us, so the template goes and the
-            # free-form message fails at once (outside_session_window), never reaching Twilio.
-            {
-                "channel": "whatsapp",
-                "to": "+14155550199",
-                "template": DEMO_TEMPLATE,
-                "variables": {"1": "Ada", "2": "12:30"},
-                "category": f"demo-{run}",
-                "idempotency_key": f"demo-{run}-whatsapp-template",
-            },
-            {
-                "channel": "whatsapp",
-                "to": "+14155550199",
-                "body": "Your table is ready.",
-                "category": f"demo-{run}",
-                "idempotency_key": f"demo-{run}-whatsapp-free-form",
-            },
         ]
+        items += _whatsapp_items(run)
         try:
             response = session.post(f"{api_url}/api/v1/messages/batch/", json={"messages": items}, timeout=60)
         except requests.ConnectionError:
@@ -164,3 +143,22 @@ class Command(BaseCommand):
             providers.update(m["provider"] for m in page["results"] if m["provider"])
             url, params = page.get("next"), None
         return counts, providers
+
+
+# A Twilio Content SID of the shape Twilio gives (the sandbox takes any; Twilio, only its own).
+DEMO_TEMPLATE = "HX" + "0123456789abcdef" * 2
+
+
+def _whatsapp_items(run: str) -> list[dict]:
+    """WhatsApp (docs/whatsapp.md): nobody has written to us, so the template goes and the
+    free-form message fails at once (outside_session_window), never reaching Twilio."""
+    common = {"channel": "whatsapp", "to": "+14155550199", "category": f"demo-{run}"}
+    return [
+        {
+            **common,
+            "template": DEMO_TEMPLATE,
+            "variables": {"1": "Ada", "2": "12:30"},
+            "idempotency_key": f"demo-{run}-whatsapp-template",
+        },
+        {**common, "body": "Your table is ready.", "idempotency_key": f"demo-{run}-whatsapp-free-form"},
+    ]
