@@ -360,6 +360,8 @@ def _shown(text: str) -> str:
 # MessageCreateSerializer costs ~0.5 ms an item (DRF deep-copies its fields for every instance),
 # most of a batch's time. The common item (strings, a ttl, metadata) is checked directly below;
 # an item it does not accept whole goes to the serializer, so every error still comes from there.
+# A template message (template, variables, perhaps no body) is not among them: the serializer
+# checks it (docs/whatsapp.md), a few per batch at most.
 _FAST_FIELDS = frozenset(
     {"channel", "to", "body", "priority", "ttl_seconds", "metadata"}
     | {"subject", "category", "idempotency_key", "ordering_key"}  # _FAST_TEXT
