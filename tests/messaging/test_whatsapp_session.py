@@ -162,7 +162,7 @@ def test_a_63016_receipt_fails_the_message_as_outside_session_window(sandbox, ma
     status = get_provider("twilio").fetch_status(message.provider_message_id)
     assert status.provider_status == "failed"
     # Its status callback, as the webhook would store it (Conductor's web does not run here).
-    receipt, _ = receipt_record(
+    receipt_record(
         event=ReceiptEvent(
             provider="twilio",
             event_id=f"{message.provider_message_id}:failed",
