@@ -41,6 +41,7 @@ from messaging.models import (
     MessageEvent,
     Receipt,
     Suppression,
+    WhatsAppSession,
 )
 from messaging.replay import SkipReason, dead_letters_replay
 from messaging.routing import Priority
@@ -677,6 +678,20 @@ class InboundMessageAdmin(ReadOnlyAdmin):
     @admin.display(description="sender")
     def masked_sender(self, inbound: InboundMessage) -> str:
         return masked(inbound.sender)
+
+
+@admin.register(WhatsAppSession)
+class WhatsAppSessionAdmin(ReadOnlyAdmin):
+    """When each WhatsApp recipient last wrote to us: their customer-service window, in which
+    free-form messages may go (docs/whatsapp.md). Kept by the inbound webhook, never edited here."""
+
+    list_display = ["masked_address", "last_inbound_at"]
+    search_fields = ["=address"]
+    date_hierarchy = "last_inbound_at"
+
+    @admin.display(description="address")
+    def masked_address(self, session: WhatsAppSession) -> str:
+        return masked(session.address)
 
 
 @admin.register(Receipt)

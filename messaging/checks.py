@@ -84,6 +84,7 @@ def check_messaging_settings(app_configs=None, **kwargs) -> list[Error]:
     errors += _check_callback_settings(configured)
     errors += _check_help_reply(configured)
     errors += _check_quiet_hours(configured)
+    errors += _check_whatsapp_session_window(configured)
     lease = configured.get("DISPATCH_LEASE_SECONDS", DEFAULTS["DISPATCH_LEASE_SECONDS"])
     for name, conf in getattr(settings, "CONDUCTOR_PROVIDERS", {}).items():
         timeout = conf.get("TIMEOUT_SECONDS", 0)
@@ -134,6 +135,21 @@ def _check_quiet_hours(configured: dict) -> list[Error]:
     except QuietHoursError as exc:
         errors.append(Error(str(exc), id="conductor.E091"))
     return errors
+
+
+def _check_whatsapp_session_window(configured: dict) -> list[Error]:
+    """The window is a number of hours, 0 (not enforced) to 24: Meta's window is 24 hours, so a
+    longer one here would send free-form messages Twilio then fails with 63016."""
+    hours = configured.get("WHATSAPP_SESSION_WINDOW_HOURS", DEFAULTS["WHATSAPP_SESSION_WINDOW_HOURS"])
+    if isinstance(hours, bool) or not isinstance(hours, (int, float)) or not 0 <= hours <= 24:
+        return [
+            Error(
+                f"CONDUCTOR['WHATSAPP_SESSION_WINDOW_HOURS'] is {hours!r}.",
+                hint="Use a number of hours from 0 (not enforced) to 24 (WhatsApp's window).",
+                id="conductor.E081",
+            )
+        ]
+    return []
 
 
 def _check_ordering_settings(configured: dict) -> list[Error]:

@@ -86,6 +86,11 @@ DEFAULTS: dict[str, Any] = {
     # the sender and how to opt out. "" or "none": HELP is not answered (Twilio's own reply stands).
     "SMS_HELP_REPLY": "Conductor notifications. Reply STOP to unsubscribe, START to resubscribe. "
     "Msg&data rates may apply.",
+    # WhatsApp's customer-service window (docs/whatsapp.md): a free-form (non-template) WhatsApp
+    # message goes only within this many hours of the recipient's last message to us (Meta's rule,
+    # Twilio error 63016 outside it); outside, it falls back or fails (outside_session_window).
+    # 0: not enforced here (only for a sender exempt from the rule, e.g. a test double).
+    "WHATSAPP_SESSION_WINDOW_HOURS": 24.0,
     # Email categories that carry List-Unsubscribe and one-click unsubscribe (RFC 8058) headers,
     # bulk-priority emails carrying them whatever their category; an unsubscribe from an email of
     # one of these categories covers that category only (docs/suppressions.md).

@@ -36,6 +36,12 @@ a message claimed while its recipient is inside the window of its client and cat
 falling into it, a message that waited in a queue) is not leased and costs no attempt; it gets
 next_attempt_at at the window's end and the sweeper publishes it then. The client's own
 configuration comes with the locked rows (a subquery), the zones from tz data: no query a message.
+
+No free-form WhatsApp message goes outside its recipient's customer-service window (docs/whatsapp.md):
+the claim reads the windows of every free-form WhatsApp hop of every claimed message in one query
+(messaging.whatsapp_session, kept from the inbound webhook), and a hop whose window is closed is
+skipped like a suppressed one: the message goes to its fallback channel, or, with none left, fails
+at once (`outside_session_window`, never retried). A template message's WhatsApp hop always goes.
 """
 
 from __future__ import annotations
@@ -83,13 +89,14 @@ from messaging.outcomes import (
 )
 from messaging.publish import message_publish
 from messaging.quiet_hours import QuietHoursPolicy, deadline_note, quiet_hours_policy
-from messaging.routing import Hop, message_route
+from messaging.routing import Channel, Hop, message_route
 from messaging.rows import rows_update, rows_update_in_key_order
 from messaging.send_loop import send_loop
 from messaging.services import message_transition, messages_transition
 from messaging.states import MessageState
 from messaging.suppressions.selectors import Blocker, SuppressionIndex, exempt_categories, suppression_address
 from messaging.suppressions.services import suppression_add
+from messaging.whatsapp_session import whatsapp_session_window, whatsapp_sessions_open
 from providers.conf import providers_setting
 from providers.guards import circuit_breaker, rate_limiter, seconds_until_half_open
 from providers.ratelimit import wait_for_slot
@@ -124,6 +131,8 @@ class _Send:
     last_error: ProviderError | None = None
     left_for: str = ""  # why the previous hop was left (an error type, or "suppressed"), for the notes
     suppressions: SuppressionIndex = _NO_SUPPRESSIONS  # the claim's, shared by its messages
+    # The WhatsApp numbers of its free-form hops whose customer-service window is closed: skipped.
+    closed_sessions: frozenset[str] = frozenset()
     # (channel, address) a provider refused in this claim (opted out, cannot receive): left for good.
     refused: dict[tuple[str, str], ProviderError] = field(default_factory=dict)
     met_suppression: bool = False  # counted in messages_suppressed_count once
@@ -344,9 +353,17 @@ def _separate_plain_sends(messages: list[Message], now: datetime) -> tuple[list[
     suppressions = SuppressionIndex.load(
         (message.client_id, hop.channel, hop.to) for message in messages for hop in routes[message.pk]
     )
+    # And one for the customer-service windows of every free-form WhatsApp hop (a template goes anyway).
+    free_form = {
+        message.pk: {hop.to for hop in routes[message.pk] if hop.channel == Channel.WHATSAPP}
+        for message in messages
+        if not message.template
+    }
+    open_sessions = whatsapp_sessions_open(addresses=set().union(*free_form.values()), now=now)
     for message in messages:
         hops = routes[message.pk]
-        send = _Send(message, hops, lost=message.pk in lost, suppressions=suppressions)
+        closed = frozenset(free_form.get(message.pk, set()) - open_sessions)
+        send = _Send(message, hops, lost=message.pk in lost, suppressions=suppressions, closed_sessions=closed)
         if not (_needs_settling(send, now) or _rate_limited(hops[0].provider)):
             sends.append(send)
         elif alone:
@@ -549,8 +566,9 @@ def _hop_suppressed(send: _Send, hop: Hop) -> str | None:
 
 
 def _skip_suppressed(active: list[_Send], *, in_claim: bool) -> None:
-    """Move each send past the hops whose address is suppressed, an attempt row (skipped) each.
-    One attempts_start per layer of hops: it counts each message's attempts up once a call."""
+    """Move each send past the hops whose address is suppressed, or whose WhatsApp window is closed
+    for a free-form message, an attempt row (skipped) each. One attempts_start per layer of hops:
+    it counts each message's attempts up once a call."""
     if not _any_suppressed(active):
         return
     while True:
@@ -559,18 +577,23 @@ def _skip_suppressed(active: list[_Send], *, in_claim: bool) -> None:
             if send.index < len(send.hops):
                 reason = _hop_suppressed(send, send.hop)
                 if reason is not None:
-                    layer.append((send, reason))
+                    layer.append((send, reason, f"skipped: suppressed ({reason})"))
+                elif _hop_window_closed(send, send.hop):
+                    layer.append((send, None, "skipped: outside the WhatsApp session window"))
         if not layer:
             return
         attempts_start(
-            starts=[(s.message, s.hop, f"skipped: suppressed ({reason})") for s, reason in layer],
+            starts=[(s.message, s.hop, note) for s, _, note in layer],
             outcome=AttemptOutcome.SKIPPED,
             counters=not in_claim,
         )
-        met = [s for s, _ in layer if not (s.met_suppression or s.refused)]
-        for send, _ in layer:
-            send.left_for = ErrorType.SUPPRESSED
-            send.met_suppression = True
+        met = [s for s, reason, _ in layer if reason is not None and not (s.met_suppression or s.refused)]
+        for send, reason, _ in layer:
+            if reason is None:
+                send.left_for = ErrorType.OUTSIDE_SESSION_WINDOW
+            else:
+                send.left_for = ErrorType.SUPPRESSED
+                send.met_suppression = True
             send.index += 1
         # Each message that met its client's list: failed for it, or sent on another channel.
         for channel, count in Counter(s.message.channel for s in met).items():
@@ -579,7 +602,17 @@ def _skip_suppressed(active: list[_Send], *, in_claim: bool) -> None:
 
 def _any_suppressed(sends: list[_Send]) -> bool:
     """Whether any of these may meet a suppressed hop (nearly never in a campaign: no work then)."""
-    return any(send.refused or send.suppressions for send in sends)
+    return any(send.refused or send.suppressions or send.closed_sessions for send in sends)
+
+
+def _hop_window_closed(send: _Send, hop: Hop) -> bool:
+    """A free-form WhatsApp hop to a number whose customer-service window is closed."""
+    return hop.channel == Channel.WHATSAPP and hop.to in send.closed_sessions
+
+
+def _hop_open(send: _Send, hop: Hop) -> bool:
+    """Whether this hop may be tried at all: not suppressed, not a closed WhatsApp window."""
+    return _hop_suppressed(send, hop) is None and not _hop_window_closed(send, hop)
 
 
 def _circuit_permits(sends: list[_Send]) -> None:
@@ -725,7 +758,7 @@ def _address_refused(send: _Send) -> bool:
     if covers_exempt or message.category not in exempt_categories(client.opt_out_exempt_categories):
         send.refused[(hop.channel, suppression_address(hop.channel, hop.to))] = error
     send.index += 1
-    if any(_hop_suppressed(send, later) is None for later in send.hops[send.index :]):
+    if any(_hop_open(send, later) for later in send.hops[send.index :]):
         send.last_error = error
         send.left_for = error.error_type
         return False
@@ -790,13 +823,20 @@ def _hop_note(send: _Send) -> str:
 
 def _route_spent(send: _Send) -> None:
     """No hop left this round: a message whose every hop is suppressed fails for good (`suppressed`,
-    never handed to a provider); the others wait for their retry (_route_failed)."""
+    never handed to a provider), as does one whose every hop is suppressed or a free-form WhatsApp
+    hop with its window closed (`outside_session_window`, when the first such hop is one); the
+    others wait for their retry (_route_failed)."""
     message = send.message
-    open_hops = [hop for hop in send.hops if _hop_suppressed(send, hop) is None]
+    open_hops = [hop for hop in send.hops if _hop_open(send, hop)]
     if open_hops:
         _route_failed(message=message, hops=open_hops, last_error=send.last_error, tried=send.tried)
         return
     first = _first_blocker(send)
+    closed = next((hop for hop in send.hops if _hop_window_closed(send, hop)), None)
+    if closed is not None and (first is None or send.hops.index(closed) < send.hops.index(first[0])):
+        message_record_failed(message=message, error=_outside_window_error(closed))
+        logger.info("message %s: free-form WhatsApp outside the session window; failed, not sent", message.pk)
+        return
     if first is None:  # refused by a provider in this claim, nothing else: _address_refused settles those
         assert send.last_error is not None
         message_record_failed(message=message, error=send.last_error)
@@ -805,6 +845,16 @@ def _route_spent(send: _Send) -> None:
     error = PermanentProviderError(blocker.describe(hop.channel), error_type=ErrorType.SUPPRESSED)
     message_record_failed(message=message, error=error)
     logger.info("message %s: every hop's address is suppressed; failed, not sent", message.pk)
+
+
+def _outside_window_error(hop: Hop) -> PermanentProviderError:
+    window = whatsapp_session_window()
+    hours = f"{window.total_seconds() / 3600:g}" if window is not None else "24"
+    return PermanentProviderError(
+        f"a free-form WhatsApp message to {hop.to} outside the session window (the recipient has not "
+        f"written in the last {hours} hours): send a template or wait for the recipient to write",
+        error_type=ErrorType.OUTSIDE_SESSION_WINDOW,
+    )
 
 
 def _first_blocker(send: _Send) -> tuple[Hop, Blocker] | None:

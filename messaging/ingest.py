@@ -120,7 +120,9 @@ def message_columns(
     return {
         "channel": fields["channel"],
         "to": fields["to"],
-        "body": fields["body"],
+        "body": fields.get("body", ""),  # a template message may have none (docs/whatsapp.md)
+        "template": fields.get("template", ""),
+        "template_variables": fields.get("variables", {}),
         "subject": fields.get("subject", ""),
         "priority": fields.get("priority", "transactional"),
         "category": fields.get("category", ""),

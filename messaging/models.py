@@ -759,3 +759,15 @@ class InboundMessage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.provider} inbound {self.keyword or 'message'}: {self.action}"
+
+
+class WhatsAppSession(models.Model):
+    """A WhatsApp recipient's customer-service window: opened (or reopened) by each message they
+    send us, for WHATSAPP_SESSION_WINDOW_HOURS; a free-form message goes only inside it
+    (messaging.whatsapp_session). One row per number, upserted by the inbound webhook."""
+
+    address = models.CharField(max_length=64, primary_key=True)  # E.164, as messages hold it
+    last_inbound_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"WhatsApp {self.address}: last wrote {self.last_inbound_at:%Y-%m-%d %H:%M:%S}"

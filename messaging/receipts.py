@@ -44,6 +44,7 @@ from messaging.states import MessageState
 from messaging.suppressions.email_events import suppressions_from_events
 from providers.mailgun import AnymailProvider
 from providers.redis_state import shared_redis
+from providers.registry import provider_class
 from providers.types import ReceiptEvent
 
 logger = logging.getLogger(__name__)
@@ -564,11 +565,21 @@ def _fields(receipt: Receipt, message: dict[str, Any]) -> dict[str, Any]:
     if receipt.mapped_state == MessageState.FAILED:
         # The provider took it, then gave up for good: the dead letter says so.
         fields |= {
-            "last_error_type": ErrorType.REJECTED,
+            "last_error_type": _receipt_error_type(receipt),
             "last_error_code": receipt.error_code,
             "last_error_message": f"{receipt.provider} reported {receipt.provider_status} after accepting it",
         }
     return fields
+
+
+def _receipt_error_type(receipt: Receipt) -> str:
+    """The error type a failed receipt's code means at its provider (Twilio 63016: outside the
+    WhatsApp session window), else REJECTED."""
+    try:
+        types = provider_class(receipt.provider).receipt_error_types
+    except LookupError:  # a provider no longer known: its receipts still apply
+        return ErrorType.REJECTED
+    return types.get(receipt.error_code, ErrorType.REJECTED)
 
 
 def _detail(receipt: Receipt) -> str:

@@ -75,6 +75,8 @@ class Provider(ABC):
     status_map: ClassVar[dict[str, str | None]]
     # The provider's error codes -> ErrorType of a permanent refusal (any other code: REJECTED).
     error_code_types: ClassVar[Mapping[Any, str]] = {}
+    # A failed receipt's error code (text, as receipts carry it) -> ErrorType (any other: REJECTED).
+    receipt_error_types: ClassVar[Mapping[str, str]] = {}
     # Errors that mean "an answer we could not read": it may have been accepted (ambiguous).
     unreadable_errors: ClassVar[tuple[type[BaseException], ...]] = ()
     # The provider's own CONDUCTOR_PROVIDERS keys -> default (REQUIRED: no default).

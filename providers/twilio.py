@@ -38,6 +38,8 @@ from providers.types import (
 )
 
 TWILIO_API_ORIGIN = "https://api.twilio.com"
+# prepare()'s optional form fields -> the SDK's messages.create keywords (transmit() passes those given).
+SDK_OPTIONAL_FIELDS = {"Body": "body", "ContentSid": "content_sid", "ContentVariables": "content_variables"}
 
 
 class _RoutedHttpClient(TwilioHttpClient):
@@ -126,6 +128,10 @@ class TwilioProvider(Provider):
     # unsubscribed from our sender (21610 "Attempt to send to unsubscribed recipient": suppressed
     # like a STOP). 21408 (the account may not send to the number's region) is our account's
     # setting, not the number's: a plain refusal, replayable once the permission is granted.
+    # A status callback's ErrorCode -> ErrorType of the failure it reports (any other: REJECTED):
+    # WhatsApp's 63016, a free-form message outside the customer-service window, which Twilio
+    # accepts and then fails.
+    receipt_error_types = {"63016": ErrorType.OUTSIDE_SESSION_WINDOW}
     error_code_types = {
         **dict.fromkeys((21211, 21214, 21217, 21407, 21612, 21614, 63003), ErrorType.INVALID_RECIPIENT),
         21610: ErrorType.OPTED_OUT,
@@ -177,7 +183,15 @@ class TwilioProvider(Provider):
     def prepare(self, request: SendRequest) -> dict[str, str]:
         """The Messages API's form fields (what the SDK's messages.create posts)."""
         to, from_ = self._addresses(request)
-        return {"To": to, "From": from_, "Body": request.body, "StatusCallback": self.status_callback_url(request)}
+        prepared = {"To": to, "From": from_, "StatusCallback": self.status_callback_url(request)}
+        if request.template:
+            # A WhatsApp template (Content API): its SID and variables, no Body (Twilio renders it).
+            prepared["ContentSid"] = request.template
+            if request.template_variables:
+                prepared["ContentVariables"] = json.dumps(request.template_variables, separators=(",", ":"))
+        else:
+            prepared["Body"] = request.body
+        return prepared
 
     def status_callback_url(self, request: SendRequest) -> str:
         # Our id and token travel in the callback URL: Twilio's only client-reference field.
@@ -185,8 +199,9 @@ class TwilioProvider(Provider):
         return f"{receipts_base_url()}/webhooks/twilio/?{query}"
 
     def transmit(self, prepared: dict[str, str]) -> SendResult:
+        optional = {keyword: prepared[name] for name, keyword in SDK_OPTIONAL_FIELDS.items() if name in prepared}
         message = self.client.messages.create(
-            to=prepared["To"], from_=prepared["From"], body=prepared["Body"], status_callback=prepared["StatusCallback"]
+            to=prepared["To"], from_=prepared["From"], status_callback=prepared["StatusCallback"], **optional
         )
         return SendResult(provider_message_id=message.sid, provider_status=message.status)
 
@@ -255,7 +270,8 @@ class TwilioProvider(Provider):
         found = []
         for message in candidates:
             created = message.date_created
-            if message.body != request.body:
+            # A template's body is the text Twilio rendered, not ours: its time and recipient only.
+            if not request.template and message.body != request.body:
                 continue
             if since is not None and created is not None and created < since - timedelta(minutes=5):
                 continue

@@ -77,6 +77,14 @@ def test_a_help_reply_longer_than_an_sms_is_an_error():
     assert ids(check_conductor_settings()) == ["conductor.E080"]
 
 
+@pytest.mark.parametrize("hours", [-1, 25, 24.5])
+def test_the_whatsapp_session_window_is_0_to_24_hours(hours):
+    with override_settings(CONDUCTOR={"WHATSAPP_SESSION_WINDOW_HOURS": hours}):
+        assert ids(check_conductor_settings()) == ["conductor.E081"]
+    with override_settings(CONDUCTOR={"WHATSAPP_SESSION_WINDOW_HOURS": 0}):
+        assert ids(check_conductor_settings()) == []
+
+
 @override_settings(CONDUCTOR={"SMS_HELP_REPLY": 5})
 def test_a_help_reply_must_be_text():
     assert [error.id for error in check_conductor_settings() if "SMS_HELP_REPLY" in error.msg]

@@ -285,6 +285,9 @@ CONDUCTOR = {
     "OPT_OUT_EXEMPT_CATEGORIES": env_list("CONDUCTOR_OPT_OUT_EXEMPT_CATEGORIES", []),
     # The answer to an inbound SMS HELP/INFO (messaging/conf.py has the default text).
     "SMS_HELP_REPLY": env_str("CONDUCTOR_SMS_HELP_REPLY", MESSAGING_DEFAULTS["SMS_HELP_REPLY"]),
+    "WHATSAPP_SESSION_WINDOW_HOURS": env_float(
+        "CONDUCTOR_WHATSAPP_SESSION_WINDOW_HOURS", MESSAGING_DEFAULTS["WHATSAPP_SESSION_WINDOW_HOURS"]
+    ),
     # Email categories with List-Unsubscribe headers (bulk emails have them whatever their category).
     "LIST_UNSUBSCRIBE_CATEGORIES": env_list("CONDUCTOR_LIST_UNSUBSCRIBE_CATEGORIES", ["marketing", "newsletter"]),
     # Status callbacks to clients: one request's limit, and requests in flight per delivering

@@ -17,6 +17,7 @@ from django.core.validators import RegexValidator, URLValidator, validate_email
 from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import ISO_8601, serializers
+from rest_framework.exceptions import ErrorDetail
 from rest_framework.settings import api_settings
 
 from messaging.callbacks.destinations import host_problem
@@ -62,6 +63,13 @@ E164_PATTERN = r"^(whatsapp:)?\+[1-9][0-9]{1,14}$"
 IDEMPOTENCY_KEY_MAX_LENGTH = 255
 CALLBACK_URL_MAX_LENGTH = 2000  # CallbackEndpoint.url
 BIGINT_MAX = 2**63 - 1
+# A Twilio Content SID: what ContentSid takes (its API refuses anything else).
+CONTENT_SID_PATTERN = r"^HX[0-9a-fA-F]{32}$"
+# Template variables: Twilio's ContentVariables is one form field of JSON; WhatsApp templates hold
+# a few dozen placeholders at most, each a short text (Meta caps a body at 1,024 characters).
+TEMPLATE_VARIABLES_MAX_ITEMS = 100
+TEMPLATE_VARIABLE_KEY_MAX_LENGTH = 64
+TEMPLATE_VARIABLES_MAX_BYTES = 8192
 
 
 def normalize_recipient(channel: str, value: str) -> str:
@@ -151,10 +159,39 @@ class BodyField(serializers.CharField):
     """The body: its limit depends on the channel (checked in validate()); the schema gives the largest."""
 
 
+class TextOnlyField(serializers.CharField):
+    """A CharField that takes text only: a number is refused, not turned into its digits."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class MessageCreateSerializer(StrictSerializer):
     channel = serializers.ChoiceField(choices=Channel.choices)
     to = RecipientField(max_length=320)
-    body = BodyField(trim_whitespace=False)
+    body = BodyField(
+        trim_whitespace=False,
+        required=False,
+        help_text="Required unless a template is given; with one, the text of the message's other "
+        "channels' hops (its SMS or email fallback; then required), else kept for display only.",
+    )
+    template = serializers.RegexField(
+        CONTENT_SID_PATTERN,
+        required=False,
+        max_length=34,
+        error_messages={"invalid": "Give a Twilio Content SID: HX and 32 hexadecimal digits."},
+        help_text="WhatsApp only: an approved template's Twilio Content SID (HX...), sent instead of the body, "
+        "and the only kind of message WhatsApp takes outside the 24-hour session window (docs/whatsapp.md). "
+        "The message's channel or one of its fallback_channels must be whatsapp.",
+    )
+    variables = serializers.DictField(
+        child=TextOnlyField(trim_whitespace=False),
+        required=False,
+        help_text=f'With template: its variables, e.g. {{"1": "Ada"}} (string keys and values; at most '
+        f"{TEMPLATE_VARIABLES_MAX_ITEMS} of them, {TEMPLATE_VARIABLES_MAX_BYTES} bytes of JSON).",
+    )
     subject = serializers.CharField(required=False, allow_blank=True, max_length=998, validators=[no_line_breaks])
     priority = serializers.ChoiceField(choices=Priority.choices, default=Priority.TRANSACTIONAL)
     category = serializers.CharField(
@@ -208,6 +245,16 @@ class MessageCreateSerializer(StrictSerializer):
         help_text="With callback_url: the events to report (default: the endpoint's, all for a new one).",
     )
 
+    def to_internal_value(self, data):
+        try:
+            return super().to_internal_value(data)
+        except serializers.ValidationError as exc:
+            # body is required unless a template is given: named with the other missing fields
+            # (validate(), which says so otherwise, does not run when a field is wrong).
+            if isinstance(data, dict) and isinstance(exc.detail, dict) and not {"body", "template"} & set(data):
+                exc.detail.setdefault("body", [ErrorDetail("This field is required.", code="required")])
+            raise
+
     def validate_callback_events(self, events: list[str]) -> list[str]:
         return list(dict.fromkeys(events))  # each once, in the given order
 
@@ -221,10 +268,11 @@ class MessageCreateSerializer(StrictSerializer):
         except serializers.ValidationError as exc:
             errors["to"] = exc.detail
         limit = messaging_setting("BODY_MAX_LENGTH")[channel]
-        if len(attrs["body"]) > limit:
+        if "body" in attrs and len(attrs["body"]) > limit:
             errors["body"] = [
                 f"Ensure this field has no more than {limit} characters for {channel} (it has {len(attrs['body'])})."
             ]
+        self._validate_template(attrs, errors)
         if "ordering_mode" in attrs and not attrs.get("ordering_key"):
             errors["ordering_mode"] = ["Give an ordering_key too: the mode says how to wait for its previous message."]
         if "callback_events" in attrs and not attrs.get("callback_url"):
@@ -244,6 +292,28 @@ class MessageCreateSerializer(StrictSerializer):
             raise serializers.ValidationError(errors)
         return attrs
 
+    def _validate_template(self, attrs, errors) -> None:
+        """A template goes to the message's WhatsApp hop, so WhatsApp must be among its channels;
+        without one the body is required, and with one whenever another channel's hop needs text."""
+        channels = [attrs["channel"], *attrs.get("fallback_channels", [])]
+        if "template" not in attrs:
+            if "variables" in attrs:
+                errors["variables"] = ["Give a template too: the variables fill its placeholders."]
+            if "body" not in attrs:
+                errors.setdefault("body", ["This field is required."])
+            return
+        if Channel.WHATSAPP not in channels:
+            errors["template"] = [
+                "A template is sent on WhatsApp only: use channel whatsapp, or list it in fallback_channels."
+            ]
+        elif "body" not in attrs and any(name != Channel.WHATSAPP for name in channels):
+            others = ", ".join(sorted({name for name in channels if name != Channel.WHATSAPP}))
+            errors.setdefault("body", [f"Give a body too: the {others} hop of this message sends it."])
+        variables = attrs.get("variables", {})
+        problem = _template_variables_problem(variables)
+        if problem is not None:
+            errors["variables"] = [problem]
+
     def _validate_fallback(self, attrs, errors) -> None:
         channels = attrs.get("fallback_channels", [])
         addresses = dict(attrs.get("fallback_to", {}))
@@ -261,6 +331,24 @@ class MessageCreateSerializer(StrictSerializer):
             except serializers.ValidationError as exc:
                 errors.setdefault("fallback_to", []).append(f"{name}: {exc.detail[0]}")
         attrs["fallback_to"] = addresses
+
+
+def _template_variables_problem(variables: dict[str, str]) -> str | None:
+    """Why these template variables cannot be sent, or None."""
+    if len(variables) > TEMPLATE_VARIABLES_MAX_ITEMS:
+        return f"At most {TEMPLATE_VARIABLES_MAX_ITEMS} variables (this has {len(variables)})."
+    for key in variables:
+        if not key or len(key) > TEMPLATE_VARIABLE_KEY_MAX_LENGTH or _HAS_CONTROL.search(key):
+            return (
+                f"The key {_shown(key)} is not a placeholder name: 1 to {TEMPLATE_VARIABLE_KEY_MAX_LENGTH} "
+                "characters, no control characters."
+            )
+    unstorable = unstorable_json_text(variables)
+    if unstorable is not None:
+        return unstorable
+    if len(json.dumps(variables, separators=(",", ":")).encode()) > TEMPLATE_VARIABLES_MAX_BYTES:
+        return f"Variables are limited to {TEMPLATE_VARIABLES_MAX_BYTES} bytes of JSON."
+    return None
 
 
 def unstorable_json_text(value: Any) -> str | None:
@@ -288,6 +376,8 @@ def _shown(text: str) -> str:
 # MessageCreateSerializer costs ~0.5 ms an item (DRF deep-copies its fields for every instance),
 # most of a batch's time. The common item (strings, a ttl, metadata) is checked directly below;
 # an item it does not accept whole goes to the serializer, so every error still comes from there.
+# A template message (template, variables, perhaps no body) is not among them: the serializer
+# checks it (docs/whatsapp.md), a few per batch at most.
 _FAST_FIELDS = frozenset(
     {"channel", "to", "body", "priority", "ttl_seconds", "metadata"}
     | {"subject", "category", "idempotency_key", "ordering_key"}  # _FAST_TEXT
@@ -495,6 +585,9 @@ class MessageSerializer(serializers.ModelSerializer):
     waiting_for = serializers.SerializerMethodField(
         help_text="While held back by an earlier message with the same ordering_key: its id."
     )
+    variables = serializers.JSONField(
+        source="template_variables", read_only=True, help_text="The template's variables ({} without one)."
+    )
 
     class Meta:
         model = Message
@@ -504,6 +597,8 @@ class MessageSerializer(serializers.ModelSerializer):
             "to",
             "subject",
             "body",
+            "template",
+            "variables",
             "priority",
             "category",
             "idempotency_key",

@@ -1,4 +1,5 @@
-"""Inbound SMS and WhatsApp messages: the carriers' opt-out keywords feed the suppression list.
+"""Inbound SMS and WhatsApp messages: the carriers' opt-out keywords feed the suppression list
+(and a WhatsApp message opens its sender's customer-service window, messaging.whatsapp_session).
 
 A recipient who texts STOP (or a synonym) to our number is suppressed for the client that last
 sent to that number on that channel; START (UNSTOP, YES) lifts what STOP and the provider's own
@@ -25,10 +26,11 @@ from messaging.limits import PriorityNotAllowed, QuotaExceeded
 from messaging.logging import masked
 from messaging.metrics import inbound_message_count
 from messaging.models import ApiClient, EventSource, InboundAction, InboundMessage, Message, SuppressionReason
-from messaging.routing import Priority
+from messaging.routing import Channel, Priority
 from messaging.services import message_create
 from messaging.suppressions.selectors import suppression_address
 from messaging.suppressions.services import suppression_add, suppressions_lift_matching
+from messaging.whatsapp_session import whatsapp_session_record
 from providers.types import InboundMessage as Inbound
 
 logger = logging.getLogger(__name__)
@@ -123,6 +125,9 @@ def inbound_receive(*, inbound: Inbound, replies_in_answer: bool, now: datetime 
             )
             reply = help_reply if replies_in_answer and taken.action == InboundAction.HELP_REPLIED else ""
             return InboundOutcome(taken.action, taken.keyword, taken.client, reply, duplicate=True)
+        if inbound.channel == Channel.WHATSAPP:
+            # Any message from them, a keyword or not, opens their customer-service window.
+            whatsapp_session_record(address=inbound.from_, at=now)
         action = _act(inbound, keyword, client, help_reply, replies_in_answer, now)
         if action != InboundAction.NONE:
             InboundMessage.objects.filter(pk=record.pk).update(action=action)

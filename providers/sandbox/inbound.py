@@ -4,7 +4,9 @@
 provider's inbound webhook, in its wire format and signed as it signs, to Conductor's inbound URL
 (CONDUCTOR_PUBLIC_URL + /webhooks/<provider>/inbound/ unless the request names a "url"), and
 answers with what that webhook answered (status, content type, body: Twilio's TwiML). Optional:
-"to" (default the configured sender number), "channel" ("whatsapp" for Twilio's WhatsApp).
+"to" (default the configured sender number), "channel" ("whatsapp" for Twilio's WhatsApp: it also
+opens the number's customer-service window, so that free-form WhatsApp messages to it go for the
+next 24 hours, as on Twilio).
 """
 
 from __future__ import annotations
@@ -148,6 +150,9 @@ async def post_inbound(request: web.Request) -> web.Response:
     # The provider's own opt-out list, as Twilio's Advanced Opt-Out and Vonage's Opt-out Assist
     # keep one per sender: after a STOP its later sends to the number are refused (21610, status 7).
     _provider_opt_out(request.app[STATE_KEY], payload)
+    if payload.get("channel") == "whatsapp":
+        # Twilio has the message whatever Conductor's webhook answers: the window is open.
+        request.app[STATE_KEY].whatsapp_wrote(payload["from"])
     timeout = aiohttp.ClientTimeout(total=POST_TIMEOUT_S)
     try:
         async with (

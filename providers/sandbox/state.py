@@ -40,6 +40,8 @@ FAULT_RECEIPT_LOSS = "receipt_loss"
 FAULT_INVALID = "invalid"
 FAULT_AUTH = "auth"
 FAULT_OPTED_OUT = "opted_out"
+# Accepted, then failed with 63016: a free-form WhatsApp message outside the session window.
+FAULT_OUTSIDE_SESSION_WINDOW = "outside_session_window"
 
 # What happens to an accepted message after the response.
 DELIVERY_RECEIPT = "receipt"
@@ -115,6 +117,10 @@ class FaultSettings:
     # send to one is refused with the provider's own answer (Twilio 21610, Vonage status 7).
     # Set through the faults API (the whole list) or SandboxState.opt_out / opt_in (one number).
     opted_out: list[str] = field(default_factory=list)
+    # WhatsApp's customer-service window (Twilio only): a free-form message to a number that has
+    # not written in this many hours is accepted, then fails with 63016, as Twilio does; a template
+    # (ContentSid) always goes. A number writes through POST /_sandbox/inbound. 0: not enforced.
+    whatsapp_session_hours: float = 24.0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -136,6 +142,8 @@ def _validate(name: str, value: Any) -> None:
         raise FaultValidationError(f"{name} must be a number between 0 and 1", name)
     if name == "max_per_second" and not (is_number and value >= 0):
         raise FaultValidationError("max_per_second must be a non-negative number", name)
+    if name == "whatsapp_session_hours" and not (is_number and value >= 0):
+        raise FaultValidationError("whatsapp_session_hours must be a non-negative number (0: not enforced)", name)
     if name in _MS_FIELDS and not (is_number and value >= 0):
         raise FaultValidationError(f"{name} must be a non-negative number of milliseconds", name)
     if name == "outage" and not isinstance(value, bool):
@@ -231,6 +239,8 @@ class SandboxState:
         self.public_url: str | None = None
         self._recent_sends: dict[str, collections.deque[float]] = {}
         self._seq = 0
+        # When each number (E.164) last wrote to our WhatsApp sender (POST /_sandbox/inbound).
+        self.whatsapp_last_inbound: dict[str, datetime] = {}
 
     def reset(self, seed: int | None = None, *, reseed: bool = False) -> None:
         self.faults = {name: FaultSettings() for name in PROVIDERS}
@@ -240,6 +250,7 @@ class SandboxState:
         # The capacity window too: sends before the reset must not count against the next test's
         # first second (a reset sandbox is a fresh account).
         self._recent_sends.clear()
+        self.whatsapp_last_inbound.clear()  # a fresh account: nobody has written yet
         if reseed:
             self.rng.seed(seed)
 
@@ -259,6 +270,18 @@ class SandboxState:
 
     def is_opted_out(self, provider: str, number: str | None) -> bool:
         return bool(number) and number in self.faults[provider].opted_out
+
+    # --- WhatsApp's session window -------------------------------------------------------------
+    def whatsapp_wrote(self, number: str) -> None:
+        """`number` sent us a WhatsApp message now: its customer-service window opens."""
+        self.whatsapp_last_inbound[number] = utcnow()
+
+    def whatsapp_window_open(self, provider: str, number: str) -> bool:
+        hours = self.faults[provider].whatsapp_session_hours
+        if not hours:
+            return True
+        wrote = self.whatsapp_last_inbound.get(number)
+        return wrote is not None and utcnow() - wrote < timedelta(hours=hours)
 
     # --- faults ---------------------------------------------------------------------------
     def chance(self, rate: float) -> bool:
@@ -323,6 +346,7 @@ class SandboxState:
         provider_message_id: str | None,
         fault: str,
         headers: dict[str, str] | None = None,
+        content: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "provider": provider,
@@ -339,6 +363,8 @@ class SandboxState:
         }
         if headers is not None:  # an email's extra headers, as the provider received them
             entry["headers"] = headers
+        if content is not None:  # a template message's ContentSid and ContentVariables (Twilio)
+            entry.update(content)
         self.requests.append(entry)
         if message_id:
             self.requests_by_message_id.setdefault(message_id, []).append(entry)

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import functools
 import hmac
+import json
 import re
 import uuid
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from providers.sandbox.state import (
     FAULT_INVALID,
     FAULT_OPTED_OUT,
     FAULT_OUTAGE,
+    FAULT_OUTSIDE_SESSION_WINDOW,
     FAULT_RATE_429,
     STATE_KEY,
     SandboxConfig,
@@ -43,6 +45,13 @@ RECEIPT_ERRORS = {
     "undelivered": (30003, "Unreachable destination handset"),
     "failed": (30008, "Unknown error"),
 }
+# WhatsApp's refusal of a free-form message outside the customer-service window: Twilio accepts
+# the request, then the status callback reports `failed` with this code.
+OUTSIDE_WINDOW_ERROR = (
+    63016,
+    "Failed to send freeform message because you are outside the allowed window. Please use a Template.",
+)
+CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}$")
 # Statuses that carry the carrier's delivery receipt time (RawDlrDoneDate, SMS only):
 # https://www.twilio.com/en-us/changelog/addition-of-rawdlrdonedate-to-delivered-and-undelivered-status-webhooks
 DLR_STATUSES = frozenset({"delivered", "undelivered"})
@@ -119,9 +128,43 @@ def _invalid(form: Any) -> tuple[int, str] | None:
         return 21211, f"The 'To' number {to} is not a valid phone number."
     if not form.get("From") and not form.get("MessagingServiceSid"):
         return 21603, "A 'From' phone number is required."
+    if form.get("ContentVariables") and not form.get("ContentSid"):
+        return 21654, "A ContentSid must be specified if ContentVariables are provided."
+    if form.get("ContentSid"):
+        if not CONTENT_SID.match(form["ContentSid"]):
+            return 21655, "The ContentSid is Invalid."
+        if form.get("ContentVariables") and not _content_variables(form["ContentVariables"]):
+            return 21656, "The ContentVariables Parameter is invalid."
+        return None
     if not form.get("Body") and not form.get("MediaUrl"):
         return 21602, "Message body is required."
     return None
+
+
+def _content_variables(text: str) -> dict[str, str] | None:
+    """ContentVariables as Twilio takes it: a JSON object of placeholders to non-empty text."""
+    try:
+        variables = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(variables, dict) or not all(isinstance(v, str) and v for v in variables.values()):
+        return None
+    return variables
+
+
+def _content(form: Any) -> dict[str, Any] | None:
+    """What the request log keeps of a template message: its ContentSid and ContentVariables (parsed)."""
+    if not form.get("ContentSid"):
+        return None
+    variables = form.get("ContentVariables")
+    return {"content_sid": form["ContentSid"], "content_variables": _content_variables(variables) if variables else {}}
+
+
+def receipt_error(message: StoredMessage, status: str) -> tuple[int | None, str | None]:
+    """The ErrorCode and ErrorMessage of a status: the message's own failure (63016) or the status's."""
+    if status == "failed" and "error" in message.extra:
+        return message.extra["error"]
+    return RECEIPT_ERRORS.get(status, (None, None))
 
 
 def resource(message: StoredMessage, account_sid: str, *, status: str | None = None) -> dict[str, Any]:
@@ -129,7 +172,7 @@ def resource(message: StoredMessage, account_sid: str, *, status: str | None = N
     now = utcnow()
     uri = f"/{API_VERSION}/Accounts/{account_sid}/Messages/{message.provider_message_id}"
     current = message.status_at(now)
-    error_code, error_message = RECEIPT_ERRORS.get(current, (None, None))
+    error_code, error_message = receipt_error(message, current)
     return {
         "account_sid": account_sid,
         "api_version": API_VERSION,
@@ -182,8 +225,9 @@ class StatusCallbacks:
             To=message.to,
             ApiVersion=API_VERSION,
         )
-        if status in RECEIPT_ERRORS:
-            params["ErrorCode"] = str(RECEIPT_ERRORS[status][0])
+        error_code, _ = receipt_error(message, status)
+        if error_code is not None:
+            params["ErrorCode"] = str(error_code)
         if status in DLR_STATUSES and message.channel == "sms" and message.final_at is not None:
             params["RawDlrDoneDate"] = message.final_at.strftime("%y%m%d%H%M")
         headers = {
@@ -221,6 +265,7 @@ async def create_message(request: web.Request) -> web.Response:
         "token": token,
         "to": to,
         "body": body,
+        "content": _content(form),
     }
 
     async def refuse(response: web.Response, fault: str, delay_s: float) -> web.Response:
@@ -238,6 +283,12 @@ async def create_message(request: web.Request) -> web.Response:
         unsubscribed = twilio_error(400, 21610, "Attempt to send to unsubscribed recipient")
         return await refuse(unsubscribed, FAULT_OPTED_OUT, state.latency_s(PROVIDER))
 
+    # Free-form WhatsApp to a number that has not written within the window: accepted, then failed.
+    outside_window = (
+        channel == "whatsapp"
+        and not form.get("ContentSid")
+        and not state.whatsapp_window_open(PROVIDER, (to or "").removeprefix("whatsapp:"))
+    )
     outcome = state.draw_send_outcome(PROVIDER)
     if outcome.refusal:
         headers = {"Retry-After": "1"} if outcome.refusal == FAULT_RATE_429 else None
@@ -259,12 +310,15 @@ async def create_message(request: web.Request) -> web.Response:
         outcome=outcome,
         extra={"messaging_service_sid": form.get("MessagingServiceSid")},
     )
+    if outside_window and message.final_status is not None:
+        message.final_status = "failed"
+        message.extra["error"] = OUTSIDE_WINDOW_ERROR
     state.record_request(
         **attribution,
         accepted=True,
         status_code=201,
         provider_message_id=message.provider_message_id,
-        fault=outcome.fault,
+        fault=FAULT_OUTSIDE_SESSION_WINDOW if outside_window else outcome.fault,
     )
     if state.faults[PROVIDER].callback_mode == "realistic" and channel == "sms" and message.final_status == "read":
         message.final_status = "delivered"  # read receipts are WhatsApp's; an SMS ends delivered

@@ -30,6 +30,13 @@ def timeline(message: Message) -> list[str]:
 
 def test_whatsapp_through_twilio_reaches_read(live, send):
     live.sandbox_faults("twilio", receipt_status="read")
+    # The recipient writes first: a free-form message goes only inside their 24-hour window.
+    answer = requests.post(
+        f"{live.sandbox_url}/_sandbox/inbound",
+        json={"provider": "twilio", "channel": "whatsapp", "from": "+14155552671", "body": "hi"},
+        timeout=30,
+    )
+    assert answer.status_code == 200 and answer.json()["status"] == 200, answer.text
     message = send(channel="whatsapp", to="whatsapp:+14155552671", body="Your table is ready")
     wait_for_all([message.pk], {"read"}, timeout=30)
     message.refresh_from_db()

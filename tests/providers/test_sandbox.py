@@ -82,6 +82,20 @@ def set_faults(sandbox: BackgroundSandbox, **faults: Any) -> dict[str, Any]:
     return response.json()
 
 
+def whatsapp_writes(sandbox: BackgroundSandbox, receiver: Receiver, number: str) -> None:
+    """`number` sends our WhatsApp sender a message (its webhook posted to the receiver): the
+    customer-service window opens, and free-form WhatsApp messages to it go."""
+    payload = {
+        "provider": "twilio",
+        "channel": "whatsapp",
+        "from": number,
+        "body": "hi",
+        "url": receiver.url("inbound"),
+    }
+    response = requests.post(f"{sandbox.url}/_sandbox/inbound", json=payload, timeout=5)
+    assert response.status_code == 200, response.text
+
+
 def logged(sandbox: BackgroundSandbox, **filters: str) -> list[dict[str, Any]]:
     return requests.get(f"{sandbox.url}/_sandbox/requests", params=filters, timeout=5).json()["requests"]
 
@@ -257,6 +271,7 @@ def test_final_only_posts_the_final_status_alone(
 
 def test_whatsapp_read_receipt(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
     set_faults(sandbox, receipt_delay_ms=0, receipt_status="read")
+    whatsapp_writes(sandbox, receiver, "+15551230003")
     sid = send(client, receiver, "m-wa", to="whatsapp:+15551230003").sid
     calls = wait_for(lambda: len(receiver.calls_for("m-wa")) == 3 and receiver.calls_for("m-wa"))
     assert statuses(calls) == ["sent", "delivered", "read"]
@@ -264,6 +279,71 @@ def test_whatsapp_read_receipt(sandbox: BackgroundSandbox, client: Client, recei
     assert all("RawDlrDoneDate" not in call["params"] for call in calls)  # an SMS carrier's receipt
     assert client.messages(sid).fetch().status == "read"
     assert logged(sandbox, message_id="m-wa")[0]["channel"] == "whatsapp"
+
+
+def test_a_free_form_whatsapp_outside_the_window_is_accepted_then_fails_with_63016(
+    sandbox: BackgroundSandbox, client: Client, receiver: Receiver
+) -> None:
+    # As Twilio: the request is taken (201, queued), then the status callback says failed, 63016.
+    set_faults(sandbox, receipt_delay_ms=0)
+    sid = send(client, receiver, "m-wa-closed", to="whatsapp:+15551230005").sid
+    [call] = wait_for(lambda: receiver.calls_for("m-wa-closed"))
+    assert (call["params"]["MessageStatus"], call["params"]["ErrorCode"]) == ("failed", "63016")
+    assert signed_by_twilio(receiver, call)
+    fetched = client.messages(sid).fetch()
+    assert (fetched.status, fetched.error_code) == ("failed", 63016)
+    [entry] = logged(sandbox, message_id="m-wa-closed")
+    assert (entry["accepted"], entry["fault"]) == (True, "outside_session_window")
+    # Once the number writes, free-form messages to it go.
+    whatsapp_writes(sandbox, receiver, "+15551230005")
+    send(client, receiver, "m-wa-open", to="whatsapp:+15551230005")
+    calls = wait_for(lambda: len(receiver.calls_for("m-wa-open")) == 2 and receiver.calls_for("m-wa-open"))
+    assert statuses(calls) == ["sent", "delivered"]
+
+
+def test_a_template_goes_outside_the_window_and_is_logged_with_its_variables(
+    sandbox: BackgroundSandbox, client: Client, receiver: Receiver
+) -> None:
+    set_faults(sandbox, receipt_delay_ms=0)
+    content_sid = "HX" + "a1" * 16
+    client.messages.create(
+        to="whatsapp:+15551230006",
+        from_=FROM,
+        content_sid=content_sid,
+        content_variables='{"1":"Ada","2":"12:30"}',
+        status_callback=receiver.url("m-wa-template"),
+    )
+    calls = wait_for(lambda: len(receiver.calls_for("m-wa-template")) == 2 and receiver.calls_for("m-wa-template"))
+    assert statuses(calls) == ["sent", "delivered"]
+    [entry] = logged(sandbox, message_id="m-wa-template")
+    assert (entry["content_sid"], entry["content_variables"], entry["fault"]) == (
+        content_sid,
+        {"1": "Ada", "2": "12:30"},
+        "none",
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        ({"ContentVariables": '{"1":"x"}'}, 21654),  # variables without a template
+        ({"ContentSid": "HX123"}, 21655),
+        ({"ContentSid": "HX" + "0" * 32, "ContentVariables": "not json"}, 21656),
+        ({"ContentSid": "HX" + "0" * 32, "ContentVariables": '{"1":""}'}, 21656),  # an empty value
+    ],
+)
+def test_a_bad_template_request_is_refused_as_twilio_refuses_it(
+    sandbox: BackgroundSandbox, fields: dict[str, str], code: int
+) -> None:
+    response = raw_send(sandbox, {"To": "whatsapp:+15551230007", "From": FROM, **fields})
+    assert (response.status_code, response.json()["code"]) == (400, code)
+
+
+def test_the_window_can_be_left_unenforced(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
+    set_faults(sandbox, receipt_delay_ms=0, whatsapp_session_hours=0)
+    send(client, receiver, "m-wa-unenforced", to="whatsapp:+15551230008")
+    calls = wait_for(lambda: len(receiver.calls_for("m-wa-unenforced")) == 2 and receiver.calls_for("m-wa-unenforced"))
+    assert statuses(calls) == ["sent", "delivered"]
 
 
 def test_an_sms_is_never_read(sandbox: BackgroundSandbox, client: Client, receiver: Receiver) -> None:
@@ -299,6 +379,7 @@ def test_a_message_that_could_not_be_sent_gets_failed_alone(
 def test_each_messages_callbacks_arrive_in_order(sandbox: BackgroundSandbox, receiver: Receiver) -> None:
     # Every callback of 60 WhatsApp messages falls due at once: each message's still come in order.
     set_faults(sandbox, receipt_delay_ms=0, receipt_status="read")
+    whatsapp_writes(sandbox, receiver, "+15551230004")
     ids = [f"m-order-{i}" for i in range(60)]
     for message_id in ids:
         data = {"To": "whatsapp:+15551230004", "From": FROM, "Body": "x", "StatusCallback": receiver.url(message_id)}
@@ -489,6 +570,7 @@ def test_fault_settings_defaults_and_partial_update(sandbox: BackgroundSandbox) 
         "callback_retry_scale": 0.01,
         "recipient_outcomes": {},
         "opted_out": [],
+        "whatsapp_session_hours": 24.0,
     }
     set_faults(sandbox, error_rate=0.3, latency_ms=50)
     updated = set_faults(sandbox, outage=True)

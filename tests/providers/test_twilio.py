@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from urllib.parse import urlencode
 
 import pytest
@@ -49,6 +51,44 @@ def test_whatsapp_goes_out_with_whatsapp_addresses(sandbox):
     get_provider("twilio").send(request)
     [logged] = sandbox.requests(message_id=request.message_id)
     assert logged["to"] == "whatsapp:+14155552671" and logged["channel"] == "whatsapp"
+
+
+TEMPLATE = "HX" + "0123456789abcdef" * 2
+
+
+def template_request(variables=None):
+    return dataclasses.replace(
+        send_request("+14155552671", body="kept for display", channel="whatsapp"),
+        template=TEMPLATE,
+        template_variables={"1": "Ada", "2": "12:30"} if variables is None else variables,
+    )
+
+
+def test_a_template_is_prepared_as_content_sid_and_variables_without_a_body():
+    prepared = get_provider("twilio").prepare(template_request())
+    assert prepared["ContentSid"] == TEMPLATE and "Body" not in prepared
+    assert json.loads(prepared["ContentVariables"]) == {"1": "Ada", "2": "12:30"}
+    assert prepared["To"] == "whatsapp:+14155552671"
+    assert "ContentVariables" not in get_provider("twilio").prepare(template_request(variables={}))
+    free_form = get_provider("twilio").prepare(send_request("+14155552671", body="hi", channel="whatsapp"))
+    assert free_form["Body"] == "hi" and "ContentSid" not in free_form
+
+
+@pytest.mark.parametrize("how", ["send", "send_async"])
+def test_a_template_reaches_twilio_with_its_variables(sandbox, how):
+    """Through the SDK (messages.create's content_sid, content_variables) and the bulk path's post."""
+    from messaging.send_loop import send_loop
+
+    request = template_request()
+    provider = get_provider("twilio")
+    provider.send(request) if how == "send" else send_loop().run(provider.send_async(request))
+    [logged] = sandbox.requests(message_id=request.message_id)
+    assert (logged["content_sid"], logged["content_variables"]) == (TEMPLATE, {"1": "Ada", "2": "12:30"})
+    assert logged["body"] is None and logged["accepted"] and logged["fault"] == "none"  # a template: no window
+
+
+def test_a_63016_receipt_means_outside_session_window():
+    assert TwilioProvider.receipt_error_types["63016"] == "outside_session_window"
 
 
 def test_the_status_map_covers_twilios_status_enum():

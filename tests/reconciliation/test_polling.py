@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from messaging.dispatch import messages_dispatch
 from messaging.models import Message, MessageEvent, Receipt
+from messaging.whatsapp_session import whatsapp_session_record
 from reconciliation.polling import receipts_poll_overdue
 
 pytestmark = pytest.mark.django_db
@@ -90,6 +91,8 @@ def test_the_timeout_is_per_channel(sandbox, make_message, settings):
     sandbox.faults(receipt_loss_rate=1.0, receipt_delay_ms=0)
     settings.CONDUCTOR = {**settings.CONDUCTOR, "RECEIPT_TIMEOUT_SECONDS": {"sms": 60.0, "whatsapp": 3600.0}}
     sms = dispatched(make_message, ago=timedelta(minutes=2))
+    sandbox.faults(whatsapp_session_hours=0)  # a free-form WhatsApp message: its window open on both sides
+    whatsapp_session_record(address="+14155552671", at=timezone.now())
     whatsapp = dispatched(make_message, ago=timedelta(minutes=2), channel="whatsapp")
     assert receipts_poll_overdue().updated == 1
     assert Message.objects.get(pk=sms.pk).state == "delivered"

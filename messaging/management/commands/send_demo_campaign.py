@@ -74,6 +74,7 @@ class Command(BaseCommand):
             }
             for i in range(count)
         ]
+        items += _whatsapp_items(run)
         try:
             response = session.post(f"{api_url}/api/v1/messages/batch/", json={"messages": items}, timeout=60)
         except requests.ConnectionError:
@@ -142,3 +143,22 @@ class Command(BaseCommand):
             providers.update(m["provider"] for m in page["results"] if m["provider"])
             url, params = page.get("next"), None
         return counts, providers
+
+
+# A Twilio Content SID of the shape Twilio gives (the sandbox takes any; Twilio, only its own).
+DEMO_TEMPLATE = "HX" + "0123456789abcdef" * 2
+
+
+def _whatsapp_items(run: str) -> list[dict]:
+    """WhatsApp (docs/whatsapp.md): nobody has written to us, so the template goes and the
+    free-form message fails at once (outside_session_window), never reaching Twilio."""
+    common = {"channel": "whatsapp", "to": "+14155550199", "category": f"demo-{run}"}
+    return [
+        {
+            **common,
+            "template": DEMO_TEMPLATE,
+            "variables": {"1": "Ada", "2": "12:30"},
+            "idempotency_key": f"demo-{run}-whatsapp-template",
+        },
+        {**common, "body": "Your table is ready.", "idempotency_key": f"demo-{run}-whatsapp-free-form"},
+    ]
