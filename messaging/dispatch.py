@@ -87,7 +87,7 @@ from providers.base import validity_too_short
 from providers.conf import providers_setting
 from providers.guards import circuit_breaker, rate_limiter, seconds_until_half_open
 from providers.ratelimit import wait_for_slot
-from providers.registry import get_provider
+from providers.registry import get_provider, provider_class
 from providers.types import (
     AmbiguousProviderError,
     DeadlineTooShortError,
@@ -540,7 +540,7 @@ def _any_suppressed(sends: list[_Send]) -> bool:
 def _hop_short_of_time(send: _Send, hop: Hop, now: datetime) -> str | None:
     """Why this hop's provider cannot take the message in time (its shortest validity is more than
     the time left), or None."""
-    validity = get_provider(hop.provider).validity_seconds
+    validity = provider_class(hop.provider).validity_seconds  # the class's: no adapter is built for it
     left = send.message.expires_at - now
     if validity is None or left >= timedelta(seconds=validity[0]):
         return None
