@@ -12,6 +12,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from messaging.dispatch import messages_dispatch
+from providers.guards import circuit_breaker
 
 pytestmark = pytest.mark.django_db
 
@@ -113,3 +114,24 @@ def test_skipping_a_hop_for_time_costs_no_query_per_message(sandbox, make_messag
         return len(captured)
 
     assert queries(8, 10) - queries(8, 300) == queries(2, 10) - queries(2, 300)
+
+
+def test_time_run_out_while_waiting_for_its_turn_in_the_round_is_not_sent_and_expires(sandbox, make_message, settings):
+    """The hop is checked when the round starts; the adapter checks again when it prepares the
+    request. One send at a time, each answered after 0.6 s: the second of two messages with 20.3 s
+    left reaches prepare() with under Vonage's 20 s, and is neither sent nor held against Vonage."""
+    route(settings, "vonage")
+    settings.CONDUCTOR = {**settings.CONDUCTOR, "BULK_SEND_CONCURRENCY": 1}
+    sandbox.faults("vonage", latency_ms=600)
+    messages = [make_message(expires_at=left(20.3), to=f"+1415555{2800 + i}") for i in range(2)]
+    messages_dispatch(message_ids=[str(m.pk) for m in messages])
+    for message in messages:
+        message.refresh_from_db()
+    [sent] = [m for m in messages if m.state == "dispatched"]
+    [late] = [m for m in messages if m.state == "expired"]
+    assert [r["message_id"] for r in sandbox.requests()] == [str(sent.pk)]
+    assert late.last_error_code == "below_minimum_validity"
+    assert [(p, o) for p, o, _ in hops(late)] == [("vonage", "transient_error")]
+    assert late.attempts.get().error_type == "expired"
+    circuit = circuit_breaker("vonage").snapshot()
+    assert (circuit["window_calls"], circuit["window_failures"]) == (1, 0)  # the one real call only
