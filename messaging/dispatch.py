@@ -83,6 +83,7 @@ from messaging.outcomes import (
     error_fields,
     message_dead_letter,
     message_record_dispatched_after_receipt,
+    message_record_expired,
     message_record_failed,
     message_reschedule,
     message_schedule_retry,
@@ -97,12 +98,14 @@ from messaging.states import MessageState
 from messaging.suppressions.selectors import Blocker, SuppressionIndex, exempt_categories, suppression_address
 from messaging.suppressions.services import suppression_add
 from messaging.whatsapp_session import whatsapp_session_window, whatsapp_sessions_open
+from providers.base import validity_too_short
 from providers.conf import providers_setting
 from providers.guards import circuit_breaker, rate_limiter, seconds_until_half_open
 from providers.ratelimit import wait_for_slot
-from providers.registry import get_provider
+from providers.registry import get_provider, provider_class
 from providers.types import (
     AmbiguousProviderError,
+    DeadlineTooShortError,
     PermanentProviderError,
     ProviderError,
     SendResult,
@@ -485,7 +488,7 @@ def _walk(sends: list[_Send], lease: datetime, calling: list[_Send], released: s
             _hand_back([s.message for s in active], lease)
             released.update(s.message.pk for s in active)
             return
-        _skip_suppressed(active, in_claim=False)  # before a rate limit's slot is waited for
+        _skip_unusable(active, in_claim=False)  # before a rate limit's slot is waited for
         for send in active:
             if send.index >= len(send.hops):
                 _route_spent(send)
@@ -523,10 +526,10 @@ def _round_start(active: list[_Send], *, in_claim: bool) -> list[_Send]:
     """A round's permits and its attempt rows, before any call: a worker killed mid-call leaves
     its in-progress rows behind, and the next claim looks those messages up before sending again.
     A hop whose circuit is open is recorded as skipped; the message moves on to its next hop.
-    A hop whose address is suppressed is skipped first, the same way (a message with no hop left
-    is settled by _walk). Returns the round's calls. In the claim, the counters are written with
-    the lease."""
-    _skip_suppressed(active, in_claim=in_claim)
+    A hop whose address is suppressed, or whose provider's shortest validity is more than the time
+    left, is skipped first, the same way (a message with no hop left is settled by _walk).
+    Returns the round's calls. In the claim, the counters are written with the lease."""
+    _skip_unusable(active, in_claim=in_claim)
     active = [s for s in active if s.index < len(s.hops)]
     _circuit_permits(active)
     skipped = [s for s in active if s.permit is None]
@@ -565,34 +568,41 @@ def _hop_suppressed(send: _Send, hop: Hop) -> str | None:
     return blocker.reason if blocker is not None else None
 
 
-def _skip_suppressed(active: list[_Send], *, in_claim: bool) -> None:
-    """Move each send past the hops whose address is suppressed, or whose WhatsApp window is closed
-    for a free-form message, an attempt row (skipped) each. One attempts_start per layer of hops:
-    it counts each message's attempts up once a call."""
-    if not _any_suppressed(active):
-        return
+def _skip_unusable(active: list[_Send], *, in_claim: bool) -> None:
+    """Move each send past the hops it may not be given to, an attempt row (skipped) each: an
+    address suppressed, a free-form WhatsApp hop whose session window is closed, or a provider
+    whose shortest validity is more than the message has left before its deadline (it would get a
+    validity shorter than it takes: docs/deadlines.md). One attempts_start per layer of hops: it
+    counts each message's attempts up once a call."""
+    now = timezone.now()
+    suppressions = _any_suppressed(active)
     while True:
         layer = []
         for send in active:
             if send.index < len(send.hops):
-                reason = _hop_suppressed(send, send.hop)
+                reason = _hop_suppressed(send, send.hop) if suppressions else None
                 if reason is not None:
-                    layer.append((send, reason, f"skipped: suppressed ({reason})"))
-                elif _hop_window_closed(send, send.hop):
-                    layer.append((send, None, "skipped: outside the WhatsApp session window"))
+                    layer.append((send, reason, ErrorType.SUPPRESSED, f"skipped: suppressed ({reason})"))
+                    continue
+                if suppressions and _hop_window_closed(send, send.hop):
+                    layer.append(
+                        (send, None, ErrorType.OUTSIDE_SESSION_WINDOW, "skipped: outside the WhatsApp session window")
+                    )
+                    continue
+                too_short = _hop_short_of_time(send, send.hop, now)
+                if too_short is not None:
+                    layer.append((send, None, ErrorType.EXPIRED, f"skipped: {too_short}"))
         if not layer:
             return
         attempts_start(
-            starts=[(s.message, s.hop, note) for s, _, note in layer],
+            starts=[(s.message, s.hop, note) for s, _, _, note in layer],
             outcome=AttemptOutcome.SKIPPED,
             counters=not in_claim,
         )
-        met = [s for s, reason, _ in layer if reason is not None and not (s.met_suppression or s.refused)]
-        for send, reason, _ in layer:
-            if reason is None:
-                send.left_for = ErrorType.OUTSIDE_SESSION_WINDOW
-            else:
-                send.left_for = ErrorType.SUPPRESSED
+        met = [s for s, reason, _, _ in layer if reason is not None and not (s.met_suppression or s.refused)]
+        for send, reason, left_for, _ in layer:
+            send.left_for = left_for
+            if reason is not None:
                 send.met_suppression = True
             send.index += 1
         # Each message that met its client's list: failed for it, or sent on another channel.
@@ -613,6 +623,16 @@ def _hop_window_closed(send: _Send, hop: Hop) -> bool:
 def _hop_open(send: _Send, hop: Hop) -> bool:
     """Whether this hop may be tried at all: not suppressed, not a closed WhatsApp window."""
     return _hop_suppressed(send, hop) is None and not _hop_window_closed(send, hop)
+
+
+def _hop_short_of_time(send: _Send, hop: Hop, now: datetime) -> str | None:
+    """Why this hop's provider cannot take the message in time (its shortest validity is more than
+    the time left), or None."""
+    validity = provider_class(hop.provider).validity_seconds  # the class's: no adapter is built for it
+    left = send.message.expires_at - now
+    if validity is None or left >= timedelta(seconds=validity[0]):
+        return None
+    return validity_too_short(hop.provider, validity[0], left)
 
 
 def _circuit_permits(sends: list[_Send]) -> None:
@@ -662,6 +682,11 @@ async def _call(send: _Send, limit: asyncio.Semaphore, deadline: float) -> None:
             send.result = await asyncio.wait_for(
                 get_provider(hop.provider).send_async(send_request(send.message, hop)), remaining
             )
+        except DeadlineTooShortError as exc:
+            # prepare() found less time left than the provider's shortest validity (the round
+            # waited for its turn since the hop was checked): not sent, the circuit told nothing.
+            send.error = exc
+            send.sent = False
         except TimeoutError:
             # A provider timeout bounds each socket operation, not the call: this bounds the call,
             # so a round always ends inside the lease (another worker may claim it after that).
@@ -824,12 +849,19 @@ def _hop_note(send: _Send) -> str:
 def _route_spent(send: _Send) -> None:
     """No hop left this round: a message whose every hop is suppressed fails for good (`suppressed`,
     never handed to a provider), as does one whose every hop is suppressed or a free-form WhatsApp
-    hop with its window closed (`outside_session_window`, when the first such hop is one); the
+    hop with its window closed (`outside_session_window`, when the first such hop is one); one whose
+    every other hop's provider needs more time than it has left expires (waiting gives it less); the
     others wait for their retry (_route_failed)."""
-    message = send.message
+    message, now = send.message, timezone.now()
     open_hops = [hop for hop in send.hops if _hop_open(send, hop)]
+    in_time = [hop for hop in open_hops if _hop_short_of_time(send, hop, now) is None]
+    if in_time:
+        _route_failed(message=message, hops=in_time, last_error=send.last_error, tried=send.tried)
+        return
     if open_hops:
-        _route_failed(message=message, hops=open_hops, last_error=send.last_error, tried=send.tried)
+        reason = _hop_short_of_time(send, open_hops[0], now)
+        message_record_expired(message=message, error=DeadlineTooShortError(reason or "no time left"))
+        logger.info("message %s: no provider of its route can take it in the time left; expired", message.pk)
         return
     first = _first_blocker(send)
     closed = next((hop for hop in send.hops if _hop_window_closed(send, hop)), None)
@@ -851,7 +883,7 @@ def _outside_window_error(hop: Hop) -> PermanentProviderError:
     window = whatsapp_session_window()
     hours = f"{window.total_seconds() / 3600:g}" if window is not None else "24"
     return PermanentProviderError(
-        f"a free-form WhatsApp message to {hop.to} outside the session window (the recipient has not "
+        "a free-form WhatsApp message outside the session window (the recipient has not "
         f"written in the last {hours} hours): send a template or wait for the recipient to write",
         error_type=ErrorType.OUTSIDE_SESSION_WINDOW,
     )

@@ -268,6 +268,18 @@ def message_record_failed(*, message: Message, error: ProviderError) -> None:
     )
 
 
+def message_record_expired(*, message: Message, error: ProviderError) -> None:
+    """Its deadline leaves too little time for any provider of its route (each one's shortest
+    validity is more): expired, never handed over."""
+    message_transition(
+        message_id=message.pk,
+        to_state=MessageState.EXPIRED,
+        source=EventSource.WORKER,
+        detail=f"deadline too close: {error}",
+        fields={**RELEASE, **_last_error(error)},
+    )
+
+
 def message_dead_letter(*, message: Message, error_type: str, code: str, reason: str, **fields: Any) -> None:
     last_error = {"last_error_type": error_type, "last_error_code": code, "last_error_message": reason[:2000]}
     message_transition(

@@ -9,16 +9,19 @@ import math
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any, ClassVar, NoReturn, final
 
 from django.http import HttpRequest
+from django.utils import timezone
 
 from providers.classify import TRANSPORT_ERRORS, classify_transport
 from providers.types import (
     INBOUND_FIELD_MAX_LENGTHS,
     RECEIPT_FIELD_MAX_LENGTHS,
     AmbiguousProviderError,
+    DeadlineTooShortError,
     ErrorType,
     InboundMessage,
     InboundNotSupported,
@@ -91,6 +94,11 @@ class Provider(ABC):
     # Whether a reply to an inbound message goes back in the inbound webhook's answer (Twilio's
     # TwiML, inbound_answer()); otherwise a reply is a message of its own, sent through Conductor.
     replies_in_answer: ClassVar[bool] = False
+    # The provider's own expiry field as (shortest, longest) whole seconds it takes, or None when
+    # it has none (email): prepare() passes the time left before the message's deadline there, so
+    # the provider does not deliver it late either; a message with less time left than the
+    # shortest is not handed to it (messaging.dispatch skips the hop). docs/deadlines.md.
+    validity_seconds: ClassVar[tuple[int, int] | None] = None
     _has_async_transport: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -142,6 +150,20 @@ class Provider(ABC):
     @abstractmethod
     def prepare(self, request: SendRequest) -> Any:
         """The provider's request for this message (its payload): what transmit() sends."""
+
+    def validity_left(self, request: SendRequest, *, now: datetime | None = None) -> timedelta | None:
+        """The time left before the request's deadline, `now` (default: this moment), capped at the
+        provider's longest validity: what its expiry field is given, which the adapter rounds down
+        to the field's unit (never more time than we have). None when the provider has no such
+        field or the message no deadline. DeadlineTooShortError when less is left than the
+        provider's shortest validity: it must not be handed over."""
+        if self.validity_seconds is None or request.expires_at is None:
+            return None
+        shortest, longest = self.validity_seconds
+        left = request.expires_at - (now or timezone.now())
+        if left < timedelta(seconds=shortest):
+            raise DeadlineTooShortError(validity_too_short(self.name, shortest, left))
+        return min(left, timedelta(seconds=longest))
 
     @abstractmethod
     def transmit(self, prepared: Any) -> SendResult:
@@ -235,6 +257,14 @@ class Provider(ABC):
 
     def map_status(self, provider_status: str) -> str | None:
         return self.status_map.get(provider_status)
+
+
+def validity_too_short(provider: str, shortest: int, left: timedelta) -> str:
+    """Why a message is not handed to a provider whose shortest validity is more than it has left."""
+    return (
+        f"{max(left.total_seconds(), 0.0):.1f}s left before its deadline, below {provider}'s minimum "
+        f"validity of {shortest}s: not handed to it"
+    )
 
 
 def receipt_checked(event: ReceiptEvent) -> ReceiptEvent:

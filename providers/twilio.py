@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -39,7 +39,12 @@ from providers.types import (
 
 TWILIO_API_ORIGIN = "https://api.twilio.com"
 # prepare()'s optional form fields -> the SDK's messages.create keywords (transmit() passes those given).
-SDK_OPTIONAL_FIELDS = {"Body": "body", "ContentSid": "content_sid", "ContentVariables": "content_variables"}
+SDK_OPTIONAL_FIELDS = {
+    "Body": "body",
+    "ContentSid": "content_sid",
+    "ContentVariables": "content_variables",
+    "ValidityPeriod": "validity_period",
+}
 
 
 class _RoutedHttpClient(TwilioHttpClient):
@@ -123,6 +128,10 @@ class TwilioProvider(Provider):
         "receiving": None,
         "received": None,
     }
+    # A `failed` status with one of these error codes is the message taken and not delivered in
+    # time, our `undelivered` rather than a refusal: 30036 Validity Period Expired (it waited in
+    # Twilio's queue past the ValidityPeriod we gave, docs/deadlines.md).
+    undelivered_error_codes = frozenset({"30036"})
     # Twilio error codes (https://www.twilio.com/docs/api/errors): the recipient itself cannot
     # receive (the messaging layer suppresses the address for every category), or has
     # unsubscribed from our sender (21610 "Attempt to send to unsubscribed recipient": suppressed
@@ -136,6 +145,9 @@ class TwilioProvider(Provider):
         **dict.fromkeys((21211, 21214, 21217, 21407, 21612, 21614, 63003), ErrorType.INVALID_RECIPIENT),
         21610: ErrorType.OPTED_OUT,
     }
+    # ValidityPeriod: whole seconds in Twilio's queue, 1 to 36,000 (also its default without the
+    # field; the Messages API's create parameters). docs/deadlines.md.
+    validity_seconds = (1, 36_000)
     # An inbound message's reply is TwiML in the webhook's answer.
     replies_in_answer = True
     # TwilioException other than a REST error, or a ValueError: e.g. a 2xx the SDK could not parse.
@@ -180,8 +192,10 @@ class TwilioProvider(Provider):
             return f"whatsapp:{request.to}", self.config["WHATSAPP_FROM"]
         return request.to, self.config["FROM_NUMBER"]
 
-    def prepare(self, request: SendRequest) -> dict[str, str]:
-        """The Messages API's form fields (what the SDK's messages.create posts)."""
+    def prepare(self, request: SendRequest, now: datetime | None = None) -> dict[str, str]:
+        """The Messages API's form fields (what the SDK's messages.create posts): ValidityPeriod is
+        the time left before the deadline at this moment, in whole seconds rounded down (at most
+        36,000, Twilio's own default: a longer deadline gets that)."""
         to, from_ = self._addresses(request)
         prepared = {"To": to, "From": from_, "StatusCallback": self.status_callback_url(request)}
         if request.template:
@@ -191,6 +205,9 @@ class TwilioProvider(Provider):
                 prepared["ContentVariables"] = json.dumps(request.template_variables, separators=(",", ":"))
         else:
             prepared["Body"] = request.body
+        left = self.validity_left(request, now=now)
+        if left is not None:
+            prepared["ValidityPeriod"] = str(left // timedelta(seconds=1))
         return prepared
 
     def status_callback_url(self, request: SendRequest) -> str:
@@ -254,7 +271,14 @@ class TwilioProvider(Provider):
             message = self.client.messages(provider_message_id).fetch()
         except Exception as exc:
             self.raise_classified(exc)
-        return StatusResult(provider_message_id, message.status, self.map_status(message.status))
+        state = self.map_receipt_status(message.status, str(message.error_code or ""))
+        return StatusResult(provider_message_id, message.status, state)
+
+    def map_receipt_status(self, status: str, error_code: str) -> str | None:
+        """map_status, refined by the error code: a validity that ran out is `undelivered`."""
+        if status == "failed" and error_code in self.undelivered_error_codes:
+            return ReportedState.UNDELIVERED
+        return self.map_status(status)
 
     def find_send(self, request: SendRequest) -> list[SendResult]:
         """Twilio's Messages API has no idempotency key: list by recipient and day, match the body."""
@@ -296,6 +320,7 @@ class TwilioProvider(Provider):
         status = payload.get("MessageStatus") or payload.get("SmsStatus") or ""
         if not sid or not status:
             raise ValueError("Twilio status callback without MessageSid or MessageStatus")
+        error_code = payload.get("ErrorCode") or ""
         return [
             ReceiptEvent(
                 provider=self.name,
@@ -303,9 +328,9 @@ class TwilioProvider(Provider):
                 event_id=f"{sid}:{status}",
                 provider_message_id=sid,
                 provider_status=status,
-                state=self.map_status(status),
+                state=self.map_receipt_status(status, error_code),
                 message_id=request.GET.get("message_id") or None,
-                error_code=payload.get("ErrorCode") or "",
+                error_code=error_code,
                 payload=payload,
             )
         ]

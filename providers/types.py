@@ -83,6 +83,15 @@ class PermanentProviderError(ProviderError):
     """The provider will never take this message (bad number, unsubscribed, 4xx): fail it now."""
 
 
+class DeadlineTooShortError(TransientProviderError):
+    """Not sent: the time left before the message's deadline is below the provider's shortest
+    validity (providers.base.Provider.validity_seconds). Nothing reached the provider; another
+    hop may still take it, and a message no hop can take in time expires (docs/deadlines.md)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_type=ErrorType.EXPIRED, code="below_minimum_validity")
+
+
 class AmbiguousProviderError(ProviderError):
     """The request may have reached the provider (timeout after sending): look it up, never blind-resend."""
 

@@ -134,6 +134,9 @@ class VonageProvider(Provider):
         "rejected": ReportedState.FAILED,  # refused by Vonage or the carrier (e.g. an illegal number): permanent
         "unknown": None,
     }
+    # ttl: milliseconds Vonage keeps trying to deliver, 20,000 to 604,800,000 (7 days; 72 h without
+    # the field), as the SMS API documents and the SDK's SmsMessage checks. docs/deadlines.md.
+    validity_seconds = (20, 604_800)
     # e.g. a 2xx we could not parse (pydantic's ValidationError is a ValueError): it may have been accepted.
     unreadable_errors = (KeyError, TypeError, ValueError)
     own_settings = {
@@ -172,7 +175,10 @@ class VonageProvider(Provider):
             )
 
     # --- sending ------------------------------------------------------------------------------
-    def prepare(self, request: SendRequest) -> SmsMessage:
+    def prepare(self, request: SendRequest, now: datetime | None = None) -> SmsMessage:
+        # ttl: the time left before the deadline at this moment, in milliseconds rounded down (at
+        # most 7 days: a longer deadline gets that).
+        left = self.validity_left(request, now=now)
         # client-ref carries the token "<message id>.<generation>": attribution in every receipt
         # and report, covered by the receipt's signature (a URL query would not be, and would not
         # fit in the 100-character callback).
@@ -182,6 +188,7 @@ class VonageProvider(Provider):
             text=request.body,
             client_ref=request.token,
             callback=self.callback_url,  # per message, so receipts reach this deployment whatever the dashboard says
+            ttl=None if left is None else left // timedelta(milliseconds=1),
         )
 
     def transmit(self, prepared: SmsMessage) -> SendResult:

@@ -259,6 +259,10 @@ CELERY_BEAT_SCHEDULE = {
 
 # --- Conductor ------------------------------------------------------------------------------
 SANDBOX_URL = env_str("CONDUCTOR_SANDBOX_URL", "http://127.0.0.1:8025")
+# The sandbox provider's delivery delay: how long after acceptance its messages reach their final
+# status (every provider's receipt_delay_ms at start and after a reset; the control API changes it
+# per provider). A provider validity shorter than this expires the message (docs/deadlines.md).
+SANDBOX_DELIVERY_DELAY_MS = env_float("CONDUCTOR_SANDBOX_DELIVERY_DELAY_MS", 200.0)
 # Each layer owns some of these keys, with their defaults: providers/conf.py, messaging/conf.py,
 # reconciliation/conf.py; each app's checks validate its own, conductor_project.checks rejects unknown keys.
 CONDUCTOR = {

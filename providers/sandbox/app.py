@@ -23,7 +23,7 @@ SHUTDOWN_TIMEOUT_S = 0.5
 def build_app(config: SandboxConfig) -> web.Application:
     """The sandbox app: control API plus every provider emulation, sharing one state."""
     app = web.Application()
-    state = SandboxState(config.seed)
+    state = SandboxState(config.seed, delivery_delay_ms=config.delivery_delay_ms)
     app[CONFIG_KEY] = config
     app[STATE_KEY] = state
     if config.callback_process:

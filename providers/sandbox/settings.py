@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
 from providers.conf import provider_config, providers_setting, receipts_base_url
-from providers.sandbox.state import SandboxConfig
+from providers.sandbox.state import DEFAULT_DELIVERY_DELAY_MS, SandboxConfig
 
 
 def sandbox_config_from_settings(seed: int | None = None, *, callback_process: bool = True) -> SandboxConfig:
     twilio, vonage, mailgun = provider_config("twilio"), provider_config("vonage"), provider_config("mailgun")
+    delivery_delay_ms = float(getattr(settings, "SANDBOX_DELIVERY_DELAY_MS", DEFAULT_DELIVERY_DELAY_MS))
+    if not delivery_delay_ms >= 0:
+        raise ImproperlyConfigured("SANDBOX_DELIVERY_DELAY_MS (CONDUCTOR_SANDBOX_DELIVERY_DELAY_MS) must be >= 0")
     return SandboxConfig(
         twilio_account_sid=twilio["ACCOUNT_SID"],
         twilio_auth_token=twilio["AUTH_TOKEN"],
@@ -25,4 +31,5 @@ def sandbox_config_from_settings(seed: int | None = None, *, callback_process: b
         vonage_from=vonage["FROM"],
         inbound_base_url=providers_setting("PUBLIC_URL"),  # inbound messages go to the web
         callback_process=callback_process,
+        delivery_delay_ms=delivery_delay_ms,
     )

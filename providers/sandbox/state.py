@@ -48,6 +48,10 @@ DELIVERY_RECEIPT = "receipt"
 DELIVERY_DROP = "drop"
 DELIVERY_RECEIPT_LOSS = "receipt_loss"
 
+# How long after acceptance a message reaches its final status, unless configured (each provider's
+# receipt_delay_ms; SandboxConfig.delivery_delay_ms, from CONDUCTOR_SANDBOX_DELIVERY_DELAY_MS).
+DEFAULT_DELIVERY_DELAY_MS = 200.0
+
 _RATE_FIELDS = ("error_rate", "rate_429", "timeout_rate", "drop_rate", "receipt_loss_rate")
 _MS_FIELDS = ("latency_ms", "latency_max_ms", "timeout_hold_ms", "receipt_delay_ms")
 
@@ -77,6 +81,9 @@ class SandboxConfig:
     # Post receipt callbacks from a child process (providers.sandbox.poster), so that their
     # load does not slow the API's answers; False: from the sandbox's own event loop.
     callback_process: bool = True
+    # Every provider's receipt_delay_ms at start and after a reset (the delivery delay; a validity
+    # shorter than it expires the message: docs/deadlines.md).
+    delivery_delay_ms: float = DEFAULT_DELIVERY_DELAY_MS
 
 
 class FaultValidationError(ValueError):
@@ -228,9 +235,10 @@ def utcnow() -> datetime:
 class SandboxState:
     """Everything the sandbox remembers; one instance per running app, reset by the control API."""
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, *, delivery_delay_ms: float = DEFAULT_DELIVERY_DELAY_MS) -> None:
         self.rng = random.Random(seed)
-        self.faults: dict[str, FaultSettings] = {name: FaultSettings() for name in PROVIDERS}
+        self.delivery_delay_ms = delivery_delay_ms
+        self.faults: dict[str, FaultSettings] = self._default_faults()
         self.requests: list[dict[str, Any]] = []
         self.requests_by_message_id: dict[str, list[dict[str, Any]]] = {}
         self.messages: dict[str, StoredMessage] = {}
@@ -242,8 +250,11 @@ class SandboxState:
         # When each number (E.164) last wrote to our WhatsApp sender (POST /_sandbox/inbound).
         self.whatsapp_last_inbound: dict[str, datetime] = {}
 
+    def _default_faults(self) -> dict[str, FaultSettings]:
+        return {name: FaultSettings(receipt_delay_ms=self.delivery_delay_ms) for name in PROVIDERS}
+
     def reset(self, seed: int | None = None, *, reseed: bool = False) -> None:
-        self.faults = {name: FaultSettings() for name in PROVIDERS}
+        self.faults = self._default_faults()
         self.requests.clear()
         self.requests_by_message_id.clear()
         self.messages.clear()
@@ -346,7 +357,7 @@ class SandboxState:
         provider_message_id: str | None,
         fault: str,
         headers: dict[str, str] | None = None,
-        content: dict[str, Any] | None = None,
+        fields: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "provider": provider,
@@ -363,8 +374,8 @@ class SandboxState:
         }
         if headers is not None:  # an email's extra headers, as the provider received them
             entry["headers"] = headers
-        if content is not None:  # a template message's ContentSid and ContentVariables (Twilio)
-            entry.update(content)
+        if fields:  # a provider's own fields worth checking: the validity it was given, a template
+            entry.update(fields)
         self.requests.append(entry)
         if message_id:
             self.requests_by_message_id.setdefault(message_id, []).append(entry)
@@ -431,6 +442,18 @@ class SandboxState:
         )
         self.messages[provider_message_id] = message
         return message
+
+    @staticmethod
+    def expire_after(message: StoredMessage, validity_s: float | None, *, status: str, **extra: Any) -> None:
+        """The provider's validity (Twilio's ValidityPeriod, Vonage's ttl): a message whose validity
+        runs out before its delivery (receipt_delay_ms) ends `status` at the moment it runs out,
+        with `extra` (the provider's error) kept for its receipt. A dropped message stays dropped."""
+        if validity_s is None or message.final_status is None or message.final_at is None:
+            return
+        ends = message.created_at + timedelta(seconds=validity_s)
+        if ends < message.final_at:
+            message.final_status, message.final_at = status, ends
+            message.extra.update(extra)
 
 
 # Typed keys under which build_app() stores the shared objects for every route module.

@@ -52,6 +52,11 @@ OUTSIDE_WINDOW_ERROR = (
     "Failed to send freeform message because you are outside the allowed window. Please use a Template.",
 )
 CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}$")
+# A message whose ValidityPeriod ran out in the queue: `failed` with this error
+# (https://www.twilio.com/docs/api/errors/30036), at the moment the validity ended.
+VALIDITY_EXPIRED = (30036, "Validity Period Expired")
+# ValidityPeriod's range (the Messages API's create parameters); outside it Twilio answers 21624.
+VALIDITY_RANGE = (1, 36_000)
 # Statuses that carry the carrier's delivery receipt time (RawDlrDoneDate, SMS only):
 # https://www.twilio.com/en-us/changelog/addition-of-rawdlrdonedate-to-delivered-and-undelivered-status-webhooks
 DLR_STATUSES = frozenset({"delivered", "undelivered"})
@@ -138,6 +143,8 @@ def _invalid(form: Any) -> tuple[int, str] | None:
         return None
     if not form.get("Body") and not form.get("MediaUrl"):
         return 21602, "Message body is required."
+    if form.get("ValidityPeriod") is not None and _validity_period(form) is None:
+        return 21624, "Invalid validity period value"
     return None
 
 
@@ -160,10 +167,20 @@ def _content(form: Any) -> dict[str, Any] | None:
     return {"content_sid": form["ContentSid"], "content_variables": _content_variables(variables) if variables else {}}
 
 
-def receipt_error(message: StoredMessage, status: str) -> tuple[int | None, str | None]:
-    """The ErrorCode and ErrorMessage of a status: the message's own failure (63016) or the status's."""
-    if status == "failed" and "error" in message.extra:
-        return message.extra["error"]
+def _validity_period(form: Any) -> int | None:
+    """The request's ValidityPeriod in seconds, None when absent or not a whole number in range."""
+    try:
+        value = int(form.get("ValidityPeriod") or "")
+    except ValueError:
+        return None
+    return value if VALIDITY_RANGE[0] <= value <= VALIDITY_RANGE[1] else None
+
+
+def _receipt_error(message: StoredMessage, status: str) -> tuple[int, str] | tuple[None, None]:
+    """The ErrorCode and message a status carries: the message's own (an expired validity, a
+    free-form WhatsApp message outside the window), else the status's usual one."""
+    if status == message.final_status and "receipt_error" in message.extra:
+        return message.extra["receipt_error"]
     return RECEIPT_ERRORS.get(status, (None, None))
 
 
@@ -172,7 +189,7 @@ def resource(message: StoredMessage, account_sid: str, *, status: str | None = N
     now = utcnow()
     uri = f"/{API_VERSION}/Accounts/{account_sid}/Messages/{message.provider_message_id}"
     current = message.status_at(now)
-    error_code, error_message = receipt_error(message, current)
+    error_code, error_message = _receipt_error(message, current)
     return {
         "account_sid": account_sid,
         "api_version": API_VERSION,
@@ -225,7 +242,7 @@ class StatusCallbacks:
             To=message.to,
             ApiVersion=API_VERSION,
         )
-        error_code, _ = receipt_error(message, status)
+        error_code, _ = _receipt_error(message, status)
         if error_code is not None:
             params["ErrorCode"] = str(error_code)
         if status in DLR_STATUSES and message.channel == "sms" and message.final_at is not None:
@@ -265,7 +282,9 @@ async def create_message(request: web.Request) -> web.Response:
         "token": token,
         "to": to,
         "body": body,
-        "content": _content(form),
+        # What the request asked of the validity, as sent (None: Twilio's default, 36,000 s), and
+        # a template message's ContentSid and ContentVariables (parsed).
+        "fields": {"validity_period": form.get("ValidityPeriod"), **(_content(form) or {})},
     }
 
     async def refuse(response: web.Response, fault: str, delay_s: float) -> web.Response:
@@ -312,7 +331,7 @@ async def create_message(request: web.Request) -> web.Response:
     )
     if outside_window and message.final_status is not None:
         message.final_status = "failed"
-        message.extra["error"] = OUTSIDE_WINDOW_ERROR
+        message.extra["receipt_error"] = OUTSIDE_WINDOW_ERROR
     state.record_request(
         **attribution,
         accepted=True,
@@ -322,6 +341,8 @@ async def create_message(request: web.Request) -> web.Response:
     )
     if state.faults[PROVIDER].callback_mode == "realistic" and channel == "sms" and message.final_status == "read":
         message.final_status = "delivered"  # read receipts are WhatsApp's; an SMS ends delivered
+    # Still queued when its validity ends: Twilio does not send it, and fails it with 30036.
+    state.expire_after(message, _validity_period(form), status="failed", receipt_error=VALIDITY_EXPIRED)
     if message.callback_url:
         schedule_status_callbacks(
             request.app,

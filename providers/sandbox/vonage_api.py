@@ -49,8 +49,13 @@ RECEIPTS = {
     "read": ("delivered", "0"),
     "undelivered": ("failed", "12"),
     "failed": ("rejected", "9"),
+    # Not a receipt_status: what a message whose ttl ran out before its delivery ends as. Vonage
+    # documents the `expired` DLR status, not an err-code for it: 1 ("Unknown") is the sandbox's.
+    "expired": ("expired", "1"),
 }
-ERROR_DESCRIPTIONS = {"0": "Delivered", "9": "Illegal Number", "12": "Destination unreachable"}
+ERROR_DESCRIPTIONS = {"0": "Delivered", "1": "Unknown", "9": "Illegal Number", "12": "Destination unreachable"}
+# The SMS API's ttl range in milliseconds (20 s to 7 days; 72 h without it).
+TTL_RANGE_MS = (20_000, 604_800_000)
 # What a message not yet final shows in the Reports API.
 PENDING_STATUS = "accepted"
 # Intermediate DLR statuses (the carrier has it, not yet final):
@@ -169,10 +174,21 @@ def _invalid(params: dict[str, str]) -> tuple[str, str] | None:
             return "2", f"Missing {name} param"
     if not MSISDN.match(params["to"].removeprefix("+")):
         return "3", "Invalid to address"
+    if params.get("ttl") is not None and _ttl_ms(params) is None:
+        return "3", "Invalid Parameters: ttl"
     callback = params.get("callback")
     if callback and (len(callback) > CALLBACK_MAX_LENGTH or not callback.startswith(("http://", "https://"))):
         return "23", "Invalid Callback Url"
     return None
+
+
+def _ttl_ms(params: dict[str, str]) -> int | None:
+    """The request's ttl in milliseconds, None when absent or not a whole number in range."""
+    try:
+        value = int(params.get("ttl") or "")
+    except ValueError:
+        return None
+    return value if TTL_RANGE_MS[0] <= value <= TTL_RANGE_MS[1] else None
 
 
 class DeliveryReceipts:
@@ -236,6 +252,8 @@ async def send_sms(request: web.Request) -> web.Response:
         "token": token,
         "to": logged_to,
         "body": text,
+        # The ttl the request gave, as sent (None: Vonage's default, 72 h).
+        "fields": {"ttl": params.get("ttl")},
     }
 
     async def refuse(response: web.Response, fault: str, delay_s: float) -> web.Response:
@@ -285,6 +303,9 @@ async def send_sms(request: web.Request) -> web.Response:
         provider_message_id=message.provider_message_id,
         fault=outcome.fault,
     )
+    # Not delivered when its ttl ends: the `expired` DLR, at that moment.
+    ttl_ms = _ttl_ms(params)
+    state.expire_after(message, None if ttl_ms is None else ttl_ms / 1000, status="expired")
     if message.callback_url:
         schedule_status_callbacks(
             request.app,

@@ -691,3 +691,45 @@ def test_opted_out_must_be_a_list_of_e164_numbers(sandbox: BackgroundSandbox, va
         f"{sandbox.url}/_sandbox/faults", json={"provider": "twilio", "opted_out": value}, timeout=5
     )
     assert response.status_code == 400 and response.json()["field"] == "opted_out"
+
+
+# --- ValidityPeriod (docs/deadlines.md) ---------------------------------------------------------
+def test_a_validity_that_runs_out_before_delivery_fails_with_30036_when_it_ends(
+    sandbox: BackgroundSandbox, client: Client, receiver: Receiver
+) -> None:
+    set_faults(sandbox, receipt_delay_ms=5000)  # delivery held 5 s; the validity is 1 s
+    started = time.monotonic()
+    sid = client.messages.create(
+        to="+15551230001",
+        from_=FROM,
+        body="code 1",
+        status_callback=receiver.url("m-validity", "token-m-validity"),
+        validity_period=1,
+    ).sid
+    [entry] = logged(sandbox, message_id="m-validity")
+    assert entry["validity_period"] == "1"  # the request log keeps what the request asked
+    [call] = wait_for(lambda: receiver.calls_for("m-validity"))
+    assert 0.9 <= time.monotonic() - started < 4  # when the validity ended, not at the delivery
+    assert (call["params"]["MessageStatus"], call["params"]["ErrorCode"]) == ("failed", "30036")
+    fetched = client.messages(sid).fetch()
+    assert (fetched.status, fetched.error_code, fetched.error_message) == ("failed", 30036, "Validity Period Expired")
+
+
+def test_a_validity_longer_than_the_delay_is_delivered(
+    sandbox: BackgroundSandbox, client: Client, receiver: Receiver
+) -> None:
+    set_faults(sandbox, receipt_delay_ms=0)
+    client.messages.create(
+        to="+15551230001", from_=FROM, body="code 2", status_callback=receiver.url("m-valid"), validity_period=60
+    )
+    calls = wait_for(lambda: len(receiver.calls_for("m-valid")) == 2 and receiver.calls_for("m-valid"))
+    assert statuses(calls) == ["sent", "delivered"]
+    [entry] = logged(sandbox, message_id="m-valid")
+    assert entry["validity_period"] == "60"
+
+
+@pytest.mark.parametrize("value", ["0", "36001", "1.5", "soon"])
+def test_a_validity_period_out_of_range_is_21624(sandbox: BackgroundSandbox, value: str) -> None:
+    data = {"To": "+15551230001", "From": FROM, "Body": "x", "ValidityPeriod": value}
+    response = raw_send(sandbox, data)
+    assert response.status_code == 400 and response.json()["code"] == 21624

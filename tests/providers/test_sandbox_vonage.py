@@ -465,3 +465,28 @@ def test_records_refusals(
     assert response.status_code == status, response.text
     if field:
         assert response.json()["invalid_parameters"][0]["name"] == field
+
+
+# --- ttl (docs/deadlines.md) --------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_a_ttl_that_runs_out_before_delivery_ends_expired_when_it_ends(
+    sandbox: BackgroundSandbox, receiver: Receiver
+) -> None:
+    # Vonage's shortest ttl is 20 s: this test waits that long, for the DLR at the moment it ends.
+    set_faults(sandbox, receipt_delay_ms=60_000)
+    started = time.monotonic()
+    message_id = sms(sandbox, "m-ttl.1", receiver=receiver, ttl="20000").json()["messages"][0]["message-id"]
+    [entry] = logged(sandbox, message_id="m-ttl")
+    assert entry["ttl"] == "20000"
+    calls = wait_for(lambda: len(receiver.calls_for("m-ttl.1")) == 2 and receiver.calls_for("m-ttl.1"), timeout=25)
+    assert 19.5 <= time.monotonic() - started < 24
+    assert dlr_statuses(calls) == ["accepted", "expired"] and calls[-1]["params"]["err-code"] == "1"
+    assert all(signed(call["params"]) for call in calls)
+    [row] = records(sandbox, id=message_id).json()["records"]
+    assert (row["status"], row["error_code"]) == ("expired", "1")
+
+
+@pytest.mark.parametrize("ttl", ["19999", "604800001", "soon"])
+def test_a_ttl_out_of_range_is_refused(sandbox: BackgroundSandbox, ttl: str) -> None:
+    [message] = sms(sandbox, "m-bad-ttl.1", ttl=ttl).json()["messages"]
+    assert message["status"] == "3"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from datetime import timedelta
 from urllib.parse import urlencode
 
 import pytest
 from django.test import RequestFactory
+from django.utils import timezone
 from twilio.request_validator import RequestValidator
 
 from providers.conf import provider_config, providers_setting
@@ -135,7 +137,10 @@ def test_the_bulk_paths_direct_post_is_the_request_the_sdk_makes(settings):
     thread.start()
     try:
         provider = TwilioProvider({**provider_config("twilio"), "BASE_URL": f"http://127.0.0.1:{server.server_port}"})
-        request = send_request("+14155552671", body="same request ✓")
+        # With a deadline past Twilio's longest validity, both carry ValidityPeriod 36000.
+        request = dataclasses.replace(
+            send_request("+14155552671", body="same request ✓"), expires_at=timezone.now() + timedelta(hours=11)
+        )
         by_sdk = provider.send(request)
 
         async def send_async_once():
@@ -152,6 +157,7 @@ def test_the_bulk_paths_direct_post_is_the_request_the_sdk_makes(settings):
     assert (by_sdk.provider_message_id, by_aiohttp.provider_message_id) == ("SM1", "SM2")
     (sdk_method, sdk_path, sdk_headers, sdk_form), (method, path, headers, form) = received
     assert (method, path, form) == (sdk_method, sdk_path, sdk_form)
+    assert form["ValidityPeriod"] == ["36000"]
     # Every header the SDK sets itself (user agent, client, content type, accept, auth); the
     # transport's own (Host, Content-Length, Connection, Accept-Encoding) are each library's.
     sdk_set = {"User-Agent", "X-Twilio-Client", "Accept-Charset", "Content-Type", "Accept", "Authorization"}
