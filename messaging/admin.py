@@ -41,6 +41,7 @@ from messaging.models import (
     MessageEvent,
     Receipt,
     Suppression,
+    scheduled_waiting,
 )
 from messaging.replay import SkipReason, dead_letters_replay
 from messaging.routing import Priority
@@ -141,6 +142,22 @@ class ReplayPermissionMixin:
         return request.user.has_perm(REPLAY_PERMISSION)
 
 
+class ScheduledFilter(admin.SimpleListFilter):
+    """Scheduled sends still waiting for their send_at (as the API's ?scheduled=true)."""
+
+    title = "scheduled"
+    parameter_name = "scheduled"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "waiting for send_at"), ("no", "not waiting")]
+
+    def queryset(self, request, queryset):
+        if self.value() not in ("yes", "no"):
+            return queryset
+        waiting = scheduled_waiting(timezone.now())
+        return queryset.filter(waiting) if self.value() == "yes" else queryset.exclude(waiting)
+
+
 @admin.register(Message)
 class MessageAdmin(ReplayPermissionMixin, admin.ModelAdmin):
     list_display = [
@@ -153,9 +170,10 @@ class MessageAdmin(ReplayPermissionMixin, admin.ModelAdmin):
         "category",
         "attempt_count",
         "ordering_position",
+        "send_at",
         "created_at",
     ]
-    list_filter = ["state", "channel", "priority", "provider", "category", "created_at"]
+    list_filter = ["state", ScheduledFilter, "channel", "priority", "provider", "category", "created_at"]
     search_fields = ["=id", "=idempotency_key", "=provider_message_id", "=ordering_key"]
     date_hierarchy = "created_at"
     inlines = [AttemptInline, EventInline, ReceiptInline, CallbackInline, DeadLetterInline]

@@ -229,3 +229,26 @@ def test_the_schema_describes_send_at_and_the_filter(api):
     assert shown["format"] == "date-time" and shown["readOnly"] and "not sent before" in shown["description"]
     parameters = schema["paths"]["/api/v1/messages/"]["get"]["parameters"]
     assert any(p["name"] == "scheduled" and p["schema"]["type"] == "boolean" for p in parameters)
+
+
+def test_the_admin_lists_and_filters_scheduled_messages(client, make_message):
+    from django.contrib.auth.models import User
+    from django.urls import reverse
+
+    client.force_login(User.objects.create_superuser("ops", "ops@example.com", "pw-for-tests"))
+    later = timezone.now() + timedelta(hours=1)
+    waiting = make_message(send_at=later, next_attempt_at=later, enqueued_at=None)
+    plain = make_message()
+    url = reverse("admin:messaging_message_changelist")
+    shown = client.get(url, {"scheduled": "yes"}).content.decode()
+    assert str(waiting.pk) in shown and str(plain.pk) not in shown
+    shown = client.get(url, {"scheduled": "no"}).content.decode()
+    assert str(plain.pk) in shown and str(waiting.pk) not in shown
+
+
+def test_beat_releases_every_second_on_a_queue_of_its_own(settings):
+    entry = settings.CELERY_BEAT_SCHEDULE["messaging.release_due"]
+    assert entry["schedule"] == settings.RELEASE_INTERVAL_SECONDS == 1.0
+    assert entry["options"]["queue"] == settings.RELEASE_QUEUE == "release"
+    assert "release" in {queue.name for queue in settings.CELERY_TASK_QUEUES}
+    assert entry["options"]["queue"] != settings.MAINTENANCE_QUEUE  # never behind long maintenance jobs
