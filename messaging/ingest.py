@@ -120,7 +120,8 @@ def first_attempt_at(fields: dict[str, Any], now: datetime) -> datetime | None:
 def waits_at_acceptance(next_attempt_at: datetime | None, now: datetime) -> bool:
     """Whether a new message is stored without being published: its first attempt is later
     (a scheduled send, or anything else that set next_attempt_at ahead at acceptance). The
-    release job publishes it when due (messaging.release), the sweeper if that publish is lost."""
+    release job publishes it when due (messaging.sweeper.messages_release_due), the sweeper if
+    that publish is lost."""
     return next_attempt_at is not None and next_attempt_at > now
 
 
