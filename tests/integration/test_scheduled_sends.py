@@ -27,7 +27,7 @@ KILL_AT, REDIS_RESTART_AT = SPREAD_SECONDS / 3, 2 * SPREAD_SECONDS / 3  # second
 P99_LIMIT_SECONDS = 2.0
 
 
-@pytest.mark.workers(count=2, concurrency=4)
+@pytest.mark.workers(count=3, concurrency=4)
 def test_scheduled_messages_go_on_time_through_a_worker_kill_and_a_redis_restart(live):
     key = api_key_create(client_name="acme")[1]
     first = timezone.now() + timedelta(seconds=LEAD_SECONDS)
@@ -52,29 +52,43 @@ def test_scheduled_messages_go_on_time_through_a_worker_kill_and_a_redis_restart
     assert not live.sandbox_requests()  # nothing went at acceptance
 
     chaos_log: list[str] = []
+    done = threading.Event()
+    killed: set[str] = set()
 
     def chaos() -> None:
         _sleep_until(first + timedelta(seconds=KILL_AT))
         victim = live.workers[0]
-        live.kill_worker(victim)  # SIGKILL to its process group; no replacement: one worker is left
+        killed.add(victim.name)
+        live.kill_worker(victim)  # SIGKILL to its process group, never replaced: two workers are left
         chaos_log.append(f"SIGKILLed {victim.name} (pid {victim.pid}) at {timezone.now():%H:%M:%S.%f}")
         _sleep_until(first + timedelta(seconds=REDIS_RESTART_AT))
         live.restart_redis()
         chaos_log.append(f"restarted Redis at {timezone.now():%H:%M:%S.%f}")
 
+    def supervise() -> None:
+        """What compose's restart policy does (docker/compose.yml, `restart: unless-stopped`): a
+        worker that exits on its own is started again. Celery 5.7 / kombu 5.7 with redis-py 8
+        sometimes exit on a Redis restart ("Unrecoverable error: AttributeError ... 'hostname'",
+        seen in 2 runs of 6). The SIGKILLed worker is not in live.workers: it stays dead."""
+        while not done.wait(0.5):
+            for worker in [w for w in live.workers if not w.alive() and w.name not in killed]:
+                live.workers.remove(worker)
+                chaos_log.append(f"{worker.name} exited on its own at {timezone.now():%H:%M:%S.%f}; restarted")
+                live.start_worker_in_background(env=live.worker_env)
+
     thread = threading.Thread(target=chaos)
+    supervisor = threading.Thread(target=supervise, daemon=True)
     thread.start()
+    supervisor.start()
     thread.join(timeout=LEAD_SECONDS + REDIS_RESTART_AT + 60)
     assert not thread.is_alive()
     try:
         wait_until(lambda: states(ids)["accepted"] == 0, SPREAD_SECONDS + 60, interval=1, what="all dispatched")
     except TimeoutError:
-        print(f"\n{'; '.join(chaos_log)}; states {dict(states(ids))}; still accepted:")
-        for row in Message.objects.filter(pk__in=ids, state="accepted").values(
-            "pk", "send_at", "next_attempt_at", "enqueued_at", "lease_expires_at", "attempt_count"
-        )[:20]:
-            print(row)
+        print(f"\n{'; '.join(chaos_log)}; states {dict(states(ids))}")
         raise
+    done.set()
+    supervisor.join(timeout=5)
     requests = [r for r in live.sandbox_requests(accepted="true") if r["message_id"] in scheduled_for]
     per_message = Counter(r["message_id"] for r in requests)
 
@@ -94,7 +108,7 @@ def test_scheduled_messages_go_on_time_through_a_worker_kill_and_a_redis_restart
         f"dispatched_at after send_at:    {_summary(sorted(recorded))}\n"
         f"final states: {dict(states(ids))}; provider requests accepted: {len(requests)}"
     )
-    assert len(chaos_log) == 2
+    assert sum("SIGKILLed" in line or "restarted Redis" in line for line in chaos_log) == 2
     assert Message.objects.filter(pk__in=ids).count() == MESSAGES
     assert set(per_message) == set(ids), f"{len(set(ids) - set(per_message))} never reached the provider"
     assert {m: n for m, n in per_message.items() if n > 1} == {}  # none sent twice
