@@ -42,6 +42,7 @@ from messaging.models import (
     Receipt,
     Suppression,
     WhatsAppSession,
+    scheduled_waiting,
 )
 from messaging.replay import SkipReason, dead_letters_replay
 from messaging.routing import Priority
@@ -154,11 +155,11 @@ class WaitingFilter(admin.SimpleListFilter):
 
     def queryset(self, request, queryset):
         now = timezone.now()
-        waiting = queryset.filter(state=MessageState.ACCEPTED)
-        if self.value() == "scheduled":
-            return waiting.filter(send_at__gt=now)
+        if self.value() == "scheduled":  # as the API's ?scheduled=true
+            return queryset.filter(scheduled_waiting(now))
         if self.value() == "held":
-            return waiting.filter(next_attempt_at__gt=now).exclude(send_at__gt=now)
+            held = queryset.filter(state=MessageState.ACCEPTED, next_attempt_at__gt=now)
+            return held.exclude(scheduled_waiting(now))
         return queryset
 
 
@@ -174,6 +175,7 @@ class MessageAdmin(ReplayPermissionMixin, admin.ModelAdmin):
         "category",
         "attempt_count",
         "ordering_position",
+        "send_at",
         "created_at",
     ]
     list_filter = ["state", "channel", "priority", "provider", "category", "created_at", WaitingFilter]

@@ -45,6 +45,10 @@ DEFAULTS: dict[str, Any] = {
     "JSON_MAX_DEPTH": 64,
     # The longest ttl_seconds: 366 days (timedelta overflows past ~2.7e9 days; no message waits a year).
     "TTL_MAX_SECONDS": 366 * 24 * 3600,
+    # A send_at at most this far in the past is sent at once (a client's clock a little behind, a
+    # request retried); further back is a 400: a time that long gone is a client's mistake, and
+    # sending it now could be as wrong as not sending it (docs/scheduling.md).
+    "SEND_AT_PAST_TOLERANCE_SECONDS": 300.0,
     # Dead letters one API call replays at most; the response says how many matching remain.
     "REPLAY_API_MAX_ITEMS": 1000,
     # Receipts applied per batch (one transaction, a few statements per receipt state).

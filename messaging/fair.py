@@ -73,6 +73,7 @@ CROSS JOIN LATERAL (
       AND m.expires_at > %(now)s
       AND (m.lease_expires_at IS NULL OR m.lease_expires_at < %(now)s)
       AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= %(due)s)
+      AND (m.send_at IS NULL OR m.send_at <= %(now)s)
       AND NOT (m.id = ANY(%(taken)s::uuid[]))
     ORDER BY m.created_at
     LIMIT %(share)s

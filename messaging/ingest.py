@@ -100,21 +100,38 @@ def _existing_for_key(client: ApiClient, key: str, fingerprint: str) -> CreateOu
 
 
 def message_deadline(fields: dict[str, Any], now: datetime) -> datetime:
-    """The expires_at of a message accepted at `now`: the sender's, else its policy's TTL."""
+    """The expires_at of a message accepted at `now`: the sender's, else its policy's TTL,
+    counted from its send_at when it is scheduled later (a TTL is how long the message is worth
+    sending once it is meant to go, docs/scheduling.md)."""
     if fields.get("expires_at"):
         return fields["expires_at"]
+    start = max(now, fields["send_at"]) if fields.get("send_at") else now
     if fields.get("ttl_seconds"):
-        return now + timedelta(seconds=fields["ttl_seconds"])
+        return start + timedelta(seconds=fields["ttl_seconds"])
     policy = retry_policy_for(fields.get("priority", "transactional"), fields.get("category", ""))
-    return now + timedelta(seconds=policy.ttl_seconds)
+    return start + timedelta(seconds=policy.ttl_seconds)
+
+
+def first_attempt_at(fields: dict[str, Any], now: datetime) -> datetime | None:
+    """When a new message may first be sent: its send_at when that is still to come, else None (at once)."""
+    send_at = fields.get("send_at")
+    return send_at if send_at is not None and send_at > now else None
+
+
+def waits_at_acceptance(next_attempt_at: datetime | None, now: datetime) -> bool:
+    """Whether a new message is stored without being published: its first attempt is later
+    (a scheduled send, or anything else that set next_attempt_at ahead at acceptance). The
+    release job publishes it when due (messaging.sweeper.messages_release_due), the sweeper if
+    that publish is lost."""
+    return next_attempt_at is not None and next_attempt_at > now
 
 
 def message_columns(
     *, fields: dict[str, Any], key: str | None, fingerprint: str, now: datetime, client: ApiClient | None = None
 ) -> dict[str, Any]:
     """A newly accepted message's columns but its client and ordering (the same row one by one
-    and together). One due later (quiet hours, a send_at) has next_attempt_at and no enqueued_at:
-    it is not published now, the sweeper publishes it when due."""
+    and together). One due later (a send_at, quiet hours) has next_attempt_at and no enqueued_at:
+    it is not published now; the release job publishes it when due."""
     expires_at = message_deadline(fields, now)
     due = _due_at(fields=fields, client=client, now=now, expires_at=expires_at)
     return {
@@ -129,6 +146,7 @@ def message_columns(
         "idempotency_key": key,
         "request_fingerprint": fingerprint,
         "expires_at": expires_at,
+        "send_at": fields.get("send_at"),
         "recipient_timezone": fields.get("timezone", ""),
         "deadline_from_sender": bool(fields.get("expires_at") or fields.get("ttl_seconds")),
         "fallback_channels": fields.get("fallback_channels", []),
@@ -139,8 +157,9 @@ def message_columns(
         "state": MessageState.ACCEPTED,
         "created_at": now,
         "accepted_at": now,
-        "enqueued_at": None if due.next_attempt_at else now,
         "next_attempt_at": due.next_attempt_at,
+        # No task for a message that waits: the release job publishes it when due, and marks it then.
+        "enqueued_at": None if waits_at_acceptance(due.next_attempt_at, now) else now,
         "last_error_message": due.note,
     }
 
@@ -158,8 +177,7 @@ def _due_at(*, fields: dict[str, Any], client: ApiClient | None, now: datetime, 
     """When a new message may first be sent: its send_at (scheduled sends) or now, moved to the end
     of the recipient's quiet hours if it falls inside them (messaging.quiet_hours). A message whose
     deadline comes first still waits: the sweeper expires it, it does not wake anyone."""
-    send_at = fields.get("send_at")
-    start = send_at if send_at is not None and send_at > now else None
+    start = first_attempt_at(fields, now)
     policy = quiet_hours_policy(client.quiet_hours if client is not None else None)
     if not policy.config:
         return _Due(start) if start else _AT_ONCE
@@ -211,8 +229,8 @@ def _insert_message(
         return message  # failed by messages_create_many before commit: never published, never waits
     if message.sequence is not None and ordering_hold(message, now=now):
         return message  # published by its predecessor's next move, not now: no task spent on waiting
-    if message.enqueued_at is None:
-        return message  # due later (quiet hours, send_at): the sweeper publishes it then
+    if waits_at_acceptance(message.next_attempt_at, now):
+        return message  # published by the release job when due (a scheduled send, quiet hours)
     # Its own task, whatever its priority: it waits for its key's turn, which batching cannot hurry.
     transaction.on_commit(
         lambda: message_publish(message_id=message.id, channel=message.channel, priority=message.priority)
@@ -293,8 +311,12 @@ def messages_create_many(
             for index in alone:
                 results[index] = _accept_alone(client, items[index], source, suppressions)
             failed = _fail_suppressed(results, admitted, suppressions, source) if suppressions else set()
-            # A message due later (quiet hours, send_at) is published by the sweeper when due.
-            stored = [message for message in stored if message.id not in failed and message.enqueued_at is not None]
+            # A message that waits (a scheduled send, quiet hours) is published by the release job when due.
+            stored = [
+                message
+                for message in stored
+                if message.id not in failed and not waits_at_acceptance(message.next_attempt_at, message.created_at)
+            ]
             if stored:
                 transaction.on_commit(
                     lambda: messages_publish(messages=[(m.id, m.channel, m.priority) for m in stored])

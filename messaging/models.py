@@ -212,10 +212,22 @@ def due(now: datetime) -> Q:
     return Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now)
 
 
+def scheduled_time_come(now: datetime) -> Q:
+    """Not a scheduled send, or its send_at has come: no tolerance, a scheduled message is never
+    sent early (EARLY_TOLERANCE is for retry countdowns, docs/scheduling.md)."""
+    return Q(send_at__isnull=True) | Q(send_at__lte=now)
+
+
+def scheduled_waiting(now: datetime) -> Q:
+    """A scheduled send still waiting for its time: accepted, send_at to come."""
+    return Q(state=MessageState.ACCEPTED, send_at__gt=now)
+
+
 def claimable(now: datetime) -> Q:
     """What a dispatch claim asks of a message: accepted, unleased and due (a little early is
-    fine: EARLY_TOLERANCE). Message.is_claimable is the same test on a loaded row."""
-    return Q(state=MessageState.ACCEPTED) & unleased(now) & due(now + EARLY_TOLERANCE)
+    fine: EARLY_TOLERANCE, but never before its send_at). Message.is_claimable is the same test
+    on a loaded row."""
+    return Q(state=MessageState.ACCEPTED) & unleased(now) & due(now + EARLY_TOLERANCE) & scheduled_time_come(now)
 
 
 class MessageQuerySet(models.QuerySet):
@@ -386,6 +398,7 @@ class Message(models.Model):
             self.state == MessageState.ACCEPTED
             and self.is_unleased(now)
             and (self.next_attempt_at is None or self.next_attempt_at <= now + EARLY_TOLERANCE)
+            and (self.send_at is None or self.send_at <= now)
         )
 
     @property

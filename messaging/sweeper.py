@@ -12,12 +12,12 @@ from django.utils import timezone
 
 from messaging.callbacks.trigger import callbacks_sweep
 from messaging.conf import messaging_setting
-from messaging.models import ErrorType, EventSource, Message, unleased
+from messaging.models import ErrorType, EventSource, Message, MessageQuerySet, unleased
 from messaging.publish import messages_publish
 from messaging.queue_progress import MOVING_SECONDS, SLACK_SECONDS, queues_consumed
 from messaging.quiet_hours import DEADLINE_IN_QUIET_HOURS
 from messaging.receipts import receipts_sweep
-from messaging.routing import Channel, queue_name
+from messaging.routing import Channel, Priority, queue_name
 from messaging.rows import rows_update_in_key_order
 from messaging.services import message_transition
 from messaging.states import MessageState
@@ -94,9 +94,8 @@ def _alone() -> ExpressionWrapper:
     )
 
 
-def _enqueue_due(now: datetime, priority: str, stale_after: timedelta, batch: int) -> int:
-    """Accepted, not being sent, due, and with no task published recently (or none at all)."""
-    candidates = (
+def _candidates(now: datetime, priority: str) -> MessageQuerySet:
+    return (
         Message.objects.filter(state=MessageState.ACCEPTED, priority=priority)
         .unleased(now)
         # A message waiting for an earlier one with its ordering key is released by that one's
@@ -104,6 +103,67 @@ def _enqueue_due(now: datetime, priority: str, stale_after: timedelta, batch: in
         # at a dead or not-yet-delivered predecessor, once per stale period).
         .filter(Q(waiting_for__isnull=True) | ~Q(waiting_for__state=MessageState.ACCEPTED))
     )
+
+
+def messages_release_due(*, now: datetime | None = None) -> int:
+    """Publish the messages that were stored without a task until a later time (a scheduled send,
+    messaging.ingest.waits_at_acceptance) and whose time has come: the sweeper's second read
+    alone, run every RELEASE_INTERVAL_SECONDS (1 s) on a queue of its own so that a scheduled
+    message goes within about a second of its time, not a sweep period later behind long
+    maintenance jobs (docs/scheduling.md). A range of message_accepted_enqueued per priority;
+    nothing due costs one index descent per priority. Returns how many were published."""
+    now = now or timezone.now()
+    batch = messaging_setting("SWEEP_BATCH_SIZE")
+    released = 0
+    for priority in Priority.values:
+        candidates = _candidates(now, priority)
+        read = candidates.filter(enqueued_at__isnull=True, next_attempt_at__lte=now).order_by("next_attempt_at")
+        rows = list(read.values_list("pk", "channel", _alone())[:batch])
+        if not rows:
+            continue
+        ids = [pk for pk, _, _ in rows]
+        # Marked first, as the sweeper does; a row the sweeper (or a claim) took meanwhile is not
+        # marked again, and is not published twice by this job.
+        marked = candidates.due(now).filter(pk__any=ids, enqueued_at__isnull=True)
+        with transaction.atomic():
+            ids = set(marked.select_for_update(of=("self",)).order_by("pk").values_list("pk", flat=True))
+            if not ids:
+                continue
+            Message.objects.filter(pk__any=list(ids)).update(enqueued_at=now)
+        rows = [row for row in rows if row[0] in ids]
+        wanted = _tasks_for(rows, priority)
+        published = messages_publish(
+            messages=[(pk, channel, priority) for pk, channel, _ in rows], alone={pk for pk, _, alone in rows if alone}
+        )
+        if published < wanted:
+            # The broker refused (Redis restarting): unmarked, the next tick (a second later) tries
+            # again, rather than the sweeper a stale period (a minute) later. A task that did go
+            # makes a second one harmless: only one claim takes a message.
+            Message.objects.filter(
+                pk__any=list(ids), state=MessageState.ACCEPTED, enqueued_at=now, lease_expires_at__isnull=True
+            ).update(enqueued_at=None)
+            continue
+        released += len(rows)
+    if released:
+        logger.info("release: %d scheduled messages published", released)
+    return released
+
+
+def _tasks_for(rows: list[tuple[str, str, bool]], priority: str) -> int:
+    """How many tasks messages_publish sends for these rows (bulk ones go BULK_BATCH_SIZE a task)."""
+    if priority != Priority.BULK:
+        return len(rows)
+    size = messaging_setting("BULK_BATCH_SIZE")
+    per_channel: dict[str, int] = {}
+    for _, channel, alone in rows:
+        if not alone:
+            per_channel[channel] = per_channel.get(channel, 0) + 1
+    return sum(1 for _, _, alone in rows if alone) + sum(-(-count // size) for count in per_channel.values())
+
+
+def _enqueue_due(now: datetime, priority: str, stale_after: timedelta, batch: int) -> int:
+    """Accepted, not being sent, due, and with no task published recently (or none at all)."""
+    candidates = _candidates(now, priority)
     # Three reads, each a range of an index (message_accepted_enqueued), so that a campaign's
     # backlog, queued moments ago and so neither unpublished nor stale, costs nothing here: no
     # task yet and due now, no task and a retry time that has come, or a task published too long

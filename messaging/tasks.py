@@ -10,7 +10,7 @@ from messaging.dispatch import messages_dispatch
 from messaging.locks import cluster_lock
 from messaging.queue_progress import queue_consumed
 from messaging.receipts import APPLY_TASK, receipts_apply_pending
-from messaging.sweeper import messages_sweep
+from messaging.sweeper import messages_release_due, messages_sweep
 
 
 @shared_task(bind=True, name="messaging.dispatch", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -56,6 +56,13 @@ def sweep() -> None:
     with cluster_lock("conductor:sweep") as acquired:
         if acquired:
             messages_sweep()
+
+
+@shared_task(name="messaging.release_due", ignore_result=True)
+def release_due() -> None:
+    """Publish the scheduled messages whose send_at has come (every second, on the release queue).
+    No lock: concurrent runs mark disjoint rows (messaging.sweeper.messages_release_due)."""
+    messages_release_due()
 
 
 @shared_task(name=APPLY_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)

@@ -34,6 +34,7 @@ METRIC_WRITERS = {
     "worker_maintenance",
     "worker_receipts",
     "worker_callbacks",
+    "worker_release",
     "worker_bulk",
     "beat",
 }

@@ -195,18 +195,25 @@ RECEIPTS_QUEUE = "receipts"
 # Status callbacks to clients (messaging.callbacks): a worker of their own too, so that a client
 # endpoint's timeouts never hold up sends, receipts or the sweeper.
 CALLBACKS_QUEUE = "callbacks"
+# Scheduled messages published when due (messaging.release_due, every second), on a worker of
+# their own: behind a long maintenance job they would go late (docs/scheduling.md).
+RELEASE_QUEUE = "release"
 _exchange = Exchange("conductor", type="direct")
 CELERY_TASK_QUEUES = [
     Queue(f"{channel}.{priority}", _exchange, routing_key=f"{channel}.{priority}")
     for channel in CONDUCTOR_CHANNELS
     for priority in CONDUCTOR_PRIORITIES
-] + [Queue(name, _exchange, routing_key=name) for name in (MAINTENANCE_QUEUE, RECEIPTS_QUEUE, CALLBACKS_QUEUE)]
+] + [
+    Queue(name, _exchange, routing_key=name)
+    for name in (MAINTENANCE_QUEUE, RECEIPTS_QUEUE, CALLBACKS_QUEUE, RELEASE_QUEUE)
+]
 CELERY_TASK_ROUTES = {"messaging.deliver_callbacks": {"queue": CALLBACKS_QUEUE}}
 CELERY_TASK_DEFAULT_QUEUE = MAINTENANCE_QUEUE
 CELERY_TASK_DEFAULT_EXCHANGE = "conductor"
 CELERY_TASK_DEFAULT_ROUTING_KEY = MAINTENANCE_QUEUE
 CELERY_BEAT_SCHEDULER = env_str("CELERY_BEAT_SCHEDULER", "django_celery_beat.schedulers:DatabaseScheduler")
 SWEEP_INTERVAL_SECONDS = env_float("CONDUCTOR_SWEEP_INTERVAL_SECONDS", 5.0)
+RELEASE_INTERVAL_SECONDS = env_float("CONDUCTOR_RELEASE_INTERVAL_SECONDS", 1.0)
 DLQ_PURGE_INTERVAL_SECONDS = env_float("CONDUCTOR_DLQ_PURGE_INTERVAL_SECONDS", 3600.0)
 RECEIPT_POLL_INTERVAL_SECONDS = env_float("CONDUCTOR_RECEIPT_POLL_INTERVAL_SECONDS", 60.0)
 ANOMALY_INTERVAL_SECONDS = env_float("CONDUCTOR_ANOMALY_INTERVAL_SECONDS", 60.0)
@@ -218,6 +225,12 @@ CELERY_BEAT_SCHEDULE = {
         "task": "messaging.sweep",
         "schedule": SWEEP_INTERVAL_SECONDS,
         "options": {"queue": MAINTENANCE_QUEUE, "expires": SWEEP_INTERVAL_SECONDS * 2},
+    },
+    # Scheduled messages whose send_at has come are published (the sweeper catches lost ones).
+    "messaging.release_due": {
+        "task": "messaging.release_due",
+        "schedule": RELEASE_INTERVAL_SECONDS,
+        "options": {"queue": RELEASE_QUEUE, "expires": RELEASE_INTERVAL_SECONDS * 2},
     },
     # Dead letters past their retention (per priority and category) are deleted in batches.
     "reconciliation.purge_dead_letters": {

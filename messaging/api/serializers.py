@@ -6,7 +6,7 @@ import json
 import re
 import uuid
 from collections.abc import Callable
-from datetime import datetime, tzinfo
+from datetime import datetime, timedelta, tzinfo
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -211,6 +211,13 @@ class MessageCreateSerializer(StrictSerializer):
         "or, stricter, delivered (or ORDERING_RECEIPT_TIMEOUT_SECONDS passed).",
     )
     expires_at = serializers.DateTimeField(required=False)
+    send_at = serializers.DateTimeField(
+        required=False,
+        help_text="Send no earlier than this (ISO 8601; scheduled send). At most TTL_MAX_SECONDS ahead and "
+        "before expires_at; a ttl_seconds (or the policy's TTL) counts from it. Up to "
+        "SEND_AT_PAST_TOLERANCE_SECONDS (300) in the past is sent at once; further back is refused. "
+        "Not with ordering_key. docs/scheduling.md.",
+    )
     ttl_seconds = serializers.IntegerField(
         required=False, min_value=1, max_value=messaging_setting("TTL_MAX_SECONDS"), help_text="Or expires_at."
     )
@@ -281,6 +288,10 @@ class MessageCreateSerializer(StrictSerializer):
             errors["ttl_seconds"] = ["Give either expires_at or ttl_seconds, not both."]
         elif "expires_at" in attrs and attrs["expires_at"] <= timezone.now():
             errors["expires_at"] = ["This deadline is already in the past."]
+        if "send_at" in attrs:
+            problem = send_at_problem(attrs)
+            if problem is not None:
+                errors["send_at"] = [problem]
         self._validate_fallback(attrs, errors)
         metadata = attrs.get("metadata", {})
         unstorable = unstorable_json_text(metadata)
@@ -351,6 +362,26 @@ def _template_variables_problem(variables: dict[str, str]) -> str | None:
     return None
 
 
+def send_at_problem(attrs: dict[str, Any]) -> str | None:
+    """Why a scheduled send's send_at cannot be taken, or None (the serializer and the batch's
+    fast path alike: their errors must be the same)."""
+    send_at = attrs["send_at"]
+    now = timezone.now()
+    if attrs.get("ordering_key"):
+        # Its sequence number is taken at acceptance: the later messages with the key would wait
+        # behind it until send_at, or overtake it; neither is what an ordering key promises.
+        return "A scheduled message cannot have an ordering_key: send it when due instead."
+    past = messaging_setting("SEND_AT_PAST_TOLERANCE_SECONDS")
+    if send_at < now - timedelta(seconds=past):
+        return f"This time is more than {past:g} seconds in the past."
+    horizon = messaging_setting("TTL_MAX_SECONDS")
+    if send_at > now + timedelta(seconds=horizon):
+        return f"Schedule at most {horizon} seconds (TTL_MAX_SECONDS) ahead."
+    if attrs.get("expires_at") and send_at >= attrs["expires_at"]:
+        return "Give a send_at before expires_at: no horizon beyond the deadline."
+    return None
+
+
 def unstorable_json_text(value: Any) -> str | None:
     """Why PostgreSQL's jsonb would refuse this JSON (a NUL or an unpaired surrogate in a key or a
     string), or None. Iterative: the parser bounds the depth, this must not recurse either."""
@@ -379,7 +410,7 @@ def _shown(text: str) -> str:
 # A template message (template, variables, perhaps no body) is not among them: the serializer
 # checks it (docs/whatsapp.md), a few per batch at most.
 _FAST_FIELDS = frozenset(
-    {"channel", "to", "body", "priority", "ttl_seconds", "metadata"}
+    {"channel", "to", "body", "priority", "ttl_seconds", "metadata", "send_at"}
     | {"subject", "category", "idempotency_key", "ordering_key"}  # _FAST_TEXT
     | {"callback_url", "callback_events", "timezone"}
 )
@@ -468,6 +499,17 @@ def _fast_validated(data: Any) -> dict[str, Any] | None:
         if not all(type(event) is str and event in _CALLBACK_EVENTS for event in events):
             return None
         fields["callback_events"] = list(dict.fromkeys(events))
+    if "send_at" in data:
+        if type(data["send_at"]) is not str:
+            return None
+        try:
+            # The declared field itself: the same parse and time zone as the serializer's, so the
+            # same value (and request fingerprint) whichever path an item takes.
+            fields["send_at"] = _DECLARED["send_at"].to_internal_value(data["send_at"])
+        except serializers.ValidationError:
+            return None
+        if send_at_problem(fields) is not None:
+            return None
     fields["fallback_to"] = {}  # MessageCreateSerializer._validate_fallback always sets it
     return fields
 
@@ -582,6 +624,11 @@ class MessageSerializer(serializers.ModelSerializer):
         read_only=True,
         help_text="The recipient's time zone as given (empty: from the number) for quiet hours.",
     )
+    send_at = serializers.DateTimeField(
+        read_only=True,
+        allow_null=True,
+        help_text="A scheduled send: when the client asked it sent; it is not sent before (null: at once).",
+    )
     waiting_for = serializers.SerializerMethodField(
         help_text="While held back by an earlier message with the same ordering_key: its id."
     )
@@ -610,6 +657,7 @@ class MessageSerializer(serializers.ModelSerializer):
             "state",
             "expires_at",
             "timezone",
+            "send_at",
             "fallback_channels",
             "fallback_to",
             "metadata",

@@ -9,6 +9,7 @@ from typing import Any
 import django_filters
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import DatabaseError
+from django.utils import timezone
 from django_filters.fields import IsoDateTimeField
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
@@ -41,7 +42,7 @@ from messaging.api.serializers import (
 from messaging.conf import messaging_setting
 from messaging.ingest import BatchItem, ItemResult, messages_create_many
 from messaging.limits import PriorityNotAllowed, QuotaExceeded
-from messaging.models import ApiClient, EventSource, Message
+from messaging.models import ApiClient, EventSource, Message, scheduled_waiting
 from messaging.replay import dead_letters_replay
 from messaging.routing import Channel, Priority
 from messaging.selectors import (
@@ -88,10 +89,19 @@ class MessageFilter(django_filters.FilterSet):
     category = django_filters.CharFilter()
     created_after = UtcIsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
     created_before = UtcIsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    scheduled = django_filters.BooleanFilter(
+        method="filter_scheduled",
+        help_text="true: only scheduled messages still waiting (accepted, send_at in the future; they can "
+        "still be cancelled); false: all but those.",
+    )
 
     class Meta:
         model = Message
-        fields = ["state", "channel", "priority", "category", "created_after", "created_before"]
+        fields = ["state", "channel", "priority", "category", "created_after", "created_before", "scheduled"]
+
+    def filter_scheduled(self, queryset, name: str, value: bool):
+        waiting = scheduled_waiting(timezone.now())
+        return queryset.filter(waiting) if value else queryset.exclude(waiting)
 
 
 class NewestFirstPagination(CursorPagination):

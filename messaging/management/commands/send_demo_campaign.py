@@ -6,6 +6,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 
 import requests
 from django.conf import settings
@@ -15,6 +16,7 @@ from messaging.management.commands.demo_setup import demo_key_path
 from messaging.states import SETTLED_STATES
 from providers.conf import providers_setting
 
+SCHEDULED = 3  # reminders sent later (send_at)
 ORDER = [
     "accepted",
     "dispatched",
@@ -75,6 +77,20 @@ class Command(BaseCommand):
             for i in range(count)
         ]
         items += _whatsapp_items(run)
+        # Scheduled sends (docs/scheduling.md): accepted now, sent 5, 10 and 15 s from now.
+        now = datetime.now(UTC)
+        items += [
+            {
+                "channel": "sms",
+                "to": f"+1202555{900 + i:04d}",
+                "body": "Reminder: your appointment is in one hour.",
+                "priority": "transactional",
+                "category": f"demo-{run}",
+                "idempotency_key": f"demo-{run}-reminder-{i}",
+                "send_at": (now + timedelta(seconds=5 * (i + 1))).isoformat(),
+            }
+            for i in range(SCHEDULED)
+        ]
         try:
             response = session.post(f"{api_url}/api/v1/messages/batch/", json={"messages": items}, timeout=60)
         except requests.ConnectionError:
@@ -83,7 +99,10 @@ class Command(BaseCommand):
             raise CommandError("The API refused the key: restart `make run` (it writes a new demo key) or pass --key.")
         response.raise_for_status()
         ids = [r["message"]["id"] for r in response.json()["results"] if r["status"] in (200, 201)]
-        self.stdout.write(f"Sent {len(ids)} messages (campaign demo-{run}); sandbox error rate {error_rate:.0%}.")
+        self.stdout.write(
+            f"Sent {len(ids)} messages (campaign demo-{run}; {SCHEDULED} of them scheduled 5 to 15 s ahead, "
+            f"accepted until then); sandbox error rate {error_rate:.0%}."
+        )
         started = time.monotonic()
         counts: Counter = Counter()
         providers: Counter = Counter()
