@@ -7,10 +7,14 @@ import os
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
+from messaging.models import ApiClient
 from messaging.services import api_key_create, api_key_revoke_all
 from providers.conf import providers_setting
 
 DEMO_CLIENT = "demo"
+# The demo client's quiet hours: a notice in this category waits for morning (`make demo` shows one).
+DEMO_QUIET_CATEGORY = "demo-quiet"
+DEMO_QUIET_HOURS = {DEMO_QUIET_CATEGORY: {"start": "21:00", "end": "08:00"}}
 
 
 def demo_key_path():
@@ -26,6 +30,8 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         api_key_revoke_all(client_name=DEMO_CLIENT)
         _, raw_key = api_key_create(client_name=DEMO_CLIENT)
+        # Quiet hours for one category only (`make demo` shows a message held by them).
+        ApiClient.objects.filter(name=DEMO_CLIENT).update(quiet_hours=DEMO_QUIET_HOURS)
         path = demo_key_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(raw_key + "\n")

@@ -7,12 +7,13 @@ import time
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import requests
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from messaging.management.commands.demo_setup import demo_key_path
+from messaging.management.commands.demo_setup import DEMO_QUIET_CATEGORY, demo_key_path
 from messaging.states import SETTLED_STATES
 from providers.conf import providers_setting
 
@@ -131,6 +132,77 @@ class Command(BaseCommand):
             "falls back to vonage at once). Every provider request, with the injected errors: "
             f"{settings.SANDBOX_URL}/_sandbox/requests"
         )
+        self._show_edges(session, api_url, ids, run)
+
+    def _show_edges(self, session: requests.Session, api_url: str, ids: list[str], run: str) -> None:
+        """What happened at the edges (issue 23): the deadline each OTP carried to the provider, the
+        WhatsApp template and free-form message, and a message held by quiet hours, then cancelled."""
+        self.stdout.write("\nAt the edges:")
+        told = []
+        for message_id in ids[:5]:  # the critical OTPs come first
+            sent = requests.get(
+                f"{settings.SANDBOX_URL}/_sandbox/requests", params={"message_id": message_id}, timeout=10
+            ).json()["requests"]
+            for request in (r for r in sent if r.get("accepted")):
+                if request.get("validity_period"):
+                    told.append(f"twilio ValidityPeriod={request['validity_period']}")
+                elif request.get("ttl"):
+                    told.append(f"vonage ttl={request['ttl']}")
+        self.stdout.write(
+            "  deadlines  each OTP (5 minutes to live) told its provider how long it may still try: "
+            f"{', '.join(told) or 'none recorded'} (docs/deadlines.md)"
+        )
+        whatsapp = [
+            m for m in self._messages(session, api_url, f"demo-{run}") if m["channel"] == "whatsapp" or m["template"]
+        ]
+        for message in whatsapp:
+            kind = "template" if message["template"] else "free-form"
+            error = (message.get("last_error") or {}).get("type") or ""
+            self.stdout.write(
+                f"  whatsapp   {kind}: {message['state']}{f' ({error})' if error else ''} (docs/whatsapp.md)"
+            )
+        self._show_quiet_hours(session, api_url, run)
+
+    def _show_quiet_hours(self, session: requests.Session, api_url: str, run: str) -> None:
+        """A reminder to a recipient where it is night now: held until morning there, then cancelled."""
+        zone = _night_zone(datetime.now(UTC))
+        response = session.post(
+            f"{api_url}/api/v1/messages/",
+            json={
+                "channel": "sms",
+                "to": "+14155550123",
+                "body": "Your order has shipped.",
+                "category": DEMO_QUIET_CATEGORY,
+                "timezone": zone,
+                "idempotency_key": f"demo-{run}-quiet",
+            },
+            timeout=30,
+        )
+        if response.status_code not in (200, 201):
+            self.stdout.write(f"  quiet      not shown: the API answered {response.status_code} {response.text[:200]}")
+            return
+        message = response.json()
+        if not message.get("next_attempt_at"):
+            self.stdout.write(
+                f"  quiet      sent at once: the demo client has no quiet hours for {DEMO_QUIET_CATEGORY!r} "
+                "(restart `make run`: demo_setup sets them)"
+            )
+            return
+        local = datetime.fromisoformat(message["next_attempt_at"]).astimezone(ZoneInfo(zone))
+        session.post(f"{api_url}/api/v1/messages/{message['id']}/cancel/", timeout=30)
+        self.stdout.write(
+            f"  quiet      a notice to a recipient in {zone} (night there now) waits until "
+            f"{local:%H:%M} local time; cancelled before then (docs/quiet-hours.md)"
+        )
+
+    def _messages(self, session: requests.Session, api_url: str, category: str) -> list[dict]:
+        messages: list[dict] = []
+        url, params = f"{api_url}/api/v1/messages/", {"category": category, "page_size": 500}
+        while url:
+            page = session.get(url, params=params, timeout=30).json()
+            messages += page["results"]
+            url, params = page.get("next"), None
+        return messages
 
     def _saved_key(self) -> str:
         try:
@@ -162,6 +234,18 @@ class Command(BaseCommand):
             providers.update(m["provider"] for m in page["results"] if m["provider"])
             url, params = page.get("next"), None
         return counts, providers
+
+
+_ZONES = ("Pacific/Auckland", "Asia/Tokyo", "Asia/Kolkata", "Europe/London", "America/New_York", "America/Los_Angeles")
+
+
+def _night_zone(now: datetime) -> str:
+    """A zone where it is between 22:00 and 07:00 now (one of six spread round the world)."""
+    for name in _ZONES:
+        hour = now.astimezone(ZoneInfo(name)).hour
+        if hour >= 22 or hour < 7:
+            return name
+    return _ZONES[0]
 
 
 # A Twilio Content SID of the shape Twilio gives (the sandbox takes any; Twilio, only its own).
