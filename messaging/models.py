@@ -276,6 +276,9 @@ class Message(models.Model):
     # outside the 24-hour session window (messaging.whatsapp_session).
     template = models.CharField(max_length=64, blank=True, default="")
     template_variables = models.JSONField(default=dict, blank=True)
+    # Fallback on silence (issue 24): when a copy went through the route's next provider or
+    # channel because the first send had no final receipt in time, or was undelivered.
+    silence_fallback_at = models.DateTimeField(null=True, blank=True)
     # The sender gave expires_at or ttl_seconds: a replay never moves that deadline unless forced.
     deadline_from_sender = models.BooleanField(default=False)
     fallback_channels = models.JSONField(default=list, blank=True)
@@ -784,3 +787,59 @@ class WhatsAppSession(models.Model):
 
     def __str__(self) -> str:
         return f"WhatsApp {self.address}: last wrote {self.last_inbound_at:%Y-%m-%d %H:%M:%S}"
+
+
+class RouteCondition(models.TextChoices):
+    """How a provider takes new traffic (issue 24, messaging.route_health)."""
+
+    HEALTHY = "healthy"  # its place in the route, or its weight's share
+    # Its receipts say it drops messages: new messages prefer the route's next provider while a
+    # small share of real traffic (lowest priority first) keeps probing it.
+    DEGRADED = "degraded"
+    # Taken out by an operator (or a drill): no new traffic while another provider of the route can.
+    DRAINED = "drained"
+
+
+class ProviderRoute(models.Model):
+    """A provider's routing state, for one destination country or all of them: its condition
+    (set by the receipt detector, an operator or a drill) and its weight in a traffic split.
+    No row: healthy, in route order. Changed only through messaging.route_health.provider_route_set,
+    which records every change as a RoutingChange."""
+
+    provider = models.CharField(max_length=32)
+    # ISO 3166-1 alpha-2 region of the recipient's E.164 number (phonenumbers); "": every country.
+    country = models.CharField(max_length=2, blank=True, default="")
+    condition = models.CharField(max_length=16, choices=RouteCondition.choices, default=RouteCondition.HEALTHY)
+    # Share of the route's traffic among providers that have a weight (null: route order).
+    weight = models.PositiveSmallIntegerField(null=True, blank=True)
+    reason = models.CharField(max_length=300, blank=True, default="")
+    source = models.CharField(max_length=100, blank=True, default="")  # detector, operator:<name>, drill:<id>
+    changed_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["provider", "country"], name="provider_route_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.provider}{f' ({self.country})' if self.country else ''}: {self.condition}"
+
+
+class RoutingChange(models.Model):
+    """One change of routing (condition or weight), who made it and why: the log the dashboard and
+    the admin show."""
+
+    provider = models.CharField(max_length=32)
+    country = models.CharField(max_length=2, blank=True, default="")
+    from_condition = models.CharField(max_length=16, choices=RouteCondition.choices)
+    to_condition = models.CharField(max_length=16, choices=RouteCondition.choices)
+    from_weight = models.PositiveSmallIntegerField(null=True, blank=True)
+    to_weight = models.PositiveSmallIntegerField(null=True, blank=True)
+    reason = models.CharField(max_length=300, blank=True, default="")
+    source = models.CharField(max_length=100, blank=True, default="")
+    created_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [models.Index(fields=["-created_at"], name="routing_change_created")]
+
+    def __str__(self) -> str:
+        where = f" ({self.country})" if self.country else ""
+        return f"{self.provider}{where}: {self.from_condition} -> {self.to_condition}"

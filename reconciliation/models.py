@@ -141,3 +141,33 @@ class ReconciliationRun(models.Model):
 
     def __str__(self) -> str:
         return f"reconciliation of {self.window_start:%Y-%m-%d} ({self.status})"
+
+
+class DrillStatus(models.TextChoices):
+    RUNNING = "running"
+    PASSED = "passed"  # traffic moved to the fallback, nothing lost or doubled, restored
+    FAILED = "failed"  # something was lost, doubled, or did not move: see the report
+    ABORTED = "aborted"  # stopped before its end (refused, interrupted); the provider restored
+
+
+class Drill(models.Model):
+    """A fallback drill (`manage.py drill`, issue 24): one provider forced out of live traffic for
+    a few minutes while the traffic's path, latency and outcome are watched; its stored report is
+    the answer to "when did you last test your fallback paths?"."""
+
+    provider = models.CharField(max_length=32)
+    country = models.CharField(max_length=2, blank=True, default="")
+    mode = models.CharField(max_length=16, help_text="How the provider was taken out: circuit_open or degraded.")
+    status = models.CharField(max_length=16, choices=DrillStatus.choices, default=DrillStatus.RUNNING)
+    started_by = models.CharField(max_length=150, blank=True, default="")
+    started_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True, blank=True)
+    duration_seconds = models.PositiveIntegerField()
+    report = models.JSONField(default=dict, blank=True, help_text="What moved where, latency before/during/after.")
+    summary = models.TextField(blank=True, default="")
+
+    class Meta:
+        indexes = [models.Index(fields=["-started_at"], name="drill_started")]
+
+    def __str__(self) -> str:
+        return f"drill {self.provider} {self.started_at:%Y-%m-%d %H:%M} ({self.status})"
