@@ -98,7 +98,7 @@ class Permit:
 # Trials is a sorted set of trial ids scored by issue time. Asked is a hash priority rank -> the
 # last time a caller of that priority asked while the circuit was not closed.
 
-# KEYS: state, window, trials, asked
+# KEYS: state, window, trials, asked, forced
 # ARGV: now, priority rank, open_seconds, max_trials, trial_timeout, priority_window, ttl, trial_id
 # Returns {granted 0/1, trial 0/1, epoch, state}.
 ALLOW_LUA = """
@@ -107,6 +107,12 @@ local rank = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[7])
 local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+
+-- Forced open by an operator (a drill): refused whatever the stored state, which is left alone,
+-- so the circuit carries on from where it was once the forced key is cleared or expires.
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  return {0, 0, epoch, 'open'}
+end
 
 -- Closed is the hot path: no write at all.
 if state == 'closed' then
@@ -257,7 +263,7 @@ class CircuitBreaker:
         self.client = client
         self.clock = clock
         base = f"{KEY_PREFIX}:{provider}"
-        self.keys = {name: f"{base}:{name}" for name in ("state", "window", "trials", "asked")}
+        self.keys = {name: f"{base}:{name}" for name in ("state", "window", "trials", "asked", "forced")}
         # register_script does not talk to Redis; the script is loaded on first use (and again
         # after a Redis restart empties its script cache).
         self._allow = client.register_script(ALLOW_LUA)
@@ -270,7 +276,7 @@ class CircuitBreaker:
         now = self.clock()
         trial_id = uuid.uuid4().hex
         s = self.settings
-        keys = [self.keys["state"], self.keys["window"], self.keys["trials"], self.keys["asked"]]
+        keys = [self.keys["state"], self.keys["window"], self.keys["trials"], self.keys["asked"], self.keys["forced"]]
         args = [
             repr(now),
             PRIORITY_RANK[priority],
@@ -358,7 +364,9 @@ class CircuitBreaker:
                 pipe.hgetall(self.keys["state"])
                 pipe.lrange(self.keys["window"], 0, -1)
                 pipe.zcount(self.keys["trials"], now - s.trial_timeout_seconds, "+inf")
-                fields, window, trials = pipe.execute()
+                pipe.pttl(self.keys["forced"])
+                pipe.get(self.keys["forced"])
+                fields, window, trials, forced_ms, forced_reason = pipe.execute()
         except redis.RedisError as error:
             _warn_fail_open(self.provider, error)
             return {"provider": self.provider, "state": CLOSED, "failing_open": True}
@@ -366,9 +374,14 @@ class CircuitBreaker:
         stored = fields.get("state", CLOSED)
         opened_at = float(fields["opened_at"]) if "opened_at" in fields else None
         failures = window.count(b"1")
+        # PTTL: -2 no key, -1 no expiry (never written so, but an open without end is still open).
+        forced = forced_ms != -2
         return {
             "provider": self.provider,
-            "state": self._effective_state(stored, opened_at, now),
+            "state": OPEN if forced else self._effective_state(stored, opened_at, now),
+            "forced": forced,
+            "forced_until": now + forced_ms / 1000 if forced and forced_ms >= 0 else None,
+            "forced_reason": forced_reason.decode() if forced and forced_reason else "",
             "failing_open": False,
             "window_calls": len(window),
             "window_failures": failures,
@@ -379,6 +392,21 @@ class CircuitBreaker:
             "times_opened": int(fields.get("times_opened", 0)),
             "epoch": int(fields.get("epoch", 0)),
         }
+
+    def force_open(self, *, seconds: float, reason: str) -> None:
+        """Refuse every call for `seconds` whatever the window says (an operator's drill). The
+        forced state is its own key with an expiry: a drill that dies cannot leave it open."""
+        if seconds <= 0:
+            raise ValueError("force_open needs a positive number of seconds")
+        self.client.set(self.keys["forced"], reason or "forced", px=max(1, round(seconds * 1000)))
+        logger.warning("Circuit %s forced open for %.0fs: %s", self.provider, seconds, reason)
+
+    def clear_forced(self) -> bool:
+        """End a forced open (the circuit goes on from its stored state); True if one was set."""
+        cleared = bool(self.client.delete(self.keys["forced"]))
+        if cleared:
+            logger.warning("Circuit %s no longer forced open", self.provider)
+        return cleared
 
     def reset(self) -> None:
         """Forget everything: closed with an empty window (tests, and operators after a fix)."""

@@ -28,6 +28,7 @@ from reconciliation.alerts import alert_payload
 from reconciliation.anomalies import cohort_end, floor_time
 from reconciliation.buckets import ROLLUP_SECONDS
 from reconciliation.conf import detector_settings
+from reconciliation.drills import last_drill
 from reconciliation.models import Alert, DeliveryBucket, QueueDepth, ReconciliationRun
 from reconciliation.queues import queue_names
 
@@ -84,6 +85,7 @@ def dashboard_data(*, window: str = "1h", priority: str = "", now: datetime | No
         "circuits": _circuits(),
         "alerts": _open_alerts(),
         "last_reconciliation": _last_reconciliation(),
+        "last_drill": last_drill(),
         "callbacks": callback_backlog(now=now),
     }
 

@@ -8,6 +8,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 
 from reconciliation.dashboard import PRIORITIES, WINDOWS, dashboard_data
+from reconciliation.models import Drill
 
 
 @staff_member_required
@@ -21,6 +22,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
             "windows": list(WINDOWS),
             "priorities": PRIORITIES,
             "title": "Dashboard",
+            "last_drill": Drill.objects.order_by("-started_at").first(),
         },
     )
 

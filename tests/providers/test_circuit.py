@@ -431,3 +431,45 @@ def test_record_many_without_redis_fails_open(clock, fresh_warning):
     permit = down.allow(priority="bulk")
     assert permit is not None and permit.fail_open
     down.record_many([(permit, True, 0.1), (Permit("twilio", trial=False, issued_at=T0), True, 0.1)])
+
+
+def test_a_forced_open_refuses_every_call_and_leaves_the_stored_state_alone(breaker, client):
+    call(breaker, failed=False)
+    breaker.force_open(seconds=60, reason="drill:7")
+    assert breaker.allow(priority="critical") is None
+    assert another_worker(breaker.clock).allow(priority="bulk") is None
+    snapshot = breaker.snapshot()
+    assert snapshot["state"] == circuit.OPEN and snapshot["forced"] and snapshot["forced_reason"] == "drill:7"
+    assert 55 < snapshot["forced_until"] - breaker.clock() <= 60
+    assert client.hget(breaker.keys["state"], "state") is None  # still closed underneath, window kept
+    assert snapshot["window_calls"] == 1
+
+    assert breaker.clear_forced() is True
+    assert breaker.allow(priority="critical") is not None
+    assert breaker.snapshot()["forced"] is False and breaker.state() == circuit.CLOSED
+    assert breaker.clear_forced() is False
+
+
+def test_a_forced_open_expires_by_itself(breaker, client):
+    # A drill that dies cannot leave its provider out of traffic: the key carries its own expiry.
+    breaker.force_open(seconds=0.2, reason="drill:8")
+    assert breaker.allow(priority="bulk") is None
+    assert 0 < client.pttl(breaker.keys["forced"]) <= 200
+    client.pexpire(breaker.keys["forced"], 1)
+    for _ in range(100):
+        if not client.exists(breaker.keys["forced"]):
+            break
+        threading.Event().wait(0.01)
+    assert breaker.allow(priority="bulk") is not None
+    assert breaker.state() == circuit.CLOSED
+
+
+def test_force_open_needs_a_positive_duration(breaker):
+    with pytest.raises(ValueError):
+        breaker.force_open(seconds=0, reason="x")
+
+
+def test_reset_clears_a_forced_open(breaker):
+    breaker.force_open(seconds=60, reason="drill:9")
+    breaker.reset()
+    assert breaker.allow(priority="bulk") is not None
