@@ -286,6 +286,9 @@ def drill_run(
     aborted = ""
     try:
         _force(drill)
+        # The drill's windows start when the provider went out, not when its row was written.
+        drill.started_at = timezone.now()
+        drill.save(update_fields=["started_at"])
         progress(f"drill {drill.pk}: {drill.provider} taken out ({drill.mode}) for {drill.duration_seconds}s")
         _wait(drill, drill.started_at, drill.duration_seconds, "during", progress, sleep, clock)
     except KeyboardInterrupt:
