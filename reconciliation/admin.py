@@ -120,7 +120,9 @@ class DrillAdmin(ReadOnlyAdmin):
         return format_html(
             "<ul>{}</ul>{}",
             format_html_join(
-                "", "<li>{}: {}</li>", ((name.replace("_", " "), "ok" if ok else "FAILED") for name, ok in checks.items())
+                "",
+                "<li>{}: {}</li>",
+                ((name.replace("_", " "), "ok" if ok else "FAILED") for name, ok in checks.items()),
             ),
             format_html(
                 "lost: {} · doubled: {} · waiting for a retry: {} · refused for the recipient: {}",

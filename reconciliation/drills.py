@@ -56,6 +56,9 @@ PROGRESS_EVERY_SECONDS = 5.0
 # none with its circuit forced open (only calls already in flight when it opened), a probing
 # share when degraded (dispatch keeps probing a degraded provider with a little real traffic).
 MAX_DRILLED_SHARE = {CIRCUIT_OPEN: 0.02, DEGRADED: 0.2}
+# With its circuit forced open, a send to the drilled provider this soon after the force is a
+# round that had its permit before (dispatch asks once per round): in flight, not a failed move.
+IN_FLIGHT_SECONDS = 2.0
 # Given up on for the recipient's own reasons (a bad number, an opt-out): no drill loses those.
 RECIPIENT_ERRORS = frozenset(
     {
@@ -368,7 +371,8 @@ def drill_report(
 
     - moved: sends accepted by each provider (attempt start in the window), the drilled channels only;
     - latency: accepted→dispatched and dispatched→delivered p50/p95 of the messages accepted in it;
-    - affected: messages a fallback provider took during the drill;
+    - affected: messages a fallback provider took during the drill (in_flight_at_start: sends to
+      the drilled provider in its first IN_FLIGHT_SECONDS, let through before the force);
     - lost: messages accepted during the drill that, by `ends_at`, were neither sent nor waiting for
       a scheduled retry, or were given up on for a reason other than the recipient's own;
     - doubled: messages a provider accepted more than once in one send generation.
@@ -394,6 +398,7 @@ def drill_report(
     moved: dict[str, Counter] = {name: Counter() for name in windows}
     affected: set = set()
     accepted_sends: Counter = Counter()
+    in_flight, in_flight_grace = 0, timedelta(seconds=IN_FLIGHT_SECONDS)
     for message_id, generation, sent_by, started, channel, to in attempts.iterator():
         if not in_scope(channel, to):
             continue
@@ -404,6 +409,8 @@ def drill_report(
         moved[name][sent_by] += 1
         if name == "during" and sent_by != provider:
             affected.add(message_id)
+        elif name == "during" and mode == CIRCUIT_OPEN and started < started_at + in_flight_grace:
+            in_flight += 1
 
     messages = Message.objects.filter(accepted_at__gte=first, accepted_at__lt=last, channel__in=channels).values_list(
         "id",
@@ -444,7 +451,7 @@ def drill_report(
 
     doubled = sorted({str(message_id) for (message_id, _), n in accepted_sends.items() if n > 1})
     during_total = sum(moved["during"].values())
-    drilled_share = moved["during"][provider] / during_total if during_total else None
+    drilled_share = (moved["during"][provider] - in_flight) / during_total if during_total else None
     checks = {
         "traffic": during_total > 0,
         "moved": drilled_share is not None and drilled_share <= MAX_DRILLED_SHARE.get(mode, 0.0),
@@ -459,6 +466,7 @@ def drill_report(
         "moved": {name: dict(counts.most_common()) for name, counts in moved.items()},
         "accepted": {name: accepted_in[name] for name in windows},
         "drilled_share_during": round(drilled_share, 4) if drilled_share is not None else None,
+        "in_flight_at_start": in_flight,
         "latency": {
             name: {
                 kind: _percentiles(latency[name][kind])

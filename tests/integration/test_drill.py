@@ -69,8 +69,10 @@ def test_a_drill_on_twilio_moves_live_traffic_to_vonage_and_back_and_reports_it(
     try:
         # A before-window's worth of traffic (the drill compares it with the same length before).
         wait_until(
-            lambda: Message.objects.filter(provider="twilio", dispatched_at__isnull=False).count()
-            >= DRILL_SECONDS * RATE_PER_SECOND,
+            lambda: (
+                Message.objects.filter(provider="twilio", dispatched_at__isnull=False).count()
+                >= DRILL_SECONDS * RATE_PER_SECOND
+            ),
             DRILL_SECONDS * 3,
             interval=0.5,
             what="twenty seconds of traffic on twilio",

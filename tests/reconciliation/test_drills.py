@@ -113,6 +113,14 @@ def test_traffic_that_stayed_on_the_drilled_provider_fails_the_drill(make_messag
     assert report(mode="degraded", started_at=at(3.6))["checks"]["moved"] is True  # only vonage's send during
 
 
+def test_a_send_already_in_flight_when_the_circuit_was_forced_is_not_held_against_it(make_message):
+    sent(make_message, "twilio", 0.5, dispatched_after=0.5)  # its round had the permit before the force
+    sent(make_message, "vonage", 4, dispatched_after=0.5)
+    result = report()
+    assert result["moved"]["during"] == {"twilio": 1, "vonage": 1} and result["in_flight_at_start"] == 1
+    assert result["drilled_share_during"] == 0 and result["checks"]["moved"] is True
+
+
 def test_no_traffic_during_the_drill_tests_nothing(make_message):
     result = report()
     assert result["checks"]["traffic"] is False and result["status"] == DrillStatus.FAILED
@@ -265,7 +273,9 @@ def test_a_drill_left_running_by_a_dead_process_is_closed_and_its_route_restored
         report={"settle_seconds": 60, "previous_condition": "healthy", "channels": ["sms"]},
     )  # fmt: skip
     provider_route_set(provider="twilio", condition="degraded", reason="drill", source=f"drill:{dead.pk}")
-    recent = Drill.objects.create(provider="vonage", mode="circuit_open", started_at=timezone.now(), duration_seconds=60)
+    recent = Drill.objects.create(
+        provider="vonage", mode="circuit_open", started_at=timezone.now(), duration_seconds=60
+    )
 
     assert drills_close_stale() == [dead]
     dead.refresh_from_db()
@@ -301,7 +311,7 @@ def finished_drill(make_message) -> Drill:
 def test_the_dashboard_shows_the_last_drill_or_none_yet(staff, make_message):
     assert dashboard_data()["last_drill"] is None
     assert "no drill yet" in staff.get(reverse("dashboard")).content.decode()
-    drill = finished_drill(make_message)
+    finished_drill(make_message)
     assert dashboard_data()["last_drill"]["provider"] == "twilio"
     page = staff.get(reverse("dashboard")).content.decode()
     assert f"last drill: {STARTED:%Y-%m-%d %H:%M} UTC, twilio, passed" in page

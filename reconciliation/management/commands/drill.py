@@ -43,7 +43,9 @@ Examples:
     def add_arguments(self, parser):
         parser.add_argument("--provider", required=True, help="The provider to take out, e.g. twilio.")
         parser.add_argument("--country", default="", help="Degraded mode only: one destination (ISO code, GB).")
-        parser.add_argument("--mode", choices=MODES, default=MODES[0], help="How to take it out (default circuit_open).")
+        parser.add_argument(
+            "--mode", choices=MODES, default=MODES[0], help="How to take it out (default circuit_open)."
+        )
         parser.add_argument("--duration", type=int, default=DEFAULT_DURATION_SECONDS, metavar="SECONDS")
         parser.add_argument(
             "--settle",
