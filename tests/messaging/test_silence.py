@@ -281,3 +281,41 @@ def test_the_api_shows_when_a_copy_was_sent(opted_in, sandbox, make_message, api
     body = api.get(f"/api/v1/messages/{message.pk}/").json()
     assert body["silence_fallback_at"] and body["provider"] == "vonage"
     assert any(e["source"] == "fallback" for e in body["events"])
+
+
+def test_the_sweep_runs_it(opted_in, make_message, published):
+    from messaging.sweeper import messages_sweep
+
+    sent(make_message(category="otp"))
+    assert messages_sweep().silence_fallbacks == 1
+    assert messages_sweep().silence_fallbacks == 0
+
+
+def test_undelivered_while_the_silence_copy_is_on_its_way_claims_nothing_more(
+    opted_in, sandbox, make_message, published, django_capture_on_commit_callbacks
+):
+    message = sent(make_message(category="otp"))
+    messages_silence_sweep()
+    with django_capture_on_commit_callbacks(execute=True):
+        receipt(message, "undelivered", "undelivered")  # before the copy went: the first send's own
+    assert Message.objects.get(pk=message.pk).state == "undelivered" and len(published) == 1
+    assert message_silence_fallback(message_id=message.pk, reason="silence")
+    message.refresh_from_db()
+    assert message.state == "dispatched" and message.provider == "vonage"
+    assert len(sandbox.requests(provider="vonage")) == 1
+
+
+def test_the_admin_shows_and_filters_the_messages_a_copy_was_sent_for(opted_in, client, make_message, published):
+    from django.contrib.auth.models import User
+    from django.urls import reverse
+
+    client.force_login(User.objects.create_superuser("ops", "ops@example.com", "pw-for-tests"))
+    copied = sent(make_message(category="otp"))
+    messages_silence_sweep()
+    plain = sent(make_message(category="otp"), ago=1)
+    listing = client.get(reverse("admin:messaging_message_changelist"), {"silence_fallback": "yes"})
+    assert listing.status_code == 200
+    page = listing.content.decode()
+    assert str(copied.pk) in page and str(plain.pk) not in page
+    detail = client.get(reverse("admin:messaging_message_change", args=[copied.pk])).content.decode()
+    assert "Silence fallback at" in detail
