@@ -163,6 +163,22 @@ class WaitingFilter(admin.SimpleListFilter):
         return queryset
 
 
+class SilenceFallbackFilter(admin.SimpleListFilter):
+    """Messages a fallback on silence sent a second copy of (messaging.silence): the recipient may
+    have two."""
+
+    title = "silence fallback"
+    parameter_name = "silence_fallback"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "second copy sent"), ("no", "none")]
+
+    def queryset(self, request, queryset):
+        if self.value() in ("yes", "no"):
+            return queryset.filter(silence_fallback_at__isnull=self.value() == "no")
+        return queryset
+
+
 @admin.register(Message)
 class MessageAdmin(ReplayPermissionMixin, admin.ModelAdmin):
     list_display = [
@@ -178,7 +194,10 @@ class MessageAdmin(ReplayPermissionMixin, admin.ModelAdmin):
         "send_at",
         "created_at",
     ]
-    list_filter = ["state", "channel", "priority", "provider", "category", "created_at", WaitingFilter]
+    list_filter = [
+        *("state", "channel", "priority", "provider", "category", "created_at"),
+        *(WaitingFilter, SilenceFallbackFilter),
+    ]
     search_fields = ["=id", "=idempotency_key", "=provider_message_id", "=ordering_key"]
     date_hierarchy = "created_at"
     inlines = [AttemptInline, EventInline, ReceiptInline, CallbackInline, DeadLetterInline]

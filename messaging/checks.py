@@ -85,6 +85,7 @@ def check_messaging_settings(app_configs=None, **kwargs) -> list[Error]:
     errors += _check_help_reply(configured)
     errors += _check_quiet_hours(configured)
     errors += _check_whatsapp_session_window(configured)
+    errors += _check_silence_fallback(configured)
     lease = configured.get("DISPATCH_LEASE_SECONDS", DEFAULTS["DISPATCH_LEASE_SECONDS"])
     for name, conf in getattr(settings, "CONDUCTOR_PROVIDERS", {}).items():
         timeout = conf.get("TIMEOUT_SECONDS", 0)
@@ -95,6 +96,28 @@ def check_messaging_settings(app_configs=None, **kwargs) -> list[Error]:
                     f"provider {name!r}'s TIMEOUT_SECONDS ({timeout}).",
                     hint="Otherwise a slow send could be taken for a dead worker and looked up while still in flight.",
                     id="conductor.E008",
+                )
+            )
+    return errors
+
+
+def _check_silence_fallback(configured: dict) -> list[Error]:
+    """SILENCE_FALLBACK (messaging.silence): categories with a positive after_seconds and nothing else;
+    a misspelt key would silently keep the default (no fallback) for a 2FA code."""
+    errors = []
+    hint = 'E.g. {"otp": {"after_seconds": 60}}; categories as messages name them, seconds above 0.'
+    for category, policy in configured.get("SILENCE_FALLBACK", DEFAULTS["SILENCE_FALLBACK"]).items():
+        unknown = set(policy) - {"after_seconds"} if isinstance(policy, dict) else set()
+        seconds = policy.get("after_seconds") if isinstance(policy, dict) else None
+        valid_seconds = isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds > 0
+        if not category or unknown or not valid_seconds:
+            errors.append(
+                Error(
+                    f"CONDUCTOR['SILENCE_FALLBACK'][{category!r}] = {policy!r} cannot work"
+                    + (f" (unknown {', '.join(sorted(unknown))})" if unknown else "")
+                    + ".",
+                    hint=hint,
+                    id="conductor.E100",
                 )
             )
     return errors

@@ -128,6 +128,12 @@ DEFAULTS: dict[str, Any] = {
     "CALLBACK_LEASE_SECONDS": 60.0,
     # After a secret is rotated the old one still signs (beside the new) this long.
     "CALLBACK_SECRET_OVERLAP_SECONDS": 24 * 3600.0,
+    # Fallback on silence (issue 24, messaging.silence, docs/silence-fallback.md): per category, a
+    # dispatched message with no final receipt after_seconds after dispatch, or reported
+    # undelivered, is sent once more through its route's next provider or channel, e.g.
+    # {"otp": {"after_seconds": 60}}. It can deliver twice (the first receipt may only be late):
+    # only the categories named here, where a second copy is better than none. {}: off.
+    "SILENCE_FALLBACK": {},
 }
 
 

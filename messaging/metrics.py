@@ -180,3 +180,17 @@ def callback_delivered_observe(*, occurred_at: datetime, at: datetime) -> None:
 def callbacks_held_observe(count: int) -> None:
     """Callbacks claimed while their endpoint's circuit was open: back to wait, not attempted."""
     CALLBACKS_FAILED.labels(reason="circuit_open").inc(count)
+
+
+# Fallbacks on silence (messaging.silence): second copies sent through the route's next hop, by
+# the message's category, the provider of the copy, why (silence: no final receipt in time;
+# undelivered: reported so) and what the copy's send came to (accepted, or the error type).
+SILENCE_FALLBACKS = Counter(
+    "conductor_silence_fallbacks",
+    "Second copies of opted-in messages sent after no final receipt in time or an undelivered receipt.",
+    ["category", "provider", "reason", "outcome"],
+)
+
+
+def silence_fallback_count(*, category: str, provider: str, reason: str, outcome: str) -> None:
+    SILENCE_FALLBACKS.labels(category=category, provider=provider, reason=reason, outcome=outcome).inc()

@@ -466,6 +466,8 @@ class EventSource(models.TextChoices):
     POLL = "poll"
     ADMIN = "admin"
     COMMAND = "command"
+    # The fallback on silence (messaging.silence): a second copy through the route's next hop.
+    FALLBACK = "fallback"
 
 
 class MessageEvent(models.Model):

@@ -37,9 +37,24 @@ from django.dispatch import receiver
 from django.utils import timezone
 
 from messaging.conf import messaging_setting
-from messaging.models import AttemptOutcome, DispatchAttempt, ErrorType, EventSource, Message, Receipt, UnmatchedReason
-from messaging.rows import rows_insert_ignoring_conflicts, rows_update
+from messaging.models import (
+    AttemptOutcome,
+    DispatchAttempt,
+    ErrorType,
+    EventSource,
+    Message,
+    MessageEvent,
+    Receipt,
+    UnmatchedReason,
+)
+from messaging.rows import rows_insert, rows_insert_ignoring_conflicts, rows_update
 from messaging.services import messages_transition
+from messaging.silence import (
+    REASON_UNDELIVERED,
+    messages_silence_claim,
+    silence_fallback_opted_in,
+    silence_fallback_publish,
+)
 from messaging.states import MessageState
 from messaging.suppressions.email_events import suppressions_from_events
 from providers.mailgun import AnymailProvider
@@ -418,7 +433,8 @@ def receipts_apply_batch(
             else:
                 by_message[message["pk"]].append(receipt)
                 outcome[receipt.pk] = _processed(receipt, now, message_id=message["pk"])
-        applied = _apply_ranked(by_message, messages)
+        applied, states = _apply_ranked(by_message, messages)
+        _silence_fallback_undelivered(states, messages)
         for receipt_id in applied:
             outcome[receipt_id]["applied"] = True
         report.applied = len(applied)
@@ -446,7 +462,7 @@ def _messages_named(receipts: list[Receipt]) -> dict[Any, dict[str, Any]]:
     for receipt in receipts:
         if not receipt.message_ref and receipt.provider_message_id:
             by_provider[receipt.provider].add(receipt.provider_message_id)
-    columns = ("pk", "state", "provider", "provider_message_id")
+    columns = ("pk", "state", "provider", "provider_message_id", "category", "silence_fallback_at")
     found = list(Message.objects.filter(pk__any=list(refs)).values(*columns)) if refs else []
     for provider, provider_ids in by_provider.items():
         found += Message.objects.filter(provider=provider, provider_message_id__in=provider_ids).values(*columns)
@@ -529,29 +545,52 @@ def _deferred(receipt: Receipt, now: datetime) -> dict[str, Any]:
     }
 
 
-def _apply_ranked(by_message: dict[Any, list[Receipt]], messages: dict[Any, dict[str, Any]]) -> set[int]:
+def _apply_ranked(
+    by_message: dict[Any, list[Receipt]], messages: dict[Any, dict[str, Any]]
+) -> tuple[set[int], dict[Any, str]]:
     """Apply each message's receipts in rank order, one round per receipt a message has: each
-    round is one transition call per target state. Returns the ids of the receipts applied."""
+    round is one transition call per target state. A late receipt's failure is only recorded
+    (_late_failures_record). Returns the ids of the receipts applied and each message's state after."""
+    late_failures = [
+        (pk, r)
+        for pk, group in by_message.items()
+        for r in group
+        if r.mapped_state in _FAILURES and _late(r, messages[pk])
+    ]
+    _late_receipts_record(late_failures, messages, note="the message follows the copy sent since")
+    left_out = {r.pk for _, r in late_failures}
     queues = {
-        pk: sorted((r for r in group if r.mapped_state), key=lambda r: (RANK.get(r.mapped_state, 0), r.pk))
+        pk: sorted(
+            (r for r in group if r.mapped_state and r.pk not in left_out),
+            key=lambda r: (RANK.get(r.mapped_state, 0), r.pk),
+        )
         for pk, group in by_message.items()
     }
     state = {pk: messages[pk]["state"] for pk in queues}
     applied: set[int] = set()
+    late_repeats: list[tuple[Any, Receipt]] = []
     while True:
         rounds: dict[tuple[str, str, frozenset[str]], dict[Any, tuple[str, dict[str, Any]]]] = defaultdict(dict)
         chosen: dict[Any, Receipt] = {}
         for pk, queue in queues.items():
             while queue and queue[0].mapped_state == state[pk]:
-                queue.pop(0)  # a repeat of where the message stands (`sent` when dispatched): nothing to do
+                # A repeat of where the message stands (`sent` when dispatched): nothing to do, but
+                # a late receipt's delivery is still shown on the timeline (the other copy's came first).
+                repeat = queue.pop(0)
+                if repeat.mapped_state in _FINAL_RECEIPTS and _late(repeat, messages[pk]):
+                    late_repeats.append((pk, repeat))
             if not queue:
                 continue
             receipt = queue.pop(0)
             fields = _fields(receipt, messages[pk])
-            rounds[(receipt.mapped_state, receipt.source, frozenset(fields))][pk] = (_detail(receipt), fields)
+            rounds[(receipt.mapped_state, receipt.source, frozenset(fields))][pk] = (
+                _detail(receipt, messages[pk]),
+                fields,
+            )
             chosen[pk] = receipt
         if not rounds:
-            return applied
+            _late_receipts_record(late_repeats, messages, note="the message is there already")
+            return applied, state
         for (to_state, source, _), changes in rounds.items():
             for pk in messages_transition(to_state=to_state, source=source, changes=changes):
                 state[pk] = to_state
@@ -560,7 +599,9 @@ def _apply_ranked(by_message: dict[Any, list[Receipt]], messages: dict[Any, dict
 
 def _fields(receipt: Receipt, message: dict[str, Any]) -> dict[str, Any]:
     fields: dict[str, Any] = {}
-    if not message["provider_message_id"] and receipt.provider_message_id:
+    if receipt.provider_message_id and (not message["provider_message_id"] or _late(receipt, message)):
+        # A late receipt that is applied is a delivery (failures are not: _apply_ranked): the
+        # message's reference ends as the copy that delivered.
         fields = {"provider": receipt.provider, "provider_message_id": receipt.provider_message_id}
     if receipt.mapped_state == MessageState.FAILED:
         # The provider took it, then gave up for good: the dead letter says so.
@@ -582,10 +623,68 @@ def _receipt_error_type(receipt: Receipt) -> str:
     return types.get(receipt.error_code, ErrorType.REJECTED)
 
 
-def _detail(receipt: Receipt) -> str:
-    return f"{receipt.provider} receipt: {receipt.provider_status}" + (
-        f" (error {receipt.error_code})" if receipt.error_code else ""
+def _detail(receipt: Receipt, message: dict[str, Any]) -> str:
+    status = f"{receipt.provider_status}" + (f" (error {receipt.error_code})" if receipt.error_code else "")
+    if _late(receipt, message):
+        return f"late receipt from {receipt.provider} after silence fallback: {status}"
+    return f"{receipt.provider} receipt: {status}"
+
+
+# --- fallback on silence (messaging.silence) ------------------------------------------------------
+_FAILURES = frozenset({MessageState.UNDELIVERED, MessageState.FAILED})
+_FINAL_RECEIPTS = _FAILURES | {MessageState.DELIVERED, MessageState.READ}
+
+
+def _late(receipt: Receipt, message: dict[str, Any]) -> bool:
+    """A receipt for the first copy of a message whose fallback on silence sent another, which the
+    message's reference now names: a late receipt."""
+    if message["silence_fallback_at"] is None:
+        return False
+    if receipt.provider_message_id:
+        return (receipt.provider, receipt.provider_message_id) != (message["provider"], message["provider_message_id"])
+    return receipt.provider != message["provider"]
+
+
+def _late_receipts_record(late: list[tuple[Any, Receipt]], messages: dict[Any, dict[str, Any]], *, note: str) -> None:
+    """Late receipts that change nothing, on the message's timeline: an undelivered or failed one is
+    never applied (the copy sent since decides; a delivery of either copy is applied, the recipient
+    has it), a delivery after the other copy's is a repeat."""
+    if not late:
+        return
+    rows_insert(
+        MessageEvent,
+        [
+            MessageEvent(
+                message_id=pk,
+                created_at=timezone.now(),
+                source=receipt.source,
+                from_state=messages[pk]["state"],
+                to_state=receipt.mapped_state,
+                applied=False,
+                detail=f"{_detail(receipt, messages[pk])} (not applied: {note})",
+            )
+            for pk, receipt in late
+        ],
     )
+    for pk, receipt in late:
+        logger.info("message %s: late %s receipt %s kept, not applied", pk, receipt.provider, receipt.provider_status)
+
+
+def _silence_fallback_undelivered(states: dict[Any, str], messages: dict[Any, dict[str, Any]]) -> None:
+    """Messages of an opted-in category this batch moved to undelivered, never fallen back before:
+    claimed in this transaction, their copy published once it commits (messaging.silence)."""
+    wanted = [
+        pk
+        for pk, state in states.items()
+        if state == MessageState.UNDELIVERED
+        and messages[pk]["state"] != MessageState.UNDELIVERED
+        and messages[pk]["silence_fallback_at"] is None
+        and silence_fallback_opted_in(messages[pk]["category"])
+    ]
+    for claim in messages_silence_claim(
+        message_ids=wanted, reason=REASON_UNDELIVERED, states=(MessageState.UNDELIVERED,)
+    ):
+        transaction.on_commit(lambda claim=claim: silence_fallback_publish(claim))
 
 
 def receipts_rematch(*, receipt_ids: list[int]) -> int:

@@ -39,7 +39,10 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     ),
     MessageState.DELIVERED: frozenset({MessageState.READ}),
     MessageState.READ: frozenset(),
-    MessageState.UNDELIVERED: frozenset(),
+    # Only for a fallback on silence (messaging.silence, docs/silence-fallback.md): an undelivered
+    # message of an opted-in category that a second copy was sent for, through the route's next
+    # provider or channel, is dispatched again, once (GUARDED_TRANSITIONS: nothing else may).
+    MessageState.UNDELIVERED: frozenset({MessageState.DISPATCHED}),
     # Given up on: replayed (back to accepted) or closed for good by cancelling it (only if it was
     # never dispatched: message_cancel checks), which also lets later messages with its ordering
     # key go on when ORDERING_DEAD_PREDECESSOR is "hold".
@@ -49,13 +52,31 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     MessageState.DEAD_LETTERED: frozenset({MessageState.ACCEPTED, MessageState.CANCELLED}),
 }
 
+# The event source that names the fallback on silence (messaging.models.EventSource.FALLBACK).
+SILENCE_FALLBACK_SOURCE = "fallback"
+# Transitions only one source may make: a late `sent` receipt after `undelivered`, or a worker
+# recording a dispatch that a receipt overtook, must never move an undelivered message back.
+GUARDED_TRANSITIONS: dict[tuple[str, str], str] = {
+    (MessageState.UNDELIVERED, MessageState.DISPATCHED): SILENCE_FALLBACK_SOURCE,
+}
+
+
+def transition_allowed(*, from_state: str, to_state: str, source: str) -> bool:
+    """Whether the table allows this move for this source (GUARDED_TRANSITIONS name their source)."""
+    if to_state not in TRANSITIONS[from_state]:
+        return False
+    guard = GUARDED_TRANSITIONS.get((from_state, to_state))
+    return guard is None or guard == source
+
+
 # For each target, the states it may be entered from: the WHERE clause of the conditional UPDATE.
 ALLOWED_SOURCES: dict[str, frozenset[str]] = {
     target: frozenset(source for source, targets in TRANSITIONS.items() if target in targets)
     for target in MessageState.values
 }
 
-# States after which nothing more happens to the message (apart from a replay of a dead letter).
+# States after which nothing more happens to the message (apart from a replay of a dead letter,
+# and a fallback on silence for an undelivered message of an opted-in category).
 FINAL_STATES: frozenset[str] = frozenset(
     {
         MessageState.READ,

@@ -20,6 +20,7 @@ from messaging.receipts import receipts_sweep
 from messaging.routing import Channel, Priority, queue_name
 from messaging.rows import rows_update_in_key_order
 from messaging.services import message_transition
+from messaging.silence import messages_silence_sweep
 from messaging.states import MessageState
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class SweepReport:
     enqueued: int = 0
     receipts_triggered: bool = False
     callbacks_triggered: bool = False
+    silence_fallbacks: int = 0
 
 
 def messages_sweep(*, now: datetime | None = None) -> SweepReport:
@@ -44,6 +46,8 @@ def messages_sweep(*, now: datetime | None = None) -> SweepReport:
         report.enqueued += _enqueue_due(now, priority, timedelta(seconds=stale_seconds), batch)
     report.receipts_triggered = receipts_sweep(now=now)
     report.callbacks_triggered = callbacks_sweep(now=now)
+    # Opted-in messages silent for too long: claimed and their one copy published (messaging.silence).
+    report.silence_fallbacks = messages_silence_sweep(now=now)
     if report.expired or report.enqueued or report.receipts_triggered or report.callbacks_triggered:
         logger.info(
             "sweep: %d expired, %d enqueued%s%s",

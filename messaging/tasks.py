@@ -10,6 +10,7 @@ from messaging.dispatch import messages_dispatch
 from messaging.locks import cluster_lock
 from messaging.queue_progress import queue_consumed
 from messaging.receipts import APPLY_TASK, receipts_apply_pending
+from messaging.silence import SILENCE_FALLBACK_TASK, message_silence_fallback
 from messaging.sweeper import messages_release_due, messages_sweep
 
 
@@ -78,3 +79,10 @@ def deliver_callbacks() -> None:
     worker killed mid-delivery leaves its callbacks leased: claimed again once the lease runs
     out, by the next kick or the sweeper."""
     callbacks_deliver()
+
+
+@shared_task(name=SILENCE_FALLBACK_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def silence_fallback(message_id: str, reason: str) -> None:
+    """Send a claimed message's one copy through its route's next hop (messaging.silence). A task
+    delivered again after its worker died finds the copy's attempt row and sends nothing."""
+    message_silence_fallback(message_id=message_id, reason=reason)

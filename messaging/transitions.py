@@ -22,7 +22,7 @@ from messaging.metrics import latency_observe
 from messaging.models import Message, MessageEvent
 from messaging.ordering import ordering_release
 from messaging.rows import rows_insert, rows_update
-from messaging.states import ALLOWED_SOURCES, DEAD_LETTER_STATES, TIMESTAMP_FIELD
+from messaging.states import ALLOWED_SOURCES, DEAD_LETTER_STATES, TIMESTAMP_FIELD, transition_allowed
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,13 @@ def _transition(
     # apply a batch): two round trips less, and a failure here fails the caller's transaction anyway.
     with transaction.atomic(savepoint=False):
         rows = _locked_rows(list(changes), columns, extra_filter)
-        applicable = {row["pk"]: row for row in rows if row["state"] in sources and row.get("extra_ok", True)}
+        applicable = {
+            row["pk"]: row
+            for row in rows
+            if row["state"] in sources
+            and row.get("extra_ok", True)
+            and transition_allowed(from_state=row["state"], to_state=to_state, source=source)
+        }
         # The rows are locked and their states checked: the write names only keys. A state
         # predicate would let PostgreSQL pick the state index, slow while its statistics lag a
         # campaign just accepted (messaging.dispatch._claim).

@@ -319,6 +319,9 @@ CONDUCTOR = {
     },
     # Detector overrides as JSON, e.g. CONDUCTOR_ANOMALY='{"min_samples": 50, "windows_seconds": [300, 3600]}'.
     "ANOMALY": env_json("CONDUCTOR_ANOMALY", {}),
+    # Fallback on silence per category as JSON, e.g. CONDUCTOR_SILENCE_FALLBACK='{"otp": {"after_seconds": 60}}'
+    # (docs/silence-fallback.md); unset: off.
+    "SILENCE_FALLBACK": env_json("CONDUCTOR_SILENCE_FALLBACK", {}),
     "ALERT_WEBHOOK_URL": env_str("ALERT_WEBHOOK_URL"),
     "CALLBACK_DISABLE_AFTER_SECONDS": env_float("CONDUCTOR_CALLBACK_DISABLE_AFTER_SECONDS", 86400.0),
     "CALLBACK_RETENTION_SECONDS": env_float("CONDUCTOR_CALLBACK_RETENTION_SECONDS", 7 * 86400.0),

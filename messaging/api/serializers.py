@@ -677,6 +677,9 @@ class MessageSerializer(serializers.ModelSerializer):
             "expired_at",
             "cancelled_at",
             "dead_lettered_at",
+            # Fallback on silence (messaging.silence): when a second copy was sent through the route's
+            # next provider or channel (null: never); the recipient may have both.
+            "silence_fallback_at",
         ]
 
     def get_waiting_for(self, message: Message) -> str | None:

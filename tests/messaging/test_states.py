@@ -1,6 +1,14 @@
 """The transition table: forward-only along the happy path, final states stay final."""
 
-from messaging.states import ALLOWED_SOURCES, DEAD_LETTER_STATES, FINAL_STATES, TRANSITIONS
+from messaging.states import (
+    ALLOWED_SOURCES,
+    DEAD_LETTER_STATES,
+    FINAL_STATES,
+    GUARDED_TRANSITIONS,
+    SILENCE_FALLBACK_SOURCE,
+    TRANSITIONS,
+    transition_allowed,
+)
 from messaging.states import MessageState as S
 
 HAPPY_PATH = [S.ACCEPTED, S.DISPATCHED, S.DELIVERED, S.READ]
@@ -16,11 +24,20 @@ def test_happy_path_moves_forward_and_may_skip_for_out_of_order_receipts():
             assert (target in TRANSITIONS[source]) == (j > i), (source, target)
 
 
-def test_final_states_accept_nothing_but_a_replay_or_the_closing_of_a_dead_letter():
+def test_final_states_accept_nothing_but_a_replay_the_closing_of_a_dead_letter_or_a_silence_fallback():
     assert DEAD_LETTER_STATES == {S.FAILED, S.EXPIRED, S.DEAD_LETTERED}
     for state in FINAL_STATES:
         expected = {S.ACCEPTED, S.CANCELLED} if state in DEAD_LETTER_STATES else set()
+        if state == S.UNDELIVERED:
+            expected = {S.DISPATCHED}
         assert TRANSITIONS[state] == expected, state
+
+
+def test_undelivered_goes_back_to_dispatched_only_for_the_silence_fallback():
+    assert GUARDED_TRANSITIONS == {(S.UNDELIVERED, S.DISPATCHED): SILENCE_FALLBACK_SOURCE}
+    for source in ("api", "worker", "sweeper", "webhook", "poll", "admin", "command"):
+        assert not transition_allowed(from_state=S.UNDELIVERED, to_state=S.DISPATCHED, source=source)
+    assert transition_allowed(from_state=S.UNDELIVERED, to_state=S.DISPATCHED, source=SILENCE_FALLBACK_SOURCE)
 
 
 def test_a_replay_is_the_only_way_back_to_accepted():
