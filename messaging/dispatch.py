@@ -42,6 +42,11 @@ the claim reads the windows of every free-form WhatsApp hop of every claimed mes
 (messaging.whatsapp_session, kept from the inbound webhook), and a hop whose window is closed is
 skipped like a suppressed one: the message goes to its fallback channel, or, with none left, fails
 at once (`outside_session_window`, never retried). A template message's WhatsApp hop always goes.
+
+The route's order follows the providers' conditions (docs/routing.md): once per message and claim,
+a degraded provider goes behind its channel's healthy ones (but for a probe share of traffic), a
+drained one behind all of them, and weights share the first place; every hop is still tried on
+failure. The conditions are read once per claim (messaging.route_health.provider_routes).
 """
 
 from __future__ import annotations
@@ -90,6 +95,7 @@ from messaging.outcomes import (
 )
 from messaging.publish import message_publish
 from messaging.quiet_hours import QuietHoursPolicy, deadline_note, quiet_hours_policy
+from messaging.route_health import hops_ordered, provider_routes
 from messaging.routing import Channel, Hop, message_route
 from messaging.rows import rows_update, rows_update_in_key_order
 from messaging.send_loop import send_loop
@@ -343,15 +349,7 @@ def _separate_plain_sends(messages: list[Message], now: datetime) -> tuple[list[
     )
     alone = len(messages) == 1
     sends, unstarted, handed_back = [], [], []
-    routes = {
-        message.pk: message_route(
-            channel=message.channel,
-            to=message.to,
-            fallback_channels=message.fallback_channels,
-            fallback_to=message.fallback_to,
-        )
-        for message in messages
-    }
+    routes = _routes_ordered(messages)
     # One look-up for the whole claim: every hop of every message (its later rounds included).
     suppressions = SuppressionIndex.load(
         (message.client_id, hop.channel, hop.to) for message in messages for hop in routes[message.pk]
@@ -374,6 +372,31 @@ def _separate_plain_sends(messages: list[Message], now: datetime) -> tuple[list[
         else:
             handed_back.append(message)
     return sends, unstarted, handed_back
+
+
+def _routes_ordered(messages: list[Message]) -> dict[Any, list[Hop]]:
+    """Each message's route, ordered once by the routes' conditions and weights (degraded and
+    drained providers behind the others, a probe share kept: messaging.route_health.hops_ordered).
+    The conditions are read once per claim (cached per process), nothing per message; the list
+    serves every round of the claim, so a message walks one order to its end. Its next claim
+    draws again."""
+    states = provider_routes()
+    share = messaging_setting("ROUTE_PROBE_SHARE")
+    return {
+        message.pk: hops_ordered(
+            message_route(
+                channel=message.channel,
+                to=message.to,
+                fallback_channels=message.fallback_channels,
+                fallback_to=message.fallback_to,
+            ),
+            priority=message.priority,
+            states=states,
+            draw=random.random,
+            probe_share=share,
+        )
+        for message in messages
+    }
 
 
 def _needs_settling(send: _Send, now: datetime) -> bool:
