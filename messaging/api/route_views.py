@@ -53,7 +53,8 @@ class RouteChangeSerializer(serializers.Serializer):
 
 
 class RoutesView(APIView):
-    authentication_classes = [authentication.SessionAuthentication, authentication.BasicAuthentication]
+    # Basic first: an unauthenticated call gets 401 with its challenge, not a bare 403.
+    authentication_classes = [authentication.BasicAuthentication, authentication.SessionAuthentication]
     permission_classes = [IsRouteOperator]
     throttle_classes: list = []  # the client rate is per API client; operators are few
 

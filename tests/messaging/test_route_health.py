@@ -5,6 +5,9 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
+
+from messaging.checks import check_messaging_settings
 from messaging.route_health import RouteState, hops_ordered, probe_share_for
 from messaging.routing import Hop
 
@@ -149,3 +152,10 @@ def test_the_probe_is_drawn_once_per_message():
     table = states(("twilio", "", "degraded", None), ("mailgun", "", "degraded", None))
     ordered = hops_ordered(route(email="ada@example.com"), priority="bulk", states=table, draw=draw, probe_share=SHARE)
     assert providers(ordered) == ["twilio", "vonage", "mailgun", "smtp"] and len(calls) == 1
+
+
+@pytest.mark.parametrize("share,refused", [(0, False), (0.05, False), (1, False), (1.5, True), (-0.1, True)])
+def test_the_probe_share_is_checked_at_start_up(settings, share, refused):
+    settings.CONDUCTOR = {**settings.CONDUCTOR, "ROUTE_PROBE_SHARE": share}
+    ids = [error.id for error in check_messaging_settings()]
+    assert ("conductor.E100" in ids) is refused
