@@ -44,6 +44,9 @@ def test_a_degraded_provider_for_one_country_sends_that_country_elsewhere_but_a_
     assert gb == {"twilio": 50}
     # Nothing was tried twice: one attempt per message, on the provider it went to.
     assert DispatchAttempt.objects.count() == 250
+    notes = set(DispatchAttempt.objects.filter(provider="vonage").values_list("note", flat=True))
+    assert notes == {"first choice, ahead of twilio (routing conditions and weights)"}
+    assert set(DispatchAttempt.objects.filter(provider="twilio").values_list("note", flat=True)) == {"first choice"}
 
 
 def test_critical_messages_never_probe_a_degraded_provider(sandbox, make_message):
