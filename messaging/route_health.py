@@ -155,13 +155,20 @@ def route_state(provider: str, country: str, states: dict[tuple[str, str], Route
 # a critical message never (it goes to a healthy provider whenever the route has one). Without
 # any bulk traffic the transactional probes still give the detector receipts to see recovery by.
 TRANSACTIONAL_PROBE_FRACTION = 0.5
+# Plain strings: an enum member's look-up costs more than the rest of a hop's ordering.
+_HEALTHY, _DEGRADED, _DRAINED = (
+    str(c.value) for c in (RouteCondition.HEALTHY, RouteCondition.DEGRADED, RouteCondition.DRAINED)
+)
+
+
+_BULK, _TRANSACTIONAL = str(Priority.BULK.value), str(Priority.TRANSACTIONAL.value)
 
 
 def probe_share_for(priority: str, share: float) -> float:
     """The share of a priority's messages that keep a degraded provider in its place."""
-    if priority == Priority.BULK:
+    if priority == _BULK:
         return share
-    if priority == Priority.TRANSACTIONAL:
+    if priority == _TRANSACTIONAL:
         return share * TRANSACTIONAL_PROBE_FRACTION
     return 0.0
 
@@ -194,28 +201,31 @@ def hops_ordered(
     ordered: list[Hop] = []
     start = 0
     probe: bool | None = None  # drawn once per message, the first time a degraded provider is met
+    per_country = {provider for provider, country in states if country}
     while start < len(hops):
         end = start + 1
         while end < len(hops) and (hops[end].channel, hops[end].to) == (hops[start].channel, hops[start].to):
             end += 1
         segment = hops[start:end]
         start = end
-        country = recipient_country(segment[0].channel, segment[0].to)
+        # The number is parsed (the costly part) only when one of these providers has a country's row.
+        by_country = any(hop.provider in per_country for hop in segment)
+        country = recipient_country(segment[0].channel, segment[0].to) if by_country else ""
         found = [(hop, _route_effective(hop.provider, country, states)) for hop in segment]
         if all(state is None for _, state in found):
             ordered += segment
             continue
-        if probe is None and any(state and state.condition == RouteCondition.DEGRADED for _, state in found):
+        if probe is None and any(state and state.condition == _DEGRADED for _, state in found):
             share = probe_share_for(priority, probe_share)
             probe = share > 0 and draw() < share
         first: list[tuple[Hop, RouteState | None]] = []
         degraded: list[Hop] = []
         drained: list[Hop] = []
         for hop, state in found:
-            condition = state.condition if state is not None else RouteCondition.HEALTHY
-            if condition == RouteCondition.DRAINED:
+            condition = state.condition if state is not None else _HEALTHY
+            if condition == _DRAINED:
                 drained.append(hop)
-            elif condition == RouteCondition.DEGRADED and not probe:
+            elif condition == _DEGRADED and not probe:
                 degraded.append(hop)
             else:
                 first.append((hop, state))
@@ -223,7 +233,7 @@ def hops_ordered(
     return ordered
 
 
-_SEVERITY = {RouteCondition.HEALTHY: 0, RouteCondition.DEGRADED: 1, RouteCondition.DRAINED: 2}
+_SEVERITY = {_HEALTHY: 0, _DEGRADED: 1, _DRAINED: 2}
 
 
 def _route_effective(provider: str, country: str, states: dict[tuple[str, str], RouteState]) -> RouteState | None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from messaging.dispatch import messages_dispatch
 from messaging.models import DispatchAttempt, Message
@@ -91,3 +93,15 @@ def test_weights_split_the_first_place(sandbox, make_message):
     provider_route_set(provider="vonage", weight=1, reason="split", source="operator:ops")
     split = dispatch_all([make_message(to=US, priority="bulk") for _ in range(200)])
     assert 70 <= split["twilio"] <= 130 and split["twilio"] + split["vonage"] == 200, split
+
+
+def test_a_claim_of_many_messages_reads_the_routes_once_and_not_again_within_the_cache(sandbox, make_message):
+    provider_route_set(provider="twilio", country="US", condition="degraded", reason="dropping", source="detector")
+    messages = [make_message(to=US, priority="bulk") for _ in range(30)] + [make_message(to=GB) for _ in range(10)]
+    with CaptureQueriesContext(connection) as first:
+        messages_dispatch(message_ids=[str(m.pk) for m in messages])
+    with CaptureQueriesContext(connection) as second:
+        messages_dispatch(message_ids=[str(make_message(to=US).pk)])
+    reads = [q["sql"] for q in first.captured_queries if 'FROM "messaging_providerroute"' in q["sql"]]
+    assert len(reads) == 1, reads
+    assert not [q for q in second.captured_queries if 'FROM "messaging_providerroute"' in q["sql"]]
