@@ -8,7 +8,7 @@ Two kinds, chosen by what can be correct with many processes:
   at scrape time from where it lives: PostgreSQL, the broker, Redis. A gauge kept in process
   memory would disagree between processes and go stale when one dies; the source cannot.
 A source that does not answer leaves its families out and sets conductor_scrape_error{source}.
-The database's families (eight queries, one over every message) are kept for
+The database's families (nine queries, one over every message) are kept for
 METRICS_CACHE_SECONDS per process: Prometheus scrapes every 15 s, and two scrapers, or a scraper
 retrying, must not double the load on the database.
 """
@@ -29,7 +29,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from messaging.callbacks.selectors import callbacks_backlog_by_endpoint, callbacks_pending_count
-from messaging.models import DeadLetter, Message, Receipt
+from messaging.models import DeadLetter, Message, ProviderRoute, Receipt, RouteCondition
 from providers.guards import circuit_breaker
 from reconciliation.anomalies import cohort_end
 from reconciliation.conf import detector_settings
@@ -163,6 +163,7 @@ class StateCollector:
         )
         yield delivery_rate_family()
         yield from callback_backlog_families()
+        yield from route_families()
 
     def _broker(self):
         family = GaugeMetricFamily(
@@ -190,6 +191,31 @@ class StateCollector:
             failing_open.add_metric([provider], 1 if snapshot.get("failing_open") else 0)
         yield family
         yield failing_open
+
+
+def route_families() -> list[GaugeMetricFamily]:
+    """Each provider route's condition (1 for the current one) and weight: a few rows, one query.
+    A provider with no row is healthy in route order and not listed (country "all": every country)."""
+    condition = GaugeMetricFamily(
+        "conductor_route_condition",
+        "1 for each provider route's current condition (healthy, degraded, drained), 0 for the others "
+        "(docs/routing.md); country all: every country.",
+        labels=["provider", "country", "condition"],
+    )
+    weight = GaugeMetricFamily(
+        "conductor_route_weight",
+        "Each provider route's weight in its channel's split, where one is set.",
+        labels=["provider", "country"],
+    )
+    for route in ProviderRoute.objects.order_by("provider", "country").only(
+        "provider", "country", "condition", "weight"
+    ):
+        country = route.country or "all"
+        for value in RouteCondition.values:
+            condition.add_metric([route.provider, country, value], 1 if route.condition == value else 0)
+        if route.weight is not None:
+            weight.add_metric([route.provider, country], route.weight)
+    return [condition, weight]
 
 
 # Endpoints shown in conductor_callback_backlog_age_seconds: those waiting longest (bounded series).

@@ -19,6 +19,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
+from messaging import admin_routes  # noqa: F401  (registers provider routes and routing changes)
 from messaging.callbacks.endpoints import (
     callback_endpoint_disable,
     callback_endpoint_enable,

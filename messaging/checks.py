@@ -86,6 +86,7 @@ def check_messaging_settings(app_configs=None, **kwargs) -> list[Error]:
     errors += _check_quiet_hours(configured)
     errors += _check_whatsapp_session_window(configured)
     errors += _check_silence_fallback(configured)
+    errors += _check_route_probe_share(configured)
     lease = configured.get("DISPATCH_LEASE_SECONDS", DEFAULTS["DISPATCH_LEASE_SECONDS"])
     for name, conf in getattr(settings, "CONDUCTOR_PROVIDERS", {}).items():
         timeout = conf.get("TIMEOUT_SECONDS", 0)
@@ -170,6 +171,20 @@ def _check_whatsapp_session_window(configured: dict) -> list[Error]:
                 f"CONDUCTOR['WHATSAPP_SESSION_WINDOW_HOURS'] is {hours!r}.",
                 hint="Use a number of hours from 0 (not enforced) to 24 (WhatsApp's window).",
                 id="conductor.E081",
+            )
+        ]
+    return []
+
+
+def _check_route_probe_share(configured: dict) -> list[Error]:
+    """A share of messages: 0 (a degraded provider gets nothing until restored) to 1."""
+    share = configured.get("ROUTE_PROBE_SHARE", DEFAULTS["ROUTE_PROBE_SHARE"])
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        return [
+            Error(
+                f"CONDUCTOR['ROUTE_PROBE_SHARE'] is {share!r}.",
+                hint="A share from 0 (no probes: a degraded provider waits for an operator) to 1 (docs/routing.md).",
+                id="conductor.E101",
             )
         ]
     return []

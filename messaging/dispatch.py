@@ -42,6 +42,11 @@ the claim reads the windows of every free-form WhatsApp hop of every claimed mes
 (messaging.whatsapp_session, kept from the inbound webhook), and a hop whose window is closed is
 skipped like a suppressed one: the message goes to its fallback channel, or, with none left, fails
 at once (`outside_session_window`, never retried). A template message's WhatsApp hop always goes.
+
+The route's order follows the providers' conditions (docs/routing.md): once per message and claim,
+a degraded provider goes behind its channel's healthy ones (but for a probe share of traffic), a
+drained one behind all of them, and weights share the first place; every hop is still tried on
+failure. The conditions are read once per claim (messaging.route_health.provider_routes).
 """
 
 from __future__ import annotations
@@ -90,6 +95,7 @@ from messaging.outcomes import (
 )
 from messaging.publish import message_publish
 from messaging.quiet_hours import QuietHoursPolicy, deadline_note, quiet_hours_policy
+from messaging.route_health import hops_ordered, provider_routes
 from messaging.routing import Channel, Hop, message_route
 from messaging.rows import rows_update, rows_update_in_key_order
 from messaging.send_loop import send_loop
@@ -136,6 +142,8 @@ class _Send:
     suppressions: SuppressionIndex = _NO_SUPPRESSIONS  # the claim's, shared by its messages
     # The WhatsApp numbers of its free-form hops whose customer-service window is closed: skipped.
     closed_sessions: frozenset[str] = frozenset()
+    # The route's configured first provider when its routing conditions or weights put another first.
+    moved_ahead_of: str = ""
     # (channel, address) a provider refused in this claim (opted out, cannot receive): left for good.
     refused: dict[tuple[str, str], ProviderError] = field(default_factory=dict)
     met_suppression: bool = False  # counted in messages_suppressed_count once
@@ -343,15 +351,7 @@ def _separate_plain_sends(messages: list[Message], now: datetime) -> tuple[list[
     )
     alone = len(messages) == 1
     sends, unstarted, handed_back = [], [], []
-    routes = {
-        message.pk: message_route(
-            channel=message.channel,
-            to=message.to,
-            fallback_channels=message.fallback_channels,
-            fallback_to=message.fallback_to,
-        )
-        for message in messages
-    }
+    routes, moved = _routes_ordered(messages)
     # One look-up for the whole claim: every hop of every message (its later rounds included).
     suppressions = SuppressionIndex.load(
         (message.client_id, hop.channel, hop.to) for message in messages for hop in routes[message.pk]
@@ -367,6 +367,7 @@ def _separate_plain_sends(messages: list[Message], now: datetime) -> tuple[list[
         hops = routes[message.pk]
         closed = frozenset(free_form.get(message.pk, set()) - open_sessions)
         send = _Send(message, hops, lost=message.pk in lost, suppressions=suppressions, closed_sessions=closed)
+        send.moved_ahead_of = moved.get(message.pk, "")
         if not (_needs_settling(send, now) or _rate_limited(hops[0].provider)):
             sends.append(send)
         elif alone:
@@ -374,6 +375,31 @@ def _separate_plain_sends(messages: list[Message], now: datetime) -> tuple[list[
         else:
             handed_back.append(message)
     return sends, unstarted, handed_back
+
+
+def _routes_ordered(messages: list[Message]) -> tuple[dict[Any, list[Hop]], dict[Any, str]]:
+    """Each message's route, ordered once by the routes' conditions and weights (degraded and
+    drained providers behind the others, a probe share kept: messaging.route_health.hops_ordered),
+    and, for the messages whose first provider that changed, the configured first one (for the
+    attempt's note). The conditions are read once per claim (cached per process), nothing per
+    message; the list serves every round of the claim, so a message walks one order to its end.
+    Its next claim draws again."""
+    states = provider_routes()
+    share = messaging_setting("ROUTE_PROBE_SHARE")
+    routes: dict[Any, list[Hop]] = {}
+    moved: dict[Any, str] = {}
+    for message in messages:
+        configured = message_route(
+            channel=message.channel,
+            to=message.to,
+            fallback_channels=message.fallback_channels,
+            fallback_to=message.fallback_to,
+        )
+        hops = hops_ordered(configured, priority=message.priority, states=states, draw=random.random, probe_share=share)
+        routes[message.pk] = hops
+        if hops is not configured and hops and hops[0] != configured[0]:
+            moved[message.pk] = configured[0].provider
+    return routes, moved
 
 
 def _needs_settling(send: _Send, now: datetime) -> bool:
@@ -843,6 +869,8 @@ def _hop_note(send: _Send) -> str:
     """Why this hop is tried, for its attempt row."""
     if send.index and send.left_for:
         return f"fallback after {send.hops[send.index - 1].provider} ({send.left_for})"
+    if send.index == 0 and send.moved_ahead_of:
+        return f"first choice, ahead of {send.moved_ahead_of} (routing conditions and weights)"
     return "first choice"
 
 

@@ -80,7 +80,10 @@ def message_resolve_unknown_outcome(*, message: Message, route: list[Hop]) -> bo
     Returns True when that settled this claim (found and recorded, retry scheduled, or
     dead-lettered), False when the provider positively has no record: the caller may send.
     """
-    hop, generation = unknown_send(message, default=route[0])
+    # Without an attempt row to name it, the provider last handed it (the route's order may have
+    # changed since: messaging.route_health), else the route's first.
+    default = next((hop for hop in route if hop.provider == message.provider), route[0])
+    hop, generation = unknown_send(message, default=default)
     provider = get_provider(hop.provider)
     if not provider.supports_lookup:
         reason = (

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import phonenumbers
@@ -21,7 +22,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from messaging.models import ProviderRoute, RouteCondition, RoutingChange
-from messaging.routing import Channel
+from messaging.routing import Channel, Hop, Priority
 
 logger = logging.getLogger(__name__)
 
@@ -147,3 +148,117 @@ def route_state(provider: str, country: str, states: dict[tuple[str, str], Route
         if state is not None:
             return state
     return states.get((provider, ""))
+
+
+# A transactional message probes a degraded provider at this fraction of ROUTE_PROBE_SHARE: the
+# lowest priority probes first (bulk at the full share), a code someone waits for less often, and
+# a critical message never (it goes to a healthy provider whenever the route has one). Without
+# any bulk traffic the transactional probes still give the detector receipts to see recovery by.
+TRANSACTIONAL_PROBE_FRACTION = 0.5
+# Plain strings: an enum member's look-up costs more than the rest of a hop's ordering.
+_HEALTHY, _DEGRADED, _DRAINED = (
+    str(c.value) for c in (RouteCondition.HEALTHY, RouteCondition.DEGRADED, RouteCondition.DRAINED)
+)
+
+
+_BULK, _TRANSACTIONAL = str(Priority.BULK.value), str(Priority.TRANSACTIONAL.value)
+
+
+def probe_share_for(priority: str, share: float) -> float:
+    """The share of a priority's messages that keep a degraded provider in its place."""
+    if priority == _BULK:
+        return share
+    if priority == _TRANSACTIONAL:
+        return share * TRANSACTIONAL_PROBE_FRACTION
+    return 0.0
+
+
+def hops_ordered(
+    hops: list[Hop],
+    *,
+    priority: str,
+    states: dict[tuple[str, str], RouteState],
+    draw: Callable[[], float],
+    probe_share: float,
+) -> list[Hop]:
+    """A message's route as the routes' conditions and weights order it, once per message (the
+    same list serves every round of its claim). Pure: `states` is provider_routes(), `draw` a
+    random source in [0, 1) (random.random; a seeded one in tests).
+
+    Each channel's providers (a run of hops with the same channel and address; the recipient's
+    country from that address) are reordered among themselves, never across channels, so every
+    hop is still tried on failure, in the new order:
+    - healthy providers first; with weights, the first place goes to one of those with a weight
+      above 0, drawn in proportion to the weights; the others keep the route's order;
+    - degraded providers next, except for a probe share of messages (probe_share_for: bulk at
+      the full share, transactional at part of it, critical never) for which they count as healthy;
+    - drained providers last: used only when no other provider of the channel can take it.
+    A provider's row for the recipient's country and its row for every country both count: the
+    worse condition of the two applies (an operator's drain of every country is not undone by the
+    detector restoring one), and the country's weight if it has one, else the one for every country."""
+    if not states or not hops:
+        return hops
+    ordered: list[Hop] = []
+    start = 0
+    probe: bool | None = None  # drawn once per message, the first time a degraded provider is met
+    per_country = {provider for provider, country in states if country}
+    while start < len(hops):
+        end = start + 1
+        while end < len(hops) and (hops[end].channel, hops[end].to) == (hops[start].channel, hops[start].to):
+            end += 1
+        segment = hops[start:end]
+        start = end
+        # The number is parsed (the costly part) only when one of these providers has a country's row.
+        by_country = any(hop.provider in per_country for hop in segment)
+        country = recipient_country(segment[0].channel, segment[0].to) if by_country else ""
+        found = [(hop, _route_effective(hop.provider, country, states)) for hop in segment]
+        if all(state is None for _, state in found):
+            ordered += segment
+            continue
+        if probe is None and any(state and state.condition == _DEGRADED for _, state in found):
+            share = probe_share_for(priority, probe_share)
+            probe = share > 0 and draw() < share
+        first: list[tuple[Hop, RouteState | None]] = []
+        degraded: list[Hop] = []
+        drained: list[Hop] = []
+        for hop, state in found:
+            condition = state.condition if state is not None else _HEALTHY
+            if condition == _DRAINED:
+                drained.append(hop)
+            elif condition == _DEGRADED and not probe:
+                degraded.append(hop)
+            else:
+                first.append((hop, state))
+        ordered += _weighted_first(first, draw) + degraded + drained
+    return ordered
+
+
+_SEVERITY = {_HEALTHY: 0, _DEGRADED: 1, _DRAINED: 2}
+
+
+def _route_effective(provider: str, country: str, states: dict[tuple[str, str], RouteState]) -> RouteState | None:
+    """The provider's state for this country, its own row and the every-country row combined."""
+    everywhere = states.get((provider, ""))
+    own = states.get((provider, country)) if country else None
+    if own is None or everywhere is None:
+        return own or everywhere
+    condition = max(own.condition, everywhere.condition, key=lambda c: _SEVERITY.get(c, 0))
+    weight = own.weight if own.weight is not None else everywhere.weight
+    return RouteState(provider, country, condition, weight)
+
+
+def _weighted_first(hops: list[tuple[Hop, RouteState | None]], draw: Callable[[], float]) -> list[Hop]:
+    """The hops in route order, but for the first place, drawn among those with a weight above 0
+    in proportion to their weights (none: route order)."""
+    weighted = [(hop, state.weight) for hop, state in hops if state is not None and state.weight]
+    in_order = [hop for hop, _ in hops]
+    if not weighted:
+        return in_order
+    point = draw() * sum(weight for _, weight in weighted)
+    chosen = weighted[-1][0]
+    for hop, weight in weighted:
+        if point < weight:
+            chosen = hop
+            break
+        point -= weight
+    return [chosen] + [hop for hop in in_order if hop is not chosen]

@@ -1,5 +1,5 @@
-"""The operations dashboard's data: five series over a window, plus circuits, alerts, the last run
-and the status callbacks' backlog.
+"""The operations dashboard's data: five series over a window, plus circuits, alerts, the last run,
+the status callbacks' backlog and the routes (not healthy now, last changes).
 
 Everything is read from small aggregate tables, never by scanning messages, so the answer stays
 fast however many messages there are: delivery buckets (minute rows for 15 min and 1 h, their
@@ -22,6 +22,7 @@ from django.utils import timezone
 
 from messaging.ingest import REFUSED_AT_ACCEPTANCE
 from messaging.models import Callback, CallbackEndpoint, CallbackState, DeadLetter, DeadLetterKind, ErrorType
+from messaging.route_operations import route_row, routes_not_healthy, routing_change_row, routing_changes_recent
 from providers.guards import circuit_breaker
 from reconciliation import histograms
 from reconciliation.alerts import alert_payload
@@ -87,6 +88,7 @@ def dashboard_data(*, window: str = "1h", priority: str = "", now: datetime | No
         "last_reconciliation": _last_reconciliation(),
         "last_drill": last_drill(),
         "callbacks": callback_backlog(now=now),
+        "routes": _routes(),
     }
 
 
@@ -221,6 +223,18 @@ def _open_alerts() -> list[dict[str, Any]]:
         alert_payload(alert, "open")
         for alert in Alert.objects.filter(resolved_at__isnull=True).order_by("-opened_at")[:50]
     ]
+
+
+# Routing changes shown (the admin's Routing changes has them all).
+ROUTING_CHANGES_SHOWN = 10
+
+
+def _routes() -> dict[str, Any]:
+    """The provider routes that are not healthy now, and the last routing changes (docs/routing.md)."""
+    return {
+        "not_healthy": [route_row(route) for route in routes_not_healthy()],
+        "changes": [routing_change_row(change) for change in routing_changes_recent(limit=ROUTING_CHANGES_SHOWN)],
+    }
 
 
 def _last_reconciliation() -> dict[str, Any] | None:

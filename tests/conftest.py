@@ -56,6 +56,20 @@ def _fresh_provider_state():
     reset_guards()
 
 
+@pytest.fixture(autouse=True)
+def _no_routes_cached(monkeypatch):
+    """Provider routes (messaging.route_health) are cached per process for a few seconds: a test
+    must neither see another's rolled-back routes nor pay a query at a moment that depends on the
+    clock (tests count queries). Each test starts with "none, just read"; provider_route_set
+    clears the cache, so a test that sets routes reads them once, at its next claim."""
+    from messaging import route_health
+
+    monkeypatch.setattr(route_health, "ROUTE_CACHE_SECONDS", float("inf"))
+    route_health._cache.states, route_health._cache.loaded_at = {}, 0.0
+    yield
+    route_health._cache.states, route_health._cache.loaded_at = {}, 0.0
+
+
 @pytest.fixture
 def other_session():
     """Open psycopg connections of their own to the test database: another process's session

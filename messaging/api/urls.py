@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from messaging.api import callback_views, suppression_views, views
+from messaging.api import callback_views, route_views, suppression_views, views
 
 urlpatterns = [
     path("messages/", views.MessageListCreateView.as_view(), name="message-list"),
@@ -35,5 +35,7 @@ urlpatterns = [
     path("suppressions/", suppression_views.SuppressionListCreateView.as_view(), name="suppression-list"),
     path("suppressions/import/", suppression_views.SuppressionImportView.as_view(), name="suppression-import"),
     path("suppressions/<int:pk>/", suppression_views.SuppressionDetailView.as_view(), name="suppression-detail"),
+    # Operators only (Django staff), not API clients: messaging.api.route_views says why.
+    path("routes/", route_views.RoutesView.as_view(), name="routes"),
     path("suppressions/<int:pk>/lift/", suppression_views.SuppressionLiftView.as_view(), name="suppression-lift"),
 ]

@@ -116,6 +116,25 @@
       ]),
       5
     );
+    const when = (iso) => new Date(iso).toLocaleString();
+    const weight = (w) => (w === null ? "" : " (weight " + w + ")");
+    fillTable(
+      "routes",
+      d.routes.not_healthy.map((r) => [
+        cell(r.provider), cell(r.country || "all"), cell(r.condition + weight(r.weight), "route-" + r.condition),
+        cell(when(r.changed_at)), cell(r.source + " · " + r.reason),
+      ]),
+      5
+    );
+    fillTable(
+      "routing-changes",
+      d.routes.changes.map((c) => [
+        cell(when(c.created_at)), cell(c.provider), cell(c.country || "all"),
+        cell(c.from_condition + " → " + c.to_condition + (c.from_weight !== c.to_weight ? ", weight " + c.from_weight + " → " + c.to_weight : "")),
+        cell(c.source + " · " + c.reason),
+      ]),
+      5
+    );
     const cb = d.callbacks;
     document.getElementById("callbacks-summary").textContent =
       `${cb.pending} pending, ${cb.dead} dead (parked), ${cb.disabled_count} endpoints disabled.`;
