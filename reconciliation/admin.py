@@ -33,6 +33,7 @@ class AlertAdmin(ReadOnlyAdmin):
         "error_type",
         "channel",
         "provider",
+        "country",
         "severity",
         "observed",
         "baseline",
@@ -45,5 +46,6 @@ class AlertAdmin(ReadOnlyAdmin):
         "severity",
         "channel",
         "provider",
+        "country",
     ]
     date_hierarchy = "opened_at"
