@@ -251,7 +251,7 @@ def delivery_rate_family() -> GaugeMetricFamily:
     end = cohort_end(timezone.now(), detector)
     totals = (
         DeliveryBucket.objects.filter(
-            seconds=detector.bucket_seconds, start__gte=end - DELIVERY_RATE_WINDOW, start__lt=end
+            country="", seconds=detector.bucket_seconds, start__gte=end - DELIVERY_RATE_WINDOW, start__lt=end
         )
         .values("channel")
         .annotate(dispatched=Sum("dispatched"), delivered=Sum("delivered"))

@@ -37,6 +37,7 @@ class AlertAdmin(ReadOnlyAdmin):
         "error_type",
         "channel",
         "provider",
+        "country",
         "severity",
         "observed",
         "baseline",
@@ -49,6 +50,7 @@ class AlertAdmin(ReadOnlyAdmin):
         "severity",
         "channel",
         "provider",
+        "country",
     ]
     date_hierarchy = "opened_at"
 

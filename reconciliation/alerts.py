@@ -8,6 +8,7 @@ failing endpoint never holds up detection.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,10 +18,11 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from providers.registry import PROVIDER_CLASSES, provider_class
-from reconciliation.anomalies import AlertKind, Finding, detect, recovered
+from reconciliation.anomalies import AlertKind, DetectorSettings, Finding, Series, detect, recovered
 from reconciliation.buckets import buckets_refresh, series_by_route
 from reconciliation.conf import detector_settings, reconciliation_setting
 from reconciliation.models import Alert
+from reconciliation.route_actions import routes_follow_alerts
 
 logger = logging.getLogger(__name__)
 
@@ -37,26 +39,51 @@ class DetectionReport:
 
 
 def anomalies_detect(*, now: datetime | None = None) -> DetectionReport:
-    """One detection tick: recount the buckets, judge every channel and provider, open and resolve alerts."""
+    """One detection tick: recount the buckets, judge every channel and provider (and each of its
+    destination countries), open and resolve alerts, and degrade or restore the routes they name."""
     now = now or timezone.now()
     settings = detector_settings()
     report = DetectionReport(buckets=buckets_refresh(now=now, settings=settings))
-    series = series_by_route(now=now, settings=settings)
-    open_alerts = {(a.channel, a.provider, a.kind, a.error_type): a for a in Alert.objects.filter(resolved_at=None)}
+    return anomalies_judge(series_by_route(now=now, settings=settings), now=now, settings=settings, report=report)
+
+
+def anomalies_judge(
+    series: Mapping[tuple[str, str, str], Series],
+    *,
+    now: datetime,
+    settings: DetectorSettings,
+    report: DetectionReport | None = None,
+) -> DetectionReport:
+    """Judge each (channel, provider, country) series at `now`: open and resolve alerts, and
+    degrade or restore the routes they name on the same tick. (The simulations call it directly.)"""
+    report = report or DetectionReport()
+    open_alerts = {
+        (a.channel, a.provider, a.country, a.kind, a.error_type): a for a in Alert.objects.filter(resolved_at=None)
+    }
     firing = set()
-    for (channel, provider), route_series in series.items():
+    opened: list[Alert] = []
+    # Countries first: a provider-wide drop their own alerts explain must not take the provider
+    # out of every country on the same tick (reconciliation.route_actions).
+    for (channel, provider, country), route_series in sorted(series.items(), key=lambda item: item[0][2] == ""):
         expects_receipts = provider in PROVIDER_CLASSES and provider_class(provider).has_receipts
-        for finding in detect(route_series, now=now, settings=settings, expects_receipts=expects_receipts):
-            key = (channel, provider, finding.kind, finding.error_type)
+        findings = detect(
+            route_series, now=now, settings=settings, expects_receipts=expects_receipts, drops_only=bool(country)
+        )
+        for finding in findings:
+            key = (channel, provider, country, finding.kind, finding.error_type)
             firing.add(key)
             if key in open_alerts:
                 Alert.objects.filter(pk=open_alerts[key].pk).update(last_seen_at=now)
-            elif alert_open(channel=channel, provider=provider, finding=finding, now=now) is not None:
+                continue
+            alert = alert_open(channel=channel, provider=provider, country=country, finding=finding, now=now)
+            if alert is not None:
                 report.opened += 1
+                opened.append(alert)
+    resolved: list[Alert] = []
     for key, alert in open_alerts.items():
         if key in firing:
             continue
-        route_series = series.get((alert.channel, alert.provider))
+        route_series = series.get((alert.channel, alert.provider, alert.country))
         if route_series is None:
             continue  # no traffic at all: nothing says it recovered
         back = recovered(
@@ -70,11 +97,15 @@ def anomalies_detect(*, now: datetime | None = None) -> DetectionReport:
         if back:
             alert_resolve(alert=alert, now=now)
             report.resolved += 1
+            resolved.append(alert)
+    routes_follow_alerts(
+        opened=opened, resolved=resolved, series=series, now=now, settings=settings, summary=alert_summary
+    )
     report.still_open = Alert.objects.filter(resolved_at=None).count()
     return report
 
 
-def alert_open(*, channel: str, provider: str, finding: Finding, now: datetime) -> Alert | None:
+def alert_open(*, channel: str, provider: str, country: str = "", finding: Finding, now: datetime) -> Alert | None:
     """Store a new alert and tell; None if one is already open for the same signal (a concurrent tick)."""
     try:
         with transaction.atomic():
@@ -83,6 +114,7 @@ def alert_open(*, channel: str, provider: str, finding: Finding, now: datetime) 
                 error_type=finding.error_type,
                 channel=channel,
                 provider=provider,
+                country=country,
                 severity=finding.severity,
                 observed=finding.observed,
                 baseline=finding.baseline,
@@ -115,6 +147,7 @@ def alert_payload(alert: Alert, event: str) -> dict[str, Any]:
         "error_type": alert.error_type,
         "channel": alert.channel,
         "provider": alert.provider,
+        "country": alert.country,
         "severity": alert.severity,
         "observed": alert.observed,
         "baseline": alert.baseline,
@@ -137,7 +170,8 @@ def alert_summary(alert: Alert) -> str:
         change = f"{alert.observed:.0f} ms against {alert.baseline:.0f} ms"
     else:
         change = f"{alert.observed:.1%} against {alert.baseline:.1%}"
-    return f"{what} on {alert.channel} via {alert.provider}: {change} over {alert.recent_samples} samples"
+    to = f" to {alert.country}" if alert.country else ""
+    return f"{what} on {alert.channel} via {alert.provider}{to}: {change} over {alert.recent_samples} samples"
 
 
 def alert_notify(*, alert: Alert, event: str) -> None:
@@ -161,7 +195,7 @@ def _to_sentry(alert: Alert, event: str) -> None:
     if not sentry_sdk.get_client().is_active():
         return
     with sentry_sdk.new_scope() as scope:
-        for name in ("kind", "channel", "provider", "severity", "error_type"):
+        for name in ("kind", "channel", "provider", "country", "severity", "error_type"):
             scope.set_tag(f"conductor.{name}", getattr(alert, name) or "-")
         level = ("error" if alert.severity == "critical" else "warning") if event == "opened" else "info"
         sentry_sdk.capture_message(f"Conductor alert {event}: {alert_summary(alert)}", level=level)

@@ -58,6 +58,12 @@ class DetectorSettings:
     baseline_seconds: int = 7200
     # Fewer messages than this in the recent or the baseline window: no judgement either way.
     min_samples: int = 100
+    # A drop alert's recovery needs only this many in the recent window: a degraded route keeps
+    # only a probe share of its traffic (issue 24), and at 100 the window long enough to hold
+    # them would still reach back into the drop. Fewer suffice here because the test is not
+    # "is it worse" but "is it back within half the alerting change of the stored baseline", and a
+    # drop big enough to act on is far outside that on 50 messages (docs/operations.md).
+    min_recovery_samples: int = 50
     # z of 5: about 3 in 10 million by chance per test, so a day of minute-by-minute tests over
     # several windows and kinds stays quiet on noise.
     z_threshold: float = 5.0
@@ -212,14 +218,52 @@ def _severity(change: float, minimum: float) -> str:
 
 # --- detection --------------------------------------------------------------------------------------
 def detect(
-    series: Series, *, now: datetime, settings: DetectorSettings, expects_receipts: bool = True
+    series: Series,
+    *,
+    now: datetime,
+    settings: DetectorSettings,
+    expects_receipts: bool = True,
+    drops_only: bool = False,
 ) -> list[Finding]:
-    """Every anomaly visible at `now`, at most one per (kind, error type): the shortest window that shows it."""
+    """Every anomaly visible at `now`, at most one per (kind, error type): the shortest window that shows it.
+
+    drops_only: judge the receipt and delivery rates only (a destination country's cohort, which
+    has no attempt counts of its own)."""
     found: dict[tuple[str, str], Finding] = {}
     for window in settings.windows_seconds:
         for finding in _window_findings(series, now, settings, window, expects_receipts):
-            found.setdefault(finding.key, finding)
-    return list(found.values())
+            if not drops_only or finding.kind in DROP_KINDS:
+                found.setdefault(finding.key, finding)
+    return [finding for finding in found.values() if not _over(series, finding, now, settings)]
+
+
+def _over(series: Series, finding: Finding, now: datetime, settings: DetectorSettings) -> bool:
+    """A drop that long windows still show but the latest cohorts no longer do: over. Without
+    this a drop followed by a fall in traffic (a degraded route keeps only a probe share) would
+    fire on the hour window, full of the drop's busy minutes, long after its rate came back, and
+    keep its alert (and the route) from recovering, or open it again once resolved."""
+    if finding.kind not in DROP_KINDS:
+        return False
+    return bool(
+        recovered(series, now=now, settings=settings, kind=finding.kind, error_type="", baseline=finding.baseline)
+    )
+
+
+class RemainderSeries:
+    """A series minus some of its parts (the provider-wide cohort without some countries'), for
+    the receipt counts only: whether a provider-wide drop is still there without them."""
+
+    def __init__(self, whole: Series, parts: Sequence[Series]):
+        self.whole, self.parts = whole, parts
+
+    def totals(self, start: datetime, end: datetime) -> Totals:
+        whole = self.whole.totals(start, end)
+        counts = {"dispatched": whole.dispatched, "receipted": whole.receipted, "delivered": whole.delivered}
+        for part in self.parts:
+            part_totals = part.totals(start, end)
+            for name in counts:
+                counts[name] -= getattr(part_totals, name)
+        return Totals(**{name: max(0, value) for name, value in counts.items()})
 
 
 def _spans(end: datetime, window: int, settings: DetectorSettings) -> tuple[datetime, datetime, datetime]:
@@ -305,7 +349,8 @@ def recovered(
 ) -> bool | None:
     """Whether an open alert's rate is back near the baseline it was raised against.
 
-    Judged on the shortest window with enough samples, against the baseline stored when the alert
+    Judged on the shortest window with enough samples (for a drop, min_recovery_samples: a
+    degraded route's probe share must be able to show it), against the baseline stored when the alert
     opened (the detector's own baseline drifts into the bad period if it lasts). Back within half
     the alerting change counts as recovered. None: too little traffic to tell; the alert stays open.
     """
@@ -325,7 +370,7 @@ def _observed(series: Series, now: datetime, settings, window: int, kind: str, e
     if kind in DROP_KINDS:
         end = cohort_end(now, settings)
         recent = series.totals(end - timedelta(seconds=window), end)
-        if recent.dispatched < settings.min_samples:
+        if recent.dispatched < settings.min_recovery_samples:
             return None
         return (recent.receipted if kind == AlertKind.RECEIPT_RATE_DROP else recent.delivered) / recent.dispatched
     end = attempt_end(now, settings)

@@ -17,9 +17,12 @@ from typing import Any
 from django.db import connection
 from django.db.models import Max
 from django.utils import timezone
+from phonenumbers import COUNTRY_CODE_TO_REGION_CODE
 
 from messaging.lookup import LOOKUP_NOTE
 from messaging.models import AttemptOutcome, DispatchAttempt, Message
+from messaging.route_health import recipient_country
+from messaging.routing import Channel
 from reconciliation import histograms
 from reconciliation.anomalies import Bucket, BucketSeries, DetectorSettings, floor_time
 from reconciliation.models import DeliveryBucket
@@ -38,6 +41,10 @@ SENT_OUTCOMES = (
 FAILED_OUTCOMES = (AttemptOutcome.TRANSIENT_ERROR, AttemptOutcome.PERMANENT_ERROR, AttemptOutcome.AMBIGUOUS)
 COUNTS = ("dispatched", "receipted", "delivered", "undelivered", "attempts", "latency_count")
 SUMMED = (*COUNTS, "errors", "latency_sum_ms", "latency_sumsq_ms", "dispatch_latency", "delivery_latency")
+# The country of the provider-wide buckets (and alerts): every destination.
+ALL_COUNTRIES = ""
+# (channel, provider, country, bucket start): one bucket's key.
+Cell = tuple[str, str, str, datetime]
 # Hour buckets summed from the detection buckets, so a day or a week on the dashboard reads a
 # few hundred rows however many messages there were.
 ROLLUP_SECONDS = 3600
@@ -64,24 +71,27 @@ def buckets_refresh(*, now: datetime | None = None, settings: DetectorSettings) 
     reached = min(now, last_run) if last_run is not None else now
     since = reached - timedelta(seconds=settings.receipt_maturity_seconds) - bucket - REFRESH_MARGIN
     since = floor_time(max(since, now - lookback(settings)), settings.bucket_seconds)
-    counts: dict[tuple[str, str, datetime], dict[str, Any]] = defaultdict(_empty)
+    counts: dict[Cell, dict[str, Any]] = defaultdict(_empty)
     _count_cohorts(counts, since, settings)
+    _count_countries(counts, since, settings)
     _count_attempts(counts, since, settings)
     rows = _upsert(counts, seconds=settings.bucket_seconds, now=now)
     _roll_up(rows, now=now, settings=settings)
     return len(rows)
 
 
-def _upsert(counts: dict[tuple[str, str, datetime], dict[str, Any]], *, seconds: int, now: datetime):
+def _upsert(counts: dict[Cell, dict[str, Any]], *, seconds: int, now: datetime):
     """Write counted buckets over whatever an earlier count stored for the same slots."""
     rows = [
-        DeliveryBucket(channel=channel, provider=provider, seconds=seconds, start=start, updated_at=now, **values)
-        for (channel, provider, start), values in counts.items()
+        DeliveryBucket(
+            channel=channel, provider=provider, country=country, seconds=seconds, start=start, updated_at=now, **values
+        )
+        for (channel, provider, country, start), values in counts.items()
     ]
     DeliveryBucket.objects.bulk_create(
         rows,
         update_conflicts=True,
-        unique_fields=["channel", "provider", "seconds", "start"],
+        unique_fields=["channel", "provider", "country", "seconds", "start"],
         update_fields=[*SUMMED, "updated_at"],
     )
     return rows
@@ -105,8 +115,9 @@ def buckets_rebuild(
     written = 0
     while start < until:
         end = min(start + chunk, until)
-        counts: dict[tuple[str, str, datetime], dict[str, Any]] = defaultdict(_empty)
+        counts: dict[Cell, dict[str, Any]] = defaultdict(_empty)
         _count_cohorts(counts, start, settings, until=end)
+        _count_countries(counts, start, settings, until=end)
         _count_attempts(counts, start, settings, until=end)
         rows = _upsert(counts, seconds=settings.bucket_seconds, now=now)
         _roll_up(rows, now=now, settings=settings)
@@ -134,6 +145,13 @@ def _count_cohorts(counts, since: datetime, settings: DetectorSettings, until: d
         _count_cohorts_grouped(counts, since, settings, until)
     else:
         _count_cohorts_by_row(counts, since, settings, until)
+
+
+def _count_countries(counts, since: datetime, settings: DetectorSettings, until: datetime | None = None) -> None:
+    """Each cohort again per destination country: dispatched, receipted, delivered, undelivered."""
+    if connection.vendor == "postgresql":
+        _count_countries_grouped(counts, since, settings, until)
+    # On SQLite _count_cohorts_by_row counts the countries in the same pass.
 
 
 def _count_attempts(counts, since: datetime, settings: DetectorSettings, until: datetime | None = None) -> None:
@@ -193,6 +211,83 @@ GROUP BY start, channel, provider, GROUPING SETS ((), (error_type))
 """
 
 
+# Per destination country. A number's country is not a fixed prefix of it (+1 is the US, Canada
+# and 23 other countries, told apart by the whole number), so the database groups by a key Python
+# turns into a country: "+" and the first three digits where the calling code belongs to one
+# country only (calling codes are prefix-free, so those digits fix it: +33 is France whatever
+# follows), else the whole number, placed by phonenumbers (cached per number: the lookup costs
+# tens of microseconds the first time). Rows read: one per shared-code recipient in the window
+# plus a handful per other calling code.
+COUNTRIES_SQL = """
+WITH cohort AS (
+    SELECT channel, provider, {start} AS start, "to" AS dest, {receipts}
+    FROM {message}
+    WHERE dispatched_at >= %(since)s {until} AND provider <> '' AND channel <> %(email)s
+), keyed AS (
+    SELECT channel, provider, start,
+           CASE WHEN substr(dest, 2, 1) = ANY(%(shared)s) OR substr(dest, 2, 2) = ANY(%(shared)s)
+                     OR substr(dest, 2, 3) = ANY(%(shared)s)
+                THEN dest ELSE left(dest, 4) END AS key,
+           COALESCE(delivered_at, read_at, undelivered_at, failed_at) IS NOT NULL AS receipted,
+           COALESCE(delivered_at, read_at) IS NOT NULL AS delivered,
+           COALESCE(undelivered_at, failed_at) IS NOT NULL AS undelivered
+    FROM cohort
+)
+SELECT start, channel, provider, key,
+       count(*), count(*) FILTER (WHERE receipted), count(*) FILTER (WHERE delivered),
+       count(*) FILTER (WHERE undelivered AND NOT delivered)
+FROM keyed
+GROUP BY start, channel, provider, key
+"""
+SHARED_CALLING_CODES = sorted(str(code) for code, regions in COUNTRY_CODE_TO_REGION_CODE.items() if len(regions) > 1)
+
+
+def _country(channel: str, key: str) -> str:
+    """The ISO alpha-2 country of a number, or of a "+" and three digits key of a calling code
+    that belongs to one country only; "" for none (email, non-geographic codes such as +800)."""
+    if len(key) > 4:
+        country = recipient_country(channel, key)
+    else:
+        country, digits = "", key[1:]
+        for length in (1, 2, 3) if key.startswith("+") and digits.isdigit() else ():
+            regions = COUNTRY_CODE_TO_REGION_CODE.get(int(digits[:length]))
+            if regions:  # calling codes are prefix-free: the first that is one is the number's
+                country = regions[0] if len(regions) == 1 else ""
+                break
+    return country if len(country) == 2 and country.isalpha() else ""
+
+
+def _count_countries_grouped(counts, since: datetime, settings: DetectorSettings, until: datetime | None) -> None:
+    window = "CASE WHEN {t} BETWEEN dispatched_at - %(slack)s AND dispatched_at + %(maturity)s THEN {t} END AS {t}"
+    sql = COUNTRIES_SQL.format(
+        start=BUCKET_START.format(column="dispatched_at"),
+        receipts=", ".join(window.format(t=name) for name in RECEIPTS),
+        message=connection.ops.quote_name(Message._meta.db_table),
+        until="AND dispatched_at < %(until)s" if until is not None else "",
+    )
+    params = {
+        "bucket": timedelta(seconds=settings.bucket_seconds),
+        "since": since,
+        "until": until,
+        "slack": OVERTAKE_SLACK,
+        "maturity": timedelta(seconds=settings.receipt_maturity_seconds),
+        "email": Channel.EMAIL.value,
+        "shared": SHARED_CALLING_CODES,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    for start, channel, provider, key, dispatched, receipted, delivered, undelivered in rows:
+        country = _country(channel, key)
+        if not country:
+            continue
+        cell = counts[(channel, provider, country, start)]
+        cell["dispatched"] += dispatched
+        cell["receipted"] += receipted
+        cell["delivered"] += delivered
+        cell["undelivered"] += undelivered
+
+
 def _first_above(bound: float) -> timedelta:
     """The shortest latency, in whole microseconds as the database stores them, that
     histograms.slot puts above `bound` (a bound's own value goes into its slot)."""
@@ -230,7 +325,7 @@ def _count_cohorts_grouped(counts, since: datetime, settings: DetectorSettings, 
         cursor.execute(sql, params)
         rows = cursor.fetchall()
     for start, dispatch_slot, delivery_slot, channel, provider, priority, *numbers in rows:
-        cell = counts[(channel, provider, start)]
+        cell = counts[(channel, provider, ALL_COUNTRIES, start)]
         dispatched, receipted, delivered, undelivered = numbers
         cell["dispatched"] += dispatched
         cell["receipted"] += receipted
@@ -266,7 +361,7 @@ def _count_attempts_grouped(counts, since: datetime, settings: DetectorSettings,
         cursor.execute(sql, params)
         rows = cursor.fetchall()
     for start, channel, provider, by_error_type, error_type, attempts, latency_count, *sums in rows:
-        cell = counts[(channel, provider, start)]
+        cell = counts[(channel, provider, ALL_COUNTRIES, start)]
         if by_error_type:
             if error_type is not None:  # the group of calls that did not fail has none
                 cell["errors"][error_type] = cell["errors"].get(error_type, 0) + attempts
@@ -284,15 +379,21 @@ def _count_cohorts_by_row(counts, since: datetime, settings: DetectorSettings, u
     rows = Message.objects.filter(dispatched_at__gte=since).exclude(provider="")
     if until is not None:
         rows = rows.filter(dispatched_at__lt=until)
-    fields = ("channel", "priority", "provider", "accepted_at", "created_at", "dispatched_at")
-    for channel, priority, provider, accepted_at, created_at, dispatched_at, *receipt_times in rows.values_list(
+    fields = ("channel", "priority", "provider", "to", "accepted_at", "created_at", "dispatched_at")
+    for channel, priority, provider, to, accepted_at, created_at, dispatched_at, *receipt_times in rows.values_list(
         *fields, *RECEIPTS
     ):
         delivered_at, read_at, undelivered_at, failed_at = (
             t if t is not None and dispatched_at - OVERTAKE_SLACK <= t <= dispatched_at + maturity else None
             for t in receipt_times
         )
-        cell = counts[(channel, provider, floor_time(dispatched_at, settings.bucket_seconds))]
+        start = floor_time(dispatched_at, settings.bucket_seconds)
+        country = _country(channel, to)
+        if country:
+            _count_receipts(
+                counts[(channel, provider, country, start)], delivered_at, read_at, undelivered_at, failed_at
+            )
+        cell = counts[(channel, provider, ALL_COUNTRIES, start)]
         cell["dispatched"] += 1
         accepted_at = accepted_at or created_at
         dispatch_s = (dispatched_at - accepted_at).total_seconds()
@@ -305,6 +406,16 @@ def _count_cohorts_by_row(counts, since: datetime, settings: DetectorSettings, u
             histograms.observe(_histogram(cell["delivery_latency"], priority), (arrived - accepted_at).total_seconds())
         elif undelivered_at or failed_at:
             cell["undelivered"] += 1
+
+
+def _count_receipts(cell, delivered_at, read_at, undelivered_at, failed_at) -> None:
+    cell["dispatched"] += 1
+    if delivered_at or read_at or undelivered_at or failed_at:
+        cell["receipted"] += 1
+    if delivered_at or read_at:
+        cell["delivered"] += 1
+    elif undelivered_at or failed_at:
+        cell["undelivered"] += 1
 
 
 def _histogram(by_priority: dict[str, list[int]], priority: str) -> list[int]:
@@ -321,7 +432,9 @@ def _count_attempts_by_row(counts, since: datetime, settings: DetectorSettings, 
         "channel", "message__channel", "provider", "ended_at", "outcome", "error_type", "latency_ms"
     )
     for channel, message_channel, provider, ended_at, outcome, error_type, latency_ms in rows:
-        cell = counts[(channel or message_channel, provider, floor_time(ended_at, settings.bucket_seconds))]
+        cell = counts[
+            (channel or message_channel, provider, ALL_COUNTRIES, floor_time(ended_at, settings.bucket_seconds))
+        ]
         cell["attempts"] += 1
         if outcome in FAILED_OUTCOMES:
             kind = error_type or "unknown"
@@ -336,11 +449,13 @@ def _roll_up(written: list[DeliveryBucket], *, now: datetime, settings: Detector
     """Re-sum the hour buckets the rewritten buckets belong to; returns how many were written."""
     if settings.bucket_seconds >= ROLLUP_SECONDS or ROLLUP_SECONDS % settings.bucket_seconds:
         return 0
-    hours = {floor_time(row.start, ROLLUP_SECONDS) for row in written}
+    hours = {floor_time(row.start, ROLLUP_SECONDS) for row in written if row.country == ALL_COUNTRIES}
     if not hours:
         return 0
-    sums: dict[tuple[str, str, datetime], dict[str, Any]] = defaultdict(_empty)
+    sums: dict[Cell, dict[str, Any]] = defaultdict(_empty)
+    # Only the provider-wide buckets: the dashboard's hours; a country's minutes serve detection only.
     parts = DeliveryBucket.objects.filter(
+        country=ALL_COUNTRIES,
         seconds=settings.bucket_seconds,
         start__gte=min(hours),
         start__lt=max(hours) + timedelta(seconds=ROLLUP_SECONDS),
@@ -349,7 +464,7 @@ def _roll_up(written: list[DeliveryBucket], *, now: datetime, settings: Detector
         hour = floor_time(part.start, ROLLUP_SECONDS)
         if hour not in hours:
             continue
-        total = sums[(part.channel, part.provider, hour)]
+        total = sums[(part.channel, part.provider, ALL_COUNTRIES, hour)]
         for name in (*COUNTS, "latency_sum_ms", "latency_sumsq_ms"):
             total[name] += getattr(part, name)
         for kind, count in part.errors.items():
@@ -360,25 +475,30 @@ def _roll_up(written: list[DeliveryBucket], *, now: datetime, settings: Detector
     return len(_upsert(sums, seconds=ROLLUP_SECONDS, now=now))
 
 
-def series_by_route(*, now: datetime, settings: DetectorSettings) -> dict[tuple[str, str], BucketSeries]:
-    """Each channel and provider's buckets over the detection lookback."""
-    grouped: dict[tuple[str, str], list[Bucket]] = defaultdict(list)
+def series_by_route(*, now: datetime, settings: DetectorSettings) -> dict[tuple[str, str, str], BucketSeries]:
+    """Each channel, provider and destination country's buckets over the detection lookback
+    (country ALL_COUNTRIES: the provider-wide series). Read as tuples, not model instances: with
+    countries there are a few thousand rows a tick (three hours of minutes per cohort)."""
+    grouped: dict[tuple[str, str, str], list[Bucket]] = defaultdict(list)
     rows = DeliveryBucket.objects.filter(seconds=settings.bucket_seconds, start__gte=now - lookback(settings))
-    for row in rows.order_by("start"):
-        grouped[(row.channel, row.provider)].append(
-            Bucket(
-                start=row.start,
-                dispatched=row.dispatched,
-                receipted=row.receipted,
-                delivered=row.delivered,
-                attempts=row.attempts,
-                errors=row.errors,
-                latency_count=row.latency_count,
-                latency_sum_ms=row.latency_sum_ms,
-                latency_sumsq_ms=row.latency_sumsq_ms,
-            )
+    fields = ("channel", "provider", "country", "start", *BUCKET_FIELDS)
+    for channel, provider, country, start, *values in rows.order_by("start").values_list(*fields):
+        grouped[(channel, provider, country)].append(
+            Bucket(start=start, **dict(zip(BUCKET_FIELDS, values, strict=True)))
         )
     return {key: BucketSeries(buckets) for key, buckets in grouped.items()}
+
+
+BUCKET_FIELDS = (
+    "dispatched",
+    "receipted",
+    "delivered",
+    "attempts",
+    "errors",
+    "latency_count",
+    "latency_sum_ms",
+    "latency_sumsq_ms",
+)
 
 
 def buckets_purge(*, now: datetime | None = None, older_than_s: float) -> int:

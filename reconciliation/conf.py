@@ -70,8 +70,8 @@ def detector_settings_problems(overrides: dict) -> list[str]:
         problems.append("windows_seconds must be positive whole multiples of bucket_seconds")
     if settings.baseline_seconds % settings.bucket_seconds or settings.baseline_seconds <= 0:
         problems.append("baseline_seconds must be a positive whole multiple of bucket_seconds")
-    if settings.min_samples < 1 or settings.z_threshold <= 0:
-        problems.append("min_samples and z_threshold must be positive")
+    if settings.min_samples < 1 or settings.min_recovery_samples < 1 or settings.z_threshold <= 0:
+        problems.append("min_samples, min_recovery_samples and z_threshold must be positive")
     return problems
 
 

@@ -107,7 +107,7 @@ def _bucket_series(times, index, step, bucket_seconds, priority, matured_before)
     delivery_latency = [histograms.empty() for _ in range(size)]
     immature = [False] * size
     rows = DeliveryBucket.objects.filter(
-        seconds=bucket_seconds, start__gte=times[0], start__lt=times[-1] + timedelta(seconds=step)
+        country="", seconds=bucket_seconds, start__gte=times[0], start__lt=times[-1] + timedelta(seconds=step)
     ).values_list(
         "channel", "start", "dispatched", "delivered", "attempts", "errors", "dispatch_latency", "delivery_latency"
     )

@@ -15,6 +15,10 @@ class DeliveryBucket(models.Model):
 
     channel = models.CharField(max_length=16)
     provider = models.CharField(max_length=32)
+    # "": every destination (the provider-wide cohort, with attempts and latency). A country's
+    # (ISO alpha-2 of the recipient, messaging.route_health.recipient_country) holds only its
+    # cohort counts, for detection by destination (issue 24); the dashboard reads the "" rows.
+    country = models.CharField(max_length=2, blank=True, default="")
     seconds = models.PositiveIntegerField(help_text="The bucket's length.")
     start = models.DateTimeField()
     dispatched = models.PositiveIntegerField(default=0)
@@ -38,12 +42,15 @@ class DeliveryBucket(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["channel", "provider", "seconds", "start"], name="bucket_unique_slot"),
+            models.UniqueConstraint(
+                fields=["channel", "provider", "country", "seconds", "start"], name="bucket_unique_slot"
+            ),
         ]
         indexes = [models.Index(fields=["seconds", "start"], name="bucket_seconds_start")]
 
     def __str__(self) -> str:
-        return f"{self.channel}/{self.provider} {self.start:%Y-%m-%d %H:%M:%S} ({self.seconds}s)"
+        where = f"/{self.country}" if self.country else ""
+        return f"{self.channel}/{self.provider}{where} {self.start:%Y-%m-%d %H:%M:%S} ({self.seconds}s)"
 
 
 class QueueDepth(models.Model):
@@ -76,6 +83,8 @@ class Alert(models.Model):
     error_type = models.CharField(max_length=32, blank=True, default="")
     channel = models.CharField(max_length=16)
     provider = models.CharField(max_length=32)
+    # The destination country whose own cohort showed it (issue 24); "": the provider-wide cohort.
+    country = models.CharField(max_length=2, blank=True, default="")
     severity = models.CharField(max_length=16, choices=AlertSeverity.choices)
     observed = models.FloatField(help_text="The rate (or mean latency, ms) in the window that showed it.")
     baseline = models.FloatField(help_text="The rate (or mean latency, ms) before: recovery is judged against it.")
@@ -93,7 +102,7 @@ class Alert(models.Model):
     class Meta:
         constraints = [
             models.UniqueConstraint(
-                fields=["kind", "error_type", "channel", "provider"],
+                fields=["kind", "error_type", "channel", "provider", "country"],
                 condition=models.Q(resolved_at__isnull=True),
                 name="alert_one_open_per_signal",
             ),
@@ -102,7 +111,8 @@ class Alert(models.Model):
 
     def __str__(self) -> str:
         what = f"{self.kind}:{self.error_type}" if self.error_type else self.kind
-        return f"{what} on {self.channel}/{self.provider} ({'open' if self.resolved_at is None else 'resolved'})"
+        where = f"/{self.country}" if self.country else ""
+        return f"{what} on {self.channel}/{self.provider}{where} ({'open' if self.resolved_at is None else 'resolved'})"
 
     @property
     def is_open(self) -> bool:

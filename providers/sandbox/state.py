@@ -106,6 +106,10 @@ class FaultSettings:
     timeout_hold_ms: float = 15000
     outage: bool = False
     drop_rate: float = 0.0
+    # Silent drops to some destinations only, e.g. [{"prefix": "+44", "rate": 0.3}]: a number
+    # (E.164) starting with a rule's prefix is dropped at the rule's rate instead of drop_rate
+    # (the longest matching prefix wins): an aggregator losing one carrier route or country.
+    drop_rules: list[dict[str, Any]] = field(default_factory=list)
     receipt_loss_rate: float = 0.0
     receipt_delay_ms: float = 200
     receipt_status: str = "delivered"
@@ -166,6 +170,22 @@ def _validate(name: str, value: Any) -> None:
         and all(isinstance(address, str) and outcome in EMAIL_FEEDBACK for address, outcome in value.items())
     ):
         raise FaultValidationError(f"recipient_outcomes must map addresses to one of {', '.join(EMAIL_FEEDBACK)}", name)
+    if name == "drop_rules" and not (
+        isinstance(value, list)
+        and all(
+            isinstance(rule, dict)
+            and set(rule) == {"prefix", "rate"}
+            and isinstance(rule["prefix"], str)
+            and _PREFIX.fullmatch(rule["prefix"])
+            and isinstance(rule["rate"], (int, float))
+            and not isinstance(rule["rate"], bool)
+            and 0 <= rule["rate"] <= 1
+            for rule in value
+        )
+    ):
+        raise FaultValidationError(
+            'drop_rules must be a list of {"prefix": "+<digits>", "rate": <0 to 1>} objects', name
+        )
     if name == "opted_out" and not (
         isinstance(value, list) and all(isinstance(number, str) and _E164.fullmatch(number) for number in value)
     ):
@@ -173,6 +193,7 @@ def _validate(name: str, value: Any) -> None:
 
 
 _E164 = re.compile(r"\+[1-9][0-9]{5,14}")
+_PREFIX = re.compile(r"\+[1-9][0-9]{0,14}")
 
 
 @dataclass(frozen=True)
@@ -304,8 +325,17 @@ class SandboxState:
             return self.rng.uniform(faults.latency_ms, faults.latency_max_ms) / 1000
         return faults.latency_ms / 1000
 
-    def draw_send_outcome(self, provider: str) -> SendOutcome:
-        """Roll the faults for a valid send, in the documented order (outage is checked earlier)."""
+    def drop_rate_for(self, provider: str, to: str | None) -> float:
+        """drop_rate, or the rate of the longest drop rule whose prefix the number starts with."""
+        faults = self.faults[provider]
+        number = (to or "").removeprefix("whatsapp:")
+        matching = [rule for rule in faults.drop_rules if number.startswith(rule["prefix"])]
+        if not matching:
+            return faults.drop_rate
+        return max(matching, key=lambda rule: len(rule["prefix"]))["rate"]
+
+    def draw_send_outcome(self, provider: str, to: str | None = None) -> SendOutcome:
+        """Roll the faults for a valid send to `to`, in the documented order (outage is checked earlier)."""
         faults = self.faults[provider]
         if self.chance(faults.rate_429) or self._over_capacity(provider, faults.max_per_second):
             return SendOutcome(FAULT_RATE_429, False, "", self.latency_s(provider))
@@ -313,7 +343,7 @@ class SandboxState:
             return SendOutcome(FAULT_ERROR, False, "", self.latency_s(provider))
         held = self.chance(faults.timeout_rate)
         delay = faults.timeout_hold_ms / 1000 if held else self.latency_s(provider)
-        if self.chance(faults.drop_rate):
+        if self.chance(self.drop_rate_for(provider, to)):
             delivery = DELIVERY_DROP
         elif self.chance(faults.receipt_loss_rate):
             delivery = DELIVERY_RECEIPT_LOSS

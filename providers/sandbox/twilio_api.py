@@ -308,7 +308,7 @@ async def create_message(request: web.Request) -> web.Response:
         and not form.get("ContentSid")
         and not state.whatsapp_window_open(PROVIDER, (to or "").removeprefix("whatsapp:"))
     )
-    outcome = state.draw_send_outcome(PROVIDER)
+    outcome = state.draw_send_outcome(PROVIDER, to)
     if outcome.refusal:
         headers = {"Retry-After": "1"} if outcome.refusal == FAULT_RATE_429 else None
         response = twilio_error(*REFUSALS[outcome.refusal], headers=headers)

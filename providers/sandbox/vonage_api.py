@@ -273,7 +273,7 @@ async def send_sms(request: web.Request) -> web.Response:
         barred = sms_error("7", "Number Barred: the number you are trying to send messages to is barred")
         return await refuse(barred, FAULT_OPTED_OUT, state.latency_s(PROVIDER))
 
-    outcome = state.draw_send_outcome(PROVIDER)
+    outcome = state.draw_send_outcome(PROVIDER, logged_to)
     if outcome.refusal == FAULT_RATE_429:
         # The gateway's per-second limit; status "1" (throttled) is the account's message rate.
         limited = problem(429, "Too Many Requests", "Rate limit exceeded.", headers={"Retry-After": "1"})

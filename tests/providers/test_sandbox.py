@@ -16,6 +16,7 @@ from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
 from providers.sandbox.app import BackgroundSandbox, SandboxConfig, start_background
+from providers.sandbox.state import SandboxState
 from tests.support.processes import free_port
 from tests.support.webhook_receiver import WebhookReceiver
 
@@ -507,6 +508,29 @@ def test_drop_sends_only_sent_and_stays_sent(sandbox: BackgroundSandbox, client:
     assert logged(sandbox, message_id="m-drop")[0]["fault"] == "drop"
 
 
+def test_drop_rules_drop_silently_to_one_prefix_only(
+    sandbox: BackgroundSandbox, client: Client, receiver: Receiver
+) -> None:
+    set_faults(sandbox, drop_rules=[{"prefix": "+44", "rate": 1.0}], receipt_delay_ms=100)
+    british = send(client, receiver, "m-gb", to="+447400123456").sid
+    send(client, receiver, "m-us", to="+15551230001")
+    wait_for(lambda: len(receiver.calls_for("m-us")) == 2)
+    assert statuses(receiver.calls_for("m-gb")) == ["sent"]  # accepted with 201, then silence
+    assert client.messages(british).fetch().status == "sent"
+    assert logged(sandbox, message_id="m-gb")[0]["fault"] == "drop"
+    assert logged(sandbox, message_id="m-us")[0]["fault"] == "none"
+
+
+def test_the_longest_matching_drop_rule_wins_over_drop_rate() -> None:
+    state = SandboxState(seed=1)
+    rules = [{"prefix": "+44", "rate": 0.3}, {"prefix": "+447", "rate": 0.9}]
+    state.faults["twilio"] = state.faults["twilio"].updated({"drop_rate": 0.05, "drop_rules": rules})
+    assert state.drop_rate_for("twilio", "+447400123456") == 0.9
+    assert state.drop_rate_for("twilio", "whatsapp:+441234567890") == 0.3
+    assert state.drop_rate_for("twilio", "+15551230001") == 0.05
+    assert state.drop_rate_for("twilio", None) == 0.05
+
+
 def test_receipt_loss_loses_the_final_status_but_is_delivered(
     sandbox: BackgroundSandbox, client: Client, receiver: Receiver
 ) -> None:
@@ -562,6 +586,7 @@ def test_fault_settings_defaults_and_partial_update(sandbox: BackgroundSandbox) 
         "timeout_hold_ms": 15000,
         "outage": False,
         "drop_rate": 0.0,
+        "drop_rules": [],
         "receipt_loss_rate": 0.0,
         "receipt_delay_ms": 200,
         "receipt_status": "delivered",
@@ -593,6 +618,10 @@ def test_fault_settings_defaults_and_partial_update(sandbox: BackgroundSandbox) 
         ({"provider": "twilio", "callback_retry_scale": -0.1}, "callback_retry_scale"),
         ({"error_rate": 0.1}, "provider"),
         ({"provider": "sinch"}, "provider"),
+        ({"provider": "twilio", "drop_rules": {"+44": 0.3}}, "drop_rules"),
+        ({"provider": "twilio", "drop_rules": [{"prefix": "44", "rate": 0.3}]}, "drop_rules"),
+        ({"provider": "twilio", "drop_rules": [{"prefix": "+44", "rate": 1.5}]}, "drop_rules"),
+        ({"provider": "twilio", "drop_rules": [{"prefix": "+44", "rate": 0.3, "to": "x"}]}, "drop_rules"),
     ],
 )
 def test_fault_validation_names_the_field(sandbox: BackgroundSandbox, payload: dict[str, Any], field: str) -> None:

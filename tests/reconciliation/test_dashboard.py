@@ -101,7 +101,7 @@ def test_hour_buckets_are_the_sum_of_their_minutes_and_serve_the_long_windows(ma
     buckets_refresh(now=now, settings=SETTINGS)
     rolled = DeliveryBucket.objects.get(seconds=ROLLUP_SECONDS, start=hour)
     minutes = DeliveryBucket.objects.filter(
-        seconds=SETTINGS.bucket_seconds, start__gte=hour, start__lt=hour + timedelta(hours=1)
+        country="", seconds=SETTINGS.bucket_seconds, start__gte=hour, start__lt=hour + timedelta(hours=1)
     )
     assert rolled.dispatched == sum(m.dispatched for m in minutes) == 6
     assert rolled.delivered == sum(m.delivered for m in minutes) == 3

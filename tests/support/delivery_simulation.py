@@ -36,6 +36,14 @@ class Traffic:
     diurnal_swing: float = 0.3  # traffic follows the day, +-30 %
     drop_from_s: float | None = None  # seconds after the start of the day; None: no drop
     drop_fraction: float = 0.10
+    drop_until_s: float | None = None  # the drop stops here; None: it goes on
+    # (from_s, factor): the rate times factor for buckets starting from then on (the last that
+    # applies), e.g. a degraded route keeping only a probe share of its traffic.
+    rate_changes: tuple[tuple[float, float], ...] = ()
+
+    def factor(self, begin_s: float) -> float:
+        applying = [factor for from_s, factor in self.rate_changes if begin_s >= from_s]
+        return applying[-1] if applying else 1.0
 
 
 class SimulatedSeries:
@@ -53,11 +61,14 @@ class SimulatedSeries:
         for index in range(count):
             begin = (self.first + index) * bucket_s
             swing = 1 + traffic.diurnal_swing * math.sin(2 * math.pi * begin / 86400)
-            n = rng.poisson(traffic.rate_per_second * swing * bucket_s)
+            n = rng.poisson(traffic.rate_per_second * swing * traffic.factor(begin) * bucket_s)
             sent_at = begin + rng.uniform(0, bucket_s, n)
             p_receipt = np.full(n, traffic.receipt_probability)
             if traffic.drop_from_s is not None:
-                p_receipt[sent_at >= traffic.drop_from_s] *= 1 - traffic.drop_fraction
+                dropping = sent_at >= traffic.drop_from_s
+                if traffic.drop_until_s is not None:
+                    dropping &= sent_at < traffic.drop_until_s
+                p_receipt[dropping] *= 1 - traffic.drop_fraction
             receipted = rng.random(n) < p_receipt
             delivered = receipted & (rng.random(n) < traffic.delivered_given_receipt)
             delay = rng.uniform(*traffic.receipt_delay_s, n)
@@ -109,6 +120,65 @@ class SimulatedSeries:
             latency_sum_ms=sums["latency_sum_ms"],
             latency_sumsq_ms=sums["latency_sumsq_ms"],
         )
+
+
+class SummedSeries:
+    """The provider-wide series of several destination countries' simulated series."""
+
+    def __init__(self, parts: Sequence[SimulatedSeries]):
+        self.parts = parts
+
+    def at(self, now_s: float) -> SummedSeries:
+        for part in self.parts:
+            part.at(now_s)
+        return self
+
+    def totals(self, start: datetime, end: datetime) -> Totals:
+        each = [part.totals(start, end) for part in self.parts]
+        errors: dict[str, int] = {}
+        for totals in each:
+            for name, count in totals.errors.items():
+                errors[name] = errors.get(name, 0) + count
+        scalars = ("dispatched", "receipted", "delivered", "attempts", "latency_count")
+        return Totals(
+            **{name: sum(getattr(t, name) for t in each) for name in scalars},
+            errors=errors,
+            latency_sum_ms=sum(t.latency_sum_ms for t in each),
+            latency_sumsq_ms=sum(t.latency_sumsq_ms for t in each),
+        )
+
+
+def country_series(
+    countries: dict[str, Traffic], *, seed: int, start_s: float, end_s: float, settings: DetectorSettings
+) -> dict[str, SimulatedSeries | SummedSeries]:
+    """One provider's traffic to several countries, each its own seeded series, and "" their sum."""
+    parts = {
+        country: SimulatedSeries(
+            traffic,
+            seed=seed * 1000 + index,
+            start_s=start_s,
+            end_s=end_s,
+            bucket_s=settings.bucket_seconds,
+            maturity_s=settings.receipt_maturity_seconds,
+        )
+        for index, (country, traffic) in enumerate(sorted(countries.items()))
+    }
+    return {**parts, "": SummedSeries(list(parts.values()))}
+
+
+def country_false_alarms(seed: int, settings: DetectorSettings, *, countries: dict[str, Traffic], hours: float = 24):
+    """Every finding over `hours` of steady traffic to several countries, judged per country (drops
+    only, as the detector judges a country) and provider-wide, at every minute's tick."""
+    start = warmup_s(settings)
+    end = start + hours * 3600
+    series = country_series(countries, seed=seed, start_s=0, end_s=end, settings=settings)
+    found = []
+    for tick in ticks(start, end):
+        now = EPOCH + timedelta(seconds=tick)
+        for country, one in series.items():
+            findings = detect(one.at(tick), now=now, settings=settings, drops_only=bool(country))
+            found += [(country, finding) for finding in findings]
+    return found
 
 
 def warmup_s(settings: DetectorSettings) -> int:
