@@ -141,13 +141,17 @@ def provider_routes(*, now: float | None = None) -> dict[tuple[str, str], RouteS
 
 
 def route_state(provider: str, country: str, states: dict[tuple[str, str], RouteState]) -> RouteState | None:
-    """The state that applies to a provider for a country: the country's own, else the provider's
-    for every country, else None (healthy, in route order)."""
-    if country:
-        state = states.get((provider, country))
-        if state is not None:
-            return state
-    return states.get((provider, ""))
+    """The state that applies to a provider for a country, as dispatch reads it (hops_ordered):
+    of its row for the country and its row for every country, the worse condition (an operator's
+    drain of every country is not undone by a country's healthy row); None: healthy, route order."""
+    own = states.get((provider, country)) if country else None
+    every = states.get((provider, ""))
+    if own is None or every is None:
+        return own or every
+    return own if _WORSE.index(own.condition) >= _WORSE.index(every.condition) else every
+
+
+_WORSE = (RouteCondition.HEALTHY, RouteCondition.DEGRADED, RouteCondition.DRAINED)
 
 
 # A transactional message probes a degraded provider at this fraction of ROUTE_PROBE_SHARE: the

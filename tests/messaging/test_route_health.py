@@ -159,3 +159,16 @@ def test_the_probe_share_is_checked_at_start_up(settings, share, refused):
     settings.CONDUCTOR = {**settings.CONDUCTOR, "ROUTE_PROBE_SHARE": share}
     ids = [error.id for error in check_messaging_settings()]
     assert ("conductor.E101" in ids) is refused
+
+
+def test_route_state_is_the_worse_of_the_country_row_and_the_every_country_row():
+    from messaging.route_health import RouteState, route_state
+
+    every = RouteState("twilio", "", "drained", None)
+    gb = RouteState("twilio", "GB", "healthy", None)
+    assert route_state("twilio", "GB", {("twilio", ""): every, ("twilio", "GB"): gb}) is every
+    degraded_gb = RouteState("twilio", "GB", "degraded", None)
+    healthy_every = RouteState("twilio", "", "healthy", 3)
+    assert route_state("twilio", "GB", {("twilio", ""): healthy_every, ("twilio", "GB"): degraded_gb}) is degraded_gb
+    assert route_state("twilio", "US", {("twilio", "GB"): degraded_gb}) is None
+    assert route_state("twilio", "", {("twilio", ""): every}) is every
