@@ -110,7 +110,7 @@
       d.alerts.map((a) => [
         cell(new Date(a.opened_at).toLocaleString()),
         cell(a.kind + (a.error_type ? " (" + a.error_type + ")" : "")),
-        cell(a.channel + " / " + a.provider),
+        cell(a.channel + " / " + a.provider + (a.country ? " to " + a.country : "")),
         cell(a.severity),
         cell(a.detail ? a.detail : a.observed.toFixed(3) + " / " + a.baseline.toFixed(3)),
       ]),
