@@ -9,11 +9,12 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
-from messaging.models import Message
+from messaging.models import Message, ProviderRoute
 from messaging.services import api_key_create
 from reconciliation.models import Alert, DeliveryBucket, ReconciliationRun
 from reconciliation.reconcile import reconciliation_run
@@ -81,6 +82,9 @@ SHORT_WINDOWS = {
     "windows_seconds": [6, 10],
     "baseline_seconds": 20,
     "min_samples": 30,
+    # Once the alert degrades twilio for the US (issue 24), only the transactional probe share
+    # (2.5 % of 30 msg/s) still goes there: recovery is judged on what a 10 s window holds of it.
+    "min_recovery_samples": 5,
     "z_threshold": 4.0,
 }
 
@@ -113,6 +117,16 @@ class Traffic(threading.Thread):
             self.stopped.wait(0.5)
 
 
+def _recent_share(provider: str, seconds: float = 3.0) -> float:
+    """The share of the messages dispatched in the last few seconds that went through `provider`."""
+    recent = Counter(
+        Message.objects.filter(dispatched_at__gte=timezone.now() - timedelta(seconds=seconds)).values_list(
+            "provider", flat=True
+        )
+    )
+    return recent[provider] / max(1, sum(recent.values()))
+
+
 def test_a_silent_drop_raises_an_alert_that_resolves_when_drops_stop(live, key):
     with WebhookReceiver() as receiver:
         receiver.answers = [500]  # the alert endpoint fails once: the post is retried
@@ -135,14 +149,32 @@ def test_a_silent_drop_raises_an_alert_that_resolves_when_drops_stop(live, key):
             dropped_at = time.monotonic()
             wait_until(lambda: Alert.objects.filter(kind="receipt_rate_drop").exists(), 60, interval=0.5)
             detected_after = time.monotonic() - dropped_at
-            alert = Alert.objects.get(kind="receipt_rate_drop")
+            # All the traffic goes to US numbers: the provider-wide cohort and the US one both alarm.
+            alert = Alert.objects.get(kind="receipt_rate_drop", country="")
             assert (alert.channel, alert.provider) == ("sms", "twilio")
             assert alert.baseline > 0.95 and alert.observed <= alert.baseline - 0.05, (alert.observed, alert.baseline)
+            assert Alert.objects.filter(kind="receipt_rate_drop", provider="twilio", country="US").exists()
+            # ... and the detector moved new US traffic off twilio on the same tick (docs/routing.md).
+            route = ProviderRoute.objects.get(provider="twilio", country="US")
+            assert (route.condition, route.source) == ("degraded", "detector")
+            wait_until(lambda: _recent_share("vonage") >= 0.8, 30, interval=0.5, what="new traffic on vonage")
 
             live.sandbox_faults("twilio", drop_rate=0.0)
             recovered_at = time.monotonic()
-            wait_until(lambda: Alert.objects.filter(kind="receipt_rate_drop", resolved_at__isnull=False).exists(), 60)
+            # Recovery is seen on the probe share alone; then the detector restores the route.
+            wait_until(
+                lambda: not Alert.objects.filter(kind="receipt_rate_drop", resolved_at__isnull=True).exists(),
+                120,
+                interval=0.5,
+                what="every receipt-rate alert resolved",
+            )
             resolved_after = time.monotonic() - recovered_at
+            wait_until(
+                lambda: ProviderRoute.objects.get(provider="twilio", country="US").condition == "healthy",
+                30,
+                what="twilio healthy again for the US",
+            )
+            wait_until(lambda: _recent_share("twilio") >= 0.8, 30, interval=0.5, what="new traffic back on twilio")
         finally:
             traffic.stopped.set()
             traffic.join(10)
