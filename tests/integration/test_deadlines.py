@@ -58,7 +58,10 @@ def test_a_2fa_sms_sent_at_minute_four_carries_the_minute_left_and_ends_undelive
     [sent] = live.sandbox_requests(message_id=message_id)
     assert sent["accepted"] and sent["provider"] == "twilio"
     validity = int(sent["validity_period"])
-    assert validity <= left_at_send <= TTL_S - SENT_AT_S and validity >= 40, (validity, left_at_send)
+    # The adapter rounds down the time left when it prepares the request; dispatched_at is stamped
+    # after the provider answered, so it may be a moment later than that (one run: 58 vs 57.99 s).
+    assert left_at_send <= TTL_S - SENT_AT_S and validity <= TTL_S - SENT_AT_S, (validity, left_at_send)
+    assert left_at_send - 10 <= validity <= left_at_send + 2, (validity, left_at_send)
 
     # The sandbox holds delivery for 75 s; the validity ends first and Twilio reports 30036 then.
     sent_at = time.monotonic()
