@@ -109,9 +109,9 @@ DEFAULTS: dict[str, Any] = {
     "QUIET_HOURS": {},
     # Priorities quiet hours leave alone, unless a window names its own "exempt_priorities".
     "QUIET_HOURS_EXEMPT_PRIORITIES": ["critical"],
-    # Receipt-aware routing (issue 24, docs/routing.md): the share of bulk messages that still go
-    # first to a degraded provider, so its receipts can show it has recovered (transactional at
-    # half of it, critical never: messaging.route_health.probe_share_for). 0 to 1.
+    # Receipt-aware routing (issue 24, docs/routing.md): the share of bulk and transactional
+    # messages that still go first to a degraded provider, so its receipts can show it has
+    # recovered (critical never: messaging.route_health.probe_share_for). 0 to 1.
     "ROUTE_PROBE_SHARE": 0.05,
     # Status callbacks to clients (issue 21, messaging.callbacks, docs/callbacks.md).
     # One request's limit: connect, send and read the answer.

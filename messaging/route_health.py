@@ -144,37 +144,25 @@ def route_state(provider: str, country: str, states: dict[tuple[str, str], Route
     """The state that applies to a provider for a country, as dispatch reads it (hops_ordered):
     of its row for the country and its row for every country, the worse condition (an operator's
     drain of every country is not undone by a country's healthy row); None: healthy, route order."""
-    own = states.get((provider, country)) if country else None
-    every = states.get((provider, ""))
-    if own is None or every is None:
-        return own or every
-    return own if _WORSE.index(own.condition) >= _WORSE.index(every.condition) else every
+    return _route_effective(provider, country, states)
 
 
-_WORSE = (RouteCondition.HEALTHY, RouteCondition.DEGRADED, RouteCondition.DRAINED)
-
-
-# A transactional message probes a degraded provider at this fraction of ROUTE_PROBE_SHARE: the
-# lowest priority probes first (bulk at the full share), a code someone waits for less often, and
-# a critical message never (it goes to a healthy provider whenever the route has one). Without
-# any bulk traffic the transactional probes still give the detector receipts to see recovery by.
-TRANSACTIONAL_PROBE_FRACTION = 0.5
 # Plain strings: an enum member's look-up costs more than the rest of a hop's ordering.
 _HEALTHY, _DEGRADED, _DRAINED = (
     str(c.value) for c in (RouteCondition.HEALTHY, RouteCondition.DEGRADED, RouteCondition.DRAINED)
 )
 
 
-_BULK, _TRANSACTIONAL = str(Priority.BULK.value), str(Priority.TRANSACTIONAL.value)
+_PROBING = frozenset({str(Priority.BULK.value), str(Priority.TRANSACTIONAL.value)})
 
 
 def probe_share_for(priority: str, share: float) -> float:
-    """The share of a priority's messages that keep a degraded provider in its place."""
-    if priority == _BULK:
-        return share
-    if priority == _TRANSACTIONAL:
-        return share * TRANSACTIONAL_PROBE_FRACTION
-    return 0.0
+    """The share of a priority's messages that keep a degraded provider in its place: bulk and
+    transactional at the full share, a critical message never (it goes to a healthy provider
+    whenever the route has one). Transactional probes at the full share too: a 2FA stream with
+    no campaign beside it is often a route's only traffic, and at half the share its receipts
+    took longer than 10 minutes to show a recovery (bench/route_failover.py, issue 24)."""
+    return share if priority in _PROBING else 0.0
 
 
 def hops_ordered(
@@ -194,8 +182,8 @@ def hops_ordered(
     hop is still tried on failure, in the new order:
     - healthy providers first; with weights, the first place goes to one of those with a weight
       above 0, drawn in proportion to the weights; the others keep the route's order;
-    - degraded providers next, except for a probe share of messages (probe_share_for: bulk at
-      the full share, transactional at part of it, critical never) for which they count as healthy;
+    - degraded providers next, except for a probe share of messages (probe_share_for: bulk and
+      transactional at the share, critical never) for which they count as healthy;
     - drained providers last: used only when no other provider of the channel can take it.
     A provider's row for the recipient's country and its row for every country both count: the
     worse condition of the two applies (an operator's drain of every country is not undone by the

@@ -349,12 +349,13 @@ def recovered(
 ) -> bool | None:
     """Whether an open alert's rate is back near the baseline it was raised against.
 
-    Judged on the shortest window with enough samples (for a drop, min_recovery_samples: a
-    degraded route's probe share must be able to show it), against the baseline stored when the alert
-    opened (the detector's own baseline drifts into the bad period if it lasts). Back within half
-    the alerting change counts as recovered. None: too little traffic to tell; the alert stays open.
+    Judged on the shortest window with enough samples (for a drop, min_recovery_samples on any
+    whole number of buckets: a degraded route's probe share must be able to show it), against the
+    baseline stored when the alert opened (the detector's own baseline drifts into the bad period
+    if it lasts). Back within half the alerting change counts as recovered. None: too little
+    traffic to tell; the alert stays open.
     """
-    for window in settings.windows_seconds:
+    for window in _recovery_windows(settings) if kind in DROP_KINDS else settings.windows_seconds:
         observed = _observed(series, now, settings, window, kind, error_type)
         if observed is None:
             continue
@@ -364,6 +365,14 @@ def recovered(
             return observed - baseline < settings.min_error_rise / 2
         return observed < baseline * (1 + (settings.latency_ratio - 1) / 2)
     return None
+
+
+def _recovery_windows(settings: DetectorSettings) -> range:
+    """Every whole number of buckets up to the longest window, shortest first. A degraded route's
+    probe share fills min_recovery_samples in a few minutes; with the detection windows only (2,
+    5, 15 min) the next window up would reach back into the drop and hold the route down for its
+    whole length after the provider recovered (bench/route_failover.py: 11+ min on 5 min)."""
+    return range(settings.bucket_seconds, max(settings.windows_seconds) + 1, settings.bucket_seconds)
 
 
 def _observed(series: Series, now: datetime, settings, window: int, kind: str, error_type: str) -> float | None:
