@@ -289,13 +289,22 @@ def quiet_hours_policy(client_config: Any = None) -> QuietHoursPolicy:
     """The policy of a client whose ApiClient.quiet_hours is `client_config` (None: the
     QUIET_HOURS setting). A stored configuration that no longer parses (it was validated when
     saved) keeps no quiet hours rather than stopping every send."""
+    global _last_policy
     raw = messaging_setting("QUIET_HOURS") if client_config is None else client_config
-    exempt = frozenset(messaging_setting("QUIET_HOURS_EXEMPT_PRIORITIES"))
+    exempt_setting = messaging_setting("QUIET_HOURS_EXEMPT_PRIORITIES")
+    last = _last_policy
+    if last is not None and last[0] is raw and last[1] is exempt_setting:
+        return last[2]  # the same objects as the last call (a batch of one client): ~11 us saved a message
     try:
         config = _parsed(json.dumps(raw, sort_keys=True))
     except (QuietHoursError, TypeError, ValueError):
         config = {}
-    return QuietHoursPolicy(config, exempt)
+    policy = QuietHoursPolicy(config, frozenset(exempt_setting))
+    _last_policy = (raw, exempt_setting, policy)  # held: their ids cannot be reused while cached
+    return policy
+
+
+_last_policy: tuple[Any, Any, QuietHoursPolicy] | None = None
 
 
 def deadline_note(*, release: datetime, expires_at: datetime) -> str:
