@@ -1,5 +1,6 @@
 """The checks only the wiring can make: every key of settings.CONDUCTOR belongs to one layer's
-schema, and in production mode nothing still points at the sandbox or at this machine."""
+schema, in production mode nothing still points at the sandbox or at this machine, and a Redis
+Cluster for state is not also given to Celery as its broker."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.checks import Error, register
+from redis.connection import parse_url
 
 from messaging.conf import DEFAULTS as MESSAGING_DEFAULTS
 from messaging.routing import routed_providers
@@ -34,6 +36,46 @@ def check_conductor_keys(app_configs=None, **kwargs) -> list[Error]:
         )
         for name in sorted(set(getattr(settings, "CONDUCTOR", {})) - KNOWN_KEYS)
     ]
+
+
+@register()
+def check_state_redis(app_configs=None, **kwargs) -> list[Error]:
+    """With REDIS_CLUSTER on: conductor.E110, REDIS_URL must be a TCP URL of database 0 (a cluster
+    has no other, and the client refuses one); conductor.E111, the broker must not be that
+    cluster (kombu's Redis transport speaks to one node: every queue whose slot another node
+    serves would fail with MOVED)."""
+    if not getattr(settings, "REDIS_CLUSTER", False):
+        return []
+    try:
+        state = parse_url(settings.REDIS_URL)
+    except ValueError as exc:
+        state = {"path": "", "error": str(exc)}
+    if "path" in state or state.get("db", 0) != 0:
+        return [
+            Error(
+                f"REDIS_URL is {settings.REDIS_URL!r} with REDIS_CLUSTER on: a cluster node is reached over "
+                "TCP and has database 0 only.",
+                hint="Set REDIS_URL to one node of the cluster, e.g. redis://redis-1:6379/0.",
+                id="conductor.E110",
+            )
+        ]
+    broker = str(getattr(settings, "CELERY_BROKER_URL", "") or "")
+    if broker.startswith(("redis://", "rediss://")):
+        try:
+            target = parse_url(broker)
+        except ValueError:
+            return []
+        if (target.get("host"), target.get("port", 6379)) == (state.get("host"), state.get("port", 6379)):
+            return [
+                Error(
+                    f"CELERY_BROKER_URL is the state Redis Cluster ({broker!r}): Celery's broker cannot be a "
+                    "Redis Cluster.",
+                    hint="Set CELERY_BROKER_URL to a Redis of its own or to RabbitMQ (amqp://…); see "
+                    'docs/operations.md, "Redis Cluster for state".',
+                    id="conductor.E111",
+                )
+            ]
+    return []
 
 
 @register()

@@ -12,12 +12,10 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import redis
-
 from messaging.conf import messaging_setting
 from messaging.metrics import QUOTA_REFUSED, QUOTA_WARNINGS
 from messaging.models import ApiClient
-from providers.redis_state import shared_redis
+from providers.redis_state import STATE_ERRORS, shared_redis
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +87,7 @@ def quota_take(*, client: ApiClient, channel: str, count: int, now: datetime) ->
     key = QUOTA_KEY.format(client=client.pk, channel=channel, day=now.astimezone(UTC).strftime("%Y%m%d"))
     try:
         granted, used = shared_redis().register_script(_TAKE)(keys=[key], args=[quota, count, QUOTA_KEY_TTL_S])
-    except redis.RedisError:
+    except STATE_ERRORS:
         logger.warning("daily quota of client %s not checked: Redis unreachable (failing open)", client.name)
         return QuotaGrant(None, count)
     granted, used = int(granted), int(used)
@@ -123,7 +121,7 @@ def quota_give_back(*, grant: QuotaGrant, count: int) -> None:
         return
     try:
         shared_redis().decrby(grant.key, count)
-    except redis.RedisError:
+    except STATE_ERRORS:
         logger.warning("could not give back %d of a daily quota (Redis unreachable)", count)
 
 

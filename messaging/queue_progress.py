@@ -21,9 +21,7 @@ import logging
 import time
 from collections.abc import Iterable
 
-import redis
-
-from providers.redis_state import shared_redis
+from providers.redis_state import STATE_ERRORS, shared_redis
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +52,7 @@ def queue_consumed(*, queue: str | None, published_at: float | None) -> None:
         return
     try:
         shared_redis().register_script(_RAISE)(keys=[KEY], args=[queue, repr(float(published_at)), repr(time.time())])
-    except redis.RedisError:
+    except STATE_ERRORS:
         logger.debug("queue watermark not recorded for %s", queue, exc_info=True)
 
 
@@ -64,7 +62,7 @@ def queues_consumed(queues: Iterable[str], *, now: float, moving_within: float) 
     fields = [name for queue in queues for name in (queue, f"{queue}:moved")]
     try:
         values = shared_redis().hmget(KEY, fields)
-    except redis.RedisError:
+    except STATE_ERRORS:
         logger.debug("queue watermarks unavailable (Redis unreachable): stale by time alone")
         return {}
     marks = {}

@@ -10,9 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import redis
+from redis.commands.core import Script
 
-from providers.redis_state import shared_redis
+from providers.redis_state import STATE_ERRORS, StateClient, hash_tagged_key, shared_redis
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,12 @@ IDLE_TTL_SECONDS = 3600
 # Redis being down must not flood the log from every send: one warning per process per period.
 FAIL_OPEN_WARNING_INTERVAL_SECONDS = 30.0
 
-KEY_PREFIX = "conductor:circuit"
+# Keys: conductor:{circuit:<name>}:<part>, parts as below. The braces are the hash tag: a
+# breaker's scripts touch several of its keys at once, and a Redis Cluster runs a script only
+# when all its keys are in one slot. (Before issue 25 they were conductor:circuit:<name>:<part>;
+# such keys are no longer read and expire within IDLE_TTL_SECONDS.)
+KEY_KIND = "circuit"
+KEY_PARTS = ("state", "window", "trials", "asked", "forced")
 
 
 @dataclass(frozen=True)
@@ -158,65 +163,71 @@ return {1, 1, epoch, state}
 """
 
 # KEYS: state, window, trials
-# ARGV: now, failed 0/1, permit epoch, trial 0/1, trial_id, window_size, minimum_calls,
-#       failure_rate_threshold, successes_to_close, ttl
-# Returns {stored state after recording, opened_at or false}.
+# ARGV: now, window_size, minimum_calls, failure_rate_threshold, successes_to_close, ttl, then
+#       per call, in the order they are to count: failed 0/1, permit epoch, trial 0/1, trial_id
+# Returns {stored state after the last call, opened_at or false}. A batch is one script run, not
+# a pipeline of runs: one slot, one round trip, and a cluster pipeline cannot run scripts.
 RECORD_LUA = """
 local now = ARGV[1]
-local failed = ARGV[2] == '1'
-local ttl = tonumber(ARGV[10])
-local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
-local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+local ttl = tonumber(ARGV[6])
 
-local function result(new_state)
-  return {new_state, redis.call('HGET', KEYS[1], 'opened_at')}
-end
-
-local function open()
+local function open(epoch)
   redis.call('HSET', KEYS[1], 'state', 'open', 'epoch', epoch + 1, 'opened_at', now, 'successes', 0)
   redis.call('HINCRBY', KEYS[1], 'times_opened', 1)
   redis.call('DEL', KEYS[3])
   redis.call('EXPIRE', KEYS[1], ttl)
-  return result('open')
+  return 'open'
 end
 
-if ARGV[4] == '1' then
-  -- Only a trial still in flight counts: one from an earlier half-open, or one forgotten after
-  -- the trial timeout, is late news.
-  if state ~= 'half_open' or redis.call('ZREM', KEYS[3], ARGV[5]) == 0 then
-    return result(state)
+-- One call's outcome; returns the stored state after it.
+local function record(failed, permit_epoch, trial, trial_id)
+  local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
+  local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+
+  if trial then
+    -- Only a trial still in flight counts: one from an earlier half-open, or one forgotten after
+    -- the trial timeout, is late news.
+    if state ~= 'half_open' or redis.call('ZREM', KEYS[3], trial_id) == 0 then
+      return state
+    end
+    if failed then
+      return open(epoch)
+    end
+    local successes = redis.call('HINCRBY', KEYS[1], 'successes', 1)
+    if successes >= tonumber(ARGV[5]) then
+      redis.call('HSET', KEYS[1], 'state', 'closed', 'epoch', epoch + 1, 'successes', 0)
+      redis.call('DEL', KEYS[2], KEYS[3])
+      redis.call('EXPIRE', KEYS[1], ttl)
+      return 'closed'
+    end
+    return state
   end
-  if failed then
-    return open()
+
+  -- An ordinary call counts only in the closed state it was let through in.
+  if state ~= 'closed' or permit_epoch ~= epoch then
+    return state
   end
-  local successes = redis.call('HINCRBY', KEYS[1], 'successes', 1)
-  if successes >= tonumber(ARGV[9]) then
-    redis.call('HSET', KEYS[1], 'state', 'closed', 'epoch', epoch + 1, 'successes', 0)
-    redis.call('DEL', KEYS[2], KEYS[3])
-    redis.call('EXPIRE', KEYS[1], ttl)
-    return result('closed')
+  redis.call('LPUSH', KEYS[2], failed and '1' or '0')
+  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]) - 1)
+  redis.call('EXPIRE', KEYS[2], ttl)
+  -- Keep the epoch (and times_opened) alive as long as the window is.
+  redis.call('EXPIRE', KEYS[1], ttl)
+  local outcomes = redis.call('LRANGE', KEYS[2], 0, -1)
+  local failures = 0
+  for _, outcome in ipairs(outcomes) do
+    if outcome == '1' then failures = failures + 1 end
   end
-  return result(state)
+  if #outcomes >= tonumber(ARGV[3]) and failures / #outcomes >= tonumber(ARGV[4]) then
+    return open(epoch)
+  end
+  return state
 end
 
--- An ordinary call counts only in the closed state it was let through in.
-if state ~= 'closed' or tonumber(ARGV[3]) ~= epoch then
-  return result(state)
+local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
+for i = 7, #ARGV, 4 do
+  state = record(ARGV[i] == '1', tonumber(ARGV[i + 1]), ARGV[i + 2] == '1', ARGV[i + 3])
 end
-redis.call('LPUSH', KEYS[2], failed and '1' or '0')
-redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[6]) - 1)
-redis.call('EXPIRE', KEYS[2], ttl)
--- Keep the epoch (and times_opened) alive as long as the window is.
-redis.call('EXPIRE', KEYS[1], ttl)
-local outcomes = redis.call('LRANGE', KEYS[2], 0, -1)
-local failures = 0
-for _, outcome in ipairs(outcomes) do
-  if outcome == '1' then failures = failures + 1 end
-end
-if #outcomes >= tonumber(ARGV[7]) and failures / #outcomes >= tonumber(ARGV[8]) then
-  return open()
-end
-return result(state)
+return {state, redis.call('HGET', KEYS[1], 'opened_at')}
 """
 
 
@@ -253,21 +264,31 @@ class CircuitBreaker:
         self,
         provider: str,
         settings: CircuitSettings,
-        client: redis.Redis | None = None,
+        client: StateClient | None = None,
         clock: Callable[[], float] = time.time,
     ):
-        if client is None:
-            client = shared_redis()
         self.provider = provider
         self.settings = settings
-        self.client = client
+        self._client = client
         self.clock = clock
-        base = f"{KEY_PREFIX}:{provider}"
-        self.keys = {name: f"{base}:{name}" for name in ("state", "window", "trials", "asked", "forced")}
+        self.keys = {part: hash_tagged_key(KEY_KIND, provider, part) for part in KEY_PARTS}
+        self._scripts: tuple[Script, Script] | None = None
+
+    @property
+    def client(self) -> StateClient:
+        """The state client, the shared one unless given. Built on first use, inside the callers'
+        fail-open handling: a cluster client connects when it is built, and a breaker made while
+        Redis is down must fail open, not raise."""
+        if self._client is None:
+            self._client = shared_redis()
+        return self._client
+
+    def _bound_scripts(self) -> tuple[Script, Script]:
         # register_script does not talk to Redis; the script is loaded on first use (and again
         # after a Redis restart empties its script cache).
-        self._allow = client.register_script(ALLOW_LUA)
-        self._record = client.register_script(RECORD_LUA)
+        if self._scripts is None:
+            self._scripts = (self.client.register_script(ALLOW_LUA), self.client.register_script(RECORD_LUA))
+        return self._scripts
 
     def allow(self, *, priority: str) -> Permit | None:
         """A permit to call the provider now, or None: the circuit is open (fail fast, go elsewhere)."""
@@ -288,8 +309,9 @@ class CircuitBreaker:
             trial_id,
         ]
         try:
-            granted, trial, epoch, _stored_state = self._allow(keys=keys, args=args)
-        except redis.RedisError as error:
+            allow_script, _ = self._bound_scripts()
+            granted, trial, epoch, _stored_state = allow_script(keys=keys, args=args)
+        except STATE_ERRORS as error:
             # A breaker that cannot reach its state must not become the outage itself.
             _warn_fail_open(self.provider, error)
             return Permit(self.provider, trial=False, issued_at=now, fail_open=True)
@@ -307,15 +329,15 @@ class CircuitBreaker:
             # Nothing shared knows of this call; asking Redis again would only add a timeout.
             return CLOSED
         try:
-            stored, opened_at = self._record(keys=self._record_keys(), args=self._record_args(permit, failed))
-        except redis.RedisError as error:
+            stored, opened_at = self._run_record([(permit, failed)])
+        except STATE_ERRORS as error:
             _warn_fail_open(self.provider, error)
             return CLOSED
         return self._effective_state(stored.decode(), float(opened_at) if opened_at else None, self.clock())
 
     def record_many(self, outcomes: list[tuple[Permit, bool, float]]) -> None:
-        """record() for many calls (permit, failed, duration_s) in one round trip to Redis:
-        the same script, pipelined, in order (the bulk send path records a whole batch)."""
+        """record() for many calls (permit, failed, duration_s) in one round trip to Redis: one
+        run of the same script, recording them in order (the bulk send path records a whole batch)."""
         shared = [outcome for outcome in outcomes if not outcome[0].fail_open]
         # Calls let through by one closed-state permit ran at the same moment, in no order: only
         # the newest window's worth of them can be in the window afterwards, so only those are
@@ -324,32 +346,27 @@ class CircuitBreaker:
         shared = [outcome for outcome in shared if outcome[0].trial] + ordinary[-self.settings.window_size :]
         if not shared:
             return
+        slow = self.settings.slow_call_seconds
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for permit, failed, duration_s in shared:
-                failed = failed or duration_s > self.settings.slow_call_seconds
-                self._record(keys=self._record_keys(), args=self._record_args(permit, failed), client=pipe)
-            pipe.execute()
-        except redis.RedisError as error:
+            self._run_record([(permit, failed or duration_s > slow) for permit, failed, duration_s in shared])
+        except STATE_ERRORS as error:
             _warn_fail_open(self.provider, error)
 
-    def _record_keys(self) -> list[str]:
-        return [self.keys["state"], self.keys["window"], self.keys["trials"]]
-
-    def _record_args(self, permit: Permit, failed: bool) -> list[Any]:
+    def _run_record(self, calls: list[tuple[Permit, bool]]) -> list[Any]:
+        """RECORD_LUA over (permit, failed) calls, in order; returns its {state, opened_at}."""
         s = self.settings
-        return [
+        args: list[Any] = [
             repr(self.clock()),
-            int(failed),
-            permit.epoch,
-            int(permit.trial),
-            permit.trial_id,
             s.window_size,
             s.minimum_calls,
             s.failure_rate_threshold,
             s.half_open_successes_to_close,
             s.idle_ttl_seconds,
         ]
+        for permit, failed in calls:
+            args += [int(failed), permit.epoch, int(permit.trial), permit.trial_id]
+        _, record_script = self._bound_scripts()
+        return record_script(keys=[self.keys["state"], self.keys["window"], self.keys["trials"]], args=args)
 
     def state(self, now: float | None = None) -> str:
         """closed, open or half_open (an open circuit whose wait is over reports half_open)."""
@@ -367,7 +384,7 @@ class CircuitBreaker:
                 pipe.pttl(self.keys["forced"])
                 pipe.get(self.keys["forced"])
                 fields, window, trials, forced_ms, forced_reason = pipe.execute()
-        except redis.RedisError as error:
+        except STATE_ERRORS as error:
             _warn_fail_open(self.provider, error)
             return {"provider": self.provider, "state": CLOSED, "failing_open": True}
         fields = {k.decode(): v.decode() for k, v in fields.items()}

@@ -33,13 +33,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import redis
 from redis.commands.core import Script
 
-from providers.redis_state import shared_redis
+from providers.redis_state import STATE_ERRORS, StateClient, shared_redis
 
 logger = logging.getLogger(__name__)
 
+# One key per provider, conductor:ratelimit:<provider>:tat, and each script touches only it: one
+# slot in a Redis Cluster without a hash tag (kept unrenamed: a rolling deploy that renamed it
+# would run two buckets, twice the rate, until the last old worker stopped).
 KEY_PREFIX = "conductor:ratelimit"
 # TAT in the past means "bucket full", the same as no key, so a key only has to live until its
 # TAT; the margin absorbs clock skew between the workers and the Redis server.
@@ -147,7 +149,7 @@ class RateLimiter:
         self,
         provider: str,
         limit: RateLimit,
-        client: redis.Redis | None = None,
+        client: StateClient | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.provider = provider
@@ -179,7 +181,7 @@ class RateLimiter:
                 keys=[self.key],
                 args=[now, self._interval, self.limit.effective_burst, bounded, _TTL_MARGIN_MS],
             )
-        except redis.RedisError as exc:
+        except STATE_ERRORS as exc:
             self._warn_fail_open(exc)
             return 0.0
         # Exact: both doubles cross the Lua boundary as repr / %.17g, so the caller's
@@ -197,7 +199,7 @@ class RateLimiter:
                 keys=[self.key],
                 args=[now, self._interval, self.limit.effective_burst, max(retry_after_s, 0.0), _TTL_MARGIN_MS],
             )
-        except redis.RedisError as exc:
+        except STATE_ERRORS as exc:
             self._warn_fail_open(exc)
 
     @property
@@ -212,7 +214,7 @@ class RateLimiter:
             self._scripts = (self._client.register_script(_RESERVE_LUA), self._client.register_script(_PENALIZE_LUA))
         return self._scripts
 
-    def _warn_fail_open(self, exc: redis.RedisError) -> None:
+    def _warn_fail_open(self, exc: Exception) -> None:
         _redis_down_warning.warn(
             "Rate limit of provider %s not enforced: Redis unavailable (%s: %s); sending without waiting.",
             self.provider,

@@ -10,9 +10,7 @@ import logging
 import math
 import time
 
-import redis
-
-from providers.redis_state import shared_redis
+from providers.redis_state import STATE_ERRORS, shared_redis
 from providers.types import WebhookReplayError, WebhookStateUnavailable
 
 logger = logging.getLogger(__name__)
@@ -42,7 +40,7 @@ def webhook_token_claim(*, provider: str, token: str, timestamp: str | float, ma
     expiry = math.ceil(2 * max_age_seconds) + 1
     try:
         claimed = shared_redis().set(key, 1, nx=True, ex=expiry)
-    except redis.RedisError as exc:
+    except STATE_ERRORS as exc:
         raise WebhookStateUnavailable(f"cannot check the {provider} webhook token: {exc}") from exc
     if not claimed:
         raise WebhookReplayError("signature token already used: a replayed webhook")
@@ -54,5 +52,5 @@ def webhook_token_release(key: str) -> None:
     that the provider's retry of it is not refused as a replay."""
     try:
         shared_redis().delete(key)
-    except redis.RedisError as exc:
+    except STATE_ERRORS as exc:
         logger.warning("could not release webhook token %s: %s", key, exc)

@@ -140,18 +140,19 @@ STORAGES = {
 }
 
 # --- Redis and Celery -----------------------------------------------------------------------
+# Shared state (circuit breakers, rate limits, quotas, the API throttle, coordination flags):
+# providers.redis_state.shared_redis() is its one client.
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+# On: REDIS_URL names a seed node of a Redis Cluster (db 0), the client finds the others. The
+# Celery broker cannot be a cluster (kombu): CELERY_BROKER_URL must then name a Redis or RabbitMQ
+# of its own (conductor.E110, E111).
+REDIS_CLUSTER = env_bool("REDIS_CLUSTER", False)
 # The API's per-client request counts (messaging.api.throttling) are shared by every web process:
-# Redis, not the per-process local memory cache. Short timeouts: a Redis that does not answer is
-# treated as unreachable and the throttle fails open.
+# Redis, not the per-process local memory cache. The backend uses the shared state client (its
+# short timeouts: a Redis that does not answer is treated as unreachable, the throttle fails open).
 CACHES = {
     "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
-    "throttle": {
-        "BACKEND": "django.core.cache.backends.redis.RedisCache",
-        "LOCATION": REDIS_URL,
-        "KEY_PREFIX": "conductor",
-        "OPTIONS": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5},
-    },
+    "throttle": {"BACKEND": "providers.redis_state.StateRedisCache", "KEY_PREFIX": "conductor"},
 }
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
 CELERY_TASK_IGNORE_RESULT = True

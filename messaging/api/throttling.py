@@ -1,22 +1,22 @@
 """The API's request rate per client: DRF's cache-based throttle, keyed by the authenticated
 client, at the client's own rate (messaging.limits.client_api_rate).
 
-Its counts live in the "throttle" cache, Redis (conductor_project.settings), so every gunicorn
-process and host shares one count per client; a per-process cache would let each process allow
-the whole rate. Redis unreachable: the request is let through (logged), as the quota does.
+Its counts live in the "throttle" cache, in the shared state Redis (conductor_project.settings), so
+every gunicorn process and host shares one count per client; a per-process cache would let each
+process allow the whole rate. Redis unreachable: the request is let through (logged), as the quota does.
 """
 
 from __future__ import annotations
 
 import logging
 
-import redis
 from django.core.cache import caches
 from rest_framework.throttling import SimpleRateThrottle
 
 from messaging.limits import client_api_rate
 from messaging.metrics import API_THROTTLED
 from messaging.models import ApiClient
+from providers.redis_state import STATE_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class ClientRateThrottle(SimpleRateThrottle):
         self.num_requests, self.duration = self.parse_rate(self.rate)
         try:
             allowed = super().allow_request(request, view)
-        except redis.RedisError:  # Django's RedisCache lets redis-py's errors through
+        except STATE_ERRORS:  # the cache lets redis-py's errors through
             logger.warning("request rate of client %s not checked: throttle cache unreachable", client.name)
             return True
         if not allowed:

@@ -561,7 +561,7 @@ class _Deliverer:
         return changes
 
     def _record_circuits(self, circuit: dict[int, list[tuple[Permit, bool, float]]]) -> None:
-        """The answers to each endpoint's circuit (one pipelined round trip each); an endpoint
+        """The answers to each endpoint's circuit (one script run each); an endpoint
         whose circuit opened is held back from now on."""
         pauses: dict[int, float] = {}
         now = time.time()
