@@ -92,6 +92,21 @@ class Stack:
         self.sandbox = self._spawn(
             "sandbox", [PYTHON, "manage.py", "run_sandbox_provider", "--port", str(self.sandbox_port), "--seed", "7"]
         )
+        self.start_web()
+        intake = [PYTHON, "manage.py", "receipt_intake", "--port", str(self.intake_port)]
+        self.intake = self._spawn("intake", [*intake, "--processes", str(self.intake_processes)])
+        self.start_beat()
+        wait_until(lambda: http_ok(f"{self.sandbox_url}/_sandbox/healthz"), 30, what="sandbox")
+        wait_until(lambda: http_ok(f"{self.web_url}/healthz"), 30, what="web")
+        wait_until(
+            lambda: self.intake.log_text().count("listening") == self.intake_processes, 30, what="receipt intake"
+        )
+        for _ in range(workers):
+            self.start_worker()
+        return self
+
+    def start_web(self) -> ManagedProcess:
+        """gunicorn as the Procfile runs it (not waited for: http_ok on /healthz says when it answers)."""
         self.web = self._spawn(
             "web",
             [
@@ -115,8 +130,10 @@ class Stack:
                 "2",
             ],
         )
-        intake = [PYTHON, "manage.py", "receipt_intake", "--port", str(self.intake_port)]
-        self.intake = self._spawn("intake", [*intake, "--processes", str(self.intake_processes)])
+        return self.web
+
+    def start_beat(self) -> ManagedProcess:
+        """Celery beat, on a schedule file kept across restarts (as a deployment's would be)."""
         self.beat = self._spawn(
             "beat",
             [
@@ -132,14 +149,16 @@ class Stack:
                 str(self.log_dir / "celerybeat-schedule"),
             ],
         )
-        wait_until(lambda: http_ok(f"{self.sandbox_url}/_sandbox/healthz"), 30, what="sandbox")
-        wait_until(lambda: http_ok(f"{self.web_url}/healthz"), 30, what="web")
-        wait_until(
-            lambda: self.intake.log_text().count("listening") == self.intake_processes, 30, what="receipt intake"
-        )
-        for _ in range(workers):
-            self.start_worker()
-        return self
+        return self.beat
+
+    def stop_beat(self, kill: bool = False) -> None:
+        """Stop beat by its pid: SIGKILL (a crash, no goodbye) or SIGTERM; start_beat starts it again."""
+        if kill:
+            self.beat.kill()
+        else:
+            self.beat.stop()
+        if self.beat in self.processes:
+            self.processes.remove(self.beat)
 
     def start_worker(
         self, concurrency: int = 4, env: dict[str, str] | None = None, queues: str | None = None
