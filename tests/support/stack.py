@@ -47,6 +47,9 @@ class Stack:
             # Anomaly detection every second (with the default minute buckets it finds nothing
             # in a short test; the alert test gives its workers second-scale windows).
             "CONDUCTOR_ANOMALY_INTERVAL_SECONDS": "1",
+            # A test that stops workers or loads them for a minute must not see a periodic job's
+            # overdue alert among its own (tests/integration/test_beat_heartbeats.py sets its own).
+            "CONDUCTOR_PERIODIC_JOB_OVERDUE_GRACE_SECONDS": "3600",
             "PYTHONUNBUFFERED": "1",
             "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
             "LOG_FORMAT": "json",
