@@ -8,9 +8,13 @@ Two kinds, chosen by what can be correct with many processes:
   at scrape time from where it lives: PostgreSQL, the broker, Redis. A gauge kept in process
   memory would disagree between processes and go stale when one dies; the source cannot.
 A source that does not answer leaves its families out and sets conductor_scrape_error{source}.
-The database's families (nine queries, one over every message) are kept for
-METRICS_CACHE_SECONDS per process: Prometheus scrapes every 15 s, and two scrapers, or a scraper
-retrying, must not double the load on the database.
+The database's families (nine queries, one over every message, and the periodic jobs' three) are
+kept for METRICS_CACHE_SECONDS per process: Prometheus scrapes every 15 s, and two scrapers, or a
+scraper retrying, must not double the load on the database.
+
+Reading the periodic jobs' heartbeats also judges them (opens and resolves their alerts:
+reconciliation.heartbeats): Prometheus' scrape is a clock beat does not drive, so a dead beat is
+noticed, at most once per METRICS_CACHE_SECONDS.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from messaging.models import DeadLetter, Message, ProviderRoute, Receipt, RouteC
 from providers.guards import circuit_breaker
 from reconciliation.anomalies import cohort_end
 from reconciliation.conf import detector_settings
+from reconciliation.heartbeats import JobStatus, periodic_jobs_check
 from reconciliation.models import Alert, DeliveryBucket
 from reconciliation.queues import queue_depths
 
@@ -164,6 +169,7 @@ class StateCollector:
         yield delivery_rate_family()
         yield from callback_backlog_families()
         yield from route_families()
+        yield from periodic_job_families(periodic_jobs_check())
 
     def _broker(self):
         family = GaugeMetricFamily(
@@ -191,6 +197,35 @@ class StateCollector:
             failing_open.add_metric([provider], 1 if snapshot.get("failing_open") else 0)
         yield family
         yield failing_open
+
+
+def periodic_job_families(statuses: list[JobStatus]) -> list[GaugeMetricFamily]:
+    """Each periodic job's age since its last success, its interval and whether it is overdue.
+
+    Labelled `task`, not `job`: Prometheus sets `job` on every series (the scrape job's name)."""
+    age = GaugeMetricFamily(
+        "conductor_periodic_job_last_success_age_seconds",
+        "Seconds since each periodic job (a task beat runs) last succeeded; never having succeeded, "
+        "since it was first expected.",
+        labels=["task"],
+    )
+    interval = GaugeMetricFamily(
+        "conductor_periodic_job_interval_seconds",
+        "Each periodic job's interval in the beat schedule (a crontab's longest gap between runs).",
+        labels=["task"],
+    )
+    overdue = GaugeMetricFamily(
+        "conductor_periodic_job_overdue",
+        "1 when a periodic job has not succeeded for PERIODIC_JOB_OVERDUE_INTERVALS of its intervals plus "
+        "PERIODIC_JOB_OVERDUE_GRACE_SECONDS (an alert is open), else 0.",
+        labels=["task"],
+    )
+    for status in statuses:
+        age.add_metric([status.task], status.age_seconds)
+        if status.interval_seconds is not None:
+            interval.add_metric([status.task], status.interval_seconds)
+        overdue.add_metric([status.task], 1 if status.overdue else 0)
+    return [age, interval, overdue]
 
 
 def route_families() -> list[GaugeMetricFamily]:

@@ -27,6 +27,7 @@ urlpatterns = [
     path("unsubscribe/<str:token>/", one_click_unsubscribe, name="one-click-unsubscribe"),
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
+    path("livez/beat", views.livez_beat, name="livez-beat"),
     path("metrics", views.metrics, name="metrics"),
     path("dashboard/", dashboard, name="dashboard"),
     path("dashboard/data/", dashboard_data_view, name="dashboard-data"),

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hmac
 
 from django.conf import settings
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.defaults import page_not_found
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from conductor_project.celery import app
 from conductor_project.metrics import metrics_registry
+from reconciliation.heartbeats import periodic_jobs_check
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -36,6 +37,29 @@ def readyz(request: HttpRequest) -> JsonResponse:
         checks["broker"] = f"error: {type(exc).__name__}"
     ready = all(value == "ok" for value in checks.values())
     return JsonResponse({"status": "ready" if ready else "unavailable", "checks": checks}, status=200 if ready else 503)
+
+
+def livez_beat(request: HttpRequest) -> JsonResponse:
+    """Every periodic job (the tasks beat runs: sweeper, release, polling, detection, retention...)
+    succeeded recently enough; 503 naming the overdue ones (reconciliation.heartbeats).
+
+    Not part of /readyz on purpose: a web process serves the API as well with beat stopped, and
+    taking every web pod out of the load balancer for it would turn a late safety net into an
+    outage. Point an uptime check (or beat's own liveness probe) here instead. Each request judges
+    the heartbeats and opens or resolves their alerts: it works with beat dead."""
+    try:
+        statuses = periodic_jobs_check()
+    except DatabaseError as exc:  # nothing can be said: not "ok"
+        return JsonResponse({"status": "unknown", "error": type(exc).__name__}, status=503)
+    overdue = [status.task for status in statuses if status.overdue]
+    return JsonResponse(
+        {
+            "status": "overdue" if overdue else "ok",
+            "overdue": overdue,
+            "jobs": [status.as_dict(error_text=False) for status in statuses],
+        },
+        status=503 if overdue else 200,
+    )
 
 
 def metrics(request: HttpRequest) -> HttpResponse:

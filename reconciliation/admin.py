@@ -1,4 +1,5 @@
-"""Read-only admin for reconciliation runs, alerts and drills: written by the services only."""
+"""Read-only admin for reconciliation runs, alerts, drills and periodic jobs' heartbeats: written by
+the services only."""
 
 import json
 
@@ -7,7 +8,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.utils.html import format_html, format_html_join
 
 from messaging.admin import ReadOnlyAdmin, timestamp_status_filter
-from reconciliation.models import Alert, Drill, ReconciliationRun
+from reconciliation.models import Alert, Drill, PeriodicJobHeartbeat, ReconciliationRun
 
 
 @admin.register(ReconciliationRun)
@@ -53,6 +54,14 @@ class AlertAdmin(ReadOnlyAdmin):
         "country",
     ]
     date_hierarchy = "opened_at"
+
+
+@admin.register(PeriodicJobHeartbeat)
+class PeriodicJobHeartbeatAdmin(ReadOnlyAdmin):
+    """When each job beat runs last started, finished and succeeded (/livez/beat judges them)."""
+
+    list_display = ["task", "interval_seconds", "last_success_at", "last_started_at", "last_failure_at", "last_error"]
+    ordering = ["task"]
 
 
 WINDOWS = ("before", "during", "after")

@@ -165,6 +165,8 @@ def alert_payload(alert: Alert, event: str) -> dict[str, Any]:
 def alert_summary(alert: Alert) -> str:
     if alert.kind == AlertKind.CALLBACK_ENDPOINT_DISABLED:
         return f"callback endpoint disabled: {alert.detail}"
+    if alert.kind == AlertKind.PERIODIC_JOB_OVERDUE:
+        return f"periodic job overdue: {alert.detail}"
     what = f"{alert.kind} ({alert.error_type})" if alert.error_type else alert.kind
     if alert.kind == "latency_rise":
         change = f"{alert.observed:.0f} ms against {alert.baseline:.0f} ms"

@@ -38,6 +38,9 @@ class AlertKind(models.TextChoices):
     # Not the detector's: a client's callback endpoint failed too long and was disabled
     # (reconciliation.callbacks); channel "callback", provider "endpoint:<id>".
     CALLBACK_ENDPOINT_DISABLED = "callback_endpoint_disabled"
+    # Not the detector's either: a periodic job (a task beat runs) has not succeeded for several of
+    # its intervals (reconciliation.heartbeats); channel "beat", provider the task name.
+    PERIODIC_JOB_OVERDUE = "periodic_job_overdue"
 
 
 DROP_KINDS = (AlertKind.RECEIPT_RATE_DROP, AlertKind.DELIVERY_RATE_DROP)

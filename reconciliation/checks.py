@@ -1,5 +1,5 @@
 """System checks of the reconciliation layer's settings: the anomaly detector's overrides, the
-callback endpoints' auto-disable delay."""
+callback endpoints' auto-disable delay, when a periodic job counts as overdue."""
 
 from __future__ import annotations
 
@@ -35,6 +35,26 @@ def check_reconciliation_settings(app_configs=None, **kwargs) -> list[Error]:
                 f"CONDUCTOR['CALLBACK_RETENTION_SECONDS'] is {retention!r}; it must be above 0 (seconds).",
                 hint="How long delivered status callbacks are kept (CONDUCTOR_CALLBACK_RETENTION_SECONDS).",
                 id="conductor.E064",
+            )
+        )
+    overdue_intervals = reconciliation_setting("PERIODIC_JOB_OVERDUE_INTERVALS")
+    if overdue_intervals < 1:
+        errors.append(
+            Error(
+                f"CONDUCTOR['PERIODIC_JOB_OVERDUE_INTERVALS'] is {overdue_intervals!r}; it must be at least 1.",
+                hint="How many of its intervals a periodic job may miss before it is overdue "
+                "(CONDUCTOR_PERIODIC_JOB_OVERDUE_INTERVALS): below one, every job would be overdue between runs.",
+                id="conductor.E120",
+            )
+        )
+    grace = reconciliation_setting("PERIODIC_JOB_OVERDUE_GRACE_SECONDS")
+    if grace < 0:
+        errors.append(
+            Error(
+                f"CONDUCTOR['PERIODIC_JOB_OVERDUE_GRACE_SECONDS'] is {grace!r}; it must be 0 or more (seconds).",
+                hint="Added to the missed intervals before a periodic job is overdue "
+                "(CONDUCTOR_PERIODIC_JOB_OVERDUE_GRACE_SECONDS).",
+                id="conductor.E121",
             )
         )
     return errors

@@ -32,6 +32,12 @@ DEFAULTS: dict[str, Any] = {
     # A client's callback endpoint failing without a success for this long is disabled and an
     # alert raised (reconciliation.callbacks, on beat).
     "CALLBACK_DISABLE_AFTER_SECONDS": 24 * 3600.0,
+    # A periodic job (a task beat runs) is overdue when its last success (or, never having
+    # succeeded, its first expected run) is older than this many of its intervals plus the grace:
+    # three missed runs, not one late one (beat's ticks and a busy worker make single runs late),
+    # and a minute so that one-second jobs are not judged on jitter (reconciliation.heartbeats).
+    "PERIODIC_JOB_OVERDUE_INTERVALS": 3.0,
+    "PERIODIC_JOB_OVERDUE_GRACE_SECONDS": 60.0,
 }
 
 
@@ -73,6 +79,11 @@ def detector_settings_problems(overrides: dict) -> list[str]:
     if settings.min_samples < 1 or settings.min_recovery_samples < 1 or settings.z_threshold <= 0:
         problems.append("min_samples, min_recovery_samples and z_threshold must be positive")
     return problems
+
+
+def beat_schedule() -> dict[str, dict[str, Any]]:
+    """The periodic jobs beat runs (settings.CELERY_BEAT_SCHEDULE): what heartbeats are judged against."""
+    return getattr(settings, "CELERY_BEAT_SCHEDULE", None) or {}
 
 
 def receipt_horizon_seconds(provider: str) -> float:

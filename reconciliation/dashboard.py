@@ -1,5 +1,5 @@
 """The operations dashboard's data: five series over a window, plus circuits, alerts, the last run,
-the status callbacks' backlog and the routes (not healthy now, last changes).
+the status callbacks' backlog, the routes (not healthy now, last changes) and the periodic jobs.
 
 Everything is read from small aggregate tables, never by scanning messages, so the answer stays
 fast however many messages there are: delivery buckets (minute rows for 15 min and 1 h, their
@@ -30,6 +30,7 @@ from reconciliation.anomalies import cohort_end, floor_time
 from reconciliation.buckets import ROLLUP_SECONDS
 from reconciliation.conf import detector_settings
 from reconciliation.drills import last_drill
+from reconciliation.heartbeats import periodic_job_statuses
 from reconciliation.models import Alert, DeliveryBucket, QueueDepth, ReconciliationRun
 from reconciliation.queues import queue_names
 
@@ -89,6 +90,8 @@ def dashboard_data(*, window: str = "1h", priority: str = "", now: datetime | No
         "last_drill": last_drill(),
         "callbacks": callback_backlog(now=now),
         "routes": _routes(),
+        # Each job beat runs: last success, interval, overdue or not (reconciliation.heartbeats).
+        "periodic_jobs": [status.as_dict() for status in periodic_job_statuses(now=now)],
     }
 
 

@@ -1,4 +1,5 @@
-"""Reconciliation's records: delivery buckets, queue depths, alerts and reconciliation runs."""
+"""Reconciliation's records: delivery buckets, queue depths, alerts, reconciliation runs, drills and
+the periodic jobs' heartbeats."""
 
 from __future__ import annotations
 
@@ -77,12 +78,14 @@ class AlertSeverity(models.TextChoices):
 class Alert(models.Model):
     """A delivery anomaly: opened by the detector, resolved by it when the rate recovers. Or a
     client's callback endpoint disabled after failing too long (reconciliation.callbacks), resolved
-    once it is enabled again or deleted."""
+    once it is enabled again or deleted. Or a periodic job overdue (reconciliation.heartbeats:
+    channel "beat", provider the job's task name), resolved once it succeeds again."""
 
     kind = models.CharField(max_length=32)  # reconciliation.anomalies.AlertKind
     error_type = models.CharField(max_length=32, blank=True, default="")
     channel = models.CharField(max_length=16)
-    provider = models.CharField(max_length=32)
+    # 100: a periodic job's task name, e.g. reconciliation.disable_failing_callback_endpoints.
+    provider = models.CharField(max_length=100)
     # The destination country whose own cohort showed it (issue 24); "": the provider-wide cohort.
     country = models.CharField(max_length=2, blank=True, default="")
     severity = models.CharField(max_length=16, choices=AlertSeverity.choices)
@@ -181,3 +184,26 @@ class Drill(models.Model):
 
     def __str__(self) -> str:
         return f"drill {self.provider} {self.started_at:%Y-%m-%d %H:%M} ({self.status})"
+
+
+class PeriodicJobHeartbeat(models.Model):
+    """When one periodic job (a task beat runs) last started, finished and succeeded: one row per
+    task, upserted by the worker that runs it (reconciliation.heartbeats). In PostgreSQL rather
+    than Redis so that a Redis restart (the broker's) does not make every job look overdue, and so
+    that the web can judge it with the same query it uses for everything else."""
+
+    task = models.CharField(max_length=200, primary_key=True)
+    # When the job was first expected (its row's creation): a job that never succeeded is judged
+    # from here, so a beat that never started is noticed too.
+    registered_at = models.DateTimeField()
+    interval_seconds = models.FloatField(
+        null=True, blank=True, help_text="The schedule's interval (a crontab's longest gap) where the job last ran."
+    )
+    last_started_at = models.DateTimeField(null=True, blank=True)
+    last_finished_at = models.DateTimeField(null=True, blank=True)
+    last_success_at = models.DateTimeField(null=True, blank=True)
+    last_failure_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="", help_text="The last failure's exception (type: message).")
+
+    def __str__(self) -> str:
+        return f"heartbeat of {self.task}"

@@ -14,6 +14,7 @@ from reconciliation.alerts import POST_ALERT_TASK, anomalies_detect
 from reconciliation.buckets import buckets_purge
 from reconciliation.callbacks import callback_endpoints_disable_failing
 from reconciliation.conf import reconciliation_setting
+from reconciliation.heartbeats import periodic_jobs_check
 from reconciliation.polling import receipts_poll_overdue
 from reconciliation.queues import queue_depth_purge, queue_depth_sample
 from reconciliation.reconcile import reconciliation_run
@@ -58,6 +59,13 @@ def sample_queues() -> None:
 def disable_failing_callback_endpoints() -> int:
     """Disable clients' callback endpoints failing too long, with an alert (every minute)."""
     return len(callback_endpoints_disable_failing().disabled)
+
+
+@shared_task(name="reconciliation.check_periodic_jobs", ignore_result=True)
+def check_periodic_jobs() -> int:
+    """Judge the periodic jobs' heartbeats, open and resolve their alerts (every minute). Not the
+    only judge: a dead beat runs nothing, so /livez/beat, /metrics and the dashboard judge too."""
+    return sum(status.overdue for status in periodic_jobs_check())
 
 
 @shared_task(name="reconciliation.reconcile", ignore_result=True)

@@ -173,6 +173,19 @@ def no_stack_workers():
 
 
 @pytest.fixture
+def no_stack_beat():
+    """For a test that runs a beat of its own on the test database: the live stack's beat, if the
+    session started it, would record the same periodic jobs' heartbeats. It is stopped for the
+    test and started again after it."""
+    paused = list(STARTED_STACKS)
+    for stack in paused:
+        stack.stop_beat()
+    yield
+    for stack in paused:
+        stack.start_beat()
+
+
+@pytest.fixture
 def live(stack, transactional_db, request):
     """The stack with a reset sandbox and its workers: one with default settings, or what the
     test's `workers` mark asks for (kept from the previous test when that asked the same: each

@@ -20,6 +20,7 @@ DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yml"
 DOCKERFILE = DOCKER / "Dockerfile"
 PROMETHEUS_CONFIG = DOCKER / "prometheus.yml"
+PROMETHEUS_RULES = DOCKER / "prometheus-rules.yml"
 GRAFANA = DOCKER / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "conductor.json"
 METRICS_DOC = ROOT / "docs" / "metrics.md"
@@ -61,6 +62,9 @@ WEB_METRICS_ENDPOINT: dict[str, tuple[str, frozenset[str]]] = {
     "conductor_callback_request_seconds": ("histogram", frozenset()),
     "conductor_callback_backlog_age_seconds": ("gauge", frozenset({"endpoint"})),
     "conductor_callbacks_pending": ("gauge", frozenset()),
+    "conductor_periodic_job_last_success_age_seconds": ("gauge", frozenset({"task"})),
+    "conductor_periodic_job_interval_seconds": ("gauge", frozenset({"task"})),
+    "conductor_periodic_job_overdue": ("gauge", frozenset({"task"})),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
@@ -281,6 +285,36 @@ def test_prometheus_scrapes_web_metrics_every_15s(services):
     assert jobs[0].get("scrape_interval", default_interval) == "15s"
 
 
+def _check_names_only_exported_metrics_and_labels(expr: str) -> None:
+    names = _metric_names(expr)
+    assert names, f"no Conductor metric in {expr!r}"
+    unknown = {name for name in names if _family(name) is None}
+    assert not unknown, f"{expr!r} names {sorted(unknown)}, not in WEB_METRICS_ENDPOINT"
+    code = _STRING.sub('""', expr)
+    for series, matchers in _SELECTOR.findall(code):
+        extra = set(_MATCHER_LABEL.findall(matchers)) - _labels_of(series)
+        assert not extra, f"{series} has no label {sorted(extra)} in {expr!r}"
+    known_labels = set().union(*(_labels_of(name) for name in names))
+    for grouping in _GROUPING.findall(code):
+        extra = {label.strip() for label in grouping.split(",") if label.strip()} - known_labels
+        assert not extra, f"grouping by unknown label {sorted(extra)} in {expr!r}"
+
+
+def test_prometheus_loads_the_alerting_rules_and_they_name_exported_metrics(services):
+    config = _load_yaml(PROMETHEUS_CONFIG)
+    mounts = {target: (_host_path(source), read_only) for source, target, read_only in _mounts(services["prometheus"])}
+    assert config["rule_files"] == ["/etc/prometheus/rules.yml"]
+    assert mounts["/etc/prometheus/rules.yml"] == (PROMETHEUS_RULES, True)
+
+    rules = [rule for group in _load_yaml(PROMETHEUS_RULES)["groups"] for rule in group["rules"]]
+    for rule in rules:
+        assert rule["alert"] and rule["labels"]["severity"] in {"warning", "critical"}, rule
+        _check_names_only_exported_metrics_and_labels(rule["expr"])
+    # A periodic job overdue (beat or its worker stopped) alerts on the age of its last success.
+    overdue = [rule for rule in rules if "conductor_periodic_job_last_success_age_seconds" in rule["expr"]]
+    assert any("conductor_periodic_job_interval_seconds" in rule["expr"] for rule in overdue)
+
+
 def test_grafana_login_and_provisioning(services):
     grafana = services["grafana"]
     assert grafana["image"].startswith("grafana/grafana")
@@ -327,19 +361,7 @@ def test_every_query_uses_the_datasource_variable(dashboard):
 
 def test_dashboard_names_only_exported_metrics_and_labels(dashboard):
     for expr in _exprs(dashboard):
-        names = _metric_names(expr)
-        assert names, f"no Conductor metric in {expr!r}"
-        unknown = {name for name in names if _family(name) is None}
-        assert not unknown, f"{expr!r} names {sorted(unknown)}, not in WEB_METRICS_ENDPOINT"
-
-        code = _STRING.sub('""', expr)
-        for series, matchers in _SELECTOR.findall(code):
-            extra = set(_MATCHER_LABEL.findall(matchers)) - _labels_of(series)
-            assert not extra, f"{series} has no label {sorted(extra)} in {expr!r}"
-        known_labels = set().union(*(_labels_of(name) for name in names))
-        for grouping in _GROUPING.findall(code):
-            extra = {label.strip() for label in grouping.split(",") if label.strip()} - known_labels
-            assert not extra, f"grouping by unknown label {sorted(extra)} in {expr!r}"
+        _check_names_only_exported_metrics_and_labels(expr)
 
 
 def test_dashboard_metrics_are_in_docs_metrics_md(dashboard):

@@ -44,7 +44,7 @@ SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", _PRODUCTION)
 CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", _PRODUCTION)
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
 # Probes and Prometheus call these over plain HTTP from inside the network: never redirected.
-SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^livez/beat$", r"^metrics$"]
 # HSTS is sticky in browsers (a wrong value locks users out for that long): 0 (off) unless set.
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
@@ -220,6 +220,7 @@ RECEIPT_POLL_INTERVAL_SECONDS = env_float("CONDUCTOR_RECEIPT_POLL_INTERVAL_SECON
 ANOMALY_INTERVAL_SECONDS = env_float("CONDUCTOR_ANOMALY_INTERVAL_SECONDS", 60.0)
 QUEUE_SAMPLE_INTERVAL_SECONDS = env_float("CONDUCTOR_QUEUE_SAMPLE_INTERVAL_SECONDS", 15.0)
 CALLBACK_ENDPOINT_CHECK_INTERVAL_SECONDS = env_float("CONDUCTOR_CALLBACK_ENDPOINT_CHECK_INTERVAL_SECONDS", 60.0)
+PERIODIC_JOB_CHECK_INTERVAL_SECONDS = env_float("CONDUCTOR_PERIODIC_JOB_CHECK_INTERVAL_SECONDS", 60.0)
 RECONCILE_HOUR, RECONCILE_MINUTE = env_clock("CONDUCTOR_RECONCILE_AT", "02:00")
 CELERY_BEAT_SCHEDULE = {
     "messaging.sweep": {
@@ -262,6 +263,13 @@ CELERY_BEAT_SCHEDULE = {
         "task": "reconciliation.disable_failing_callback_endpoints",
         "schedule": CALLBACK_ENDPOINT_CHECK_INTERVAL_SECONDS,
         "options": {"queue": MAINTENANCE_QUEUE, "expires": CALLBACK_ENDPOINT_CHECK_INTERVAL_SECONDS},
+    },
+    # The periodic jobs' heartbeats judged, overdue-job alerts opened and resolved (the web judges
+    # too, on /livez/beat and /metrics: a dead beat runs no check; docs/operations.md).
+    "reconciliation.check_periodic_jobs": {
+        "task": "reconciliation.check_periodic_jobs",
+        "schedule": PERIODIC_JOB_CHECK_INTERVAL_SECONDS,
+        "options": {"queue": MAINTENANCE_QUEUE, "expires": PERIODIC_JOB_CHECK_INTERVAL_SECONDS},
     },
     # The previous day reconciled against receipts and the providers' status (UTC).
     "reconciliation.reconcile": {
@@ -326,6 +334,10 @@ CONDUCTOR = {
     "ALERT_WEBHOOK_URL": env_str("ALERT_WEBHOOK_URL"),
     "CALLBACK_DISABLE_AFTER_SECONDS": env_float("CONDUCTOR_CALLBACK_DISABLE_AFTER_SECONDS", 86400.0),
     "CALLBACK_RETENTION_SECONDS": env_float("CONDUCTOR_CALLBACK_RETENTION_SECONDS", 7 * 86400.0),
+    # A periodic job is overdue (/livez/beat 503, an alert) once it has not succeeded for this many
+    # of its intervals plus the grace (reconciliation/conf.py has the reasons).
+    "PERIODIC_JOB_OVERDUE_INTERVALS": env_float("CONDUCTOR_PERIODIC_JOB_OVERDUE_INTERVALS", 3.0),
+    "PERIODIC_JOB_OVERDUE_GRACE_SECONDS": env_float("CONDUCTOR_PERIODIC_JOB_OVERDUE_GRACE_SECONDS", 60.0),
 }
 CONDUCTOR_PROVIDERS = {
     "twilio": {

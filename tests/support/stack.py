@@ -47,6 +47,9 @@ class Stack:
             # Anomaly detection every second (with the default minute buckets it finds nothing
             # in a short test; the alert test gives its workers second-scale windows).
             "CONDUCTOR_ANOMALY_INTERVAL_SECONDS": "1",
+            # A test that stops workers or loads them for a minute must not see a periodic job's
+            # overdue alert among its own (tests/integration/test_beat_heartbeats.py sets its own).
+            "CONDUCTOR_PERIODIC_JOB_OVERDUE_GRACE_SECONDS": "3600",
             "PYTHONUNBUFFERED": "1",
             "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
             "LOG_FORMAT": "json",
@@ -92,6 +95,21 @@ class Stack:
         self.sandbox = self._spawn(
             "sandbox", [PYTHON, "manage.py", "run_sandbox_provider", "--port", str(self.sandbox_port), "--seed", "7"]
         )
+        self.start_web()
+        intake = [PYTHON, "manage.py", "receipt_intake", "--port", str(self.intake_port)]
+        self.intake = self._spawn("intake", [*intake, "--processes", str(self.intake_processes)])
+        self.start_beat()
+        wait_until(lambda: http_ok(f"{self.sandbox_url}/_sandbox/healthz"), 30, what="sandbox")
+        wait_until(lambda: http_ok(f"{self.web_url}/healthz"), 30, what="web")
+        wait_until(
+            lambda: self.intake.log_text().count("listening") == self.intake_processes, 30, what="receipt intake"
+        )
+        for _ in range(workers):
+            self.start_worker()
+        return self
+
+    def start_web(self) -> ManagedProcess:
+        """gunicorn as the Procfile runs it (not waited for: http_ok on /healthz says when it answers)."""
         self.web = self._spawn(
             "web",
             [
@@ -115,8 +133,10 @@ class Stack:
                 "2",
             ],
         )
-        intake = [PYTHON, "manage.py", "receipt_intake", "--port", str(self.intake_port)]
-        self.intake = self._spawn("intake", [*intake, "--processes", str(self.intake_processes)])
+        return self.web
+
+    def start_beat(self) -> ManagedProcess:
+        """Celery beat, on a schedule file kept across restarts (as a deployment's would be)."""
         self.beat = self._spawn(
             "beat",
             [
@@ -132,14 +152,16 @@ class Stack:
                 str(self.log_dir / "celerybeat-schedule"),
             ],
         )
-        wait_until(lambda: http_ok(f"{self.sandbox_url}/_sandbox/healthz"), 30, what="sandbox")
-        wait_until(lambda: http_ok(f"{self.web_url}/healthz"), 30, what="web")
-        wait_until(
-            lambda: self.intake.log_text().count("listening") == self.intake_processes, 30, what="receipt intake"
-        )
-        for _ in range(workers):
-            self.start_worker()
-        return self
+        return self.beat
+
+    def stop_beat(self, kill: bool = False) -> None:
+        """Stop beat by its pid: SIGKILL (a crash, no goodbye) or SIGTERM; start_beat starts it again."""
+        if kill:
+            self.beat.kill()
+        else:
+            self.beat.stop()
+        if self.beat in self.processes:
+            self.processes.remove(self.beat)
 
     def start_worker(
         self, concurrency: int = 4, env: dict[str, str] | None = None, queues: str | None = None

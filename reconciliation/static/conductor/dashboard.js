@@ -15,6 +15,9 @@
   const percent = (v) => (v == null ? "–" : (100 * v).toFixed(1) + " %");
   const seconds = (v) => (v == null ? "–" : v < 1 ? (1000 * v).toFixed(0) + " ms" : v.toFixed(v < 10 ? 2 : 0) + " s");
   const count = (v) => (v == null ? "–" : String(v));
+  const duration = (v) =>
+    v == null ? "–" : v < 120 ? v.toFixed(v < 10 ? 1 : 0) + " s" : v < 7200 ? (v / 60).toFixed(0) + " min" :
+    v < 172800 ? (v / 3600).toFixed(0) + " h" : (v / 86400).toFixed(0) + " d";
 
   // Each chart: its series as [label, values] pairs taken from the endpoint's JSON.
   const CHARTS = {
@@ -117,6 +120,19 @@
       5
     );
     const when = (iso) => new Date(iso).toLocaleString();
+    const jobState = (j) =>
+      (j.overdue ? "overdue" : j.running ? "running" : "ok") +
+      (j.last_run_failed ? " · last run failed: " + j.last_error : "");
+    fillTable(
+      "periodic-jobs",
+      d.periodic_jobs.map((j) => [
+        cell(j.task + " (" + (j.queue || "default") + ")"),
+        cell(duration(j.interval_seconds)),
+        cell(j.last_success_at ? duration(j.age_seconds) + " ago" : "never"),
+        cell(jobState(j), j.overdue ? "job-overdue" : j.last_run_failed ? "job-failed" : ""),
+      ]),
+      4
+    );
     const weight = (w) => (w === null ? "" : " (weight " + w + ")");
     fillTable(
       "routes",
