@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 
 help:
 	@echo "make run    - create .venv, install, migrate, start web :8000, receipt intake :8001, workers (callbacks too), beat, sandbox :8025, Flower :5555"
+	@echo "              under supervisord (a process that exits is restarted; Ctrl-C stops all), with its own Redis if none answers"
 	@echo "make demo   - send a demo campaign through the running stack and show its progress"
 	@echo "make test   - create .venv if missing and run the whole suite (PostgreSQL and Redis on 127.0.0.1;"
 	@echo "              installs Debian's chromium and chromium-driver for the dashboard's browser test)"

@@ -21,11 +21,15 @@ import secrets
 import shlex
 import shutil
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, TextIO
 from urllib.parse import urlparse
 
 import redis
+import requests
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 PROCFILE_LINE = re.compile(r"^([A-Za-z0-9_-]+):\s*(.+)$")
@@ -38,10 +42,12 @@ STARTSECS = 3
 START_RETRIES = 10
 STOP_WAIT_SECS = 15
 
-# Each program's output goes through `sed` for a "name | " prefix (supervisord has none: its
-# issue #553); sed ignores SIGTERM, so it prints a stopping process's last lines and exits when
-# the output closes. `exec` keeps the program's own pid, the one supervisord signals.
-PREFIXED = 'trap "" TERM; exec > >(exec sed -u "s/^/$0/") 2>&1; trap - TERM; eval "exec $1"'
+# supervisord writes a program's output as it comes, with nothing saying whose it is (its issue
+# #553). So it hands the output to an event listener (PROCESS_LOG events, as the unmaintained
+# supervisor-stdout plugin did) that prints each line under its program's name: `prefix_output`.
+# Not a pipe through `sed` in each program: supervisord closes a program's pipes as soon as the
+# program exits, and a prefixer's last lines (a crash's traceback) would be lost with them.
+OUTPUT_LISTENER = "output"
 GROUP = "conductor"
 GROUP_PRIORITY = 100
 COLOURS = ("36", "33", "32", "35", "34", "91", "96", "93", "92", "95", "94")
@@ -137,12 +143,14 @@ def redis_program(server: LocalRedis, data_dir: Path) -> Program:
 
 
 def supervisord_config(programs: list[Program], run_dir: Path, cwd: Path, colour: bool) -> str:
-    """supervisord's configuration: every program's output to the terminal under a name prefix,
-    restarted when it exits, stopped as systemd's KillMode=mixed does (SIGTERM to the process,
-    SIGKILL to its group after STOP_WAIT_SECS: a Celery worker's pool children finish their tasks).
+    """supervisord's configuration: every program restarted when it exits, stopped as systemd's
+    KillMode=mixed does (SIGTERM to the process, SIGKILL to its group after STOP_WAIT_SECS: a
+    Celery worker's pool children finish their tasks), its output on the terminal under its name
+    (OUTPUT_LISTENER) and in run_dir/<name>.log (`supervisorctl tail -f <name>`).
 
     The Procfile's programs form one group (GROUP), started and stopped together; a local Redis
-    is a group of its own with a lower priority: started first, stopped last."""
+    is a group of its own with a lower priority: started first, stopped last; the output listener
+    is started before and stopped after both."""
     config = configparser.RawConfigParser()
     config.optionxform = str
     sock = run_dir / "supervisord.sock"
@@ -164,14 +172,24 @@ def supervisord_config(programs: list[Program], run_dir: Path, cwd: Path, colour
     }
     if os.geteuid() == 0:
         sections["supervisord"]["user"] = "root"  # says so, else supervisord logs a CRIT line
-    width = max(len(program.name) for program in programs)
-    for index, program in enumerate(programs):
-        prefix = f"{program.name.ljust(width)} | "
-        if colour:
-            prefix = f"\033[{COLOURS[index % len(COLOURS)]}m{prefix}\033[0m"
-        command = shlex.join(["/bin/bash", "-c", PREFIXED, _sed_escape(prefix), program.command])
+    names = [program.name for program in programs]
+    listener = [sys.executable, "-m", "messaging.local_stack", *(["--colour"] if colour else []), *names]
+    sections[f"eventlistener:{OUTPUT_LISTENER}"] = {
+        "command": shlex.join(listener).replace("%", "%%"),
+        "directory": str(cwd),
+        "events": "PROCESS_LOG_STDOUT",
+        "buffer_size": "100000",  # a burst of output waits here instead of being dropped
+        "priority": "1",
+        "autorestart": "true",
+        "stopwaitsecs": "5",
+        "stderr_logfile": "/dev/stdout",  # where the listener prints the lines
+        "stderr_logfile_maxbytes": "0",
+    }
+    for program in programs:
         sections[f"program:{program.name}"] = {
-            "command": command.replace("%", "%%"),
+            # A shell as the Procfile's (${PORT:-8000}), replaced by the program: supervisord
+            # signals the program itself.
+            "command": shlex.join(["/bin/sh", "-c", f"exec {program.command}"]).replace("%", "%%"),
             "directory": str(cwd),
             "priority": str(program.priority),
             "autostart": "true",
@@ -183,8 +201,10 @@ def supervisord_config(programs: list[Program], run_dir: Path, cwd: Path, colour
             "stopasgroup": "false",
             "killasgroup": "true",
             "redirect_stderr": "true",
-            "stdout_logfile": "/dev/stdout",
-            "stdout_logfile_maxbytes": "0",
+            "stdout_events_enabled": "true",
+            "stdout_logfile": str(run_dir / f"{program.name}.log"),
+            "stdout_logfile_maxbytes": "10MB",
+            "stdout_logfile_backups": "1",
         }
     members = [program.name for program in programs if program.priority == GROUP_PRIORITY]
     sections[f"group:{GROUP}"] = {"programs": ",".join(members), "priority": str(GROUP_PRIORITY)}
@@ -196,9 +216,58 @@ def supervisord_config(programs: list[Program], run_dir: Path, cwd: Path, colour
     return out.getvalue()
 
 
-def _sed_escape(text: str) -> str:
-    """`text` as the replacement of sed's s/^/.../ (the prefix is a process name, padding, colour)."""
-    return text.replace("\\", "\\\\").replace("/", "\\/").replace("&", "\\&")
+def prefix_output(names: list[str], colour: bool, events: TextIO, replies: TextIO, out: BinaryIO) -> None:
+    """supervisord's event listener protocol (READY, an event, RESULT OK, ...) for PROCESS_LOG
+    events: each line of a program's output to `out` under "name | ". An event's len counts the
+    characters of its UTF-8 text (`events` must not translate newlines); a line split across two
+    events is held until its end comes."""
+    width = max(len(name) for name in names)
+    prefixes = {}
+    for index, name in enumerate(names):
+        prefix = f"{name.ljust(width)} | "
+        prefixes[name] = f"\033[{COLOURS[index % len(COLOURS)]}m{prefix}\033[0m" if colour else prefix
+    partial: dict[str, str] = {}
+    while True:
+        replies.write("READY\n")
+        replies.flush()
+        header = events.readline()
+        if not header:
+            return  # supervisord went away
+        fields = dict(field.split(":", 1) for field in header.split())
+        payload = events.read(int(fields["len"]))
+        first, _, data = payload.partition("\n")
+        name = dict(field.split(":", 1) for field in first.split())["processname"]
+        lines = (partial.pop(name, "") + data).split("\n")
+        if lines[-1]:
+            partial[name] = lines[-1]
+        prefix = prefixes.get(name, f"{name} | ")
+        out.write("".join(f"{prefix}{line}\n" for line in lines[:-1]).encode("utf-8", "replace"))
+        out.flush()
+        replies.write("RESULT 2\nOK")
+        replies.flush()
+
+
+def wait_until_up(
+    probes: dict[str, str], workers: int, workers_answering: Callable[[], int], timeout: float
+) -> list[str]:
+    """Wait until each probe URL answers (any HTTP status) and `workers` Celery workers answer a
+    ping; what still does not after `timeout` seconds (empty: all up). The `ready` program says
+    "Conductor is up" with it, after the start-up output rather than before."""
+    deadline, pending, answered = time.monotonic() + timeout, dict(probes), 0
+    while pending and time.monotonic() < deadline:
+        for name, url in list(pending.items()):
+            try:
+                requests.get(url, timeout=2)
+                del pending[name]
+            except requests.RequestException:
+                pass
+        time.sleep(0.5)
+    while answered < workers and time.monotonic() < deadline:
+        try:
+            answered = workers_answering()
+        except Exception:  # the broker is not up yet: ask again
+            time.sleep(0.5)
+    return [*sorted(pending), *([f"{workers - answered} of {workers} workers"] if answered < workers else [])]
 
 
 def supervisord_path() -> str:
@@ -208,3 +277,16 @@ def supervisord_path() -> str:
     if not found:
         raise LocalStackError("supervisord is not installed: pip install -r requirements.txt -c constraints.txt")
     return found
+
+
+if __name__ == "__main__":
+    # supervisord's OUTPUT_LISTENER: python -m messaging.local_stack [--colour] NAME...
+    arguments = sys.argv[1:]
+    with_colour = "--colour" in arguments
+    prefix_output(
+        [name for name in arguments if name != "--colour"],
+        with_colour,
+        io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace", newline=""),
+        io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline=""),
+        sys.stderr.buffer,
+    )

@@ -49,7 +49,7 @@ class MakeRun:
         db = settings.DATABASES["default"]
         auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
         self.env = {
-            "HOME": os.environ.get("HOME", str(tmp)),
+            "HOME": str(tmp),  # gunicorn's control socket, for one, lives there
             "PATH": self.path,
             "LANG": "C.UTF-8",
             "DATABASE_URL": f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{database}",

