@@ -182,6 +182,7 @@ def supervisord_config(programs: list[Program], run_dir: Path, cwd: Path, colour
         "priority": "1",
         "autorestart": "true",
         "stopwaitsecs": "5",
+        "stdout_logfile": "NONE",  # the protocol's channel
         "stderr_logfile": "/dev/stdout",  # where the listener prints the lines
         "stderr_logfile_maxbytes": "0",
     }

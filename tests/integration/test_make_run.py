@@ -225,9 +225,13 @@ def test_ctrl_c_stops_every_process_redis_included(make_run):
     assert redis_pid in {process.pid for process in members}
     assert len(members) > 20  # make, supervisord, 13 programs, gunicorn's and Celery's children, sed
 
+    before = len(make_run.log())
     os.killpg(make_run.session, signal.SIGINT)  # what Ctrl-C on make run's terminal sends
     make_run.proc.wait(timeout=90)
     wait_until(lambda: not make_run.members(), 10, 0.2, "every process of make run gone")
+    stopping = make_run.log()[before:]
+    # Each stopped on SIGTERM, none needed supervisord's SIGKILL (beat did before its handler).
+    assert "SIGKILL" not in stopping, stopping[-5000:]
     with pytest.raises(redis.ConnectionError):
         redis.Redis(port=make_run.ports["redis"], socket_connect_timeout=1).ping()
     assert "stopped: redis_" in make_run.log()
