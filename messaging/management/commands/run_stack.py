@@ -94,7 +94,7 @@ class Command(BaseCommand):
             f"  logs      {settings.LOG_FORMAT} (LOG_FORMAT); supervisord's: {_short(config.with_suffix('.log'))}",
             f"  demo key  {_demo_key()}   ({_short(demo_key_path())})",
             "  try       make demo   (in another terminal: sends a campaign and shows its progress)",
-            f"  control   {ctl} status   ({ctl} restart {local_stack.GROUP}:worker_bulk)",
+            f"  control   {ctl} status   (also: restart, tail -f {local_stack.GROUP}:worker_bulk)",
             "  stop      Ctrl-C (or SIGTERM to this process): stops every process, Redis last",
             "",
         ]
