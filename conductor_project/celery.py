@@ -29,6 +29,24 @@ def _refuse_to_start_on_errors(sender=None, **_) -> None:
         raise SystemExit(1) from exc
 
 
+@beat_init.connect
+def _beat_stops_between_ticks(sender=None, **_) -> None:
+    """SIGTERM and SIGINT ask beat's loop to stop after its tick (at most a second here).
+
+    Celery's own handler raises SystemExit wherever beat is. Beat publishes release_due every
+    second, so that is often inside a publish, where redis-py turns it into "I/O operation on
+    closed file", an error Scheduler.apply_entry logs before ticking on: beat ignored the signal
+    until supervisord's or systemd's SIGKILL (half of `make run`'s stops, tests/integration/
+    test_make_run.py). Service.stop() sets the flag the loop checks; the loop then saves the
+    schedule and returns as after Celery's SystemExit."""
+    from celery import platforms
+
+    def stop(signum, frame) -> None:
+        sender.stop()
+
+    platforms.signals.update(SIGTERM=stop, SIGINT=stop)
+
+
 @task_prerun.connect
 @task_postrun.connect
 def _database_connections_between_tasks(sender=None, **_) -> None:

@@ -203,6 +203,21 @@ def test_every_django_service_shares_the_multiprocess_metrics_directory(services
         assert (METRICS_VOLUME, MULTIPROC_DIR, False) in _mounts(service), name
 
 
+def test_every_long_running_service_restarts_and_migrate_runs_once(services):
+    """A process that exits comes back (as supervisord does under make run): Docker restarts every
+    service but the one-shot migrate, which others wait on to complete."""
+    for name, service in services.items():
+        expected = "no" if name == "migrate" else "unless-stopped"
+        assert service.get("restart") == expected, f"{name}: restart={service.get('restart')!r}"
+
+
+def test_every_procfile_process_is_a_compose_service(services):
+    """The Procfile is the list of Conductor's processes (make run, the systemd units): compose runs each."""
+    procfile = ROOT / "Procfile"
+    names = [line.split(":", 1)[0] for line in procfile.read_text().splitlines() if line and line[0].isalpha()]
+    assert names and set(names) <= set(_app_services(services)), set(names) - set(services)
+
+
 def test_metrics_volume_is_declared(compose):
     assert METRICS_VOLUME in (compose.get("volumes") or {})
 

@@ -69,7 +69,7 @@ def run_sandbox(host: str, port: int, config: SandboxConfig) -> None:
             loop.add_signal_handler(sig, stop.set)
         runner, bound_port = await _start(config, host, port)
         try:
-            # Supervisors (honcho, tests) wait for this line, so flush it at once.
+            # Supervisors (make run's, tests) wait for this line, so flush it at once.
             print(f"sandbox provider listening on http://{host}:{bound_port}", flush=True)
             await stop.wait()
         finally:

