@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 
+import kombu
 import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Queue, transport
@@ -91,6 +92,12 @@ def test_a_worker_connection_survives_redis_dying_with_a_task_unacknowledged(red
     # The task finishes afterwards: its ack fails as a lost connection, which Celery logs and survives.
     with pytest.raises(connection_errors):
         message.ack()
+
+
+def test_the_fixes_were_written_for_the_installed_kombu():
+    """After a kombu upgrade: compare virtual.Transport.close_connection with close_every_channel's
+    copy, and run test_installed_kombu_still_fails_without_the_fixes, before moving this pin."""
+    assert kombu.__version__ == kombu_fixes.VERIFIED_KOMBU
 
 
 def test_the_fixes_are_installed_by_importing_the_celery_app():
