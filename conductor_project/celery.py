@@ -6,7 +6,12 @@ import sys
 from celery import Celery
 from celery.signals import beat_init, task_postrun, task_prerun, worker_init
 
+from conductor_project import kombu_fixes
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "conductor_project.settings.base")
+# Before any connection exists: kombu 5.7's Redis transport can otherwise kill a worker when Redis
+# restarts (conductor_project/kombu_fixes.py; docs/operations.md, "Broker restarts").
+kombu_fixes.apply()
 
 app = Celery("conductor")
 app.config_from_object("django.conf:settings", namespace="CELERY")

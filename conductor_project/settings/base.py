@@ -165,6 +165,15 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A broker restart or outage never costs a worker (docs/operations.md, "Broker restarts"): it
+# reconnects for as long as the broker is away (Celery gives up after 100 attempts by default,
+# about 47 minutes, and the worker exits)...
+CELERY_BROKER_CONNECTION_RETRY = True
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
+# ...and a task running when the connection drops finishes: cancelling it (Celery 6's default)
+# would kill a provider call in flight, whose outcome is then unknown. Its ack is lost with the
+# connection; the copy Redis re-delivers finds the message already dispatched and sends nothing.
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 # Celery closes every database connection around every task unless this is set (celery#9824):
 # connections are kept per CONN_MAX_AGE instead (conductor_project/celery.py); Celery's own
 # close still runs every this many tasks, as a backstop.
