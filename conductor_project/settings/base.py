@@ -169,7 +169,7 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A task running when the broker connection drops finishes (its ack is lost, so the broker hands
 # the task out again and the claim finds nothing left to do); cancelling it would kill the pool
-# process mid-send, leaving an outcome to look up. Set explicitly: Celery warns while it is unset.
+# process mid-send, leaving an outcome to look up. Set here: Celery 6 means to turn it on by default.
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 # Celery closes every database connection around every task unless this is set (celery#9824):
 # connections are kept per CONN_MAX_AGE instead (conductor_project/celery.py); Celery's own
