@@ -17,9 +17,12 @@ an amqp:// broker); Redis holds circuits and rate limits in both:
  5. the campaign drained, --idle more transactional SMS at the same rate: their accepted ->
     dispatched and the POST's round trip (which includes publishing the task: with confirms on
     RabbitMQ, until the quorum queue has it on disk) p50/p99;
- 6. every campaign message accepted once by the sandbox (its request log).
+ 6. a burst of --burst transactional SMS through the batch API (one task each, published one by
+    one: what the broker's per-task cost, publisher confirms included, shows in): ingest msg/s
+    and the urgent worker's msg/s, first -> last dispatched_at;
+ 7. every campaign and burst message accepted once by the sandbox (its request log).
 
-Run: .venv/bin/python bench/broker_compare.py [--messages 20000] [--rate 5] [--idle 100]
+Run: .venv/bin/python bench/broker_compare.py [--messages 20000] [--rate 5] [--idle 100] [--burst 2000]
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from bulk_throughput import CriticalSender, critical_latency_ms
 
 DATABASE = "conductor_bench_brokers"
 CAMPAIGN = "bench-campaign"
+BURST = "bench-burst"
 BROKERS = ("redis", "rabbitmq")
 
 
@@ -66,6 +70,8 @@ class Result:
     idle_ms: dict[str, float] = field(default_factory=dict)
     idle_post_ms: dict[str, float] = field(default_factory=dict)
     idle_count: int = 0
+    burst_ingest_rate: float = 0.0
+    burst_throughput: float = 0.0
     accepted_once: int = 0
     accepted_twice: int = 0
     never: int = 0
@@ -99,15 +105,15 @@ def _dispatched(ids: list[str]) -> int:
     return Message.objects.filter(id__in=ids, state__in=DONE_STATES).count()
 
 
-def measure(broker: str, messages: int, rate: float, idle: int, clients: int) -> Result:
+def measure(broker: str, database: str, messages: int, rate: float, idle: int, burst: int, clients: int) -> Result:
+    result = Result(broker=broker)
+    began = time.monotonic()
+    key = fresh_database(database)  # sets Django up: models only after it
     from django.db.models import Max, Min
 
     from messaging.models import Message
 
-    result = Result(broker=broker)
-    began = time.monotonic()
-    key = fresh_database(DATABASE)
-    stack = production_stack(DATABASE, broker=broker)
+    stack = production_stack(database, broker=broker)
     try:
         stack.start(workers=0)
         stack.sandbox_reset()
@@ -129,10 +135,18 @@ def measure(broker: str, messages: int, rate: float, idle: int, clients: int) ->
         idle_sender = send_for(stack, key, rate, lambda sender: len(sender.ids) >= idle)
         result.idle_count, result.idle_ms = critical_latency_ms(idle_sender.ids)
         result.idle_post_ms = {f"p{p}": percentile(idle_sender.post_ms, p / 100) for p in (50, 99)}
+        print(f"[{broker}] a burst of {burst:,} transactional SMS through the batch API", flush=True)
+        items = [{**item, "priority": "transactional"} for item in sms_campaign(burst, BURST, offset=messages)]
+        result.burst_ingest_rate = post_batches(stack, key, items, clients, label=f"{broker} burst").rate
+        burst_messages = Message.objects.filter(category=BURST)
+        wait_for(lambda: burst_messages.filter(state__in=DONE_STATES).count() >= burst, 600, "the burst dispatched")
+        span = burst_messages.aggregate(first=Min("dispatched_at"), last=Max("dispatched_at"))
+        burst_s = (span["last"] - span["first"]).total_seconds()
+        result.burst_throughput = burst / burst_s if burst_s > 0 else 0.0
         accepted: dict[str, int] = {}
         for row in stack.sandbox_requests(provider="twilio", accepted="true"):
             accepted[row["message_id"]] = accepted.get(row["message_id"], 0) + 1
-        ids = [str(i) for i in Message.objects.filter(category=CAMPAIGN).values_list("id", flat=True)]
+        ids = [str(i) for i in Message.objects.filter(category__in=[CAMPAIGN, BURST]).values_list("id", flat=True)]
         result.accepted_once = sum(1 for i in ids if accepted.get(i) == 1)
         result.accepted_twice = sum(1 for i in ids if accepted.get(i, 0) > 1)
         result.never = sum(1 for i in ids if i not in accepted)
@@ -145,7 +159,7 @@ def measure(broker: str, messages: int, rate: float, idle: int, clients: int) ->
     return result
 
 
-def figures(results: list[Result], messages: int) -> list[Figure]:
+def figures(results: list[Result], messages: int, burst: int) -> list[Figure]:
     by = {r.broker: r for r in results}
     rows: list[Figure] = []
     for r in results:
@@ -170,7 +184,13 @@ def figures(results: list[Result], messages: int) -> list[Figure]:
             ),
             Figure(
                 name,
-                "campaign accepted by the provider once / twice / never",
+                f"transactional burst of {burst:,}: ingest through the batch API (msg/s)",
+                f"{r.burst_ingest_rate:,.0f}",
+            ),
+            Figure(name, f"transactional burst of {burst:,}: urgent worker -c 2 (msg/s)", f"{r.burst_throughput:,.0f}"),
+            Figure(
+                name,
+                "campaign and burst accepted by the provider once / twice / never",
                 f"{r.accepted_once:,} / {r.accepted_twice} / {r.never}",
                 verdict="PASS" if r.accepted_twice == r.never == 0 else "FAIL",
             ),
@@ -178,6 +198,9 @@ def figures(results: list[Result], messages: int) -> list[Figure]:
     if "redis" in by and "rabbitmq" in by and by["redis"].throughput:
         ratio = by["rabbitmq"].throughput / by["redis"].throughput
         rows.append(Figure("brokers", "bulk throughput, RabbitMQ / Redis", f"{ratio:.2f}x"))
+    if "redis" in by and "rabbitmq" in by and by["redis"].burst_throughput:
+        ratio = by["rabbitmq"].burst_throughput / by["redis"].burst_throughput
+        rows.append(Figure("brokers", "transactional burst throughput, RabbitMQ / Redis", f"{ratio:.2f}x"))
     return rows
 
 
@@ -187,14 +210,16 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=20_000, help="bulk campaign size (default %(default)s)")
     parser.add_argument("--rate", type=float, default=5.0, help="transactional SMS per second (default 5)")
     parser.add_argument("--idle", type=int, default=100, help="transactional SMS after the drain (default 100)")
+    parser.add_argument("--burst", type=int, default=2000, help="transactional SMS in the burst (default 2000)")
     parser.add_argument("--clients", type=int, default=8, help="ingest client threads (default 8)")
     parser.add_argument("--brokers", default=",".join(BROKERS), help="comma-separated, in order (default %(default)s)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures and raw numbers as JSON")
+    parser.add_argument("--database", default=DATABASE, help="its own database, dropped and created again")
     args = parser.parse_args()
     results = []
     for broker in args.brokers.split(","):
-        results.append(measure(broker, args.messages, args.rate, args.idle, args.clients))
-    figs = figures(results, args.messages)
+        results.append(measure(broker, args.database, args.messages, args.rate, args.idle, args.burst, args.clients))
+    figs = figures(results, args.messages, args.burst)
     print(f"\nBrokers: {args.messages:,} bulk SMS (sandbox 50 ms, receipts off), transactional at {args.rate:g}/s.")
     print_figures(figs)
     write_json(args.json, figs, {"results": [asdict(r) for r in results]})
