@@ -93,8 +93,9 @@ def stop_stack(stack) -> None:
 
 
 # --- the stack ------------------------------------------------------------------------------------
-def production_stack(database: str):
-    """A tests.support Stack (not started) with production timings instead of the tests' short ones.
+def production_stack(database: str, broker: str = "redis"):
+    """A tests.support Stack (not started) with production timings instead of the tests' short ones,
+    on a Redis broker of its own or (`broker="rabbitmq"`) a RabbitMQ node of its own.
 
     The test settings count a queued task stale after 3-10 s and re-publish it, which a backlog of
     thousands always is (see bench/README.md, ordering); base settings count it stale after 15 s
@@ -103,7 +104,7 @@ def production_stack(database: str):
     """
     from tests.support.stack import Stack
 
-    stack = Stack(database)
+    stack = Stack(database, broker=broker)
     stack.env["DJANGO_SETTINGS_MODULE"] = "conductor_project.settings.base"
     stack.env["CONDUCTOR_SWEEP_INTERVAL_SECONDS"] = "5"
     stack.intake_processes = 2  # as the Procfile

@@ -109,14 +109,15 @@ class Result:
 
 
 class CriticalSender(threading.Thread):
-    """Posts a critical SMS every 1/`rate` s until stopped (open loop: each from a pool thread,
-    so a slow API answer delays no later one, and no catch-up burst follows it, as independent
-    users signing in would); keeps their ids."""
+    """Posts a critical SMS (or one of `priority`) every 1/`rate` s until stopped (open loop: each
+    from a pool thread, so a slow API answer delays no later one, and no catch-up burst follows
+    it, as independent users signing in would); keeps their ids and each POST's round trip."""
 
-    def __init__(self, stack, key: str, rate: float):
-        super().__init__(daemon=True, name="critical-sender")
-        self.stack, self.key, self.interval = stack, key, 1.0 / rate
+    def __init__(self, stack, key: str, rate: float, priority: str = "critical"):
+        super().__init__(daemon=True, name=f"{priority}-sender")
+        self.stack, self.key, self.interval, self.priority = stack, key, 1.0 / rate, priority
         self.ids: list[str] = []
+        self.post_ms: list[float] = []
         self.errors: list[str] = []
         self.stopping = threading.Event()
         self._local = threading.local()
@@ -129,12 +130,14 @@ class CriticalSender(threading.Thread):
             "channel": "sms",
             "to": f"+1628{5550000 + n:07d}",
             "body": f"Your sign-in code is {100000 + n}",
-            "priority": "critical",
-            "category": "bench-critical",
+            "priority": self.priority,
+            "category": f"bench-{self.priority}",
         }
         try:
+            began = time.perf_counter()
             response = session.post(f"{self.stack.web_url}/api/v1/messages/", json=payload, timeout=30)
             if response.status_code == 201:
+                self.post_ms.append((time.perf_counter() - began) * 1000)
                 self.ids.append(response.json()["id"])
             else:
                 self.errors.append(f"{response.status_code} {response.text[:200]}")

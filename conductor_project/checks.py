@@ -1,6 +1,7 @@
 """The checks only the wiring can make: every key of settings.CONDUCTOR belongs to one layer's
-schema, in production mode nothing still points at the sandbox or at this machine, and a Redis
-Cluster for state is not also given to Celery as its broker."""
+schema, the broker's settings can keep its promises, in production mode nothing still points
+at the sandbox or at this machine, and a Redis Cluster for state is not also given to Celery as
+its broker."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import ipaddress
 from urllib.parse import urlsplit
 
 from django.conf import settings
-from django.core.checks import Error, register
+from django.core.checks import Error, Warning, register
+from kombu import Connection
 from redis.connection import parse_url
 
 from messaging.conf import DEFAULTS as MESSAGING_DEFAULTS
+from messaging.conf import messaging_setting
 from messaging.routing import routed_providers
 from providers.conf import DEFAULTS as PROVIDERS_DEFAULTS
 from providers.conf import SANDBOX_SECRETS
@@ -76,6 +79,102 @@ def check_state_redis(app_configs=None, **kwargs) -> list[Error]:
                 )
             ]
     return []
+
+
+@register()
+def check_broker(app_configs=None, **kwargs) -> list[Error | Warning]:
+    """Broker settings that would break a guarantee quietly (docs/brokers.md): on RabbitMQ, what
+    quorum queues refuse or what makes countdowns wait inside workers; on Redis, a visibility
+    timeout that re-delivers retries waiting out their countdown (a duplicate claim each)."""
+    url = getattr(settings, "CELERY_BROKER_URL", "") or ""
+    options = getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", None) or {}
+    if Connection(url).transport.driver_type != "amqp":
+        timeout = options.get("visibility_timeout", 3600)  # kombu's Redis transport default
+        if timeout > messaging_setting("MAX_COUNTDOWN_SECONDS"):
+            return []
+        return [
+            Error(
+                f"The Redis broker's visibility_timeout ({timeout} s) is not above MAX_COUNTDOWN_SECONDS "
+                f"({messaging_setting('MAX_COUNTDOWN_SECONDS')} s): a retry waiting out its countdown would be "
+                "delivered again to another worker.",
+                hint="Raise CELERY_VISIBILITY_TIMEOUT (default 600).",
+                id="conductor.E133",
+            )
+        ]
+    return _quorum_queues() + _quorum_qos() + _delayed_delivery() + _publisher_confirms(options)
+
+
+def _task_queues() -> list:
+    return list(getattr(settings, "CELERY_TASK_QUEUES", None) or [])
+
+
+def _quorum_queues() -> list[Error]:
+    """conductor.E130: every task queue is a durable quorum queue without priorities (quorum
+    queues have none before RabbitMQ 4.0, and a restart must find the queue and its tasks)."""
+    errors = []
+    for queue in _task_queues():
+        arguments = queue.queue_arguments or {}
+        problem = None
+        if arguments.get("x-queue-type") != "quorum":
+            problem = "is not a quorum queue (x-queue-type)"
+        elif "x-max-priority" in arguments or getattr(settings, "CELERY_TASK_QUEUE_MAX_PRIORITY", None):
+            problem = "has priorities, which quorum queues do not support"
+        elif not queue.durable or queue.auto_delete or queue.exclusive:
+            problem = "is not durable, or is auto-delete or exclusive"
+        if problem:
+            errors.append(
+                Error(
+                    f"On RabbitMQ the task queue {queue.name!r} {problem}.",
+                    hint='Declare it as Queue(name, exchange, routing_key=name, queue_arguments={"x-queue-type": '
+                    '"quorum"}), as conductor_project/settings/base.py does.',
+                    id="conductor.E130",
+                )
+            )
+    return errors
+
+
+def _quorum_qos() -> list[Error]:
+    """conductor.E131: RabbitMQ refuses a consumer with a global prefetch on a quorum queue."""
+    if getattr(settings, "CELERY_WORKER_DETECT_QUORUM_QUEUES", True):
+        return []
+    return [
+        Error(
+            "CELERY_WORKER_DETECT_QUORUM_QUEUES is off: workers would ask for global QoS, which quorum queues refuse.",
+            hint="Leave it on (Celery's default).",
+            id="conductor.E131",
+        )
+    ]
+
+
+def _delayed_delivery() -> list[Error]:
+    """conductor.E132: a countdown (a retry) published to a direct exchange is held unacked by a
+    worker until due, which blocks it (Celery's native delayed delivery needs a topic exchange)."""
+    direct = sorted(
+        {queue.exchange.name for queue in _task_queues() if queue.exchange and queue.exchange.type == "direct"}
+    )
+    if not direct and getattr(settings, "CELERY_TASK_DEFAULT_EXCHANGE_TYPE", "direct") == "topic":
+        return []
+    return [
+        Error(
+            f"On RabbitMQ the task exchange must be a topic exchange (direct: {', '.join(direct) or 'the default'}).",
+            hint='Exchange("conductor", type="topic") and CELERY_TASK_DEFAULT_EXCHANGE_TYPE = "topic".',
+            id="conductor.E132",
+        )
+    ]
+
+
+def _publisher_confirms(options: dict) -> list[Warning]:
+    """conductor.W130: without confirms a publish RabbitMQ drops (a full or restarting queue) is
+    not noticed: the task is only republished by the sweeper, after its stale time."""
+    if options.get("confirm_publish"):
+        return []
+    return [
+        Warning(
+            "Publisher confirms are off (CELERY_BROKER_TRANSPORT_OPTIONS['confirm_publish']).",
+            hint="Turn them on, as conductor_project/settings/base.py does for an amqp:// broker.",
+            id="conductor.W130",
+        )
+    ]
 
 
 @register()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Collection, Iterable
 from typing import Any
 
 from celery import current_app
+from celery.utils.quorum_queues import detect_quorum_queues
 
 from messaging.conf import messaging_setting
 from messaging.fair import fair_sharing
@@ -26,6 +28,8 @@ def message_publish(*, message_id: Any, channel: str, priority: str, countdown: 
 
     the row is the queue of record and the sweeper enqueues it again, so nothing is lost.
     """
+    if countdown is not None and countdown < 1 and _countdowns_in_whole_seconds():
+        countdown = None  # published now: a claim takes a retry up to EARLY_TOLERANCE (1 s) early
     try:
         current_app.send_task(
             DISPATCH_TASK,
@@ -84,3 +88,12 @@ def _publish_batch(channel: str, message_ids: list[str], *, fair: bool) -> bool:
         )
         return False
     return True
+
+
+@functools.cache
+def _countdowns_in_whole_seconds() -> bool:
+    """On RabbitMQ quorum queues a countdown waits in the broker (Celery's native delayed delivery),
+    counted in whole seconds: Celery truncates it, and one under a second raises ValueError
+    (celery/app/base.py, calculate_routing_key(int(countdown))). Other brokers take any countdown."""
+    with current_app.connection_for_write() as connection:  # not connected: its transport's type only
+        return detect_quorum_queues(current_app, connection.transport.driver_type)[0]

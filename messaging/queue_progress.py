@@ -18,8 +18,11 @@ republished at most that much later than before.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable
+
+from kombu.transport.native_delayed_delivery import MAX_NUMBER_OF_BITS_TO_USE
 
 from providers.redis_state import STATE_ERRORS, shared_redis
 
@@ -32,6 +35,10 @@ SLACK_SECONDS = 5.0
 # A queue whose workers started none of its tasks for this long is not draining.
 MOVING_SECONDS = 30.0
 
+# On RabbitMQ a countdown task travels through Celery's delay exchanges with its delay in binary
+# ahead of the queue's routing key ("0.1.…1.sms.critical", one bit a word): what follows is the queue.
+_DELAY_PREFIX = re.compile(rf"^(?:[01]\.){{{MAX_NUMBER_OF_BITS_TO_USE}}}")
+
 # Raise the queue's watermark to `published`, and stamp when it last moved; one round trip.
 _RAISE = """
 local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
@@ -43,13 +50,15 @@ return 1
 
 
 def queue_consumed(*, queue: str | None, published_at: float | None) -> None:
-    """A worker starts a task published at `published_at` (epoch seconds) from `queue`.
+    """A worker starts a task published at `published_at` (epoch seconds) from `queue` (the
+    routing key it was delivered with: our exchange routes by queue name).
 
     Best effort: the rule falls back to time alone when the watermark is missing, so a Redis
     error here never stands in a send's way.
     """
     if not queue or published_at is None:
         return
+    queue = _DELAY_PREFIX.sub("", queue, count=1)
     try:
         shared_redis().register_script(_RAISE)(keys=[KEY], args=[queue, repr(float(published_at)), repr(time.time())])
     except STATE_ERRORS:

@@ -162,13 +162,18 @@ def stack(django_db_setup, django_db_blocker):
 STARTED_STACKS: list = []
 
 
-@pytest.fixture
-def no_stack_workers():
-    """For a test that runs workers of its own on the test database: the live stack's workers, if
-    the session started it, would take its callbacks and messages too (its beat sweeps the same
-    rows every second). They are stopped; the next `live` test starts them again."""
+def stop_session_stack_workers() -> None:
+    """The live stack's workers, if the session started it, would take another stack's or test's
+    callbacks and messages too (its beat sweeps the same rows every second): stopped; the next
+    `live` test starts them again."""
     for stack in STARTED_STACKS:
         stack.replace_workers(count=0)
+
+
+@pytest.fixture
+def no_stack_workers():
+    """For a test that runs workers of its own on the test database (stop_session_stack_workers)."""
+    stop_session_stack_workers()
     yield
 
 
@@ -190,6 +195,12 @@ def live(stack, transactional_db, request):
     """The stack with a reset sandbox and its workers: one with default settings, or what the
     test's `workers` mark asks for (kept from the previous test when that asked the same: each
     start costs seconds). Prints process logs if the test failed."""
+    yield from serve_live(stack, request)
+
+
+def serve_live(stack, request):
+    """The `live` fixture's body, for a module that overrides `live` with a stack of its own
+    (tests/integration/test_rabbitmq_guarantees.py: the same tests on a RabbitMQ broker)."""
     stack.sandbox_reset()
     stack.state_redis().flushdb()  # circuits and rate limits start closed and full
     mark = request.node.get_closest_marker("workers")

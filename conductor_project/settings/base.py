@@ -11,7 +11,7 @@ from pathlib import Path
 
 import dj_database_url
 from celery.schedules import crontab
-from kombu import Exchange, Queue
+from kombu import Connection, Exchange, Queue
 
 from conductor_project.env import env_bool, env_clock, env_float, env_int, env_json, env_list, env_str
 from messaging.conf import DEFAULTS as MESSAGING_DEFAULTS
@@ -155,6 +155,9 @@ CACHES = {
     "throttle": {"BACKEND": "providers.redis_state.StateRedisCache", "KEY_PREFIX": "conductor"},
 }
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
+# Redis (redis://, the default) or RabbitMQ (amqp://, amqps://; docs/brokers.md). Redis stays the
+# store of circuit, rate-limit and throttle state (REDIS_URL) whichever carries the tasks.
+BROKER_IS_AMQP = Connection(CELERY_BROKER_URL).transport.driver_type == "amqp"  # no connection made
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_SERIALIZER = "json"
@@ -178,10 +181,7 @@ CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 # connections are kept per CONN_MAX_AGE instead (conductor_project/celery.py); Celery's own
 # close still runs every this many tasks, as a backstop.
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1000)
-# Redis re-delivers an unacked task after this long; it must exceed the longest countdown
-# (MAX_COUNTDOWN_SECONDS, 60 s) plus the longest task run, or ETA tasks would be duplicated.
 CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 600),
     # Publishing gives up fast when the broker is down: the row is already committed and the
     # sweeper publishes it later, so an API request must not stall retrying the broker.
     "max_retries": 2,
@@ -189,6 +189,24 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "interval_step": 0.2,
     "interval_max": 0.5,
 }
+if BROKER_IS_AMQP:
+    # RabbitMQ: quorum queues (replicated, on disk, kept across a broker restart) and publisher
+    # confirms (a publish returns once the queue has the task, else raises and the sweeper
+    # publishes it later): a task is never lost silently between the API and the queue.
+    CELERY_BROKER_TRANSPORT_OPTIONS["confirm_publish"] = True
+    CELERY_TASK_DEFAULT_QUEUE_TYPE = "quorum"
+    CELERY_TASK_CREATE_MISSING_QUEUE_TYPE = "quorum"
+    # Quorum queues have no global QoS: Celery's per-consumer prefetch instead (conductor.E131).
+    CELERY_WORKER_DETECT_QUORUM_QUEUES = True
+    # A countdown (a retry, at most MAX_COUNTDOWN_SECONDS) waits in the broker's delay queues, not
+    # unacked in a worker's memory: RabbitMQ's native delayed delivery, which needs a topic exchange.
+    CELERY_BROKER_NATIVE_DELAYED_DELIVERY_QUEUE_TYPE = "quorum"
+    CELERY_TASK_DEFAULT_EXCHANGE_TYPE = "topic"
+else:
+    # Redis re-delivers an unacked task after this long; it must exceed the longest countdown
+    # (MAX_COUNTDOWN_SECONDS, 60 s) plus the longest task run, or ETA tasks would be duplicated.
+    CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] = env_int("CELERY_VISIBILITY_TIMEOUT", 600)
+    CELERY_TASK_DEFAULT_EXCHANGE_TYPE = "direct"
 # Task events cost ~0.85 ms of a worker's main process per task (bench/README.md, "Worker events").
 # Off unless someone watches: a running Flower turns them on within 5 s (its enable_events
 # broadcast), so `make run` and compose show every task; a deployment without Flower pays nothing.
@@ -208,14 +226,13 @@ CALLBACKS_QUEUE = "callbacks"
 # Scheduled messages published when due (messaging.release_due, every second), on a worker of
 # their own: behind a long maintenance job they would go late (docs/scheduling.md).
 RELEASE_QUEUE = "release"
-_exchange = Exchange("conductor", type="direct")
+# Each queue bound by its own name; on RabbitMQ a quorum queue on a topic exchange (see above).
+_exchange = Exchange("conductor", type=CELERY_TASK_DEFAULT_EXCHANGE_TYPE)
+_queue_arguments = {"x-queue-type": "quorum"} if BROKER_IS_AMQP else None
 CELERY_TASK_QUEUES = [
-    Queue(f"{channel}.{priority}", _exchange, routing_key=f"{channel}.{priority}")
-    for channel in CONDUCTOR_CHANNELS
-    for priority in CONDUCTOR_PRIORITIES
-] + [
-    Queue(name, _exchange, routing_key=name)
-    for name in (MAINTENANCE_QUEUE, RECEIPTS_QUEUE, CALLBACKS_QUEUE, RELEASE_QUEUE)
+    Queue(name, _exchange, routing_key=name, queue_arguments=_queue_arguments)
+    for name in [f"{channel}.{priority}" for channel in CONDUCTOR_CHANNELS for priority in CONDUCTOR_PRIORITIES]
+    + [MAINTENANCE_QUEUE, RECEIPTS_QUEUE, CALLBACKS_QUEUE, RELEASE_QUEUE]
 ]
 CELERY_TASK_ROUTES = {"messaging.deliver_callbacks": {"queue": CALLBACKS_QUEUE}}
 CELERY_TASK_DEFAULT_QUEUE = MAINTENANCE_QUEUE

@@ -26,16 +26,16 @@ pytestmark = [
 ]
 
 
-def post_concurrently(stack, key: str) -> list[str]:
-    """TOTAL ordered messages from 8 threads, each posting batches of about 6 across its keys."""
+def post_concurrently(stack, key: str, keys: int = KEYS, per_key: int = PER_KEY) -> list[str]:
+    """keys x per_key ordered messages from 8 threads, each posting a batch across its keys per round."""
     ids: list[str] = []
     lock = threading.Lock()
     errors: list[BaseException] = []
 
     def client(thread: int) -> None:
         try:
-            mine = [k for k in range(KEYS) if k % THREADS == thread]
-            for n in range(PER_KEY):
+            mine = [k for k in range(keys) if k % THREADS == thread]
+            for n in range(per_key):
                 items = [
                     {
                         "channel": "sms",
@@ -61,7 +61,7 @@ def post_concurrently(stack, key: str) -> list[str]:
     return ids
 
 
-def assert_in_sequence_order(stack, ids: list[str]) -> None:
+def assert_in_sequence_order(stack, ids: list[str], keys: int = KEYS, per_key: int = PER_KEY) -> None:
     """First provider acceptance per message, in the sandbox's receive order, per key = sequence order."""
     sequence = {str(pk): (key, seq) for pk, key, seq in Message.objects.filter(pk__in=ids).values_list(
         "pk", "ordering_key", "sequence")}  # fmt: skip
@@ -72,9 +72,9 @@ def assert_in_sequence_order(stack, ids: list[str]) -> None:
     for request in accepted:  # the log is in the order the provider took them
         key, seq = sequence[request["message_id"]]
         order[key].append(seq)
-    assert len(order) == KEYS
+    assert len(order) == keys
     for key, seqs in order.items():
-        assert seqs == list(range(1, PER_KEY + 1)), f"{key} reached the provider as {seqs}"
+        assert seqs == list(range(1, per_key + 1)), f"{key} reached the provider as {seqs}"
 
 
 @pytest.fixture

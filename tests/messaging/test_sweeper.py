@@ -201,3 +201,15 @@ def test_a_dispatch_task_raises_its_queues_watermark(make_message):
     dispatch_batch.apply(args=[[]], headers={"published_at": published}, routing_key="email.bulk")
     marks = queues_consumed(["email.bulk", "sms.bulk"], now=timezone.now().timestamp(), moving_within=5)
     assert marks == {"email.bulk": published}
+
+
+def test_a_countdown_task_delivered_through_rabbitmqs_delay_exchanges_raises_its_own_queues_watermark():
+    """On RabbitMQ a retry's countdown is spelt into its routing key ahead of the queue's name."""
+    from kombu.transport.native_delayed_delivery import calculate_routing_key
+
+    from messaging.queue_progress import queue_consumed, queues_consumed
+
+    published = timezone.now().timestamp() - 50
+    queue_consumed(queue=calculate_routing_key(30, "sms.critical"), published_at=published)
+    marks = queues_consumed(["sms.critical"], now=timezone.now().timestamp(), moving_within=5)
+    assert marks == {"sms.critical": published}

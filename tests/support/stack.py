@@ -13,16 +13,20 @@ import redis
 import requests
 
 from tests.support.processes import PYTHON, ManagedProcess, free_port, http_ok, wait_until
+from tests.support.rabbitmq import RabbitNode
 
 
 class Stack:
-    def __init__(self, database_name: str):
+    def __init__(self, database_name: str, broker: str = "redis"):
+        """`broker`: "redis" (the stack's Redis, db 0) or "rabbitmq" (a RabbitMQ node of the stack's
+        own, tests/support/rabbitmq.py); either way circuits and rate limits live in its Redis (db 1)."""
         self.log_dir = Path(tempfile.mkdtemp(prefix="conductor-stack-"))
         self.web_port, self.sandbox_port, self.redis_port = free_port(), free_port(), free_port()
         self.intake_port = free_port()
-        # A Redis of the stack's own, so a test can restart it (which empties it) without
-        # touching anything else on the machine.
-        self.broker_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        # A Redis (and a RabbitMQ) of the stack's own, so a test can restart it (which empties a
+        # Redis) without touching anything else on the machine.
+        self.rabbit = RabbitNode(self.log_dir / "rabbitmq", dict(os.environ)) if broker == "rabbitmq" else None
+        self.broker_url = self.rabbit.url if self.rabbit else f"redis://127.0.0.1:{self.redis_port}/0"
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/1"
         self.web_url = f"http://127.0.0.1:{self.web_port}"
         # The receipt intake server: where the sandbox posts receipts, as providers do in production.
@@ -86,12 +90,22 @@ class Stack:
         self.processes.remove(self.redis)
         self.start_redis()
 
+    def restart_broker(self, *, crash: bool = False) -> None:
+        """Restart the broker: RabbitMQ stopped as an operator would (or SIGKILLed, `crash`) and
+        started on the same data directory, its quorum queues kept; a Redis broker comes back empty."""
+        if self.rabbit is None:
+            self.restart_redis()
+        else:
+            self.rabbit.restart(crash=crash)
+
     def state_redis(self) -> redis.Redis:
         """The Redis holding circuit and rate-limit state, as the workers see it."""
         return redis.Redis.from_url(self.redis_url)
 
     def start(self, workers: int = 1) -> Stack:
         self.start_redis()
+        if self.rabbit is not None:
+            self.rabbit.start()
         self.sandbox = self._spawn(
             "sandbox", [PYTHON, "manage.py", "run_sandbox_provider", "--port", str(self.sandbox_port), "--seed", "7"]
         )
@@ -238,9 +252,12 @@ class Stack:
         self._starting.shutdown(wait=False, cancel_futures=True)
         for process in reversed(self.processes):
             process.stop()
+        if self.rabbit is not None:
+            self.rabbit.close()
 
     def logs(self) -> str:
-        return "\n".join(f"===== {p.name} =====\n{p.log_text()[-5000:]}" for p in self.processes)
+        logs = "\n".join(f"===== {p.name} =====\n{p.log_text()[-5000:]}" for p in self.processes)
+        return logs + (f"\n===== rabbitmq =====\n{self.rabbit.log_text()[-5000:]}" if self.rabbit else "")
 
     # --- the sandbox's control API -------------------------------------------------------------
     def sandbox_reset(self) -> None:
