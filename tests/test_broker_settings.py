@@ -73,7 +73,7 @@ AMQP = {
 
 
 def broker_check_ids() -> list[str]:
-    return sorted(m.id for m in run_checks() if m.id.startswith("conductor.E12") or m.id.startswith("conductor.W12"))
+    return sorted(m.id for m in run_checks() if m.id.startswith("conductor.E13") or m.id.startswith("conductor.W13"))
 
 
 @pytest.mark.parametrize(
