@@ -56,6 +56,7 @@ HOLD_ROWS = f"""
 import time
 from django.db import connection, transaction
 from messaging.models import Message
+print("ready", flush=True)
 while Message.objects.count() < {MESSAGES}:
     time.sleep(0.05)
 with transaction.atomic():
@@ -177,7 +178,7 @@ def test_a_campaign_drains_across_two_hosts_and_one_cut_off_mid_drain_loses_and_
         return stack.sandbox_requests(provider="twilio")
 
     holder = stack._spawn("holder", [PYTHON, "manage.py", "shell", "-c", HOLD_ROWS], prefix=cut_host.prefix)
-    time.sleep(3)  # Django starting in the holder
+    wait_until(lambda: "ready" in holder.log_text(), 30, 0.05, what="the holder started")
     items = [
         {"channel": "sms", "to": f"+1415{5550000 + i:07d}", "body": f"Spring sale ({i})", "priority": "bulk"}
         for i in range(MESSAGES)
@@ -206,7 +207,10 @@ def test_a_campaign_drains_across_two_hosts_and_one_cut_off_mid_drain_loses_and_
     # The link comes back: the cut host's worker finds its connections again (those the server
     # has not ended), still holding claims whose leases ran out. Nothing may go out twice.
     hosts.heal(cut_host)
-    time.sleep(LEASE_S)
+    # Its transaction's next statement finds the session ended by the server long ago.
+    wait_until(lambda: not holder.alive(), 30, what="the holder to find its session ended")
+    assert "server closed the connection" in holder.log_text()
+    time.sleep(LEASE_S)  # what the healed host might still send: its worker, or its kernel
 
     log = sends()
     assert states(db, ids) == {"delivered": MESSAGES}
@@ -243,14 +247,14 @@ def test_a_campaign_drains_across_two_hosts_and_one_cut_off_mid_drain_loses_and_
     # The rows its open transaction held were freed when the server ended that session, and the
     # other host sent them.
     assert {host_of[r["remote"]] for r in log if r["message_id"] in held and r["accepted"]} == {"other"}
-    # The sweeper handed the cut host's messages on (its claimed tasks went with it).
+    # The sweeper published messages again after the cut (the cut host's tasks went with it).
     maintenance = next(w for w in stack.workers if "maintenance" in w.args)
     assert swept_after(maintenance.log_text(), cut_at), "the sweeper published nothing again after the cut"
     print(
         f"{MESSAGES:,} bulk SMS over two worker hosts: before the cut {before_cut['cut']} sent by the cut host, "
         f"{before_cut['other']} by the other; all delivered {delivered_at - cut_at:.1f} s after the cut, "
-        f"{after_cut['other']} sent by the other host after it; {lost} sends in flight on the cut host "
-        f"closed as lost, {found} of them found at the provider and not sent again; 25 rows held by its "
+        f"{after_cut['other']} sent by the other host after it; {lost} attempts of the cut host's claims "
+        f"closed as lost, {found} of them found at the provider and not sent again; {HELD} rows held by its "
         "open transaction freed and sent by the other host; 0 sent twice, nothing from the cut host after "
         "the link came back"
     )
