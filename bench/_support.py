@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,9 +93,10 @@ def stop_stack(stack) -> None:
 
 
 # --- the stack ------------------------------------------------------------------------------------
-def production_stack(database: str, broker: str = "redis"):
+def production_stack(database: str, broker: str = "redis", host: str = "127.0.0.1", prefix: Sequence[str] = ()):
     """A tests.support Stack (not started) with production timings instead of the tests' short ones,
-    on a Redis broker of its own or (`broker="rabbitmq"`) a RabbitMQ node of its own.
+    on a Redis broker of its own or (`broker="rabbitmq"`) a RabbitMQ node of its own; `host` and
+    `prefix` put it on another host (bench/multi_host.py; tests/support/netns.py).
 
     The test settings count a queued task stale after 3-10 s and re-publish it, which a backlog of
     thousands always is (see bench/README.md, ordering); base settings count it stale after 15 s
@@ -104,7 +105,7 @@ def production_stack(database: str, broker: str = "redis"):
     """
     from tests.support.stack import Stack
 
-    stack = Stack(database, broker=broker)
+    stack = Stack(database, broker=broker, host=host, prefix=prefix)
     stack.env["DJANGO_SETTINGS_MODULE"] = "conductor_project.settings.base"
     stack.env["CONDUCTOR_SWEEP_INTERVAL_SECONDS"] = "5"
     stack.intake_processes = 2  # as the Procfile
@@ -113,16 +114,24 @@ def production_stack(database: str, broker: str = "redis"):
     return stack
 
 
-def start_queue_worker(stack, name: str, queues: str, concurrency: int, timeout_s: float = 90.0, nice: int = 0):
+def start_queue_worker(
+    stack,
+    name: str,
+    queues: str,
+    concurrency: int,
+    timeout_s: float = 90.0,
+    nice: int = 0,
+    prefix: Sequence[str] | None = None,
+):
     """A Conductor worker on `queues` only (Stack.start_worker takes every queue), at niceness
-    `nice` (the Procfile's bulk worker: 10); returns (process, time.time() when it logged ready).
-    Stopped by stack.stop()."""
+    `nice` (the Procfile's bulk worker: 10), on the stack's host or through `prefix` (another
+    host's); returns (process, time.time() when it logged ready). Stopped by stack.stop()."""
     from tests.support.processes import PYTHON, wait_until
 
     cmd = ["nice", "-n", str(nice)] if nice else []
     cmd += [PYTHON, "-m", "celery", "-A", "conductor_project", "worker", "-l", "info", "-n", f"{name}@%h"]
     cmd += ["-c", str(concurrency), "-Q", queues, "--without-gossip", "--without-mingle"]
-    worker = stack._spawn(name, cmd)
+    worker = stack._spawn(name, cmd, prefix=prefix)
     wait_until(lambda: " ready." in worker.log_text() or not worker.alive(), timeout_s, 0.05, what=f"{name} ready")
     ready = time.time()
     if not worker.alive():

@@ -27,6 +27,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from providers.base import REQUIRED, Provider, receipt_checked
 from providers.classify import classify_status, classify_transport
 from providers.conf import provider_config
+from providers.http import AbortingHTTPAdapter
 from providers.redact import scrubbed
 from providers.types import (
     AmbiguousProviderError,
@@ -111,6 +112,8 @@ class AnymailProvider(Provider):
         # requests session (and so its keep-alive connections) for every send.
         self.connection = get_connection(self.backend, **self.backend_options())
         self.connection.open()
+        for prefix in ("http://", "https://"):  # a send given up on can no longer arrive later (providers.http)
+            self.connection.session.mount(prefix, AbortingHTTPAdapter())
         # anymail has no stand-alone "verify and parse"; its view's own steps are that, so the
         # signature check and normalisation are exactly those of /webhooks/anymail/<esp>/tracking/.
         self.webhook = self.webhook_view(**self.webhook_options())

@@ -12,7 +12,6 @@ from urllib.parse import urlencode
 import aiohttp
 import yarl
 from django.http import HttpRequest
-from requests.adapters import HTTPAdapter
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.base.version import Version
 from twilio.http.http_client import TwilioHttpClient
@@ -24,6 +23,7 @@ from twilio.twiml.messaging_response import MessagingResponse
 from providers.base import REQUIRED, Provider
 from providers.classify import classify_status
 from providers.conf import providers_setting, receipt_base_urls, receipts_base_url
+from providers.http import AbortingHTTPAdapter, aborting_socket
 from providers.types import (
     AmbiguousProviderError,
     ErrorType,
@@ -59,7 +59,7 @@ class _RoutedHttpClient(TwilioHttpClient):
         # As many keep-alive connections as sends a worker makes at once (the bulk path's
         # threads): a smaller pool discards and reopens a connection for every send beyond it.
         for prefix in ("http://", "https://"):
-            self.session.mount(prefix, HTTPAdapter(pool_connections=1, pool_maxsize=pool_size))
+            self.session.mount(prefix, AbortingHTTPAdapter(pool_connections=1, pool_maxsize=pool_size))
         self.origin = origin.rstrip("/")
         # requests reads the environment (proxies, no_proxy, CA bundle) on every request: about a
         # third of a send's CPU (bench/README.md, profiles). Every request goes to one origin, so
@@ -97,7 +97,8 @@ class _AsyncSession:
         if self.session is None or self.session.closed or self.loop is not loop:
             self.loop = loop
             self.session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.pool_size),
+                # A send given up on can no longer reach Twilio later (providers.http).
+                connector=aiohttp.TCPConnector(limit=self.pool_size, socket_factory=aborting_socket),
                 cookie_jar=aiohttp.DummyCookieJar(),  # an API with basic auth: no cookies to keep or send
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout),
             )

@@ -14,14 +14,13 @@ from urllib.parse import parse_qs, urlsplit
 import requests
 from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest
-from requests.adapters import HTTPAdapter
 from vonage_http_client import Auth, HttpClient, HttpClientOptions, HttpRequestError
 from vonage_sms import PartialFailureError, Sms, SmsError, SmsMessage
 
 from providers.base import REQUIRED, Provider
 from providers.classify import classify_status, classify_transport
 from providers.conf import receipts_base_url
-from providers.http import never_connected
+from providers.http import AbortingHTTPAdapter, never_connected
 from providers.types import (
     AmbiguousProviderError,
     ErrorType,
@@ -74,7 +73,7 @@ class _Unanswered(requests.exceptions.RequestException):
     """
 
 
-class _Transport(HTTPAdapter):
+class _Transport(AbortingHTTPAdapter):
     """The HTTP adapter mounted for the SDK's https:// URLs (one pooled session per adapter instance).
 
     The SDK always builds `https://{host}{path}`; this adapter sends them over plain http when

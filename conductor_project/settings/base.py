@@ -105,6 +105,28 @@ if DATABASE_URL:
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("CONN_MAX_AGE", 60))}
     # A restarted database must not leave workers holding dead connections.
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # A host cut off the network in the middle of a transaction leaves its session open on the
+    # server, holding its row locks, until PostgreSQL notices that the client is gone (TCP
+    # keepalives: two hours by default); the sweeper and every claim of those rows wait as long
+    # (docs/multi-host.md). Our transactions never wait on the network, so a session idle inside
+    # one this long, or whose data stays unacknowledged this long, has lost its client: the server
+    # ends it and its locks go. Per session (startup options), so no server configuration is
+    # needed; 0 leaves the server's settings (e.g. behind a pooler that refuses startup options).
+    DATABASE_DEAD_CLIENT_SECONDS = env_float("DATABASE_DEAD_CLIENT_SECONDS", 30.0)
+    if DATABASE_DEAD_CLIENT_SECONDS > 0 and "postgresql" in DATABASES["default"]["ENGINE"]:
+        _dead_ms = max(1, round(DATABASE_DEAD_CLIENT_SECONDS * 1000))
+        _dead_client = {
+            "idle_in_transaction_session_timeout": _dead_ms,
+            "tcp_user_timeout": _dead_ms,
+            # Idle sessions outside a transaction hold no lock, only a connection slot.
+            "tcp_keepalives_idle": max(1, round(DATABASE_DEAD_CLIENT_SECONDS)),
+            "tcp_keepalives_interval": max(1, round(DATABASE_DEAD_CLIENT_SECONDS / 3)),
+            "tcp_keepalives_count": 3,
+        }
+        _options = DATABASES["default"].setdefault("OPTIONS", {})
+        _options["options"] = " ".join(
+            filter(None, [_options.get("options", ""), *(f"-c {k}={v}" for k, v in _dead_client.items())])
+        )
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {

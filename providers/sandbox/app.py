@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
 from providers.sandbox import control, inbound, mailgun_api, twilio_api, vonage_api
 from providers.sandbox.poster import CallbackProcess, callback_encoders
 from providers.sandbox.receipts import RECEIPTS_KEY, ReceiptScheduler
-from providers.sandbox.state import CONFIG_KEY, STATE_KEY, SandboxConfig, SandboxState
+from providers.sandbox.state import CONFIG_KEY, REQUEST_REMOTE, STATE_KEY, SandboxConfig, SandboxState
 
 __all__ = ["SandboxConfig", "BackgroundSandbox", "build_app", "run_sandbox", "start_background"]
 
@@ -20,9 +20,18 @@ __all__ = ["SandboxConfig", "BackgroundSandbox", "build_app", "run_sandbox", "st
 SHUTDOWN_TIMEOUT_S = 0.5
 
 
+@web.middleware
+async def remember_remote(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Each request is served in a task of its own: the log entries it writes name its sender."""
+    REQUEST_REMOTE.set(request.remote)
+    return await handler(request)
+
+
 def build_app(config: SandboxConfig) -> web.Application:
     """The sandbox app: control API plus every provider emulation, sharing one state."""
-    app = web.Application()
+    app = web.Application(middlewares=[remember_remote])
     state = SandboxState(config.seed, delivery_delay_ms=config.delivery_delay_ms)
     app[CONFIG_KEY] = config
     app[STATE_KEY] = state

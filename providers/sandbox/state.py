@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import dataclasses
 import gc
 import random
@@ -28,6 +29,11 @@ RECEIPT_STATUSES = ("delivered", "undelivered", "failed", "read")
 # What a recipient does with an email (Mailgun only; FaultSettings.recipient_outcomes): a hard
 # bounce, a soft bounce (then delivered), a spam complaint or an unsubscribe after delivery.
 EMAIL_FEEDBACK = ("hard_bounce", "soft_bounce", "complained", "unsubscribed")
+
+# The address the request being served came from (providers.sandbox.app's middleware sets it):
+# the request log's `remote`, which host sent it when workers run on several
+# (tests/integration/test_multi_host.py).
+REQUEST_REMOTE: contextvars.ContextVar[str | None] = contextvars.ContextVar("sandbox_request_remote", default=None)
 
 # Values of the request log's `fault` field.
 FAULT_NONE = "none"
@@ -397,6 +403,7 @@ class SandboxState:
             "to": to,
             "body": body,
             "received_at": utcnow().isoformat(),
+            "remote": REQUEST_REMOTE.get(),
             "accepted": accepted,
             "status_code": status_code,
             "provider_message_id": provider_message_id,

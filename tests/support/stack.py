@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,25 +18,39 @@ from tests.support.rabbitmq import RabbitNode
 
 
 class Stack:
-    def __init__(self, database_name: str, broker: str = "redis"):
-        """`broker`: "redis" (the stack's Redis, db 0) or "rabbitmq" (a RabbitMQ node of the stack's
-        own, tests/support/rabbitmq.py); either way circuits and rate limits live in its Redis (db 1)."""
+    """`host` is the address every server of the stack binds and every process is given, and
+    `prefix` the command its processes start through: by default the machine's loopback and no
+    prefix; tests/support/netns.py's hosts give a network namespace's address and `ip netns exec`
+    (and env["DATABASE_URL"] a PostgreSQL of their own), and start_worker(prefix=...) puts a
+    worker on another host. `broker`: "redis" (the stack's Redis, db 0) or "rabbitmq" (a RabbitMQ
+    node of the stack's own, tests/support/rabbitmq.py); either way circuits and rate limits live
+    in its Redis (db 1)."""
+
+    def __init__(
+        self,
+        database_name: str,
+        broker: str = "redis",
+        *,
+        host: str = "127.0.0.1",
+        prefix: Sequence[str] = (),
+    ):
         self.log_dir = Path(tempfile.mkdtemp(prefix="conductor-stack-"))
+        self.host, self.prefix = host, list(prefix)
         self.web_port, self.sandbox_port, self.redis_port = free_port(), free_port(), free_port()
         self.intake_port = free_port()
         # A Redis (and a RabbitMQ) of the stack's own, so a test can restart it (which empties a
         # Redis) without touching anything else on the machine.
         self.rabbit = RabbitNode(self.log_dir / "rabbitmq", dict(os.environ)) if broker == "rabbitmq" else None
-        self.broker_url = self.rabbit.url if self.rabbit else f"redis://127.0.0.1:{self.redis_port}/0"
-        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/1"
-        self.web_url = f"http://127.0.0.1:{self.web_port}"
+        self.broker_url = self.rabbit.url if self.rabbit else f"redis://{host}:{self.redis_port}/0"
+        self.redis_url = f"redis://{host}:{self.redis_port}/1"
+        self.web_url = f"http://{host}:{self.web_port}"
         # The receipt intake server: where the sandbox posts receipts, as providers do in production.
-        self.receipts_url = f"http://127.0.0.1:{self.intake_port}"
+        self.receipts_url = f"http://{host}:{self.intake_port}"
         self.intake_processes = 1  # the Procfile runs 2 (one per core); tests need no more than 1
         # Every process of the stack writes its event metrics here; the web's /metrics sums them.
         self.metrics_dir = self.log_dir / "prometheus"
         self.metrics_dir.mkdir()
-        self.sandbox_url = f"http://127.0.0.1:{self.sandbox_port}"
+        self.sandbox_url = f"http://{host}:{self.sandbox_port}"
         self.env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "conductor_project.settings.test",
@@ -58,6 +73,8 @@ class Stack:
             "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
             "LOG_FORMAT": "json",
         }
+        if host != "127.0.0.1":  # the web answers requests for its own address too
+            self.env["ALLOWED_HOSTS"] = f"{host},127.0.0.1,localhost,testserver"
         self.processes: list[ManagedProcess] = []
         self.workers: list[ManagedProcess] = []
         # What replace_workers last started: (count, concurrency, env); the live fixture keeps
@@ -68,8 +85,12 @@ class Stack:
         self._starting = ThreadPoolExecutor(8, "worker-start")
 
     # --- processes ------------------------------------------------------------------------------
-    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
-        process = ManagedProcess(name, args, {**self.env, **(env or {})}, self.log_dir).start()
+    def _spawn(
+        self, name: str, args: list[str], env: dict[str, str] | None = None, prefix: Sequence[str] | None = None
+    ) -> ManagedProcess:
+        """Start `args` through `prefix` (default: the stack's own, where its servers run)."""
+        command = [*(self.prefix if prefix is None else prefix), *args]
+        process = ManagedProcess(name, command, {**self.env, **(env or {})}, self.log_dir).start()
         self.processes.append(process)
         return process
 
@@ -79,9 +100,11 @@ class Stack:
             raise RuntimeError("integration tests need redis-server (Debian: apt-get install redis-server)")
         self.redis = self._spawn(
             "redis",
-            [server, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [server, "--port", str(self.redis_port), "--bind", self.host, "--save", "", "--appendonly", "no"]
+            # Protected mode refuses every address but loopback when there is no password.
+            + ["--protected-mode", "no"],
         )
-        wait_until(lambda: redis.Redis(port=self.redis_port).ping(), 15, what="redis")
+        wait_until(lambda: redis.Redis(host=self.host, port=self.redis_port).ping(), 15, what="redis")
         return self.redis
 
     def restart_redis(self) -> None:
@@ -107,10 +130,12 @@ class Stack:
         if self.rabbit is not None:
             self.rabbit.start()
         self.sandbox = self._spawn(
-            "sandbox", [PYTHON, "manage.py", "run_sandbox_provider", "--port", str(self.sandbox_port), "--seed", "7"]
+            "sandbox",
+            [PYTHON, "manage.py", "run_sandbox_provider", "--host", self.host, "--port", str(self.sandbox_port)]
+            + ["--seed", "7"],
         )
         self.start_web()
-        intake = [PYTHON, "manage.py", "receipt_intake", "--port", str(self.intake_port)]
+        intake = [PYTHON, "manage.py", "receipt_intake", "--host", self.host, "--port", str(self.intake_port)]
         self.intake = self._spawn("intake", [*intake, "--processes", str(self.intake_processes)])
         self.start_beat()
         wait_until(lambda: http_ok(f"{self.sandbox_url}/_sandbox/healthz"), 30, what="sandbox")
@@ -132,7 +157,7 @@ class Stack:
                 "gunicorn",
                 "conductor_project.wsgi",
                 "-b",
-                f"127.0.0.1:{self.web_port}",
+                f"{self.host}:{self.web_port}",
                 "-w",
                 "2",
                 "-k",
@@ -178,24 +203,40 @@ class Stack:
             self.processes.remove(self.beat)
 
     def start_worker(
-        self, concurrency: int = 4, env: dict[str, str] | None = None, queues: str | None = None
+        self,
+        concurrency: int = 4,
+        env: dict[str, str] | None = None,
+        queues: str | None = None,
+        prefix: Sequence[str] | None = None,
     ) -> ManagedProcess:
         """A worker consuming every queue (or `queues`, comma-separated); `env` overrides settings
-        for it alone (e.g. routes)."""
-        worker = self._spawn_worker(concurrency, env, queues)
+        for it alone (e.g. routes); `prefix` starts it elsewhere (another host's `ip netns exec`)."""
+        worker = self._spawn_worker(concurrency, env, queues, prefix)
         self._wait_ready(worker)
         return worker
 
-    def start_worker_in_background(self, concurrency: int = 4, env: dict[str, str] | None = None) -> Future:
+    def start_worker_in_background(
+        self,
+        concurrency: int = 4,
+        env: dict[str, str] | None = None,
+        queues: str | None = None,
+        prefix: Sequence[str] | None = None,
+    ) -> Future:
         """start_worker without waiting: the worker joins `workers` once ready (the Future says when)."""
-        worker = self._spawn_worker(concurrency, env)
+        worker = self._spawn_worker(concurrency, env, queues, prefix)
         return self._starting.submit(self._wait_ready, worker)
 
     def _wait_ready(self, worker: ManagedProcess) -> None:
         wait_until(lambda: " ready." in worker.log_text(), 60, what=f"{worker.name} ready")
         self.workers.append(worker)
 
-    def _spawn_worker(self, concurrency: int, env: dict[str, str] | None, queues: str | None = None) -> ManagedProcess:
+    def _spawn_worker(
+        self,
+        concurrency: int,
+        env: dict[str, str] | None,
+        queues: str | None = None,
+        prefix: Sequence[str] | None = None,
+    ) -> ManagedProcess:
         self._worker_seq += 1
         name = f"worker{self._worker_seq}"
         worker = self._spawn(
@@ -218,6 +259,7 @@ class Stack:
                 *(["-Q", queues] if queues else []),
             ],
             env,
+            prefix,
         )
         return worker
 
