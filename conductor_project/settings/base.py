@@ -1,7 +1,8 @@
 """Conductor's settings, read from the environment; the only module that reads it.
 
-With no DATABASE_URL the database is SQLite under var/ and with no REDIS_URL/CELERY_BROKER_URL
-a local Redis on 127.0.0.1:6379 is used, so `make run` works on a bare machine.
+With no DATABASE_URL the database is the PostgreSQL `make run` runs itself (the pgserver wheel's,
+data in var/postgres, 127.0.0.1:CONDUCTOR_EMBEDDED_DB_PORT) and with no REDIS_URL/CELERY_BROKER_URL
+a local Redis on 127.0.0.1:6379 is used, so `make run` works on a machine with only Python 3.11.
 """
 
 from __future__ import annotations
@@ -101,25 +102,22 @@ TEMPLATES = [
 
 # --- Database -------------------------------------------------------------------------------
 DATABASE_URL = env_str("DATABASE_URL")
-if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("CONN_MAX_AGE", 60))}
-    # A restarted database must not leave workers holding dead connections.
-    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
-else:
-    VAR_DIR.mkdir(parents=True, exist_ok=True)
-    DATABASES = {
-        "default": {
-            "ENGINE": "django.db.backends.sqlite3",
-            "NAME": str(VAR_DIR / "conductor.sqlite3"),
-            # Web, workers and beat share one file: WAL and a busy timeout keep them from
-            # failing on "database is locked"; IMMEDIATE takes the write lock up front.
-            "OPTIONS": {
-                "timeout": 30,
-                "transaction_mode": "IMMEDIATE",
-                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
-            },
-        }
-    }
+# With no DATABASE_URL: the PostgreSQL `make run` runs itself (messaging.local_postgres, from the
+# pgserver wheel), its data in var/postgres, on 127.0.0.1 at this port (5433: beside a local
+# PostgreSQL's 5432). Not SQLite, as SPEC §1 first said: the send path's SQL is PostgreSQL's
+# (FOR UPDATE SKIP LOCKED, UPDATE ... FROM jsonb_to_recordset(...), = ANY(%s::uuid[]), advisory
+# locks), so development runs the SQL production runs. Tests always have a DATABASE_URL (settings.test).
+EMBEDDED_DB_PORT = env_int("CONDUCTOR_EMBEDDED_DB_PORT", 5433)
+EMBEDDED_DB_DIR = None if DATABASE_URL else VAR_DIR / "postgres"
+EMBEDDED_DB_NAME = "conductor"
+DATABASES = {
+    "default": dj_database_url.parse(
+        DATABASE_URL or f"postgres://postgres@127.0.0.1:{EMBEDDED_DB_PORT}/{EMBEDDED_DB_NAME}",
+        conn_max_age=env_int("CONN_MAX_AGE", 60),
+    )
+}
+# A restarted database must not leave workers holding dead connections.
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
