@@ -19,7 +19,7 @@ from celery import current_app
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
-from django.db import connections
+from django.db import OperationalError, connections
 
 from messaging import local_postgres, local_stack
 from messaging.logging import redacted_url
@@ -55,7 +55,9 @@ class Command(BaseCommand):
             postgres = _embedded_postgres()
             servers = local_stack.local_redis_needed(sorted({settings.REDIS_URL, settings.CELERY_BROKER_URL}))
             supervisord = local_stack.supervisord_path()
-            if postgres is not None:
+            if postgres is None:
+                _check_database_answers()
+            else:
                 if not (postgres.data_dir / "PG_VERSION").exists():
                     self.stdout.write(f"make run: initialising the embedded PostgreSQL in {_short(postgres.data_dir)}")
                 local_postgres.prepare(postgres, settings.BASE_DIR)
@@ -105,7 +107,8 @@ class Command(BaseCommand):
             call_command("collectstatic", interactive=False, verbosity=0)
             call_command("demo_setup", stdout=io.StringIO())
         except Exception as exc:
-            traceback.print_exc()
+            if not isinstance(exc, (OperationalError, local_stack.LocalStackError)):
+                traceback.print_exc()  # a failed migration: where
             self.stderr.write(f"make run: set-up failed ({exc}); stopping the stack.")
             _supervisorctl(config, "shutdown")
             sys.exit(1)
@@ -179,6 +182,18 @@ def _embedded_postgres() -> local_postgres.LocalPostgres | None:
     if settings.EMBEDDED_DB_DIR is None:
         return None
     return local_postgres.local_postgres(settings.EMBEDDED_DB_DIR, settings.EMBEDDED_DB_PORT, settings.EMBEDDED_DB_NAME)
+
+
+def _check_database_answers() -> None:
+    """DATABASE_URL's database answers: else make run stops here, before starting anything."""
+    database = settings.DATABASES["default"]
+    try:
+        connections["default"].ensure_connection()
+    except OperationalError as exc:
+        where = f"{database['HOST']}:{database['PORT'] or 5432}/{database['NAME']}"
+        raise local_stack.LocalStackError(f"The database at {where} (DATABASE_URL) does not answer: {exc}") from exc
+    finally:
+        connections.close_all()
 
 
 def _supervisorctl(config: Path, *command: str) -> None:
