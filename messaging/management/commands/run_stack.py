@@ -136,7 +136,8 @@ class Command(BaseCommand):
         redis_line = ", ".join(f"{s.source} on 127.0.0.1:{s.port}, started here, stops with the stack" for s in servers)
         workers = [p.name for p in programs if p.name.startswith("worker_")]
         ctl = f".venv/bin/supervisorctl -c {_short(config)}"
-        last = " and ".join(name for name, on in (("Redis", servers), ("PostgreSQL", postgres)) if on) or "the output"
+        started = " and ".join(name for name, on in (("Redis", servers), ("PostgreSQL", postgres)) if on)
+        last = f", {started} last" if started else ""
         lines = [
             "",
             "Conductor (make run): every process below runs under supervisord, restarted if it exits.",
@@ -151,7 +152,7 @@ class Command(BaseCommand):
             f"  demo key  made at each start, in {_short(demo_key_path())} and on the `ready` line",
             "  try       make demo   (in another terminal: sends a campaign and shows its progress)",
             f"  control   {ctl} status   (also: restart, tail -f {local_stack.GROUP}:worker_bulk)",
-            f"  stop      Ctrl-C (or SIGTERM to this process): stops every process, {last} last",
+            f"  stop      Ctrl-C (or SIGTERM to this process): stops every process{last}",
             "",
         ]
         return "\n".join(lines)
