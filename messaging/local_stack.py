@@ -1,10 +1,14 @@
-"""What `make run` runs: the Procfile's processes under supervisord, plus a local Redis when none answers.
+"""What `make run` runs: the Procfile's processes under supervisord, plus a local Redis when none
+answers and, with no DATABASE_URL, the embedded PostgreSQL (messaging.local_postgres).
 
 supervisord (not honcho, which stops every process when one exits, by design) restarts a process
 that exits, says so on the terminal ("exited: worker_bulk (terminated by SIGKILL; not expected)",
 "spawned: 'worker_bulk' with pid ..."), backs off a process that keeps dying as it starts, and on
-Ctrl-C or SIGTERM stops them all, Redis last. The Procfile stays the one list of processes: the
-supervisord configuration is generated from it at each start (var/run/supervisord.conf).
+Ctrl-C or SIGTERM stops them all, Redis and PostgreSQL last. The Procfile stays the one list of
+processes: the supervisord configuration is generated from it at each start (var/run/supervisord.conf).
+The database and Redis start first; the one-off `setup` program (SETUP) waits for the database,
+migrates it and starts the Procfile's programs, which do not start by themselves (supervisord
+has no "after": they would crash on a database not yet up or not yet migrated).
 
 Redis: when nothing answers at a local REDIS_URL/CELERY_BROKER_URL, the stack runs one on that
 port as its first process, in the foreground (so it is stopped with the stack, never left behind):
@@ -50,6 +54,10 @@ STOP_WAIT_SECS = 15
 OUTPUT_LISTENER = "output"
 GROUP = "conductor"
 GROUP_PRIORITY = 100
+# The one-off `setup` program (migrations, static files, the demo key) runs once the database
+# and Redis programs are started and then starts GROUP, whose programs do not start by themselves.
+SETUP = "setup"
+SETUP_PRIORITY = 50
 COLOURS = ("36", "33", "32", "35", "34", "91", "96", "93", "92", "95", "94")
 
 
@@ -63,6 +71,10 @@ class Program:
     command: str  # a shell command line (the Procfile's syntax)
     priority: int = GROUP_PRIORITY
     oneshot: bool = False
+    autostart: bool = True  # False: started by another (the setup program starts GROUP)
+    user: str | None = None  # supervisord (as root) runs it as this user
+    stopsignal: str = "TERM"
+    directory: str | None = None  # where it runs; None: the checkout
 
 
 @dataclass(frozen=True)
@@ -148,9 +160,9 @@ def supervisord_config(programs: list[Program], run_dir: Path, cwd: Path, colour
     Celery worker's pool children finish their tasks), its output on the terminal under its name
     (OUTPUT_LISTENER) and in run_dir/<name>.log (`supervisorctl tail -f <name>`).
 
-    The Procfile's programs form one group (GROUP), started and stopped together; a local Redis
-    is a group of its own with a lower priority: started first, stopped last; the output listener
-    is started before and stopped after both."""
+    The Procfile's programs form one group (GROUP), stopped together; the embedded PostgreSQL,
+    a local Redis and the setup program are groups of their own with lower priorities: started
+    first, stopped last; the output listener is started before and stopped after all."""
     config = configparser.RawConfigParser()
     config.optionxform = str
     sock = run_dir / "supervisord.sock"
@@ -191,13 +203,13 @@ def supervisord_config(programs: list[Program], run_dir: Path, cwd: Path, colour
             # A shell as the Procfile's (${PORT:-8000}), replaced by the program: supervisord
             # signals the program itself.
             "command": shlex.join(["/bin/sh", "-c", f"exec {program.command}"]).replace("%", "%%"),
-            "directory": str(cwd),
+            "directory": program.directory or str(cwd),
             "priority": str(program.priority),
-            "autostart": "true",
+            "autostart": "true" if program.autostart else "false",
             "autorestart": "false" if program.oneshot else "true",
             "startsecs": "0" if program.oneshot else str(STARTSECS),
             "startretries": str(START_RETRIES),
-            "stopsignal": "TERM",
+            "stopsignal": program.stopsignal,
             "stopwaitsecs": str(STOP_WAIT_SECS),
             "stopasgroup": "false",
             "killasgroup": "true",
@@ -207,6 +219,8 @@ def supervisord_config(programs: list[Program], run_dir: Path, cwd: Path, colour
             "stdout_logfile_maxbytes": "10MB",
             "stdout_logfile_backups": "1",
         }
+        if program.user:
+            sections[f"program:{program.name}"]["user"] = program.user
     members = [program.name for program in programs if program.priority == GROUP_PRIORITY]
     sections[f"group:{GROUP}"] = {"programs": ",".join(members), "priority": str(GROUP_PRIORITY)}
     for name, values in sections.items():
@@ -271,12 +285,13 @@ def wait_until_up(
     return [*sorted(pending), *([f"{workers - answered} of {workers} workers"] if answered < workers else [])]
 
 
-def supervisord_path() -> str:
-    """supervisord from the same environment as this Python (make run puts .venv/bin first anyway)."""
-    beside = Path(sys.executable).with_name("supervisord")
-    found = str(beside) if beside.exists() else shutil.which("supervisord")
+def supervisord_path(name: str = "supervisord") -> str:
+    """supervisord (or supervisorctl) from the same environment as this Python (make run puts
+    .venv/bin first anyway)."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.exists() else shutil.which(name)
     if not found:
-        raise LocalStackError("supervisord is not installed: pip install -r requirements.txt -c constraints.txt")
+        raise LocalStackError(f"{name} is not installed: pip install -r requirements.txt -c constraints.txt")
     return found
 
 

@@ -20,8 +20,8 @@ def cluster_lock(name: str) -> Iterator[bool]:
 
     A session-level PostgreSQL advisory lock: it goes with the connection when the process dies,
     so a worker killed mid-job does not keep the job from running (a lock with a timeout, as in
-    Redis, would keep it off for the whole timeout). SQLite (single-machine development)
-    serialises writers anyway and has no such lock.
+    Redis, would keep it off for the whole timeout). Another database (none Conductor runs on:
+    `make run` runs PostgreSQL too) gets no lock.
     """
     if connection.vendor != "postgresql":
         yield True

